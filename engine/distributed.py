@@ -1,0 +1,69 @@
+"""Process-group set-up for ``torchrun`` (PyTorch DDP); a plain single process when not launched by it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str | torch.device | None = None) -> DistEnv:
+    """Join the process group that ``torchrun`` describes in the environment (idempotent).
+
+    NCCL on CUDA, gloo on CPU. Without ``WORLD_SIZE`` > 1 this is one process on ``device``
+    (default: CUDA when available).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return DistEnv(rank=rank, world_size=world_size if dist.is_initialized() else 1, local_rank=local_rank, device=device)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over all processes (a no-op in one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,63 @@
+"""The training log: one JSON object per line, and a loss-curve plot drawn from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def append_record(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line (flushed, so a killed run keeps what it logged)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
+        fh.flush()
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_after(path: str | Path, step: int) -> None:
+    """Drop records past ``step``: a resumed run re-logs the steps it replays."""
+    records = [r for r in read_records(path) if r.get("step", 0) <= step]
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def plot_losses(log_path: str | Path, png_path: str | Path, title: str = "") -> None:
+    """Plot every ``train/*`` series of the log against the step, one panel each, plus ``val/*`` points."""
+    records = read_records(log_path)
+    train_keys = sorted({k for r in records if r.get("kind") == "train" for k in r if k.startswith("train/")})
+    val_keys = sorted({k for r in records if r.get("kind") == "epoch" for k in r
+                       if k.startswith("val/") and isinstance(r[k], (int, float))})
+    keys = train_keys + val_keys
+    if not keys:
+        return
+    cols = min(3, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        kind = "train" if key in train_keys else "epoch"
+        points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r]
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if kind == "epoch" else None, markersize=3, linewidth=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if key.startswith("train/") and min(values) > 0 and max(values) / max(min(values), 1e-12) > 20:
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,131 @@
+"""The stage-folder convention shared by the VAE, CLIP and UNet stages.
+
+A stage folder holds ``config.json`` (kind, configs, code version, lineage), ``model.safetensors`` and
+``metrics.json``. ``config.json`` is written last and atomically, so its presence means the folder is
+complete; a half-written folder never looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CODE_VERSION = "0.1.0"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+
+
+class StageError(ValueError):
+    """A stage folder that is missing, incomplete, of the wrong kind, or does not fit its neighbours."""
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, fsync the file, then rename it over ``path``: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Atomically write ``data`` as indented UTF-8 JSON."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """Short content hash of a file: the identity that lineage records refer to."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class StageInfo:
+    """What ``config.json`` says about a stage folder."""
+
+    path: Path
+    kind: str
+    model: dict[str, Any]
+    training: dict[str, Any]
+    trained_on: dict[str, str]
+    fingerprint: str
+    code_version: str
+
+
+def save_stage(folder: str | Path, *, kind: str, model_config: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
+               training: Mapping[str, Any] | None = None, trained_on: Mapping[str, str] | None = None,
+               metrics: Mapping[str, Any] | None = None) -> str:
+    """Write a complete stage folder and return its fingerprint (hash of the weights file)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"kind": kind}))
+    fingerprint = file_fingerprint(folder / WEIGHTS_FILE)
+    if metrics is not None:
+        write_json(folder / METRICS_FILE, dict(metrics))
+    write_json(folder / CONFIG_FILE, {
+        "kind": kind,
+        "code_version": CODE_VERSION,
+        "fingerprint": fingerprint,
+        "model": dict(model_config),
+        "training": dict(training or {}),
+        "trained_on": dict(trained_on or {}),
+    })
+    return fingerprint
+
+
+def is_complete(folder: str | Path) -> bool:
+    """True when the folder holds a finished stage (its ``config.json`` and weights exist)."""
+    folder = Path(folder)
+    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def read_stage(folder: str | Path, kind: str | None = None) -> StageInfo:
+    """Read a stage folder's ``config.json``; errors name the folder and what to do."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StageError(f"stage folder {folder} does not exist; train that stage first or pass the right path")
+    if not is_complete(folder):
+        raise StageError(f"stage folder {folder} is incomplete (no {CONFIG_FILE} or {WEIGHTS_FILE}); "
+                         "finish its training (rerun with --resume) or pass a finished folder")
+    data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    if kind is not None and data.get("kind") != kind:
+        raise StageError(f"{folder} holds a '{data.get('kind')}' stage, but a '{kind}' stage was expected")
+    return StageInfo(path=folder, kind=data["kind"], model=data["model"], training=data.get("training", {}),
+                     trained_on=data.get("trained_on", {}), fingerprint=data["fingerprint"],
+                     code_version=data.get("code_version", "?"))
+
+
+def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The stage's state dict, read from safetensors (never unpickled)."""
+    return load_file(str(Path(folder) / WEIGHTS_FILE), device=str(device))
+
+
+def read_metrics(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / METRICS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

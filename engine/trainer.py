@@ -1,0 +1,321 @@
+"""The one training engine behind the VAE, CLIP and UNet stages.
+
+A stage hands over a *training module* (its model plus its loss, so DDP sees a single forward),
+the number of training items and a ``make_batch(indices, generator)`` function; the engine does the
+rest: batch indices (deterministic, sharded per rank), bf16 autocast, fused AdamW, warm-up + cosine
+learning rate, gradient accumulation and clipping, EMA, atomic checkpoints, exact resume, progress,
+a JSONL log and a loss plot, and a per-epoch callback for the stage's pictures and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from . import distributed, runlog
+from .config import ConfigError, TrainConfig, config_to_dict
+from .ema import EMA
+from .stage import atomic_write
+
+CHECKPOINT_NAME = "latest.pt"
+MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
+EpochCallback = Callable[[int, "Trainer"], "Mapping[str, Any] | None"]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (stable across processes and runs)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (part + 0x632BE59BD9B4E019 + (value << 6) + (value >> 2))) & ((1 << 63) - 1)
+    return value
+
+
+class Trainer:
+    """Trains ``module`` whose ``forward(batch, step)`` returns ``(loss, logs)``.
+
+    Args:
+        module: the stage's training module (model + loss).
+        cfg: engine settings.
+        out_dir: where ``checkpoints/``, ``log.jsonl`` and ``loss.png`` go.
+        num_train_items: size of the training set the batch indices are drawn from.
+        ema_of: the sub-module whose weights get an EMA (when ``cfg.ema_decay > 0``).
+        param_groups: optional ``[{"params": [...], "lr_scale": 1.0, "weight_decay": ...}]``; default:
+            every trainable parameter, weight decay on matrices/kernels only.
+        find_unused_parameters: passed to DDP for modules whose forward skips parameters.
+        resume: continue from ``out_dir/checkpoints/latest.pt`` when it exists.
+        device: default: this process's GPU, else the CPU.
+    """
+
+    def __init__(self, module: nn.Module, cfg: TrainConfig, out_dir: str | Path, *, num_train_items: int,
+                 ema_of: nn.Module | None = None, param_groups: list[dict[str, Any]] | None = None,
+                 find_unused_parameters: bool = False, resume: bool = False,
+                 device: str | torch.device | None = None, run_config: Any = None) -> None:
+        self.cfg = cfg
+        self.env = distributed.setup(device)
+        self.device = self.env.device
+        self.out_dir = Path(out_dir)
+        self.checkpoint_path = self.out_dir / "checkpoints" / CHECKPOINT_NAME
+        self.log_path = self.out_dir / "log.jsonl"
+        self.run_config = run_config
+
+        per_step = self.env.world_size * cfg.grad_accum
+        if cfg.batch_size % per_step:
+            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum = {per_step}")
+        self.micro_batch = cfg.batch_size // per_step
+        if num_train_items < cfg.batch_size:
+            raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({num_train_items} items); "
+                              "lower --batch_size")
+        self.num_train_items = num_train_items
+        self.steps_per_epoch = num_train_items // cfg.batch_size  # drop_last: every step sees a full batch
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+
+        self.precision = cfg.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got '{cfg.precision}'")
+
+        self.module = module.to(self.device)
+        if self.memory_format == torch.channels_last:
+            self.module.to(memory_format=torch.channels_last)
+        self.ema = EMA(ema_of if ema_of is not None else module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.optimizer = self._make_optimizer(param_groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
+
+        self.step = 0
+        self.epoch = 0  # epochs completed
+        self.generator = torch.Generator(self.device)
+        self.wrapped: nn.Module = module
+        if self.env.world_size > 1:
+            self.wrapped = DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters)
+        if cfg.compile:
+            self.wrapped = torch.compile(self.wrapped)
+
+        self.resumed = False
+        if resume and self.checkpoint_path.is_file():
+            self._load_checkpoint()
+            self.resumed = True
+        elif self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+
+    # ------------------------------------------------------------------ set-up
+    def _make_optimizer(self, param_groups: list[dict[str, Any]] | None) -> torch.optim.Optimizer:
+        if param_groups is None:
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            # No weight decay on biases and norm gains (the usual AdamW practice).
+            param_groups = [
+                {"params": [p for p in params if p.ndim >= 2]},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ]
+        groups = []
+        for group in param_groups:
+            group = dict(group)
+            group["lr"] = self.cfg.lr * group.pop("lr_scale", 1.0)
+            group.setdefault("weight_decay", self.cfg.weight_decay)
+            if group["params"]:
+                groups.append(group)
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                                 weight_decay=self.cfg.weight_decay, fused=fused)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout 4-D batches should have (channels-last only on CUDA and when configured)."""
+        if self.cfg.channels_last and self.device.type == "cuda":
+            return torch.channels_last
+        return torch.contiguous_format
+
+    def autocast(self):
+        """bf16 autocast on CUDA (the engine's precision), nothing in fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Use the EMA weights inside the block (the plain weights when EMA is off)."""
+        with self.ema.swapped_in() if self.ema is not None else nullcontext():
+            yield
+
+    # ------------------------------------------------------------------ data order
+    def _epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's batch indices for ``epoch``: ``[steps, grad_accum, micro_batch]``.
+
+        Like ``DistributedSampler``: one permutation per epoch (from the seed), split so that every rank
+        sees its own shard of each global batch.
+        """
+        g = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch))
+        perm = torch.randperm(self.num_train_items, generator=g)[: self.steps_per_epoch * self.cfg.batch_size]
+        perm = perm.view(self.steps_per_epoch, self.cfg.grad_accum, self.env.world_size, self.micro_batch)
+        return perm[:, :, self.env.rank]
+
+    def _reseed(self, epoch: int) -> None:
+        """Every epoch starts from RNG states fixed by (seed, epoch, rank), so resuming at an epoch boundary
+        is exact whatever ran before (sampling callbacks included)."""
+        seed = _seed_for(self.cfg.seed, epoch, self.env.rank)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        self.generator.manual_seed(seed + 1)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, make_batch: MakeBatch, on_epoch_end: EpochCallback | None = None) -> None:
+        """Train for the configured epochs (from where a resumed checkpoint stopped)."""
+        cfg = self.cfg
+        start_epoch = self.epoch
+        skip_steps = self.step - start_epoch * self.steps_per_epoch  # > 0 after a mid-epoch checkpoint
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
+                        desc=self.out_dir.name, dynamic_ncols=True, smoothing=0.05)
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        t_last = time.perf_counter()
+        for epoch in range(start_epoch, cfg.epochs):
+            if skip_steps == 0:
+                self._reseed(epoch)
+            indices = self._epoch_indices(epoch)
+            self.module.train()
+            for step_in_epoch in range(skip_steps, self.steps_per_epoch):
+                logs = self._train_step(make_batch, indices[step_in_epoch])
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+                progress.update(1)
+                if self.step % cfg.log_every == 0 or step_in_epoch == self.steps_per_epoch - 1:
+                    now = time.perf_counter()
+                    record = self._log_train(sums, count, now - t_last)
+                    progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    sums, count, t_last = {}, 0, now
+                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
+                        and step_in_epoch < self.steps_per_epoch - 1:
+                    self.save_checkpoint()
+            skip_steps = 0
+            self.epoch = epoch + 1
+            self._end_epoch(on_epoch_end)
+            t_last = time.perf_counter()  # throughput counts training steps, not the epoch-end work
+        progress.close()
+
+    def _train_step(self, make_batch: MakeBatch, step_indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        logs_sum: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            batch = make_batch(step_indices[micro].to(self.device, non_blocking=True), self.generator)
+            sync = micro == cfg.grad_accum - 1 or not isinstance(self.wrapped, DistributedDataParallel)
+            with (nullcontext() if sync else self.wrapped.no_sync()), self.autocast():
+                loss, logs = self.wrapped(batch, step=self.step)
+            (loss / cfg.grad_accum).backward()
+            logs = {"loss": loss, **logs}
+            for key, value in logs.items():
+                logs_sum[key] = logs_sum.get(key, 0.0) + value.detach().float() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            logs_sum["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        return logs_sum
+
+    def _log_train(self, sums: dict[str, torch.Tensor], count: int, seconds: float) -> dict[str, Any]:
+        """One host sync per ``log_every`` steps: average the accumulated device scalars and append them."""
+        keys = sorted(sums)
+        values = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in keys]) / max(count, 1)
+        values = distributed.all_reduce_mean(values).tolist()
+        record = {"kind": "train", "step": self.step, "epoch": self.epoch,
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "samples_per_s": count * self.cfg.batch_size / max(seconds, 1e-9)}
+        record.update({f"train/{k}": v for k, v in zip(keys, values)})
+        if self.env.is_main:
+            runlog.append_record(self.log_path, record)
+        return record
+
+    def _end_epoch(self, on_epoch_end: EpochCallback | None) -> None:
+        metrics: dict[str, Any] = {}
+        if on_epoch_end is not None and self.env.is_main:
+            self.module.eval()
+            with torch.no_grad():
+                metrics = dict(on_epoch_end(self.epoch, self) or {})
+            self.module.train()
+        if self.env.is_main:
+            runlog.append_record(self.log_path, {"kind": "epoch", "step": self.step, "epoch": self.epoch, **metrics})
+            runlog.plot_losses(self.log_path, self.out_dir / "loss.png", title=self.out_dir.name)
+        distributed.barrier()
+        last = self.epoch == self.cfg.epochs
+        if last or self.epoch % self.cfg.checkpoint_every_epochs == 0:
+            self.save_checkpoint()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        self.generator.set_state(state["generator"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def save_checkpoint(self) -> None:
+        """Atomically write model, EMA, optimizer, schedule, step and every rank's RNG state."""
+        rng = [self._rng_state()]
+        if self.env.world_size > 1:
+            rng = [None] * self.env.world_size
+            dist.all_gather_object(rng, self._rng_state())
+        if self.env.is_main:
+            state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "module": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "rng": rng,
+                "train_config": config_to_dict(self.cfg),
+                "world_size": self.env.world_size,
+            }
+            atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        distributed.barrier()
+
+    def _load_checkpoint(self) -> None:
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        saved_cfg = state.get("train_config", {})
+        for key in ("batch_size", "grad_accum", "seed"):
+            if saved_cfg.get(key) != getattr(self.cfg, key):
+                raise ConfigError(f"cannot resume {self.checkpoint_path}: it was trained with {key}="
+                                  f"{saved_cfg.get(key)}, this run has {getattr(self.cfg, key)}; use the same "
+                                  "value or start a fresh output folder")
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        rng = state["rng"]
+        if len(rng) == self.env.world_size:
+            self._set_rng_state(rng[self.env.rank])
+        if self.env.is_main:
+            runlog.truncate_after(self.log_path, self.step)

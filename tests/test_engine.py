@@ -1,0 +1,180 @@
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
+from engine.config import config_from_dict, config_to_dict, parse_overrides
+from engine.ema import EMA
+from engine.stage import StageError, load_weights
+from engine.trainer import lr_factor
+
+
+@dataclass
+class ArchConfig:
+    width: int = 8
+    mults: tuple[int, ...] = (1, 2)
+    dropout: float | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ArchConfig = field(default_factory=ArchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    crop: int = 32
+    use_gan: bool = True
+
+
+def test_overrides_reach_nested_fields_with_types():
+    cfg = apply_overrides(RunConfig(), {"lr": "3e-4", "width": "16", "mults": "1,2,4", "use_gan": "false",
+                                        "model.dropout": "0.1", "train.epochs": 7})
+    assert cfg.train.lr == 3e-4 and cfg.model.width == 16 and cfg.model.mults == (1, 2, 4)
+    assert cfg.use_gan is False and cfg.model.dropout == 0.1 and cfg.train.epochs == 7
+    assert apply_overrides(RunConfig(), {"dropout": "none"}).model.dropout is None
+
+
+def test_unknown_or_bad_override_is_a_clear_error():
+    with pytest.raises(ConfigError, match="unknown config key 'lrr'.*lr"):
+        apply_overrides(RunConfig(), {"lrr": "1"})
+    with pytest.raises(ConfigError, match="cannot read 'abc' as int"):
+        apply_overrides(RunConfig(), {"width": "abc"})
+    with pytest.raises(ConfigError, match="--key=value"):
+        parse_overrides(["--lr", "3"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_config(RunConfig, {"tiny": {}}, "huge")
+
+
+def test_presets_then_overrides_and_json_round_trip():
+    cfg = build_config(RunConfig, {"tiny": {"width": 4, "epochs": 2}}, "tiny", {"epochs": "5"})
+    assert cfg.model.width == 4 and cfg.train.epochs == 5
+    again = config_from_dict(RunConfig, json.loads(json.dumps(config_to_dict(cfg))))
+    assert again == cfg
+    with pytest.raises(ConfigError, match="unknown keys"):
+        config_from_dict(RunConfig, {"nope": 1})
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_ema_tracks_and_swaps():
+    layer = nn.Linear(2, 2)
+    ema = EMA(layer, decay=0.5)
+    start = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update()  # effective decay min(0.5, 2/11) = 2/11
+    expected = start + (1 - 2 / 11) * 1.0
+    with ema.swapped_in():
+        torch.testing.assert_close(layer.weight, expected)
+    torch.testing.assert_close(layer.weight, start + 1.0)
+
+
+def test_stage_folder_round_trip_and_errors(tmp_path):
+    weights = {"w": torch.randn(3, 3)}
+    fp = save_stage(tmp_path / "s", kind="vae", model_config={"a": 1}, weights=weights,
+                    trained_on={"data": "abc"}, metrics={"psnr": 30.0})
+    info = read_stage(tmp_path / "s", "vae")
+    assert info.fingerprint == fp and info.model == {"a": 1} and info.trained_on == {"data": "abc"}
+    torch.testing.assert_close(load_weights(tmp_path / "s")["w"], weights["w"])
+    with pytest.raises(StageError, match="'vae' stage, but a 'clip'"):
+        read_stage(tmp_path / "s", "clip")
+    with pytest.raises(StageError, match="does not exist"):
+        read_stage(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(StageError, match="incomplete"):
+        read_stage(tmp_path / "half")
+    assert not list((tmp_path / "s").glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- training engine
+class ToyModule(nn.Module):
+    """Regression with dropout and input noise, so the RNG state matters for exact resume."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.2), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, batch, step):
+        x, y = batch
+        pred = self.net(x + 0.01 * torch.randn_like(x))
+        loss = (pred - y).square().mean()
+        return loss, {"mse": loss.detach()}
+
+
+DATA_X = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+DATA_Y = DATA_X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+def make_batch(indices, generator):
+    sign = torch.where(torch.rand(len(indices), 1, generator=generator) < 0.5, -1.0, 1.0)
+    return DATA_X[indices] * sign, DATA_Y[indices] * sign
+
+
+def train(out, epochs, resume=False, crash_at=None, **overrides):
+    cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, **overrides)
+    trainer = Trainer(ToyModule(), cfg, out, num_train_items=len(DATA_X), resume=resume, device="cpu")
+
+    def batches(indices, generator):
+        if crash_at is not None and trainer.step == crash_at:
+            raise KeyboardInterrupt  # stands in for a killed process
+        return make_batch(indices, generator)
+
+    trainer.fit(batches, on_epoch_end=lambda epoch, t: {"val/probe": float(torch.rand(()))})
+    return trainer
+
+
+def _same_state(a: Trainer, b: Trainer):
+    for (name, p), q in zip(a.module.state_dict().items(), b.module.state_dict().values()):
+        assert torch.equal(p, q), name
+    for s, t in zip(a.ema.shadow.values(), b.ema.shadow.values()):
+        assert torch.equal(s, t)
+    assert a.step == b.step and a.optimizer.state_dict()["state"][0]["step"] == b.optimizer.state_dict()["state"][0]["step"]
+
+
+def test_loss_decreases(tmp_path):
+    trainer = train(tmp_path / "run", epochs=6)
+    records = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if r["kind"] == "train"]
+    assert losses[-1] < 0.5 * losses[0]
+    assert (tmp_path / "run" / "loss.png").is_file() and trainer.step == 6 * 8
+    assert sum(r["kind"] == "epoch" for r in records) == 6
+
+
+def test_resume_at_epoch_boundary_is_exact(tmp_path):
+    straight = train(tmp_path / "a", epochs=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", epochs=4, crash_at=2 * 8 + 3)  # killed during epoch 3
+    resumed = train(tmp_path / "b", epochs=4, resume=True)
+    assert resumed.resumed
+    _same_state(straight, resumed)
+
+
+def test_killed_run_resumes_mid_epoch_exactly(tmp_path):
+    straight = train(tmp_path / "a", epochs=3, checkpoint_every_steps=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", epochs=3, checkpoint_every_steps=3, crash_at=13)  # last checkpoint: step 12
+    state = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == 12
+    resumed = train(tmp_path / "b", epochs=3, resume=True, checkpoint_every_steps=3)
+    _same_state(straight, resumed)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # replayed steps were not logged twice
+
+
+def test_resume_refuses_a_different_batch_size(tmp_path):
+    train(tmp_path / "a", epochs=1)
+    cfg = TrainConfig(epochs=2, batch_size=16)
+    with pytest.raises(ConfigError, match="batch_size"):
+        Trainer(ToyModule(), cfg, tmp_path / "a", num_train_items=64, resume=True, device="cpu")
+
+
+def test_batch_larger_than_data_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        Trainer(ToyModule(), TrainConfig(batch_size=128), tmp_path, num_train_items=64, device="cpu")

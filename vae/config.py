@@ -1,0 +1,92 @@
+"""Configs of the VAE stage: the architecture (saved with the weights) and the training run, plus presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import ConfigError, TrainConfig
+
+
+@dataclass
+class VAEConfig:
+    """Architecture of the KL autoencoder; ``len(channel_mult) - 1`` levels halve the resolution."""
+
+    in_channels: int = 3
+    latent_channels: int = 4
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 1  # per encoder level; the decoder uses one more, as in the LDM autoencoder
+    norm_groups: int = 32
+    # 1 / std of the unscaled training latents; measured after training, never copied from another model.
+    scaling_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)  # JSON hands back a list
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the field and the fix (called when a model is built)."""
+        if not self.channel_mult or self.num_res_blocks < 1 or self.latent_channels < 1:
+            raise ConfigError("VAEConfig: channel_mult needs at least one level, num_res_blocks and "
+                              "latent_channels must be >= 1")
+        for mult in self.channel_mult:
+            if (self.base_channels * mult) % self.norm_groups:
+                raise ConfigError(f"VAEConfig: width base_channels*mult = {self.base_channels * mult} is not "
+                                  f"divisible by norm_groups={self.norm_groups}; pick base_channels as a multiple "
+                                  "of norm_groups")
+
+
+@dataclass
+class VAETrainConfig:
+    """One VAE training run: architecture, engine settings, data and loss weights.
+
+    The defaults are the ``full`` preset (one H100): 256-px crops of the 512-px images, batch 16,
+    750 * 10 // 16 = 468 steps per epoch, 9 epochs = 4,212 steps (~530 GFLOP per crop and step). Measured
+    189 crops/s on one H100 (docs/results/bench/step_speed.json): ~6 minutes of training inside the stage's
+    8-minute budget. ``disc_start_step`` sits at about half of the run.
+    """
+
+    model: VAEConfig = field(default_factory=VAEConfig)
+    # beta1 0.9, not the LDM's GAN-style 0.5: reconstruction dominates this objective, and a short CPU A/B at
+    # 128 px (beta2 0.9 in both) came out slightly ahead with it (20.8 vs 20.7 dB). No grad clipping: one
+    # global norm over the autoencoder and the discriminator together would let either network's spikes throttle the other's updates.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=9, batch_size=16, lr=2e-4, warmup_steps=200, weight_decay=0.0, beta1=0.9, beta2=0.9,
+        grad_clip=0.0, ema_decay=0.999, log_every=50))
+    resolution: int = 512  # images are loaded, validated and scaled at this size
+    crop_size: int = 256  # training sees random crops of this size; 0 trains on whole images
+    passes_per_epoch: int = 10  # one epoch walks the training set this often: fewer, longer epochs
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.2
+    kl_weight: float = 1e-5  # per latent element, next to the per-pixel L1
+    gan_weight: float = 0.1  # scales the adaptive weight of the generator's hinge loss; 0 disables it
+    disc_start_step: int = 2000  # the generator's adversarial term switches on here (about half of the full run)
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_lr_scale: float = 1.0
+    val_batch_size: int = 8  # full-resolution evaluation batches (bounded memory at 512 px)
+    num_grid_images: int = 6
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the field and the fix, before any data is loaded."""
+        self.model.validate()
+        factor = 2 ** (len(self.model.channel_mult) - 1)
+        size = self.crop_size or self.resolution
+        if self.resolution % factor or size % factor or size > self.resolution:
+            raise ConfigError(f"crop_size={self.crop_size} and resolution={self.resolution} must be multiples of "
+                              f"the downsample factor {factor}, with crop_size <= resolution (0: whole images)")
+        if size < 11:
+            raise ConfigError(f"training images of {size} px are smaller than the 11-px SSIM window; "
+                              "raise crop_size (or resolution)")
+        if self.passes_per_epoch < 1 or self.val_batch_size < 1 or self.num_grid_images < 1:
+            raise ConfigError("passes_per_epoch, val_batch_size and num_grid_images must be >= 1")
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "tiny": {  # CPU smoke run: 64-px images, 32-px crops, a few hundred thousand parameters
+        "resolution": 64, "crop_size": 32, "model.base_channels": 16, "model.channel_mult": (1, 2, 2, 2),
+        "model.norm_groups": 8, "disc_channels": 16, "disc_layers": 2, "epochs": 2, "batch_size": 8,
+        "passes_per_epoch": 1, "warmup_steps": 10, "disc_start_step": 20, "log_every": 10, "val_batch_size": 32,
+        "num_grid_images": 4, "ema_decay": 0.0,
+    },
+    "full": {},  # the defaults above
+}

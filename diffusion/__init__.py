@@ -1,0 +1,1 @@
+"""Noise schedules, training losses, samplers, guidance and the UNet stage trainer."""

@@ -1,0 +1,83 @@
+"""Config of the UNet (diffusion) stage and its named presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffusion.losses import DiffusionLossConfig
+from diffusion.samplers import SAMPLERS
+from diffusion.schedule import ScheduleConfig, check_prediction_type
+from engine.config import ConfigError, TrainConfig
+from unet.config import UNetConfig
+
+
+@dataclass
+class UNetTrainConfig:
+    """One UNet training run on cached VAE latents and frozen CLIP text states.
+
+    The defaults are the ``full`` preset (one H100, 512-px images -> 4x64x64 latents). Budget estimate:
+    the UNet (base 128, channel_mult (1, 2, 3, 4), 2 res blocks, a transformer at every level; 137 M
+    parameters with 256-wide text states) costs 147 GFLOP per 64x64 forward (torch's FLOP counter; ~30 %
+    of it is the 4096-token self-attention of the top level), ~440 GFLOP per training sample with the
+    backward. An epoch walks the 1,500 cached latents (750 training images and their mirrors)
+    ``passes_per_epoch`` = 10 times: 234 steps of 64; 11 epochs = 2,574 steps = 165 k samples = 72 PFLOP.
+    Measured 292 samples/s in bf16 on an H100 (~130 TFLOP/s; docs/results/bench/step_speed.json): ~9.5
+    minutes of training.
+    Latent caching (1,583 VAE encodes at 512 px) takes seconds; a sample grid plus the validation loss
+    every 2 epochs ~2 s, about 3 % of the stage. Activations are ~0.35 GiB per sample in bf16, so batch 64
+    needs ~25 GiB with the weights, EMA and AdamW state.
+    """
+
+    model: UNetConfig = field(default_factory=lambda: UNetConfig(dropout=0.1))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=11, batch_size=64, lr=2e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999, log_every=50,
+        checkpoint_every_epochs=4))
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction_type: str = "epsilon"  # or "v_prediction" (pair it with schedule.zero_terminal_snr)
+    loss: DiffusionLossConfig = field(default_factory=lambda: DiffusionLossConfig(
+        div_weight=0.05, cons_weight=0.1, cons_warmup_steps=500))
+    resolution: int = 512  # images are encoded at this size; latents are resolution / 8
+    passes_per_epoch: int = 10  # one epoch walks the cached latents this often: fewer, longer epochs
+    cfg_drop_prob: float = 0.1  # a caption is replaced by the empty prompt's states with this probability
+    zh_prob: float = 0.5  # a sample takes its Chinese caption with this probability
+    encode_batch_size: int = 32  # VAE encoding batch for the latent cache
+    val_timesteps: int = 10  # the validation loss averages over this many fixed, evenly spaced timesteps
+    val_batch_size: int = 64
+    sample_every_epochs: int = 2  # and always after the last epoch
+    sample_steps: int = 25
+    sample_sampler: str = "dpmpp_2m"
+    guidance_scale: float = 5.0
+    sample_seeds: int = 2  # each grid prompt is sampled from this many fixed seeds
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the field and the fix, before anything is loaded."""
+        try:
+            check_prediction_type(self.prediction_type)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.sample_sampler not in SAMPLERS:
+            raise ConfigError(f"sample_sampler '{self.sample_sampler}' is unknown; choose one of {sorted(SAMPLERS)}")
+        for name in ("cfg_drop_prob", "zh_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        positive = ("passes_per_epoch", "encode_batch_size", "val_timesteps", "val_batch_size", "sample_every_epochs",
+                    "sample_steps", "sample_seeds")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_steps > self.schedule.num_steps:
+            raise ConfigError(f"sample_steps={self.sample_steps} exceeds the schedule's "
+                              f"{self.schedule.num_steps} steps; lower sample_steps")
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    # CPU smoke run: 64-px images (16x16 latents with an f=4 VAE, 8x8 with f=8), a ~1 M parameter UNet, ~10 s.
+    "tiny": {
+        "resolution": 64, "model.base_channels": 32, "model.channel_mult": (1, 2), "model.num_res_blocks": 1,
+        "model.head_dim": 16, "model.norm_groups": 8, "model.dropout": 0.0, "epochs": 2, "batch_size": 16,
+        "passes_per_epoch": 1, "lr": 1e-3, "warmup_steps": 5, "ema_decay": 0.99, "log_every": 5,
+        "checkpoint_every_epochs": 1, "cons_warmup_steps": 5, "encode_batch_size": 64, "sample_every_epochs": 1,
+        "sample_steps": 5, "sample_seeds": 1, "val_timesteps": 4,
+    },
+    "full": {},  # the defaults above
+}

@@ -1,0 +1,43 @@
+"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser for the samplers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from diffusion.samplers import Denoiser
+from diffusion.schedule import NoiseSchedule, check_prediction_type
+
+Model = Callable[[Tensor, Tensor, Tensor], Tensor]  # model(x_t, t, context) -> raw epsilon or v prediction
+
+
+def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, cond: Tensor, uncond: Tensor,
+                 guidance_scale: float) -> Denoiser:
+    """Denoiser returning x0 from the guided prediction ``uncond + scale * (cond - uncond)``.
+
+    ``cond``/``uncond`` are text states [B, L, D]; ``uncond`` (empty or negative prompt) may have batch 1 and is
+    then shared by every sample. The two branches run as one forward on the batch ``[uncond; cond]``; at scale 1
+    the guided prediction is the conditional one, so the unconditional pass is skipped.
+    """
+    check_prediction_type(prediction_type)
+    if uncond.shape[1:] != cond.shape[1:] or uncond.shape[0] not in (1, cond.shape[0]):
+        raise ValueError(f"uncond has shape {tuple(uncond.shape)} but cond has {tuple(cond.shape)}; encode both "
+                         "prompts to the same length and give uncond batch 1 or the batch of cond")
+    # [uncond; cond] is built once here, not per step
+    both_contexts = None if guidance_scale == 1 else torch.cat([uncond.expand_as(cond), cond])
+
+    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+        if x_t.shape[0] != cond.shape[0]:
+            raise ValueError(f"x_t has batch {x_t.shape[0]} but cond has batch {cond.shape[0]}; "
+                             "encode one prompt per sample")
+        if both_contexts is None:
+            pred = model(x_t, t, cond)
+        else:
+            pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_contexts).chunk(2)
+            pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        x0, _ = schedule.to_x0_eps(pred, x_t, t, prediction_type)
+        return x0
+
+    return denoise

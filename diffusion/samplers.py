@@ -1,0 +1,157 @@
+"""Samplers as plain functions of a denoiser (k-diffusion style), in discrete-timestep VP form.
+
+A denoiser maps ``(x_t [B, ...], t LongTensor [B]) -> x0_hat``. ``x`` passed to a sampler is the noisy latent at
+level ``timesteps[0]``; each step moves to the next timestep and the last step moves to the clean level
+(alpha_bar = 1), so the result is the final x0 estimate.
+
+All step coefficients are computed up front on the CPU in float64 from the schedule table and kept as
+Python floats, so the loop makes no host syncs; ``timesteps`` is read to the host once, before it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from diffusion.schedule import NoiseSchedule
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+StepCallback = Callable[[int, Tensor, Tensor], None]  # (step index, x after the step, x0_hat of the step)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """``x_next = x_coef * x + x0_coef * x0_hat + noise_std * z`` for one step."""
+
+    x_coef: float
+    x0_coef: float
+    noise_std: float
+
+
+def _alpha_bars(schedule: NoiseSchedule, timesteps: Tensor) -> list[float]:
+    """alpha_bar at each timestep followed by 1.0 (the clean level every sampler ends at)."""
+    if timesteps.ndim != 1 or timesteps.dtype not in (torch.int64, torch.int32) or len(timesteps) == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D integer tensor, got dtype={timesteps.dtype} "
+                         f"shape={tuple(timesteps.shape)}; use schedule.sampling_timesteps(steps)")
+    steps = timesteps.cpu().long()
+    if steps.min() < 0 or steps.max() >= schedule.num_steps:
+        raise ValueError(f"timesteps must lie in [0, {schedule.num_steps - 1}], got {steps.tolist()}")
+    if len(steps) > 1 and not bool((steps[1:] < steps[:-1]).all()):
+        raise ValueError(f"timesteps must be strictly descending, got {steps.tolist()}")
+    return schedule.alphas_cumprod[steps].tolist() + [1.0]
+
+
+def _ddim_step(ab_from: float, ab_to: float, eta: float) -> _Step:
+    """DDIM (Song et al. 2021, eq. 12) from level ab_from to ab_to, written in terms of (x, x0_hat).
+
+    eps_hat = (x - sqrt(ab_from) x0_hat) / sqrt(1 - ab_from); x_to = sqrt(ab_to) x0_hat + c eps_hat + std z
+    with std = eta * sqrt((1 - ab_to) / (1 - ab_from) * (1 - ab_from / ab_to)) and c = sqrt(1 - ab_to - std^2).
+    """
+    std = eta * math.sqrt((1 - ab_to) / (1 - ab_from) * (1 - ab_from / ab_to)) if ab_to > ab_from else 0.0
+    eps_coef = math.sqrt(max(1 - ab_to - std ** 2, 0.0))  # rounding can make it -1e-17 at eta = 1
+    x_coef = eps_coef / math.sqrt(1 - ab_from)
+    return _Step(x_coef=x_coef, x0_coef=math.sqrt(ab_to) - x_coef * math.sqrt(ab_from), noise_std=std)
+
+
+def _posterior_step(ab_t: float, ab_s: float) -> _Step:
+    """Ancestral step: mean and std of the posterior q(x_s | x_t, x0 = x0_hat) for levels t -> s (s less noisy)."""
+    alpha_ts = ab_t / ab_s
+    beta_ts = 1 - alpha_ts
+    return _Step(x_coef=math.sqrt(alpha_ts) * (1 - ab_s) / (1 - ab_t),
+                 x0_coef=math.sqrt(ab_s) * beta_ts / (1 - ab_t),
+                 noise_std=math.sqrt(beta_ts * (1 - ab_s) / (1 - ab_t)))
+
+
+def _run_steps(denoiser: Denoiser, x: Tensor, timesteps: Tensor, steps: list[_Step],
+               generator: torch.Generator | None, callback: StepCallback | None) -> Tensor:
+    t_device = timesteps.to(device=x.device, dtype=torch.long)
+    for i, step in enumerate(steps):
+        x0_hat = denoiser(x, t_device[i].expand(x.shape[0])).to(x.dtype)
+        x_next = step.x_coef * x + step.x0_coef * x0_hat
+        if step.noise_std > 0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_next = x_next + step.noise_std * noise
+        x = x_next
+        if callback is not None:
+            callback(i, x, x0_hat)
+    return x
+
+
+def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, eta: float = 0.0,
+                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
+    """DDIM; ``eta=0`` is the deterministic probability-flow sampler, ``eta=1`` matches ancestral DDPM."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+    levels = _alpha_bars(schedule, timesteps)
+    steps = [_ddim_step(a, b, eta) for a, b in zip(levels[:-1], levels[1:])]
+    return _run_steps(denoiser, x, timesteps, steps, generator, callback)
+
+
+def sample_ddpm(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor,
+                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
+    """Ancestral sampling from the posterior q(x_{t'} | x_t, x0_hat) between consecutive timesteps."""
+    levels = _alpha_bars(schedule, timesteps)
+    steps = [_posterior_step(a, b) for a, b in zip(levels[:-1], levels[1:])]
+    return _run_steps(denoiser, x, timesteps, steps, generator, callback)
+
+
+def _half_log_snr(alpha_bar: float) -> float:
+    """lambda = log(alpha / sigma), +-inf at the clean and pure-noise ends."""
+    if alpha_bar <= 0:
+        return -math.inf
+    if alpha_bar >= 1:
+        return math.inf
+    return 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
+
+
+def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor,
+                    callback: StepCallback | None = None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep in lambda = log(alpha / sigma).
+
+    Each step is the first-order (DDIM) update with x0_hat replaced by the extrapolation
+    ``(1 + w) x0_hat_i - w x0_hat_{i-1}``, ``w = h_i / (2 h_{i-1})``. The first step, the last step (to the
+    clean level, h = inf) and a step after a pure-noise start (h_{i-1} = inf) stay first order (w = 0).
+    """
+    levels = _alpha_bars(schedule, timesteps)
+    lambdas = [_half_log_snr(a) for a in levels]
+    h = [b - a for a, b in zip(lambdas[:-1], lambdas[1:])]
+    weights = [0.0] + [h[i] / (2 * h[i - 1]) if math.isfinite(h[i]) and math.isfinite(h[i - 1]) else 0.0
+                       for i in range(1, len(h))]
+    steps = [_ddim_step(a, b, eta=0.0) for a, b in zip(levels[:-1], levels[1:])]
+
+    t_device = timesteps.to(device=x.device, dtype=torch.long)
+    previous_x0: Tensor | None = None
+    for i, (step, w) in enumerate(zip(steps, weights)):
+        x0_hat = denoiser(x, t_device[i].expand(x.shape[0])).to(x.dtype)
+        x0_used = x0_hat if w == 0.0 or previous_x0 is None else (1 + w) * x0_hat - w * previous_x0
+        x = step.x_coef * x + step.x0_coef * x0_used
+        previous_x0 = x0_hat
+        if callback is not None:
+            callback(i, x, x0_hat)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m}
+
+
+def ddim_invert(denoiser: Denoiser, schedule: NoiseSchedule, x0: Tensor, timesteps: Tensor) -> Tensor:
+    """Run deterministic DDIM backwards: the x at ``timesteps[0]`` that ``sample_ddim(eta=0)`` maps to ``x0``.
+
+    ``timesteps`` is the same descending sequence given to :func:`sample_ddim`. Each DDIM step is an affine map
+    ``x_{i+1} = a x_i + b D(x_i, t_i)`` and is undone exactly, except that the denoiser sees the known, less noisy
+    ``x_{i+1}`` in place of the unknown ``x_i`` (still with the forward step's ``t_i``). That error is first
+    order in the step size, as is standing the clean input in for the latent at ``timesteps[-1]``, so the
+    round trip is close when the steps are small.
+    """
+    levels = _alpha_bars(schedule, timesteps)[:-1]
+    t_device = timesteps.to(device=x0.device, dtype=torch.long)
+    x = x0
+    for i in range(len(levels) - 1, 0, -1):
+        step = _ddim_step(levels[i], levels[i - 1], eta=0.0)
+        x0_hat = denoiser(x, t_device[i - 1].expand(x.shape[0])).to(x.dtype)
+        x = step.x_coef * x + step.x0_coef * x0_hat
+    return x

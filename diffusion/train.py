@@ -1,0 +1,271 @@
+"""Train the UNet stage on cached latents:
+
+    python -m diffusion.train --data DIR --vae runs/NAME/vae --clip runs/NAME/clip --out runs/NAME/unet \\
+        [--preset tiny|full] [--resume] [--key=value ...]
+
+The VAE and CLIP stages are frozen: every training image (and its mirror) is encoded once to its latent
+posterior, every caption once to its text states (``diffusion.latents``). The UNet then trains with the
+engine on latents drawn from those posteriors; every ``sample_every_epochs`` the EMA weights are scored on a
+fixed validation loss and draw a grid of fixed prompts and seeds into ``out/samples/epoch_XXXX.png``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from clip.model import CLIPModel
+from data import CaptionSet, load_captions
+from diffusion.config import PRESETS, UNetTrainConfig
+from diffusion.guidance import cfg_denoiser
+from diffusion.latents import LatentCache, TextStateCache, build_latent_cache, cache_key, encode_prompts
+from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
+from diffusion.samplers import SAMPLERS
+from diffusion.schedule import NoiseSchedule
+from engine import ConfigError, Trainer, build_config, distributed, read_stage
+from engine.cli import parse_stage_args, stage_parser
+from engine.config import config_to_dict
+from engine.images import save_grid
+from engine.runlog import read_records
+from unet.model import UNet
+from vae.model import AutoencoderKL
+
+# Fixed grid prompts in both languages; a few validation captions are appended to them.
+GRID_PROMPTS = (
+    "a cartoon drawing of a red pokemon with wings",
+    "a blue water pokemon with big eyes",
+    "一只绿色的卡通宝可梦",
+    "一只黄色的小老鼠，红色的脸颊",
+)
+GRID_VAL_CAPTIONS = 2  # English and Chinese captions of this many validation images
+
+
+def resolve_model_config(cfg: UNetTrainConfig, vae: AutoencoderKL, clip: CLIPModel) -> None:
+    """Take the context width from the CLIP stage and check the UNet fits the VAE's latents (in place)."""
+    if cfg.model.context_dim is None:
+        cfg.model.context_dim = clip.context_dim
+    elif cfg.model.context_dim != clip.context_dim:
+        raise ConfigError(f"model.context_dim={cfg.model.context_dim} but the CLIP stage's text states are "
+                          f"{clip.context_dim} wide: the text encoder and the UNet must match (drop the override)")
+    if (cfg.model.in_channels, cfg.model.out_channels) != (vae.latent_channels, vae.latent_channels):
+        raise ConfigError(f"the VAE's latents have {vae.latent_channels} channels but the UNet has "
+                          f"in_channels={cfg.model.in_channels}, out_channels={cfg.model.out_channels}; set both to "
+                          f"{vae.latent_channels}")
+    factor = vae.downsample_factor * cfg.model.downsample_factor
+    if cfg.resolution % factor:
+        raise ConfigError(f"resolution={cfg.resolution} must be a multiple of {factor} (the VAE's downsampling x the "
+                          f"UNet's {cfg.model.downsample_factor})")
+
+
+class LatentBatchMaker:
+    """A training batch: latents drawn from the cached posteriors, one caption state each (CFG drop applied)."""
+
+    def __init__(self, latents: LatentCache, texts: TextStateCache, zh_prob: float, cfg_drop_prob: float,
+                 memory_format: torch.memory_format) -> None:
+        self.latents = latents
+        self.texts = texts
+        self.zh_prob = zh_prob
+        self.cfg_drop_prob = cfg_drop_prob
+        self.memory_format = memory_format
+
+    def __call__(self, indices: Tensor, generator: torch.Generator) -> dict[str, Any]:
+        rows = indices % len(self.latents)
+        image_ids = self.latents.image_ids(rows)
+        return {
+            "latents": self.latents.sample(rows, generator).contiguous(memory_format=self.memory_format),
+            "context": self.texts.contexts(image_ids, self.zh_prob, self.cfg_drop_prob, generator),
+            "image_ids": image_ids,
+            "generator": generator,
+        }
+
+
+class ValidationLoss:
+    """Unweighted denoising MSE of the validation latents (posterior means, English captions) at fixed
+    evenly spaced timesteps and fixed noise, so every evaluation of every run sees the same problem."""
+
+    def __init__(self, model: UNet, schedule: NoiseSchedule, prediction_type: str, latents: Tensor, context: Tensor,
+                 num_timesteps: int, batch_size: int) -> None:
+        self.module = DiffusionTrainingModule(model, schedule, prediction_type, DiffusionLossConfig(min_snr_gamma=0.0))
+        self.latents = latents
+        self.context = context
+        self.batch_size = batch_size
+        steps = schedule.num_steps
+        self.timesteps = [int((k + 0.5) * steps / num_timesteps) for k in range(num_timesteps)]
+        g = torch.Generator().manual_seed(0)
+        self.noise = torch.randn((num_timesteps, *latents.shape), generator=g).to(latents.device)
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        total = torch.zeros((), device=self.latents.device)
+        count = len(self.latents)
+        for k, step in enumerate(self.timesteps):
+            for start in range(0, count, self.batch_size):
+                x0 = self.latents[start:start + self.batch_size]
+                t = torch.full((len(x0),), step, device=x0.device, dtype=torch.long)
+                mse, _ = self.module.loss_terms(x0, self.noise[k, start:start + len(x0)], t,
+                                                self.context[start:start + len(x0)], step=0)
+                total += mse * len(x0)
+        return (total / (count * len(self.timesteps))).item()
+
+
+class SampleGrid:
+    """Fixed prompts x fixed seeds through the sampler with guidance, decoded by the VAE.
+
+    Row ``s`` holds every prompt sampled from the same seed-``s`` noise, so a row shows what the text changes.
+    """
+
+    def __init__(self, cfg: UNetTrainConfig, schedule: NoiseSchedule, prompt_states: Tensor, null_state: Tensor,
+                 latent_shape: tuple[int, int, int]) -> None:
+        self.cfg = cfg
+        self.schedule = schedule
+        self.num_prompts = len(prompt_states)
+        self.cond = prompt_states.repeat(cfg.sample_seeds, 1, 1)
+        self.uncond = null_state[None]
+        device = prompt_states.device
+        noise = [torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))
+                 for seed in range(cfg.sample_seeds)]
+        self.noise = torch.stack(noise).repeat_interleave(self.num_prompts, dim=0).to(device)
+
+    @torch.no_grad()
+    def __call__(self, model: UNet, vae: AutoencoderKL, trainer: Trainer, path: Path) -> None:
+        cfg = self.cfg
+        denoiser = cfg_denoiser(model, self.schedule, cfg.prediction_type, self.cond, self.uncond, cfg.guidance_scale)
+        timesteps = self.schedule.sampling_timesteps(cfg.sample_steps)
+        with trainer.autocast():
+            latents = SAMPLERS[cfg.sample_sampler](denoiser, self.schedule, self.noise.clone(), timesteps)
+            images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()
+                                for z in latents.split(cfg.val_batch_size)])
+        save_grid(images, path, nrow=self.num_prompts, max_side=256)
+
+
+class EpochReport:
+    """Per-epoch callback: every ``sample_every_epochs`` (and at the end) the EMA weights' validation loss
+    and sample grid."""
+
+    def __init__(self, cfg: UNetTrainConfig, model: UNet, vae: AutoencoderKL, validation: ValidationLoss,
+                 grid: SampleGrid, out_dir: Path) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.vae = vae
+        self.validation = validation
+        self.grid = grid
+        self.samples_dir = out_dir / "samples"
+
+    def __call__(self, epoch: int, trainer: Trainer) -> dict[str, Any]:
+        cfg = self.cfg
+        if epoch % cfg.sample_every_epochs and epoch != cfg.train.epochs:
+            return {}
+        started = time.perf_counter()
+        with trainer.ema_weights():
+            with trainer.autocast():
+                val_loss = self.validation()
+            self.grid(self.model, self.vae, trainer, self.samples_dir / f"epoch_{epoch:04d}.png")
+        seconds = time.perf_counter() - started
+        tqdm.write(f"epoch {epoch}/{cfg.train.epochs}: val loss {val_loss:.4f} (EMA weights), "
+                   f"grid + validation {seconds:.1f} s")
+        return {"val/loss": val_loss, "sample_seconds": seconds}
+
+
+def grid_prompts(val: CaptionSet) -> list[str]:
+    """The fixed prompts plus the English and Chinese captions of the first validation images."""
+    prompts = list(GRID_PROMPTS)
+    for i in range(min(GRID_VAL_CAPTIONS, len(val))):
+        prompts += [val.en[i], val.zh[i]]
+    return prompts
+
+
+def _training_throughput(log_path: Path) -> float | None:
+    """Median samples/s over the run's logged training windows (robust to the windows holding a callback)."""
+    rates = [r["samples_per_s"] for r in read_records(log_path) if r.get("kind") == "train"]
+    return statistics.median(rates) if rates else None
+
+
+def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir: str | Path, out_dir: str | Path,
+          resume: bool = False, device: str | torch.device | None = None) -> Path:
+    """Train (or resume) the UNet stage into ``out_dir`` and return it once it holds a complete stage folder."""
+    started = time.perf_counter()
+    cfg.validate()
+    out_dir = Path(out_dir)
+    env = distributed.setup(device)
+    vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
+    vae = AutoencoderKL.load(vae_dir, env.device).requires_grad_(False)
+    clip = CLIPModel.load(clip_dir, env.device).requires_grad_(False)
+    resolve_model_config(cfg, vae, clip)
+    data = load_captions(data_source, resolution=cfg.resolution)
+    train_set, val_set = data.subset("train"), data.subset("val")
+
+    # Text states once (the text encoder is frozen); then CLIP leaves the GPU.
+    texts = TextStateCache.build(clip, train_set.en, train_set.zh)
+    val_context = encode_prompts(clip, val_set.en)
+    prompt_states = encode_prompts(clip, grid_prompts(val_set))
+    tokenizer_fingerprint = clip.tokenizer.fingerprint
+    del clip
+
+    # Latent posteriors once, keyed by the VAE and the data; rank 0 encodes, the other ranks read its file.
+    latents_dir = out_dir / "latents"
+    train_path = latents_dir / f"train-{cache_key(vae_info.fingerprint, train_set.fingerprint, 'mirror')}.safetensors"
+    val_path = latents_dir / f"val-{cache_key(vae_info.fingerprint, val_set.fingerprint)}.safetensors"
+    if env.is_main:
+        build_latent_cache(vae, train_set.images, train_path, cfg.encode_batch_size, env.device)
+        build_latent_cache(vae, val_set.images, val_path, cfg.encode_batch_size, env.device, mirror=False)
+    distributed.barrier()
+    train_latents = LatentCache.load(train_path, env.device)
+    val_latents = LatentCache.load(val_path, env.device).scaled_mean()
+
+    torch.manual_seed(cfg.train.seed)  # the initial weights follow the seed too, not the caller's RNG state
+    schedule = NoiseSchedule(cfg.schedule)
+    model = UNet(cfg.model)
+    module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
+    trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_latents) * cfg.passes_per_epoch,
+                      ema_of=model, resume=resume, device=env.device, run_config=cfg)
+    make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob,
+                                  trainer.memory_format)
+    validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,
+                                cfg.val_batch_size)
+    grid = SampleGrid(cfg, schedule, prompt_states, texts.null, tuple(val_latents.shape[1:]))
+    trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, vae, validation, grid, out_dir))
+
+    if env.is_main:
+        with trainer.ema_weights():
+            model.eval()
+            with trainer.autocast():
+                val_loss = validation()
+            on_cuda = trainer.device.type == "cuda"
+            metrics = {
+                "val_loss": val_loss,
+                "minutes": (time.perf_counter() - started) / 60,
+                "train_samples_per_s": _training_throughput(out_dir / "log.jsonl"),
+                "peak_mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9 if on_cuda else None,
+                "steps": trainer.step,
+                "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            }
+            trained_on = {"data": data.fingerprint, "vae": vae_info.fingerprint, "clip": clip_info.fingerprint,
+                          "tokenizer": tokenizer_fingerprint}
+            model.save(out_dir, training=config_to_dict(cfg), trained_on=trained_on, metrics=metrics)
+        tqdm.write(f"UNet stage saved to {out_dir}: val loss {val_loss:.4f}, {metrics['minutes']:.1f} min")
+    distributed.barrier()
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = stage_parser("python -m diffusion.train", "Train the latent UNet (diffusion) stage.")
+    parser.add_argument("--data", required=True, help="image folder with metadata.jsonl, a hub id, or 'shapes'")
+    parser.add_argument("--vae", required=True, help="finished VAE stage folder, e.g. runs/NAME/vae")
+    parser.add_argument("--clip", required=True, help="finished CLIP stage folder, e.g. runs/NAME/clip")
+    parser.add_argument("--out", required=True, help="stage folder to write, e.g. runs/NAME/unet")
+    args, overrides = parse_stage_args(parser, argv)
+    cfg = build_config(UNetTrainConfig, PRESETS, args.preset, overrides)
+    try:
+        train(cfg, args.data, args.vae, args.clip, args.out, resume=args.resume, device=args.device)
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The UNet stage: latent and text-state caches, caption dropout, and a tiny end-to-end training run."""
+
+import json
+
+import pytest
+import torch
+
+from clip import CLIPConfig, CLIPModel, train_tokenizer
+from data import load_captions
+from diffusion.config import PRESETS, UNetTrainConfig
+from diffusion.latents import TextStateCache, build_latent_cache
+from diffusion.train import main, train
+from engine import ConfigError, build_config, read_stage
+from unet import UNet
+from vae import AutoencoderKL, VAEConfig
+
+DATA = "shapes:40"
+
+
+def tiny_vae(scaling_factor: float | None = 0.7) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(VAEConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4,
+                                   scaling_factor=scaling_factor)).eval()
+
+
+def tiny_clip(width: int = 32) -> CLIPModel:
+    data = load_captions(DATA, resolution=16)
+    tokenizer = train_tokenizer(data.en + data.zh, vocab_size=300)
+    config = CLIPConfig(vocab_size=tokenizer.vocab_size, text_width=width, text_layers=1, text_heads=2,
+                        image_size=16, image_channels=(8, 16), embed_dim=16)
+    torch.manual_seed(0)
+    return CLIPModel(config, tokenizer).eval()
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    tiny_vae().save(root / "vae", trained_on={"data": "shapes"})
+    tiny_clip().save(root / "clip", trained_on={"data": "shapes"})
+    return root
+
+
+def test_latent_cache_round_trip_and_mirrors(tmp_path):
+    vae = tiny_vae()
+    images = load_captions(DATA, resolution=32).images[:5]
+    path = tmp_path / "latents.safetensors"
+    cache = build_latent_cache(vae, images, path, batch_size=2, device=torch.device("cpu"))
+    assert len(cache) == 10 and cache.num_images == 5
+    assert cache.mean.shape == (10, 4, 8, 8)
+    with torch.no_grad():
+        posterior = vae.encode(images[3:4].float() / 127.5 - 1)
+        mirrored = vae.encode(images[3:4].flip(-1).float() / 127.5 - 1)
+    assert torch.allclose(cache.mean[3], posterior.mean[0], atol=1e-5)
+    assert torch.allclose(cache.logvar[8], mirrored.logvar[0], atol=1e-5)
+    assert cache.image_ids(torch.tensor([3, 8])).tolist() == [3, 3]
+
+    loaded = build_latent_cache(None, images, path, batch_size=2, device=torch.device("cpu"))  # no VAE needed
+    assert torch.equal(loaded.mean, cache.mean) and torch.equal(loaded.logvar, cache.logvar)
+    assert loaded.scaling_factor == pytest.approx(0.7)
+
+    # Samples are scaling_factor * (mean + std * noise): check mean and spread over many draws.
+    rows = torch.full((4000,), 2)
+    z = loaded.sample(rows, torch.Generator().manual_seed(0))
+    assert torch.allclose(z.mean(0), 0.7 * cache.mean[2], atol=0.1)
+    assert torch.allclose(z.std(0), 0.7 * torch.exp(0.5 * cache.logvar[2]), rtol=0.1)
+
+
+def test_latent_cache_needs_a_measured_scaling_factor(tmp_path):
+    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="scaling_factor"):
+        build_latent_cache(tiny_vae(scaling_factor=None), images, tmp_path / "x.safetensors", 2, torch.device("cpu"))
+
+
+def test_text_states_language_choice_and_caption_dropout_rate():
+    en, zh, null = torch.zeros(3, 2, 4), torch.ones(3, 2, 4), torch.full((2, 4), -1.0)
+    en[:, :, 0] = zh[:, :, 0] = torch.arange(3.0)[:, None]  # feature 0 tells the image apart
+    texts = TextStateCache(en, zh, null)
+    ids = torch.arange(3).repeat(4000)
+    states = texts.contexts(ids, zh_prob=0.25, drop_prob=0.1, generator=torch.Generator().manual_seed(0))
+    dropped = (states == -1).all(dim=(1, 2))
+    chinese = (states[:, :, 1] == 1).all(dim=1)
+    assert abs(dropped.float().mean().item() - 0.1) < 0.015
+    assert abs(chinese.float().mean().item() - 0.25 * 0.9) < 0.02
+    kept = ~dropped
+    assert torch.equal(states[kept][:, 0, 0], ids[kept].float())  # every kept caption belongs to its image
+
+    none_dropped = texts.contexts(ids, zh_prob=0.0, drop_prob=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(none_dropped, en[ids])
+
+
+def test_null_state_is_the_empty_prompt_through_the_real_encoder():
+    clip = tiny_clip()
+    texts = TextStateCache.build(clip, ["a red circle"], ["一个红色的圆形"])
+    assert torch.equal(texts.null, clip.text_states([""])[0])
+    assert texts.en.shape == (1, 77, 32)
+
+
+def tiny_config(**overrides) -> UNetTrainConfig:
+    overrides = {"resolution": 32, "model.base_channels": 16, "batch_size": 8, "val_batch_size": 16,
+                 "sample_steps": 3, **overrides}
+    return build_config(UNetTrainConfig, PRESETS, "tiny", overrides)
+
+
+def test_tiny_end_to_end_run(stages, tmp_path):
+    out = tmp_path / "unet"
+    result = train(tiny_config(), DATA, stages / "vae", stages / "clip", out, device="cpu")
+    assert result == out
+    info = read_stage(out, "unet")
+    assert info.trained_on == {"data": load_captions(DATA, resolution=32).fingerprint,
+                               "vae": read_stage(stages / "vae").fingerprint,
+                               "clip": read_stage(stages / "clip").fingerprint,
+                               "tokenizer": CLIPModel.load(stages / "clip").tokenizer.fingerprint}
+    assert info.training["prediction_type"] == "epsilon" and info.training["schedule"]["kind"] == "scaled_linear"
+    assert info.model["context_dim"] == 32  # taken from the CLIP stage
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_loss"] > 0 and metrics["peak_mem_gb"] is None and metrics["train_samples_per_s"] > 0
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["epoch_0001.png", "epoch_0002.png"]
+    assert len(list((out / "latents").glob("*.safetensors"))) == 2
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_keys = {k for r in records if r["kind"] == "train" for k in r}
+    assert {"train/loss", "train/mse", "train/diversity", "train/consistency"} <= train_keys
+    assert all("val/loss" in r for r in records if r["kind"] == "epoch")
+
+    model = UNet.load(out)
+    x, context = torch.randn(1, 4, 4, 4), torch.randn(1, 77, 32)
+    assert model(x, torch.tensor([500]), context).abs().sum() > 0  # trained away from the zero init
+
+
+def test_command_line_and_context_mismatch(stages, tmp_path):
+    args = ["--data", DATA, "--vae", str(stages / "vae"), "--clip", str(stages / "clip"), "--out", str(tmp_path / "u"),
+            "--preset", "tiny", "--resolution=32", "--base_channels=16", "--batch_size=8", "--device=cpu"]
+    with pytest.raises(ConfigError, match=r"context_dim=48.*32 wide.*must match"):
+        main(args + ["--context_dim=48"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        main(args + ["--div_wieght=0.1"])
+
+
+def test_schedule_and_prediction_overrides_reach_the_config():
+    cfg = build_config(UNetTrainConfig, PRESETS, "tiny", {"kind": "cosine", "zero_terminal_snr": "true",
+                                                          "prediction_type": "v_prediction", "div_weight": "0"})
+    assert cfg.schedule.kind == "cosine" and cfg.schedule.zero_terminal_snr
+    assert cfg.prediction_type == "v_prediction" and cfg.loss.div_weight == 0.0
+    with pytest.raises(ConfigError, match="prediction_type"):
+        build_config(UNetTrainConfig, PRESETS, "tiny", {"prediction_type": "x0"}).validate()

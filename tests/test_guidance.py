@@ -1,0 +1,87 @@
+"""Classifier-free guidance with a toy linear model whose output depends on x, t and the context."""
+
+import pytest
+import torch
+
+from diffusion.guidance import cfg_denoiser
+from diffusion.samplers import sample_ddim
+from diffusion.schedule import NoiseSchedule, ScheduleConfig
+
+BATCH, LENGTH, WIDTH = 3, 5, 4
+
+
+class ToyModel:
+    """pred = 0.9 x + t / 1000 + (mean of the context, per sample); records the batch of every call."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        assert x_t.shape[0] == t.shape[0] == context.shape[0]
+        self.batches.append(x_t.shape[0])
+        per_sample = context.mean(dim=(1, 2)) + t.float() / 1000
+        return 0.9 * x_t + per_sample.view(-1, 1, 1, 1)
+
+
+@pytest.fixture
+def inputs():
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(BATCH, 4, 8, 8, generator=generator)
+    t = torch.tensor([10, 500, 990])
+    cond = torch.randn(BATCH, LENGTH, WIDTH, generator=generator) + 1.0
+    uncond = torch.randn(BATCH, LENGTH, WIDTH, generator=generator) - 1.0
+    return x_t, t, cond, uncond
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_scale_one_is_the_conditional_prediction_in_one_unguided_pass(inputs, prediction_type):
+    x_t, t, cond, uncond = inputs
+    schedule = NoiseSchedule(ScheduleConfig())
+    model = ToyModel()
+    x0 = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 1.0)(x_t, t)
+    expected, _ = schedule.to_x0_eps(ToyModel()(x_t, t, cond), x_t, t, prediction_type)
+    assert torch.equal(x0, expected)
+    assert model.batches == [BATCH]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_guided_prediction_extrapolates_from_uncond_to_cond_in_one_batched_pass(inputs, prediction_type):
+    x_t, t, cond, uncond = inputs
+    schedule = NoiseSchedule(ScheduleConfig())
+    model = ToyModel()
+    x0 = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0)(x_t, t)
+    pred_cond, pred_uncond = ToyModel()(x_t, t, cond), ToyModel()(x_t, t, uncond)
+    # a swapped [cond; uncond] order would give cond + 3 (uncond - cond), far from this
+    expected, _ = schedule.to_x0_eps(pred_uncond + 3.0 * (pred_cond - pred_uncond), x_t, t, prediction_type)
+    torch.testing.assert_close(x0, expected)
+    assert model.batches == [2 * BATCH]
+
+
+def test_shared_negative_prompt_pairs_with_every_sample(inputs):
+    x_t, t, cond, uncond = inputs
+    schedule = NoiseSchedule(ScheduleConfig())
+    negative = uncond[:1]
+    x0 = cfg_denoiser(ToyModel(), schedule, "epsilon", cond, negative, 7.5)(x_t, t)
+    pred_cond, pred_uncond = ToyModel()(x_t, t, cond), ToyModel()(x_t, t, negative.expand_as(cond))
+    expected, _ = schedule.to_x0_eps(pred_uncond + 7.5 * (pred_cond - pred_uncond), x_t, t, "epsilon")
+    torch.testing.assert_close(x0, expected)
+
+
+def test_guided_denoiser_drives_a_sampler(inputs):
+    x_t, _, cond, uncond = inputs
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    denoiser = cfg_denoiser(ToyModel(), schedule, "v_prediction", cond, uncond, 5.0)
+    out = sample_ddim(denoiser, schedule, x_t, schedule.sampling_timesteps(4))
+    assert out.shape == x_t.shape and torch.isfinite(out).all()
+
+
+def test_mismatched_inputs_raise_clear_errors(inputs):
+    x_t, t, cond, uncond = inputs
+    schedule = NoiseSchedule(ScheduleConfig())
+    with pytest.raises(ValueError, match="uncond has shape"):
+        cfg_denoiser(ToyModel(), schedule, "epsilon", cond, uncond[:, :2], 2.0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        cfg_denoiser(ToyModel(), schedule, "x0", cond, uncond, 2.0)
+    denoiser = cfg_denoiser(ToyModel(), schedule, "epsilon", cond, uncond, 2.0)
+    with pytest.raises(ValueError, match="batch"):
+        denoiser(x_t[:2], t[:2])

@@ -1,0 +1,42 @@
+"""Architecture config of the conditional latent UNet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class UNetConfig:
+    """Shape of the UNet; saved with the weights so ``UNet.load`` rebuilds the same network.
+
+    Level ``i`` of the encoder/decoder has ``base_channels * channel_mult[i]`` channels and works at
+    ``1 / 2**i`` of the input resolution; every level (and the middle) has a spatial transformer.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = 2
+    head_dim: int = 64  # attention heads per level = channels // head_dim
+    transformer_depth: int = 1
+    context_dim: int | None = None  # width of the text states; None: the UNet trainer takes the CLIP stage's
+    norm_groups: int = 32
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)
+        for mult in self.channel_mult:
+            width = self.base_channels * mult
+            if width % self.norm_groups:
+                raise ValueError(f"UNet level width {width} is not divisible by norm_groups={self.norm_groups}; "
+                                 "pick base_channels/channel_mult/norm_groups that divide")
+            if width % self.head_dim:
+                raise ValueError(f"UNet level width {width} is not divisible by head_dim={self.head_dim}; "
+                                 "pick base_channels/channel_mult/head_dim that divide")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (len(self.channel_mult) - 1)

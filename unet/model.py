@@ -1,0 +1,159 @@
+"""The text-conditional latent UNet (Stable-Diffusion-2 layout, from scratch).
+
+``conv_in -> encoder levels (ResBlock + spatial transformer, x num_res_blocks, then stride-2 conv)
+-> middle (ResBlock, transformer, ResBlock) -> decoder levels (skip concat, ResBlock + transformer,
+x num_res_blocks + 1, then upsample) -> GroupNorm/SiLU -> zero-initialised conv_out``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.config import config_from_dict
+from engine.stage import load_weights, read_stage, save_stage
+from unet.blocks import (Downsample, ResBlock, SpatialTransformer, TimestepMLP, Upsample, maybe_checkpoint,
+                         zero_init)
+from unet.config import UNetConfig
+
+STAGE_KIND = "unet"
+
+
+class ResTransformerLayer(nn.Module):
+    """One UNet layer: a ResBlock (mixes in the timestep) followed by a spatial transformer (mixes in the text)."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, config: UNetConfig):
+        super().__init__()
+        self.res = ResBlock(in_channels, out_channels, time_dim, config.norm_groups, config.dropout)
+        self.transformer = SpatialTransformer(out_channels, config.context_dim, config.head_dim,
+                                              config.transformer_depth, config.norm_groups)
+
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+        return self.transformer(self.res(x, temb), context)
+
+
+class Level(nn.Module):
+    """The layers of one resolution level and the resampling that leaves it (``None`` at the end of the path)."""
+
+    def __init__(self, layers: list[ResTransformerLayer], resample: nn.Module | None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.resample = resample
+
+
+class MiddleBlock(nn.Module):
+    """ResBlock -> spatial transformer -> ResBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, time_dim: int, config: UNetConfig):
+        super().__init__()
+        self.layer = ResTransformerLayer(channels, channels, time_dim, config)
+        self.res = ResBlock(channels, channels, time_dim, config.norm_groups, config.dropout)
+
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+        return self.res(self.layer(x, temb, context), temb)
+
+
+class UNet(nn.Module):
+    """Predicts noise (or velocity) for latents ``x [B, C, H, W]`` at timesteps ``t`` given text states."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        if config.context_dim is None:
+            raise ValueError("UNetConfig.context_dim is unset: set it to the text encoder's width "
+                             "(diffusion.train takes it from the CLIP stage)")
+        self.config = config
+        widths = [config.base_channels * m for m in config.channel_mult]
+        time_dim = 4 * config.base_channels
+        self.time_embed = TimestepMLP(config.base_channels, time_dim)
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+
+        # Encoder: remember the width of every tensor pushed onto the skip stack.
+        skip_widths = [widths[0]]
+        self.down = nn.ModuleList()
+        channels = widths[0]
+        for i, width in enumerate(widths):
+            layers = []
+            for _ in range(config.num_res_blocks):
+                layers.append(ResTransformerLayer(channels, width, time_dim, config))
+                channels = width
+                skip_widths.append(channels)
+            is_last = i == len(widths) - 1
+            self.down.append(Level(layers, None if is_last else Downsample(channels)))
+            if not is_last:
+                skip_widths.append(channels)
+
+        self.middle = MiddleBlock(channels, time_dim, config)
+
+        # Decoder: one more layer per level than the encoder, each consuming one skip tensor.
+        self.up = nn.ModuleList()
+        for i, width in reversed(list(enumerate(widths))):
+            layers = []
+            for _ in range(config.num_res_blocks + 1):
+                layers.append(ResTransformerLayer(channels + skip_widths.pop(), width, time_dim, config))
+                channels = width
+            self.up.append(Level(layers, Upsample(channels) if i > 0 else None))
+
+        self.norm_out = nn.GroupNorm(config.norm_groups, channels, eps=1e-6)
+        self.conv_out = zero_init(nn.Conv2d(channels, config.out_channels, 3, padding=1))
+
+    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"UNet expects latents [B, {cfg.in_channels}, H, W], got shape {tuple(x.shape)}")
+        factor = cfg.downsample_factor
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"latent size {tuple(x.shape[-2:])} is not divisible by {factor} "
+                             f"(2**(len(channel_mult)-1) with channel_mult={cfg.channel_mult}); "
+                             "use an image resolution whose latent size is a multiple of it")
+        if context.ndim != 3 or context.shape[0] != x.shape[0]:
+            raise ValueError(f"context must be [B={x.shape[0]}, L, {cfg.context_dim}], got {tuple(context.shape)}")
+        if context.shape[-1] != cfg.context_dim:
+            raise ValueError(f"context has width {context.shape[-1]} but the UNet was built with "
+                             f"context_dim={cfg.context_dim}: the text encoder and the UNet must match "
+                             "(train the UNet on this CLIP stage's text states)")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"timesteps must be a scalar or [B={x.shape[0]}], got shape {tuple(t.shape)}")
+        return t
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        t = self._check_inputs(x, t, context)
+        ckpt = self.config.gradient_checkpointing and self.training
+        temb = self.time_embed(t)
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for layer in level.layers:
+                h = maybe_checkpoint(layer, h, temb, context, enabled=ckpt)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+        h = maybe_checkpoint(self.middle, h, temb, context, enabled=ckpt)
+        for level in self.up:
+            for layer in level.layers:
+                h = maybe_checkpoint(layer, torch.cat([h, skips.pop()], dim=1), temb, context, enabled=ckpt)
+            if level.resample is not None:
+                h = level.resample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def save(self, folder: str | Path, training: Mapping[str, Any] | None = None,
+             trained_on: Mapping[str, str] | None = None, metrics: Mapping[str, Any] | None = None) -> str:
+        """Write a stage folder (kind ``unet``); returns its fingerprint."""
+        return save_stage(folder, kind=STAGE_KIND, model_config=asdict(self.config), weights=self.state_dict(),
+                          training=training, trained_on=trained_on, metrics=metrics)
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "UNet":
+        """Rebuild the UNet of a stage folder, in eval mode on ``device``."""
+        info = read_stage(folder, STAGE_KIND)
+        model = cls(config_from_dict(UNetConfig, info.model))
+        model.load_state_dict(load_weights(folder, device="cpu"))
+        return model.to(device).eval()

@@ -1,0 +1,153 @@
+"""Train the CLIP stage: ``python -m clip.train --data DIR --out runs/NAME/clip [--preset tiny|full] [--resume]``.
+
+First the byte-level BPE tokenizer is learned from the training captions (English and Chinese together),
+then the text and image encoders contrastively. Retrieval on the validation pairs is measured every epoch
+and at the end; the stage folder gets the weights, tokenizer.json and metrics.json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from clip.config import PRESETS, CLIPTrainConfig
+from clip.loss import CLIPTrainingModule
+from clip.metrics import retrieval_metrics
+from clip.model import TOKENIZER_FILE, CLIPModel
+from clip.tokenizer import BPETokenizer, train_tokenizer
+from data import CaptionSet, language_mask, load_captions
+from data.augment import random_flip, random_resized_crop, to_float
+from engine import Trainer, build_config, distributed
+from engine.cli import parse_stage_args, stage_parser
+from engine.config import ConfigError, config_to_dict
+
+
+def prepare_tokenizer(cfg: CLIPTrainConfig, train_set: CaptionSet, out_dir: Path, resume: bool) -> BPETokenizer:
+    """Train the tokenizer on the training captions (a resumed run reuses the one it started with).
+
+    The tokenizer is written to the output folder before training, so a resumed run tokenizes exactly as
+    the interrupted one did; the model's vocab_size becomes the tokenizer's actual size.
+    """
+    path = out_dir / TOKENIZER_FILE
+    if resume and path.is_file():
+        tokenizer = BPETokenizer.load(path, cfg.model.context_length)
+    else:
+        tokenizer = train_tokenizer(train_set.en + train_set.zh, cfg.model.vocab_size, cfg.model.context_length)
+        if distributed.is_main():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(path)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    return tokenizer
+
+
+class BatchMaker:
+    """Training batches from tensors kept on the device.
+
+    Each image is flipped and mildly crop-resized (never colour-jittered: captions name colours) and paired
+    with its Chinese caption with probability zh_prob, else its English one. Captions are tokenized once
+    up front. An epoch walks the set `passes_per_epoch` times, so item indices wrap around the set; the
+    source row goes along as `image_ids` so that two copies of one image in a batch are not negatives.
+    """
+
+    def __init__(self, cfg: CLIPTrainConfig, images_uint8: torch.Tensor, tokens_en: torch.Tensor,
+                 tokens_zh: torch.Tensor, memory_format: torch.memory_format) -> None:
+        self.cfg = cfg
+        self.images = images_uint8
+        self.tokens_en = tokens_en
+        self.tokens_zh = tokens_zh
+        self.memory_format = memory_format
+
+    def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        rows = indices % len(self.images)
+        images = random_flip(to_float(self.images[rows]), generator, p=cfg.flip_prob)
+        if cfg.crop_min_scale < 1:
+            images = random_resized_crop(images, cfg.model.image_size, (cfg.crop_min_scale, 1.0), generator)
+        use_zh = language_mask(len(rows), cfg.zh_prob, generator, device=rows.device)
+        tokens = torch.where(use_zh[:, None], self.tokens_zh[rows], self.tokens_en[rows])
+        return {"images": images.contiguous(memory_format=self.memory_format), "tokens": tokens, "image_ids": rows}
+
+
+class EpochReport:
+    """Per-epoch callback: retrieval on the validation pairs (EMA weights when kept), logged and printed."""
+
+    def __init__(self, cfg: CLIPTrainConfig, model: CLIPModel, val: CaptionSet, device: torch.device) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.images = to_float(val.images.to(device))
+        self.captions = {"en": val.en, "zh": val.zh}
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        with trainer.ema_weights(), trainer.autocast():
+            return retrieval_metrics(self.model, self.images, self.captions)
+
+    def __call__(self, epoch: int, trainer: Trainer) -> dict[str, Any]:
+        metrics = self.evaluate(trainer)
+        tqdm.write(f"epoch {epoch}/{self.cfg.train.epochs}: {summary(metrics)}")
+        return {f"val/{k}": v for k, v in metrics.items()}
+
+
+def summary(metrics: dict[str, float]) -> str:
+    """One line: recall@1/5/10 in both directions and languages, and the logit scale."""
+    parts = []
+    for direction in ("t2i", "i2t"):
+        for language in ("en", "zh"):
+            recalls = "/".join(f"{metrics[f'{direction}_r{k}_{language}']:.3f}" for k in (1, 5, 10))
+            parts.append(f"{direction} {language} R@1/5/10 {recalls}")
+    return ", ".join(parts) + f", logit scale {metrics['logit_scale']:.1f}"
+
+
+def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: bool = False,
+          device: str | torch.device | None = None) -> Path:
+    """Train (or resume) the CLIP stage into `out_dir` and return it once it holds a complete stage folder."""
+    started = time.perf_counter()
+    cfg.validate()
+    out_dir = Path(out_dir)
+    data = load_captions(data_source, resolution=cfg.model.image_size)
+    train_set, val_set = data.subset("train"), data.subset("val")
+    tokenizer = prepare_tokenizer(cfg, train_set, out_dir, resume)
+
+    torch.manual_seed(cfg.train.seed)  # the initial weights follow the seed, not the caller's RNG state
+    model = CLIPModel(cfg.model, tokenizer)
+    module = CLIPTrainingModule(model)
+    trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set) * cfg.passes_per_epoch,
+                      ema_of=model, resume=resume, device=device, run_config=cfg)
+    nhwc = trainer.device.type == "cuda"  # the engine makes conv weights channels-last on CUDA likewise
+    make_batch = BatchMaker(cfg, train_set.images.to(trainer.device),
+                            tokenizer.encode(train_set.en).to(trainer.device),
+                            tokenizer.encode(train_set.zh).to(trainer.device),
+                            torch.channels_last if nhwc else torch.contiguous_format)
+    report = EpochReport(cfg, model, val_set, trainer.device)
+    trainer.fit(make_batch, on_epoch_end=report)
+
+    if distributed.is_main():
+        metrics = {**report.evaluate(trainer), "steps": trainer.step,
+                   "minutes": (time.perf_counter() - started) / 60}
+        with trainer.ema_weights():
+            model.save(out_dir, training=config_to_dict(cfg), trained_on={"data": data.fingerprint}, metrics=metrics)
+        tqdm.write(f"CLIP stage saved to {out_dir}: {summary(metrics)}, {metrics['minutes']:.1f} min")
+    distributed.barrier()
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = stage_parser("python -m clip.train", "Train the BPE tokenizer and the CLIP text/image encoders.")
+    parser.add_argument("--data", required=True, help="image folder with metadata.jsonl, a hub id, or 'shapes'")
+    parser.add_argument("--out", required=True, help="stage folder to write, e.g. runs/NAME/clip")
+    args, overrides = parse_stage_args(parser, argv)
+    try:
+        cfg = build_config(CLIPTrainConfig, PRESETS, args.preset, overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    try:
+        train(cfg, args.data, args.out, resume=args.resume, device=args.device)
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()

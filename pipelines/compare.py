@@ -1,0 +1,87 @@
+"""Side-by-side comparison of runs: the picture and the table of a swap study.
+
+    python -m pipelines.compare runs/A runs/B --out docs/results/swap
+
+Every run draws the same prompts with the same seeds (rows = runs, columns = prompts), and the metrics
+of each run's ``evaluation.json`` are put in one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from engine.images import save_grid
+
+from .stages import load_stack
+from .text_to_image import GenerationSettings, generate
+
+DEFAULT_PROMPTS = [
+    "a red and white pokemon with big eyes",
+    "a blue water pokemon with a round body",
+    "a green plant pokemon with leaves",
+    "a yellow electric mouse pokemon",
+    "一只红色的火焰宝可梦",
+    "一只蓝色的鸟宝可梦",
+]
+
+
+def compare_table(runs: Sequence[Path]) -> str:
+    """Markdown table: one column per run, one row per metric found in the runs' evaluation.json."""
+    results = {}
+    for run in runs:
+        path = Path(run) / "evaluation.json"
+        results[str(run)] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    keys = []
+    for res in results.values():
+        for section in ("vae", "clip", "generation"):
+            keys += [(section, k) for k in res.get(section, {}) if (section, k) not in keys]
+    lines = ["| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for section, key in keys:
+        cells = []
+        for res in results.values():
+            value = res.get(section, {}).get(key)
+            cells.append(f"{value:.4g}" if isinstance(value, float) else ("—" if value is None else str(value)))
+        lines.append(f"| {section}/{key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.compare", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--prompt", action="append", help="default: a fixed English + Chinese set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--size", type=int, help="default: the first run's VAE resolution")
+    parser.add_argument("--tile", type=int, default=128, help="tile size in the committed grid")
+    parser.add_argument("--device")
+    args = parser.parse_args(argv)
+
+    prompts = args.prompt or DEFAULT_PROMPTS
+    rows = []
+    size = args.size
+    for run in args.runs:
+        stack = load_stack(run, device=args.device)
+        size = size or int(stack.infos["vae"].training.get("resolution", 512))
+        settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, size=size)
+        rows.append(generate(stack, prompts, [args.seed] * len(prompts), settings).cpu())
+        del stack
+    args.out.mkdir(parents=True, exist_ok=True)
+    grid = save_grid(torch.cat(rows), args.out / "compare.png", nrow=len(prompts), max_side=args.tile)
+    lines = ["# Comparison", "", f"Rows (top to bottom): {', '.join(str(r) for r in args.runs)}.", "",
+             "Columns (prompts, seed " + str(args.seed) + "): " + "; ".join(f"`{p}`" for p in prompts), "",
+             "![compare](compare.png)", "", compare_table(args.runs)]
+    (args.out / "compare.md").write_text("\n".join(lines), encoding="utf-8")
+    print(grid)
+    return grid
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Evaluate a run: VAE reconstruction, CLIP retrieval, and generation quality against real images.
+
+``python -m pipelines.evaluate --run runs/NAME --data DIR [--judge runs/REF/clip] [--vae/--clip/--unet DIR]``
+writes ``evaluation.json`` and ``evaluation.md`` into the run (or ``--out``).
+
+Generation is judged on the validation captions (English and Chinese, one fixed seed per row) by a
+fixed judge: the image/text towers of one CLIP stage (``--judge``; default: the run's own). Give every
+run of a swap study the same judge, so swapping the CLIP stage does not change the ruler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from clip.metrics import retrieval_metrics
+from clip.model import CLIPModel
+from data import CaptionSet, load_captions
+from data.augment import to_float
+from engine.images import save_grid
+from engine.stage import file_fingerprint, write_json
+from vae.metrics import evaluate_reconstruction
+
+from .metrics import frechet_distance, kernel_distance, memorisation, seed_diversity
+from .stages import StageStack, load_stack
+from .text_to_image import GenerationSettings, generate
+
+
+@torch.no_grad()
+def judge_features(judge: CLIPModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Normalised judge image embeddings of [-1, 1] images."""
+    device = next(judge.parameters()).device
+    feats = [judge.encode_image(chunk.to(device).float()).float() for chunk in images.split(batch_size)]
+    return F.normalize(torch.cat(feats), dim=-1).cpu()
+
+
+@torch.no_grad()
+def clip_score(judge: CLIPModel, features: torch.Tensor, prompts: Sequence[str]) -> float:
+    """100 x mean cosine between each image's judge embedding and its prompt's judge text embedding."""
+    device = next(judge.parameters()).device
+    _, text = judge.encode_text(judge.tokenizer.encode(list(prompts)).to(device))
+    text = F.normalize(text.float(), dim=-1).cpu()
+    return float(100 * (features * text).sum(-1).mean())
+
+
+def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, val: CaptionSet,
+                       settings: GenerationSettings, diversity_prompts: int = 8, diversity_seeds: int = 4,
+                       grid_path: Path | None = None) -> dict[str, float]:
+    """FD / KID / CLIP score per language, memorisation and seed diversity (see pipelines/metrics.py)."""
+    size = settings.size
+    real = to_float(val.images)
+    if real.shape[-1] != size:
+        real = F.interpolate(real, size=(size, size), mode="area")
+    real_feats = judge_features(judge, real)
+    seeds = [int(r) for r in val.rows]  # one fixed seed per validation row
+    out: dict[str, float] = {}
+    samples_en = None
+    for language, prompts in (("en", val.en), ("zh", val.zh)):
+        samples = generate(stack, prompts, seeds, settings).cpu()
+        feats = judge_features(judge, samples)
+        out[f"fd_{language}"] = frechet_distance(real_feats, feats)
+        out[f"kid_{language}"] = kernel_distance(real_feats, feats)
+        out[f"clip_score_{language}"] = clip_score(judge, feats, prompts)
+        if language == "en":
+            samples_en = samples
+    out["clip_score_real_en"] = clip_score(judge, real_feats, val.en)  # the ceiling for this judge
+    out.update(memorisation(samples_en, to_float(train.images), real))
+
+    count = min(diversity_prompts, len(val))
+    prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]
+    div_seeds = [1000 + i for i in range(len(prompts))]
+    div_samples = generate(stack, prompts, div_seeds, settings).cpu()
+    out.update(seed_diversity(div_samples, judge_features(judge, div_samples), count, diversity_seeds))
+    if grid_path is not None:
+        shown = min(8, len(val))
+        save_grid(torch.cat([real[:shown], samples_en[:shown]]), grid_path, nrow=shown, max_side=128)
+    return out
+
+
+def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings: GenerationSettings | None = None,
+                 out_dir: Path | None = None, judge_name: str = "") -> dict[str, Any]:
+    """All metrics of one stack on the validation split of ``data`` (at the stack's image size)."""
+    settings = settings or GenerationSettings()
+    started = time.perf_counter()
+    train, val = data.subset("train"), data.subset("val")
+    device = stack.device
+    results: dict[str, Any] = {"settings": vars(settings), "judge": judge_name,
+                               "stages": {k: str(v.path) for k, v in stack.infos.items()}}
+    recon = evaluate_reconstruction(stack.vae, val.images, batch_size=8, device=device)
+    results["vae"] = {"val_psnr": recon["psnr"], "val_ssim": recon["ssim"]}
+    clip_size = stack.clip.config.image_size
+    val_small = F.interpolate(to_float(val.images), size=(clip_size, clip_size), mode="area").to(device)
+    results["clip"] = retrieval_metrics(stack.clip, val_small, {"en": val.en, "zh": val.zh})
+    grid = out_dir / "eval_samples.png" if out_dir is not None else None
+    results["generation"] = generation_metrics(stack, judge, train, val, settings, grid_path=grid)
+    results["minutes"] = (time.perf_counter() - started) / 60
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The metrics of one evaluation as a two-column markdown table."""
+    lines = ["| metric | value |", "|---|---|"]
+    for section in ("vae", "clip", "generation"):
+        for key, value in results.get(section, {}).items():
+            lines.append(f"| {section}/{key} | {value:.4g} |" if isinstance(value, float) else f"| {section}/{key} | {value} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, help="run folder with vae/, clip/, unet/")
+    parser.add_argument("--data", required=True, help="captions source (folder, hub id or 'shapes')")
+    parser.add_argument("--vae", type=Path)
+    parser.add_argument("--clip", type=Path)
+    parser.add_argument("--unet", type=Path)
+    parser.add_argument("--judge", type=Path, help="CLIP stage folder used as the fixed judge (default: the run's)")
+    parser.add_argument("--out", type=Path, help="where evaluation.json/.md go (default: the run folder)")
+    parser.add_argument("--size", type=int, help="image size (default: the VAE's training resolution)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--device")
+    args = parser.parse_args(argv)
+    stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
+    size = args.size or int(stack.infos["vae"].training.get("resolution", 512))
+    judge_dir = args.judge or stack.infos["clip"].path
+    judge = CLIPModel.load(judge_dir, device=stack.device).eval()
+    data = load_captions(args.data, resolution=size)
+    out_dir = args.out or args.run or stack.infos["unet"].path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, size=size)
+    results = evaluate_run(stack, data, judge, settings, out_dir=out_dir,
+                           judge_name=f"{judge_dir} ({file_fingerprint(Path(judge_dir) / 'model.safetensors')})")
+    write_json(out_dir / "evaluation.json", results)
+    (out_dir / "evaluation.md").write_text(markdown_table(results), encoding="utf-8")
+    print(json.dumps({k: results[k] for k in ("vae", "clip", "generation")}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Loading the three stages into one stack, with shape checks and lineage warnings.
+
+Any stage folder can be swapped in. Shapes that cannot work together (latent channels, text width)
+are an error; a stage that fits but is not the one the UNet was trained with loads with a loud
+warning, because that is exactly what a swap study does.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clip.model import CLIPModel
+from diffusion.schedule import NoiseSchedule, ScheduleConfig
+from engine.config import config_from_dict
+from engine.stage import StageError, StageInfo, file_fingerprint, read_stage
+from unet.model import UNet
+from vae.model import AutoencoderKL
+
+
+class LineageWarning(UserWarning):
+    """A stage fits the UNet's shapes but is not the one the UNet was trained with."""
+
+
+@dataclass
+class StageStack:
+    """A VAE, a CLIP text/image encoder and a UNet that fit together, plus how to sample the UNet."""
+
+    vae: AutoencoderKL
+    clip: CLIPModel
+    unet: UNet
+    schedule: NoiseSchedule
+    prediction_type: str
+    infos: dict[str, StageInfo]
+    device: torch.device
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def stage_paths(run: str | Path | None, vae: str | Path | None = None, clip: str | Path | None = None,
+                unet: str | Path | None = None) -> dict[str, Path]:
+    """Stage folders of a run, unless a folder is given for that stage.
+
+    A run's stages are ``run/{vae,clip,unet}``, or where ``run/stages.json`` (written by train_all when a
+    stage was reused from another run) says they are.
+    """
+    given = {"vae": vae, "clip": clip, "unet": unet}
+    recorded = {}
+    if run is not None and (Path(run) / "stages.json").is_file():
+        recorded = json.loads((Path(run) / "stages.json").read_text(encoding="utf-8"))
+    paths = {}
+    for name, path in given.items():
+        if path is None:
+            if run is None:
+                raise StageError(f"no {name} stage: pass --run RUN_DIR or --{name} STAGE_DIR")
+            path = recorded.get(name, Path(run) / name)
+        paths[name] = Path(path)
+    return paths
+
+
+def tokenizer_fingerprint(clip_info: StageInfo) -> str | None:
+    path = clip_info.path / "tokenizer.json"
+    return file_fingerprint(path) if path.is_file() else None
+
+
+def check_fit(vae_info: StageInfo, clip_info: StageInfo, unet_info: StageInfo) -> list[str]:
+    """Raise ``StageError`` when shapes don't fit; return lineage mismatches (stage names) otherwise."""
+    latent = vae_info.model.get("latent_channels")
+    if unet_info.model.get("in_channels") != latent or unet_info.model.get("out_channels") != latent:
+        raise StageError(f"the VAE at {vae_info.path} makes {latent}-channel latents but the UNet at "
+                         f"{unet_info.path} takes {unet_info.model.get('in_channels')}; use a VAE with "
+                         f"{unet_info.model.get('in_channels')} latent channels or retrain the UNet on this VAE")
+    width = clip_info.model.get("text_width")
+    if unet_info.model.get("context_dim") != width:
+        raise StageError(f"the CLIP stage at {clip_info.path} gives {width}-wide text states but the UNet at "
+                         f"{unet_info.path} cross-attends to {unet_info.model.get('context_dim')}; use a CLIP stage "
+                         "of that width or retrain the UNet on this one")
+    expected_tokenizer = unet_info.trained_on.get("tokenizer")
+    actual_tokenizer = tokenizer_fingerprint(clip_info)
+    mismatched = []
+    if unet_info.trained_on.get("vae") != vae_info.fingerprint:
+        mismatched.append("vae")
+    if unet_info.trained_on.get("clip") != clip_info.fingerprint:
+        mismatched.append("clip")
+    if expected_tokenizer and actual_tokenizer and expected_tokenizer != actual_tokenizer:
+        mismatched.append("tokenizer")
+    return mismatched
+
+
+def load_stack(run: str | Path | None = None, *, vae: str | Path | None = None, clip: str | Path | None = None,
+               unet: str | Path | None = None, device: str | torch.device | None = None) -> StageStack:
+    """Load the three stages (``run/{vae,clip,unet}`` or the folders given) onto ``device``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    paths = stage_paths(run, vae, clip, unet)
+    infos = {name: read_stage(path, name) for name, path in paths.items()}
+    for name in check_fit(infos["vae"], infos["clip"], infos["unet"]):
+        where = paths["clip"] / "tokenizer.json" if name == "tokenizer" else paths[name]
+        actual = tokenizer_fingerprint(infos["clip"]) if name == "tokenizer" else infos[name].fingerprint
+        warnings.warn(
+            f"LINEAGE MISMATCH: the UNet at {paths['unet']} was not trained with the {name} at {where} (it was "
+            f"trained with {name} {infos['unet'].trained_on.get(name)}, this one is {actual}). Shapes fit, so it "
+            "loads, but expect different images.", LineageWarning, stacklevel=2)
+    training = infos["unet"].training
+    schedule = NoiseSchedule(config_from_dict(ScheduleConfig, training["schedule"]))
+    return StageStack(
+        vae=AutoencoderKL.load(paths["vae"], device=device).eval(),
+        clip=CLIPModel.load(paths["clip"], device=device).eval(),
+        unet=UNet.load(paths["unet"], device=device).eval(),
+        schedule=schedule,
+        prediction_type=training["prediction_type"],
+        infos=infos,
+        device=device,
+    )

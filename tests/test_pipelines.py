@@ -1,0 +1,112 @@
+"""The whole stack end to end on the tiny preset: train_all, skip/resume, --reuse, lineage, img2img."""
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import train_all
+from engine import StageError
+from engine.stage import file_fingerprint, load_weights
+from pipelines.stages import LineageWarning, load_stack
+from pipelines.text_to_image import GenerationSettings, generate
+
+DATA = "shapes:60"
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "A"
+    train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu"])
+    return run
+
+
+def test_train_all_writes_every_stage_and_a_report(run_a):
+    for stage in ("vae", "clip", "unet"):
+        assert (run_a / stage / "config.json").is_file() and (run_a / stage / "loss.png").is_file()
+    assert list((run_a / "unet" / "samples").glob("epoch_*.png"))
+    assert (run_a / "clip" / "tokenizer.json").is_file()
+    report = (run_a / "report.md").read_text(encoding="utf-8")
+    assert "## Metrics" in report and "generation/fd_en" in report and "final_samples.png" in report
+    summary = json.loads((run_a / "summary.json").read_text())
+    assert set(summary["stage_minutes"]) == {"vae", "clip", "unet", "evaluate"}
+    generation = summary["evaluation"]["generation"]
+    assert 0 <= generation["near_copy_share"] <= 1 and generation["fd_en"] >= 0
+    unet = json.loads((run_a / "unet" / "config.json").read_text())
+    assert unet["trained_on"]["vae"] == file_fingerprint(run_a / "vae" / "model.safetensors")
+    assert unet["trained_on"]["clip"] == file_fingerprint(run_a / "clip" / "model.safetensors")
+
+
+def test_complete_stages_are_skipped_and_a_partial_one_resumes(run_a, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(run_a, run)
+    before = load_weights(run / "unet")
+    (run / "unet" / "config.json").unlink()  # unet now partial: only its checkpoint is left
+    (run / "unet" / "model.safetensors").unlink()
+    vae_mtime = (run / "vae" / "model.safetensors").stat().st_mtime_ns
+    train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval"])
+    out = capsys.readouterr().out
+    assert "vae already complete, skipped" in out and "clip already complete, skipped" in out
+    assert (run / "vae" / "model.safetensors").stat().st_mtime_ns == vae_mtime
+    after = load_weights(run / "unet")  # resumed from its final checkpoint: the same weights again
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reuse_trains_only_the_missing_stage(run_a, tmp_path):
+    run = tmp_path / "B"
+    train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval",
+                    "--reuse", f"vae={run_a / 'vae'}", "--reuse", f"clip={run_a / 'clip'}",
+                    "--unet.div_weight=0", "--unet.cons_weight=0"])
+    assert not (run / "vae").exists() and not (run / "clip").exists()
+    stages = json.loads((run / "stages.json").read_text())
+    assert stages["vae"] == str(run_a / "vae") and stages["unet"] == str(run / "unet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LineageWarning)  # reused stages are the UNet's own lineage
+        stack = load_stack(run, device="cpu")
+    assert stack.infos["unet"].training["loss"]["div_weight"] == 0
+
+
+def test_swapped_stage_warns_and_misfit_is_an_error(run_a, tmp_path):
+    other_clip = tmp_path / "clip"
+    train_all.train_stage("clip", tmp_path, "shapes:40", "tiny", {"seed": "5"}, {}, "cpu")
+    with pytest.warns(LineageWarning, match="not trained with the clip at"):
+        load_stack(run_a, clip=other_clip, device="cpu")
+    narrow = tmp_path / "narrow"
+    train_all.train_stage("clip", tmp_path / "n", "shapes:40", "tiny", {"text_width": "32", "text_heads": "2"}, {}, "cpu")
+    shutil.move(tmp_path / "n" / "clip", narrow)
+    with pytest.raises(StageError, match="32-wide text states but the UNet .* cross-attends to 64"):
+        load_stack(run_a, clip=narrow, device="cpu")
+
+
+def test_unknown_stage_override_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit):
+        train_all.main(["--data", DATA, "--run", str(tmp_path), "--lr=1"])
+    with pytest.raises(SystemExit):
+        train_all.main(["--data", DATA, "--run", str(tmp_path), "--reuse", "vea=x"])
+
+
+def test_img2img_with_tiny_strength_returns_the_input(run_a):
+    stack = load_stack(run_a, device="cpu")
+    settings = GenerationSettings(size=64, steps=10)
+    init = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        recon = stack.vae.decode(stack.vae.encode(init).mode()).clamp(-1, 1)
+    kept = generate(stack, ["a red circle", "a blue square"], [0, 1], settings, init_images=init, strength=0.001)
+    redrawn = generate(stack, ["a red circle", "a blue square"], [0, 1], settings, init_images=init, strength=1.0)
+    near = (kept - recon).abs().mean()
+    assert near < 0.02  # at strength -> 0 the output is the autoencoder's reconstruction of the input
+    assert (redrawn - recon).abs().mean() > 10 * near
+    with pytest.raises(ValueError, match="strength"):
+        generate(stack, ["x"], [0], settings, init_images=init[:1], strength=0.0)
+
+
+def test_generation_is_deterministic_per_seed(run_a):
+    stack = load_stack(run_a, device="cpu")
+    settings = GenerationSettings(size=64, steps=4)
+    a = generate(stack, ["a red circle", "a green square"], [3, 4], settings)
+    b = generate(stack, ["a green square"], [4], settings)  # the same seed gives the same image in any batch
+    assert a.shape == (2, 3, 64, 64) and torch.allclose(a[1], b[0], atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        GenerationSettings(size=60)

@@ -1,0 +1,246 @@
+"""Train the whole stack in sequence: tokenizer + CLIP, VAE, latent cache + UNet, then evaluate and report.
+
+    python train_all.py --data ../shared/pokemon --run runs/pokemon            # GPU: full preset
+    python train_all.py --data shapes --run runs/shapes --preset tiny          # CPU: minutes
+    python train_all.py --data ../shared/pokemon --run runs/B --reuse vae=runs/A/vae --reuse clip=runs/A/clip \\
+        --unet.div_weight=0 --unet.cons_weight=0                              # a swap study
+    torchrun --nproc-per-node 2 train_all.py --data ../shared/pokemon --run runs/ddp
+
+A stage whose folder is complete is skipped; one with a checkpoint resumes. ``--STAGE.key=value`` overrides
+one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in ``runs/NAME/``:
+``vae/``, ``clip/``, ``unet/`` stage folders (each with its log, loss plot and sample grids),
+``evaluation.json``, ``final_samples.png``, ``report.md`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from engine import ConfigError, build_config, is_complete, read_stage
+from engine import distributed
+from engine.config import parse_overrides
+from engine.stage import write_json
+
+STAGES = ("vae", "clip", "unet")
+# Share of a full run's time each step takes (measured on one H100; docs/results/e2e): drives the ETA.
+TIME_SHARE = {"vae": 0.35, "clip": 0.08, "unet": 0.50, "evaluate": 0.07}
+
+
+def _stage_overrides(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Split ``--vae.lr=1`` style arguments by stage."""
+    per_stage: dict[str, dict[str, str]] = {name: {} for name in STAGES}
+    for key, value in parse_overrides(list(items)).items():
+        stage, _, rest = key.partition(".")
+        if stage not in per_stage or not rest:
+            raise ConfigError(f"cannot route --{key}: prefix a config key with its stage, e.g. --vae.lr=1e-4, "
+                              "--clip.epochs=5, --unet.div_weight=0")
+        per_stage[stage][rest] = value
+    return per_stage
+
+
+def _parse_reuse(items: Sequence[str]) -> dict[str, Path]:
+    reuse = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or name not in STAGES:
+            raise ConfigError(f"--reuse takes STAGE=FOLDER with STAGE one of {STAGES}, got {item!r}")
+        reuse[name] = Path(path)
+    return reuse
+
+
+class RunProgress:
+    """Prints which stage runs and an ETA for the whole run from the stages' usual time shares."""
+
+    def __init__(self, steps: Sequence[str]) -> None:
+        self.steps = list(steps)
+        self.started = time.perf_counter()
+        self.done_share = 0.0
+        self.minutes: dict[str, float] = {}
+        self._t = self.started
+
+    def begin(self, step: str, note: str = "") -> None:
+        self._t = time.perf_counter()
+        elapsed = (self._t - self.started) / 60
+        remaining_share = sum(TIME_SHARE[s] for s in self.steps[self.steps.index(step):])
+        eta = f", about {elapsed / self.done_share * remaining_share:.1f} min left" if self.done_share > 0 else ""
+        if distributed.is_main():
+            print(f"\n=== [{self.steps.index(step) + 1}/{len(self.steps)}] {step} {note}"
+                  f"(run time {elapsed:.1f} min{eta}) ===", flush=True)
+
+    def end(self, step: str, skipped: bool = False) -> None:
+        self.minutes[step] = 0.0 if skipped else (time.perf_counter() - self._t) / 60
+        if not skipped:
+            self.done_share += TIME_SHARE[step]
+
+    @property
+    def total_minutes(self) -> float:
+        return (time.perf_counter() - self.started) / 60
+
+
+def train_stage(name: str, run: Path, data: str, preset: str | None, overrides: dict[str, str],
+                stage_dirs: dict[str, Path], device: str | None) -> Path:
+    """Train (or resume) one stage into ``run/name``."""
+    out = run / name
+    resume = (out / "checkpoints" / "latest.pt").is_file()
+    if name == "vae":
+        from vae.config import PRESETS, VAETrainConfig
+        from vae.train import train
+        return train(build_config(VAETrainConfig, PRESETS, preset, overrides), data, out, resume=resume, device=device)
+    if name == "clip":
+        from clip.config import PRESETS, CLIPTrainConfig
+        from clip.train import train
+        return train(build_config(CLIPTrainConfig, PRESETS, preset, overrides), data, out, resume=resume, device=device)
+    from diffusion.config import PRESETS, UNetTrainConfig
+    from diffusion.train import train
+    return train(build_config(UNetTrainConfig, PRESETS, preset, overrides), data, stage_dirs["vae"],
+                 stage_dirs["clip"], out, resume=resume, device=device)
+
+
+def final_samples(run: Path, stage_dirs: dict[str, Path], size: int, device: str | None) -> None:
+    """Fixed prompts x 4 seeds, and the same seed with 'red' vs 'blue' prompts, as committed pictures."""
+    from engine.images import save_grid
+    from pipelines.compare import DEFAULT_PROMPTS
+    from pipelines.stages import load_stack
+    from pipelines.text_to_image import GenerationSettings, generate
+
+    stack = load_stack(vae=stage_dirs["vae"], clip=stage_dirs["clip"], unet=stage_dirs["unet"], device=device)
+    settings = GenerationSettings(size=size)
+    seeds = 4
+    prompts = [p for p in DEFAULT_PROMPTS for _ in range(seeds)]
+    images = generate(stack, prompts, [i % seeds for i in range(len(prompts))], settings)
+    save_grid(images, run / "final_samples.png", nrow=seeds, max_side=128)
+    colours = ["a red pokemon", "a blue pokemon", "a green pokemon", "a yellow pokemon"]
+    rows = []
+    for scale in (1.0, 3.0, 7.0):
+        rows.append(generate(stack, colours, [7] * len(colours), GenerationSettings(size=size, guidance_scale=scale)))
+    save_grid(torch.cat(rows), run / "guidance_colours.png", nrow=len(colours), max_side=128)
+
+
+def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any] | None, progress: RunProgress,
+                 command: str, pictures: dict[str, Path]) -> None:
+    """``report.md``: what ran, the metrics table and the pictures, with paths relative to the run."""
+    from pipelines.evaluate import markdown_table
+
+    def rel(path: Path) -> str:
+        try:
+            return str(path.resolve().relative_to(run.resolve()))
+        except ValueError:
+            return str(path)
+
+    lines = [f"# Report: {run.name}", "", f"Command: `{command}`", "",
+             "| stage | folder | minutes |", "|---|---|---|"]
+    for step in progress.steps:
+        folder = rel(stage_dirs[step]) if step in stage_dirs else "—"
+        lines.append(f"| {step} | {folder} | {progress.minutes.get(step, 0.0):.2f} |")
+    lines += [f"| **total** | | {progress.total_minutes:.2f} |", ""]
+    if results is not None:
+        lines += ["## Metrics", "", markdown_table(results), ""]
+    lines += ["## Pictures", ""]
+    for title, path in pictures.items():
+        lines += [f"### {title}", "", f"![{title}]({rel(path)})", ""]
+    unet_samples = sorted((stage_dirs["unet"] / "samples").glob("epoch_*.png")) if "unet" in stage_dirs else []
+    if unet_samples:
+        lines += ["### UNet samples during training", ""]
+        lines += [f"- epoch {p.stem.split('_')[-1]}: ![{p.stem}]({rel(p)})" for p in unet_samples]
+        lines.append("")
+    (run / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="train_all.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--data", required=True, help="captions folder (e.g. ../shared/pokemon), hub id, or 'shapes'")
+    parser.add_argument("--run", type=Path, default=Path("runs/pokemon"), help="run folder (default runs/pokemon)")
+    parser.add_argument("--preset", default=None, help="'tiny' (CPU) or 'full' (GPU); default by device")
+    parser.add_argument("--reuse", action="append", default=[], help="STAGE=FOLDER: take a finished stage from elsewhere")
+    parser.add_argument("--skip-eval", action="store_true", help="no evaluation, final samples or report")
+    parser.add_argument("--judge", type=Path, help="CLIP stage used as the evaluation judge (default: this run's)")
+    parser.add_argument("--device", default=None)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        overrides = _stage_overrides(rest)
+        reuse = _parse_reuse(args.reuse)
+    except ConfigError as err:
+        parser.error(str(err))
+    command = "python train_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    env = distributed.setup(args.device)
+    device = str(env.device)
+    run: Path = args.run
+    run.mkdir(parents=True, exist_ok=True)
+    steps = list(STAGES) + ([] if args.skip_eval else ["evaluate"])
+    progress = RunProgress(steps)
+    stage_dirs: dict[str, Path] = {}
+    for name in STAGES:
+        if name in reuse:
+            read_stage(reuse[name], name)  # fails loudly when the folder is not a finished stage of this kind
+            stage_dirs[name] = reuse[name]
+            progress.begin(name, f"reused from {reuse[name]} ")
+            progress.end(name, skipped=True)
+            continue
+        stage_dirs[name] = run / name
+        if is_complete(run / name):
+            progress.begin(name, "already complete, skipped ")
+            progress.end(name, skipped=True)
+            continue
+        progress.begin(name)
+        train_stage(name, run, args.data, args.preset, overrides[name], stage_dirs, args.device)
+        progress.end(name)
+    if env.is_main:
+        write_json(run / "stages.json", {k: str(v) for k, v in stage_dirs.items()})
+
+    results = None
+    pictures: dict[str, Path] = {}
+    if not args.skip_eval and env.is_main:
+        from clip.model import CLIPModel
+        from data import load_captions
+        from engine.stage import file_fingerprint
+        from pipelines.evaluate import evaluate_run, markdown_table
+        from pipelines.stages import load_stack
+        from pipelines.text_to_image import GenerationSettings
+
+        progress.begin("evaluate")
+        stack = load_stack(vae=stage_dirs["vae"], clip=stage_dirs["clip"], unet=stage_dirs["unet"], device=device)
+        size = int(stack.infos["vae"].training.get("resolution", 512))
+        judge_dir = args.judge or stage_dirs["clip"]
+        judge = CLIPModel.load(judge_dir, device=device).eval()
+        data = load_captions(args.data, resolution=size)
+        results = evaluate_run(stack, data, judge, GenerationSettings(size=size), out_dir=run,
+                               judge_name=f"{judge_dir} ({file_fingerprint(Path(judge_dir) / 'model.safetensors')})")
+        write_json(run / "evaluation.json", results)
+        (run / "evaluation.md").write_text(markdown_table(results), encoding="utf-8")
+        del stack
+        pictures.update({"Final samples (rows: prompts x 4 seeds)": run / "final_samples.png",
+                         "Guidance 1 / 3 / 7 (rows), same seed, colour prompts": run / "guidance_colours.png",
+                         "Validation images (top) and samples from their captions (bottom)": run / "eval_samples.png"})
+        final_samples(run, stage_dirs, size, device)
+        progress.end("evaluate")
+    distributed.barrier()
+    if env.is_main:
+        for name in STAGES:
+            if (stage_dirs[name] / "loss.png").is_file():
+                pictures[f"{name} loss"] = stage_dirs[name] / "loss.png"
+        write_report(run, stage_dirs, results, progress, command, pictures)
+        summary = {"minutes": progress.total_minutes,
+                   "stage_minutes": progress.minutes,
+                   "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                   "world_size": env.world_size,
+                   "command": command,
+                   "stages": {k: str(v) for k, v in stage_dirs.items()}}
+        if results is not None:
+            summary["evaluation"] = {k: results[k] for k in ("vae", "clip", "generation")}
+        write_json(run / "summary.json", summary)
+        print(f"\nDone in {progress.total_minutes:.1f} min: {run / 'report.md'}", flush=True)
+    distributed.cleanup()
+    return {"minutes": progress.total_minutes, "results": results}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Training-step throughput of the real VAE and UNet training modules, through the engine, per variant.
+
+    python -m benchmarks.step_speed --out docs/results/bench/step_speed.json
+
+Each variant builds the stage's full-preset training module (with overrides), runs warm-up steps, then
+times ``--steps`` optimizer steps with CUDA synchronisation at the ends. Synthetic inputs: the point is
+speed, not learning. Used to choose the presets' settings (channels-last, crop size, batch, compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from engine import Trainer, build_config
+
+
+def _time_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int) -> float:
+    indices = torch.arange(trainer.micro_batch).view(1, -1).expand(trainer.cfg.grad_accum, -1)
+    for _ in range(warmup):
+        trainer._train_step(make_batch, indices)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer._train_step(make_batch, indices)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * trainer.cfg.batch_size / (time.perf_counter() - start)
+
+
+def vae_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> float:
+    from vae.config import PRESETS, VAETrainConfig
+    from vae.train import build_module
+    cfg = build_config(VAETrainConfig, PRESETS, preset, overrides)
+    size = cfg.crop_size or cfg.resolution
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(build_module(cfg), cfg.train, tmp, num_train_items=10_000)
+        images = torch.rand(cfg.train.batch_size, 3, size, size, device=trainer.device) * 2 - 1
+        images = images.contiguous(memory_format=trainer.memory_format)
+        # past disc_start_step, so the adversarial term (and its adaptive weight) is timed too
+        trainer.step = cfg.disc_start_step + 1
+        return _time_steps(trainer, lambda idx, g: images[: len(idx)], warmup, steps)
+
+
+def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> float:
+    from diffusion.config import PRESETS, UNetTrainConfig
+    from diffusion.losses import DiffusionTrainingModule
+    from diffusion.schedule import NoiseSchedule
+    from unet.model import UNet
+    cfg = build_config(UNetTrainConfig, PRESETS, preset, overrides)
+    cfg.model.context_dim = cfg.model.context_dim or 256
+    size = cfg.resolution // 8
+    module = DiffusionTrainingModule(UNet(cfg.model), NoiseSchedule(cfg.schedule), cfg.prediction_type, cfg.loss)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(module, cfg.train, tmp, num_train_items=10_000, ema_of=module.model)
+        b, device = trainer.micro_batch, trainer.device
+        latents = torch.randn(b, 4, size, size, device=device).contiguous(memory_format=trainer.memory_format)
+        batch = {"latents": latents, "context": torch.randn(b, 77, cfg.model.context_dim, device=device),
+                 "image_ids": torch.arange(b, device=device), "generator": trainer.generator}
+        trainer.step = 10_000  # past the consistency warm-up
+        return _time_steps(trainer, lambda idx, g: batch, warmup, steps)
+
+
+VARIANTS = {
+    "vae": [("default", {}), ("channels_last", {"channels_last": True}),
+            ("crop128_b64", {"crop_size": 128, "batch_size": 64}),
+            ("crop128_b64_channels_last", {"crop_size": 128, "batch_size": 64, "channels_last": True}),
+            ("base32_mult1248_channels_last", {"model.base_channels": 32, "model.channel_mult": (1, 2, 4, 8),
+                                               "channels_last": True})],
+    "unet": [("default", {}), ("channels_last", {"channels_last": True}),
+             ("compile_channels_last", {"compile": True, "channels_last": True})],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--stages", default="vae,unet")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__}
+    for stage in args.stages.split(","):
+        for name, overrides in VARIANTS[stage]:
+            fn = vae_speed if stage == "vae" else unet_speed
+            try:
+                speed = fn(overrides, args.preset, args.warmup, args.steps)
+                peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+            except Exception as err:  # report the variant as failed, keep measuring the others
+                speed, peak = None, f"{type(err).__name__}: {err}"[:200]
+            results[f"{stage}/{name}"] = {"samples_per_s": speed, "peak_mem_gb": peak, "overrides": overrides}
+            print(f"{stage:5s} {name:18s} {speed if speed is None else round(speed, 1)} samples/s  peak {peak}",
+                  flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

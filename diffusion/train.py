@@ -141,7 +141,7 @@ class SampleGrid:
             latents = SAMPLERS[cfg.sample_sampler](denoiser, self.schedule, self.noise.clone(), timesteps)
             images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()
                                 for z in latents.split(cfg.val_batch_size)])
-        save_grid(images, path, nrow=self.num_prompts, max_side=256)
+        save_grid(images, path, nrow=self.num_prompts, max_side=128)
 
 
 class EpochReport:

@@ -90,7 +90,8 @@ class EpochReport:
         noise = torch.randn(n, self.model.latent_channels, side, side, generator=generator, device=device)
         recon = self.model.decode(self.model.encode(originals).mode())
         random_decodes = self.model.decode(noise * latent_std)
-        save_grid(torch.cat([originals, recon.float()]), self.samples_dir / f"recon_epoch_{epoch:04d}.png", nrow=n)
+        save_grid(torch.cat([originals, recon.float()]), self.samples_dir / f"recon_epoch_{epoch:04d}.png", nrow=n,
+                  max_side=256)
         save_grid(random_decodes.float(), self.samples_dir / f"random_epoch_{epoch:04d}.png", nrow=n, max_side=256)
 
 

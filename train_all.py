@@ -15,7 +15,6 @@ one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

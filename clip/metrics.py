@@ -16,13 +16,14 @@ def recall_at_k(similarity: Tensor, equivalent: Tensor | None = None, ks: tuple[
     """similarity [N queries, N candidates], the right candidate of query i being i -> {k: fraction found in top k}.
 
     `equivalent` [N, N] bool marks candidates that are right as well (pairs with identical captions). A
-    query's rank counts the wrong candidates scoring strictly above its best right one, so ties do not hurt.
+    query's rank counts the wrong candidates scoring at least as high as its best right one: ties count
+    against the query, so a collapsed model that scores everything alike gets recall 0, not 1.
     """
     right = torch.eye(len(similarity), dtype=torch.bool, device=similarity.device)
     if equivalent is not None:
         right |= equivalent
     best_right = similarity.masked_fill(~right, float("-inf")).amax(dim=1, keepdim=True)
-    rank = ((similarity > best_right) & ~right).sum(dim=1)
+    rank = ((similarity >= best_right) & ~right).sum(dim=1)
     return {k: (rank < k).float().mean().item() for k in ks}
 
 

@@ -21,9 +21,9 @@ from clip.model import TOKENIZER_FILE, CLIPModel
 from clip.tokenizer import BPETokenizer, train_tokenizer
 from data import CaptionSet, language_mask, load_captions
 from data.augment import random_flip, random_resized_crop, to_float
-from engine import Trainer, build_config, distributed
-from engine.cli import parse_stage_args, stage_parser
-from engine.config import ConfigError, config_to_dict
+from engine import Trainer, distributed
+from engine.cli import config_or_exit, parse_stage_args, stage_parser
+from engine.config import config_to_dict
 
 
 def prepare_tokenizer(cfg: CLIPTrainConfig, train_set: CaptionSet, out_dir: Path, resume: bool) -> BPETokenizer:
@@ -139,10 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="image folder with metadata.jsonl, a hub id, or 'shapes'")
     parser.add_argument("--out", required=True, help="stage folder to write, e.g. runs/NAME/clip")
     args, overrides = parse_stage_args(parser, argv)
-    try:
-        cfg = build_config(CLIPTrainConfig, PRESETS, args.preset, overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+    cfg = config_or_exit(parser, CLIPTrainConfig, PRESETS, args.preset, overrides)
     try:
         train(cfg, args.data, args.out, resume=args.resume, device=args.device)
     finally:

@@ -146,8 +146,9 @@ def _load_hub(hub_id: str, resolution: int, cache_dir: Path) -> CaptionSet:
         import datasets
         table = datasets.load_dataset(hub_id, split="train")
     except Exception as err:  # offline, unknown id, no access: all need the same advice
-        raise DataError(f"could not load the hub dataset '{hub_id}' ({type(err).__name__}: {err}). Without network "
-                        "access pass a local folder instead, e.g. --data ../shared/pokemon") from None
+        raise DataError(f"there is no local folder '{hub_id}', and loading it as a hub dataset failed "
+                        f"({type(err).__name__}: {err}). Without network access pass a local folder instead, "
+                        "e.g. --data ../shared/pokemon") from None
     missing = {"image", "en_text", "zh_text"} - set(table.column_names)
     if missing:
         raise DataError(f"hub dataset '{hub_id}' lacks columns {sorted(missing)}; it needs image, en_text, zh_text")

@@ -28,8 +28,8 @@ from diffusion.latents import LatentCache, TextStateCache, build_latent_cache, c
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule
-from engine import ConfigError, Trainer, build_config, distributed, read_stage
-from engine.cli import parse_stage_args, stage_parser
+from engine import ConfigError, Trainer, distributed, read_stage
+from engine.cli import config_or_exit, parse_stage_args, stage_parser
 from engine.config import config_to_dict
 from engine.images import save_grid
 from engine.runlog import read_records
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clip", required=True, help="finished CLIP stage folder, e.g. runs/NAME/clip")
     parser.add_argument("--out", required=True, help="stage folder to write, e.g. runs/NAME/unet")
     args, overrides = parse_stage_args(parser, argv)
-    cfg = build_config(UNetTrainConfig, PRESETS, args.preset, overrides)
+    cfg = config_or_exit(parser, UNetTrainConfig, PRESETS, args.preset, overrides)
     try:
         train(cfg, args.data, args.vae, args.clip, args.out, resume=args.resume, device=args.device)
     finally:

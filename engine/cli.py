@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from .config import parse_overrides
+from .config import ConfigError, build_config, parse_overrides
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -29,3 +29,12 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     except ValueError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
+
+
+def config_or_exit(parser: argparse.ArgumentParser, cls: type, presets: Mapping[str, Mapping[str, Any]],
+                   preset: str | None, overrides: Mapping[str, str]) -> Any:
+    """Build the stage config; a bad key or value ends the program with the parser's usage and the reason."""
+    try:
+        return build_config(cls, presets, preset, overrides)
+    except ConfigError as err:
+        parser.error(str(err))

@@ -251,3 +251,10 @@ def test_train_writes_a_loadable_stage(tmp_path):
     epochs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
     assert all("val/t2i_r5_en" in r for r in epochs if r["kind"] == "epoch")
+
+
+def test_recall_counts_ties_against_the_query():
+    from clip.metrics import recall_at_k
+    collapsed = torch.zeros(10, 10)  # every candidate scores alike
+    assert recall_at_k(collapsed)[1] == 0.0 and recall_at_k(collapsed)[5] == 0.0
+    assert recall_at_k(torch.eye(10))[1] == 1.0

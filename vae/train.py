@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from data import CaptionSet, load_captions
 from data.augment import random_crop, random_flip, to_float
-from engine import Trainer, build_config, distributed
-from engine.cli import parse_stage_args, stage_parser
+from engine import Trainer, distributed
+from engine.cli import config_or_exit, parse_stage_args, stage_parser
 from engine.config import config_to_dict
 from engine.images import save_grid
 from vae.config import PRESETS, VAETrainConfig
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="image folder with metadata.jsonl, a hub id, or 'shapes'")
     parser.add_argument("--out", required=True, help="stage folder to write, e.g. runs/NAME/vae")
     args, overrides = parse_stage_args(parser, argv)
-    cfg = build_config(VAETrainConfig, PRESETS, args.preset, overrides)
+    cfg = config_or_exit(parser, VAETrainConfig, PRESETS, args.preset, overrides)
     try:
         train(cfg, args.data, args.out, resume=args.resume, device=args.device)
     finally:

@@ -1,0 +1,99 @@
+"""Two CPU processes (gloo) under the engine train like one process with the same global batch."""
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from engine import Trainer, TrainConfig
+
+DATA_X = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+DATA_Y = DATA_X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+class Regression(nn.Module):
+    """No dropout or noise: with the same global batch, one and two processes must take the same steps."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, batch, step):
+        x, y = batch
+        loss = (self.net(x) - y).square().mean()
+        return loss, {}
+
+
+def _train(out: str) -> Trainer:
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=2, ema_decay=0.9, log_every=4)
+    trainer = Trainer(Regression(), cfg, out, num_train_items=len(DATA_X), device="cpu")
+    trainer.fit(lambda indices, generator: (DATA_X[indices], DATA_Y[indices]))
+    return trainer
+
+
+def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = _train(out)
+    assert trainer.micro_batch == 4 and trainer.env.world_size == 2
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in trainer.module.state_dict().items()}, os.path.join(out, "final.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    single = _train(str(tmp_path / "single"))
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
+    for name, value in single.module.state_dict().items():
+        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6)
+    # rank 0 alone wrote the log and the checkpoint, in the same layout as one process
+    assert {p.name for p in (tmp_path / "ddp").iterdir()} == {p.name for p in (tmp_path / "single").iterdir()} | {
+        "final.pt"}
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2  # every rank's RNG state is kept
+
+
+def _embeddings():
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 5, (8, 77), generator=g)
+    tokens[5] = tokens[1]  # a duplicate caption across the two ranks' halves: masked on both
+    return torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g), tokens
+
+
+def _contrastive_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    from clip.loss import contrastive_loss, duplicate_mask, gather_across_ranks
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    image, text, tokens = (t.chunk(world_size)[rank] for t in _embeddings())
+    image.requires_grad_(True)
+    loss = contrastive_loss(gather_across_ranks(image), gather_across_ranks(text), torch.tensor(10.0),
+                            duplicate_mask(gather_across_ranks(tokens)))
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": image.grad}, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_all_gathered_contrastive_loss_equals_the_single_process_loss(tmp_path):
+    from clip.loss import contrastive_loss, duplicate_mask
+    image, text, tokens = _embeddings()
+    image.requires_grad_(True)
+    expected = contrastive_loss(image, text, torch.tensor(10.0), duplicate_mask(tokens))
+    expected.backward()
+    mp.spawn(_contrastive_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["loss"], expected.detach())
+        # each rank receives the gradient of its own rows from both ranks' (identical) losses: world_size x;
+        # DDP's averaging over the ranks divides that back out.
+        torch.testing.assert_close(got["grad"], 2 * image.grad.chunk(2)[rank])

@@ -115,7 +115,7 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
     model = CLIPModel(cfg.model, tokenizer)
     module = CLIPTrainingModule(model)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set) * cfg.passes_per_epoch,
-                      ema_of=model, resume=resume, device=device, run_config=cfg)
+                      ema_of=model, resume=resume, device=device)
     nhwc = trainer.device.type == "cuda"  # the engine makes conv weights channels-last on CUDA likewise
     make_batch = BatchMaker(cfg, train_set.images.to(trainer.device),
                             tokenizer.encode(train_set.en).to(trainer.device),

@@ -223,7 +223,7 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     model = UNet(cfg.model)
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_latents) * cfg.passes_per_epoch,
-                      ema_of=model, resume=resume, device=env.device, run_config=cfg)
+                      ema_of=model, resume=resume, device=env.device)
     make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob,
                                   trainer.memory_format)
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,

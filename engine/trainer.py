@@ -67,14 +67,13 @@ class Trainer:
     def __init__(self, module: nn.Module, cfg: TrainConfig, out_dir: str | Path, *, num_train_items: int,
                  ema_of: nn.Module | None = None, param_groups: list[dict[str, Any]] | None = None,
                  find_unused_parameters: bool = False, resume: bool = False,
-                 device: str | torch.device | None = None, run_config: Any = None) -> None:
+                 device: str | torch.device | None = None) -> None:
         self.cfg = cfg
         self.env = distributed.setup(device)
         self.device = self.env.device
         self.out_dir = Path(out_dir)
         self.checkpoint_path = self.out_dir / "checkpoints" / CHECKPOINT_NAME
         self.log_path = self.out_dir / "log.jsonl"
-        self.run_config = run_config
 
         per_step = self.env.world_size * cfg.grad_accum
         if cfg.batch_size % per_step:

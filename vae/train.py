@@ -112,8 +112,7 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
     # Every parameter takes part in every step (the discriminator learns from step 0), so DDP runs without
     # find_unused_parameters and its per-step graph walk.
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set) * cfg.passes_per_epoch,
-                      ema_of=model, param_groups=param_groups, resume=resume, device=device,
-                      run_config=cfg)
+                      ema_of=model, param_groups=param_groups, resume=resume, device=device)
     if distributed.is_main():
         start = cfg.disc_start_step
         if cfg.gan_weight > 0 and start >= trainer.total_steps:

@@ -97,3 +97,31 @@ def test_all_gathered_contrastive_loss_equals_the_single_process_loss(tmp_path):
         # each rank receives the gradient of its own rows from both ranks' (identical) losses: world_size x;
         # DDP's averaging over the ranks divides that back out.
         torch.testing.assert_close(got["grad"], 2 * image.grad.chunk(2)[rank])
+
+
+TRAIN_ALL_ARGS = ["--data", "shapes:60", "--preset", "tiny", "--device", "cpu", "--skip-eval",
+                  "--vae.disc_start_step=2"]  # the adversarial term (and its adaptive weight) runs under DDP too
+
+
+def _train_all_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    import train_all
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train_all.main(TRAIN_ALL_ARGS + ["--run", out])
+
+
+def _layout(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if "latents" not in p.parts)
+
+
+def test_train_all_under_two_processes_writes_the_layout_of_one(tmp_path):
+    import train_all
+    from pipelines.stages import load_stack
+    train_all.main(TRAIN_ALL_ARGS + ["--run", str(tmp_path / "single")])
+    mp.spawn(_train_all_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    assert _layout(tmp_path / "ddp") == _layout(tmp_path / "single")
+    summary = (tmp_path / "ddp" / "summary.json").read_text()
+    assert '"world_size": 2' in summary
+    stack = load_stack(tmp_path / "ddp", device="cpu")  # the stages written under DDP load and fit together
+    assert stack.unet.config.context_dim == stack.clip.context_dim

@@ -1,4 +1,4 @@
-"""Train the whole stack in sequence: tokenizer + CLIP, VAE, latent cache + UNet, then evaluate and report.
+"""Train the whole stack in sequence: VAE, tokenizer + CLIP, latent cache + UNet, then evaluate and report.
 
     python train_all.py --data ../shared/pokemon --run runs/pokemon            # GPU: full preset
     python train_all.py --data shapes --run runs/shapes --preset tiny          # CPU: minutes

@@ -60,11 +60,11 @@ class CLIPTrainConfig:
 
     model: CLIPConfig = field(default_factory=CLIPConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=6, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.3, beta2=0.98, log_every=50))
+        epochs=6, passes_per_epoch=10, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.3, beta2=0.98,
+        log_every=50))
     zh_prob: float = 0.5  # each step, each image takes its Chinese caption with this probability, else English
     flip_prob: float = 0.5
     crop_min_scale: float = 0.8  # random-resized crops keep at least this fraction of the side; 1 disables
-    passes_per_epoch: int = 10  # one epoch walks the training set this often: fewer, longer epochs
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix, before any data is loaded."""
@@ -74,8 +74,6 @@ class CLIPTrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} is a probability; use a value in [0, 1]")
         if not 0.0 < self.crop_min_scale <= 1.0:
             raise ConfigError(f"crop_min_scale={self.crop_min_scale} must be in (0, 1]; 1 disables cropping")
-        if self.passes_per_epoch < 1:
-            raise ConfigError("passes_per_epoch must be >= 1")
 
 
 PRESETS: dict[str, dict[str, object]] = {

@@ -49,8 +49,8 @@ class BatchMaker:
 
     Each image is flipped and mildly crop-resized (never colour-jittered: captions name colours) and paired
     with its Chinese caption with probability zh_prob, else its English one. Captions are tokenized once
-    up front. An epoch walks the set `passes_per_epoch` times, so item indices wrap around the set; the
-    source row goes along as `image_ids` so that two copies of one image in a batch are not negatives.
+    up front. An epoch is several passes over the set, so one image can appear twice in a batch across a
+    pass boundary; the source row goes along as `image_ids` so that such copies are not negatives.
     """
 
     def __init__(self, cfg: CLIPTrainConfig, images_uint8: torch.Tensor, tokens_en: torch.Tensor,
@@ -61,9 +61,8 @@ class BatchMaker:
         self.tokens_zh = tokens_zh
         self.memory_format = memory_format
 
-    def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        rows = indices % len(self.images)
         images = random_flip(to_float(self.images[rows]), generator, p=cfg.flip_prob)
         if cfg.crop_min_scale < 1:
             images = random_resized_crop(images, cfg.model.image_size, (cfg.crop_min_scale, 1.0), generator)
@@ -114,7 +113,7 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
     torch.manual_seed(cfg.train.seed)  # the initial weights follow the seed, not the caller's RNG state
     model = CLIPModel(cfg.model, tokenizer)
     module = CLIPTrainingModule(model)
-    trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set) * cfg.passes_per_epoch,
+    trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set),
                       ema_of=model, resume=resume, device=device)
     nhwc = trainer.device.type == "cuda"  # the engine makes conv weights channels-last on CUDA likewise
     make_batch = BatchMaker(cfg, train_set.images.to(trainer.device),

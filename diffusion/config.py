@@ -30,14 +30,13 @@ class UNetTrainConfig:
 
     model: UNetConfig = field(default_factory=lambda: UNetConfig(dropout=0.1))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=11, batch_size=64, lr=2e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999, log_every=50,
-        checkpoint_every_epochs=4))
+        epochs=11, passes_per_epoch=10, batch_size=64, lr=2e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999,
+        log_every=50, checkpoint_every_epochs=4))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prediction_type: str = "epsilon"  # or "v_prediction" (pair it with schedule.zero_terminal_snr)
     loss: DiffusionLossConfig = field(default_factory=lambda: DiffusionLossConfig(
         div_weight=0.05, cons_weight=0.1, cons_warmup_steps=500))
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
-    passes_per_epoch: int = 10  # one epoch walks the cached latents this often: fewer, longer epochs
     cfg_drop_prob: float = 0.1  # a caption is replaced by the empty prompt's states with this probability
     zh_prob: float = 0.5  # a sample takes its Chinese caption with this probability
     encode_batch_size: int = 32  # VAE encoding batch for the latent cache
@@ -60,7 +59,7 @@ class UNetTrainConfig:
         for name in ("cfg_drop_prob", "zh_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
-        positive = ("passes_per_epoch", "encode_batch_size", "val_timesteps", "val_batch_size", "sample_every_epochs",
+        positive = ("encode_batch_size", "val_timesteps", "val_batch_size", "sample_every_epochs",
                     "sample_steps", "sample_seeds")
         for name in positive:
             if getattr(self, name) < 1:

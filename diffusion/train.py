@@ -74,8 +74,7 @@ class LatentBatchMaker:
         self.cfg_drop_prob = cfg_drop_prob
         self.memory_format = memory_format
 
-    def __call__(self, indices: Tensor, generator: torch.Generator) -> dict[str, Any]:
-        rows = indices % len(self.latents)
+    def __call__(self, rows: Tensor, generator: torch.Generator) -> dict[str, Any]:
         image_ids = self.latents.image_ids(rows)
         return {
             "latents": self.latents.sample(rows, generator).contiguous(memory_format=self.memory_format),
@@ -222,7 +221,7 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     schedule = NoiseSchedule(cfg.schedule)
     model = UNet(cfg.model)
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
-    trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_latents) * cfg.passes_per_epoch,
+    trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_latents),
                       ema_of=model, resume=resume, device=env.device)
     make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob,
                                   trainer.memory_format)

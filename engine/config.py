@@ -32,6 +32,9 @@ class TrainConfig:
     """
 
     epochs: int = 10
+    # An epoch walks the training set this often (a fresh permutation each pass): small sets get fewer,
+    # longer epochs, so validation, grids and checkpoints happen a dozen times per run, not hundreds.
+    passes_per_epoch: int = 1
     batch_size: int = 32
     lr: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

@@ -82,8 +82,11 @@ class Trainer:
         if num_train_items < cfg.batch_size:
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({num_train_items} items); "
                               "lower --batch_size")
+        if cfg.passes_per_epoch < 1:
+            raise ConfigError(f"passes_per_epoch must be >= 1, got {cfg.passes_per_epoch}")
         self.num_train_items = num_train_items
-        self.steps_per_epoch = num_train_items // cfg.batch_size  # drop_last: every step sees a full batch
+        # drop_last: every step sees a full batch
+        self.steps_per_epoch = num_train_items * cfg.passes_per_epoch // cfg.batch_size
         self.total_steps = self.steps_per_epoch * cfg.epochs
 
         self.precision = cfg.precision
@@ -162,11 +165,12 @@ class Trainer:
     def _epoch_indices(self, epoch: int) -> torch.Tensor:
         """This rank's batch indices for ``epoch``: ``[steps, grad_accum, micro_batch]``.
 
-        Like ``DistributedSampler``: one permutation per epoch (from the seed), split so that every rank
-        sees its own shard of each global batch.
+        Like ``DistributedSampler``: one permutation per pass (from the seed and epoch), split so that every
+        rank sees its own shard of each global batch.
         """
         g = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch))
-        perm = torch.randperm(self.num_train_items, generator=g)[: self.steps_per_epoch * self.cfg.batch_size]
+        passes = [torch.randperm(self.num_train_items, generator=g) for _ in range(self.cfg.passes_per_epoch)]
+        perm = torch.cat(passes)[: self.steps_per_epoch * self.cfg.batch_size]
         perm = perm.view(self.steps_per_epoch, self.cfg.grad_accum, self.env.world_size, self.micro_batch)
         return perm[:, :, self.env.rank]
 

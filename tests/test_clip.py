@@ -31,13 +31,6 @@ CAPTIONS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine run far faster on one thread than fighting over two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(vocab_size: int, dropout: float = 0.0, image_size: int = 32) -> CLIPConfig:

@@ -60,13 +60,6 @@ def run_sampler(schedule, sampler, steps, seed=1, **kwargs):
     return relative_moment_errors(schedule, out, int(timesteps[-1]))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # thousands of tiny element-wise steps: thread hand-offs cost more than they save on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=[True, False], ids=["zero_terminal_snr", "scaled_linear"])

@@ -19,13 +19,6 @@ from vae.model import AutoencoderKL, DiagonalGaussian
 from vae import train as vae_train
 from vae.train import main
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """These tiny models run fastest single-threaded; on a shared, busy CPU threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = dict(base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=4)

@@ -48,13 +48,13 @@ class VAETrainConfig:
     model: VAEConfig = field(default_factory=VAEConfig)
     # beta1 0.9, not the LDM's GAN-style 0.5: reconstruction dominates this objective, and a short CPU A/B at
     # 128 px (beta2 0.9 in both) came out slightly ahead with it (20.8 vs 20.7 dB). No grad clipping: one
-    # global norm over the autoencoder and the discriminator together would let either network's spikes throttle the other's updates.
+    # global norm over the autoencoder and the discriminator together would let either network's spikes
+    # throttle the other's updates.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=9, batch_size=16, lr=2e-4, warmup_steps=200, weight_decay=0.0, beta1=0.9, beta2=0.9,
-        grad_clip=0.0, ema_decay=0.999, log_every=50))
+        epochs=9, passes_per_epoch=10, batch_size=16, lr=2e-4, warmup_steps=200, weight_decay=0.0, beta1=0.9,
+        beta2=0.9, grad_clip=0.0, ema_decay=0.999, log_every=50))
     resolution: int = 512  # images are loaded, validated and scaled at this size
     crop_size: int = 256  # training sees random crops of this size; 0 trains on whole images
-    passes_per_epoch: int = 10  # one epoch walks the training set this often: fewer, longer epochs
     l1_weight: float = 1.0
     ssim_weight: float = 0.2
     kl_weight: float = 1e-5  # per latent element, next to the per-pixel L1
@@ -77,8 +77,8 @@ class VAETrainConfig:
         if size < 11:
             raise ConfigError(f"training images of {size} px are smaller than the 11-px SSIM window; "
                               "raise crop_size (or resolution)")
-        if self.passes_per_epoch < 1 or self.val_batch_size < 1 or self.num_grid_images < 1:
-            raise ConfigError("passes_per_epoch, val_batch_size and num_grid_images must be >= 1")
+        if self.val_batch_size < 1 or self.num_grid_images < 1:
+            raise ConfigError("val_batch_size and num_grid_images must be >= 1")
 
 
 PRESETS: dict[str, dict[str, object]] = {

@@ -38,8 +38,6 @@ def build_module(cfg: VAETrainConfig) -> VAETrainingModule:
 class BatchMaker:
     """Training batches from uint8 images kept on the device: random crop, random flip, [-1, 1] float.
 
-    An epoch walks the set ``passes_per_epoch`` times, so the engine's item indices run over that many
-    copies of the set and wrap around.
     """
 
     def __init__(self, images_uint8: torch.Tensor, crop_size: int, memory_format: torch.memory_format) -> None:
@@ -48,7 +46,7 @@ class BatchMaker:
         self.memory_format = memory_format
 
     def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        batch = self.images[indices % len(self.images)]
+        batch = self.images[indices]
         if self.crop_size:
             batch = random_crop(batch, self.crop_size, generator)
         batch = random_flip(batch, generator)
@@ -111,7 +109,7 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
                     {"params": list(module.discriminator.parameters()), "lr_scale": cfg.disc_lr_scale}]
     # Every parameter takes part in every step (the discriminator learns from step 0), so DDP runs without
     # find_unused_parameters and its per-step graph walk.
-    trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set) * cfg.passes_per_epoch,
+    trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set),
                       ema_of=model, param_groups=param_groups, resume=resume, device=device)
     if distributed.is_main():
         start = cfg.disc_start_step

@@ -22,7 +22,7 @@ from clip.tokenizer import BPETokenizer, train_tokenizer
 from data import CaptionSet, language_mask, load_captions
 from data.augment import random_flip, random_resized_crop, to_float
 from engine import Trainer, distributed
-from engine.cli import config_or_exit, parse_stage_args, stage_parser
+from engine.cli import run_stage_cli, stage_parser
 from engine.config import config_to_dict
 
 
@@ -134,15 +134,9 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = stage_parser("python -m clip.train", "Train the BPE tokenizer and the CLIP text/image encoders.")
-    parser.add_argument("--data", required=True, help="image folder with metadata.jsonl, a hub id, or 'shapes'")
-    parser.add_argument("--out", required=True, help="stage folder to write, e.g. runs/NAME/clip")
-    args, overrides = parse_stage_args(parser, argv)
-    cfg = config_or_exit(parser, CLIPTrainConfig, PRESETS, args.preset, overrides)
-    try:
-        train(cfg, args.data, args.out, resume=args.resume, device=args.device)
-    finally:
-        distributed.cleanup()
+    parser = stage_parser("python -m clip.train", "Train the BPE tokenizer and the CLIP text/image encoders.", "clip")
+    run_stage_cli(parser, argv, CLIPTrainConfig, PRESETS,
+                  lambda cfg, args: train(cfg, args.data, args.out, resume=args.resume, device=args.device))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule
 from engine import ConfigError, Trainer, distributed, read_stage
-from engine.cli import config_or_exit, parse_stage_args, stage_parser
+from engine.cli import run_stage_cli, stage_parser
 from engine.config import config_to_dict
 from engine.images import save_grid
 from engine.runlog import read_records
@@ -253,17 +253,12 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = stage_parser("python -m diffusion.train", "Train the latent UNet (diffusion) stage.")
-    parser.add_argument("--data", required=True, help="image folder with metadata.jsonl, a hub id, or 'shapes'")
+    parser = stage_parser("python -m diffusion.train", "Train the latent UNet (diffusion) stage.", "unet")
     parser.add_argument("--vae", required=True, help="finished VAE stage folder, e.g. runs/NAME/vae")
     parser.add_argument("--clip", required=True, help="finished CLIP stage folder, e.g. runs/NAME/clip")
-    parser.add_argument("--out", required=True, help="stage folder to write, e.g. runs/NAME/unet")
-    args, overrides = parse_stage_args(parser, argv)
-    cfg = config_or_exit(parser, UNetTrainConfig, PRESETS, args.preset, overrides)
-    try:
-        train(cfg, args.data, args.vae, args.clip, args.out, resume=args.resume, device=args.device)
-    finally:
-        distributed.cleanup()
+    run_stage_cli(parser, argv, UNetTrainConfig, PRESETS,
+                  lambda cfg, args: train(cfg, args.data, args.vae, args.clip, args.out, resume=args.resume,
+                                          device=args.device))
 
 
 if __name__ == "__main__":

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from . import distributed
 from .config import ConfigError, build_config, parse_overrides
 
 
-def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A parser with the flags every stage takes; stages add their own (``--data``, ``--out``, ...)."""
+def stage_parser(prog: str, description: str, stage: str) -> argparse.ArgumentParser:
+    """A parser with the flags every stage takes (``--data``, ``--out``, ``--preset``, ``--resume``,
+    ``--device``); a stage adds its own (the UNet's ``--vae``, ``--clip``)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
         epilog="Any config value can be overridden as --key=value (e.g. --lr=2e-4 --epochs=3); "
                "an unknown key is an error.")
+    parser.add_argument("--data", required=True, help="image folder with metadata.jsonl, a hub id, or 'shapes'")
+    parser.add_argument("--out", required=True, help=f"stage folder to write, e.g. runs/NAME/{stage}")
     parser.add_argument("--preset", default=None, help="named config: 'tiny' (CPU) or 'full' (GPU); default by device")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: GPU when available)")
@@ -31,10 +35,16 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
         raise  # unreachable: parser.error exits
 
 
-def config_or_exit(parser: argparse.ArgumentParser, cls: type, presets: Mapping[str, Mapping[str, Any]],
-                   preset: str | None, overrides: Mapping[str, str]) -> Any:
-    """Build the stage config; a bad key or value ends the program with the parser's usage and the reason."""
+def run_stage_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, config_cls: type,
+                  presets: Mapping[str, Mapping[str, Any]], train: Callable[[Any, argparse.Namespace], Any]) -> None:
+    """Parse, build the stage config (a bad key or value exits with the parser's usage and the reason),
+    then ``train(cfg, args)``, leaving the process group (under torchrun) however it ends."""
+    args, overrides = parse_stage_args(parser, argv)
     try:
-        return build_config(cls, presets, preset, overrides)
+        cfg = build_config(config_cls, presets, args.preset, overrides)
     except ConfigError as err:
         parser.error(str(err))
+    try:
+        train(cfg, args)
+    finally:
+        distributed.cleanup()

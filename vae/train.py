@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from data import CaptionSet, load_captions
 from data.augment import random_crop, random_flip, to_float
 from engine import Trainer, distributed
-from engine.cli import config_or_exit, parse_stage_args, stage_parser
+from engine.cli import run_stage_cli, stage_parser
 from engine.config import config_to_dict
 from engine.images import save_grid
 from vae.config import PRESETS, VAETrainConfig
@@ -149,15 +149,9 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = stage_parser("python -m vae.train", "Train the KL autoencoder (VAE) stage.")
-    parser.add_argument("--data", required=True, help="image folder with metadata.jsonl, a hub id, or 'shapes'")
-    parser.add_argument("--out", required=True, help="stage folder to write, e.g. runs/NAME/vae")
-    args, overrides = parse_stage_args(parser, argv)
-    cfg = config_or_exit(parser, VAETrainConfig, PRESETS, args.preset, overrides)
-    try:
-        train(cfg, args.data, args.out, resume=args.resume, device=args.device)
-    finally:
-        distributed.cleanup()
+    parser = stage_parser("python -m vae.train", "Train the KL autoencoder (VAE) stage.", "vae")
+    run_stage_cli(parser, argv, VAETrainConfig, PRESETS,
+                  lambda cfg, args: train(cfg, args.data, args.out, resume=args.resume, device=args.device))
 
 
 if __name__ == "__main__":

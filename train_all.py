@@ -26,6 +26,11 @@ from engine import ConfigError, build_config, is_complete, read_stage
 from engine import distributed
 from engine.config import parse_overrides
 from engine.stage import write_json
+from engine.images import save_grid
+from pipelines.compare import DEFAULT_PROMPTS
+from pipelines.evaluate import evaluate_to_folder, markdown_table
+from pipelines.stages import StageStack, load_stack
+from pipelines.text_to_image import GenerationSettings, generate
 
 STAGES = ("vae", "clip", "unet")
 # Share of a full run's time each step takes (measured on one H100; docs/results/e2e): drives the ETA.
@@ -102,14 +107,9 @@ def train_stage(name: str, run: Path, data: str, preset: str | None, overrides: 
                  stage_dirs["clip"], out, resume=resume, device=device)
 
 
-def final_samples(run: Path, stage_dirs: dict[str, Path], size: int, device: str | None) -> None:
+def final_samples(run: Path, stack: StageStack) -> None:
     """Fixed prompts x 4 seeds, and the same seed with 'red' vs 'blue' prompts, as committed pictures."""
-    from engine.images import save_grid
-    from pipelines.compare import DEFAULT_PROMPTS
-    from pipelines.stages import load_stack
-    from pipelines.text_to_image import GenerationSettings, generate
-
-    stack = load_stack(vae=stage_dirs["vae"], clip=stage_dirs["clip"], unet=stage_dirs["unet"], device=device)
+    size = stack.image_size
     settings = GenerationSettings(size=size)
     seeds = 4
     prompts = [p for p in DEFAULT_PROMPTS for _ in range(seeds)]
@@ -125,7 +125,6 @@ def final_samples(run: Path, stage_dirs: dict[str, Path], size: int, device: str
 def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any] | None, progress: RunProgress,
                  command: str, pictures: dict[str, Path]) -> None:
     """``report.md``: what ran, the metrics table and the pictures, with paths relative to the run."""
-    from pipelines.evaluate import markdown_table
 
     def rel(path: Path) -> str:
         try:
@@ -198,28 +197,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = None
     pictures: dict[str, Path] = {}
     if not args.skip_eval and env.is_main:
-        from clip.model import CLIPModel
-        from data import load_captions
-        from engine.stage import file_fingerprint
-        from pipelines.evaluate import evaluate_run, markdown_table
-        from pipelines.stages import load_stack
-        from pipelines.text_to_image import GenerationSettings
-
         progress.begin("evaluate")
         stack = load_stack(vae=stage_dirs["vae"], clip=stage_dirs["clip"], unet=stage_dirs["unet"], device=device)
-        size = int(stack.infos["vae"].training.get("resolution", 512))
-        judge_dir = args.judge or stage_dirs["clip"]
-        judge = CLIPModel.load(judge_dir, device=device).eval()
-        data = load_captions(args.data, resolution=size)
-        results = evaluate_run(stack, data, judge, GenerationSettings(size=size), out_dir=run,
-                               judge_name=f"{judge_dir} ({file_fingerprint(Path(judge_dir) / 'model.safetensors')})")
-        write_json(run / "evaluation.json", results)
-        (run / "evaluation.md").write_text(markdown_table(results), encoding="utf-8")
+        results = evaluate_to_folder(stack, args.data, run, args.judge)
+        final_samples(run, stack)
         del stack
         pictures.update({"Final samples (rows: prompts x 4 seeds)": run / "final_samples.png",
                          "Guidance 1 / 3 / 7 (rows), same seed, colour prompts": run / "guidance_colours.png",
                          "Validation images (top) and samples from their captions (bottom)": run / "eval_samples.png"})
-        final_samples(run, stage_dirs, size, device)
         progress.end("evaluate")
     distributed.barrier()
     if env.is_main:

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     size = args.size
     for run in args.runs:
         stack = load_stack(run, device=args.device)
-        size = size or int(stack.infos["vae"].training.get("resolution", 512))
+        size = size or stack.image_size
         settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, size=size)
         rows.append(generate(stack, prompts, [args.seed] * len(prompts), settings).cpu())
         del stack

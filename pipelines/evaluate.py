@@ -112,6 +112,24 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluate_to_folder(stack: StageStack, data_source: str, out_dir: Path, judge_dir: Path | None = None,
+                       settings: GenerationSettings | None = None) -> dict[str, Any]:
+    """Evaluate ``stack`` on ``data_source`` and write ``evaluation.json`` and ``evaluation.md`` into ``out_dir``.
+
+    The judge is the CLIP stage at ``judge_dir`` (default: the stack's own).
+    """
+    settings = settings or GenerationSettings(size=stack.image_size)
+    judge_dir = Path(judge_dir or stack.infos["clip"].path)
+    judge = CLIPModel.load(judge_dir, device=stack.device).eval()
+    data = load_captions(data_source, resolution=settings.size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = evaluate_run(stack, data, judge, settings, out_dir=out_dir,
+                           judge_name=f"{judge_dir} ({file_fingerprint(judge_dir / 'model.safetensors')})")
+    write_json(out_dir / "evaluation.json", results)
+    (out_dir / "evaluation.md").write_text(markdown_table(results), encoding="utf-8")
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="run folder with vae/, clip/, unet/")
@@ -128,17 +146,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device")
     args = parser.parse_args(argv)
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
-    size = args.size or int(stack.infos["vae"].training.get("resolution", 512))
-    judge_dir = args.judge or stack.infos["clip"].path
-    judge = CLIPModel.load(judge_dir, device=stack.device).eval()
-    data = load_captions(args.data, resolution=size)
-    out_dir = args.out or args.run or stack.infos["unet"].path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, size=size)
-    results = evaluate_run(stack, data, judge, settings, out_dir=out_dir,
-                           judge_name=f"{judge_dir} ({file_fingerprint(Path(judge_dir) / 'model.safetensors')})")
-    write_json(out_dir / "evaluation.json", results)
-    (out_dir / "evaluation.md").write_text(markdown_table(results), encoding="utf-8")
+    settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler,
+                                  size=args.size or stack.image_size)
+    results = evaluate_to_folder(stack, args.data, args.out or args.run or stack.infos["unet"].path, args.judge,
+                                 settings)
     print(json.dumps({k: results[k] for k in ("vae", "clip", "generation")}, indent=2))
     return results
 

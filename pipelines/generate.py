@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
 
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
-    size = args.size or int(stack.infos["vae"].training.get("resolution", 512))
+    size = args.size or stack.image_size
     settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, eta=args.eta,
                                   size=size, negative_prompt=args.negative_prompt)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]

@@ -42,6 +42,11 @@ class StageStack:
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def image_size(self) -> int:
+        """The resolution the VAE was trained and validated at: the default size to generate."""
+        return int(self.infos["vae"].training.get("resolution", 512))
+
 
 def stage_paths(run: str | Path | None, vae: str | Path | None = None, clip: str | Path | None = None,
                 unet: str | Path | None = None) -> dict[str, Path]:

@@ -22,24 +22,22 @@ class EMA:
         self.module = module
         self.decay = decay
         self.num_updates = 0
-        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters() if p.requires_grad}
-
-    def _params(self) -> list[torch.Tensor]:
-        named = dict(self.module.named_parameters())
-        return [named[name] for name in self.shadow]
+        tracked = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in tracked]  # looked up once, not on every optimizer step
+        self.shadow = {name: p.detach().float().clone() for name, p in tracked}
 
     @torch.no_grad()
     def update(self) -> None:
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        params = [p.detach().float() for p in self._params()]
+        params = [p.detach().float() for p in self.params]
         torch._foreach_lerp_(list(self.shadow.values()), params, 1.0 - decay)
 
     @contextmanager
     @torch.no_grad()
     def swapped_in(self) -> Iterator[None]:
         """Temporarily load the EMA weights into the module (e.g. to sample or save)."""
-        params = self._params()
+        params = self.params
         backup = [p.detach().clone() for p in params]
         for p, s in zip(params, self.shadow.values()):
             p.copy_(s)

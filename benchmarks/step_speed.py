@@ -1,10 +1,14 @@
 """Training-step throughput of the real VAE and UNet training modules, through the engine, per variant.
 
     python -m benchmarks.step_speed --out docs/results/bench/step_speed.json
+    torchrun --nproc-per-node 2 -m benchmarks.step_speed --variants default --out speed_2gpu.json
 
 Each variant builds the stage's full-preset training module (with overrides), runs warm-up steps, then
 times ``--steps`` optimizer steps with CUDA synchronisation at the ends. Synthetic inputs: the point is
 speed, not learning. Used to choose the presets' settings (channels-last, crop size, batch, compile).
+
+Under torchrun every GPU keeps the preset's batch (the global batch is the preset's times the number of
+processes), so samples/s over all GPUs divided by the one-GPU figure is the scaling factor.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from engine import Trainer, build_config
+from engine import Trainer, build_config, distributed
 
 
 def _time_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int) -> float:
@@ -35,10 +39,18 @@ def _time_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int)
     return steps * trainer.cfg.batch_size / (time.perf_counter() - start)
 
 
+def _per_gpu_batch(cfg_cls: type, presets: dict, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides with the global batch scaled by the number of processes: each GPU keeps the preset's batch."""
+    world = distributed.world_size()
+    if world == 1 or "batch_size" in overrides:
+        return overrides
+    return {**overrides, "batch_size": build_config(cfg_cls, presets, preset, overrides).train.batch_size * world}
+
+
 def vae_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> float:
     from vae.config import PRESETS, VAETrainConfig
     from vae.train import build_module
-    cfg = build_config(VAETrainConfig, PRESETS, preset, overrides)
+    cfg = build_config(VAETrainConfig, PRESETS, preset, _per_gpu_batch(VAETrainConfig, PRESETS, preset, overrides))
     size = cfg.crop_size or cfg.resolution
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(build_module(cfg), cfg.train, tmp, num_train_items=10_000)
@@ -54,7 +66,7 @@ def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) 
     from diffusion.losses import DiffusionTrainingModule
     from diffusion.schedule import NoiseSchedule
     from unet.model import UNet
-    cfg = build_config(UNetTrainConfig, PRESETS, preset, overrides)
+    cfg = build_config(UNetTrainConfig, PRESETS, preset, _per_gpu_batch(UNetTrainConfig, PRESETS, preset, overrides))
     cfg.model.context_dim = cfg.model.context_dim or 256
     size = cfg.resolution // 8
     module = DiffusionTrainingModule(UNet(cfg.model), NoiseSchedule(cfg.schedule), cfg.prediction_type, cfg.loss)
@@ -83,14 +95,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="full")
     parser.add_argument("--stages", default="vae,unet")
+    parser.add_argument("--variants", default=None, help="comma list of variant names to run (default: all)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    env = distributed.setup()
+    wanted = set(args.variants.split(",")) if args.variants else None
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "torch": torch.__version__}
+               "torch": torch.__version__, "world_size": env.world_size,
+               "batch": "the preset's per GPU" if env.world_size > 1 else "the preset's"}
     for stage in args.stages.split(","):
         for name, overrides in VARIANTS[stage]:
+            if wanted is not None and name not in wanted:
+                continue
             fn = vae_speed if stage == "vae" else unet_speed
             try:
                 speed = fn(overrides, args.preset, args.warmup, args.steps)
@@ -98,12 +116,14 @@ def main() -> None:
             except Exception as err:  # report the variant as failed, keep measuring the others
                 speed, peak = None, f"{type(err).__name__}: {err}"[:200]
             results[f"{stage}/{name}"] = {"samples_per_s": speed, "peak_mem_gb": peak, "overrides": overrides}
-            print(f"{stage:5s} {name:18s} {speed if speed is None else round(speed, 1)} samples/s  peak {peak}",
-                  flush=True)
+            if env.is_main:
+                print(f"{stage:5s} {name:18s} {speed if speed is None else round(speed, 1)} samples/s over "
+                      f"{env.world_size} process(es)  peak {peak}", flush=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-    if args.out:
+    distributed.cleanup()
+    if args.out and env.is_main:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -24,7 +24,7 @@ class UNetTrainConfig:
     Measured 292 samples/s in bf16 on an H100 (~130 TFLOP/s; docs/results/bench/step_speed.json): ~9.5
     minutes of training.
     Latent caching (1,583 VAE encodes at 512 px) takes seconds; a sample grid plus the validation loss
-    every 2 epochs ~2 s, about 3 % of the stage. Activations are ~0.35 GiB per sample in bf16, so batch 64
+    every epoch ~3 s each, about 5 % of the stage. Activations are ~0.35 GiB per sample in bf16, so batch 64
     needs ~25 GiB with the weights, EMA and AdamW state.
     """
 
@@ -42,7 +42,7 @@ class UNetTrainConfig:
     encode_batch_size: int = 32  # VAE encoding batch for the latent cache
     val_timesteps: int = 10  # the validation loss averages over this many fixed, evenly spaced timesteps
     val_batch_size: int = 64
-    sample_every_epochs: int = 2  # and always after the last epoch
+    sample_every_epochs: int = 1  # and always after the last epoch
     sample_steps: int = 25
     sample_sampler: str = "dpmpp_2m"
     guidance_scale: float = 5.0

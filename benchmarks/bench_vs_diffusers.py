@@ -109,6 +109,8 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     for name in SECTIONS:
         best = summary["ratios"].get(name, {}).get("best")
         out[f"{name}_speedup"] = best["speedup"] if best else None
+        shipped = summary["ratios"].get(name, {}).get("best_vs_diffusers_eager")
+        out[f"{name}_speedup_vs_diffusers_eager"] = shipped["speedup"] if shipped else None
     fast = summary["ratios"].get("sample", {}).get("fast_vs_diffusers_ddim")
     out["fast_sample_speedup"] = fast["speedup"] if fast else None
     out["targets"] = TARGETS

@@ -224,7 +224,10 @@ def sample_section(sizes: Sizes, opts: Options, steps: int, fast_steps: int, com
               "ddim_loop_check": ddim_loop_check(sizes, opts.device, steps),
               "ratios": {"best": best, "eager": speed_ratio(rows, lambda r: reference(r) and is_eager(r)),
                          "compiled": speed_ratio(rows, lambda r: reference(r) and is_compiled(r)),
-                         "fast_vs_diffusers_ddim": fast}}
+                         "fast_vs_diffusers_ddim": fast,
+                         # ours at its best against diffusers' loop as shipped (eager, no CUDA graph)
+                         "best_vs_diffusers_eager": speed_ratio(rows, reference,
+                                                               lambda r: reference(r) and is_eager(r))}}
     decode_rate = {row["impl"]: row.get("images_per_s") for row in decode}
     if best and all(decode_rate.values()):
         with_decode = {impl: 1 / (1 / best[f"{impl}_images_per_s"] + 1 / decode_rate[impl]) for impl in IMPLS}

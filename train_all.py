@@ -4,7 +4,7 @@
     python train_all.py --data shapes --run runs/shapes --preset tiny          # CPU: minutes
     python train_all.py --data ../shared/pokemon --run runs/B --reuse vae=runs/A/vae --reuse clip=runs/A/clip \\
         --unet.div_weight=0 --unet.cons_weight=0                              # a swap study
-    torchrun --nproc-per-node 2 train_all.py --data ../shared/pokemon --run runs/ddp
+    torchrun --nproc-per-node 2 -- train_all.py --data ../shared/pokemon --run runs/ddp  # '--': see README
 
 A stage whose folder is complete is skipped; one with a checkpoint resumes. ``--STAGE.key=value`` overrides
 one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in ``runs/NAME/``:

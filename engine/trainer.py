@@ -95,6 +95,10 @@ class Trainer:
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got '{cfg.precision}'")
 
+        if self.env.world_size > 1 and self.device.type == "cuda":
+            # BatchNorm statistics over the global batch, so N GPUs train like one GPU at the same global
+            # batch (the CLIP image encoder has BatchNorm). SyncBatchNorm runs on GPUs only; gloo keeps BN.
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         self.module = module.to(self.device)
         if self.memory_format == torch.channels_last:
             self.module.to(memory_format=torch.channels_last)

@@ -52,7 +52,9 @@ def test_tiny_benchmark_writes_every_comparison(tmp_path):
         assert [r for r in rows if "error" in r] == []
         assert {r["impl"] for r in rows} == {"ours", "diffusers"}
         assert all(r["images_per_s"] > 0 and r["ms_per_iter"] > 0 for r in rows)
-    for key in ("unet_train_speedup", "vae_train_speedup", "sample_speedup", "fast_sample_speedup"):
+    for key in ("unet_train_speedup", "vae_train_speedup", "sample_speedup", "fast_sample_speedup",
+                "unet_train_speedup_equal_treatment", "vae_train_speedup_equal_treatment",
+                "sample_speedup_equal_treatment"):
         assert math.isfinite(summary[key]) and summary[key] > 0
     assert summary["unet_train"]["flops_per_step"]["ours"] > 0
     # the FLOP counts agree, so the twins do the same work

@@ -251,3 +251,18 @@ def test_recall_counts_ties_against_the_query():
     collapsed = torch.zeros(10, 10)  # every candidate scores alike
     assert recall_at_k(collapsed)[1] == 0.0 and recall_at_k(collapsed)[5] == 0.0
     assert recall_at_k(torch.eye(10))[1] == 1.0
+
+
+def test_a_clip_trained_with_sync_batchnorm_saves_and_loads_as_plain_batchnorm(model, tmp_path):
+    """Under CUDA DDP the engine swaps BatchNorm for SyncBatchNorm; the stage it saves must still load into
+    the plain model in one process (same state-dict keys and running statistics)."""
+    import copy
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+    first_bn = next(m for m in converted.modules() if isinstance(m, nn.SyncBatchNorm))
+    first_bn.running_mean.fill_(0.25)  # statistics the saved stage must carry over
+    converted.save(tmp_path / "clip")
+    loaded = CLIPModel.load(tmp_path / "clip")
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in loaded.modules())
+    assert torch.equal(next(m for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)).running_mean,
+                       first_bn.running_mean)

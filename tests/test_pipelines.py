@@ -71,8 +71,11 @@ def test_reuse_trains_only_the_missing_stage(run_a, tmp_path):
 def test_swapped_stage_warns_and_misfit_is_an_error(run_a, tmp_path):
     other_clip = tmp_path / "clip"
     train_all.train_stage("clip", tmp_path, "shapes:40", "tiny", {"seed": "5"}, {}, "cpu")
-    with pytest.warns(LineageWarning, match="not trained with the clip at"):
+    with pytest.warns(LineageWarning) as record:  # one warning for the CLIP, one for its tokenizer
         load_stack(run_a, clip=other_clip, device="cpu")
+    messages = [str(w.message) for w in record]
+    assert any("not trained with the clip at" in m for m in messages)
+    assert any("not trained with the tokenizer at" in m for m in messages)
     narrow = tmp_path / "narrow"
     train_all.train_stage("clip", tmp_path / "n", "shapes:40", "tiny", {"text_width": "32", "text_heads": "2"}, {}, "cpu")
     shutil.move(tmp_path / "n" / "clip", narrow)

@@ -80,12 +80,9 @@ class EpochReport:
         self.images = to_float(val.images.to(device))
         self.captions = {"en": val.en, "zh": val.zh}
 
-    def evaluate(self, trainer: Trainer) -> dict[str, float]:
-        with trainer.ema_weights(), trainer.autocast():
-            return retrieval_metrics(self.model, self.images, self.captions)
-
     def __call__(self, epoch: int, trainer: Trainer) -> dict[str, Any]:
-        metrics = self.evaluate(trainer)
+        with trainer.ema_weights(), trainer.autocast():
+            metrics = retrieval_metrics(self.model, self.images, self.captions)
         tqdm.write(f"epoch {epoch}/{self.cfg.train.epochs}: {summary(metrics)}")
         return {f"val/{k}": v for k, v in metrics.items()}
 
@@ -115,17 +112,15 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
     module = CLIPTrainingModule(model)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set),
                       ema_of=model, resume=resume, device=device)
-    nhwc = trainer.device.type == "cuda"  # the engine makes conv weights channels-last on CUDA likewise
     make_batch = BatchMaker(cfg, train_set.images.to(trainer.device),
                             tokenizer.encode(train_set.en).to(trainer.device),
-                            tokenizer.encode(train_set.zh).to(trainer.device),
-                            torch.channels_last if nhwc else torch.contiguous_format)
-    report = EpochReport(cfg, model, val_set, trainer.device)
-    trainer.fit(make_batch, on_epoch_end=report)
+                            tokenizer.encode(train_set.zh).to(trainer.device), trainer.memory_format)
+    trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, val_set, trainer.device))
 
     if distributed.is_main():
-        metrics = {**report.evaluate(trainer), "steps": trainer.step,
-                   "minutes": (time.perf_counter() - started) / 60}
+        # the last epoch's retrieval, measured on these same EMA weights
+        final = {k.removeprefix("val/"): v for k, v in trainer.last_epoch_metrics().items()}
+        metrics = {**final, "steps": trainer.step, "minutes": (time.perf_counter() - started) / 60}
         with trainer.ema_weights():
             model.save(out_dir, training=config_to_dict(cfg), trained_on={"data": data.fingerprint}, metrics=metrics)
         tqdm.write(f"CLIP stage saved to {out_dir}: {summary(metrics)}, {metrics['minutes']:.1f} min")

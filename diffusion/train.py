@@ -231,10 +231,8 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, vae, validation, grid, out_dir))
 
     if env.is_main:
+        val_loss = trainer.last_epoch_metrics()["val/loss"]  # the last epoch always scores the EMA weights
         with trainer.ema_weights():
-            model.eval()
-            with trainer.autocast():
-                val_loss = validation()
             on_cuda = trainer.device.type == "cuda"
             metrics = {
                 "val_loss": val_loss,

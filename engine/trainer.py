@@ -272,6 +272,17 @@ class Trainer:
         if last or self.epoch % self.cfg.checkpoint_every_epochs == 0:
             self.save_checkpoint()
 
+    def last_epoch_metrics(self) -> dict[str, Any]:
+        """What the epoch callback returned after the last finished epoch, read back from the log (main rank).
+
+        Stages take their final validation figures from here instead of evaluating the same weights again;
+        the log keeps the record across a resume, also one that had no epochs left to run.
+        """
+        epochs = [r for r in runlog.read_records(self.log_path) if r.get("kind") == "epoch"]
+        if not epochs:
+            raise RuntimeError(f"{self.log_path} holds no finished epoch: call fit() first")
+        return {k: v for k, v in epochs[-1].items() if k not in ("kind", "step", "epoch")}
+
     # ------------------------------------------------------------------ checkpoints
     def _rng_state(self) -> dict[str, Any]:
         state = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": self.generator.get_state()}

@@ -156,6 +156,15 @@ def test_resume_at_epoch_boundary_is_exact(tmp_path):
     _same_state(straight, resumed)
 
 
+def test_last_epoch_metrics_survive_a_resume_with_nothing_left_to_train(tmp_path):
+    trainer = train(tmp_path / "run", epochs=2)
+    probe = trainer.last_epoch_metrics()["val/probe"]
+    records = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert probe == [r for r in records if r["kind"] == "epoch"][-1]["val/probe"]
+    finished = train(tmp_path / "run", epochs=2, resume=True)  # no epoch runs, the callback is not called
+    assert finished.step == trainer.step and finished.last_epoch_metrics() == {"val/probe": probe}
+
+
 def test_killed_run_resumes_mid_epoch_exactly(tmp_path):
     straight = train(tmp_path / "a", epochs=3, checkpoint_every_steps=3)
     with pytest.raises(KeyboardInterrupt):

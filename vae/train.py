@@ -36,9 +36,7 @@ def build_module(cfg: VAETrainConfig) -> VAETrainingModule:
 
 
 class BatchMaker:
-    """Training batches from uint8 images kept on the device: random crop, random flip, [-1, 1] float.
-
-    """
+    """Training batches from uint8 images kept on the device: random crop, random flip, [-1, 1] float."""
 
     def __init__(self, images_uint8: torch.Tensor, crop_size: int, memory_format: torch.memory_format) -> None:
         self.images = images_uint8
@@ -125,16 +123,16 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
     trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, val_set, out_dir))
 
     if distributed.is_main():
+        final = trainer.last_epoch_metrics()  # the last epoch evaluated these same EMA weights
         with trainer.ema_weights():
             model.eval()
-            final = evaluate_reconstruction(model, val_set.images, cfg.val_batch_size, trainer.device)
             model.config.scaling_factor = compute_scaling_factor(model, train_set.images, cfg.val_batch_size,
                                                                  trainer.device)
             # A second, independent draw of posterior samples checks that the factor gives unit variance.
             _, train_std = latent_moments(model, train_set.images, cfg.val_batch_size, trainer.device, seed=1)
             _, val_std = latent_moments(model, val_set.images, cfg.val_batch_size, trainer.device)
             metrics = {
-                "val_psnr": final["psnr"], "val_ssim": final["ssim"], "val_kl": final["kl"],
+                "val_psnr": final["val/psnr"], "val_ssim": final["val/ssim"], "val_kl": final["val/kl"],
                 "scaling_factor": model.config.scaling_factor,
                 "latent_std_scaled": train_std * model.config.scaling_factor,
                 "val_latent_std_scaled": val_std * model.config.scaling_factor,

@@ -67,6 +67,8 @@ def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], se
     timesteps = stack.schedule.sampling_timesteps(steps, strength)
     sampler = SAMPLERS[settings.sampler]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with autocast:  # one negative prompt for every sample: encoded once, broadcast by the guidance
+        uncond = stack.clip.text_states([settings.negative_prompt]).float()
 
     outputs = []
     for start in range(0, len(prompts), settings.batch_size):
@@ -74,7 +76,6 @@ def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], se
         batch_seeds = list(seeds[start:start + settings.batch_size])
         with autocast:
             cond = stack.clip.text_states(batch_prompts)
-            uncond = stack.clip.text_states([settings.negative_prompt] * len(batch_prompts))
         noise = _noise(shape, batch_seeds, device)
         if init_images is None:
             x = noise
@@ -89,7 +90,7 @@ def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], se
             with autocast:
                 return stack.unet(x_t, t, context).float()
 
-        denoiser = cfg_denoiser(model, stack.schedule, stack.prediction_type, cond.float(), uncond.float(),
+        denoiser = cfg_denoiser(model, stack.schedule, stack.prediction_type, cond.float(), uncond,
                                 settings.guidance_scale)
         extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}
         if settings.sampler in ("ddim", "ddpm"):

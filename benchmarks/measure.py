@@ -1,4 +1,4 @@
-"""Timing, peak memory, FLOP counting, host-sync counting and CUDA-graph replay for the benchmark."""
+"""Timing, peak memory, FLOP counting and host-sync counting for the benchmark."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -76,46 +75,3 @@ def count_host_syncs(call: Callable[[], Any], device: torch.device) -> int | Non
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchronizing" in str(w.message) for w in caught)
-
-
-class CudaGraphCall:
-    """Replays one captured call of ``fn(*tensors)`` with static input buffers.
-
-    The first call warms ``fn`` up on a side stream (running any torch.compile there), then captures it;
-    later calls copy their inputs into the buffers and replay, skipping the per-kernel launch cost. The
-    output is the same static tensor every time, overwritten by the next replay: use it before then.
-    Autocast's weight-cast cache must be off during capture (the cached copies would be freed after it).
-    """
-
-    def __init__(self, fn: Callable[..., Tensor], bf16_autocast: bool) -> None:
-        self.fn = fn
-        self.bf16_autocast = bf16_autocast
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs: list[Tensor] = []
-        self.output: Tensor | None = None
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16_autocast, cache_enabled=False)
-
-    def _capture(self, args: tuple[Tensor, ...]) -> None:
-        self.inputs = [arg.clone() for arg in args]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), self._autocast():
-            for _ in range(3):
-                self.fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), self._autocast():
-            self.output = self.fn(*self.inputs)
-
-    def __call__(self, *args: Tensor) -> Tensor:
-        if self.graph is None:
-            self._capture(args)
-        for buffer, arg in zip(self.inputs, args, strict=True):
-            if buffer.shape != arg.shape:
-                raise ValueError(f"CudaGraphCall was captured for input shape {tuple(buffer.shape)}, got "
-                                 f"{tuple(arg.shape)}; wrap a new CudaGraphCall for another shape")
-            buffer.copy_(arg)
-        self.graph.replay()
-        return self.output

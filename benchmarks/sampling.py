@@ -14,8 +14,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.cases import (IMPLS, Options, Setting, Sizes, fastest, is_compiled, is_eager, memory_format,
                               run_case, speed_ratio)
-from benchmarks.measure import CudaGraphCall, count_flops, count_host_syncs, measure, release_memory
+from benchmarks.measure import count_flops, count_host_syncs, measure, release_memory
 from benchmarks.twins import diffusers_ddim_scheduler, diffusers_guided_ddim, diffusers_unet, diffusers_vae
+from diffusion.cuda_graph import CudaGraphCall
 from diffusion.guidance import cfg_denoiser
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule

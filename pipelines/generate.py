@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--size", type=int, help="multiple of 8 (default: the VAE's training resolution)")
     parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture")
     parser.add_argument("--strength", type=float, default=0.6, help="image-to-image: 0 keeps the init, 1 ignores it")
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                        help="run the UNet eagerly instead of replaying a CUDA graph (CUDA only; for debugging)")
     parser.add_argument("--out", type=Path, default=Path("outputs"))
     parser.add_argument("--device")
     args = parser.parse_args(argv)
@@ -44,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
     size = args.size or stack.image_size
     settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, eta=args.eta,
-                                  size=size, negative_prompt=args.negative_prompt)
+                                  size=size, negative_prompt=args.negative_prompt,
+                                  cuda_graph=args.cuda_graph)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(prompts))]
     init, strength = None, 1.0

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from clip.model import CLIPModel
+from diffusion.cuda_graph import CudaGraphCall
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from engine.config import config_from_dict
 from engine.stage import StageError, StageInfo, file_fingerprint, read_stage
@@ -37,6 +39,34 @@ class StageStack:
     prediction_type: str
     infos: dict[str, StageInfo]
     device: torch.device
+    # the UNet's CUDA-graph call and the parameter addresses it was captured with (see unet_call)
+    _graphed_unet: tuple[tuple[int, ...], CudaGraphCall] | None = field(default=None, init=False, repr=False)
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast on CUDA, full precision elsewhere."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def unet_call(self, cuda_graph: bool = True) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The UNet as ``model(x_t, t, context) -> float32 prediction`` for sampling, under the stack's autocast.
+
+        On CUDA with ``cuda_graph`` its calls are replayed from CUDA graphs (one per batch shape, kept across
+        calls). The graphs are captured again when the UNet is replaced or its weights move (``.to(...)``).
+        """
+        unet = self.unet
+        if cuda_graph and self.device.type == "cuda":
+            addresses = tuple(p.data_ptr() for p in unet.parameters())
+            if self._graphed_unet is None or self._graphed_unet[0] != addresses:
+                call = CudaGraphCall(lambda x_t, t, context: unet(x_t, t, context).float(), bf16_autocast=True)
+                self._graphed_unet = (addresses, call)
+            return self._graphed_unet[1]
+
+        def eager(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return unet(x_t, t, context).float()
+
+        return eager
 
     @property
     def scaling_factor(self) -> float:

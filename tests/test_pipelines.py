@@ -113,3 +113,26 @@ def test_generation_is_deterministic_per_seed(run_a):
     assert a.shape == (2, 3, 64, 64) and torch.allclose(a[1], b[0], atol=1e-5)
     with pytest.raises(ValueError, match="multiple of 8"):
         GenerationSettings(size=60)
+
+
+def test_cuda_graph_setting_falls_back_to_eager_off_cuda(run_a):
+    stack = load_stack(run_a, device="cpu")
+    settings = dict(size=64, steps=3)
+    graphed = generate(stack, ["a red circle"], [5], GenerationSettings(**settings, cuda_graph=True))
+    eager = generate(stack, ["a red circle"], [5], GenerationSettings(**settings, cuda_graph=False))
+    assert torch.equal(graphed, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_generation_matches_eager_and_recaptures_after_a_move(run_a):
+    stack = load_stack(run_a, device="cuda")
+    prompts, seeds = ["a red circle", "a blue square", "a green circle"], [0, 1, 2]
+    settings = dict(size=64, steps=6, batch_size=2)  # batches of 2 and 1: two graphs
+    graphed = generate(stack, prompts, seeds, GenerationSettings(**settings, cuda_graph=True))
+    eager = generate(stack, prompts, seeds, GenerationSettings(**settings, cuda_graph=False))
+    assert (graphed - eager).abs().max() < 0.05  # bf16 kernels may differ slightly between capture and eager
+    assert len(stack.unet_call(True).graphs) == 2
+    stack.unet.to(torch.float64).to(torch.float32)  # new parameter storage: the old graphs would read freed memory
+    assert len(stack.unet_call(True).graphs) == 0
+    again = generate(stack, prompts, seeds, GenerationSettings(**settings, cuda_graph=True))
+    assert (again - eager).abs().max() < 0.05

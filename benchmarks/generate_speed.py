@@ -1,0 +1,92 @@
+"""What a user of ``pipelines.generate`` gets: images/s of the whole text→image call on a trained run.
+
+    python -m benchmarks.generate_speed --run runs/pokemon --out docs/results/bench/generate_speed.json
+
+Times ``pipelines.text_to_image.generate`` end to end (text encoding, the sampling loop with guidance, VAE
+decode, clamping) for one batch of prompts, with the UNet eager and replayed from a CUDA graph, for 50-step
+DDIM and the default fast sampler. One untimed call per case first captures the graph (its time is reported
+as ``first_call_s``). The images of the two UNet paths are compared too: replay must not change them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from diffusion.train import GRID_PROMPTS
+from pipelines.stages import StageStack, load_stack
+from pipelines.text_to_image import GenerationSettings, generate
+
+
+def _timed(call, device: torch.device) -> tuple[Any, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def generate_speed(stack: StageStack, batch: int, repeats: int, samplers: Sequence[tuple[str, int]],
+                   guidance_scale: float) -> list[dict[str, Any]]:
+    prompts = [GRID_PROMPTS[i % len(GRID_PROMPTS)] for i in range(batch)]
+    seeds = list(range(batch))
+    rows = []
+    for sampler, steps in samplers:
+        images = {}
+        for cuda_graph in (False, True):
+            settings = GenerationSettings(guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+                                          size=stack.image_size, batch_size=batch, cuda_graph=cuda_graph)
+            images[cuda_graph], first_s = _timed(lambda: generate(stack, prompts, seeds, settings), stack.device)
+            seconds = [_timed(lambda: generate(stack, prompts, seeds, settings), stack.device)[1]
+                       for _ in range(repeats)]
+            rows.append({"sampler": f"{sampler}-{steps}", "cuda_graph": cuda_graph,
+                         "images_per_s": batch / (sum(seconds) / len(seconds)), "first_call_s": first_s,
+                         "seconds_per_call": seconds})
+        rows[-1]["max_abs_diff_vs_eager"] = float((images[True] - images[False]).abs().max())
+        rows[-1]["speedup_vs_eager"] = rows[-1]["images_per_s"] / rows[-2]["images_per_s"]
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.generate_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a trained run folder (vae/, clip/, unet/)")
+    parser.add_argument("--batch", type=int, default=16, help="prompts per generate() call")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case, after one untimed")
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--fast-steps", type=int, default=GenerationSettings.steps,
+                        help="steps of the default fast sampler (dpmpp_2m)")
+    parser.add_argument("--device")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.repeats < 1:
+        parser.error("--batch and --repeats must be at least 1")
+
+    stack = load_stack(args.run, device=args.device)
+    torch.backends.cudnn.benchmark = True
+    rows = generate_speed(stack, args.batch, args.repeats, [("ddim", 50), ("dpmpp_2m", args.fast_steps)],
+                          args.guidance)
+    result = {"cases": rows, "batch": args.batch, "size": stack.image_size, "guidance_scale": args.guidance,
+              "device": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "run": str(args.run),
+              "command": "python -m benchmarks.generate_speed " + " ".join(sys.argv[1:] if argv is None else argv)}
+    for row in rows:
+        extra = f", {row['speedup_vs_eager']:.2f}x, max |diff| {row['max_abs_diff_vs_eager']:.3g}" \
+            if "speedup_vs_eager" in row else ""
+        print(f"{row['sampler']:>12}  cuda_graph={row['cuda_graph']!s:5}  {row['images_per_s']:6.2f} img/s{extra}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,7 @@ class UNetTrainConfig:
     model: UNetConfig = field(default_factory=lambda: UNetConfig(dropout=0.1))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=11, passes_per_epoch=10, batch_size=64, lr=2e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999,
-        log_every=50, checkpoint_every_epochs=4))
+        log_every=50, checkpoint_every_epochs=4, compile=True))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prediction_type: str = "epsilon"  # or "v_prediction" (pair it with schedule.zero_terminal_snr)
     loss: DiffusionLossConfig = field(default_factory=lambda: DiffusionLossConfig(
@@ -76,7 +76,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "model.head_dim": 16, "model.norm_groups": 8, "model.dropout": 0.0, "epochs": 2, "batch_size": 16,
         "passes_per_epoch": 1, "lr": 1e-3, "warmup_steps": 5, "ema_decay": 0.99, "log_every": 5,
         "checkpoint_every_epochs": 1, "cons_warmup_steps": 5, "encode_batch_size": 64, "sample_every_epochs": 1,
-        "sample_steps": 5, "sample_seeds": 1, "val_timesteps": 4,
+        "sample_steps": 5, "sample_seeds": 1, "val_timesteps": 4, "compile": False,
     },
     "full": {},  # the defaults above
 }

@@ -100,6 +100,12 @@ class NoiseSchedule:
         }
         self._device_tables: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
+    def cache_tables(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+        """Copy the tables to ``device`` now instead of on first use. A compiled training step traced before
+        the copies exist would see the cache change after its first call and compile a second time."""
+        for name, table in self._tables.items():
+            self._device_tables[(name, torch.device(device), dtype)] = table.to(device=device, dtype=dtype)
+
     def _gather(self, name: str, t: Tensor, like: Tensor | None = None) -> Tensor:
         """Table ``name`` at timesteps ``t``, on ``like``'s device and shaped to broadcast against it."""
         if t.dtype not in (torch.int64, torch.int32) or t.ndim != 1:

@@ -219,6 +219,7 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
 
     torch.manual_seed(cfg.train.seed)  # the initial weights follow the seed too, not the caller's RNG state
     schedule = NoiseSchedule(cfg.schedule)
+    schedule.cache_tables(env.device)
     model = UNet(cfg.model)
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_latents),

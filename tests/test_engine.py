@@ -187,3 +187,24 @@ def test_resume_refuses_a_different_batch_size(tmp_path):
 def test_batch_larger_than_data_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="larger than the training set"):
         Trainer(ToyModule(), TrainConfig(batch_size=128), tmp_path, num_train_items=64, device="cpu")
+
+
+class RampedToyModule(ToyModule):
+    """Uses ``step`` the way the stages do (a warm-up ramp), which must not recompile under torch.compile."""
+
+    def forward(self, batch, step):
+        loss, logs = super().forward(batch, step)
+        return loss * min(1.0, (step + 1) / 5), logs
+
+
+def test_compiled_training_traces_the_step_once(tmp_path, monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()  # dynamo's frame counter, without inductor: seconds on a CPU
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: compile_(module, backend=counter))
+    torch._dynamo.reset()
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=3, log_every=2, compile=True)
+    trainer = Trainer(RampedToyModule(), cfg, tmp_path / "run", num_train_items=len(DATA_X), device="cpu")
+    trainer.fit(make_batch)
+    assert trainer.step == 8
+    assert counter.frame_count == 1  # the first step's value is not baked in: no second compile at step 1

@@ -34,7 +34,7 @@ from pipelines.text_to_image import GenerationSettings, generate
 
 STAGES = ("vae", "clip", "unet")
 # Share of a full run's time each step takes (measured on one H100; docs/results/e2e): drives the ETA.
-TIME_SHARE = {"vae": 0.35, "clip": 0.08, "unet": 0.50, "evaluate": 0.07}
+TIME_SHARE = {"vae": 0.37, "clip": 0.02, "unet": 0.59, "evaluate": 0.02}
 
 
 def _stage_overrides(items: Sequence[str]) -> dict[str, dict[str, str]]:

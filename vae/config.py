@@ -50,6 +50,8 @@ class VAETrainConfig:
     # 128 px (beta2 0.9 in both) came out slightly ahead with it (20.8 vs 20.7 dB). No grad clipping: one
     # global norm over the autoencoder and the discriminator together would let either network's spikes
     # throttle the other's updates.
+    # Not compiled: the adaptive GAN weight's gradients at the decoder's last layer run the whole compiled
+    # backward, and a compiled stage measured 137 crops/s against 187 eager once that term was on.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=9, passes_per_epoch=10, batch_size=16, lr=2e-4, warmup_steps=200, weight_decay=0.0, beta1=0.9,
         beta2=0.9, grad_clip=0.0, ema_decay=0.999, log_every=50))

@@ -13,6 +13,7 @@ from clip.config import PRESETS as CLIP_PRESETS, CLIPTrainConfig
 from diffusion.config import PRESETS as UNET_PRESETS, UNetTrainConfig
 from diffusion.schedule import ScheduleConfig
 from engine.config import build_config
+from engine.precision import inference_autocast
 from unet.config import UNetConfig
 from vae.config import PRESETS as VAE_PRESETS, VAEConfig, VAETrainConfig
 
@@ -87,9 +88,7 @@ class Options:
     peak_flops: float | None
 
     def autocast(self) -> torch.autocast:
-        """bf16 autocast on CUDA (the engine's precision), fp32 elsewhere (as the engine)."""
-        on_cuda = self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on_cuda)
+        return inference_autocast(self.device)  # the engine's precision: bf16 on CUDA, fp32 elsewhere
 
     def mfu(self, flops: int | None, seconds: float) -> float | None:
         return flops / seconds / self.peak_flops if flops and self.peak_flops else None

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from clip.model import CLIPModel
-from diffusion.guidance import cfg_denoiser
-from diffusion.samplers import SAMPLERS
 from diffusion.train import GRID_PROMPTS
 from pipelines.evaluate import judge_features
 from pipelines.metrics import frechet_distance
 from pipelines.stages import StageStack
+from pipelines.text_to_image import GenerationSettings, generate_with_latents
 
 
 @dataclass(frozen=True)
@@ -31,29 +29,14 @@ class SamplerSetting:
         return f"{self.sampler}-{self.steps}"
 
 
-@torch.no_grad()
 def sample_latents_and_images(stack: StageStack, setting: SamplerSetting, prompts: list[str], seeds: list[int],
                               guidance_scale: float, batch_size: int) -> tuple[Tensor, Tensor]:
-    """Latents [N, C, h, w] (float32) and images in [-1, 1] (float32, CPU) for one prompt and seed per row."""
-    device = stack.device
-    use_bf16 = device.type == "cuda"
-    latent_size = stack.infos["unet"].training["resolution"] // stack.vae.downsample_factor
-    shape = (stack.vae.latent_channels, latent_size, latent_size)
-    timesteps = stack.schedule.sampling_timesteps(setting.steps)
-    all_latents, all_images = [], []
-    for start in range(0, len(prompts), batch_size):
-        batch_prompts, batch_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        # one noise tensor per seed, drawn on the CPU: identical for every setting
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in batch_seeds])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            cond = stack.clip.text_states(batch_prompts).float()
-            uncond = stack.clip.text_states([""]).float()
-            denoiser = cfg_denoiser(stack.unet, stack.schedule, stack.prediction_type, cond, uncond, guidance_scale)
-            latents = SAMPLERS[setting.sampler](denoiser, stack.schedule, noise.to(device), timesteps).float()
-            images = stack.vae.decode(latents / stack.scaling_factor).float().clamp(-1, 1)
-        all_latents.append(latents.cpu())
-        all_images.append(images.cpu())
-    return torch.cat(all_latents), torch.cat(all_images)
+    """Latents [N, C, h, w] and images in [-1, 1] (float32, CPU) for one prompt and seed per row, through
+    ``pipelines.generate`` at the UNet's training resolution."""
+    settings = GenerationSettings(guidance_scale=guidance_scale, steps=setting.steps, sampler=setting.sampler,
+                                  size=stack.infos["unet"].training["resolution"], batch_size=batch_size)
+    images, latents = generate_with_latents(stack, prompts, seeds, settings)
+    return latents.cpu(), images.cpu()
 
 
 def _rms(a: Tensor, b: Tensor) -> float:

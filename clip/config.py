@@ -49,8 +49,8 @@ class CLIPTrainConfig:
     """One CLIP training run: architecture, engine settings, language mix and augmentation.
 
     The defaults are the ``full`` preset (one H100): 64-px images, batch 128, an epoch of 10 passes over the
-    750 training pairs (7,500 items = 58 steps), 6 epochs = 348 steps: 0.3 minutes on one H100, validation
-    text->image R@5 0.361 (en) / 0.373 (zh) (docs/results/clip/summary.json).
+    750 training pairs (7,500 items = 58 steps), 6 epochs = 348 steps: 0.4 minutes on one H100, validation
+    text->image R@5 0.386 (en) / 0.386 (zh) at the end of training (docs/results/clip/summary.json).
 
     Small data calls for strong regularisation. In CPU tuning runs (32 px, validation text->image R@5,
     English/Chinese), a 1,024-token vocabulary beat 2,048 (0.40/0.35 vs 0.28/0.25) and 512 (which truncates

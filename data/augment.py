@@ -6,6 +6,8 @@ reproducible and resumable. None of them changes colours: captions name colours.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +15,12 @@ import torch.nn.functional as F
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return images.float().div_(127.5).sub_(1.0)
+
+
+def float_batches(images_uint8: torch.Tensor, batch_size: int, device: torch.device | str) -> Iterator[torch.Tensor]:
+    """[-1, 1] float batches on ``device`` from uint8 images [N, C, H, W] (which may stay on the CPU)."""
+    for start in range(0, len(images_uint8), batch_size):
+        yield to_float(images_uint8[start:start + batch_size].to(device, non_blocking=True))
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:

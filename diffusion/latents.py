@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from data import language_mask
-from data.augment import to_float
+from data.augment import float_batches
+from engine.precision import inference_autocast
 from engine.stage import atomic_write
 
 
@@ -33,9 +34,8 @@ def encode_moments(vae: torch.nn.Module, images_uint8: Tensor, batch_size: int,
                    device: torch.device) -> tuple[Tensor, Tensor]:
     """Posterior mean and log-variance ``[N, C, h, w]`` (float32, on ``device``) of uint8 images ``[N, 3, H, W]``."""
     means, logvars = [], []
-    for start in range(0, len(images_uint8), batch_size):
-        images = to_float(images_uint8[start:start + batch_size].to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    for images in float_batches(images_uint8, batch_size, device):
+        with inference_autocast(device):
             posterior = vae.encode(images)
         means.append(posterior.mean.float())
         logvars.append(posterior.logvar.float())

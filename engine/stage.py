@@ -13,10 +13,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import config_from_dict, config_to_dict
 
 CODE_VERSION = "0.1.0"
 CONFIG_FILE = "config.json"
@@ -129,3 +132,36 @@ def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict
 def read_metrics(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / METRICS_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+StageModelT = TypeVar("StageModelT", bound="StageModel")
+
+
+class StageModel(nn.Module):
+    """A model that is one stage: ``save`` writes its stage folder, ``load`` rebuilds it from one.
+
+    Subclasses set ``STAGE_KIND`` and ``CONFIG_CLASS`` and keep their architecture config in ``self.config``;
+    one that needs more than its config to be built (CLIP's tokenizer) overrides ``from_config_in``.
+    """
+
+    STAGE_KIND: str
+    CONFIG_CLASS: type
+
+    def save(self, folder: str | Path, training: Mapping[str, Any] | None = None,
+             trained_on: Mapping[str, str] | None = None, metrics: Mapping[str, Any] | None = None) -> str:
+        """Write the stage folder (config.json last) and return its fingerprint."""
+        return save_stage(folder, kind=self.STAGE_KIND, model_config=config_to_dict(self.config),
+                          weights=self.state_dict(), training=training, trained_on=trained_on, metrics=metrics)
+
+    @classmethod
+    def from_config_in(cls: type[StageModelT], folder: Path, config: Any) -> StageModelT:
+        """A fresh model of ``config``, the architecture saved in ``folder``."""
+        return cls(config)
+
+    @classmethod
+    def load(cls: type[StageModelT], folder: str | Path, device: str | torch.device = "cpu") -> StageModelT:
+        """The model of a finished stage folder, in eval mode on ``device``."""
+        info = read_stage(folder, kind=cls.STAGE_KIND)
+        model = cls.from_config_in(Path(folder), config_from_dict(cls.CONFIG_CLASS, info.model))
+        model.load_state_dict(load_weights(folder))
+        return model.to(device).eval()

@@ -17,6 +17,7 @@ import torch
 
 from engine.images import save_grid
 
+from .evaluate import metrics_table
 from .stages import load_stack
 from .text_to_image import GenerationSettings, generate
 
@@ -32,22 +33,11 @@ DEFAULT_PROMPTS = [
 
 def compare_table(runs: Sequence[Path]) -> str:
     """Markdown table: one column per run, one row per metric found in the runs' evaluation.json."""
-    results = {}
+    columns = {}
     for run in runs:
         path = Path(run) / "evaluation.json"
-        results[str(run)] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    keys = []
-    for res in results.values():
-        for section in ("vae", "clip", "generation"):
-            keys += [(section, k) for k in res.get(section, {}) if (section, k) not in keys]
-    lines = ["| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-    for section, key in keys:
-        cells = []
-        for res in results.values():
-            value = res.get(section, {}).get(key)
-            cells.append(f"{value:.4g}" if isinstance(value, float) else ("—" if value is None else str(value)))
-        lines.append(f"| {section}/{key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        columns[str(run)] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return metrics_table(columns)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

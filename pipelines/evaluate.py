@@ -103,13 +103,29 @@ def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings
     return results
 
 
+METRIC_SECTIONS = ("vae", "clip", "generation")
+
+
+def metrics_table(columns: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of evaluations: one column per named ``evaluation.json`` dict, one row per metric found
+    in any of them ("—" where a column lacks it)."""
+    keys: list[tuple[str, str]] = []
+    for results in columns.values():
+        keys += [(section, k) for section in METRIC_SECTIONS for k in results.get(section, {})
+                 if (section, k) not in keys]
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for section, key in keys:
+        cells = []
+        for results in columns.values():
+            value = results.get(section, {}).get(key)
+            cells.append(f"{value:.4g}" if isinstance(value, float) else ("—" if value is None else str(value)))
+        lines.append(f"| {section}/{key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """The metrics of one evaluation as a two-column markdown table."""
-    lines = ["| metric | value |", "|---|---|"]
-    for section in ("vae", "clip", "generation"):
-        for key, value in results.get(section, {}).items():
-            lines.append(f"| {section}/{key} | {value:.4g} |" if isinstance(value, float) else f"| {section}/{key} | {value} |")
-    return "\n".join(lines) + "\n"
+    return metrics_table({"value": results})
 
 
 def evaluate_to_folder(stack: StageStack, data_source: str, out_dir: Path, judge_dir: Path | None = None,

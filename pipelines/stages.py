@@ -19,6 +19,7 @@ from clip.model import CLIPModel
 from diffusion.cuda_graph import CudaGraphCall
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from engine.config import config_from_dict
+from engine.precision import inference_autocast
 from engine.stage import StageError, StageInfo, file_fingerprint, read_stage
 from unet.model import UNet
 from vae.model import AutoencoderKL
@@ -42,12 +43,6 @@ class StageStack:
     # the UNet's CUDA-graph call and the parameter addresses it was captured with (see unet_call)
     _graphed_unet: tuple[tuple[int, ...], CudaGraphCall] | None = field(default=None, init=False, repr=False)
 
-    def autocast(self) -> torch.autocast:
-        """bf16 autocast on CUDA, full precision elsewhere."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
-
     def unet_call(self, cuda_graph: bool = True) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """The UNet as ``model(x_t, t, context) -> float32 prediction`` for sampling, under the stack's autocast.
 
@@ -63,7 +58,7 @@ class StageStack:
             return self._graphed_unet[1]
 
         def eager(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            with self.autocast():
+            with inference_autocast(self.device):
                 return unet(x_t, t, context).float()
 
         return eager

@@ -14,6 +14,7 @@ from data.captions import square_resize
 from diffusion.guidance import cfg_denoiser
 from diffusion.samplers import SAMPLERS
 from engine.images import save_grid, to_pil
+from engine.precision import inference_autocast
 
 from .stages import StageStack
 
@@ -46,7 +47,6 @@ def _noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.device) -
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
-@torch.no_grad()
 def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], settings: GenerationSettings | None = None,
              init_images: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Images in [-1, 1], ``[len(prompts), 3, size, size]``.
@@ -54,6 +54,14 @@ def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], se
     With ``init_images`` ([-1, 1], any square size) this is image-to-image: the init is encoded, noised to
     the level ``strength`` in (0, 1] and denoised from there; ``strength`` near 0 returns the init.
     """
+    return generate_with_latents(stack, prompts, seeds, settings, init_images, strength)[0]
+
+
+@torch.no_grad()
+def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int],
+                          settings: GenerationSettings | None = None, init_images: torch.Tensor | None = None,
+                          strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`generate`, also returning the sampled (scaled) latents ``[len(prompts), C, size/f, size/f]``."""
     settings = settings or GenerationSettings()
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -68,12 +76,12 @@ def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], se
     steps = max(1, min(settings.steps, round(strength * stack.schedule.num_steps)))
     timesteps = stack.schedule.sampling_timesteps(steps, strength)
     sampler = SAMPLERS[settings.sampler]
-    autocast = stack.autocast()
+    autocast = inference_autocast(device)
     model = stack.unet_call(settings.cuda_graph)
     with autocast:  # one negative prompt for every sample: encoded once, broadcast by the guidance
         uncond = stack.clip.text_states([settings.negative_prompt]).float()
 
-    outputs = []
+    outputs, all_latents = [], []
     for start in range(0, len(prompts), settings.batch_size):
         batch_prompts = list(prompts[start:start + settings.batch_size])
         batch_seeds = list(seeds[start:start + settings.batch_size])
@@ -98,7 +106,8 @@ def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], se
         with autocast:
             images = stack.vae.decode(latents / stack.scaling_factor).float()
         outputs.append(images.clamp(-1, 1))
-    return torch.cat(outputs)
+        all_latents.append(latents)
+    return torch.cat(outputs), torch.cat(all_latents)
 
 
 class TextToImage:
@@ -150,4 +159,4 @@ def save_images(images: Sequence[Image.Image], folder: str | Path, stem: str = "
     return paths
 
 
-__all__ = ["GenerationSettings", "generate", "TextToImage", "ImageToImage", "save_images", "save_grid", "pil_to_tensor"]
+__all__ = ["GenerationSettings", "generate", "generate_with_latents", "TextToImage", "ImageToImage", "save_images", "save_grid", "pil_to_tensor"]

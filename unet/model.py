@@ -7,21 +7,14 @@ x num_res_blocks + 1, then upsample) -> GroupNorm/SiLU -> zero-initialised conv_
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any, Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.config import config_from_dict
-from engine.stage import load_weights, read_stage, save_stage
+from engine.stage import StageModel
 from unet.blocks import (Downsample, ResBlock, SpatialTransformer, TimestepMLP, Upsample, maybe_checkpoint,
                          zero_init)
 from unet.config import UNetConfig
-
-STAGE_KIND = "unet"
 
 
 class ResTransformerLayer(nn.Module):
@@ -58,8 +51,11 @@ class MiddleBlock(nn.Module):
         return self.res(self.layer(x, temb, context), temb)
 
 
-class UNet(nn.Module):
+class UNet(StageModel):
     """Predicts noise (or velocity) for latents ``x [B, C, H, W]`` at timesteps ``t`` given text states."""
+
+    STAGE_KIND = "unet"
+    CONFIG_CLASS = UNetConfig
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -143,17 +139,3 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-    def save(self, folder: str | Path, training: Mapping[str, Any] | None = None,
-             trained_on: Mapping[str, str] | None = None, metrics: Mapping[str, Any] | None = None) -> str:
-        """Write a stage folder (kind ``unet``); returns its fingerprint."""
-        return save_stage(folder, kind=STAGE_KIND, model_config=asdict(self.config), weights=self.state_dict(),
-                          training=training, trained_on=trained_on, metrics=metrics)
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "UNet":
-        """Rebuild the UNet of a stage folder, in eval mode on ``device``."""
-        info = read_stage(folder, STAGE_KIND)
-        model = cls(config_from_dict(UNetConfig, info.model))
-        model.load_state_dict(load_weights(folder, device="cpu"))
-        return model.to(device).eval()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import Tensor
 
-from data.augment import to_float
+from data.augment import float_batches
+from engine.precision import inference_autocast
 from vae.loss import ssim
 from vae.model import AutoencoderKL
 
@@ -16,18 +15,6 @@ def psnr(recon: Tensor, target: Tensor) -> Tensor:
     """Peak signal-to-noise ratio in dB per image ([B]) of [-1, 1] images, measured on the [0, 1] scale."""
     mse = ((recon.float().clamp(-1, 1) - target.float()) / 2).square().mean(dim=(1, 2, 3))
     return -10.0 * torch.log10(mse.clamp_min(1e-10))
-
-
-def _batches(images_uint8: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:
-    """[-1, 1] float batches on ``device`` from a uint8 [N, C, H, W] tensor (which may stay on the CPU)."""
-    for start in range(0, len(images_uint8), batch_size):
-        chunk = images_uint8[start:start + batch_size].to(device, non_blocking=True)
-        yield to_float(chunk)
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    # bf16 on CUDA like training; on the CPU full precision (CPU bf16 is slow and only used for tests).
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 class _RunningMoments:
@@ -55,8 +42,8 @@ def latent_moments(vae: AutoencoderKL, images_uint8: Tensor, batch_size: int, de
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     moments = _RunningMoments(device)
-    for batch in _batches(images_uint8, batch_size, device):
-        with _autocast(device):
+    for batch in float_batches(images_uint8, batch_size, device):
+        with inference_autocast(device):
             posterior = vae.encode(batch)
         moments.add(posterior.sample(generator))
     return moments.mean_std()
@@ -84,8 +71,8 @@ def evaluate_reconstruction(vae: AutoencoderKL, images_uint8: Tensor, batch_size
     device = torch.device(device)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # psnr, ssim, kl summed over images
     latents = _RunningMoments(device)
-    for batch in _batches(images_uint8, batch_size, device):
-        with _autocast(device):
+    for batch in float_batches(images_uint8, batch_size, device):
+        with inference_autocast(device):
             posterior = vae.encode(batch)
             recon = vae.decode(posterior.mode())
         recon = recon.float().clamp(-1, 1)

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.config import config_from_dict, config_to_dict
-from engine.stage import load_weights, read_stage, save_stage
+from engine.stage import StageModel
 from vae.config import VAEConfig
-
-STAGE_KIND = "vae"
 
 
 class ResnetBlock(nn.Module):
@@ -162,12 +156,15 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(StageModel):
     """encode(x in [-1, 1], [B, 3, H, W]) -> DiagonalGaussian over [B, 4, H/8, W/8]; decode(z) -> x in [-1, 1].
 
     ``decode`` is not clamped (clamping would stop gradients); clamp before display or metrics. Latents are
     unscaled here: multiply by ``config.scaling_factor`` before diffusion and divide before ``decode``.
     """
+
+    STAGE_KIND = "vae"
+    CONFIG_CLASS = VAEConfig
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -211,17 +208,3 @@ class AutoencoderKL(nn.Module):
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of the downsample factor "
                              f"{f}; resize or crop to a multiple of {f} (e.g. {x.shape[-2] // f * f})")
-
-    def save(self, folder: str | Path, training: Mapping[str, Any] | None = None,
-             trained_on: Mapping[str, str] | None = None, metrics: Mapping[str, Any] | None = None) -> str:
-        """Write a stage folder (config.json, model.safetensors, metrics.json); returns its fingerprint."""
-        return save_stage(folder, kind=STAGE_KIND, model_config=config_to_dict(self.config),
-                          weights=self.state_dict(), training=training, trained_on=trained_on, metrics=metrics)
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "AutoencoderKL":
-        """Rebuild the model from a stage folder, in eval mode on ``device``."""
-        info = read_stage(folder, kind=STAGE_KIND)
-        model = cls(config_from_dict(VAEConfig, info.model))
-        model.load_state_dict(load_weights(folder, device="cpu"))
-        return model.to(device).eval()

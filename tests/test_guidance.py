@@ -33,6 +33,12 @@ def inputs():
     return x_t, t, cond, uncond
 
 
+def guided_x0(schedule, x_t, t, cond, uncond, scale, prediction_type):
+    """The closed form: x0 implied by uncond + scale * (cond - uncond) of the toy model's predictions."""
+    pred_cond, pred_uncond = ToyModel()(x_t, t, cond), ToyModel()(x_t, t, uncond.expand_as(cond))
+    return schedule.to_x0_eps(pred_uncond + scale * (pred_cond - pred_uncond), x_t, t, prediction_type)[0]
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_scale_one_is_the_conditional_prediction_in_one_unguided_pass(inputs, prediction_type):
     x_t, t, cond, uncond = inputs
@@ -50,10 +56,8 @@ def test_guided_prediction_extrapolates_from_uncond_to_cond_in_one_batched_pass(
     schedule = NoiseSchedule(ScheduleConfig())
     model = ToyModel()
     x0 = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0)(x_t, t)
-    pred_cond, pred_uncond = ToyModel()(x_t, t, cond), ToyModel()(x_t, t, uncond)
     # a swapped [cond; uncond] order would give cond + 3 (uncond - cond), far from this
-    expected, _ = schedule.to_x0_eps(pred_uncond + 3.0 * (pred_cond - pred_uncond), x_t, t, prediction_type)
-    torch.testing.assert_close(x0, expected)
+    torch.testing.assert_close(x0, guided_x0(schedule, x_t, t, cond, uncond, 3.0, prediction_type))
     assert model.batches == [2 * BATCH]
 
 
@@ -62,9 +66,7 @@ def test_shared_negative_prompt_pairs_with_every_sample(inputs):
     schedule = NoiseSchedule(ScheduleConfig())
     negative = uncond[:1]
     x0 = cfg_denoiser(ToyModel(), schedule, "epsilon", cond, negative, 7.5)(x_t, t)
-    pred_cond, pred_uncond = ToyModel()(x_t, t, cond), ToyModel()(x_t, t, negative.expand_as(cond))
-    expected, _ = schedule.to_x0_eps(pred_uncond + 7.5 * (pred_cond - pred_uncond), x_t, t, "epsilon")
-    torch.testing.assert_close(x0, expected)
+    torch.testing.assert_close(x0, guided_x0(schedule, x_t, t, cond, negative, 7.5, "epsilon"))
 
 
 def test_guided_denoiser_drives_a_sampler(inputs):

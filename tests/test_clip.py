@@ -222,7 +222,7 @@ def test_two_process_gather_matches_one_big_batch():
         port = s.getsockname()[1]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.start_processes(_ddp_worker, args=(port, x, y, module.state_dict(), out), nprocs=2, start_method="fork")
+        mp.start_processes(_ddp_worker, args=(port, x, y, module.state_dict(), out), nprocs=2, start_method="spawn")
         grads = dict(out)
     for rank in (0, 1):
         for name, grad in expected.items():

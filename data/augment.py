@@ -68,3 +68,56 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     mode = "area" if images.shape[-1] > size else "bicubic"
     return F.interpolate(images, size=(size, size), mode=mode)
+
+
+# Geometric augmentation with its parameters as a label (the EDM recipe, Karras et al. 2022, sec. 5): the
+# UNet is told how each training picture was transformed and is asked for the untransformed distribution
+# at sampling by a zero label, so the shrunk, shifted, turned and stretched copies cannot leak into samples.
+AUGMENT_LABEL_NAMES = ("log2_scale", "shift_x", "shift_y", "sin_rotation", "cos_rotation_minus_1",
+                       "log2_aspect")
+
+AUGMENT_DIM = len(AUGMENT_LABEL_NAMES)  # an all-zero label means "not augmented"
+
+
+def random_geometry(count: int, max_log2_scale: tuple[float, float], max_shift: float, max_rotation_deg: float,
+                    max_log2_aspect: float, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """``count`` random augmentation labels ``[count, 6]``, each parameter uniform in its range.
+
+    ``max_log2_scale = (low, high)`` bounds log2 of the isotropic scale (negative shrinks); shifts are in
+    normalised image units (1 = half the side); the rotation is in degrees; the aspect term stretches x by
+    ``2**a`` and y by ``2**-a``.
+    """
+    u = torch.rand(count, 5, generator=generator, device=device)
+    low, high = max_log2_scale
+    log2_scale = low + (high - low) * u[:, 0]
+    shift = (u[:, 1:3] * 2 - 1) * max_shift
+    angle = torch.deg2rad((u[:, 3] * 2 - 1) * max_rotation_deg)
+    log2_aspect = (u[:, 4] * 2 - 1) * max_log2_aspect
+    return torch.stack([log2_scale, shift[:, 0], shift[:, 1], angle.sin(), angle.cos() - 1, log2_aspect], dim=1)
+
+
+def apply_geometry(images: torch.Tensor, labels: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
+    """Transform float images ``[B, C, H, W]`` in [-1, 1] by their labels; uncovered pixels get ``fill`` (white).
+
+    The content is stretched (x by ``2**a``, y by ``2**-a``), scaled by ``2**s``, rotated, then shifted. A zero
+    label is the identity (up to the bilinear resampling, which is skipped for such rows).
+    """
+    if labels.shape != (images.shape[0], AUGMENT_DIM):
+        raise ValueError(f"labels must be [B={images.shape[0]}, {AUGMENT_DIM}], got {tuple(labels.shape)}")
+    labels = labels.to(images.device, torch.float32)
+    log2_scale, shift, sin, cos, log2_aspect = (labels[:, 0], labels[:, 1:3], labels[:, 3], labels[:, 4] + 1,
+                                                labels[:, 5])
+    sx = torch.exp2(log2_scale + log2_aspect)
+    sy = torch.exp2(log2_scale - log2_aspect)
+    # forward map p_out = R diag(sx, sy) p_in + shift; affine_grid wants its inverse (output -> input)
+    forward = torch.zeros(len(labels), 2, 2, device=images.device)
+    forward[:, 0, 0], forward[:, 0, 1] = cos * sx, -sin * sy
+    forward[:, 1, 0], forward[:, 1, 1] = sin * sx, cos * sy
+    inverse = torch.linalg.inv(forward)
+    theta = torch.cat([inverse, -(inverse @ shift[:, :, None])], dim=2)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    # grid_sample pads with zeros: sample (image - fill) and add fill back, so uncovered pixels become fill
+    moved = F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    identity = (labels == 0).all(dim=1)
+    return torch.where(identity[:, None, None, None], images, moved)

@@ -206,3 +206,32 @@ def language_mask(count: int, zh_prob: float, generator: torch.Generator | None 
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool [count]: True where a sample takes its Chinese caption (probability ``zh_prob``)."""
     return torch.rand(count, device=device, generator=generator) < zh_prob
+
+
+# Clause boundaries: English commas/semicolons/sentence ends, Chinese full-width commas, enumeration and
+# sentence marks. A clause keeps its own punctuation-free text; variants are re-joined with the language's comma.
+_CLAUSE_SPLIT = re.compile(r"\s*[,;.!]\s+|\s*[，；。！、]\s*")
+
+
+def split_clauses(caption: str) -> list[str]:
+    """The caption's clauses, in order, without their separators (empty pieces dropped)."""
+    return [c.strip(" .。") for c in _CLAUSE_SPLIT.split(caption.strip()) if c.strip(" .。")]
+
+
+def clause_variants(caption: str, count: int, keep_prob: float, generator: torch.Generator) -> list[str]:
+    """``count`` shortened variants of a caption: each keeps every clause with probability ``keep_prob`` (at
+    least one), in the original order.
+
+    The long captions name the Pokémon and many details, so each is nearly unique to its image: a unique
+    caption acts like a class label for one picture, which is what a small set gets memorised by. Dropping
+    clauses makes several images share shorter descriptions and ties words, not whole captions, to pictures.
+    """
+    clauses = split_clauses(caption)
+    joiner = "，" if any("\u4e00" <= ch <= "\u9fff" for ch in caption) else ", "
+    variants = []
+    for _ in range(count):
+        keep = torch.rand(len(clauses), generator=generator) < keep_prob
+        if len(clauses) and not bool(keep.any()):
+            keep[int(torch.randint(len(clauses), (1,), generator=generator))] = True
+        variants.append(joiner.join(c for c, k in zip(clauses, keep.tolist()) if k) or caption)
+    return variants

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from diffusion.latents import GeometryAugment
 from diffusion.losses import DiffusionLossConfig
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import ScheduleConfig, check_prediction_type
@@ -32,13 +33,19 @@ class UNetTrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=11, passes_per_epoch=10, batch_size=64, lr=2e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999,
         log_every=50, checkpoint_every_epochs=4, compile=True))
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    prediction_type: str = "epsilon"  # or "v_prediction" (pair it with schedule.zero_terminal_snr)
+    # v-prediction on a zero-terminal-SNR schedule: with epsilon on scaled-linear the last step still holds
+    # signal, so sampling from pure noise never learns the white page and fills the frame (issue 13)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(zero_terminal_snr=True))
+    prediction_type: str = "v_prediction"  # or "epsilon" (then drop schedule.zero_terminal_snr)
     loss: DiffusionLossConfig = field(default_factory=lambda: DiffusionLossConfig(
         div_weight=0.05, cons_weight=0.1, cons_warmup_steps=500))
+    # pixel-space geometric augmentation with its label as UNet conditioning; augment.copies=0 turns it off
+    augment: GeometryAugment = field(default_factory=GeometryAugment)
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
-    cfg_drop_prob: float = 0.1  # a caption is replaced by the empty prompt's states with this probability
+    cfg_drop_prob: float = 0.2  # a caption is replaced by the empty prompt's states with this probability
     zh_prob: float = 0.5  # a sample takes its Chinese caption with this probability
+    caption_variants: int = 4  # clause-dropped variants per caption besides the full one (0: full captions only)
+    clause_keep_prob: float = 0.6
     encode_batch_size: int = 32  # VAE encoding batch for the latent cache
     val_timesteps: int = 10  # the validation loss averages over this many fixed, evenly spaced timesteps
     val_batch_size: int = 64
@@ -46,6 +53,7 @@ class UNetTrainConfig:
     sample_steps: int = 25
     sample_sampler: str = "dpmpp_2m"
     guidance_scale: float = 5.0
+    guidance_rescale: float = 0.7  # Lin et al. 2024: pulls the guided prediction's spread back to the conditional one
     sample_seeds: int = 2  # each grid prompt is sampled from this many fixed seeds
 
     def validate(self) -> None:
@@ -56,9 +64,16 @@ class UNetTrainConfig:
             raise ConfigError(str(err)) from None
         if self.sample_sampler not in SAMPLERS:
             raise ConfigError(f"sample_sampler '{self.sample_sampler}' is unknown; choose one of {sorted(SAMPLERS)}")
-        for name in ("cfg_drop_prob", "zh_prob"):
+        for name in ("cfg_drop_prob", "zh_prob", "clause_keep_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ConfigError(f"guidance_rescale must be in [0, 1] (0: off), got {self.guidance_rescale}")
+        if not 0.0 <= self.augment.prob <= 1.0 or self.augment.copies < 0:
+            raise ConfigError(f"augment.prob must be in [0, 1] and augment.copies >= 0, got {self.augment.prob} "
+                              f"and {self.augment.copies}")
+        if self.caption_variants < 0:
+            raise ConfigError(f"caption_variants must be >= 0, got {self.caption_variants}")
         positive = ("encode_batch_size", "val_timesteps", "val_batch_size", "sample_every_epochs",
                     "sample_steps", "sample_seeds")
         for name in positive:
@@ -76,7 +91,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "model.head_dim": 16, "model.norm_groups": 8, "model.dropout": 0.0, "epochs": 2, "batch_size": 16,
         "passes_per_epoch": 1, "lr": 1e-3, "warmup_steps": 5, "ema_decay": 0.99, "log_every": 5,
         "checkpoint_every_epochs": 1, "cons_warmup_steps": 5, "encode_batch_size": 64, "sample_every_epochs": 1,
-        "sample_steps": 5, "sample_seeds": 1, "val_timesteps": 4, "compile": False,
+        "sample_steps": 5, "sample_seeds": 1, "val_timesteps": 4, "compile": False, "augment.copies": 2,
+        "caption_variants": 2,
     },
     "full": {},  # the defaults above
 }

@@ -13,9 +13,19 @@ from diffusion.schedule import NoiseSchedule, check_prediction_type
 Model = Callable[[Tensor, Tensor, Tensor], Tensor]  # model(x_t, t, context) -> raw epsilon or v prediction
 
 
+def rescale_guided(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
+    """Guidance rescale (Lin et al. 2024, eq. 15-16): blend the guided prediction with a copy whose per-sample
+    standard deviation is the conditional prediction's, ``rescale * guided * std(cond) / std(guided) +
+    (1 - rescale) * guided``. High guidance on a zero-terminal-SNR schedule otherwise over-saturates."""
+    dims = tuple(range(1, guided.ndim))
+    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8))
+    return rescale * matched + (1 - rescale) * guided
+
+
 def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, cond: Tensor, uncond: Tensor,
-                 guidance_scale: float) -> Denoiser:
-    """Denoiser returning x0 from the guided prediction ``uncond + scale * (cond - uncond)``.
+                 guidance_scale: float, guidance_rescale: float = 0.0) -> Denoiser:
+    """Denoiser returning x0 from the guided prediction ``uncond + scale * (cond - uncond)`` (rescaled by
+    :func:`rescale_guided` when ``guidance_rescale > 0``).
 
     ``cond``/``uncond`` are text states [B, L, D]; ``uncond`` (empty or negative prompt) may have batch 1 and is
     then shared by every sample. The two branches run as one forward on the batch ``[uncond; cond]``; at scale 1
@@ -37,6 +47,8 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
         else:
             pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_contexts).chunk(2)
             pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+            if guidance_rescale > 0:
+                pred = rescale_guided(pred, pred_cond, guidance_rescale)
         x0, _ = schedule.to_x0_eps(pred, x_t, t, prediction_type)
         return x0
 

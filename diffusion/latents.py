@@ -1,10 +1,13 @@
 """What the UNet trains on, computed once: VAE posterior moments and frozen CLIP text states.
 
 The VAE and the text encoder are frozen during UNet training, so running them every step would only burn
-time. Each training image and its horizontal mirror is encoded once to its posterior ``N(mean, exp(logvar))``
-(saved to disk, keyed by the VAE and data fingerprints, so a resumed or repeated run skips the encoding);
-each step draws a fresh latent from it. Every caption, English and Chinese, and the empty prompt are encoded
-once; each step picks a language per sample and drops captions for classifier-free guidance.
+time. Each training image and its horizontal mirror is encoded once to its posterior ``N(mean, exp(logvar))``,
+and so are ``K`` geometrically augmented copies of each (``data.augment.apply_geometry``, in pixel space,
+before the VAE), with their augmentation labels. The cache is saved to disk, keyed by the VAE and data
+fingerprints and the augmentation settings, so a resumed or repeated run skips the encoding; each step draws
+a fresh latent from it. Every caption, English and Chinese, a few clause-dropped variants of each, and the
+empty prompt are encoded once; each step picks a variant and a language per sample and drops captions for
+classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from data import language_mask
-from data.augment import float_batches
+from data.captions import clause_variants
+from data.augment import AUGMENT_DIM, apply_geometry, float_batches, random_geometry, to_float
 from engine.precision import inference_autocast
 from engine.stage import atomic_write
 
@@ -44,19 +48,36 @@ def encode_moments(vae: torch.nn.Module, images_uint8: Tensor, batch_size: int,
 
 @dataclass
 class LatentCache:
-    """Posterior moments of ``N`` images followed by their mirrors (rows ``i`` and ``i + N`` share a source).
+    """Posterior moments of ``N`` images, their mirrors, then ``K`` augmented copies of each image.
 
-    ``mean`` and ``logvar`` are ``[R, C, h, w]`` with ``R = 2N`` (or ``N`` when built without mirrors);
-    ``scaling_factor`` is the VAE's, so sampled latents have roughly unit variance.
+    Row ``i + m * N`` has source image ``i``: ``m = 0`` is the image, ``m = 1`` its mirror (absent when built
+    without mirrors), each following block of ``N`` one augmented copy of every image. ``mean`` and ``logvar``
+    are ``[R, C, h, w]``; ``labels [R, AUGMENT_DIM]`` are the augmentation labels (zero for the plain rows,
+    ``None`` when no copy is augmented). ``scaling_factor`` is the VAE's, so latents have about unit variance.
     """
 
     mean: Tensor
     logvar: Tensor
     num_images: int
     scaling_factor: float
+    labels: Tensor | None = None
+    num_plain_rows: int | None = None  # the un-augmented rows (images and mirrors) come first
+
+    def __post_init__(self) -> None:
+        if self.num_plain_rows is None:
+            self.num_plain_rows = self.mean.shape[0]
 
     def __len__(self) -> int:
         return self.mean.shape[0]
+
+    @property
+    def num_augmented_copies(self) -> int:
+        return (len(self) - self.num_plain_rows) // self.num_images
+
+    def augmented_rows(self, rows: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """For each row, a random one of its source image's augmented copies."""
+        copy = torch.randint(0, self.num_augmented_copies, rows.shape, device=rows.device, generator=generator)
+        return self.num_plain_rows + copy * self.num_images + rows % self.num_images
 
     def image_ids(self, rows: Tensor) -> Tensor:
         """The source image of each row (a mirror maps to its original)."""
@@ -74,7 +95,10 @@ class LatentCache:
 
     def save(self, path: str | Path) -> None:
         tensors = {"mean": self.mean.cpu().contiguous(), "logvar": self.logvar.cpu().contiguous()}
-        metadata = {"num_images": str(self.num_images), "scaling_factor": repr(self.scaling_factor)}
+        if self.labels is not None:
+            tensors["labels"] = self.labels.cpu().contiguous()
+        metadata = {"num_images": str(self.num_images), "scaling_factor": repr(self.scaling_factor),
+                    "num_plain_rows": str(self.num_plain_rows)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
@@ -82,12 +106,38 @@ class LatentCache:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata()
         tensors = load_file(str(path), device=str(device))
-        return cls(tensors["mean"], tensors["logvar"], int(metadata["num_images"]), float(metadata["scaling_factor"]))
+        plain = metadata.get("num_plain_rows")
+        return cls(tensors["mean"], tensors["logvar"], int(metadata["num_images"]), float(metadata["scaling_factor"]),
+                   tensors.get("labels"), int(plain) if plain is not None else None)
+
+
+@dataclass
+class GeometryAugment:
+    """Ranges of the pixel-space augmentation baked into the latent cache (see ``data.augment.random_geometry``).
+
+    ``copies`` augmented encodings are made of every training image (each mirrored at random, which needs no
+    label: a mirrored creature is still a creature); a training sample uses one with probability ``prob``.
+    Shrinking more than enlarging keeps most copies whole creatures on white, like the data.
+    """
+
+    copies: int = 8
+    prob: float = 0.5
+    log2_scale: tuple[float, float] = (-0.7, 0.2)  # x0.62 .. x1.15
+    shift: float = 0.2  # up to 10 % of the side
+    rotation_deg: float = 20.0
+    log2_aspect: float = 0.25  # x0.84 .. x1.19 across the two axes
+    seed: int = 0  # the copies are a fixed function of the data and this seed
+
+    def key(self) -> str:
+        """A string that changes when any setting that shapes the cached copies changes."""
+        return (f"aug{self.copies}:{self.log2_scale[0]}:{self.log2_scale[1]}:{self.shift}:{self.rotation_deg}:"
+                f"{self.log2_aspect}:{self.seed}")
 
 
 def build_latent_cache(vae: torch.nn.Module, images_uint8: Tensor, path: str | Path, batch_size: int,
-                       device: torch.device, mirror: bool = True) -> LatentCache:
-    """Load the cache at ``path`` or encode ``images_uint8`` (and their mirrors) and save it there."""
+                       device: torch.device, mirror: bool = True,
+                       augment: GeometryAugment | None = None) -> LatentCache:
+    """Load the cache at ``path`` or encode ``images_uint8`` (their mirrors, their augmented copies) and save it."""
     path = Path(path)
     if path.is_file():
         return LatentCache.load(path, device)
@@ -95,10 +145,30 @@ def build_latent_cache(vae: torch.nn.Module, images_uint8: Tensor, path: str | P
     if scaling_factor is None:
         raise ValueError("the VAE stage has no scaling_factor (it is measured at the end of VAE training); "
                          "finish the VAE stage or pass a finished one")
-    if mirror:
-        images_uint8 = torch.cat([images_uint8, images_uint8.flip(-1)])
-    mean, logvar = encode_moments(vae, images_uint8, batch_size, device)
-    cache = LatentCache(mean, logvar, len(images_uint8) // (2 if mirror else 1), float(scaling_factor))
+    num_images = len(images_uint8)
+    plain = torch.cat([images_uint8, images_uint8.flip(-1)]) if mirror else images_uint8
+    mean, logvar = encode_moments(vae, plain, batch_size, device)
+    labels = None
+    if augment is not None and augment.copies > 0:
+        g = torch.Generator().manual_seed(augment.seed)
+        count = augment.copies * num_images
+        aug_labels = random_geometry(count, augment.log2_scale, augment.shift, augment.rotation_deg,
+                                     augment.log2_aspect, generator=g)
+        flips = torch.rand(count, generator=g) < 0.5
+        aug_means, aug_logvars = [], []
+        for start in range(0, count, batch_size):
+            index = torch.arange(start, min(start + batch_size, count))
+            images = to_float(images_uint8[index % num_images].to(device))
+            images = torch.where(flips[index, None, None, None].to(device), images.flip(-1), images)
+            images = apply_geometry(images, aug_labels[index].to(device))
+            with torch.no_grad(), inference_autocast(device):
+                posterior = vae.encode(images)
+            aug_means.append(posterior.mean.float())
+            aug_logvars.append(posterior.logvar.float())
+        labels = torch.cat([torch.zeros(len(mean), AUGMENT_DIM), aug_labels]).to(device)
+        mean, logvar = torch.cat([mean, *aug_means]), torch.cat([logvar, *aug_logvars])
+    cache = LatentCache(mean, logvar, num_images, float(scaling_factor), labels,
+                        num_plain_rows=len(plain))
     cache.save(path)
     return cache
 
@@ -111,22 +181,34 @@ def encode_prompts(clip: torch.nn.Module, prompts: list[str], batch_size: int = 
 
 @dataclass
 class TextStateCache:
-    """Text states of every caption in both languages, ``[N, L, D]`` each, and of the empty prompt ``[L, D]``."""
+    """Text states of every caption in both languages, ``[N, V, L, D]`` each (``V`` variants per caption: the
+    full caption first, then clause-dropped ones, see ``data.captions.clause_variants``), and of the empty
+    prompt ``[L, D]``."""
 
     en: Tensor
     zh: Tensor
     null: Tensor
 
     @classmethod
-    def build(cls, clip: torch.nn.Module, en: list[str], zh: list[str]) -> "TextStateCache":
+    def build(cls, clip: torch.nn.Module, en: list[str], zh: list[str], variants: int = 0,
+              clause_keep_prob: float = 0.6, seed: int = 0) -> "TextStateCache":
         if len(en) != len(zh):
             raise ValueError(f"got {len(en)} English but {len(zh)} Chinese captions; give one of each per image")
-        return cls(encode_prompts(clip, en), encode_prompts(clip, zh), encode_prompts(clip, [""])[0])
+        g = torch.Generator().manual_seed(seed)
+
+        def states(captions: list[str]) -> Tensor:
+            texts = [t for c in captions for t in [c, *clause_variants(c, variants, clause_keep_prob, g)]]
+            encoded = encode_prompts(clip, texts)
+            return encoded.view(len(captions), variants + 1, *encoded.shape[1:])
+
+        return cls(states(en), states(zh), encode_prompts(clip, [""])[0])
 
     def contexts(self, image_ids: Tensor, zh_prob: float, drop_prob: float,
                  generator: torch.Generator | None = None) -> Tensor:
-        """One caption's states per sample: Chinese with ``zh_prob``, then the null state with ``drop_prob``."""
+        """One caption's states per sample: a random variant, Chinese with ``zh_prob``, then the null state
+        with ``drop_prob``."""
         use_zh = language_mask(len(image_ids), zh_prob, generator, device=image_ids.device)
         drop = torch.rand(len(image_ids), device=image_ids.device, generator=generator) < drop_prob
-        states = torch.where(use_zh[:, None, None], self.zh[image_ids], self.en[image_ids])
+        variant = torch.randint(0, self.en.shape[1], image_ids.shape, device=image_ids.device, generator=generator)
+        states = torch.where(use_zh[:, None, None], self.zh[image_ids, variant], self.en[image_ids, variant])
         return torch.where(drop[:, None, None], self.null, states)

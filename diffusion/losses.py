@@ -97,7 +97,8 @@ class DiffusionTrainingModule(nn.Module):
 
     ``forward(batch, step)`` takes ``batch = {"latents": [B, C, H, W] scaled clean latents, "context":
     [B, L, D] text states (caption dropout already applied), optionally "image_ids": [B] source image of each
-    row, "generator": torch.Generator on the latents' device}`` and returns ``(loss, logs)``.
+    row, "augment": [B, A] augmentation labels, "generator": torch.Generator on the latents' device}`` and
+    returns ``(loss, logs)``.
     """
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, prediction_type: str, config: DiffusionLossConfig):
@@ -121,7 +122,7 @@ class DiffusionTrainingModule(nn.Module):
         generator = batch.get("generator")
         t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = self.draw_noise(x0, generator)
-        return self.loss_terms(x0, noise, t, batch["context"], step, batch.get("image_ids"))
+        return self.loss_terms(x0, noise, t, batch["context"], step, batch.get("image_ids"), batch.get("augment"))
 
     def cons_ramp(self, step: int) -> float:
         """Linear warm-up factor of the consistency weight."""
@@ -129,11 +130,12 @@ class DiffusionTrainingModule(nn.Module):
         return 1.0 if warmup <= 0 else min(1.0, step / warmup)
 
     def loss_terms(self, x0: Tensor, noise: Tensor, t: Tensor, context: Tensor, step: int,
-                   image_ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss at given timesteps and noise (``forward`` draws them; validation fixes them)."""
+                   image_ids: Tensor | None = None, augment: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss at given timesteps and noise (``forward`` draws them; validation fixes them).
+        ``augment`` is the batch's augmentation labels (``None``: un-augmented, and for a UNet without them)."""
         cfg = self.config
         x_t = self.schedule.add_noise(x0, noise, t)
-        pred = self.model(x_t, t, context).float()
+        pred = (self.model(x_t, t, context) if augment is None else self.model(x_t, t, context, augment)).float()
         snr = self.schedule.snr(t)
 
         target = self.schedule.prediction_target(x0.float(), noise.float(), t, self.prediction_type)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
+from data.augment import AUGMENT_DIM
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.guidance import cfg_denoiser
 from diffusion.latents import LatentCache, TextStateCache, build_latent_cache, cache_key, encode_prompts
@@ -48,6 +49,8 @@ GRID_VAL_CAPTIONS = 2  # English and Chinese captions of this many validation im
 
 def resolve_model_config(cfg: UNetTrainConfig, vae: AutoencoderKL, clip: CLIPModel) -> None:
     """Take the context width from the CLIP stage and check the UNet fits the VAE's latents (in place)."""
+    if cfg.augment.copies > 0:
+        cfg.model.augment_dim = AUGMENT_DIM
     if cfg.model.context_dim is None:
         cfg.model.context_dim = clip.context_dim
     elif cfg.model.context_dim != clip.context_dim:
@@ -64,24 +67,31 @@ def resolve_model_config(cfg: UNetTrainConfig, vae: AutoencoderKL, clip: CLIPMod
 
 
 class LatentBatchMaker:
-    """A training batch: latents drawn from the cached posteriors, one caption state each (CFG drop applied)."""
+    """A training batch: latents drawn from the cached posteriors, one caption state each (CFG drop applied).
+
+    The engine draws rows among the plain images and mirrors; with probability ``augment_prob`` a row is
+    swapped for one of its image's augmented copies, and the batch carries every row's augmentation label.
+    """
 
     def __init__(self, latents: LatentCache, texts: TextStateCache, zh_prob: float, cfg_drop_prob: float,
-                 memory_format: torch.memory_format) -> None:
+                 augment_prob: float, memory_format: torch.memory_format) -> None:
         self.latents = latents
         self.texts = texts
         self.zh_prob = zh_prob
         self.cfg_drop_prob = cfg_drop_prob
+        self.augment_prob = augment_prob if latents.labels is not None else 0.0
         self.memory_format = memory_format
 
     def __call__(self, rows: Tensor, generator: torch.Generator) -> dict[str, Any]:
         image_ids = self.latents.image_ids(rows)
-        return {
-            "latents": self.latents.sample(rows, generator).contiguous(memory_format=self.memory_format),
-            "context": self.texts.contexts(image_ids, self.zh_prob, self.cfg_drop_prob, generator),
-            "image_ids": image_ids,
-            "generator": generator,
-        }
+        batch = {"context": self.texts.contexts(image_ids, self.zh_prob, self.cfg_drop_prob, generator),
+                 "image_ids": image_ids, "generator": generator}
+        if self.latents.labels is not None:
+            swap = torch.rand(rows.shape, device=rows.device, generator=generator) < self.augment_prob
+            rows = torch.where(swap, self.latents.augmented_rows(rows, generator), rows)
+            batch["augment"] = self.latents.labels[rows]
+        batch["latents"] = self.latents.sample(rows, generator).contiguous(memory_format=self.memory_format)
+        return batch
 
 
 class ValidationLoss:
@@ -134,7 +144,8 @@ class SampleGrid:
     @torch.no_grad()
     def __call__(self, model: UNet, vae: AutoencoderKL, trainer: Trainer, path: Path) -> None:
         cfg = self.cfg
-        denoiser = cfg_denoiser(model, self.schedule, cfg.prediction_type, self.cond, self.uncond, cfg.guidance_scale)
+        denoiser = cfg_denoiser(model, self.schedule, cfg.prediction_type, self.cond, self.uncond, cfg.guidance_scale,
+                                cfg.guidance_rescale)
         timesteps = self.schedule.sampling_timesteps(cfg.sample_steps)
         with trainer.autocast():
             latents = SAMPLERS[cfg.sample_sampler](denoiser, self.schedule, self.noise.clone(), timesteps)
@@ -200,7 +211,8 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     train_set, val_set = data.subset("train"), data.subset("val")
 
     # Text states once (the text encoder is frozen); then CLIP leaves the GPU.
-    texts = TextStateCache.build(clip, train_set.en, train_set.zh)
+    texts = TextStateCache.build(clip, train_set.en, train_set.zh, cfg.caption_variants, cfg.clause_keep_prob,
+                                 seed=cfg.train.seed)
     val_context = encode_prompts(clip, val_set.en)
     prompt_states = encode_prompts(clip, grid_prompts(val_set))
     tokenizer_fingerprint = clip.tokenizer.fingerprint
@@ -208,10 +220,13 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
 
     # Latent posteriors once, keyed by the VAE and the data; rank 0 encodes, the other ranks read its file.
     latents_dir = out_dir / "latents"
-    train_path = latents_dir / f"train-{cache_key(vae_info.fingerprint, train_set.fingerprint, 'mirror')}.safetensors"
+    augment = cfg.augment if cfg.augment.copies > 0 else None
+    augment_key = augment.key() if augment else "plain"
+    train_key = cache_key(vae_info.fingerprint, train_set.fingerprint, "mirror", augment_key)
+    train_path = latents_dir / f"train-{train_key}.safetensors"
     val_path = latents_dir / f"val-{cache_key(vae_info.fingerprint, val_set.fingerprint)}.safetensors"
     if env.is_main:
-        build_latent_cache(vae, train_set.images, train_path, cfg.encode_batch_size, env.device)
+        build_latent_cache(vae, train_set.images, train_path, cfg.encode_batch_size, env.device, augment=augment)
         build_latent_cache(vae, val_set.images, val_path, cfg.encode_batch_size, env.device, mirror=False)
     distributed.barrier()
     train_latents = LatentCache.load(train_path, env.device)
@@ -222,9 +237,9 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     schedule.cache_tables(env.device)
     model = UNet(cfg.model)
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
-    trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_latents),
+    trainer = Trainer(module, cfg.train, out_dir, num_train_items=train_latents.num_plain_rows,
                       ema_of=model, resume=resume, device=env.device)
-    make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob,
+    make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob, cfg.augment.prob,
                                   trainer.memory_format)
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,
                                 cfg.val_batch_size)

@@ -24,6 +24,7 @@ class GenerationSettings:
     """How to sample; the defaults are the project's recommended fast setting."""
 
     guidance_scale: float = 5.0
+    guidance_rescale: float = 0.7  # 0: plain classifier-free guidance (see diffusion.guidance.rescale_guided)
     steps: int = 25
     sampler: str = "dpmpp_2m"  # "ddim" | "ddpm" | "dpmpp_2m"
     eta: float = 0.0  # DDIM only
@@ -98,7 +99,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
             x = stack.schedule.add_noise(latents, noise, t0)
 
         denoiser = cfg_denoiser(model, stack.schedule, stack.prediction_type, cond.float(), uncond,
-                                settings.guidance_scale)
+                                settings.guidance_scale, settings.guidance_rescale)
         extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}
         if settings.sampler in ("ddim", "ddpm"):
             extra["generator"] = torch.Generator(device).manual_seed(int(batch_seeds[0]) + 1)

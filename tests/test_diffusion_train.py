@@ -7,6 +7,8 @@ import torch
 
 from clip import CLIPConfig, CLIPModel, train_tokenizer
 from data import load_captions
+from data.augment import AUGMENT_DIM
+from data.captions import clause_variants, split_clauses
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
 from diffusion.train import main, train
@@ -71,9 +73,11 @@ def test_latent_cache_needs_a_measured_scaling_factor(tmp_path):
         build_latent_cache(tiny_vae(scaling_factor=None), images, tmp_path / "x.safetensors", 2, torch.device("cpu"))
 
 
-def test_text_states_language_choice_and_caption_dropout_rate():
-    en, zh, null = torch.zeros(3, 2, 4), torch.ones(3, 2, 4), torch.full((2, 4), -1.0)
-    en[:, :, 0] = zh[:, :, 0] = torch.arange(3.0)[:, None]  # feature 0 tells the image apart
+def test_text_states_language_variant_choice_and_caption_dropout_rate():
+    # 3 images x 3 caption variants; feature 0 tells the image apart, feature 2 the variant
+    en, zh, null = torch.zeros(3, 3, 2, 4), torch.ones(3, 3, 2, 4), torch.full((2, 4), -1.0)
+    en[..., 0] = zh[..., 0] = torch.arange(3.0)[:, None, None]
+    en[..., 2] = zh[..., 2] = 10 + torch.arange(3.0)[None, :, None]
     texts = TextStateCache(en, zh, null)
     ids = torch.arange(3).repeat(4000)
     states = texts.contexts(ids, zh_prob=0.25, drop_prob=0.1, generator=torch.Generator().manual_seed(0))
@@ -83,16 +87,37 @@ def test_text_states_language_choice_and_caption_dropout_rate():
     assert abs(chinese.float().mean().item() - 0.25 * 0.9) < 0.02
     kept = ~dropped
     assert torch.equal(states[kept][:, 0, 0], ids[kept].float())  # every kept caption belongs to its image
+    variant_share = torch.bincount(states[kept][:, 0, 2].long() - 10, minlength=3).float() / kept.sum()
+    assert torch.allclose(variant_share, torch.full((3,), 1 / 3), atol=0.02)  # variants drawn uniformly
 
     none_dropped = texts.contexts(ids, zh_prob=0.0, drop_prob=0.0, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(none_dropped, en[ids])
+    assert torch.equal(none_dropped[:, 0, 0], en[ids, 0, 0, 0])
 
 
 def test_null_state_is_the_empty_prompt_through_the_real_encoder():
     clip = tiny_clip()
     texts = TextStateCache.build(clip, ["a red circle"], ["一个红色的圆形"])
     assert torch.equal(texts.null, clip.text_states([""])[0])
-    assert texts.en.shape == (1, 77, 32)
+    assert texts.en.shape == (1, 1, 77, 32)
+
+
+def test_caption_variants_drop_clauses_and_keep_the_full_caption_first():
+    caption = "a red bird, with blue wings, and a long tail. it flies"
+    g = torch.Generator().manual_seed(0)
+    variants = clause_variants(caption, 50, 0.5, g)
+    clauses = split_clauses(caption)
+    assert clauses == ["a red bird", "with blue wings", "and a long tail", "it flies"]
+    for v in variants:  # every variant is a non-empty, in-order subset of the clauses
+        kept = v.split(", ")
+        assert kept and all(c in clauses for c in kept) and kept == sorted(kept, key=clauses.index)
+    assert len(set(variants)) > 5
+    assert split_clauses("一只红色的鸟，蓝色的翅膀。") == ["一只红色的鸟", "蓝色的翅膀"]
+    assert clause_variants("一只红色的鸟，蓝色的翅膀", 3, 1.0, g) == ["一只红色的鸟，蓝色的翅膀"] * 3
+
+    clip = tiny_clip()
+    texts = TextStateCache.build(clip, [caption], ["一只红色的鸟，蓝色的翅膀"], variants=3)
+    assert texts.en.shape == (1, 4, 77, 32)
+    assert torch.equal(texts.en[0, 0], clip.text_states([caption])[0])  # variant 0 is the full caption
 
 
 def tiny_config(**overrides) -> UNetTrainConfig:
@@ -110,8 +135,9 @@ def test_tiny_end_to_end_run(stages, tmp_path):
                                "vae": read_stage(stages / "vae").fingerprint,
                                "clip": read_stage(stages / "clip").fingerprint,
                                "tokenizer": CLIPModel.load(stages / "clip").tokenizer.fingerprint}
-    assert info.training["prediction_type"] == "epsilon" and info.training["schedule"]["kind"] == "scaled_linear"
+    assert info.training["prediction_type"] == "v_prediction" and info.training["schedule"]["zero_terminal_snr"]
     assert info.model["context_dim"] == 32  # taken from the CLIP stage
+    assert info.model["augment_dim"] == AUGMENT_DIM  # augmentation labels condition the UNet
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_loss"] > 0 and metrics["peak_mem_gb"] is None and metrics["train_samples_per_s"] > 0
@@ -125,6 +151,8 @@ def test_tiny_end_to_end_run(stages, tmp_path):
     model = UNet.load(out)
     x, context = torch.randn(1, 4, 4, 4), torch.randn(1, 77, 32)
     assert model(x, torch.tensor([500]), context).abs().sum() > 0  # trained away from the zero init
+    label = torch.tensor([[-0.5, 0.1, 0.0, 0.2, -0.02, 0.1]])
+    assert not torch.allclose(model(x, torch.tensor([500]), context, label), model(x, torch.tensor([500]), context))
 
 
 def test_command_line_and_context_mismatch(stages, tmp_path, capsys):

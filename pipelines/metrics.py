@@ -6,6 +6,8 @@ swap study that changes the run's own CLIP stage is still measured with the same
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -80,3 +82,159 @@ def seed_diversity(images: torch.Tensor, features: torch.Tensor, prompts: int, s
     pixel = torch.cdist(thumbs.double(), thumbs.double())[:, mask] / thumbs.shape[-1] ** 0.5
     cosine = 1 - (feats @ feats.transpose(1, 2))[:, mask]
     return {"diversity_pixel": float(pixel.mean()), "diversity_feature": float(cosine.mean())}
+
+
+# --- Composition and colour: measured on pixels, without learned weights -----------------------------------
+# A pixel is background when every channel is at least this bright (JPEG-noisy white pages stay background).
+WHITE_LEVEL = 0.9  # in [0, 1] units
+BORDER_WIDTH = 1 / 64  # the outer ring whose foreground share is the border occupancy
+FRAME_FILLING_BORDER = 0.25  # a sample whose ring is more foreground than this fills the frame
+PART_MIN_AREA = 0.01  # connected foreground regions smaller than this share of the image are specks
+MEASURE_SIZE = 128  # composition is measured on area-downsampled copies of this side
+
+
+def foreground_mask(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
+    """Bool ``[B, size, size]``: pixels of [-1, 1] images that are not near-white."""
+    small = F.interpolate(images.float(), size=(size, size), mode="area") if images.shape[-1] != size else images
+    return ((small.float() + 1) / 2).amin(dim=1) < WHITE_LEVEL
+
+
+def region_sizes(mask: torch.Tensor) -> list[list[int]]:
+    """Pixel counts of the 8-connected regions of each bool mask ``[B, H, W]`` (a flood fill per region)."""
+    b, h, w = mask.shape
+    neighbours = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    sizes = []
+    for image in mask.cpu().tolist():
+        seen = [[False] * w for _ in range(h)]
+        found = []
+        for y0 in range(h):
+            for x0 in range(w):
+                if not image[y0][x0] or seen[y0][x0]:
+                    continue
+                seen[y0][x0] = True
+                stack, count = [(y0, x0)], 0
+                while stack:
+                    y, x = stack.pop()
+                    count += 1
+                    for dy, dx in neighbours:
+                        ny, nx = y + dy, x + dx
+                        if 0 <= ny < h and 0 <= nx < w and image[ny][nx] and not seen[ny][nx]:
+                            seen[ny][nx] = True
+                            stack.append((ny, nx))
+                found.append(count)
+        sizes.append(found)
+    return sizes
+
+
+def count_parts(mask: torch.Tensor, min_area: float = PART_MIN_AREA) -> torch.Tensor:
+    """Number of connected foreground regions covering at least ``min_area`` of the image, per image ``[B]``."""
+    least = min_area * mask.shape[-1] * mask.shape[-2]
+    return torch.tensor([sum(size >= least for size in sizes) for sizes in region_sizes(mask)])
+
+
+def composition(images: torch.Tensor) -> dict[str, float]:
+    """Foreground share, border occupancy, share of frame-filling images and foreground parts per image."""
+    mask = foreground_mask(images)
+    size = mask.shape[-1]
+    ring = torch.ones(size, size, dtype=torch.bool)
+    width = max(1, round(size * BORDER_WIDTH))
+    ring[width:-width, width:-width] = False
+    border = mask[:, ring].float().mean(dim=1)
+    return {
+        "fg_share": float(mask.float().mean()),
+        "border_fg": float(border.mean()),
+        "frame_filling_share": float((border > FRAME_FILLING_BORDER).float().mean()),
+        "parts_mean": float(count_parts(mask).float().mean()),
+    }
+
+
+# Hue families of chromatic pixels: (name, English word, Chinese word, hue range in degrees [from, to)).
+COLOUR_FAMILIES = (
+    ("red", "red", "红色", (345.0, 15.0)),
+    ("orange", "orange", "橙色", (15.0, 40.0)),
+    ("yellow", "yellow", "黄色", (40.0, 70.0)),
+    ("green", "green", "绿色", (70.0, 165.0)),
+    ("blue", "blue", "蓝色", (165.0, 255.0)),
+    ("purple", "purple", "紫色", (255.0, 290.0)),
+    ("pink", "pink", "粉色", (290.0, 345.0)),
+)
+PROMPT_COLOURS = ("red", "blue", "green", "yellow", "purple", "pink")  # the colours the adherence prompts name
+CHROMA_MIN = 0.2  # max - min channel in [0, 1]: below it a pixel is grey/black/white and has no hue
+VALUE_MIN = 0.25  # darker pixels (outlines, shadows) have no reliable hue
+
+
+def colour_prompts(seeds: int) -> tuple[list[str], list[int], list[str]]:
+    """(prompts, seeds, named colour) for every prompt colour in English and Chinese, ``seeds`` seeds each."""
+    words = {name: (en, zh) for name, en, zh, _ in COLOUR_FAMILIES}
+    prompts, seed_list, named = [], [], []
+    for colour in PROMPT_COLOURS:
+        en, zh = words[colour]
+        for text in (f"a {en} pokemon", f"一只{zh}的宝可梦"):
+            for seed in range(seeds):
+                prompts.append(text)
+                seed_list.append(seed)
+                named.append(colour)
+    return prompts, seed_list, named
+
+
+def hue_family_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
+    """``[B, len(COLOUR_FAMILIES)]``: share of each image's chromatic foreground pixels in each hue family."""
+    small = F.interpolate(images.float(), size=(size, size), mode="area") if images.shape[-1] != size else images
+    rgb = ((small.float() + 1) / 2).clamp(0, 1)
+    top, _ = rgb.max(dim=1)
+    bottom, _ = rgb.min(dim=1)
+    chroma = top - bottom
+    r, g, b = rgb.unbind(1)
+    safe = chroma.clamp_min(1e-6)
+    hue = torch.where(top == r, ((g - b) / safe) % 6, torch.where(top == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = hue * 60.0
+    chromatic = (chroma >= CHROMA_MIN) & (top >= VALUE_MIN) & (bottom < WHITE_LEVEL)
+    shares = []
+    for _, _, _, (start, end) in COLOUR_FAMILIES:
+        in_range = (hue >= start) & (hue < end) if start < end else (hue >= start) | (hue < end)
+        shares.append((in_range & chromatic).flatten(1).float().sum(1))
+    counts = torch.stack(shares, dim=1)
+    return counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+def colour_hits(images: torch.Tensor, named: list[str], top: int = 2) -> torch.Tensor:
+    """Bool ``[B]``: the named colour family is among the ``top`` most common hue families of the image."""
+    names = [name for name, *_ in COLOUR_FAMILIES]
+    shares = hue_family_shares(images)
+    ranked = shares.argsort(dim=1, descending=True)[:, :top]
+    wanted = torch.tensor([names.index(n) for n in named])
+    present = torch.gather(shares, 1, ranked) > 0
+    return ((ranked == wanted[:, None]) & present).any(dim=1)
+
+
+def colours_named(caption: str) -> list[str]:
+    """The prompt colours a caption names, English or Chinese (for the real images' adherence)."""
+    found = []
+    for name, en, zh, _ in COLOUR_FAMILIES:
+        if name in PROMPT_COLOURS and (re.search(rf"\b{en}\b", caption.lower()) or zh[0] + "色" in caption):
+            found.append(name)
+    return found
+
+
+def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val_features: torch.Tensor,
+                cosine: bool = False) -> dict[str, float]:
+    """Share of samples closer to their nearest training item than 95 % of validation images are to theirs.
+
+    Features are pixel thumbnails (RMS distance) or judge embeddings (``cosine``: 1 - cosine similarity). Put
+    the training images' mirrors in ``train_features``: a mirrored copy is still a copy. Unseen real images
+    score about 0.05 by construction.
+    """
+    if cosine:
+        bank = F.normalize(train_features.double(), dim=-1)
+        distance = lambda q: 1 - (F.normalize(q.double(), dim=-1) @ bank.T).max(dim=1).values  # noqa: E731
+    else:
+        distance = lambda q: nearest_distance(q, train_features)  # noqa: E731
+    sample_nn, val_nn = distance(sample_features), distance(val_features)
+    threshold = torch.quantile(val_nn, 0.05)
+    return {"share": float((sample_nn < threshold).double().mean()), "sample_nn": float(sample_nn.mean()),
+            "val_nn": float(val_nn.mean())}
+
+
+def nearest_indices(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Index of each query row's nearest bank row (Euclidean)."""
+    return torch.cdist(queries.double(), bank.double()).argmin(dim=1)

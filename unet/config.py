@@ -21,6 +21,8 @@ class UNetConfig:
     head_dim: int = 64  # attention heads per level = channels // head_dim
     transformer_depth: int = 1
     context_dim: int | None = None  # width of the text states; None: the UNet trainer takes the CLIP stage's
+    # width of the augmentation label added to the timestep embedding (0: none). Sampling passes zeros.
+    augment_dim: int = 0
     norm_groups: int = 32
     dropout: float = 0.0
     gradient_checkpointing: bool = False

@@ -66,6 +66,9 @@ class UNet(StageModel):
         widths = [config.base_channels * m for m in config.channel_mult]
         time_dim = 4 * config.base_channels
         self.time_embed = TimestepMLP(config.base_channels, time_dim)
+        # Same shape as diffusers' "projection" class embedding, so the weights map one to one.
+        self.augment_embed = (nn.Sequential(nn.Linear(config.augment_dim, time_dim), nn.SiLU(),
+                                            nn.Linear(time_dim, time_dim)) if config.augment_dim else None)
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
 
         # Encoder: remember the width of every tensor pushed onto the skip stack.
@@ -119,10 +122,21 @@ class UNet(StageModel):
             raise ValueError(f"timesteps must be a scalar or [B={x.shape[0]}], got shape {tuple(t.shape)}")
         return t
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, augment: Tensor | None = None) -> Tensor:
+        """``augment [B, augment_dim]`` labels how each training input was augmented; ``None`` is the zero label
+        (un-augmented data), which is what sampling asks for."""
         t = self._check_inputs(x, t, context)
         ckpt = self.config.gradient_checkpointing and self.training
         temb = self.time_embed(t)
+        if self.augment_embed is not None:
+            if augment is None:
+                augment = x.new_zeros(x.shape[0], self.config.augment_dim)
+            elif augment.shape != (x.shape[0], self.config.augment_dim):
+                raise ValueError(f"augment must be [B={x.shape[0]}, {self.config.augment_dim}], "
+                                 f"got {tuple(augment.shape)}")
+            temb = temb + self.augment_embed(augment.to(temb.dtype))
+        elif augment is not None:
+            raise ValueError("this UNet was built with augment_dim=0 and takes no augmentation label")
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from engine.config import ConfigError, TrainConfig
 
 
+DOWNSAMPLE_PADDINGS = ("symmetric", "bottom_right")
+
+
 @dataclass
 class VAEConfig:
     """Architecture of the KL autoencoder; ``len(channel_mult) - 1`` levels halve the resolution."""
@@ -17,6 +20,10 @@ class VAEConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 1  # per encoder level; the decoder uses one more, as in the LDM autoencoder
     norm_groups: int = 32
+    # How the encoder's stride-2 convs pad: "symmetric" (one pixel on every side; every VAE trained so far) or
+    # "bottom_right" (one row and column after the image, as the LDM autoencoder and diffusers' AutoencoderKL,
+    # whose encoder only then exports exactly: pipelines.export).
+    downsample_padding: str = "symmetric"
     # 1 / std of the unscaled training latents; measured after training, never copied from another model.
     scaling_factor: float | None = None
 
@@ -28,6 +35,9 @@ class VAEConfig:
         if not self.channel_mult or self.num_res_blocks < 1 or self.latent_channels < 1:
             raise ConfigError("VAEConfig: channel_mult needs at least one level, num_res_blocks and "
                               "latent_channels must be >= 1")
+        if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ConfigError(f"VAEConfig: downsample_padding={self.downsample_padding!r}; choose one of "
+                              f"{DOWNSAMPLE_PADDINGS}")
         for mult in self.channel_mult:
             if (self.base_channels * mult) % self.norm_groups:
                 raise ConfigError(f"VAEConfig: width base_channels*mult = {self.base_channels * mult} is not "

@@ -145,7 +145,8 @@ def diffusers_scheduler_config(schedule: ScheduleConfig, prediction_type: str) -
         "trained_betas": None,
         "clip_sample": False,
         "set_alpha_to_one": True,
-        "steps_offset": 0,
+        # trailing spacing ignores it; StableDiffusionPipeline rewrites anything but 1 to 1, with a warning
+        "steps_offset": 1,
         "prediction_type": prediction_type,
         "thresholding": False,
         "timestep_spacing": "trailing",

@@ -13,13 +13,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
 from diffusion.schedule import ScheduleConfig
+from pipelines.export import diffusers_scheduler_config, diffusers_unet_config, diffusers_vae_config
 from unet.config import UNetConfig
 from vae.config import VAEConfig
 
 EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t [B], context) -> raw prediction
-
-# our schedule kind -> diffusers' beta_schedule name (its "squaredcos_cap_v2" is the same s=0.008, 0.999-capped cosine)
-_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
 def parameter_count(module: nn.Module) -> int:
@@ -27,65 +25,18 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def diffusers_unet(config: UNetConfig, sample_size: int) -> UNet2DConditionModel:
-    """diffusers' UNet with our layout: a cross-attention transformer at every level and in the middle,
-    linear transformer projections, GroupNorm eps 1e-6, dropout in the ResNet blocks only (as ours)."""
-    widths = tuple(config.base_channels * mult for mult in config.channel_mult)
-    levels = len(widths)
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * levels,
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("CrossAttnUpBlock2D",) * levels,
-        block_out_channels=widths,
-        layers_per_block=config.num_res_blocks,
-        # Historically misnamed: UNet2DConditionModel reads attention_head_dim as the number of heads per
-        # level (SD 2 passes (5, 10, 20, 20) for widths (320, 640, 1280, 1280): 64-dim heads).
-        attention_head_dim=tuple(width // config.head_dim for width in widths),
-        transformer_layers_per_block=config.transformer_depth,
-        cross_attention_dim=config.context_dim,
-        use_linear_projection=True,
-        norm_num_groups=config.norm_groups,
-        norm_eps=1e-6,
-        dropout=config.dropout,
-        flip_sin_to_cos=True,  # cos half first, as unet.blocks.timestep_embedding
-        freq_shift=0,
-    )
+    """diffusers' UNet with our layout: the one ``pipelines.export`` writes (see ``diffusers_unet_config``)."""
+    return UNet2DConditionModel(**diffusers_unet_config(config, sample_size))
 
 
 def diffusers_vae(config: VAEConfig) -> AutoencoderKL:
     """diffusers' KL autoencoder with our layout (no 1x1 quant convs, which ours does not have)."""
-    widths = tuple(config.base_channels * mult for mult in config.channel_mult)
-    levels = len(widths)
-    return AutoencoderKL(
-        in_channels=config.in_channels,
-        out_channels=config.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=widths,
-        layers_per_block=config.num_res_blocks,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.norm_groups,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return AutoencoderKL(**diffusers_vae_config(config, sample_size=512))
 
 
 def diffusers_ddim_scheduler(config: ScheduleConfig, prediction_type: str) -> DDIMScheduler:
     """DDIM on our noise schedule: trailing timesteps, and the last step goes to alpha_bar = 1 as ours does."""
-    return DDIMScheduler(
-        num_train_timesteps=config.num_steps,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        beta_schedule=_BETA_SCHEDULES[config.kind],
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
-        prediction_type=prediction_type,
-        timestep_spacing="trailing",
-        rescale_betas_zero_snr=config.zero_terminal_snr,
-    )
+    return DDIMScheduler(**diffusers_scheduler_config(config, prediction_type))
 
 
 def diffusers_guided_ddim(eps_model: EpsModel, scheduler: DDIMScheduler, x: Tensor, cond: Tensor, uncond: Tensor,

@@ -111,7 +111,7 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
     model = CLIPModel(cfg.model, tokenizer)
     module = CLIPTrainingModule(model)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set),
-                      ema_of=model, resume=resume, device=device)
+                      ema_of=model, resume=resume, device=device, run_config=config_to_dict(cfg))
     make_batch = BatchMaker(cfg, train_set.images.to(trainer.device),
                             tokenizer.encode(train_set.en).to(trainer.device),
                             tokenizer.encode(train_set.zh).to(trainer.device), trainer.memory_format)

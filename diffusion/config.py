@@ -20,18 +20,19 @@ class UNetTrainConfig:
     the UNet (base 128, channel_mult (1, 2, 3, 4), 2 res blocks, a transformer at every level; 137 M
     parameters with 256-wide text states) costs 147 GFLOP per 64x64 forward (torch's FLOP counter; ~30 %
     of it is the 4096-token self-attention of the top level), ~440 GFLOP per training sample with the
-    backward. An epoch walks the 1,500 cached latents (750 training images and their mirrors)
-    ``passes_per_epoch`` = 10 times: 234 steps of 64; 11 epochs = 2,574 steps = 165 k samples = 72 PFLOP.
+    backward. An epoch walks the 1,500 plain cached latents (750 training images and their mirrors; each
+    draw is swapped for one of the image's ``augment.copies`` augmented encodings with ``augment.prob``)
+    ``passes_per_epoch`` = 10 times: 234 steps of 64; 14 epochs = 3,276 steps = 210 k samples = 92 PFLOP.
     The training step is compiled (``train.compile``): 436 samples/s in bf16 on an H100 against 270 eager
-    (the default run, docs/results/e2e/full_run), ~6.3 minutes of training plus ~2.5 minutes of compiling.
-    Latent caching (1,583 VAE encodes at 512 px) takes seconds; a sample grid plus the validation loss
+    (docs/results/e2e/full_run), ~8 minutes of training plus ~2.5 minutes of compiling. Latent caching
+    (1,583 plain and 6,000 augmented VAE encodes at 512 px) takes seconds; a sample grid plus the validation loss
     every epoch ~3 s each, about 5 % of the stage. Activations are ~0.35 GiB per sample in bf16, so batch 64
     needs ~25 GiB with the weights, EMA and AdamW state.
     """
 
     model: UNetConfig = field(default_factory=lambda: UNetConfig(dropout=0.1))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=11, passes_per_epoch=10, batch_size=64, lr=2e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999,
+        epochs=14, passes_per_epoch=10, batch_size=64, lr=2e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999,
         log_every=50, checkpoint_every_epochs=4, compile=True))
     # v-prediction on a zero-terminal-SNR schedule: with epsilon on scaled-linear the last step still holds
     # signal, so sampling from pure noise never learns the white page and fills the frame (issue 13)

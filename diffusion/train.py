@@ -151,7 +151,7 @@ class SampleGrid:
             latents = SAMPLERS[cfg.sample_sampler](denoiser, self.schedule, self.noise.clone(), timesteps)
             images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()
                                 for z in latents.split(cfg.val_batch_size)])
-        save_grid(images, path, nrow=self.num_prompts, max_side=128)
+        trainer.log_image("samples", save_grid(images, path, nrow=self.num_prompts, max_side=128))
 
 
 class EpochReport:
@@ -238,7 +238,7 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     model = UNet(cfg.model)
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=train_latents.num_plain_rows,
-                      ema_of=model, resume=resume, device=env.device)
+                      ema_of=model, resume=resume, device=env.device, run_config=config_to_dict(cfg))
     make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob, cfg.augment.prob,
                                   trainer.memory_format)
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,

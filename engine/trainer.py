@@ -26,6 +26,7 @@ from . import distributed, runlog
 from .config import ConfigError, TrainConfig, config_to_dict
 from .ema import EMA
 from .stage import atomic_write
+from .tensorboard import TensorBoardLog
 
 CHECKPOINT_NAME = "latest.pt"
 MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
@@ -62,12 +63,13 @@ class Trainer:
         find_unused_parameters: passed to DDP for modules whose forward skips parameters.
         resume: continue from ``out_dir/checkpoints/latest.pt`` when it exists.
         device: default: this process's GPU, else the CPU.
+        run_config: the stage's whole config, shown as text in TensorBoard.
     """
 
     def __init__(self, module: nn.Module, cfg: TrainConfig, out_dir: str | Path, *, num_train_items: int,
                  ema_of: nn.Module | None = None, param_groups: list[dict[str, Any]] | None = None,
                  find_unused_parameters: bool = False, resume: bool = False,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, run_config: Mapping[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.env = distributed.setup(device)
         self.device = self.env.device
@@ -127,6 +129,10 @@ class Trainer:
         elif self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+        self.tensorboard: TensorBoardLog | None = None  # main rank only
+        if self.env.is_main:
+            self.tensorboard = TensorBoardLog(self.out_dir / "tb", resume_step=self.step if self.resumed else None)
+            self.tensorboard.config(run_config or config_to_dict(cfg), self.step)
 
     # ------------------------------------------------------------------ set-up
     def _make_optimizer(self, param_groups: list[dict[str, Any]] | None) -> torch.optim.Optimizer:
@@ -223,6 +229,8 @@ class Trainer:
             self._end_epoch(on_epoch_end)
             t_last = time.perf_counter()  # throughput counts training steps, not the epoch-end work
         progress.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def _step_is_dynamic(self) -> AbstractContextManager:
         """Under torch.compile, trace ``step`` as a symbolic int from the first compile.
@@ -268,6 +276,7 @@ class Trainer:
         record.update({f"train/{k}": v for k, v in zip(keys, values)})
         if self.env.is_main:
             runlog.append_record(self.log_path, record)
+            self.tensorboard.scalars(record, self.step)
         return record
 
     def _end_epoch(self, on_epoch_end: EpochCallback | None) -> None:
@@ -279,11 +288,17 @@ class Trainer:
             self.module.train()
         if self.env.is_main:
             runlog.append_record(self.log_path, {"kind": "epoch", "step": self.step, "epoch": self.epoch, **metrics})
+            self.tensorboard.scalars(metrics, self.step)
             runlog.plot_losses(self.log_path, self.out_dir / "loss.png", title=self.out_dir.name)
         distributed.barrier()
         last = self.epoch == self.cfg.epochs
         if last or self.epoch % self.cfg.checkpoint_every_epochs == 0:
             self.save_checkpoint()
+
+    def log_image(self, tag: str, png: str | Path) -> None:
+        """Show a picture grid the stage saved (main rank) in TensorBoard at the current step."""
+        if self.tensorboard is not None:
+            self.tensorboard.image(tag, png, self.step)
 
     def last_epoch_metrics(self) -> dict[str, Any]:
         """What the epoch callback returned after the last finished epoch, read back from the log (main rank).

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from engine.config import ConfigError, TrainConfig
 
 
+DOWNSAMPLE_PADDINGS = ("symmetric", "bottom_right")
+
+
 @dataclass
 class VAEConfig:
     """Architecture of the KL autoencoder; ``len(channel_mult) - 1`` levels halve the resolution."""
@@ -17,6 +20,10 @@ class VAEConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 1  # per encoder level; the decoder uses one more, as in the LDM autoencoder
     norm_groups: int = 32
+    # How the encoder's stride-2 convs pad: "symmetric" (one pixel on every side; every VAE trained so far) or
+    # "bottom_right" (one row and column after the image, as the LDM autoencoder and diffusers' AutoencoderKL,
+    # whose encoder only then exports exactly: pipelines.export).
+    downsample_padding: str = "symmetric"
     # 1 / std of the unscaled training latents; measured after training, never copied from another model.
     scaling_factor: float | None = None
 
@@ -28,6 +35,9 @@ class VAEConfig:
         if not self.channel_mult or self.num_res_blocks < 1 or self.latent_channels < 1:
             raise ConfigError("VAEConfig: channel_mult needs at least one level, num_res_blocks and "
                               "latent_channels must be >= 1")
+        if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ConfigError(f"VAEConfig: downsample_padding={self.downsample_padding!r}; choose one of "
+                              f"{DOWNSAMPLE_PADDINGS}")
         for mult in self.channel_mult:
             if (self.base_channels * mult) % self.norm_groups:
                 raise ConfigError(f"VAEConfig: width base_channels*mult = {self.base_channels * mult} is not "
@@ -40,12 +50,15 @@ class VAETrainConfig:
     """One VAE training run: architecture, engine settings, data and loss weights.
 
     The defaults are the ``full`` preset (one H100): 256-px crops of the 512-px images, batch 16,
-    750 * 10 // 16 = 468 steps per epoch, 9 epochs = 4,212 steps (~530 GFLOP per crop and step). Measured
-    189 crops/s on one H100 (docs/results/bench/step_speed.json): ~6 minutes of training inside the stage's
-    8-minute budget. ``disc_start_step`` sits at about half of the run.
+    750 * 10 // 16 = 468 steps per epoch, 6 epochs = 2,808 steps (~530 GFLOP per crop and step). Measured
+    189 crops/s on one H100 (docs/results/bench/step_speed.json): ~4 minutes of training. Nine epochs gave
+    33.3 dB; the three it no longer takes went to the UNet, which decides how the pictures look (issue 13).
+    ``disc_start_step`` sits at about half of the run.
     """
 
-    model: VAEConfig = field(default_factory=VAEConfig)
+    # New VAEs pad like diffusers' AutoencoderKL so the whole model exports exactly; the dataclass default stays
+    # "symmetric" so folders saved before the field existed load as they were trained.
+    model: VAEConfig = field(default_factory=lambda: VAEConfig(downsample_padding="bottom_right"))
     # beta1 0.9, not the LDM's GAN-style 0.5: reconstruction dominates this objective, and a short CPU A/B at
     # 128 px (beta2 0.9 in both) came out slightly ahead with it (20.8 vs 20.7 dB). No grad clipping: one
     # global norm over the autoencoder and the discriminator together would let either network's spikes
@@ -53,7 +66,7 @@ class VAETrainConfig:
     # Not compiled: the adaptive GAN weight's gradients at the decoder's last layer run the whole compiled
     # backward, and a compiled stage measured 137 crops/s against 187 eager once that term was on.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=9, passes_per_epoch=10, batch_size=16, lr=2e-4, warmup_steps=200, weight_decay=0.0, beta1=0.9,
+        epochs=6, passes_per_epoch=10, batch_size=16, lr=2e-4, warmup_steps=200, weight_decay=0.0, beta1=0.9,
         beta2=0.9, grad_clip=0.0, ema_decay=0.999, log_every=50))
     resolution: int = 512  # images are loaded, validated and scaled at this size
     crop_size: int = 256  # training sees random crops of this size; 0 trains on whole images
@@ -61,7 +74,7 @@ class VAETrainConfig:
     ssim_weight: float = 0.2
     kl_weight: float = 1e-5  # per latent element, next to the per-pixel L1
     gan_weight: float = 0.1  # scales the adaptive weight of the generator's hinge loss; 0 disables it
-    disc_start_step: int = 2000  # the generator's adversarial term switches on here (about half of the full run)
+    disc_start_step: int = 1400  # the generator's adversarial term switches on here (about half of the full run)
     disc_channels: int = 64
     disc_layers: int = 3
     disc_lr_scale: float = 1.0

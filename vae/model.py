@@ -31,14 +31,15 @@ class ResnetBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halves the resolution with a stride-2 3x3 conv."""
+    """Halves the resolution with a stride-2 3x3 conv, padded as ``VAEConfig.downsample_padding`` says."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding: str = "symmetric") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.bottom_right = padding == "bottom_right"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.bottom_right else 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.bottom_right else x)
 
 
 class Upsample(nn.Module):
@@ -98,7 +99,7 @@ class Encoder(nn.Module):
                 layers.append(ResnetBlock(channels, width, cfg.norm_groups))
                 channels = width
             if level < len(widths) - 1:
-                layers.append(Downsample(channels))
+                layers.append(Downsample(channels, cfg.downsample_padding))
         self.down = nn.Sequential(*layers)
         self.mid = MidBlock(channels, cfg.norm_groups)
         self.norm_out = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)

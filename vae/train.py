@@ -65,7 +65,7 @@ class EpochReport:
         with trainer.ema_weights():
             metrics = evaluate_reconstruction(self.model, self.val.images, cfg.val_batch_size, device)
             with trainer.autocast():
-                self._save_grids(epoch, device, metrics["latent_std"])
+                self._save_grids(epoch, trainer, metrics["latent_std"])
         gan_on = cfg.gan_weight > 0 and trainer.step > cfg.disc_start_step
         first_step = trainer.step - trainer.steps_per_epoch
         if cfg.gan_weight > 0 and first_step <= cfg.disc_start_step < trainer.step:
@@ -76,7 +76,8 @@ class EpochReport:
         return {**{f"val/{k}": v for k, v in metrics.items()}, "disc_on": gan_on}
 
     @torch.no_grad()
-    def _save_grids(self, epoch: int, device: torch.device, latent_std: float) -> None:
+    def _save_grids(self, epoch: int, trainer: Trainer, latent_std: float) -> None:
+        device = trainer.device
         n = min(self.cfg.num_grid_images, len(self.val))
         originals = to_float(self.val.images[:n].to(device))
         # Random latents are N(0, 1) in scaled units: divide by the scaling factor, here still estimated as
@@ -86,9 +87,12 @@ class EpochReport:
         noise = torch.randn(n, self.model.latent_channels, side, side, generator=generator, device=device)
         recon = self.model.decode(self.model.encode(originals).mode())
         random_decodes = self.model.decode(noise * latent_std)
-        save_grid(torch.cat([originals, recon.float()]), self.samples_dir / f"recon_epoch_{epoch:04d}.png", nrow=n,
-                  max_side=256)
-        save_grid(random_decodes.float(), self.samples_dir / f"random_epoch_{epoch:04d}.png", nrow=n, max_side=256)
+        trainer.log_image("reconstructions", save_grid(torch.cat([originals, recon.float()]),
+                                                       self.samples_dir / f"recon_epoch_{epoch:04d}.png", nrow=n,
+                                                       max_side=256))
+        trainer.log_image("random_decodes", save_grid(random_decodes.float(),
+                                                      self.samples_dir / f"random_epoch_{epoch:04d}.png", nrow=n,
+                                                      max_side=256))
 
 
 def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bool = False,
@@ -108,7 +112,8 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
     # Every parameter takes part in every step (the discriminator learns from step 0), so DDP runs without
     # find_unused_parameters and its per-step graph walk.
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set),
-                      ema_of=model, param_groups=param_groups, resume=resume, device=device)
+                      ema_of=model, param_groups=param_groups, resume=resume, device=device,
+                      run_config=config_to_dict(cfg))
     if distributed.is_main():
         start = cfg.disc_start_step
         if cfg.gan_weight > 0 and start >= trainer.total_steps:

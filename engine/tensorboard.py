@@ -1,0 +1,77 @@
+"""TensorBoard logging for the training engine: ``tensorboard --logdir runs/NAME`` shows every stage.
+
+Each stage writes ``STAGE_DIR/tb/``: the scalars of the JSONL log (loss terms, learning rate, throughput,
+validation metrics), the per-epoch picture grids and the run's config as text. Only the main rank writes, and
+only values the engine has already brought to the host at its log interval, so it adds no device sync.
+
+``tensorboard`` is an optional extra (``pip install -e ".[tensorboard]"``): without it the run trains as
+before, and says once how to turn this on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+_missing_notice_shown = False
+
+
+class TensorBoardLog:
+    """One stage's event files under ``folder``; every method is a no-op when tensorboard is not installed."""
+
+    def __init__(self, folder: str | Path, resume_step: int | None = None) -> None:
+        """``resume_step``: the step a resumed run continues from; TensorBoard drops the older events past it,
+        as the JSONL log does. A fresh run removes the previous run's event files."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's writer needs the tensorboard package
+            _notice_missing()
+            self.writer = None
+            return
+        folder = Path(folder)
+        if resume_step is None:
+            for old in folder.glob("events.out.tfevents.*"):
+                old.unlink()
+        self.writer = SummaryWriter(str(folder), purge_step=resume_step)
+
+    def scalars(self, record: Mapping[str, Any], step: int) -> None:
+        """Every number of a log record except its bookkeeping (``step``, ``epoch``), tagged by its key."""
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def image(self, tag: str, png: str | Path, step: int) -> None:
+        """A picture grid the stage saved as PNG, as it is on disk."""
+        if self.writer is None:
+            return
+        pixels = np.asarray(Image.open(png).convert("RGB"))
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
+        self.writer.flush()
+
+    def config(self, config: Mapping[str, Any], step: int) -> None:
+        """The run's config as indented JSON (a code block, so TensorBoard keeps the layout)."""
+        if self.writer is None:
+            return
+        text = json.dumps(dict(config), indent=2, ensure_ascii=False, default=str)
+        self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _notice_missing() -> None:
+    global _missing_notice_shown
+    if not _missing_notice_shown:
+        _missing_notice_shown = True
+        tqdm.write("TensorBoard logging is off (tensorboard is not installed); "
+                   "pip install -e '.[tensorboard]' to watch runs with tensorboard --logdir runs/NAME")

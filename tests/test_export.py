@@ -1,0 +1,131 @@
+"""Export to diffusers: the renamed weights compute what ours compute (tiny configs, random weights, CPU)."""
+
+import json
+import warnings
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from clip.config import CLIPConfig
+from clip.model import CLIPModel
+from clip.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+from diffusion.schedule import ScheduleConfig
+from pipelines.export import (diffusers_unet_config, diffusers_vae_config, export_diffusers, fold_zero_augment,
+                              unet_to_diffusers, vae_to_diffusers)
+from pipelines.stages import LineageWarning, load_stack
+from pipelines.text_to_image import GenerationSettings
+from unet.config import UNetConfig
+from unet.model import UNet
+from vae.config import VAEConfig
+from vae.model import AutoencoderKL
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
+
+TOLERANCE = 1e-5  # fp32: only the order of additions differs
+
+
+def randomized(model):
+    """Every weight random: our zero-initialised layers would otherwise hide a wrongly mapped weight."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval()
+
+
+def tiny_vae(padding: str) -> AutoencoderKL:
+    return randomized(AutoencoderKL(VAEConfig(base_channels=16, channel_mult=(1, 2, 2), norm_groups=8,
+                                              scaling_factor=0.7, downsample_padding=padding)))
+
+
+def tiny_unet(augment_dim: int = 0) -> UNet:
+    return randomized(UNet(UNetConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, head_dim=16,
+                                      norm_groups=8, context_dim=24, augment_dim=augment_dim)))
+
+
+@pytest.mark.parametrize("padding", ["bottom_right", "symmetric"])
+def test_exported_vae_decodes_as_ours_and_encodes_as_ours_with_bottom_right_padding(padding):
+    from benchmarks.export_check import vae_differences
+
+    ours = tiny_vae(padding)
+    theirs = diffusers.AutoencoderKL(**diffusers_vae_config(ours.config, 32)).eval()
+    theirs.load_state_dict(vae_to_diffusers(ours.state_dict(), ours.config), strict=True)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    diff = vae_differences(ours, theirs, images)
+    assert diff["decode"] < TOLERANCE
+    if padding == "bottom_right":
+        assert diff["encode"] < TOLERANCE
+    else:  # what the export's note warns about: diffusers' encoder cannot pad symmetrically
+        assert diff["encode"] > 1e-2
+
+
+def test_exported_unet_matches_ours_with_its_augmentation_label_and_folded_at_zero():
+    from benchmarks.export_check import unet_difference
+
+    ours = tiny_unet(augment_dim=6)
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g)
+    t, augment = torch.tensor([3, 900]), torch.randn(2, 6, generator=g)
+    mapped = unet_to_diffusers(ours.state_dict())
+
+    labelled = diffusers.UNet2DConditionModel(**diffusers_unet_config(ours.config, 8, augment_as_class_embedding=True))
+    labelled.load_state_dict(mapped, strict=True)
+    with torch.no_grad():
+        diff = (ours(x, t, context, augment) - labelled(x, t, encoder_hidden_states=context, class_labels=augment).sample)
+    assert diff.abs().max() < TOLERANCE
+
+    folded = diffusers.UNet2DConditionModel(**diffusers_unet_config(ours.config, 8)).eval()
+    folded.load_state_dict(fold_zero_augment(mapped), strict=True)
+    assert unet_difference(ours, folded, x, t, context) < TOLERANCE
+    # the fold matters: without it the zero label's constant is missing
+    plain = {k: v for k, v in mapped.items() if not k.startswith("class_embedding.")}
+    folded.load_state_dict(plain, strict=True)
+    assert unet_difference(ours, folded, x, t, context) > 1e-3
+
+
+def test_unet_whose_first_level_is_wider_than_base_is_refused():
+    with pytest.raises(ValueError, match="channel_mult"):
+        diffusers_unet_config(UNetConfig(base_channels=32, channel_mult=(2, 2), head_dim=16, norm_groups=8,
+                                         context_dim=8), 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder of random-weight stages: v-prediction on a zero-terminal-SNR cosine schedule."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    tiny_vae("bottom_right").save(run / "vae", training={"resolution": 32})
+    tokenizer = train_tokenizer(["a red dragon", "一只蓝色的鸟", "a green leaf"], MIN_VOCAB_SIZE + 20, context_length=8)
+    clip = CLIPModel(CLIPConfig(vocab_size=tokenizer.vocab_size, context_length=8, text_width=24, text_layers=1,
+                                text_heads=2, image_size=16, image_channels=(8,), embed_dim=8), tokenizer)
+    randomized(clip).save(run / "clip")
+    schedule = ScheduleConfig(kind="cosine", zero_terminal_snr=True)
+    unet = tiny_unet(augment_dim=3)
+    unet.config.context_dim = 24
+    unet.save(run / "unet", training={"schedule": asdict(schedule), "prediction_type": "v_prediction"})
+    return run
+
+
+def test_export_loads_offline_and_the_pipeline_draws_what_generate_draws(tiny_run, tmp_path, monkeypatch):
+    pytest.importorskip("transformers", reason="StableDiffusionPipeline needs transformers: "
+                                               "pip install -e '.[diffusers]'")
+    from benchmarks.export_check import pipeline_difference
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "export"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LineageWarning)  # random stages: no lineage to match
+        notes = export_diffusers(tiny_run, out)
+        stack = load_stack(tiny_run, device="cpu")
+    assert notes == ["UNet: the 3-wide augmentation label is folded in at zero (the sampling setting)"]
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["beta_schedule"], scheduler["prediction_type"], scheduler["rescale_betas_zero_snr"],
+            scheduler["timestep_spacing"]) == ("squaredcos_cap_v2", "v_prediction", True, "trailing")
+    vae = diffusers.AutoencoderKL.from_pretrained(out / "vae", local_files_only=True)
+    assert vae.config.scaling_factor == pytest.approx(0.7)
+    # the diffusers scheduler's noise levels are ours
+    ddim = diffusers.DDIMScheduler.from_pretrained(out / "scheduler", local_files_only=True)
+    assert torch.allclose(ddim.alphas_cumprod.double(), stack.schedule.alphas_cumprod, atol=1e-6)
+
+    settings = GenerationSettings(guidance_scale=4.0, steps=4, sampler="ddim", size=32, negative_prompt="a leaf")
+    assert pipeline_difference(stack, out, ["a red dragon", "一只蓝色的鸟"], seed=3, settings=settings) < 1e-4

@@ -32,9 +32,11 @@ from pipelines.evaluate import evaluate_to_folder, markdown_table
 from pipelines.stages import StageStack, load_stack
 from pipelines.text_to_image import GenerationSettings, generate
 
-STAGES = ("vae", "clip", "unet")
-# Share of a full run's time each step takes (measured on one H100; docs/results/e2e): drives the ETA.
-TIME_SHARE = {"vae": 0.37, "clip": 0.02, "unet": 0.59, "evaluate": 0.02}
+# "judge" is a second CLIP stage with its own seed: the evaluation's fixed ruler, which guidance never optimised.
+STAGES = ("vae", "clip", "judge", "unet")
+JUDGE_SEED = 1  # the run's own CLIP trains with the engine's default seed 0
+# Share of a full run's time each step takes (estimated from the H200 default run; docs/results/quality): the ETA.
+TIME_SHARE = {"vae": 0.27, "clip": 0.025, "judge": 0.025, "unet": 0.62, "evaluate": 0.06}
 
 
 def _stage_overrides(items: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -97,9 +99,11 @@ def train_stage(name: str, run: Path, data: str, preset: str | None, overrides: 
         from vae.config import PRESETS, VAETrainConfig
         from vae.train import train
         return train(build_config(VAETrainConfig, PRESETS, preset, overrides), data, out, resume=resume, device=device)
-    if name == "clip":
+    if name in ("clip", "judge"):
         from clip.config import PRESETS, CLIPTrainConfig
         from clip.train import train
+        if name == "judge":
+            overrides = {"seed": str(JUDGE_SEED), **overrides}
         return train(build_config(CLIPTrainConfig, PRESETS, preset, overrides), data, out, resume=resume, device=device)
     from diffusion.config import PRESETS, UNetTrainConfig
     from diffusion.train import train
@@ -159,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--preset", default=None, help="'tiny' (CPU) or 'full' (GPU); default by device")
     parser.add_argument("--reuse", action="append", default=[], help="STAGE=FOLDER: take a finished stage from elsewhere")
     parser.add_argument("--skip-eval", action="store_true", help="no evaluation, final samples or report")
-    parser.add_argument("--judge", type=Path, help="CLIP stage used as the evaluation judge (default: this run's)")
+    parser.add_argument("--judge", type=Path,
+                        help="CLIP stage used as the evaluation judge (default: train one into RUN/judge)")
     parser.add_argument("--device", default=None)
     args, rest = parser.parse_known_args(argv)
     try:
@@ -176,9 +181,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     steps = list(STAGES) + ([] if args.skip_eval else ["evaluate"])
     progress = RunProgress(steps)
     stage_dirs: dict[str, Path] = {}
+    if args.judge is not None:
+        reuse["judge"] = args.judge
     for name in STAGES:
+        if name == "judge" and args.skip_eval and name not in reuse:
+            continue  # only the evaluation needs a judge
         if name in reuse:
-            read_stage(reuse[name], name)  # fails loudly when the folder is not a finished stage of this kind
+            read_stage(reuse[name], "clip" if name == "judge" else name)  # fails loudly when the folder is not a finished stage of this kind
             stage_dirs[name] = reuse[name]
             progress.begin(name, f"reused from {reuse[name]} ")
             progress.end(name, skipped=True)
@@ -199,16 +208,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.skip_eval and env.is_main:
         progress.begin("evaluate")
         stack = load_stack(vae=stage_dirs["vae"], clip=stage_dirs["clip"], unet=stage_dirs["unet"], device=device)
-        results = evaluate_to_folder(stack, args.data, run, args.judge)
+        results = evaluate_to_folder(stack, args.data, run, stage_dirs["judge"])
         final_samples(run, stack)
         del stack
         pictures.update({"Final samples (rows: prompts x 4 seeds)": run / "final_samples.png",
                          "Guidance 1 / 3 / 7 (rows), same seed, colour prompts": run / "guidance_colours.png",
-                         "Validation images (top) and samples from their captions (bottom)": run / "eval_samples.png"})
+                         "Validation images (top) and samples from their captions (bottom)": run / "eval_samples.png",
+                         "Colour-prompt samples (odd rows) and their nearest training images (even rows)":
+                             run / "nearest_pairs.png"})
         progress.end("evaluate")
     distributed.barrier()
     if env.is_main:
-        for name in STAGES:
+        for name in stage_dirs:
             if (stage_dirs[name] / "loss.png").is_file():
                 pictures[f"{name} loss"] = stage_dirs[name] / "loss.png"
         write_report(run, stage_dirs, results, progress, command, pictures)

@@ -3,9 +3,11 @@
 ``python -m pipelines.evaluate --run runs/NAME --data DIR [--judge runs/REF/clip] [--vae/--clip/--unet DIR]``
 writes ``evaluation.json`` and ``evaluation.md`` into the run (or ``--out``).
 
-Generation is judged on the validation captions (English and Chinese, one fixed seed per row) by a
-fixed judge: the image/text towers of one CLIP stage (``--judge``; default: the run's own). Give every
-run of a swap study the same judge, so swapping the CLIP stage does not change the ruler.
+Generation is judged on the validation captions (English and Chinese, one fixed seed per row) and on colour
+prompts, against the real images, by a fixed judge: the image/text towers of a CLIP stage trained apart from
+the run's own (``--judge``; default: the run's ``judge/``, which ``train_all.py`` trains with its own seed).
+The run's own CLIP is a poor judge: guidance pushes samples towards exactly the features it scores. Give
+every run of a swap study the same judge, so swapping the CLIP stage does not change the ruler.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +30,8 @@ from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import frechet_distance, kernel_distance, memorisation, seed_diversity
+from .metrics import (colour_hits, colour_prompts, colours_named, composition, frechet_distance, kernel_distance,
+                      near_copies, nearest_indices, seed_diversity, thumbnails)
 from .stages import StageStack, load_stack
 from .text_to_image import GenerationSettings, generate
 
@@ -49,38 +53,91 @@ def clip_score(judge: CLIPModel, features: torch.Tensor, prompts: Sequence[str])
     return float(100 * (features * text).sum(-1).mean())
 
 
+def _with_mirrors(images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([images, images.flip(-1)])
+
+
 def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, val: CaptionSet,
                        settings: GenerationSettings, diversity_prompts: int = 8, diversity_seeds: int = 4,
-                       grid_path: Path | None = None) -> dict[str, float]:
-    """FD / KID / CLIP score per language, memorisation and seed diversity (see pipelines/metrics.py)."""
+                       colour_seeds: int = 8, out_dir: Path | None = None) -> dict[str, float]:
+    """Generation against the real images, each figure with its real-image reference (``*_real``).
+
+    Samples: every validation caption in English and in Chinese (one fixed seed per row) and the colour
+    prompts of ``pipelines.metrics.colour_prompts`` (``colour_seeds`` seeds each). FD / KID / CLIP score
+    per language in the judge's space; composition (foreground share, border occupancy, frame-filling share,
+    parts) and near-copies (pixel space at 64 px and judge space, training mirrors in the bank) over all
+    samples; colour adherence on the colour prompts; seed diversity. See pipelines/metrics.py.
+    """
     size = settings.size
     real = to_float(val.images)
+    train_images = to_float(train.images)
     if real.shape[-1] != size:
         real = F.interpolate(real, size=(size, size), mode="area")
+        train_images = F.interpolate(train_images, size=(size, size), mode="area")
     real_feats = judge_features(judge, real)
     seeds = [int(r) for r in val.rows]  # one fixed seed per validation row
     out: dict[str, float] = {}
-    samples_en = None
+    samples, feats = [], []
     for language, prompts in (("en", val.en), ("zh", val.zh)):
-        samples = generate(stack, prompts, seeds, settings).cpu()
-        feats = judge_features(judge, samples)
-        out[f"fd_{language}"] = frechet_distance(real_feats, feats)
-        out[f"kid_{language}"] = kernel_distance(real_feats, feats)
-        out[f"clip_score_{language}"] = clip_score(judge, feats, prompts)
-        if language == "en":
-            samples_en = samples
+        images = generate(stack, prompts, seeds, settings).cpu()
+        features = judge_features(judge, images)
+        out[f"fd_{language}"] = frechet_distance(real_feats, features)
+        out[f"kid_{language}"] = kernel_distance(real_feats, features)
+        out[f"clip_score_{language}"] = clip_score(judge, features, prompts)
+        samples.append(images)
+        feats.append(features)
     out["clip_score_real_en"] = clip_score(judge, real_feats, val.en)  # the ceiling for this judge
-    out.update(memorisation(samples_en, to_float(train.images), real))
+
+    colour_texts, colour_seed_list, named = colour_prompts(colour_seeds)
+    colour_samples = generate(stack, colour_texts, colour_seed_list, settings).cpu()
+    out["colour_adherence"] = float(colour_hits(colour_samples, named).float().mean())
+    real_all = torch.cat([train_images, real])
+    captions = train.en + val.en
+    named_real = [(i, colours_named(c)) for i, c in enumerate(captions)]
+    named_real = [(i, n[0]) for i, n in named_real if n]
+    if named_real:
+        index = torch.tensor([i for i, _ in named_real])
+        out["colour_adherence_real"] = float(colour_hits(real_all[index], [n for _, n in named_real]).float().mean())
+    samples.append(colour_samples)
+    feats.append(judge_features(judge, colour_samples))
+    every_sample, every_feature = torch.cat(samples), torch.cat(feats)
+
+    for key, value in composition(every_sample).items():
+        out[key] = value
+    for key, value in composition(real_all).items():
+        out[f"{key}_real"] = value
+
+    bank = _with_mirrors(train_images)
+    pixel = near_copies(thumbnails(every_sample), thumbnails(bank), thumbnails(real))
+    judge_bank = judge_features(judge, bank)
+    in_judge = near_copies(every_feature, judge_bank, real_feats, cosine=True)
+    out.update({"near_copy_share_pixel": pixel["share"], "nn_dist_samples": pixel["sample_nn"],
+                "nn_dist_real_val": pixel["val_nn"], "near_copy_share_judge": in_judge["share"],
+                "nn_judge_dist_samples": in_judge["sample_nn"], "nn_judge_dist_real_val": in_judge["val_nn"]})
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]
     div_seeds = [1000 + i for i in range(len(prompts))]
     div_samples = generate(stack, prompts, div_seeds, settings).cpu()
     out.update(seed_diversity(div_samples, judge_features(judge, div_samples), count, diversity_seeds))
-    if grid_path is not None:
+    if out_dir is not None:
         shown = min(8, len(val))
-        save_grid(torch.cat([real[:shown], samples_en[:shown]]), grid_path, nrow=shown, max_side=128)
+        save_grid(torch.cat([real[:shown], samples[0][:shown]]), out_dir / "eval_samples.png", nrow=shown,
+                  max_side=128)
+        save_nearest_pairs(colour_samples, bank, out_dir / "nearest_pairs.png")
     return out
+
+
+def save_nearest_pairs(samples: torch.Tensor, bank: torch.Tensor, path: Path, columns: int = 12,
+                       tile: int = 96) -> None:
+    """Rows of samples, each row followed by the nearest training image (or mirror) of every sample in it, at
+    ``tile`` px: the picture that shows whether samples copy the data."""
+    nearest = nearest_indices(thumbnails(samples), thumbnails(bank))
+    rows = []
+    for start in range(0, len(samples), columns):
+        chunk = samples[start:start + columns]
+        rows += [chunk, bank[nearest[start:start + columns]]]
+    save_grid(torch.cat(rows), path, nrow=columns, max_side=tile)
 
 
 def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings: GenerationSettings | None = None,
@@ -97,8 +154,7 @@ def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings
     clip_size = stack.clip.config.image_size
     val_small = F.interpolate(to_float(val.images), size=(clip_size, clip_size), mode="area").to(device)
     results["clip"] = retrieval_metrics(stack.clip, val_small, {"en": val.en, "zh": val.zh})
-    grid = out_dir / "eval_samples.png" if out_dir is not None else None
-    results["generation"] = generation_metrics(stack, judge, train, val, settings, grid_path=grid)
+    results["generation"] = generation_metrics(stack, judge, train, val, settings, out_dir=out_dir)
     results["minutes"] = (time.perf_counter() - started) / 60
     return results
 
@@ -123,19 +179,57 @@ def metrics_table(columns: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# (key, what it measures, target for the samples): the picture-quality ruler of issue 13, each shown beside the
+# real images' value (key + "_real"; near-copies of unseen real images are 0.05 by construction).
+QUALITY_ROWS = (
+    ("fg_share", "foreground share (pixels not near-white)", "real ± 0.06"),
+    ("border_fg", "border occupancy (foreground share of the outer ring)", "≤ 0.06"),
+    ("frame_filling_share", "samples that fill the frame (border occupancy > 0.25)", "≤ 0.03"),
+    ("parts_mean", "foreground regions > 1 % of the image, per sample", "≤ 1.15"),
+    ("near_copy_share_pixel", "near-copies of a training image, pixel space (64 px, mirrors in the bank)", "≤ 0.05"),
+    ("near_copy_share_judge", "near-copies of a training image, judge space", "≤ 0.05"),
+    ("colour_adherence", "named colour among the two dominant foreground hues", "≥ 0.75"),
+)
+
+
+def quality_table(generation: dict[str, Any]) -> str:
+    """Markdown table of the picture-quality metrics: samples, real images, target."""
+    lines = ["| metric | samples | real images | target |", "|---|---|---|---|"]
+    for key, description, target in QUALITY_ROWS:
+        if key not in generation:
+            continue
+        real = generation.get(f"{key}_real", 0.05 if key.startswith("near_copy") else None)
+        real_text = "—" if real is None else f"{real:.3f}"
+        lines.append(f"| {description} | {generation[key]:.3f} | {real_text} | {target} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """The metrics of one evaluation as a two-column markdown table."""
-    return metrics_table({"value": results})
+    """The metrics of one evaluation as markdown: the picture-quality table, then every metric."""
+    quality = quality_table(results["generation"]) + "\n" if "generation" in results else ""
+    return quality + metrics_table({"value": results})
+
+
+def default_judge(stack: StageStack) -> Path:
+    """``judge/`` of the run the UNet belongs to, or the stack's own CLIP (a biased judge, so it warns)."""
+    separate = stack.infos["unet"].path.parent / "judge"
+    if (separate / "model.safetensors").is_file():
+        return separate
+    warnings.warn(f"no separate judge at {separate}: judging with the run's own CLIP, which guidance optimises "
+                  "(scores run high); pass --judge with a CLIP stage trained apart", stacklevel=2)
+    return Path(stack.infos["clip"].path)
 
 
 def evaluate_to_folder(stack: StageStack, data_source: str, out_dir: Path, judge_dir: Path | None = None,
                        settings: GenerationSettings | None = None) -> dict[str, Any]:
     """Evaluate ``stack`` on ``data_source`` and write ``evaluation.json`` and ``evaluation.md`` into ``out_dir``.
 
-    The judge is the CLIP stage at ``judge_dir`` (default: the stack's own).
+    The judge is the CLIP stage at ``judge_dir`` (default: ``judge/`` beside the UNet stage, else the stack's own
+    CLIP, with a warning).
     """
     settings = settings or GenerationSettings(size=stack.image_size)
-    judge_dir = Path(judge_dir or stack.infos["clip"].path)
+    if judge_dir is None:
+        judge_dir = default_judge(stack)
     judge = CLIPModel.load(judge_dir, device=stack.device).eval()
     data = load_captions(data_source, resolution=settings.size)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,16 +247,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vae", type=Path)
     parser.add_argument("--clip", type=Path)
     parser.add_argument("--unet", type=Path)
-    parser.add_argument("--judge", type=Path, help="CLIP stage folder used as the fixed judge (default: the run's)")
+    parser.add_argument("--judge", type=Path,
+                        help="CLIP stage folder used as the fixed judge (default: the run's judge/)")
     parser.add_argument("--out", type=Path, help="where evaluation.json/.md go (default: the run folder)")
     parser.add_argument("--size", type=int, help="image size (default: the VAE's training resolution)")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--guidance", type=float, default=5.0)
+    defaults = GenerationSettings()
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--sampler", default=defaults.sampler)
+    parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
+    parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale)
     parser.add_argument("--device")
     args = parser.parse_args(argv)
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
-    settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler,
+    settings = GenerationSettings(guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
+                                  steps=args.steps, sampler=args.sampler,
                                   size=args.size or stack.image_size)
     results = evaluate_to_folder(stack, args.data, args.out or args.run or stack.infos["unet"].path, args.judge,
                                  settings)

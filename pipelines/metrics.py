@@ -1,7 +1,9 @@
-"""Generation metrics: Fréchet distance, kernel distance, nearest-neighbour memorisation, seed diversity.
+"""Generation metrics: Fréchet distance, kernel distance, near-copies, seed diversity, and the composition and
+colour measures that need no learned weights.
 
-Features come from a fixed *judge* image encoder (the image tower of a CLIP stage chosen once), so a
-swap study that changes the run's own CLIP stage is still measured with the same ruler.
+Features come from a fixed *judge* image encoder (the image tower of a CLIP stage trained apart from the run's
+own, chosen once), so guidance cannot optimise the ruler and a swap study that changes the run's own CLIP stage
+is still measured with the same ruler.
 """
 
 from __future__ import annotations
@@ -52,22 +54,6 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 256
         dist = torch.cdist(queries[start:start + chunk].double(), bank.double())
         best.append(dist.min(dim=1).values)
     return torch.cat(best) / queries.shape[1] ** 0.5
-
-
-def memorisation(samples: torch.Tensor, train: torch.Tensor, val: torch.Tensor) -> dict[str, float]:
-    """How close samples come to training images, against how close held-out real images come.
-
-    A sample is a *near-copy* when it is closer to its nearest training image than 95 % of real
-    validation images are to theirs (all at 64 x 64 px): real unseen images give about 5 % by this rule.
-    """
-    sample_nn = nearest_distance(thumbnails(samples), thumbnails(train))
-    val_nn = nearest_distance(thumbnails(val), thumbnails(train))
-    threshold = torch.quantile(val_nn, 0.05)
-    return {
-        "nn_dist_samples": float(sample_nn.mean()),
-        "nn_dist_real_val": float(val_nn.mean()),
-        "near_copy_share": float((sample_nn < threshold).double().mean()),
-    }
 
 
 def seed_diversity(images: torch.Tensor, features: torch.Tensor, prompts: int, seeds: int) -> dict[str, float]:

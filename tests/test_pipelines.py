@@ -31,9 +31,18 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     report = (run_a / "report.md").read_text(encoding="utf-8")
     assert "## Metrics" in report and "generation/fd_en" in report and "final_samples.png" in report
     summary = json.loads((run_a / "summary.json").read_text())
-    assert set(summary["stage_minutes"]) == {"vae", "clip", "unet", "evaluate"}
+    assert set(summary["stage_minutes"]) == {"vae", "clip", "judge", "unet", "evaluate"}
     generation = summary["evaluation"]["generation"]
-    assert 0 <= generation["near_copy_share"] <= 1 and generation["fd_en"] >= 0
+    assert 0 <= generation["near_copy_share_pixel"] <= 1 and generation["fd_en"] >= 0
+    for key in ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_judge",
+                "colour_adherence"):
+        assert key in generation and f"{key}_real" in generation or key.startswith("near_copy")
+    assert "foreground share" in report and "nearest_pairs.png" in report
+    # the judge is a CLIP stage of its own seed, not the run's CLIP
+    judge = json.loads((run_a / "judge" / "config.json").read_text())
+    assert judge["kind"] == "clip" and judge["training"]["train"]["seed"] == 1
+    assert summary["evaluation"]["generation"] and "judge" in json.loads((run_a / "evaluation.json").read_text())
+    assert str(run_a / "judge") in json.loads((run_a / "evaluation.json").read_text())["judge"]
     unet = json.loads((run_a / "unet" / "config.json").read_text())
     assert unet["trained_on"]["vae"] == file_fingerprint(run_a / "vae" / "model.safetensors")
     assert unet["trained_on"]["clip"] == file_fingerprint(run_a / "clip" / "model.safetensors")

@@ -27,6 +27,7 @@ from engine import distributed
 from engine.config import parse_overrides
 from engine.stage import write_json
 from engine.images import save_grid
+from engine.errors import run_cli
 from pipelines.compare import DEFAULT_PROMPTS
 from pipelines.evaluate import evaluate_to_folder, markdown_table
 from pipelines.stages import StageStack, load_stack
@@ -88,23 +89,29 @@ class RunProgress:
         return (time.perf_counter() - self.started) / 60
 
 
-def train_stage(name: str, run: Path, data: str, preset: str | None, overrides: dict[str, str],
-                stage_dirs: dict[str, Path], device: str | None) -> Path:
+def stage_config(name: str, preset: str | None, overrides: dict[str, str]) -> Any:
+    """The stage's training config: preset, then ``--STAGE.key=value`` overrides, validated."""
+    if name == "vae":
+        from vae.config import PRESETS, VAETrainConfig as config_cls
+    elif name == "clip":
+        from clip.config import PRESETS, CLIPTrainConfig as config_cls
+    else:
+        from diffusion.config import PRESETS, UNetTrainConfig as config_cls
+    return build_config(config_cls, PRESETS, preset, overrides)
+
+
+def train_stage(name: str, cfg: Any, run: Path, data: str, stage_dirs: dict[str, Path], device: str | None) -> Path:
     """Train (or resume) one stage into ``run/name``."""
     out = run / name
     resume = (out / "checkpoints" / "latest.pt").is_file()
     if name == "vae":
-        from vae.config import PRESETS, VAETrainConfig
         from vae.train import train
-        return train(build_config(VAETrainConfig, PRESETS, preset, overrides), data, out, resume=resume, device=device)
+        return train(cfg, data, out, resume=resume, device=device)
     if name == "clip":
-        from clip.config import PRESETS, CLIPTrainConfig
         from clip.train import train
-        return train(build_config(CLIPTrainConfig, PRESETS, preset, overrides), data, out, resume=resume, device=device)
-    from diffusion.config import PRESETS, UNetTrainConfig
+        return train(cfg, data, out, resume=resume, device=device)
     from diffusion.train import train
-    return train(build_config(UNetTrainConfig, PRESETS, preset, overrides), data, stage_dirs["vae"],
-                 stage_dirs["clip"], out, resume=resume, device=device)
+    return train(cfg, data, stage_dirs["vae"], stage_dirs["clip"], out, resume=resume, device=device)
 
 
 def final_samples(run: Path, stack: StageStack) -> None:
@@ -152,8 +159,9 @@ def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="train_all.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    description, _, usage_notes = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="train_all.py", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=usage_notes)
     parser.add_argument("--data", required=True, help="captions folder (e.g. ../shared/pokemon), hub id, or 'shapes'")
     parser.add_argument("--run", type=Path, default=Path("runs/pokemon"), help="run folder (default runs/pokemon)")
     parser.add_argument("--preset", default=None, help="'tiny' (CPU) or 'full' (GPU); default by device")
@@ -162,11 +170,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--judge", type=Path, help="CLIP stage used as the evaluation judge (default: this run's)")
     parser.add_argument("--device", default=None)
     args, rest = parser.parse_known_args(argv)
-    try:
-        overrides = _stage_overrides(rest)
-        reuse = _parse_reuse(args.reuse)
-    except ConfigError as err:
-        parser.error(str(err))
+    # Every mistake in what was asked surfaces here, before anything trains.
+    overrides = _stage_overrides(rest)
+    reuse = _parse_reuse(args.reuse)
+    for name, folder in reuse.items():
+        read_stage(folder, name)  # fails when the folder is not a finished stage of this kind
+    configs = {name: stage_config(name, args.preset, overrides[name]) for name in STAGES if name not in reuse}
     command = "python train_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     env = distributed.setup(args.device)
@@ -178,7 +187,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stage_dirs: dict[str, Path] = {}
     for name in STAGES:
         if name in reuse:
-            read_stage(reuse[name], name)  # fails loudly when the folder is not a finished stage of this kind
             stage_dirs[name] = reuse[name]
             progress.begin(name, f"reused from {reuse[name]} ")
             progress.end(name, skipped=True)
@@ -189,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             progress.end(name, skipped=True)
             continue
         progress.begin(name)
-        train_stage(name, run, args.data, args.preset, overrides[name], stage_dirs, args.device)
+        train_stage(name, configs[name], run, args.data, stage_dirs, args.device)
         progress.end(name)
     if env.is_main:
         write_json(run / "stages.json", {k: str(v) for k, v in stage_dirs.items()})
@@ -227,4 +235,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

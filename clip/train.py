@@ -23,7 +23,8 @@ from data import CaptionSet, language_mask, load_captions
 from data.augment import random_flip, random_resized_crop, to_float
 from engine import Trainer, distributed
 from engine.cli import run_stage_cli, stage_parser
-from engine.config import config_to_dict
+from engine.config import config_to_dict, validate_config
+from engine.errors import run_cli
 
 
 def prepare_tokenizer(cfg: CLIPTrainConfig, train_set: CaptionSet, out_dir: Path, resume: bool) -> BPETokenizer:
@@ -101,7 +102,7 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
           device: str | torch.device | None = None) -> Path:
     """Train (or resume) the CLIP stage into `out_dir` and return it once it holds a complete stage folder."""
     started = time.perf_counter()
-    cfg.validate()
+    validate_config(cfg)
     out_dir = Path(out_dir)
     data = load_captions(data_source, resolution=cfg.model.image_size)
     train_set, val_set = data.subset("train"), data.subset("val")
@@ -135,4 +136,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -30,9 +30,10 @@ from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule
 from engine import ConfigError, Trainer, distributed, read_stage
 from engine.cli import run_stage_cli, stage_parser
-from engine.config import config_to_dict
+from engine.config import config_to_dict, validate_config
 from engine.images import save_grid
 from engine.runlog import read_records
+from engine.errors import run_cli
 from unet.model import UNet
 from vae.model import AutoencoderKL
 
@@ -189,7 +190,7 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
           resume: bool = False, device: str | torch.device | None = None) -> Path:
     """Train (or resume) the UNet stage into ``out_dir`` and return it once it holds a complete stage folder."""
     started = time.perf_counter()
-    cfg.validate()
+    validate_config(cfg)
     out_dir = Path(out_dir)
     env = distributed.setup(device)
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
@@ -261,4 +262,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -6,7 +6,7 @@ import argparse
 from typing import Any, Callable, Mapping, Sequence
 
 from . import distributed
-from .config import ConfigError, build_config, parse_overrides
+from .config import build_config, parse_overrides
 
 
 def stage_parser(prog: str, description: str, stage: str) -> argparse.ArgumentParser:
@@ -28,22 +28,15 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                      ) -> tuple[argparse.Namespace, dict[str, str]]:
     """Parse the fixed flags; everything else must be ``--key=value`` config overrides."""
     args, rest = parser.parse_known_args(argv)
-    try:
-        return args, parse_overrides(rest)
-    except ValueError as err:
-        parser.error(str(err))
-        raise  # unreachable: parser.error exits
+    return args, parse_overrides(rest)
 
 
 def run_stage_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, config_cls: type,
                   presets: Mapping[str, Mapping[str, Any]], train: Callable[[Any, argparse.Namespace], Any]) -> None:
-    """Parse, build the stage config (a bad key or value exits with the parser's usage and the reason),
+    """Parse, build and validate the stage config (a bad key or value raises ``ConfigError`` before any work),
     then ``train(cfg, args)``, leaving the process group (under torchrun) however it ends."""
     args, overrides = parse_stage_args(parser, argv)
-    try:
-        cfg = build_config(config_cls, presets, args.preset, overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+    cfg = build_config(config_cls, presets, args.preset, overrides)
     try:
         train(cfg, args)
     finally:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import config_from_dict, config_to_dict
+from .errors import UserError
 
 CODE_VERSION = "0.1.0"
 CONFIG_FILE = "config.json"
@@ -27,7 +28,7 @@ WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 
 
-class StageError(ValueError):
+class StageError(UserError):
     """A stage folder that is missing, incomplete, of the wrong kind, or does not fit its neighbours."""
 
 

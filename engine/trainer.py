@@ -68,6 +68,7 @@ class Trainer:
                  ema_of: nn.Module | None = None, param_groups: list[dict[str, Any]] | None = None,
                  find_unused_parameters: bool = False, resume: bool = False,
                  device: str | torch.device | None = None) -> None:
+        cfg.validate()
         self.cfg = cfg
         self.env = distributed.setup(device)
         self.device = self.env.device
@@ -82,8 +83,6 @@ class Trainer:
         if num_train_items < cfg.batch_size:
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({num_train_items} items); "
                               "lower --batch_size")
-        if cfg.passes_per_epoch < 1:
-            raise ConfigError(f"passes_per_epoch must be >= 1, got {cfg.passes_per_epoch}")
         self.num_train_items = num_train_items
         # drop_last: every step sees a full batch
         self.steps_per_epoch = num_train_items * cfg.passes_per_epoch // cfg.batch_size
@@ -92,8 +91,6 @@ class Trainer:
         self.precision = cfg.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got '{cfg.precision}'")
 
         if self.env.world_size > 1 and self.device.type == "cuda":
             # BatchNorm statistics over the global batch, so N GPUs train like one GPU at the same global

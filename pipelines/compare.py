@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from engine.images import save_grid
+from engine.errors import run_cli
 
 from .evaluate import metrics_table
 from .stages import load_stack
@@ -74,4 +75,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

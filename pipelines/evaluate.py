@@ -25,6 +25,7 @@ from data import CaptionSet, load_captions
 from data.augment import to_float
 from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
+from engine.errors import run_cli
 from vae.metrics import evaluate_reconstruction
 
 from .metrics import frechet_distance, kernel_distance, memorisation, seed_diversity
@@ -171,4 +172,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

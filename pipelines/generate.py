@@ -14,6 +14,7 @@ from typing import Sequence
 from PIL import Image
 
 from engine.images import save_grid, to_pil
+from engine.errors import run_cli
 
 from .stages import load_stack
 from .text_to_image import GenerationSettings, generate, pil_to_tensor, save_images
@@ -65,4 +66,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,14 +1,19 @@
 """The whole stack end to end on the tiny preset: train_all, skip/resume, --reuse, lineage, img2img."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import train_all
-from engine import StageError
+from engine import ConfigError, StageError
 from engine.stage import file_fingerprint, load_weights
 from pipelines.stages import LineageWarning, load_stack
 from pipelines.text_to_image import GenerationSettings, generate
@@ -70,24 +75,55 @@ def test_reuse_trains_only_the_missing_stage(run_a, tmp_path):
 
 def test_swapped_stage_warns_and_misfit_is_an_error(run_a, tmp_path):
     other_clip = tmp_path / "clip"
-    train_all.train_stage("clip", tmp_path, "shapes:40", "tiny", {"seed": "5"}, {}, "cpu")
+    train_all.train_stage("clip", train_all.stage_config("clip", "tiny", {"seed": "5"}), tmp_path, "shapes:40", {}, "cpu")
     with pytest.warns(LineageWarning) as record:  # one warning for the CLIP, one for its tokenizer
         load_stack(run_a, clip=other_clip, device="cpu")
     messages = [str(w.message) for w in record]
     assert any("not trained with the clip at" in m for m in messages)
     assert any("not trained with the tokenizer at" in m for m in messages)
     narrow = tmp_path / "narrow"
-    train_all.train_stage("clip", tmp_path / "n", "shapes:40", "tiny", {"text_width": "32", "text_heads": "2"}, {}, "cpu")
+    narrow_cfg = train_all.stage_config("clip", "tiny", {"text_width": "32", "text_heads": "2"})
+    train_all.train_stage("clip", narrow_cfg, tmp_path / "n", "shapes:40", {}, "cpu")
     shutil.move(tmp_path / "n" / "clip", narrow)
     with pytest.raises(StageError, match="32-wide text states but the UNet .* cross-attends to 64"):
         load_stack(run_a, clip=narrow, device="cpu")
 
 
 def test_unknown_stage_override_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="prefix a config key with its stage"):
+        train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--lr=1"])
+    with pytest.raises(ConfigError, match="--reuse takes STAGE=FOLDER"):
+        train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--reuse", "vea=x"])
+
+
+@pytest.mark.parametrize("bad", ["--unet.foo=1", "--unet.model.head_dim=12", "--clip.zh_prob=2"])
+def test_bad_stage_config_fails_before_anything_trains(tmp_path, bad):
+    started = time.perf_counter()
+    with pytest.raises(ConfigError):
+        train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--preset", "tiny", "--device", "cpu", bad])
+    assert time.perf_counter() - started < 10
+    assert not (tmp_path / "r").exists()  # nothing trained, and no empty run folder left behind
+
+
+def test_user_error_at_the_command_line_is_one_line_without_traceback(tmp_path):
+    command = [sys.executable, "train_all.py", "--data", DATA, "--run", str(tmp_path / "r"), "--unet.model.head_dim=12"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("SCRATCH_DIFFUSION_DEBUG", None)
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: UNet level width 32 is not divisible by head_dim=12; pick base_channels/channel_mult/head_dim that "
+        "divide"]
+    debug = subprocess.run(command + ["--debug"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "head_dim=12" in debug.stderr
+
+
+def test_help_prints_the_description_once(capsys):
     with pytest.raises(SystemExit):
-        train_all.main(["--data", DATA, "--run", str(tmp_path), "--lr=1"])
-    with pytest.raises(SystemExit):
-        train_all.main(["--data", DATA, "--run", str(tmp_path), "--reuse", "vea=x"])
+        train_all.main(["--help"])
+    assert capsys.readouterr().out.count("Train the whole stack in sequence") == 1
 
 
 def test_img2img_with_tiny_strength_returns_the_input(run_a):

@@ -17,8 +17,9 @@ from data import CaptionSet, load_captions
 from data.augment import random_crop, random_flip, to_float
 from engine import Trainer, distributed
 from engine.cli import run_stage_cli, stage_parser
-from engine.config import config_to_dict
+from engine.config import config_to_dict, validate_config
 from engine.images import save_grid
+from engine.errors import run_cli
 from vae.config import PRESETS, VAETrainConfig
 from vae.discriminator import PatchDiscriminator
 from vae.loss import VAELossConfig, VAETrainingModule
@@ -95,7 +96,7 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
           device: str | torch.device | None = None) -> Path:
     """Train (or resume) the VAE stage into ``out_dir`` and return it once it holds a complete stage folder."""
     started = time.perf_counter()
-    cfg.validate()
+    validate_config(cfg)
     out_dir = Path(out_dir)
     data = load_captions(data_source, resolution=cfg.resolution)
     train_set, val_set = data.subset("train"), data.subset("val")
@@ -153,4 +154,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

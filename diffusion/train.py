@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from diffusion.config import PRESETS, UNetTrainConfig
-from diffusion.guidance import cfg_denoiser
+from diffusion.guidance import guided_sample_and_decode
 from diffusion.latents import LatentCache, TextStateCache, build_latent_cache, cache_key, encode_prompts
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
-from diffusion.samplers import SAMPLERS
+from diffusion.noise import PerSampleNoise
 from diffusion.schedule import NoiseSchedule
 from engine import ConfigError, Trainer, distributed, read_stage
 from engine.cli import run_stage_cli, stage_parser
@@ -127,20 +127,19 @@ class SampleGrid:
         self.num_prompts = len(prompt_states)
         self.cond = prompt_states.repeat(cfg.sample_seeds, 1, 1)
         self.uncond = null_state[None]
-        device = prompt_states.device
-        noise = [torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))
-                 for seed in range(cfg.sample_seeds)]
-        self.noise = torch.stack(noise).repeat_interleave(self.num_prompts, dim=0).to(device)
+        self.seeds = [seed for seed in range(cfg.sample_seeds) for _ in range(self.num_prompts)]
+        self.latent_shape = latent_shape
 
     @torch.no_grad()
     def __call__(self, model: UNet, vae: AutoencoderKL, trainer: Trainer, path: Path) -> None:
         cfg = self.cfg
-        denoiser = cfg_denoiser(model, self.schedule, cfg.prediction_type, self.cond, self.uncond, cfg.guidance_scale)
+        noise = PerSampleNoise(self.seeds)  # the same noise every epoch, so the grids compare
         timesteps = self.schedule.sampling_timesteps(cfg.sample_steps)
         with trainer.autocast():
-            latents = SAMPLERS[cfg.sample_sampler](denoiser, self.schedule, self.noise.clone(), timesteps)
-            images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()
-                                for z in latents.split(cfg.val_batch_size)])
+            images, _ = guided_sample_and_decode(
+                model, vae, self.schedule, cfg.prediction_type, self.cond, self.uncond, cfg.guidance_scale,
+                noise.initial(self.latent_shape, self.cond.device), timesteps, cfg.sample_sampler, noise,
+                decode_batch=cfg.val_batch_size)
         save_grid(images, path, nrow=self.num_prompts, max_side=128)
 
 

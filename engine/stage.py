@@ -130,11 +130,6 @@ def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict
     return load_file(str(Path(folder) / WEIGHTS_FILE), device=str(device))
 
 
-def read_metrics(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / METRICS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 StageModelT = TypeVar("StageModelT", bound="StageModel")
 
 

@@ -141,9 +141,10 @@ def test_img2img_with_tiny_strength_returns_the_input(run_a):
         generate(stack, ["x"], [0], settings, init_images=init[:1], strength=0.0)
 
 
-def test_generation_is_deterministic_per_seed(run_a):
+@pytest.mark.parametrize("sampler, eta", [("dpmpp_2m", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_generation_is_deterministic_per_seed(run_a, sampler, eta):
     stack = load_stack(run_a, device="cpu")
-    settings = GenerationSettings(size=64, steps=4)
+    settings = GenerationSettings(size=64, steps=4, sampler=sampler, eta=eta)
     a = generate(stack, ["a red circle", "a green square"], [3, 4], settings)
     b = generate(stack, ["a green square"], [4], settings)  # the same seed gives the same image in any batch
     assert a.shape == (2, 3, 64, 64) and torch.allclose(a[1], b[0], atol=1e-5)

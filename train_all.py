@@ -6,7 +6,8 @@
         --unet.div_weight=0 --unet.cons_weight=0                              # a swap study
     torchrun --nproc-per-node 2 -- train_all.py --data ../shared/pokemon --run runs/ddp  # '--': see README
 
-A stage whose folder is complete is skipped; one with a checkpoint resumes. ``--STAGE.key=value`` overrides
+A stage whose folder is complete is skipped when its recorded config and data match what is asked (otherwise
+the run stops and says so; ``--overwrite`` retrains it); one with a checkpoint resumes. ``--STAGE.key=value`` overrides
 one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in ``runs/NAME/``:
 ``vae/``, ``clip/``, ``unet/`` stage folders (each with its log, loss plot and sample grids),
 ``evaluation.json``, ``final_samples.png``, ``report.md`` and ``summary.json``.
@@ -15,6 +16,7 @@ one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,10 +24,12 @@ from typing import Any, Sequence
 
 import torch
 
-from engine import ConfigError, build_config, is_complete, read_stage
+from data import load_captions
+from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
-from engine.config import parse_overrides
-from engine.stage import write_json
+from engine.config import choose_preset, config_to_dict, parse_overrides, preset_reason
+from engine.stage import CONFIG_FILE, record_preset, remove_empty_folders, write_json
+from engine.trainer import checkpoint_path
 from engine.images import save_grid
 from engine.errors import run_cli
 from pipelines.compare import DEFAULT_PROMPTS
@@ -36,6 +40,8 @@ from pipelines.text_to_image import GenerationSettings, generate
 STAGES = ("vae", "clip", "unet")
 # Share of a full run's time each step takes (measured on one H100; docs/results/e2e): drives the ETA.
 TIME_SHARE = {"vae": 0.37, "clip": 0.02, "unet": 0.59, "evaluate": 0.02}
+# Config values a stage sets while it trains (measured or taken from its inputs): not part of what was asked.
+FILLED_BY_TRAINING = {"vae": {"model.scaling_factor"}, "clip": {"model.vocab_size"}, "unet": {"model.context_dim"}}
 
 
 def _stage_overrides(items: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -103,7 +109,7 @@ def stage_config(name: str, preset: str | None, overrides: dict[str, str]) -> An
 def train_stage(name: str, cfg: Any, run: Path, data: str, stage_dirs: dict[str, Path], device: str | None) -> Path:
     """Train (or resume) one stage into ``run/name``."""
     out = run / name
-    resume = (out / "checkpoints" / "latest.pt").is_file()
+    resume = checkpoint_path(out).is_file()
     if name == "vae":
         from vae.train import train
         return train(cfg, data, out, resume=resume, device=device)
@@ -112,6 +118,69 @@ def train_stage(name: str, cfg: Any, run: Path, data: str, stage_dirs: dict[str,
         return train(cfg, data, out, resume=resume, device=device)
     from diffusion.train import train
     return train(cfg, data, stage_dirs["vae"], stage_dirs["clip"], out, resume=resume, device=device)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _data_resolution(name: str, cfg: Any) -> int:
+    return cfg.model.image_size if name == "clip" else cfg.resolution
+
+
+def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, upstream: dict[str, Path | None]
+                               ) -> list[str]:
+    """How a finished stage differs from what is asked now: config values, data, and (for the UNet) the VAE
+    and CLIP stages it was trained on. ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
+    info = read_stage(folder, name)
+    asked = _flatten(json.loads(json.dumps(config_to_dict(cfg), default=str)))
+    recorded = _flatten(info.training)
+    differences = [f"{key} was {recorded.get(key)!r}, now {value!r}" for key, value in asked.items()
+                   if key not in FILLED_BY_TRAINING[name] and recorded.get(key) != value]
+    data_fingerprint = load_captions(data, resolution=_data_resolution(name, cfg)).fingerprint
+    if info.trained_on.get("data") != data_fingerprint:
+        differences.append(f"it was trained on other data than --data {data}")
+    for stage, stage_folder in upstream.items():
+        if stage_folder is None:
+            differences.append(f"the {stage} stage it was trained on is about to be trained again")
+        elif info.trained_on.get(stage) != read_stage(stage_folder, stage).fingerprint:
+            differences.append(f"it was not trained on the {stage} stage at {stage_folder}")
+    return differences
+
+
+def check_finished_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[str, Path],
+                          overwrite: bool) -> None:
+    """Stop when a finished stage in ``run`` differs from what is asked, unless ``overwrite``: then mark it
+    unfinished so it trains again (and so does every stage after it that was trained on it)."""
+    will_train: set[str] = set()
+    for name in STAGES:
+        folder = run / name
+        if name in reuse:
+            continue
+        if not is_complete(folder):
+            will_train.add(name)
+            continue
+        upstream = {}
+        if name == "unet":
+            upstream = {s: None if s in will_train else reuse.get(s, run / s) for s in ("vae", "clip")}
+        differences = finished_stage_differences(name, folder, configs[name], data, upstream)
+        if not differences:
+            continue
+        if not overwrite:
+            raise StageError(
+                f"{folder} holds a finished {name} stage that differs from what was asked ({'; '.join(differences[:4])}"
+                f"{'; ...' if len(differences) > 4 else ''}). Rerun with its settings, take it as it is with "
+                f"--reuse {name}={folder}, train into a new --run folder, or pass --overwrite to train it again here")
+        will_train.add(name)
+        print(f"--overwrite: {folder} differs from what was asked ({differences[0]}); training it again", flush=True)
+        (folder / CONFIG_FILE).unlink()
+        checkpoint_path(folder).unlink(missing_ok=True)
 
 
 def final_samples(run: Path, stack: StageStack) -> None:
@@ -130,7 +199,7 @@ def final_samples(run: Path, stack: StageStack) -> None:
 
 
 def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any] | None, progress: RunProgress,
-                 command: str, pictures: dict[str, Path]) -> None:
+                 command: str, pictures: dict[str, Path], preset: dict[str, str]) -> None:
     """``report.md``: what ran, the metrics table and the pictures, with paths relative to the run."""
 
     def rel(path: Path) -> str:
@@ -140,7 +209,12 @@ def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any]
             return str(path)
 
     lines = [f"# Report: {run.name}", "", f"Command: `{command}`", "",
-             "| stage | folder | minutes |", "|---|---|---|"]
+             f"Preset: **{preset['name']}** ({preset['reason']})", ""]
+    if preset["name"] == "tiny":
+        lines += ["**This is a smoke run.** The tiny preset trains models of a few hundred thousand parameters for "
+                  "minutes on 64-px images: it shows that every stage runs end to end, and its samples are not meant "
+                  "to follow the prompts. Train with the full preset on a GPU for real results.", ""]
+    lines += ["| stage | folder | minutes |", "|---|---|---|"]
     for step in progress.steps:
         folder = rel(stage_dirs[step]) if step in stage_dirs else "—"
         lines.append(f"| {step} | {folder} | {progress.minutes.get(step, 0.0):.2f} |")
@@ -167,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--preset", default=None, help="'tiny' (CPU) or 'full' (GPU); default by device")
     parser.add_argument("--reuse", action="append", default=[], help="STAGE=FOLDER: take a finished stage from elsewhere")
     parser.add_argument("--skip-eval", action="store_true", help="no evaluation, final samples or report")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="retrain finished stages of --run whose settings or data differ from what is asked")
     parser.add_argument("--judge", type=Path, help="CLIP stage used as the evaluation judge (default: this run's)")
     parser.add_argument("--device", default=None)
     args, rest = parser.parse_known_args(argv)
@@ -177,10 +253,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         read_stage(folder, name)  # fails when the folder is not a finished stage of this kind
     configs = {name: stage_config(name, args.preset, overrides[name]) for name in STAGES if name not in reuse}
     command = "python train_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
-
-    env = distributed.setup(args.device)
-    device = str(env.device)
+    preset = {"name": choose_preset(args.preset), "reason": preset_reason(args.preset)}
     run: Path = args.run
+    created = not run.exists()
+    env = distributed.setup(args.device)
+    try:
+        if env.is_main:
+            print(f"preset: {preset['name']} ({preset['reason']})", flush=True)
+        check_finished_stages(run, configs, args.data, reuse, args.overwrite)
+        return _train_and_report(args, run, configs, reuse, preset, command, env)
+    except BaseException:
+        if created and env.is_main:
+            remove_empty_folders(run)  # an early failure leaves no empty run folder
+        raise
+    finally:
+        distributed.cleanup()
+
+
+def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, Any], reuse: dict[str, Path],
+                      preset: dict[str, str], command: str, env: distributed.DistEnv) -> dict[str, Any]:
+    device = str(env.device)
     run.mkdir(parents=True, exist_ok=True)
     steps = list(STAGES) + ([] if args.skip_eval else ["evaluate"])
     progress = RunProgress(steps)
@@ -198,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             continue
         progress.begin(name)
         train_stage(name, configs[name], run, args.data, stage_dirs, args.device)
+        if env.is_main:
+            record_preset(run / name, preset["name"], preset["reason"])
         progress.end(name)
     if env.is_main:
         write_json(run / "stages.json", {k: str(v) for k, v in stage_dirs.items()})
@@ -219,18 +313,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name in STAGES:
             if (stage_dirs[name] / "loss.png").is_file():
                 pictures[f"{name} loss"] = stage_dirs[name] / "loss.png"
-        write_report(run, stage_dirs, results, progress, command, pictures)
+        write_report(run, stage_dirs, results, progress, command, pictures, preset)
         summary = {"minutes": progress.total_minutes,
                    "stage_minutes": progress.minutes,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    "world_size": env.world_size,
                    "command": command,
+                   "preset": preset,
                    "stages": {k: str(v) for k, v in stage_dirs.items()}}
         if results is not None:
             summary["evaluation"] = {k: results[k] for k in ("vae", "clip", "generation")}
         write_json(run / "summary.json", summary)
         print(f"\nDone in {progress.total_minutes:.1f} min: {run / 'report.md'}", flush=True)
-    distributed.cleanup()
     return {"minutes": progress.total_minutes, "results": results}
 
 

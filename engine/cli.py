@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import distributed
-from .config import build_config, parse_overrides
+from .config import build_config, choose_preset, parse_overrides, preset_reason
+from .stage import check_not_finished, record_preset, remove_empty_folders
 
 
 def stage_parser(prog: str, description: str, stage: str) -> argparse.ArgumentParser:
@@ -20,6 +22,8 @@ def stage_parser(prog: str, description: str, stage: str) -> argparse.ArgumentPa
     parser.add_argument("--out", required=True, help=f"stage folder to write, e.g. runs/NAME/{stage}")
     parser.add_argument("--preset", default=None, help="named config: 'tiny' (CPU) or 'full' (GPU); default by device")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished stage in the output folder (default: refuse)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: GPU when available)")
     return parser
 
@@ -34,10 +38,23 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
 def run_stage_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, config_cls: type,
                   presets: Mapping[str, Mapping[str, Any]], train: Callable[[Any, argparse.Namespace], Any]) -> None:
     """Parse, build and validate the stage config (a bad key or value raises ``ConfigError`` before any work),
-    then ``train(cfg, args)``, leaving the process group (under torchrun) however it ends."""
+    refuse to replace a finished stage without ``--resume`` or ``--overwrite``, then ``train(cfg, args)`` and
+    record the preset in the stage's ``config.json``. A failure leaves no empty folder behind; the process
+    group (under torchrun) is left however it ends."""
     args, overrides = parse_stage_args(parser, argv)
     cfg = build_config(config_cls, presets, args.preset, overrides)
+    check_not_finished(args.out, args.resume, args.overwrite)
+    preset, reason = choose_preset(args.preset), preset_reason(args.preset)
+    if distributed.is_main():
+        print(f"preset: {preset} ({reason})", flush=True)
+    created = not Path(args.out).exists()
     try:
         train(cfg, args)
+        if distributed.is_main():
+            record_preset(args.out, preset, reason)
+    except BaseException:
+        if created and distributed.is_main():
+            remove_empty_folders(args.out)
+        raise
     finally:
         distributed.cleanup()

@@ -88,6 +88,13 @@ def choose_preset(preset: str | None) -> str:
     return "full" if torch.cuda.is_available() else "tiny"
 
 
+def preset_reason(preset: str | None) -> str:
+    """Why ``choose_preset`` picks what it picks, for the run's printout and records."""
+    if preset is not None:
+        return "named with --preset"
+    return "a GPU was found" if torch.cuda.is_available() else "no GPU found"
+
+
 def _leaves(cfg: Any, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field, Any]]:
     """Every settable field as ``dotted.path -> (owning dataclass, field, type hint)``."""
     out: dict[str, tuple[Any, dataclasses.Field, Any]] = {}
@@ -212,6 +219,6 @@ def build_config(cls: type, presets: Mapping[str, Mapping[str, Any]], preset: st
 
 
 __all__ = [
-    "ConfigError", "TrainConfig", "validate_config", "choose_preset", "apply_overrides", "config_to_dict", "config_from_dict",
+    "ConfigError", "TrainConfig", "validate_config", "choose_preset", "preset_reason", "apply_overrides", "config_to_dict", "config_from_dict",
     "parse_overrides", "build_config",
 ]

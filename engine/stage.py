@@ -109,6 +109,41 @@ def is_complete(folder: str | Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
+def check_not_finished(folder: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds a finished stage unless resuming it or asked to overwrite it.
+
+    Replacing a finished stage silently would break the lineage of every run that uses it. With
+    ``overwrite`` its ``config.json`` goes first, so until the new stage is saved the folder reads as unfinished.
+    """
+    folder = Path(folder)
+    if not is_complete(folder) or resume:
+        return
+    if not overwrite:
+        raise StageError(f"{folder} already holds a finished stage; continue it with --resume, write to a new "
+                         "--out folder, or pass --overwrite to replace it")
+    (folder / CONFIG_FILE).unlink()
+
+
+def record_preset(folder: str | Path, name: str, reason: str) -> None:
+    """Add the preset the stage was trained with (and why it was chosen) to its ``config.json``."""
+    path = Path(folder) / CONFIG_FILE
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["preset"] = {"name": name, "reason": reason}
+    write_json(path, data)
+
+
+def remove_empty_folders(folder: str | Path) -> None:
+    """Remove ``folder`` and the folders below it that hold no file (what an early failure leaves behind)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def read_stage(folder: str | Path, kind: str | None = None) -> StageInfo:
     """Read a stage folder's ``config.json``; errors name the folder and what to do."""
     folder = Path(folder)

@@ -32,6 +32,11 @@ MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
 EpochCallback = Callable[[int, "Trainer"], "Mapping[str, Any] | None"]
 
 
+def checkpoint_path(out_dir: str | Path) -> Path:
+    """Where the trainer of a stage folder keeps the checkpoint it resumes from."""
+    return Path(out_dir) / "checkpoints" / CHECKPOINT_NAME
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
     if step < warmup_steps:
@@ -73,7 +78,7 @@ class Trainer:
         self.env = distributed.setup(device)
         self.device = self.env.device
         self.out_dir = Path(out_dir)
-        self.checkpoint_path = self.out_dir / "checkpoints" / CHECKPOINT_NAME
+        self.checkpoint_path = checkpoint_path(self.out_dir)
         self.log_path = self.out_dir / "log.jsonl"
 
         per_step = self.env.world_size * cfg.grad_accum

@@ -1,6 +1,6 @@
 """Side-by-side comparison of runs: the picture and the table of a swap study.
 
-    python -m pipelines.compare runs/A runs/B --out docs/results/swap
+    python -m pipelines.compare runs/A runs/B --out runs/swap
 
 Every run draws the same prompts with the same seeds (rows = runs, columns = prompts), and the metrics
 of each run's ``evaluation.json`` are put in one markdown table.

@@ -25,11 +25,11 @@ from data import CaptionSet, load_captions
 from data.augment import to_float
 from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
-from engine.errors import run_cli
+from engine.errors import UserError, run_cli
 from vae.metrics import evaluate_reconstruction
 
 from .metrics import frechet_distance, kernel_distance, memorisation, seed_diversity
-from .stages import StageStack, load_stack
+from .stages import StageStack, load_stack, stage_paths
 from .text_to_image import GenerationSettings, generate
 
 
@@ -156,17 +156,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--unet", type=Path)
     parser.add_argument("--judge", type=Path, help="CLIP stage folder used as the fixed judge (default: the run's)")
     parser.add_argument("--out", type=Path, help="where evaluation.json/.md go (default: the run folder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the evaluation already in the run folder (default: refuse; or pass --out)")
     parser.add_argument("--size", type=int, help="image size (default: the VAE's training resolution)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--device")
     args = parser.parse_args(argv)
+    default_out = args.run or stage_paths(args.run, args.vae, args.clip, args.unet)["unet"]
+    if args.out is None and (default_out / "evaluation.json").is_file() and not args.overwrite:
+        raise UserError(f"{default_out / 'evaluation.json'} exists (the run's own evaluation); write this one "
+                        "elsewhere with --out DIR, or pass --overwrite to replace it")
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
     settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler,
                                   size=args.size or stack.image_size)
-    results = evaluate_to_folder(stack, args.data, args.out or args.run or stack.infos["unet"].path, args.judge,
-                                 settings)
+    results = evaluate_to_folder(stack, args.data, args.out or default_out, args.judge, settings)
     print(json.dumps({k: results[k] for k in ("vae", "clip", "generation")}, indent=2))
     return results
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import train_all
-from engine import ConfigError, StageError
+from data import DataError
+from engine import ConfigError, StageError, read_stage
+from engine.errors import UserError
 from engine.stage import file_fingerprint, load_weights
 from pipelines.stages import LineageWarning, load_stack
 from pipelines.text_to_image import GenerationSettings, generate
@@ -57,6 +59,59 @@ def test_complete_stages_are_skipped_and_a_partial_one_resumes(run_a, tmp_path, 
     assert (run / "vae" / "model.safetensors").stat().st_mtime_ns == vae_mtime
     after = load_weights(run / "unet")  # resumed from its final checkpoint: the same weights again
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rerun_with_other_settings_or_data_stops_then_overwrite_retrains(run_a, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(run_a, run)
+    report = (run / "report.md").read_text(encoding="utf-8")
+    base = ["--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval"]
+    with pytest.raises(StageError, match=r"finished vae stage .*train.epochs was 2, now 3.*--reuse vae=.*--run.*--overwrite"):
+        train_all.main(["--data", DATA, *base, "--vae.epochs=3"])
+    with pytest.raises(StageError, match=r"finished vae stage .*other data than --data shapes:50"):
+        train_all.main(["--data", "shapes:50", *base])
+    with pytest.raises(StageError, match=r"finished unet stage .*loss.div_weight"):
+        train_all.main(["--data", DATA, *base, "--unet.div_weight=0.5"])
+    assert (run / "report.md").read_text(encoding="utf-8") == report  # nothing rewritten
+    clip_weights = (run / "clip" / "model.safetensors").read_bytes()
+    train_all.main(["--data", DATA, *base, "--unet.div_weight=0.5", "--overwrite"])
+    assert read_stage(run / "unet", "unet").training["loss"]["div_weight"] == 0.5
+    assert (run / "clip" / "model.safetensors").read_bytes() == clip_weights  # only the differing stage
+
+
+def test_single_stage_training_refuses_to_replace_a_finished_stage(run_a, tmp_path):
+    from vae.train import main as train_vae
+
+    folder = tmp_path / "vae"
+    shutil.copytree(run_a / "vae", folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    with pytest.raises(StageError, match="already holds a finished stage.*--resume.*--overwrite"):
+        train_vae(["--data", DATA, "--out", str(folder), "--preset", "tiny", "--device", "cpu"])
+    assert (folder / "model.safetensors").read_bytes() == weights
+
+
+def test_failure_before_training_leaves_no_run_folder(tmp_path):
+    with pytest.raises(DataError):
+        train_all.main(["--data", str(tmp_path / "missing"), "--run", str(tmp_path / "r"), "--preset", "tiny",
+                        "--device", "cpu"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_preset_is_printed_and_recorded(run_a):
+    report = (run_a / "report.md").read_text(encoding="utf-8")
+    assert "Preset: **tiny** (named with --preset)" in report and "This is a smoke run" in report
+    assert json.loads((run_a / "summary.json").read_text())["preset"] == {"name": "tiny", "reason": "named with --preset"}
+    for stage in ("vae", "clip", "unet"):
+        assert json.loads((run_a / stage / "config.json").read_text())["preset"]["name"] == "tiny"
+
+
+def test_evaluate_keeps_the_runs_own_evaluation_unless_told(run_a, tmp_path):
+    from pipelines.evaluate import main as evaluate
+
+    before = (run_a / "evaluation.json").read_bytes()
+    with pytest.raises(UserError, match="evaluation.json exists.*--out.*--overwrite"):
+        evaluate(["--run", str(run_a), "--data", DATA, "--device", "cpu"])
+    assert (run_a / "evaluation.json").read_bytes() == before
 
 
 def test_reuse_trains_only_the_missing_stage(run_a, tmp_path):

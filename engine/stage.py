@@ -161,8 +161,13 @@ def read_stage(folder: str | Path, kind: str | None = None) -> StageInfo:
 
 
 def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The stage's state dict, read from safetensors (never unpickled)."""
-    return load_file(str(Path(folder) / WEIGHTS_FILE), device=str(device))
+    """The stage's state dict, read from safetensors (never unpickled); a damaged file is a ``StageError``."""
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors reports truncation and corruption with several exception types
+        raise StageError(f"weights file {path} is truncated or corrupt ({type(err).__name__}: {err}); copy the "
+                         "stage folder again, or train the stage again (--overwrite)") from None
 
 
 StageModelT = TypeVar("StageModelT", bound="StageModel")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed, runlog
 from .config import ConfigError, TrainConfig, config_to_dict
 from .ema import EMA
-from .stage import atomic_write
+from .stage import StageError, atomic_write
 
 CHECKPOINT_NAME = "latest.pt"
 MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
@@ -334,7 +334,11 @@ class Trainer:
         distributed.barrier()
 
     def _load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        except Exception as err:  # a truncated zip, a foreign pickle, a short read: each its own exception type
+            raise StageError(f"checkpoint {self.checkpoint_path} is truncated or corrupt ({type(err).__name__}: "
+                             f"{err}); delete it to train the stage from the start, or restore it from a copy") from None
         saved_cfg = state.get("train_config", {})
         for key in ("batch_size", "grad_accum", "seed"):
             if saved_cfg.get(key) != getattr(self.cfg, key):

@@ -114,6 +114,33 @@ def test_evaluate_keeps_the_runs_own_evaluation_unless_told(run_a, tmp_path):
     assert (run_a / "evaluation.json").read_bytes() == before
 
 
+def test_generate_checks_its_inputs(run_a, tmp_path, capsys):
+    from pipelines.generate import main as generate_cli
+
+    base = ["--run", str(run_a), "--device", "cpu", "--steps", "1", "--size", "32", "--out", str(tmp_path / "o")]
+    (tmp_path / "notes.txt").write_text("not a picture")
+    cases = [(["--init-image", str(tmp_path)], "is a folder; pass one picture file"),
+             (["--init-image", str(tmp_path / "notes.txt")], "is not a readable picture"),
+             (["--init-image", str(tmp_path / "notes.txt"), "--strength", "1.5"], r"--strength must be in \(0, 1\]"),
+             (["--strength", "0.5"], "--strength applies to image-to-image only")]
+    for extra, message in cases:
+        with pytest.raises(UserError, match=message):
+            generate_cli([*base, "--prompt", "a red circle", *extra])
+    with pytest.warns(UserWarning, match=r"longer than the text encoder's context of 75 tokens: its last \d+ tokens"):
+        generate_cli([*base, "--prompt", "a red circle " * 60])
+    generate_cli([*base, "--prompt", ""])
+    assert "empty --prompt samples unconditionally" in capsys.readouterr().out
+
+
+def test_truncated_stage_weights_are_reported_by_name(run_a, tmp_path):
+    vae = tmp_path / "vae"
+    shutil.copytree(run_a / "vae", vae)
+    weights = vae / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(StageError, match=f"weights file {weights} is truncated or corrupt"):
+        load_stack(run_a, vae=vae, device="cpu")
+
+
 def test_reuse_trains_only_the_missing_stage(run_a, tmp_path):
     run = tmp_path / "B"
     train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval",

@@ -25,15 +25,16 @@ from typing import Any, Sequence
 import torch
 
 from data import load_captions
+from diffusion.fit import check_fit
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
 from engine.config import choose_preset, config_to_dict, parse_overrides, preset_reason
+from engine.errors import run_cli
+from engine.images import save_grid
 from engine.stage import CONFIG_FILE, record_preset, remove_empty_folders, write_json
 from engine.trainer import checkpoint_path
-from engine.images import save_grid
-from engine.errors import run_cli
-from pipelines.compare import DEFAULT_PROMPTS
 from pipelines.evaluate import evaluate_to_folder, markdown_table
+from pipelines.prompts import COLOUR_PROMPTS, SHOWCASE_PROMPTS
 from pipelines.stages import StageStack, load_stack
 from pipelines.text_to_image import GenerationSettings, generate
 
@@ -120,6 +121,19 @@ def train_stage(name: str, cfg: Any, run: Path, data: str, stage_dirs: dict[str,
     return train(cfg, data, stage_dirs["vae"], stage_dirs["clip"], out, resume=resume, device=device)
 
 
+def check_planned_fit(configs: dict[str, Any], reuse: dict[str, Path]) -> None:
+    """The shape check of ``load_stack``, run on the configs before anything trains."""
+    if "unet" not in configs:
+        return
+    models = {name: read_stage(reuse[name], name).model if name in reuse else config_to_dict(configs[name].model)
+              for name in ("vae", "clip")}
+    unet = config_to_dict(configs["unet"].model)
+    if unet["context_dim"] is None:  # the UNet trainer takes the CLIP's width
+        unet["context_dim"] = models["clip"]["text_width"]
+    where = {name: f"at {reuse[name]}" if name in reuse else "(--" + name + ".*)" for name in STAGES}
+    check_fit(models["vae"], models["clip"], unet, where, configs["unet"].resolution)
+
+
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in config.items():
@@ -188,10 +202,10 @@ def final_samples(run: Path, stack: StageStack) -> None:
     size = stack.image_size
     settings = GenerationSettings(size=size)
     seeds = 4
-    prompts = [p for p in DEFAULT_PROMPTS for _ in range(seeds)]
+    prompts = [p for p in SHOWCASE_PROMPTS for _ in range(seeds)]
     images = generate(stack, prompts, [i % seeds for i in range(len(prompts))], settings)
     save_grid(images, run / "final_samples.png", nrow=seeds, max_side=128)
-    colours = ["a red pokemon", "a blue pokemon", "a green pokemon", "a yellow pokemon"]
+    colours = list(COLOUR_PROMPTS)
     rows = []
     for scale in (1.0, 3.0, 7.0):
         rows.append(generate(stack, colours, [7] * len(colours), GenerationSettings(size=size, guidance_scale=scale)))
@@ -252,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, folder in reuse.items():
         read_stage(folder, name)  # fails when the folder is not a finished stage of this kind
     configs = {name: stage_config(name, args.preset, overrides[name]) for name in STAGES if name not in reuse}
+    check_planned_fit(configs, reuse)
     command = "python train_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
     preset = {"name": choose_preset(args.preset), "reason": preset_reason(args.preset)}
     run: Path = args.run

@@ -11,14 +11,17 @@ from .config import build_config, choose_preset, parse_overrides, preset_reason
 from .stage import check_not_finished, record_preset, remove_empty_folders
 
 
-def stage_parser(prog: str, description: str, stage: str) -> argparse.ArgumentParser:
+def stage_parser(prog: str, description: str, stage: str,
+                 upstream: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """A parser with the flags every stage takes (``--data``, ``--out``, ``--preset``, ``--resume``,
-    ``--device``); a stage adds its own (the UNet's ``--vae``, ``--clip``)."""
+    ``--overwrite``, ``--device``) and a required ``--NAME FOLDER`` per stage in ``upstream`` (name -> help)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
         epilog="Any config value can be overridden as --key=value (e.g. --lr=2e-4 --epochs=3); "
                "an unknown key is an error.")
     parser.add_argument("--data", required=True, help="image folder with metadata.jsonl, a hub id, or 'shapes'")
+    for name, help_text in (upstream or {}).items():
+        parser.add_argument(f"--{name}", required=True, help=help_text)
     parser.add_argument("--out", required=True, help=f"stage folder to write, e.g. runs/NAME/{stage}")
     parser.add_argument("--preset", default=None, help="named config: 'tiny' (CPU) or 'full' (GPU); default by device")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
@@ -36,11 +39,13 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
 
 
 def run_stage_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, config_cls: type,
-                  presets: Mapping[str, Mapping[str, Any]], train: Callable[[Any, argparse.Namespace], Any]) -> None:
+                  presets: Mapping[str, Mapping[str, Any]], train: Callable[..., Any], upstream: Sequence[str] = ()
+                  ) -> None:
     """Parse, build and validate the stage config (a bad key or value raises ``ConfigError`` before any work),
-    refuse to replace a finished stage without ``--resume`` or ``--overwrite``, then ``train(cfg, args)`` and
-    record the preset in the stage's ``config.json``. A failure leaves no empty folder behind; the process
-    group (under torchrun) is left however it ends."""
+    refuse to replace a finished stage without ``--resume`` or ``--overwrite``, then call
+    ``train(cfg, data, *upstream stage folders, out, resume=, device=)`` and record the preset in the stage's
+    ``config.json``. A failure leaves no empty folder behind; the process group (under torchrun) is left
+    however it ends."""
     args, overrides = parse_stage_args(parser, argv)
     cfg = build_config(config_cls, presets, args.preset, overrides)
     check_not_finished(args.out, args.resume, args.overwrite)
@@ -49,7 +54,8 @@ def run_stage_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, c
         print(f"preset: {preset} ({reason})", flush=True)
     created = not Path(args.out).exists()
     try:
-        train(cfg, args)
+        train(cfg, args.data, *(getattr(args, name) for name in upstream), args.out, resume=args.resume,
+              device=args.device)
         if distributed.is_main():
             record_preset(args.out, preset, reason)
     except BaseException:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed, runlog
 from .config import ConfigError, TrainConfig, config_to_dict
 from .ema import EMA
-from .stage import StageError, atomic_write
+from .stage import StageError, StageModel, atomic_write
 
 CHECKPOINT_NAME = "latest.pt"
 MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
@@ -297,6 +297,25 @@ class Trainer:
         if not epochs:
             raise RuntimeError(f"{self.log_path} holds no finished epoch: call fit() first")
         return {k: v for k, v in epochs[-1].items() if k not in ("kind", "step", "epoch")}
+
+    def finish_stage(self, model: StageModel, cfg: Any, trained_on: Mapping[str, str],
+                     final_metrics: Callable[[], dict[str, Any]], describe: Callable[[dict[str, Any]], str],
+                     started: float) -> Path:
+        """The end of every stage: on the main process, with the EMA weights in place, take the stage's final
+        metrics, save the stage folder (config.json last) and print one line; then wait for every process.
+
+        ``final_metrics`` runs under the EMA weights (the VAE measures its scaling factor there); ``steps``
+        and ``minutes`` (since ``started``, a ``time.perf_counter()``) are added to what it returns.
+        """
+        if self.env.is_main:
+            with self.ema_weights():
+                model.eval()
+                metrics = {**final_metrics(), "steps": self.step, "minutes": (time.perf_counter() - started) / 60}
+                model.save(self.out_dir, training=config_to_dict(cfg), trained_on=trained_on, metrics=metrics)
+            tqdm.write(f"{model.STAGE_KIND.upper()} stage saved to {self.out_dir}: {describe(metrics)}, "
+                       f"{metrics['minutes']:.1f} min")
+        distributed.barrier()
+        return self.out_dir
 
     # ------------------------------------------------------------------ checkpoints
     def _rng_state(self) -> dict[str, Any]:

@@ -15,21 +15,13 @@ from typing import Sequence
 
 import torch
 
-from engine.images import save_grid
 from engine.errors import run_cli
+from engine.images import save_grid
 
 from .evaluate import metrics_table
+from .prompts import SHOWCASE_PROMPTS
 from .stages import load_stack
 from .text_to_image import GenerationSettings, generate
-
-DEFAULT_PROMPTS = [
-    "a red and white pokemon with big eyes",
-    "a blue water pokemon with a round body",
-    "a green plant pokemon with leaves",
-    "a yellow electric mouse pokemon",
-    "一只红色的火焰宝可梦",
-    "一只蓝色的鸟宝可梦",
-]
 
 
 def compare_table(runs: Sequence[Path]) -> str:
@@ -55,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--device")
     args = parser.parse_args(argv)
 
-    prompts = args.prompt or DEFAULT_PROMPTS
+    prompts = args.prompt or list(SHOWCASE_PROMPTS)
     rows = []
     size = args.size
     for run in args.runs:

@@ -23,9 +23,9 @@ from clip.metrics import retrieval_metrics
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from data.augment import to_float
+from engine.errors import UserError, run_cli
 from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
-from engine.errors import UserError, run_cli
 from vae.metrics import evaluate_reconstruction
 
 from .metrics import frechet_distance, kernel_distance, memorisation, seed_diversity

@@ -10,7 +10,7 @@ from data import load_captions
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
 from diffusion.train import main, train
-from engine import ConfigError, build_config, read_stage
+from engine import ConfigError, StageError, build_config, read_stage
 from unet import UNet
 from vae import AutoencoderKL, VAEConfig
 
@@ -130,7 +130,7 @@ def test_tiny_end_to_end_run(stages, tmp_path):
 def test_command_line_and_context_mismatch(stages, tmp_path, capsys):
     args = ["--data", DATA, "--vae", str(stages / "vae"), "--clip", str(stages / "clip"), "--out", str(tmp_path / "u"),
             "--preset", "tiny", "--resolution=32", "--base_channels=16", "--batch_size=8", "--device=cpu"]
-    with pytest.raises(ConfigError, match=r"context_dim=48.*32 wide.*must match"):
+    with pytest.raises(StageError, match=r"gives 32-wide text states but the UNet being trained cross-attends to 48"):
         main(args + ["--context_dim=48"])
     with pytest.raises(ConfigError, match="unknown config key 'div_wieght'.*Did you mean"):
         main(args + ["--div_wieght=0.1"])

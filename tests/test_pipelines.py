@@ -178,10 +178,11 @@ def test_unknown_stage_override_is_a_clear_error(tmp_path):
         train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--reuse", "vea=x"])
 
 
-@pytest.mark.parametrize("bad", ["--unet.foo=1", "--unet.model.head_dim=12", "--clip.zh_prob=2"])
+@pytest.mark.parametrize("bad", ["--unet.foo=1", "--unet.model.head_dim=12", "--clip.zh_prob=2",
+                                 "--unet.model.context_dim=48", "--unet.model.in_channels=3"])
 def test_bad_stage_config_fails_before_anything_trains(tmp_path, bad):
     started = time.perf_counter()
-    with pytest.raises(ConfigError):
+    with pytest.raises((ConfigError, StageError)):
         train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--preset", "tiny", "--device", "cpu", bad])
     assert time.perf_counter() - started < 10
     assert not (tmp_path / "r").exists()  # nothing trained, and no empty run folder left behind

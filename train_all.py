@@ -42,7 +42,8 @@ STAGES = ("vae", "clip", "unet")
 # Share of a full run's time each step takes (measured on one H100; docs/results/e2e): drives the ETA.
 TIME_SHARE = {"vae": 0.37, "clip": 0.02, "unet": 0.59, "evaluate": 0.02}
 # Config values a stage sets while it trains (measured or taken from its inputs): not part of what was asked.
-FILLED_BY_TRAINING = {"vae": {"model.scaling_factor"}, "clip": {"model.vocab_size"}, "unet": {"model.context_dim"}}
+FILLED_BY_TRAINING = {"vae": {"model.scaling_factor"}, "clip": {"model.vocab_size"},
+                      "unet": {"model.context_dim", "model.augment_dim"}}
 
 
 def _stage_overrides(items: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -14,6 +14,7 @@ from data.captions import square_resize
 from diffusion.guidance import guided_sample_and_decode
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import SAMPLERS
+from engine.errors import UserError
 from engine.images import save_grid
 from engine.precision import inference_autocast
 
@@ -36,11 +37,11 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler '{self.sampler}'; choose one of {sorted(SAMPLERS)}")
+            raise UserError(f"unknown sampler '{self.sampler}'; choose one of {sorted(SAMPLERS)}")
         if self.size % 8:
-            raise ValueError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
+            raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
         if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+            raise UserError(f"steps must be at least 1, got {self.steps}")
 
 
 def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], settings: GenerationSettings | None = None,

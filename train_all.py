@@ -6,7 +6,8 @@
         --unet.div_weight=0 --unet.cons_weight=0                              # a swap study
     torchrun --nproc-per-node 2 -- train_all.py --data ../shared/pokemon --run runs/ddp  # '--': see README
 
-A stage whose folder is complete is skipped; one with a checkpoint resumes. ``--STAGE.key=value`` overrides
+A stage whose folder is complete is skipped when its recorded config and data match what is asked (otherwise
+the run stops and says so; ``--overwrite`` retrains it); one with a checkpoint resumes. ``--STAGE.key=value`` overrides
 one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in ``runs/NAME/``:
 ``vae/``, ``clip/``, ``unet/`` stage folders (each with its log, loss plot and sample grids),
 ``evaluation.json``, ``final_samples.png``, ``report.md`` and ``summary.json``.
@@ -15,6 +16,7 @@ one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,13 +24,17 @@ from typing import Any, Sequence
 
 import torch
 
-from engine import ConfigError, build_config, is_complete, read_stage
+from data import load_captions
+from diffusion.fit import check_fit
+from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
-from engine.config import parse_overrides
-from engine.stage import write_json
+from engine.config import choose_preset, config_to_dict, parse_overrides, preset_reason
+from engine.errors import run_cli
 from engine.images import save_grid
-from pipelines.compare import DEFAULT_PROMPTS
+from engine.stage import CONFIG_FILE, record_preset, remove_empty_folders, write_json
+from engine.trainer import checkpoint_path
 from pipelines.evaluate import evaluate_to_folder, markdown_table
+from pipelines.prompts import COLOUR_PROMPTS, SHOWCASE_PROMPTS
 from pipelines.stages import StageStack, load_stack
 from pipelines.text_to_image import GenerationSettings, generate
 
@@ -37,6 +43,14 @@ STAGES = ("vae", "clip", "judge", "unet")
 JUDGE_SEED = 1  # the run's own CLIP trains with the engine's default seed 0
 # Share of a full run's time each step takes (estimated from the H200 default run; docs/results/quality): the ETA.
 TIME_SHARE = {"vae": 0.27, "clip": 0.025, "judge": 0.025, "unet": 0.62, "evaluate": 0.06}
+# Config values a stage sets while it trains (measured or taken from its inputs): not part of what was asked.
+FILLED_BY_TRAINING = {"vae": {"model.scaling_factor"}, "clip": {"model.vocab_size"}, "judge": {"model.vocab_size"},
+                      "unet": {"model.context_dim", "model.augment_dim"}}
+
+
+def stage_kind(name: str) -> str:
+    """The kind of stage folder a run's stage is (the judge is a CLIP stage)."""
+    return "clip" if name == "judge" else name
 
 
 def _stage_overrides(items: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -90,25 +104,107 @@ class RunProgress:
         return (time.perf_counter() - self.started) / 60
 
 
-def train_stage(name: str, run: Path, data: str, preset: str | None, overrides: dict[str, str],
-                stage_dirs: dict[str, Path], device: str | None) -> Path:
-    """Train (or resume) one stage into ``run/name``."""
-    out = run / name
-    resume = (out / "checkpoints" / "latest.pt").is_file()
+def stage_config(name: str, preset: str | None, overrides: dict[str, str]) -> Any:
+    """The stage's training config: preset, then ``--STAGE.key=value`` overrides, validated."""
     if name == "vae":
-        from vae.config import PRESETS, VAETrainConfig
-        from vae.train import train
-        return train(build_config(VAETrainConfig, PRESETS, preset, overrides), data, out, resume=resume, device=device)
-    if name in ("clip", "judge"):
-        from clip.config import PRESETS, CLIPTrainConfig
-        from clip.train import train
+        from vae.config import PRESETS, VAETrainConfig as config_cls
+    elif name in ("clip", "judge"):
+        from clip.config import PRESETS, CLIPTrainConfig as config_cls
         if name == "judge":
             overrides = {"seed": str(JUDGE_SEED), **overrides}
-        return train(build_config(CLIPTrainConfig, PRESETS, preset, overrides), data, out, resume=resume, device=device)
-    from diffusion.config import PRESETS, UNetTrainConfig
+    else:
+        from diffusion.config import PRESETS, UNetTrainConfig as config_cls
+    return build_config(config_cls, PRESETS, preset, overrides)
+
+
+def train_stage(name: str, cfg: Any, run: Path, data: str, stage_dirs: dict[str, Path], device: str | None) -> Path:
+    """Train (or resume) one stage into ``run/name``."""
+    out = run / name
+    resume = checkpoint_path(out).is_file()
+    if name == "vae":
+        from vae.train import train
+        return train(cfg, data, out, resume=resume, device=device)
+    if name in ("clip", "judge"):
+        from clip.train import train
+        return train(cfg, data, out, resume=resume, device=device)
     from diffusion.train import train
-    return train(build_config(UNetTrainConfig, PRESETS, preset, overrides), data, stage_dirs["vae"],
-                 stage_dirs["clip"], out, resume=resume, device=device)
+    return train(cfg, data, stage_dirs["vae"], stage_dirs["clip"], out, resume=resume, device=device)
+
+
+def check_planned_fit(configs: dict[str, Any], reuse: dict[str, Path]) -> None:
+    """The shape check of ``load_stack``, run on the configs before anything trains."""
+    if "unet" not in configs:
+        return
+    models = {name: read_stage(reuse[name], name).model if name in reuse else config_to_dict(configs[name].model)
+              for name in ("vae", "clip")}
+    unet = config_to_dict(configs["unet"].model)
+    if unet["context_dim"] is None:  # the UNet trainer takes the CLIP's width
+        unet["context_dim"] = models["clip"]["text_width"]
+    where = {name: f"at {reuse[name]}" if name in reuse else "(--" + name + ".*)" for name in STAGES}
+    check_fit(models["vae"], models["clip"], unet, where, configs["unet"].resolution)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _data_resolution(name: str, cfg: Any) -> int:
+    return cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
+
+
+def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, upstream: dict[str, Path | None]
+                               ) -> list[str]:
+    """How a finished stage differs from what is asked now: config values, data, and (for the UNet) the VAE
+    and CLIP stages it was trained on. ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
+    info = read_stage(folder, stage_kind(name))
+    asked = _flatten(json.loads(json.dumps(config_to_dict(cfg), default=str)))
+    recorded = _flatten(info.training)
+    differences = [f"{key} was {recorded.get(key)!r}, now {value!r}" for key, value in asked.items()
+                   if key not in FILLED_BY_TRAINING[name] and recorded.get(key) != value]
+    data_fingerprint = load_captions(data, resolution=_data_resolution(name, cfg)).fingerprint
+    if info.trained_on.get("data") != data_fingerprint:
+        differences.append(f"it was trained on other data than --data {data}")
+    for stage, stage_folder in upstream.items():
+        if stage_folder is None:
+            differences.append(f"the {stage} stage it was trained on is about to be trained again")
+        elif info.trained_on.get(stage) != read_stage(stage_folder, stage).fingerprint:
+            differences.append(f"it was not trained on the {stage} stage at {stage_folder}")
+    return differences
+
+
+def check_finished_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[str, Path],
+                          overwrite: bool) -> None:
+    """Stop when a finished stage in ``run`` differs from what is asked, unless ``overwrite``: then mark it
+    unfinished so it trains again (and so does every stage after it that was trained on it)."""
+    will_train: set[str] = set()
+    for name in STAGES:
+        folder = run / name
+        if name in reuse or name not in configs:
+            continue
+        if not is_complete(folder):
+            will_train.add(name)
+            continue
+        upstream = {}
+        if name == "unet":
+            upstream = {s: None if s in will_train else reuse.get(s, run / s) for s in ("vae", "clip")}
+        differences = finished_stage_differences(name, folder, configs[name], data, upstream)
+        if not differences:
+            continue
+        if not overwrite:
+            raise StageError(
+                f"{folder} holds a finished {name} stage that differs from what was asked ({'; '.join(differences[:4])}"
+                f"{'; ...' if len(differences) > 4 else ''}). Rerun with its settings, take it as it is with "
+                f"--reuse {name}={folder}, train into a new --run folder, or pass --overwrite to train it again here")
+        will_train.add(name)
+        print(f"--overwrite: {folder} differs from what was asked ({differences[0]}); training it again", flush=True)
+        (folder / CONFIG_FILE).unlink()
+        checkpoint_path(folder).unlink(missing_ok=True)
 
 
 def final_samples(run: Path, stack: StageStack) -> None:
@@ -116,10 +212,10 @@ def final_samples(run: Path, stack: StageStack) -> None:
     size = stack.image_size
     settings = GenerationSettings(size=size)
     seeds = 4
-    prompts = [p for p in DEFAULT_PROMPTS for _ in range(seeds)]
+    prompts = [p for p in SHOWCASE_PROMPTS for _ in range(seeds)]
     images = generate(stack, prompts, [i % seeds for i in range(len(prompts))], settings)
     save_grid(images, run / "final_samples.png", nrow=seeds, max_side=128)
-    colours = ["a red pokemon", "a blue pokemon", "a green pokemon", "a yellow pokemon"]
+    colours = list(COLOUR_PROMPTS)
     rows = []
     for scale in (1.0, 3.0, 7.0):
         rows.append(generate(stack, colours, [7] * len(colours), GenerationSettings(size=size, guidance_scale=scale)))
@@ -127,7 +223,7 @@ def final_samples(run: Path, stack: StageStack) -> None:
 
 
 def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any] | None, progress: RunProgress,
-                 command: str, pictures: dict[str, Path]) -> None:
+                 command: str, pictures: dict[str, Path], preset: dict[str, str]) -> None:
     """``report.md``: what ran, the metrics table and the pictures, with paths relative to the run."""
 
     def rel(path: Path) -> str:
@@ -137,7 +233,12 @@ def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any]
             return str(path)
 
     lines = [f"# Report: {run.name}", "", f"Command: `{command}`", "",
-             "| stage | folder | minutes |", "|---|---|---|"]
+             f"Preset: **{preset['name']}** ({preset['reason']})", ""]
+    if preset["name"] == "tiny":
+        lines += ["**This is a smoke run.** The tiny preset trains models of a few hundred thousand parameters for "
+                  "minutes on 64-px images: it shows that every stage runs end to end, and its samples are not meant "
+                  "to follow the prompts. Train with the full preset on a GPU for real results.", ""]
+    lines += ["| stage | folder | minutes |", "|---|---|---|"]
     for step in progress.steps:
         folder = rel(stage_dirs[step]) if step in stage_dirs else "—"
         lines.append(f"| {step} | {folder} | {progress.minutes.get(step, 0.0):.2f} |")
@@ -156,38 +257,59 @@ def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="train_all.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    description, _, usage_notes = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="train_all.py", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=usage_notes)
     parser.add_argument("--data", required=True, help="captions folder (e.g. ../shared/pokemon), hub id, or 'shapes'")
     parser.add_argument("--run", type=Path, default=Path("runs/pokemon"), help="run folder (default runs/pokemon)")
     parser.add_argument("--preset", default=None, help="'tiny' (CPU) or 'full' (GPU); default by device")
     parser.add_argument("--reuse", action="append", default=[], help="STAGE=FOLDER: take a finished stage from elsewhere")
     parser.add_argument("--skip-eval", action="store_true", help="no evaluation, final samples or report")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="retrain finished stages of --run whose settings or data differ from what is asked")
     parser.add_argument("--judge", type=Path,
                         help="CLIP stage used as the evaluation judge (default: train one into RUN/judge)")
     parser.add_argument("--device", default=None)
     args, rest = parser.parse_known_args(argv)
-    try:
-        overrides = _stage_overrides(rest)
-        reuse = _parse_reuse(args.reuse)
-    except ConfigError as err:
-        parser.error(str(err))
+    # Every mistake in what was asked surfaces here, before anything trains.
+    overrides = _stage_overrides(rest)
+    reuse = _parse_reuse(args.reuse)
+    if args.judge is not None:
+        reuse["judge"] = args.judge
+    for name, folder in reuse.items():
+        read_stage(folder, stage_kind(name))  # fails when the folder is not a finished stage of this kind
+    trained = [name for name in STAGES if name not in reuse and not (name == "judge" and args.skip_eval)]
+    configs = {name: stage_config(name, args.preset, overrides[name]) for name in trained}
+    check_planned_fit(configs, reuse)
     command = "python train_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
-
-    env = distributed.setup(args.device)
-    device = str(env.device)
+    preset = {"name": choose_preset(args.preset), "reason": preset_reason(args.preset)}
     run: Path = args.run
+    created = not run.exists()
+    env = distributed.setup(args.device)
+    try:
+        if env.is_main:
+            print(f"preset: {preset['name']} ({preset['reason']})", flush=True)
+        check_finished_stages(run, configs, args.data, reuse, args.overwrite)
+        return _train_and_report(args, run, configs, reuse, preset, command, env)
+    except BaseException:
+        if created and env.is_main:
+            remove_empty_folders(run)  # an early failure leaves no empty run folder
+        raise
+    finally:
+        distributed.cleanup()
+
+
+def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, Any], reuse: dict[str, Path],
+                      preset: dict[str, str], command: str, env: distributed.DistEnv) -> dict[str, Any]:
+    device = str(env.device)
     run.mkdir(parents=True, exist_ok=True)
     steps = list(STAGES) + ([] if args.skip_eval else ["evaluate"])
     progress = RunProgress(steps)
     stage_dirs: dict[str, Path] = {}
-    if args.judge is not None:
-        reuse["judge"] = args.judge
     for name in STAGES:
-        if name == "judge" and args.skip_eval and name not in reuse:
-            continue  # only the evaluation needs a judge
+        if name not in reuse and name not in configs:
+            continue  # the judge, when nothing is evaluated
         if name in reuse:
-            read_stage(reuse[name], "clip" if name == "judge" else name)  # fails loudly when the folder is not a finished stage of this kind
             stage_dirs[name] = reuse[name]
             progress.begin(name, f"reused from {reuse[name]} ")
             progress.end(name, skipped=True)
@@ -198,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             progress.end(name, skipped=True)
             continue
         progress.begin(name)
-        train_stage(name, run, args.data, args.preset, overrides[name], stage_dirs, args.device)
+        train_stage(name, configs[name], run, args.data, stage_dirs, args.device)
+        if env.is_main:
+            record_preset(run / name, preset["name"], preset["reason"])
         progress.end(name)
     if env.is_main:
         write_json(run / "stages.json", {k: str(v) for k, v in stage_dirs.items()})
@@ -222,20 +346,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name in stage_dirs:
             if (stage_dirs[name] / "loss.png").is_file():
                 pictures[f"{name} loss"] = stage_dirs[name] / "loss.png"
-        write_report(run, stage_dirs, results, progress, command, pictures)
+        write_report(run, stage_dirs, results, progress, command, pictures, preset)
         summary = {"minutes": progress.total_minutes,
                    "stage_minutes": progress.minutes,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    "world_size": env.world_size,
                    "command": command,
+                   "preset": preset,
                    "stages": {k: str(v) for k, v in stage_dirs.items()}}
         if results is not None:
             summary["evaluation"] = {k: results[k] for k in ("vae", "clip", "generation")}
         write_json(run / "summary.json", summary)
         print(f"\nDone in {progress.total_minutes:.1f} min: {run / 'report.md'}", flush=True)
-    distributed.cleanup()
     return {"minutes": progress.total_minutes, "results": results}
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clip.model import CLIPModel
-from diffusion.train import GRID_PROMPTS
 from pipelines.evaluate import judge_features
 from pipelines.metrics import frechet_distance
+from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import StageStack
 from pipelines.text_to_image import GenerationSettings, generate_with_latents
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from diffusion.train import GRID_PROMPTS
+from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import StageStack, load_stack
 from pipelines.text_to_image import GenerationSettings, generate
 

@@ -67,8 +67,7 @@ class CLIPTrainConfig:
     crop_min_scale: float = 0.8  # random-resized crops keep at least this fraction of the side; 1 disables
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` naming the field and the fix, before any data is loaded."""
-        self.model.validate()
+        """Raise ``ConfigError`` naming the field and the fix; ``validate_config`` checks ``model`` first."""
         for name in ("zh_prob", "flip_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} is a probability; use a value in [0, 1]")

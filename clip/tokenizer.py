@@ -65,6 +65,12 @@ class BPETokenizer:
             ids[row, 1 + len(body)] = self.eos_id
         return ids
 
+    def dropped_tokens(self, text: str) -> int:
+        """How many of ``text``'s tokens ``encode`` cuts off to fit the context."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        body = [i for i in encoding.ids if i not in self._special_ids]
+        return max(0, len(body) - (self.context_length - 2))
+
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         """Text of one sequence of ids; special tokens are dropped."""
         if isinstance(ids, torch.Tensor):

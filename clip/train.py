@@ -23,7 +23,8 @@ from data import CaptionSet, language_mask, load_captions
 from data.augment import random_flip, random_resized_crop, to_float
 from engine import Trainer, distributed
 from engine.cli import run_stage_cli, stage_parser
-from engine.config import config_to_dict
+from engine.config import validate_config
+from engine.errors import run_cli
 
 
 def prepare_tokenizer(cfg: CLIPTrainConfig, train_set: CaptionSet, out_dir: Path, resume: bool) -> BPETokenizer:
@@ -101,7 +102,7 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
           device: str | torch.device | None = None) -> Path:
     """Train (or resume) the CLIP stage into `out_dir` and return it once it holds a complete stage folder."""
     started = time.perf_counter()
-    cfg.validate()
+    validate_config(cfg)
     out_dir = Path(out_dir)
     data = load_captions(data_source, resolution=cfg.model.image_size)
     train_set, val_set = data.subset("train"), data.subset("val")
@@ -117,22 +118,16 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
                             tokenizer.encode(train_set.zh).to(trainer.device), trainer.memory_format)
     trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, val_set, trainer.device))
 
-    if distributed.is_main():
-        # the last epoch's retrieval, measured on these same EMA weights
-        final = {k.removeprefix("val/"): v for k, v in trainer.last_epoch_metrics().items()}
-        metrics = {**final, "steps": trainer.step, "minutes": (time.perf_counter() - started) / 60}
-        with trainer.ema_weights():
-            model.save(out_dir, training=config_to_dict(cfg), trained_on={"data": data.fingerprint}, metrics=metrics)
-        tqdm.write(f"CLIP stage saved to {out_dir}: {summary(metrics)}, {metrics['minutes']:.1f} min")
-    distributed.barrier()
-    return out_dir
+    def final_metrics() -> dict[str, Any]:  # the last epoch's retrieval, measured on these same EMA weights
+        return {k.removeprefix("val/"): v for k, v in trainer.last_epoch_metrics().items()}
+
+    return trainer.finish_stage(model, cfg, {"data": data.fingerprint}, final_metrics, summary, started)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_parser("python -m clip.train", "Train the BPE tokenizer and the CLIP text/image encoders.", "clip")
-    run_stage_cli(parser, argv, CLIPTrainConfig, PRESETS,
-                  lambda cfg, args: train(cfg, args.data, args.out, resume=args.resume, device=args.device))
+    run_stage_cli(parser, argv, CLIPTrainConfig, PRESETS, train)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -21,13 +21,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
+from engine.errors import UserError
+
 from .shapes import make_shapes
 
 HUB_DATASET = "svjack/pokemon-blip-captions-en-zh"
 CACHE_VERSION = "1"  # bump when decoding changes, so stale caches are not reused
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source that cannot be used as it is: names the file or row and the fix."""
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from diffusion.samplers import Denoiser
+from diffusion.noise import PerSampleNoise
+from diffusion.samplers import SAMPLERS, Denoiser
 from diffusion.schedule import NoiseSchedule, check_prediction_type
 
 Model = Callable[[Tensor, Tensor, Tensor], Tensor]  # model(x_t, t, context) -> raw epsilon or v prediction
@@ -53,3 +55,23 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
         return x0
 
     return denoise
+
+
+@torch.no_grad()
+def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str,
+                             cond: Tensor, uncond: Tensor, guidance_scale: float, x: Tensor, timesteps: Tensor,
+                             sampler: str, noise: PerSampleNoise, eta: float = 0.0, decode_batch: int | None = None,
+                             decode_context: AbstractContextManager | None = None,
+                             guidance_rescale: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Sample ``x`` (noisy scaled latents at ``timesteps[0]``) with guidance, then decode with the VAE.
+
+    The one sampling path of ``pipelines.generate`` and the UNet stage's per-epoch grid. Returns the float32
+    images (not clamped) and the scaled latents. ``decode_batch`` bounds the VAE batch; ``decode_context``
+    (e.g. an autocast) wraps the decoding only.
+    """
+    denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale)
+    latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta)
+    with decode_context or nullcontext():
+        images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()
+                            for z in latents.split(decode_batch or len(latents))])
+    return images, latents

@@ -6,6 +6,11 @@ level ``timesteps[0]``; each step moves to the next timestep and the last step m
 
 All step coefficients are computed up front on the CPU in float64 from the schedule table and kept as
 Python floats, so the loop makes no host syncs; ``timesteps`` is read to the host once, before it.
+
+Every sampler has one signature, ``sampler(denoiser, schedule, x, timesteps, *, noise=None, eta=0.0,
+callback=None)``: ``noise`` is where a stochastic step draws from (``diffusion.noise``; ``PerSampleNoise``
+makes each sample depend on its own seed only; ``None``: the global RNG), ``eta`` is DDIM's noise level and
+must stay 0 for the others.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from diffusion.noise import NoiseSource, generator_noise
 from diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -67,36 +73,42 @@ def _posterior_step(ab_t: float, ab_s: float) -> _Step:
 
 
 def _run_steps(denoiser: Denoiser, x: Tensor, timesteps: Tensor, steps: list[_Step],
-               generator: torch.Generator | None, callback: StepCallback | None) -> Tensor:
+               noise: NoiseSource | None, callback: StepCallback | None) -> Tensor:
+    noise = noise or generator_noise()
     t_device = timesteps.to(device=x.device, dtype=torch.long)
     for i, step in enumerate(steps):
         x0_hat = denoiser(x, t_device[i].expand(x.shape[0])).to(x.dtype)
         x_next = step.x_coef * x + step.x0_coef * x0_hat
         if step.noise_std > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x_next = x_next + step.noise_std * noise
+            x_next = x_next + step.noise_std * noise(x)
         x = x_next
         if callback is not None:
             callback(i, x, x0_hat)
     return x
 
 
-def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, eta: float = 0.0,
-                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
+def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
+                noise: NoiseSource | None = None, eta: float = 0.0, callback: StepCallback | None = None) -> Tensor:
     """DDIM; ``eta=0`` is the deterministic probability-flow sampler, ``eta=1`` matches ancestral DDPM."""
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
     levels = _alpha_bars(schedule, timesteps)
     steps = [_ddim_step(a, b, eta) for a, b in zip(levels[:-1], levels[1:])]
-    return _run_steps(denoiser, x, timesteps, steps, generator, callback)
+    return _run_steps(denoiser, x, timesteps, steps, noise, callback)
 
 
-def sample_ddpm(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor,
-                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
+def sample_ddpm(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
+                noise: NoiseSource | None = None, eta: float = 0.0, callback: StepCallback | None = None) -> Tensor:
     """Ancestral sampling from the posterior q(x_{t'} | x_t, x0_hat) between consecutive timesteps."""
+    _check_no_eta("ddpm", eta)
     levels = _alpha_bars(schedule, timesteps)
     steps = [_posterior_step(a, b) for a, b in zip(levels[:-1], levels[1:])]
-    return _run_steps(denoiser, x, timesteps, steps, generator, callback)
+    return _run_steps(denoiser, x, timesteps, steps, noise, callback)
+
+
+def _check_no_eta(name: str, eta: float) -> None:
+    if eta != 0:
+        raise ValueError(f"eta={eta} applies to the ddim sampler only; use sampler ddim or leave eta at 0 for {name}")
 
 
 def _half_log_snr(alpha_bar: float) -> float:
@@ -108,14 +120,17 @@ def _half_log_snr(alpha_bar: float) -> float:
     return 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor,
+def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
+                    noise: NoiseSource | None = None, eta: float = 0.0,
                     callback: StepCallback | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep in lambda = log(alpha / sigma).
 
     Each step is the first-order (DDIM) update with x0_hat replaced by the extrapolation
     ``(1 + w) x0_hat_i - w x0_hat_{i-1}``, ``w = h_i / (2 h_{i-1})``. The first step, the last step (to the
     clean level, h = inf) and a step after a pure-noise start (h_{i-1} = inf) stay first order (w = 0).
+    Deterministic: ``noise`` is never drawn from.
     """
+    _check_no_eta("dpmpp_2m", eta)
     levels = _alpha_bars(schedule, timesteps)
     lambdas = [_half_log_snr(a) for a in levels]
     h = [b - a for a, b in zip(lambdas[:-1], lambdas[1:])]

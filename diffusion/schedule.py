@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.config import ConfigError
+
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -38,6 +40,13 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     zero_terminal_snr: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the field and the fix."""
+        try:
+            _check_config(self)
+        except ValueError as err:
+            raise ConfigError(f"schedule: {err}") from None
 
 
 def _betas(config: ScheduleConfig) -> Tensor:

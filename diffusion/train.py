@@ -24,46 +24,23 @@ from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from data.augment import AUGMENT_DIM
 from diffusion.config import PRESETS, UNetTrainConfig
-from diffusion.guidance import cfg_denoiser
+from diffusion.fit import check_fit
+from diffusion.guidance import guided_sample_and_decode
 from diffusion.latents import LatentCache, TextStateCache, build_latent_cache, cache_key, encode_prompts
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
-from diffusion.samplers import SAMPLERS
+from diffusion.noise import PerSampleNoise
 from diffusion.schedule import NoiseSchedule
-from engine import ConfigError, Trainer, distributed, read_stage
+from engine import Trainer, distributed, read_stage
 from engine.cli import run_stage_cli, stage_parser
-from engine.config import config_to_dict
+from engine.config import config_to_dict, validate_config
+from engine.errors import run_cli
 from engine.images import save_grid
 from engine.runlog import read_records
+from pipelines.prompts import GRID_PROMPTS
 from unet.model import UNet
 from vae.model import AutoencoderKL
 
-# Fixed grid prompts in both languages; a few validation captions are appended to them.
-GRID_PROMPTS = (
-    "a cartoon drawing of a red pokemon with wings",
-    "a blue water pokemon with big eyes",
-    "一只绿色的卡通宝可梦",
-    "一只黄色的小老鼠，红色的脸颊",
-)
 GRID_VAL_CAPTIONS = 2  # English and Chinese captions of this many validation images
-
-
-def resolve_model_config(cfg: UNetTrainConfig, vae: AutoencoderKL, clip: CLIPModel) -> None:
-    """Take the context width from the CLIP stage and check the UNet fits the VAE's latents (in place)."""
-    if cfg.augment.copies > 0:
-        cfg.model.augment_dim = AUGMENT_DIM
-    if cfg.model.context_dim is None:
-        cfg.model.context_dim = clip.context_dim
-    elif cfg.model.context_dim != clip.context_dim:
-        raise ConfigError(f"model.context_dim={cfg.model.context_dim} but the CLIP stage's text states are "
-                          f"{clip.context_dim} wide: the text encoder and the UNet must match (drop the override)")
-    if (cfg.model.in_channels, cfg.model.out_channels) != (vae.latent_channels, vae.latent_channels):
-        raise ConfigError(f"the VAE's latents have {vae.latent_channels} channels but the UNet has "
-                          f"in_channels={cfg.model.in_channels}, out_channels={cfg.model.out_channels}; set both to "
-                          f"{vae.latent_channels}")
-    factor = vae.downsample_factor * cfg.model.downsample_factor
-    if cfg.resolution % factor:
-        raise ConfigError(f"resolution={cfg.resolution} must be a multiple of {factor} (the VAE's downsampling x the "
-                          f"UNet's {cfg.model.downsample_factor})")
 
 
 class LatentBatchMaker:
@@ -136,21 +113,19 @@ class SampleGrid:
         self.num_prompts = len(prompt_states)
         self.cond = prompt_states.repeat(cfg.sample_seeds, 1, 1)
         self.uncond = null_state[None]
-        device = prompt_states.device
-        noise = [torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))
-                 for seed in range(cfg.sample_seeds)]
-        self.noise = torch.stack(noise).repeat_interleave(self.num_prompts, dim=0).to(device)
+        self.seeds = [seed for seed in range(cfg.sample_seeds) for _ in range(self.num_prompts)]
+        self.latent_shape = latent_shape
 
     @torch.no_grad()
     def __call__(self, model: UNet, vae: AutoencoderKL, trainer: Trainer, path: Path) -> None:
         cfg = self.cfg
-        denoiser = cfg_denoiser(model, self.schedule, cfg.prediction_type, self.cond, self.uncond, cfg.guidance_scale,
-                                cfg.guidance_rescale)
+        noise = PerSampleNoise(self.seeds)  # the same noise every epoch, so the grids compare
         timesteps = self.schedule.sampling_timesteps(cfg.sample_steps)
         with trainer.autocast():
-            latents = SAMPLERS[cfg.sample_sampler](denoiser, self.schedule, self.noise.clone(), timesteps)
-            images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()
-                                for z in latents.split(cfg.val_batch_size)])
+            images, _ = guided_sample_and_decode(
+                model, vae, self.schedule, cfg.prediction_type, self.cond, self.uncond, cfg.guidance_scale,
+                noise.initial(self.latent_shape, self.cond.device), timesteps, cfg.sample_sampler, noise,
+                decode_batch=cfg.val_batch_size, guidance_rescale=cfg.guidance_rescale)
         trainer.log_image("samples", save_grid(images, path, nrow=self.num_prompts, max_side=128))
 
 
@@ -200,13 +175,18 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
           resume: bool = False, device: str | torch.device | None = None) -> Path:
     """Train (or resume) the UNet stage into ``out_dir`` and return it once it holds a complete stage folder."""
     started = time.perf_counter()
-    cfg.validate()
+    validate_config(cfg)
     out_dir = Path(out_dir)
     env = distributed.setup(device)
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
     vae = AutoencoderKL.load(vae_dir, env.device).requires_grad_(False)
     clip = CLIPModel.load(clip_dir, env.device).requires_grad_(False)
-    resolve_model_config(cfg, vae, clip)
+    if cfg.model.context_dim is None:  # the text states' width comes from the CLIP stage
+        cfg.model.context_dim = clip.context_dim
+    if cfg.augment.copies > 0:  # augmentation labels condition the UNet
+        cfg.model.augment_dim = AUGMENT_DIM
+    check_fit(vae_info.model, clip_info.model, config_to_dict(cfg.model),
+              {"vae": f"at {vae_dir}", "clip": f"at {clip_dir}", "unet": "being trained"}, cfg.resolution)
     data = load_captions(data_source, resolution=cfg.resolution)
     train_set, val_set = data.subset("train"), data.subset("val")
 
@@ -246,34 +226,27 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     grid = SampleGrid(cfg, schedule, prompt_states, texts.null, tuple(val_latents.shape[1:]))
     trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, vae, validation, grid, out_dir))
 
-    if env.is_main:
-        val_loss = trainer.last_epoch_metrics()["val/loss"]  # the last epoch always scores the EMA weights
-        with trainer.ema_weights():
-            on_cuda = trainer.device.type == "cuda"
-            metrics = {
-                "val_loss": val_loss,
-                "minutes": (time.perf_counter() - started) / 60,
-                "train_samples_per_s": _training_throughput(out_dir / "log.jsonl"),
-                "peak_mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9 if on_cuda else None,
-                "steps": trainer.step,
-                "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            }
-            trained_on = {"data": data.fingerprint, "vae": vae_info.fingerprint, "clip": clip_info.fingerprint,
-                          "tokenizer": tokenizer_fingerprint}
-            model.save(out_dir, training=config_to_dict(cfg), trained_on=trained_on, metrics=metrics)
-        tqdm.write(f"UNet stage saved to {out_dir}: val loss {val_loss:.4f}, {metrics['minutes']:.1f} min")
-    distributed.barrier()
-    return out_dir
+    def final_metrics() -> dict[str, Any]:
+        on_cuda = trainer.device.type == "cuda"
+        return {
+            "val_loss": trainer.last_epoch_metrics()["val/loss"],  # the last epoch always scores the EMA weights
+            "train_samples_per_s": _training_throughput(out_dir / "log.jsonl"),
+            "peak_mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9 if on_cuda else None,
+            "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        }
+
+    trained_on = {"data": data.fingerprint, "vae": vae_info.fingerprint, "clip": clip_info.fingerprint,
+                  "tokenizer": tokenizer_fingerprint}
+    return trainer.finish_stage(model, cfg, trained_on, final_metrics,
+                                lambda metrics: f"val loss {metrics['val_loss']:.4f}", started)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = stage_parser("python -m diffusion.train", "Train the latent UNet (diffusion) stage.", "unet")
-    parser.add_argument("--vae", required=True, help="finished VAE stage folder, e.g. runs/NAME/vae")
-    parser.add_argument("--clip", required=True, help="finished CLIP stage folder, e.g. runs/NAME/clip")
-    run_stage_cli(parser, argv, UNetTrainConfig, PRESETS,
-                  lambda cfg, args: train(cfg, args.data, args.vae, args.clip, args.out, resume=args.resume,
-                                          device=args.device))
+    upstream = {"vae": "finished VAE stage folder, e.g. runs/NAME/vae",
+                "clip": "finished CLIP stage folder, e.g. runs/NAME/clip"}
+    parser = stage_parser("python -m diffusion.train", "Train the latent UNet (diffusion) stage.", "unet", upstream)
+    run_stage_cli(parser, argv, UNetTrainConfig, PRESETS, train, upstream=list(upstream))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import distributed
-from .config import ConfigError, build_config, parse_overrides
+from .config import build_config, choose_preset, parse_overrides, preset_reason
+from .stage import check_not_finished, record_preset, remove_empty_folders
 
 
-def stage_parser(prog: str, description: str, stage: str) -> argparse.ArgumentParser:
+def stage_parser(prog: str, description: str, stage: str,
+                 upstream: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """A parser with the flags every stage takes (``--data``, ``--out``, ``--preset``, ``--resume``,
-    ``--device``); a stage adds its own (the UNet's ``--vae``, ``--clip``)."""
+    ``--overwrite``, ``--device``) and a required ``--NAME FOLDER`` per stage in ``upstream`` (name -> help)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
         epilog="Any config value can be overridden as --key=value (e.g. --lr=2e-4 --epochs=3); "
                "an unknown key is an error.")
     parser.add_argument("--data", required=True, help="image folder with metadata.jsonl, a hub id, or 'shapes'")
+    for name, help_text in (upstream or {}).items():
+        parser.add_argument(f"--{name}", required=True, help=help_text)
     parser.add_argument("--out", required=True, help=f"stage folder to write, e.g. runs/NAME/{stage}")
     parser.add_argument("--preset", default=None, help="named config: 'tiny' (CPU) or 'full' (GPU); default by device")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished stage in the output folder (default: refuse)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: GPU when available)")
     return parser
 
@@ -28,23 +35,32 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                      ) -> tuple[argparse.Namespace, dict[str, str]]:
     """Parse the fixed flags; everything else must be ``--key=value`` config overrides."""
     args, rest = parser.parse_known_args(argv)
-    try:
-        return args, parse_overrides(rest)
-    except ValueError as err:
-        parser.error(str(err))
-        raise  # unreachable: parser.error exits
+    return args, parse_overrides(rest)
 
 
 def run_stage_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, config_cls: type,
-                  presets: Mapping[str, Mapping[str, Any]], train: Callable[[Any, argparse.Namespace], Any]) -> None:
-    """Parse, build the stage config (a bad key or value exits with the parser's usage and the reason),
-    then ``train(cfg, args)``, leaving the process group (under torchrun) however it ends."""
+                  presets: Mapping[str, Mapping[str, Any]], train: Callable[..., Any], upstream: Sequence[str] = ()
+                  ) -> None:
+    """Parse, build and validate the stage config (a bad key or value raises ``ConfigError`` before any work),
+    refuse to replace a finished stage without ``--resume`` or ``--overwrite``, then call
+    ``train(cfg, data, *upstream stage folders, out, resume=, device=)`` and record the preset in the stage's
+    ``config.json``. A failure leaves no empty folder behind; the process group (under torchrun) is left
+    however it ends."""
     args, overrides = parse_stage_args(parser, argv)
+    cfg = build_config(config_cls, presets, args.preset, overrides)
+    check_not_finished(args.out, args.resume, args.overwrite)
+    preset, reason = choose_preset(args.preset), preset_reason(args.preset)
+    if distributed.is_main():
+        print(f"preset: {preset} ({reason})", flush=True)
+    created = not Path(args.out).exists()
     try:
-        cfg = build_config(config_cls, presets, args.preset, overrides)
-    except ConfigError as err:
-        parser.error(str(err))
-    try:
-        train(cfg, args)
+        train(cfg, args.data, *(getattr(args, name) for name in upstream), args.out, resume=args.resume,
+              device=args.device)
+        if distributed.is_main():
+            record_preset(args.out, preset, reason)
+    except BaseException:
+        if created and distributed.is_main():
+            remove_empty_folders(args.out)
+        raise
     finally:
         distributed.cleanup()

@@ -17,8 +17,10 @@ from typing import Any, Mapping
 
 import torch
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config key or value that does not fit the stage's config."""
 
 
@@ -55,12 +57,42 @@ class TrainConfig:
     # torch 2.11 (VAE 139 vs 189, UNet 260 vs 292 samples/s; docs/results/bench/step_speed.json).
     channels_last: bool = False
 
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the field and the fix."""
+        for name in ("epochs", "passes_per_epoch", "batch_size", "grad_accum", "log_every",
+                     "checkpoint_every_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got '{self.precision}'")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
+
+
+def validate_config(cfg: Any) -> Any:
+    """The one way configs are checked: ``validate()`` of every nested config, innermost first, then of
+    ``cfg`` itself. Each raises ``ConfigError`` naming the field and the fix. Returns ``cfg``."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            validate_config(value)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
 
 def choose_preset(preset: str | None) -> str:
     """The ``full`` preset on a CUDA machine, ``tiny`` otherwise, unless one is named."""
     if preset is not None:
         return preset
     return "full" if torch.cuda.is_available() else "tiny"
+
+
+def preset_reason(preset: str | None) -> str:
+    """Why ``choose_preset`` picks what it picks, for the run's printout and records."""
+    if preset is not None:
+        return "named with --preset"
+    return "a GPU was found" if torch.cuda.is_available() else "no GPU found"
 
 
 def _leaves(cfg: Any, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field, Any]]:
@@ -176,17 +208,17 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 def build_config(cls: type, presets: Mapping[str, Mapping[str, Any]], preset: str | None,
                  overrides: Mapping[str, Any] | None = None) -> Any:
-    """Default config of ``cls``, then the named preset's overrides, then the caller's."""
+    """Default config of ``cls``, then the named preset's overrides, then the caller's; validated."""
     name = choose_preset(preset)
     if name not in presets:
         raise ConfigError(f"unknown preset '{name}'; choose one of {sorted(presets)}")
     cfg = cls()
     apply_overrides(cfg, presets[name])
     apply_overrides(cfg, overrides or {})
-    return cfg
+    return validate_config(cfg)
 
 
 __all__ = [
-    "ConfigError", "TrainConfig", "choose_preset", "apply_overrides", "config_to_dict", "config_from_dict",
+    "ConfigError", "TrainConfig", "validate_config", "choose_preset", "preset_reason", "apply_overrides", "config_to_dict", "config_from_dict",
     "parse_overrides", "build_config",
 ]

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import config_from_dict, config_to_dict
+from .errors import UserError
 
 CODE_VERSION = "0.1.0"
 CONFIG_FILE = "config.json"
@@ -27,7 +28,7 @@ WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 
 
-class StageError(ValueError):
+class StageError(UserError):
     """A stage folder that is missing, incomplete, of the wrong kind, or does not fit its neighbours."""
 
 
@@ -108,6 +109,41 @@ def is_complete(folder: str | Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
+def check_not_finished(folder: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds a finished stage unless resuming it or asked to overwrite it.
+
+    Replacing a finished stage silently would break the lineage of every run that uses it. With
+    ``overwrite`` its ``config.json`` goes first, so until the new stage is saved the folder reads as unfinished.
+    """
+    folder = Path(folder)
+    if not is_complete(folder) or resume:
+        return
+    if not overwrite:
+        raise StageError(f"{folder} already holds a finished stage; continue it with --resume, write to a new "
+                         "--out folder, or pass --overwrite to replace it")
+    (folder / CONFIG_FILE).unlink()
+
+
+def record_preset(folder: str | Path, name: str, reason: str) -> None:
+    """Add the preset the stage was trained with (and why it was chosen) to its ``config.json``."""
+    path = Path(folder) / CONFIG_FILE
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["preset"] = {"name": name, "reason": reason}
+    write_json(path, data)
+
+
+def remove_empty_folders(folder: str | Path) -> None:
+    """Remove ``folder`` and the folders below it that hold no file (what an early failure leaves behind)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def read_stage(folder: str | Path, kind: str | None = None) -> StageInfo:
     """Read a stage folder's ``config.json``; errors name the folder and what to do."""
     folder = Path(folder)
@@ -125,13 +161,13 @@ def read_stage(folder: str | Path, kind: str | None = None) -> StageInfo:
 
 
 def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The stage's state dict, read from safetensors (never unpickled)."""
-    return load_file(str(Path(folder) / WEIGHTS_FILE), device=str(device))
-
-
-def read_metrics(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / METRICS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The stage's state dict, read from safetensors (never unpickled); a damaged file is a ``StageError``."""
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors reports truncation and corruption with several exception types
+        raise StageError(f"weights file {path} is truncated or corrupt ({type(err).__name__}: {err}); copy the "
+                         "stage folder again, or train the stage again (--overwrite)") from None
 
 
 StageModelT = TypeVar("StageModelT", bound="StageModel")

@@ -25,12 +25,17 @@ from tqdm.auto import tqdm
 from . import distributed, runlog
 from .config import ConfigError, TrainConfig, config_to_dict
 from .ema import EMA
-from .stage import atomic_write
+from .stage import StageError, StageModel, atomic_write
 from .tensorboard import TensorBoardLog
 
 CHECKPOINT_NAME = "latest.pt"
 MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
 EpochCallback = Callable[[int, "Trainer"], "Mapping[str, Any] | None"]
+
+
+def checkpoint_path(out_dir: str | Path) -> Path:
+    """Where the trainer of a stage folder keeps the checkpoint it resumes from."""
+    return Path(out_dir) / "checkpoints" / CHECKPOINT_NAME
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -70,11 +75,12 @@ class Trainer:
                  ema_of: nn.Module | None = None, param_groups: list[dict[str, Any]] | None = None,
                  find_unused_parameters: bool = False, resume: bool = False,
                  device: str | torch.device | None = None, run_config: Mapping[str, Any] | None = None) -> None:
+        cfg.validate()
         self.cfg = cfg
         self.env = distributed.setup(device)
         self.device = self.env.device
         self.out_dir = Path(out_dir)
-        self.checkpoint_path = self.out_dir / "checkpoints" / CHECKPOINT_NAME
+        self.checkpoint_path = checkpoint_path(self.out_dir)
         self.log_path = self.out_dir / "log.jsonl"
 
         per_step = self.env.world_size * cfg.grad_accum
@@ -84,8 +90,6 @@ class Trainer:
         if num_train_items < cfg.batch_size:
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({num_train_items} items); "
                               "lower --batch_size")
-        if cfg.passes_per_epoch < 1:
-            raise ConfigError(f"passes_per_epoch must be >= 1, got {cfg.passes_per_epoch}")
         self.num_train_items = num_train_items
         # drop_last: every step sees a full batch
         self.steps_per_epoch = num_train_items * cfg.passes_per_epoch // cfg.batch_size
@@ -94,8 +98,6 @@ class Trainer:
         self.precision = cfg.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got '{cfg.precision}'")
 
         if self.env.world_size > 1 and self.device.type == "cuda":
             # BatchNorm statistics over the global batch, so N GPUs train like one GPU at the same global
@@ -311,6 +313,25 @@ class Trainer:
             raise RuntimeError(f"{self.log_path} holds no finished epoch: call fit() first")
         return {k: v for k, v in epochs[-1].items() if k not in ("kind", "step", "epoch")}
 
+    def finish_stage(self, model: StageModel, cfg: Any, trained_on: Mapping[str, str],
+                     final_metrics: Callable[[], dict[str, Any]], describe: Callable[[dict[str, Any]], str],
+                     started: float) -> Path:
+        """The end of every stage: on the main process, with the EMA weights in place, take the stage's final
+        metrics, save the stage folder (config.json last) and print one line; then wait for every process.
+
+        ``final_metrics`` runs under the EMA weights (the VAE measures its scaling factor there); ``steps``
+        and ``minutes`` (since ``started``, a ``time.perf_counter()``) are added to what it returns.
+        """
+        if self.env.is_main:
+            with self.ema_weights():
+                model.eval()
+                metrics = {**final_metrics(), "steps": self.step, "minutes": (time.perf_counter() - started) / 60}
+                model.save(self.out_dir, training=config_to_dict(cfg), trained_on=trained_on, metrics=metrics)
+            tqdm.write(f"{model.STAGE_KIND.upper()} stage saved to {self.out_dir}: {describe(metrics)}, "
+                       f"{metrics['minutes']:.1f} min")
+        distributed.barrier()
+        return self.out_dir
+
     # ------------------------------------------------------------------ checkpoints
     def _rng_state(self) -> dict[str, Any]:
         state = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": self.generator.get_state()}
@@ -347,7 +368,11 @@ class Trainer:
         distributed.barrier()
 
     def _load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        except Exception as err:  # a truncated zip, a foreign pickle, a short read: each its own exception type
+            raise StageError(f"checkpoint {self.checkpoint_path} is truncated or corrupt ({type(err).__name__}: "
+                             f"{err}); delete it to train the stage from the start, or restore it from a copy") from None
         saved_cfg = state.get("train_config", {})
         for key in ("batch_size", "grad_accum", "seed"):
             if saved_cfg.get(key) != getattr(self.cfg, key):

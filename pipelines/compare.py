@@ -1,6 +1,6 @@
 """Side-by-side comparison of runs: the picture and the table of a swap study.
 
-    python -m pipelines.compare runs/A runs/B --out docs/results/swap
+    python -m pipelines.compare runs/A runs/B --out runs/swap
 
 Every run draws the same prompts with the same seeds (rows = runs, columns = prompts), and the metrics
 of each run's ``evaluation.json`` are put in one markdown table.
@@ -15,20 +15,13 @@ from typing import Sequence
 
 import torch
 
+from engine.errors import run_cli
 from engine.images import save_grid
 
 from .evaluate import metrics_table
+from .prompts import SHOWCASE_PROMPTS
 from .stages import load_stack
 from .text_to_image import GenerationSettings, generate
-
-DEFAULT_PROMPTS = [
-    "a red and white pokemon with big eyes",
-    "a blue water pokemon with a round body",
-    "a green plant pokemon with leaves",
-    "a yellow electric mouse pokemon",
-    "一只红色的火焰宝可梦",
-    "一只蓝色的鸟宝可梦",
-]
 
 
 def compare_table(runs: Sequence[Path]) -> str:
@@ -54,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--device")
     args = parser.parse_args(argv)
 
-    prompts = args.prompt or DEFAULT_PROMPTS
+    prompts = args.prompt or list(SHOWCASE_PROMPTS)
     rows = []
     size = args.size
     for run in args.runs:
@@ -74,4 +67,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

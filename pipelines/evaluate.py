@@ -26,13 +26,14 @@ from clip.metrics import retrieval_metrics
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from data.augment import to_float
+from engine.errors import UserError, run_cli
 from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
 from .metrics import (colour_hits, colour_prompts, colours_named, composition, frechet_distance, kernel_distance,
                       near_copies, nearest_indices, seed_diversity, thumbnails)
-from .stages import StageStack, load_stack
+from .stages import StageStack, load_stack, stage_paths
 from .text_to_image import GenerationSettings, generate
 
 
@@ -250,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--judge", type=Path,
                         help="CLIP stage folder used as the fixed judge (default: the run's judge/)")
     parser.add_argument("--out", type=Path, help="where evaluation.json/.md go (default: the run folder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the evaluation already in the run folder (default: refuse; or pass --out)")
     parser.add_argument("--size", type=int, help="image size (default: the VAE's training resolution)")
     defaults = GenerationSettings()
     parser.add_argument("--steps", type=int, default=defaults.steps)
@@ -258,15 +261,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale)
     parser.add_argument("--device")
     args = parser.parse_args(argv)
+    default_out = args.run or stage_paths(args.run, args.vae, args.clip, args.unet)["unet"]
+    if args.out is None and (default_out / "evaluation.json").is_file() and not args.overwrite:
+        raise UserError(f"{default_out / 'evaluation.json'} exists (the run's own evaluation); write this one "
+                        "elsewhere with --out DIR, or pass --overwrite to replace it")
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
     settings = GenerationSettings(guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                                   steps=args.steps, sampler=args.sampler,
                                   size=args.size or stack.image_size)
-    results = evaluate_to_folder(stack, args.data, args.out or args.run or stack.infos["unet"].path, args.judge,
-                                 settings)
+    results = evaluate_to_folder(stack, args.data, args.out or default_out, args.judge, settings)
     print(json.dumps({k: results[k] for k in ("vae", "clip", "generation")}, indent=2))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,15 +8,52 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from clip.tokenizer import BPETokenizer
+from engine.errors import UserError, run_cli
 from engine.images import save_grid, to_pil
 
 from .stages import load_stack
 from .text_to_image import GenerationSettings, generate, pil_to_tensor, save_images
+
+DEFAULT_STRENGTH = 0.6
+
+
+def read_init_image(path: Path | None, strength: float | None) -> Image.Image | None:
+    """The ``--init-image`` picture, decoded; ``--strength`` must go with it and lie in (0, 1]."""
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise UserError(f"--strength must be in (0, 1] (near 0 keeps the init image, 1 ignores it), got {strength}")
+    if path is None:
+        if strength is not None:
+            raise UserError("--strength applies to image-to-image only; add --init-image PICTURE or drop --strength")
+        return None
+    if path.is_dir():
+        raise UserError(f"--init-image {path} is a folder; pass one picture file (png, jpg, ...)")
+    if not path.is_file():
+        raise UserError(f"--init-image {path} does not exist; pass the path of a picture file")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"--init-image {path} is not a readable picture ({err}); pass a png, jpg or webp file") from None
+    return image
+
+
+def check_prompts(prompts: Sequence[str], tokenizer: BPETokenizer) -> None:
+    """Say what happens to an empty prompt and to one longer than the text encoder's context."""
+    for prompt in prompts:
+        if not prompt.strip():
+            print("note: an empty --prompt samples unconditionally (no text guides the image)", flush=True)
+            continue
+        dropped = tokenizer.dropped_tokens(prompt)
+        if dropped:
+            warnings.warn(f"the prompt {prompt[:40]!r}... is longer than the text encoder's context of "
+                          f"{tokenizer.context_length - 2} tokens: its last {dropped} tokens are dropped", stacklevel=2)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
@@ -36,14 +73,17 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     parser.add_argument("--size", type=int, help="multiple of 8 (default: the VAE's training resolution)")
     parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture")
-    parser.add_argument("--strength", type=float, default=0.6, help="image-to-image: 0 keeps the init, 1 ignores it")
+    parser.add_argument("--strength", type=float, help="image-to-image, in (0, 1]: near 0 keeps the init, 1 ignores it "
+                        f"(default {DEFAULT_STRENGTH})")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                         help="run the UNet eagerly instead of replaying a CUDA graph (CUDA only; for debugging)")
     parser.add_argument("--out", type=Path, default=Path("outputs"))
     parser.add_argument("--device")
     args = parser.parse_args(argv)
+    init_image = read_init_image(args.init_image, args.strength)
 
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
+    check_prompts(args.prompt, stack.clip.tokenizer)
     size = args.size or stack.image_size
     settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, eta=args.eta,
                                   size=size, negative_prompt=args.negative_prompt,
@@ -51,11 +91,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(prompts))]
     init, strength = None, 1.0
-    if args.init_image is not None:
-        if not args.init_image.is_file():
-            parser.error(f"--init-image {args.init_image} does not exist")
-        init = pil_to_tensor(Image.open(args.init_image), size)[None].expand(len(prompts), -1, -1, -1)
-        strength = args.strength
+    if init_image is not None:
+        init = pil_to_tensor(init_image, size)[None].expand(len(prompts), -1, -1, -1)
+        strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     images = generate(stack, prompts, seeds, settings, init_images=init, strength=strength)
     paths = save_images(to_pil(images), args.out)
     paths.append(save_grid(images, args.out / "grid.png", nrow=max(1, args.num_images)))
@@ -65,4 +103,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

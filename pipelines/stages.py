@@ -17,6 +17,7 @@ import torch
 
 from clip.model import CLIPModel
 from diffusion.cuda_graph import CudaGraphCall
+from diffusion.fit import check_fit
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from engine.config import config_from_dict
 from engine.precision import inference_autocast
@@ -99,18 +100,8 @@ def tokenizer_fingerprint(clip_info: StageInfo) -> str | None:
     return file_fingerprint(path) if path.is_file() else None
 
 
-def check_fit(vae_info: StageInfo, clip_info: StageInfo, unet_info: StageInfo) -> list[str]:
-    """Raise ``StageError`` when shapes don't fit; return lineage mismatches (stage names) otherwise."""
-    latent = vae_info.model.get("latent_channels")
-    if unet_info.model.get("in_channels") != latent or unet_info.model.get("out_channels") != latent:
-        raise StageError(f"the VAE at {vae_info.path} makes {latent}-channel latents but the UNet at "
-                         f"{unet_info.path} takes {unet_info.model.get('in_channels')}; use a VAE with "
-                         f"{unet_info.model.get('in_channels')} latent channels or retrain the UNet on this VAE")
-    width = clip_info.model.get("text_width")
-    if unet_info.model.get("context_dim") != width:
-        raise StageError(f"the CLIP stage at {clip_info.path} gives {width}-wide text states but the UNet at "
-                         f"{unet_info.path} cross-attends to {unet_info.model.get('context_dim')}; use a CLIP stage "
-                         "of that width or retrain the UNet on this one")
+def lineage_mismatches(vae_info: StageInfo, clip_info: StageInfo, unet_info: StageInfo) -> list[str]:
+    """The stages (and the tokenizer) the UNet was not trained with."""
     expected_tokenizer = unet_info.trained_on.get("tokenizer")
     actual_tokenizer = tokenizer_fingerprint(clip_info)
     mismatched = []
@@ -129,7 +120,9 @@ def load_stack(run: str | Path | None = None, *, vae: str | Path | None = None, 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     paths = stage_paths(run, vae, clip, unet)
     infos = {name: read_stage(path, name) for name, path in paths.items()}
-    for name in check_fit(infos["vae"], infos["clip"], infos["unet"]):
+    check_fit(infos["vae"].model, infos["clip"].model, infos["unet"].model,
+              {name: f"at {path}" for name, path in paths.items()})
+    for name in lineage_mismatches(infos["vae"], infos["clip"], infos["unet"]):
         where = paths["clip"] / "tokenizer.json" if name == "tokenizer" else paths[name]
         actual = tokenizer_fingerprint(infos["clip"]) if name == "tokenizer" else infos[name].fingerprint
         warnings.warn(

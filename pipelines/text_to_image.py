@@ -11,9 +11,11 @@ from PIL import Image
 
 from data.augment import resize, to_float
 from data.captions import square_resize
-from diffusion.guidance import cfg_denoiser
+from diffusion.guidance import guided_sample_and_decode
+from diffusion.noise import PerSampleNoise
 from diffusion.samplers import SAMPLERS
-from engine.images import save_grid, to_pil
+from engine.errors import UserError
+from engine.images import save_grid
 from engine.precision import inference_autocast
 
 from .stages import StageStack
@@ -27,7 +29,7 @@ class GenerationSettings:
     guidance_rescale: float = 0.7  # 0: plain classifier-free guidance (see diffusion.guidance.rescale_guided)
     steps: int = 25
     sampler: str = "dpmpp_2m"  # "ddim" | "ddpm" | "dpmpp_2m"
-    eta: float = 0.0  # DDIM only
+    eta: float = 0.0  # DDIM's step noise; the other samplers refuse eta > 0
     size: int = 512
     negative_prompt: str = ""
     batch_size: int = 16  # prompts per UNet call (the guidance pass doubles it)
@@ -36,16 +38,11 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler '{self.sampler}'; choose one of {sorted(SAMPLERS)}")
+            raise UserError(f"unknown sampler '{self.sampler}'; choose one of {sorted(SAMPLERS)}")
         if self.size % 8:
-            raise ValueError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
+            raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
         if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-
-
-def _noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.device) -> torch.Tensor:
-    """One independent noise tensor per seed, so an image depends on its own seed only (not on the batch)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+            raise UserError(f"steps must be at least 1, got {self.steps}")
 
 
 def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], settings: GenerationSettings | None = None,
@@ -76,7 +73,6 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
     # A weak img2img strength leaves fewer schedule levels than steps: never take more steps than levels.
     steps = max(1, min(settings.steps, round(strength * stack.schedule.num_steps)))
     timesteps = stack.schedule.sampling_timesteps(steps, strength)
-    sampler = SAMPLERS[settings.sampler]
     autocast = inference_autocast(device)
     model = stack.unet_call(settings.cuda_graph)
     with autocast:  # one negative prompt for every sample: encoded once, broadcast by the guidance
@@ -88,7 +84,9 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
         batch_seeds = list(seeds[start:start + settings.batch_size])
         with autocast:
             cond = stack.clip.text_states(batch_prompts)
-        noise = _noise(shape, batch_seeds, device)
+        # One generator per seed for the starting and the step noise: an image depends on its own seed only.
+        per_sample = PerSampleNoise(batch_seeds)
+        noise = per_sample.initial(shape, device)
         if init_images is None:
             x = noise
         else:
@@ -98,50 +96,13 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
             t0 = timesteps[:1].expand(len(batch_prompts)).to(device)
             x = stack.schedule.add_noise(latents, noise, t0)
 
-        denoiser = cfg_denoiser(model, stack.schedule, stack.prediction_type, cond.float(), uncond,
-                                settings.guidance_scale, settings.guidance_rescale)
-        extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}
-        if settings.sampler in ("ddim", "ddpm"):
-            extra["generator"] = torch.Generator(device).manual_seed(int(batch_seeds[0]) + 1)
-        latents = sampler(denoiser, stack.schedule, x, timesteps.to(device), **extra)
-        with autocast:
-            images = stack.vae.decode(latents / stack.scaling_factor).float()
+        images, latents = guided_sample_and_decode(
+            model, stack.vae, stack.schedule, stack.prediction_type, cond.float(), uncond, settings.guidance_scale, x,
+            timesteps.to(device), settings.sampler, per_sample, settings.eta, decode_context=autocast,
+            guidance_rescale=settings.guidance_rescale)
         outputs.append(images.clamp(-1, 1))
         all_latents.append(latents)
     return torch.cat(outputs), torch.cat(all_latents)
-
-
-class TextToImage:
-    """``TextToImage(stack)(["a red dragon"], seed=0)`` -> PIL images."""
-
-    def __init__(self, stack: StageStack) -> None:
-        self.stack = stack
-
-    def __call__(self, prompts: str | Sequence[str], seed: int = 0, settings: GenerationSettings | None = None,
-                 **overrides) -> list[Image.Image]:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        settings = settings or GenerationSettings(**overrides)
-        images = generate(self.stack, prompts, [seed + i for i in range(len(prompts))], settings)
-        return to_pil(images)
-
-
-class ImageToImage:
-    """``ImageToImage(stack)(init_image, "a blue version", strength=0.6)`` -> PIL images."""
-
-    def __init__(self, stack: StageStack) -> None:
-        self.stack = stack
-
-    def __call__(self, images: Image.Image | Sequence[Image.Image], prompts: str | Sequence[str], strength: float = 0.6,
-                 seed: int = 0, settings: GenerationSettings | None = None, **overrides) -> list[Image.Image]:
-        images = [images] if isinstance(images, Image.Image) else list(images)
-        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-        settings = settings or GenerationSettings(**overrides)
-        init = torch.stack([pil_to_tensor(img, settings.size) for img in images])
-        out = generate(self.stack, prompts, [seed + i for i in range(len(prompts))], settings, init_images=init,
-                       strength=strength)
-        return to_pil(out)
 
 
 def pil_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
@@ -160,4 +121,4 @@ def save_images(images: Sequence[Image.Image], folder: str | Path, stem: str = "
     return paths
 
 
-__all__ = ["GenerationSettings", "generate", "generate_with_latents", "TextToImage", "ImageToImage", "save_images", "save_grid", "pil_to_tensor"]
+__all__ = ["GenerationSettings", "generate", "generate_with_latents", "save_images", "save_grid", "pil_to_tensor"]

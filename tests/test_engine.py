@@ -184,6 +184,22 @@ def test_resume_refuses_a_different_batch_size(tmp_path):
         Trainer(ToyModule(), cfg, tmp_path / "a", num_train_items=64, resume=True, device="cpu")
 
 
+def test_truncated_checkpoint_is_named_with_what_to_do(tmp_path):
+    trainer = train(tmp_path / "a", epochs=1)
+    path = trainer.checkpoint_path
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(StageError, match=f"checkpoint {path} is truncated or corrupt.*delete it"):
+        train(tmp_path / "a", epochs=2, resume=True)
+
+
+def test_truncated_weights_file_is_named_with_what_to_do(tmp_path):
+    save_stage(tmp_path / "s", kind="toy", model_config={}, weights={"w": torch.ones(64, 64)})
+    path = tmp_path / "s" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StageError, match=f"weights file {path} is truncated or corrupt"):
+        load_weights(tmp_path / "s")
+
+
 def test_batch_larger_than_data_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="larger than the training set"):
         Trainer(ToyModule(), TrainConfig(batch_size=128), tmp_path, num_train_items=64, device="cpu")

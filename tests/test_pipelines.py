@@ -1,14 +1,21 @@
 """The whole stack end to end on the tiny preset: train_all, skip/resume, --reuse, lineage, img2img."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import train_all
-from engine import StageError
+from data import DataError
+from engine import ConfigError, StageError, read_stage
+from engine.errors import UserError
 from engine.stage import file_fingerprint, load_weights
 from pipelines.stages import LineageWarning, load_stack
 from pipelines.text_to_image import GenerationSettings, generate
@@ -63,6 +70,86 @@ def test_complete_stages_are_skipped_and_a_partial_one_resumes(run_a, tmp_path, 
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_rerun_with_other_settings_or_data_stops_then_overwrite_retrains(run_a, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(run_a, run)
+    report = (run / "report.md").read_text(encoding="utf-8")
+    base = ["--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval"]
+    with pytest.raises(StageError, match=r"finished vae stage .*train.epochs was 2, now 3.*--reuse vae=.*--run.*--overwrite"):
+        train_all.main(["--data", DATA, *base, "--vae.epochs=3"])
+    with pytest.raises(StageError, match=r"finished vae stage .*other data than --data shapes:50"):
+        train_all.main(["--data", "shapes:50", *base])
+    with pytest.raises(StageError, match=r"finished unet stage .*loss.div_weight"):
+        train_all.main(["--data", DATA, *base, "--unet.div_weight=0.5"])
+    assert (run / "report.md").read_text(encoding="utf-8") == report  # nothing rewritten
+    clip_weights = (run / "clip" / "model.safetensors").read_bytes()
+    train_all.main(["--data", DATA, *base, "--unet.div_weight=0.5", "--overwrite"])
+    assert read_stage(run / "unet", "unet").training["loss"]["div_weight"] == 0.5
+    assert (run / "clip" / "model.safetensors").read_bytes() == clip_weights  # only the differing stage
+
+
+def test_single_stage_training_refuses_to_replace_a_finished_stage(run_a, tmp_path):
+    from vae.train import main as train_vae
+
+    folder = tmp_path / "vae"
+    shutil.copytree(run_a / "vae", folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    with pytest.raises(StageError, match="already holds a finished stage.*--resume.*--overwrite"):
+        train_vae(["--data", DATA, "--out", str(folder), "--preset", "tiny", "--device", "cpu"])
+    assert (folder / "model.safetensors").read_bytes() == weights
+
+
+def test_failure_before_training_leaves_no_run_folder(tmp_path):
+    with pytest.raises(DataError):
+        train_all.main(["--data", str(tmp_path / "missing"), "--run", str(tmp_path / "r"), "--preset", "tiny",
+                        "--device", "cpu"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_preset_is_printed_and_recorded(run_a):
+    report = (run_a / "report.md").read_text(encoding="utf-8")
+    assert "Preset: **tiny** (named with --preset)" in report and "This is a smoke run" in report
+    assert json.loads((run_a / "summary.json").read_text())["preset"] == {"name": "tiny", "reason": "named with --preset"}
+    for stage in ("vae", "clip", "unet"):
+        assert json.loads((run_a / stage / "config.json").read_text())["preset"]["name"] == "tiny"
+
+
+def test_evaluate_keeps_the_runs_own_evaluation_unless_told(run_a, tmp_path):
+    from pipelines.evaluate import main as evaluate
+
+    before = (run_a / "evaluation.json").read_bytes()
+    with pytest.raises(UserError, match="evaluation.json exists.*--out.*--overwrite"):
+        evaluate(["--run", str(run_a), "--data", DATA, "--device", "cpu"])
+    assert (run_a / "evaluation.json").read_bytes() == before
+
+
+def test_generate_checks_its_inputs(run_a, tmp_path, capsys):
+    from pipelines.generate import main as generate_cli
+
+    base = ["--run", str(run_a), "--device", "cpu", "--steps", "1", "--size", "32", "--out", str(tmp_path / "o")]
+    (tmp_path / "notes.txt").write_text("not a picture")
+    cases = [(["--init-image", str(tmp_path)], "is a folder; pass one picture file"),
+             (["--init-image", str(tmp_path / "notes.txt")], "is not a readable picture"),
+             (["--init-image", str(tmp_path / "notes.txt"), "--strength", "1.5"], r"--strength must be in \(0, 1\]"),
+             (["--strength", "0.5"], "--strength applies to image-to-image only")]
+    for extra, message in cases:
+        with pytest.raises(UserError, match=message):
+            generate_cli([*base, "--prompt", "a red circle", *extra])
+    with pytest.warns(UserWarning, match=r"longer than the text encoder's context of 75 tokens: its last \d+ tokens"):
+        generate_cli([*base, "--prompt", "a red circle " * 60])
+    generate_cli([*base, "--prompt", ""])
+    assert "empty --prompt samples unconditionally" in capsys.readouterr().out
+
+
+def test_truncated_stage_weights_are_reported_by_name(run_a, tmp_path):
+    vae = tmp_path / "vae"
+    shutil.copytree(run_a / "vae", vae)
+    weights = vae / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(StageError, match=f"weights file {weights} is truncated or corrupt"):
+        load_stack(run_a, vae=vae, device="cpu")
+
+
 def test_reuse_trains_only_the_missing_stage(run_a, tmp_path):
     run = tmp_path / "B"
     train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval",
@@ -79,24 +166,56 @@ def test_reuse_trains_only_the_missing_stage(run_a, tmp_path):
 
 def test_swapped_stage_warns_and_misfit_is_an_error(run_a, tmp_path):
     other_clip = tmp_path / "clip"
-    train_all.train_stage("clip", tmp_path, "shapes:40", "tiny", {"seed": "5"}, {}, "cpu")
+    train_all.train_stage("clip", train_all.stage_config("clip", "tiny", {"seed": "5"}), tmp_path, "shapes:40", {}, "cpu")
     with pytest.warns(LineageWarning) as record:  # one warning for the CLIP, one for its tokenizer
         load_stack(run_a, clip=other_clip, device="cpu")
     messages = [str(w.message) for w in record]
     assert any("not trained with the clip at" in m for m in messages)
     assert any("not trained with the tokenizer at" in m for m in messages)
     narrow = tmp_path / "narrow"
-    train_all.train_stage("clip", tmp_path / "n", "shapes:40", "tiny", {"text_width": "32", "text_heads": "2"}, {}, "cpu")
+    narrow_cfg = train_all.stage_config("clip", "tiny", {"text_width": "32", "text_heads": "2"})
+    train_all.train_stage("clip", narrow_cfg, tmp_path / "n", "shapes:40", {}, "cpu")
     shutil.move(tmp_path / "n" / "clip", narrow)
     with pytest.raises(StageError, match="32-wide text states but the UNet .* cross-attends to 64"):
         load_stack(run_a, clip=narrow, device="cpu")
 
 
 def test_unknown_stage_override_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="prefix a config key with its stage"):
+        train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--lr=1"])
+    with pytest.raises(ConfigError, match="--reuse takes STAGE=FOLDER"):
+        train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--reuse", "vea=x"])
+
+
+@pytest.mark.parametrize("bad", ["--unet.foo=1", "--unet.model.head_dim=12", "--clip.zh_prob=2",
+                                 "--unet.model.context_dim=48", "--unet.model.in_channels=3"])
+def test_bad_stage_config_fails_before_anything_trains(tmp_path, bad):
+    started = time.perf_counter()
+    with pytest.raises((ConfigError, StageError)):
+        train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--preset", "tiny", "--device", "cpu", bad])
+    assert time.perf_counter() - started < 10
+    assert not (tmp_path / "r").exists()  # nothing trained, and no empty run folder left behind
+
+
+def test_user_error_at_the_command_line_is_one_line_without_traceback(tmp_path):
+    command = [sys.executable, "train_all.py", "--data", DATA, "--run", str(tmp_path / "r"), "--unet.model.head_dim=12"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("SCRATCH_DIFFUSION_DEBUG", None)
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: UNet level width 32 is not divisible by head_dim=12; pick base_channels/channel_mult/head_dim that "
+        "divide"]
+    debug = subprocess.run(command + ["--debug"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "head_dim=12" in debug.stderr
+
+
+def test_help_prints_the_description_once(capsys):
     with pytest.raises(SystemExit):
-        train_all.main(["--data", DATA, "--run", str(tmp_path), "--lr=1"])
-    with pytest.raises(SystemExit):
-        train_all.main(["--data", DATA, "--run", str(tmp_path), "--reuse", "vea=x"])
+        train_all.main(["--help"])
+    assert capsys.readouterr().out.count("Train the whole stack in sequence") == 1
 
 
 def test_img2img_with_tiny_strength_returns_the_input(run_a):
@@ -114,9 +233,10 @@ def test_img2img_with_tiny_strength_returns_the_input(run_a):
         generate(stack, ["x"], [0], settings, init_images=init[:1], strength=0.0)
 
 
-def test_generation_is_deterministic_per_seed(run_a):
+@pytest.mark.parametrize("sampler, eta", [("dpmpp_2m", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_generation_is_deterministic_per_seed(run_a, sampler, eta):
     stack = load_stack(run_a, device="cpu")
-    settings = GenerationSettings(size=64, steps=4)
+    settings = GenerationSettings(size=64, steps=4, sampler=sampler, eta=eta)
     a = generate(stack, ["a red circle", "a green square"], [3, 4], settings)
     b = generate(stack, ["a green square"], [4], settings)  # the same seed gives the same image in any batch
     assert a.shape == (2, 3, 64, 64) and torch.allclose(a[1], b[0], atol=1e-5)

@@ -15,6 +15,7 @@ variance with 20k samples).
 import pytest
 import torch
 
+from diffusion.noise import PerSampleNoise, generator_noise
 from diffusion.samplers import SAMPLERS, ddim_invert, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 
@@ -85,7 +86,7 @@ def test_dpmpp_2m_reproduces_the_gaussian_far_better_than_first_order(schedule):
 def test_ddpm_reproduces_the_gaussian():
     schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
     generator = torch.Generator().manual_seed(5)
-    mean_error, var_error = run_sampler(schedule, sample_ddpm, 400, generator=generator)
+    mean_error, var_error = run_sampler(schedule, sample_ddpm, 400, noise=generator_noise(generator))
     assert mean_error < 0.04  # ~5 standard errors of the mean
     assert var_error < 0.05  # ~1.5% bias at 400 steps + Monte-Carlo error
 
@@ -93,7 +94,7 @@ def test_ddpm_reproduces_the_gaussian():
 def test_ddim_with_full_noise_reproduces_the_gaussian():
     schedule = NoiseSchedule(ScheduleConfig())
     generator = torch.Generator().manual_seed(6)
-    mean_error, var_error = run_sampler(schedule, sample_ddim, 400, eta=1.0, generator=generator)
+    mean_error, var_error = run_sampler(schedule, sample_ddim, 400, eta=1.0, noise=generator_noise(generator))
     assert mean_error < 0.04
     assert var_error < 0.05
 
@@ -104,8 +105,9 @@ def test_ddim_eta_one_is_ancestral_ddpm():
     timesteps = schedule.sampling_timesteps(30)
     x = start_noise(schedule, int(timesteps[0]))[:500]
     denoiser = gaussian_denoiser(schedule)
-    ddpm = sample_ddpm(denoiser, schedule, x, timesteps, generator=torch.Generator().manual_seed(7))
-    ddim = sample_ddim(denoiser, schedule, x, timesteps, eta=1.0, generator=torch.Generator().manual_seed(7))
+    ddpm = sample_ddpm(denoiser, schedule, x, timesteps, noise=generator_noise(torch.Generator().manual_seed(7)))
+    ddim = sample_ddim(denoiser, schedule, x, timesteps, eta=1.0,
+                       noise=generator_noise(torch.Generator().manual_seed(7)))
     # only rounding differs (sqrt of a near-cancelling 1 - ab_s - std^2); a wrong coefficient shows at 1e-2
     torch.testing.assert_close(ddim, ddpm, rtol=1e-5, atol=1e-7)
 
@@ -116,7 +118,7 @@ def test_ddim_eta_zero_is_deterministic_and_does_not_touch_the_generator():
     x = start_noise(schedule, int(timesteps[0]))[:100]
     generator = torch.Generator().manual_seed(8)
     state = generator.get_state()
-    first = sample_ddim(gaussian_denoiser(schedule), schedule, x, timesteps, generator=generator)
+    first = sample_ddim(gaussian_denoiser(schedule), schedule, x, timesteps, noise=generator_noise(generator))
     second = sample_ddim(gaussian_denoiser(schedule), schedule, x.clone(), timesteps)
     assert torch.equal(first, second)
     assert torch.equal(generator.get_state(), state)
@@ -127,7 +129,7 @@ def test_stochastic_samplers_follow_the_generator():
     timesteps = schedule.sampling_timesteps(10)
     x = start_noise(schedule, int(timesteps[0]))[:100]
     denoiser = gaussian_denoiser(schedule)
-    runs = [sample_ddpm(denoiser, schedule, x, timesteps, generator=torch.Generator().manual_seed(seed))
+    runs = [sample_ddpm(denoiser, schedule, x, timesteps, noise=generator_noise(torch.Generator().manual_seed(seed)))
             for seed in (1, 1, 2)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
@@ -194,3 +196,29 @@ def test_bad_timesteps_raise_clear_errors(timesteps, message):
     schedule = NoiseSchedule(ScheduleConfig())
     with pytest.raises(ValueError, match=message):
         sample_ddim(gaussian_denoiser(schedule), schedule, torch.zeros(2, 4, dtype=torch.float64), timesteps)
+
+
+@pytest.mark.parametrize("name, eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
+def test_every_sampler_gives_a_seed_the_same_sample_alone_and_in_a_batch(name, eta):
+    schedule = NoiseSchedule(ScheduleConfig())
+    timesteps = schedule.sampling_timesteps(6)
+
+    def denoiser(x_t, t):  # mixes nothing across the batch, like the UNet
+        return 0.5 * torch.tanh(x_t)
+
+    def sample(seeds):
+        noise = PerSampleNoise(seeds)
+        return SAMPLERS[name](denoiser, schedule, noise.initial((4, 3, 3)), timesteps, noise=noise, eta=eta)
+
+    batch = sample([3, 4, 5])
+    alone = sample([4])
+    assert torch.equal(alone[0], batch[1])
+    assert not torch.allclose(batch[0], batch[1])  # different seeds differ
+
+
+@pytest.mark.parametrize("name", ["ddpm", "dpmpp_2m"])
+def test_eta_is_refused_by_samplers_other_than_ddim(name):
+    schedule = NoiseSchedule(ScheduleConfig())
+    with pytest.raises(ValueError, match="eta=0.5 applies to the ddim sampler only"):
+        SAMPLERS[name](gaussian_denoiser(schedule), schedule, torch.zeros(2, 4, dtype=torch.float64),
+                       schedule.sampling_timesteps(3), eta=0.5)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from engine.config import ConfigError
 from unet import UNet, UNetConfig
 
 
@@ -67,10 +68,10 @@ def test_size_not_divisible_is_an_error():
 
 
 def test_bad_widths_are_config_errors():
-    with pytest.raises(ValueError, match="head_dim"):
-        tiny_config(head_dim=12)
-    with pytest.raises(ValueError, match="norm_groups"):
-        tiny_config(norm_groups=5)
+    with pytest.raises(ConfigError, match="head_dim"):
+        tiny_config(head_dim=12).validate()
+    with pytest.raises(ConfigError, match="norm_groups"):
+        UNet(tiny_config(norm_groups=5))  # building a model validates its config
 
 
 def test_output_depends_on_text_and_time_and_accepts_float_or_scalar_t():

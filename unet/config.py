@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.config import ConfigError
+
 
 @dataclass
 class UNetConfig:
@@ -28,15 +30,21 @@ class UNetConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        self.channel_mult = tuple(self.channel_mult)
+        self.channel_mult = tuple(self.channel_mult)  # JSON hands back a list
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the field and the fix (called before anything is built)."""
+        if not self.channel_mult or self.num_res_blocks < 1 or self.transformer_depth < 1:
+            raise ConfigError("UNetConfig: channel_mult needs at least one level; num_res_blocks and "
+                              "transformer_depth must be >= 1")
         for mult in self.channel_mult:
             width = self.base_channels * mult
             if width % self.norm_groups:
-                raise ValueError(f"UNet level width {width} is not divisible by norm_groups={self.norm_groups}; "
-                                 "pick base_channels/channel_mult/norm_groups that divide")
+                raise ConfigError(f"UNet level width {width} is not divisible by norm_groups={self.norm_groups}; "
+                                  "pick base_channels/channel_mult/norm_groups that divide")
             if width % self.head_dim:
-                raise ValueError(f"UNet level width {width} is not divisible by head_dim={self.head_dim}; "
-                                 "pick base_channels/channel_mult/head_dim that divide")
+                raise ConfigError(f"UNet level width {width} is not divisible by head_dim={self.head_dim}; "
+                                  "pick base_channels/channel_mult/head_dim that divide")
 
     @property
     def downsample_factor(self) -> int:

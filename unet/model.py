@@ -59,6 +59,7 @@ class UNet(StageModel):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
+        config.validate()
         if config.context_dim is None:
             raise ValueError("UNetConfig.context_dim is unset: set it to the text encoder's width "
                              "(diffusion.train takes it from the CLIP stage)")

@@ -82,8 +82,7 @@ class VAETrainConfig:
     num_grid_images: int = 6
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` naming the field and the fix, before any data is loaded."""
-        self.model.validate()
+        """Raise ``ConfigError`` naming the field and the fix; ``validate_config`` checks ``model`` first."""
         factor = 2 ** (len(self.model.channel_mult) - 1)
         size = self.crop_size or self.resolution
         if self.resolution % factor or size % factor or size > self.resolution:

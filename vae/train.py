@@ -17,7 +17,8 @@ from data import CaptionSet, load_captions
 from data.augment import random_crop, random_flip, to_float
 from engine import Trainer, distributed
 from engine.cli import run_stage_cli, stage_parser
-from engine.config import config_to_dict
+from engine.config import validate_config
+from engine.errors import run_cli
 from engine.images import save_grid
 from vae.config import PRESETS, VAETrainConfig
 from vae.discriminator import PatchDiscriminator
@@ -99,7 +100,7 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
           device: str | torch.device | None = None) -> Path:
     """Train (or resume) the VAE stage into ``out_dir`` and return it once it holds a complete stage folder."""
     started = time.perf_counter()
-    cfg.validate()
+    validate_config(cfg)
     out_dir = Path(out_dir)
     data = load_captions(data_source, resolution=cfg.resolution)
     train_set, val_set = data.subset("train"), data.subset("val")
@@ -127,35 +128,31 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
                             trainer.memory_format)
     trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, val_set, out_dir))
 
-    if distributed.is_main():
+    def final_metrics() -> dict[str, Any]:
         final = trainer.last_epoch_metrics()  # the last epoch evaluated these same EMA weights
-        with trainer.ema_weights():
-            model.eval()
-            model.config.scaling_factor = compute_scaling_factor(model, train_set.images, cfg.val_batch_size,
-                                                                 trainer.device)
-            # A second, independent draw of posterior samples checks that the factor gives unit variance.
-            _, train_std = latent_moments(model, train_set.images, cfg.val_batch_size, trainer.device, seed=1)
-            _, val_std = latent_moments(model, val_set.images, cfg.val_batch_size, trainer.device)
-            metrics = {
-                "val_psnr": final["val/psnr"], "val_ssim": final["val/ssim"], "val_kl": final["val/kl"],
-                "scaling_factor": model.config.scaling_factor,
-                "latent_std_scaled": train_std * model.config.scaling_factor,
-                "val_latent_std_scaled": val_std * model.config.scaling_factor,
-                "steps": trainer.step, "minutes": (time.perf_counter() - started) / 60,
-            }
-            model.save(out_dir, training=config_to_dict(cfg), trained_on={"data": data.fingerprint}, metrics=metrics)
-        tqdm.write(f"VAE stage saved to {out_dir}: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}, "
-                   f"scaling factor {metrics['scaling_factor']:.5f}, scaled latent std {metrics['latent_std_scaled']:.4f}, "
-                   f"{metrics['minutes']:.1f} min")
-    distributed.barrier()
-    return out_dir
+        model.config.scaling_factor = compute_scaling_factor(model, train_set.images, cfg.val_batch_size,
+                                                             trainer.device)
+        # A second, independent draw of posterior samples checks that the factor gives unit variance.
+        _, train_std = latent_moments(model, train_set.images, cfg.val_batch_size, trainer.device, seed=1)
+        _, val_std = latent_moments(model, val_set.images, cfg.val_batch_size, trainer.device)
+        return {
+            "val_psnr": final["val/psnr"], "val_ssim": final["val/ssim"], "val_kl": final["val/kl"],
+            "scaling_factor": model.config.scaling_factor,
+            "latent_std_scaled": train_std * model.config.scaling_factor,
+            "val_latent_std_scaled": val_std * model.config.scaling_factor,
+        }
+
+    def describe(metrics: dict[str, Any]) -> str:
+        return (f"val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}, scaling factor "
+                f"{metrics['scaling_factor']:.5f}, scaled latent std {metrics['latent_std_scaled']:.4f}")
+
+    return trainer.finish_stage(model, cfg, {"data": data.fingerprint}, final_metrics, describe, started)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_parser("python -m vae.train", "Train the KL autoencoder (VAE) stage.", "vae")
-    run_stage_cli(parser, argv, VAETrainConfig, PRESETS,
-                  lambda cfg, args: train(cfg, args.data, args.out, resume=args.resume, device=args.device))
+    run_stage_cli(parser, argv, VAETrainConfig, PRESETS, train)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,0 +1,38 @@
+"""User errors, and the command-line rule for them: one line, exit code 2, no traceback.
+
+A ``UserError`` is a mistake in what was asked (a config key or value, a data source, a stage folder, a
+generation input); its message names the problem and the fix. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, TypeVar
+
+# Set to 1 (or pass --debug) to see the traceback of a user error too.
+DEBUG_ENV = "SCRATCH_DIFFUSION_DEBUG"
+USER_ERROR_EXIT_CODE = 2
+
+ResultT = TypeVar("ResultT")
+
+
+class UserError(ValueError):
+    """A mistake in the user's input; the message names the problem and the fix."""
+
+
+def run_cli(main: Callable[[], ResultT]) -> ResultT:
+    """Run a command-line ``main``; a ``UserError`` prints ``error: MESSAGE`` and exits with code 2.
+
+    ``--debug`` anywhere on the command line (it is taken out before ``main`` parses it) or
+    ``SCRATCH_DIFFUSION_DEBUG=1`` lets the exception through with its traceback.
+    """
+    debug = "--debug" in sys.argv[1:] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    sys.argv[1:] = [arg for arg in sys.argv[1:] if arg != "--debug"]
+    try:
+        return main()
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE) from None

@@ -23,7 +23,7 @@ from data import CaptionSet, language_mask, load_captions
 from data.augment import random_flip, random_resized_crop, to_float
 from engine import Trainer, distributed
 from engine.cli import run_stage_cli, stage_parser
-from engine.config import validate_config
+from engine.config import config_to_dict, validate_config
 from engine.errors import run_cli
 
 

@@ -17,7 +17,7 @@ from data import CaptionSet, load_captions
 from data.augment import random_crop, random_flip, to_float
 from engine import Trainer, distributed
 from engine.cli import run_stage_cli, stage_parser
-from engine.config import validate_config
+from engine.config import config_to_dict, validate_config
 from engine.errors import run_cli
 from engine.images import save_grid
 from vae.config import PRESETS, VAETrainConfig

@@ -1,0 +1,62 @@
+"""Choose the sampling defaults from measurements: one trained run, the picture-quality ruler of
+``pipelines.evaluate`` at every combination of guidance scale, guidance rescale and steps.
+
+    python -m benchmarks.sampling_sweep --run runs/pokemon --data ../shared/pokemon --out runs/sweep.json \\
+        --guidance 3 5 7 --rescale 0 0.7 --steps 25
+
+The judge is the run's ``judge/``. Writes one JSON record per setting and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from clip.model import CLIPModel
+from data import load_captions
+from engine.stage import write_json
+from pipelines.evaluate import generation_metrics
+from pipelines.stages import load_stack
+from pipelines.text_to_image import GenerationSettings
+
+SHOWN = ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
+         "near_copy_share_judge", "colour_adherence", "fd_en", "fd_zh", "diversity_feature")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sampling_sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 7.0])
+    parser.add_argument("--rescale", type=float, nargs="+", default=[0.0, 0.7])
+    parser.add_argument("--steps", type=int, nargs="+", default=[25])
+    parser.add_argument("--sampler", default=GenerationSettings.sampler)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stack = load_stack(args.run, device=device)
+    judge = CLIPModel.load(args.run / "judge", device=device).eval()
+    data = load_captions(args.data, resolution=stack.image_size)
+    train, val = data.subset("train"), data.subset("val")
+    records = []
+    print("| guidance | rescale | steps | " + " | ".join(SHOWN) + " |", flush=True)
+    for scale, rescale, steps in itertools.product(args.guidance, args.rescale, args.steps):
+        settings = GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, steps=steps,
+                                      sampler=args.sampler, size=stack.image_size)
+        metrics = generation_metrics(stack, judge, train, val, settings)
+        records.append({"guidance_scale": scale, "guidance_rescale": rescale, "steps": steps, "metrics": metrics})
+        print(f"| {scale} | {rescale} | {steps} | " + " | ".join(f"{metrics[k]:.3f}" for k in SHOWN) + " |",
+              flush=True)
+    write_json(args.out, {"run": str(args.run), "sampler": args.sampler,
+                          "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                          "command": "python -m benchmarks.sampling_sweep " + " ".join(
+                              sys.argv[1:] if argv is None else argv), "records": records})
+
+
+if __name__ == "__main__":
+    main()

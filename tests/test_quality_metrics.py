@@ -1,0 +1,106 @@
+"""The picture-quality ruler on synthetic images with known answers: composition, parts, colour, near-copies."""
+
+import math
+
+import pytest
+import torch
+
+from pipelines.evaluate import quality_table
+from pipelines.metrics import (colour_hits, colour_prompts, colours_named, composition, count_parts, foreground_mask,
+                               hue_family_shares, near_copies, thumbnails)
+
+SIZE = 128
+
+
+def canvas(count: int = 1) -> torch.Tensor:
+    return torch.ones(count, 3, SIZE, SIZE)  # white, in [-1, 1]
+
+
+def paint_disc(images: torch.Tensor, cx: float, cy: float, radius: float, rgb=(-1.0, -1.0, -1.0)) -> torch.Tensor:
+    """Paint a disc (centre and radius in [0, 1] image units) in ``rgb`` ([-1, 1]) into every image."""
+    coords = (torch.arange(SIZE) + 0.5) / SIZE
+    inside = (coords[None, :] - cx) ** 2 + (coords[:, None] - cy) ** 2 < radius ** 2
+    for c, value in enumerate(rgb):
+        images[:, c][:, inside] = value
+    return images
+
+
+def test_one_disc_on_white():
+    images = paint_disc(canvas(), 0.5, 0.5, 0.3)
+    result = composition(images)
+    assert result["fg_share"] == pytest.approx(math.pi * 0.3 ** 2, abs=0.01)
+    assert result["border_fg"] == 0 and result["frame_filling_share"] == 0 and result["parts_mean"] == 1
+
+
+def test_a_frame_filling_image_and_a_blank_page():
+    full = -torch.ones(1, 3, SIZE, SIZE)
+    result = composition(full)
+    assert result["fg_share"] == 1 and result["border_fg"] == 1 and result["frame_filling_share"] == 1
+    blank = composition(canvas())
+    assert blank["fg_share"] == 0 and blank["parts_mean"] == 0
+
+
+def test_parts_count_regions_and_ignore_specks():
+    images = paint_disc(canvas(), 0.3, 0.3, 0.12)
+    paint_disc(images, 0.72, 0.7, 0.12)
+    paint_disc(images, 0.9, 0.15, 0.02)  # ~0.13 % of the image: a speck, not a part
+    assert count_parts(foreground_mask(images)).tolist() == [2]
+    touching = paint_disc(canvas(), 0.4, 0.5, 0.15)
+    paint_disc(touching, 0.6, 0.5, 0.15)  # overlapping discs are one region
+    diagonal = canvas()  # two squares meeting at a corner are 8-connected: one region
+    diagonal[:, :, 20:40, 20:40] = -1
+    diagonal[:, :, 40:60, 40:60] = -1
+    assert count_parts(foreground_mask(torch.cat([touching, diagonal]))).tolist() == [1, 1]
+
+
+def test_near_white_jpeg_noise_is_background():
+    noisy = canvas() - 0.1 * torch.rand(1, 3, SIZE, SIZE)  # >= 0.95 in [0, 1] units
+    assert composition(noisy)["fg_share"] == 0
+
+
+def test_colour_families_and_adherence():
+    red = paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=(0.9, -0.9, -0.9))
+    blue = paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=(-0.9, -0.6, 0.9))
+    outlined = paint_disc(canvas(), 0.5, 0.5, 0.35)  # a black outline ...
+    paint_disc(outlined, 0.5, 0.5, 0.3, rgb=(-0.9, 0.8, -0.9))  # ... around a green body: black has no hue
+    images = torch.cat([red, blue, outlined])
+    shares = hue_family_shares(images)
+    assert shares.sum(1).tolist() == pytest.approx([1, 1, 1])
+    assert colour_hits(images, ["red", "blue", "green"]).tolist() == [True, True, True]
+    assert colour_hits(images, ["blue", "red", "red"]).tolist() == [False, False, False]
+    two = paint_disc(canvas(), 0.3, 0.5, 0.2, rgb=(0.9, -0.9, -0.9))
+    paint_disc(two, 0.7, 0.5, 0.15, rgb=(0.9, 0.8, -0.9))  # red and yellow: both among the top two
+    assert colour_hits(two.repeat(2, 1, 1, 1), ["red", "yellow"]).tolist() == [True, True]
+    assert not colour_hits(canvas(), ["red"]).item()  # a blank page names no colour
+
+
+def test_colour_prompts_and_named_colours():
+    prompts, seeds, named = colour_prompts(seeds=2)
+    assert len(prompts) == len(seeds) == len(named) == 6 * 2 * 2
+    assert ("a red pokemon", 1, "red") in zip(prompts, seeds, named)
+    assert ("一只蓝色的宝可梦", 0, "blue") in zip(prompts, seeds, named)
+    assert colours_named("A Red bird with blue wings") == ["red", "blue"]
+    assert colours_named("一只绿色的小鸟") == ["green"]
+    assert colours_named("a reddish, bluey thing") == []
+
+
+def test_copies_and_mirrored_copies_are_near_copies():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(40, 3, 64, 64, generator=g) * 2 - 1
+    val = torch.rand(20, 3, 64, 64, generator=g) * 2 - 1
+    bank = torch.cat([train, train.flip(-1)])
+    copies = torch.cat([train[:5], train[5:10].flip(-1)])
+    fresh = torch.rand(10, 3, 64, 64, generator=g) * 2 - 1
+    assert near_copies(thumbnails(copies), thumbnails(bank), thumbnails(val))["share"] == 1
+    # images from the validation images' distribution land below the 5 % quantile about 5 % of the time
+    assert near_copies(thumbnails(fresh), thumbnails(bank), thumbnails(val))["share"] <= 0.2
+    features = torch.randn(40, 16, generator=g)
+    scaled_copies = 3 * features[:3]  # the cosine ignores the feature norm
+    judged = near_copies(scaled_copies, features, torch.randn(20, 16, generator=g), cosine=True)
+    assert judged["share"] == 1 and judged["sample_nn"] == pytest.approx(0, abs=1e-9)
+
+
+def test_quality_table_shows_the_real_value_beside_each_figure():
+    table = quality_table({"fg_share": 0.5, "fg_share_real": 0.4, "near_copy_share_pixel": 0.1})
+    assert "| 0.500 | 0.400 | real ± 0.06 |" in table
+    assert "| 0.100 | 0.050 | ≤ 0.05 |" in table  # unseen real images: 0.05 by construction

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusion.guidance import cfg_denoiser
+from diffusion.guidance import cfg_denoiser, rescale_guided
 from diffusion.samplers import sample_ddim
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 
@@ -87,3 +87,31 @@ def test_mismatched_inputs_raise_clear_errors(inputs):
     denoiser = cfg_denoiser(ToyModel(), schedule, "epsilon", cond, uncond, 2.0)
     with pytest.raises(ValueError, match="batch"):
         denoiser(x_t[:2], t[:2])
+
+
+def test_guidance_rescale_matches_the_conditional_spread():
+    generator = torch.Generator().manual_seed(1)
+    cond = torch.randn(3, 4, 8, 8, generator=generator)
+    guided = 3.0 * torch.randn(3, 4, 8, 8, generator=generator) + 0.5
+    full = rescale_guided(guided, cond, 1.0)
+    assert torch.allclose(full.flatten(1).std(1), cond.flatten(1).std(1), rtol=1e-5)  # per sample
+    assert torch.allclose(full / guided, (full / guided)[:, :1, :1, :1].expand_as(full), rtol=1e-5)  # only scaled
+    assert torch.equal(rescale_guided(guided, cond, 0.0), guided)
+    half = rescale_guided(guided, cond, 0.5)
+    assert torch.allclose(half, 0.5 * full + 0.5 * guided, atol=1e-6)
+
+
+def test_denoiser_applies_the_rescale_only_when_asked(inputs):
+    x_t, t, cond, uncond = inputs
+    schedule = NoiseSchedule(ScheduleConfig())
+
+    def model(x, t, context):  # guidance changes this prediction's spread, not only its offset
+        return x * context.mean(dim=(1, 2)).view(-1, 1, 1, 1) + t.float().view(-1, 1, 1, 1) / 1000
+
+    plain = cfg_denoiser(model, schedule, "v_prediction", cond, uncond, 5.0)(x_t, t)
+    rescaled = cfg_denoiser(model, schedule, "v_prediction", cond, uncond, 5.0, guidance_rescale=0.7)(x_t, t)
+    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond.expand_as(cond), cond]))
+    pred_uncond, pred_cond = both.chunk(2)
+    expected = rescale_guided(pred_uncond + 5.0 * (pred_cond - pred_uncond), pred_cond, 0.7)
+    assert torch.allclose(rescaled, schedule.to_x0_eps(expected, x_t, t, "v_prediction")[0], atol=1e-5)
+    assert not torch.allclose(rescaled, plain)

@@ -1,16 +1,19 @@
-"""Train the whole stack in sequence: VAE, tokenizer + CLIP, latent cache + UNet, then evaluate and report.
+"""Train the whole stack in sequence: VAE, tokenizer + CLIP, a judge CLIP, latent cache + UNet, then evaluate
+and report.
 
     python train_all.py --data ../shared/pokemon --run runs/pokemon            # GPU: full preset
     python train_all.py --data shapes --run runs/shapes --preset tiny          # CPU: minutes
     python train_all.py --data ../shared/pokemon --run runs/B --reuse vae=runs/A/vae --reuse clip=runs/A/clip \\
-        --unet.div_weight=0 --unet.cons_weight=0                              # a swap study
+        --judge runs/A/judge --unet.div_weight=0 --unet.cons_weight=0         # a swap study
     torchrun --nproc-per-node 2 -- train_all.py --data ../shared/pokemon --run runs/ddp  # '--': see README
 
 A stage whose folder is complete is skipped when its recorded config and data match what is asked (otherwise
 the run stops and says so; ``--overwrite`` retrains it); one with a checkpoint resumes. ``--STAGE.key=value`` overrides
 one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in ``runs/NAME/``:
-``vae/``, ``clip/``, ``unet/`` stage folders (each with its log, loss plot and sample grids),
-``evaluation.json``, ``final_samples.png``, ``report.md`` and ``summary.json``.
+``vae/``, ``clip/``, ``judge/`` (a second CLIP stage with its own seed: the evaluation's ruler, never used for
+guidance; ``--judge FOLDER`` takes one from elsewhere) and ``unet/`` stage folders (each with its log, loss plot
+and sample grids), ``evaluation.json``, ``final_samples.png``, ``nearest_pairs.png``, ``report.md`` and
+``summary.json``.
 """
 
 from __future__ import annotations

@@ -221,8 +221,8 @@ def plan_column(variant: Variant, base: dict[str, Path], out: Path, concurrent: 
 
 def check_column_fit(name: str, stages: dict[str, Path], configs: dict[str, Any]) -> None:
     """The shape check of ``load_stack`` on what the column will hold, before anything trains."""
-    models = {stage: config_to_dict(configs[stage].model) if stage in configs else read_stage(stages[stage], stage).model
-              for stage in STUDY_STAGES}
+    models = {stage: config_to_dict(configs[stage].model) if stage in configs
+              else read_stage(stages[stage], stage).model for stage in STUDY_STAGES}
     unet = dict(models["unet"])
     if unet["context_dim"] is None:  # the UNet trainer takes the CLIP's width
         unet["context_dim"] = models["clip"]["text_width"]
@@ -417,7 +417,8 @@ def metrics_markdown(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[st
         for plan in plans:
             minutes = evaluations[plan.name].get("train_minutes", {}).get(stage)
             source = plan.sources[stage]
-            cells.append(("—" if minutes is None else f"{minutes:.1f}") + ("" if source == "trained" else f" ({source})"))
+            note = "" if source == "trained" else f" ({source})"
+            cells.append(("—" if minutes is None else f"{minutes:.1f}") + note)
         lines.append(f"| {stage} training minutes | — | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -489,8 +490,8 @@ def plot_metrics(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, A
     for ax, (section, key, label, _) in zip(axes.flat, shown):
         values = [metric_value(evaluations[n], section, key) for n in names]
         spreads = [metric_spread(evaluations[n], section, key) or 0.0 for n in names]
-        ax.bar(range(len(names)), [math.nan if v is None else v for v in values], color=[f"C{i}" for i in range(len(names))],
-               yerr=spreads if any(spreads) else None, capsize=3)
+        ax.bar(range(len(names)), [math.nan if v is None else v for v in values],
+               color=[f"C{i}" for i in range(len(names))], yerr=spreads if any(spreads) else None, capsize=3)
         real = metric_value(evaluations[BASE], section, f"{key}_real")
         if real is not None:
             ax.axhline(real, linestyle="--", color="black", linewidth=1)
@@ -620,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "evaluate") if base_summary.is_file() else None
     command = "python -m pipelines.study " + " ".join(
         f"'{a}'" if " " in a else a for a in (sys.argv[1:] if argv is None else argv))
-    if distributed.is_main():
+    if int(os.environ.get("RANK", "0")) == 0:  # the process group does not exist yet: torchrun's rank
         print_plan(plans, pending, settings, evaluate_minutes)
     result: dict[str, Any] = {"sources": {p.name: p.sources for p in plans}, "pending": sorted(pending)}
     if args.plan_only:

@@ -83,7 +83,8 @@ def test_resume_skips_finished_variants_and_trains_a_new_one_concurrently(done, 
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     args = [copy.as_posix() if a == str(out) else a for a in args]
-    finished = {name: (copy / name / "evaluation.json").stat().st_mtime_ns for name in ("base", "no_terms", "strong_kl")}
+    finished = {name: (copy / name / "evaluation.json").stat().st_mtime_ns
+                for name in ("base", "no_terms", "strong_kl")}
     result = study([*args, "--concurrent", "--variant", "fast_lr: --unet.lr=3e-3"])
     printed = capsys.readouterr().out
     assert result["pending"] == ["fast_lr"]
@@ -103,15 +104,17 @@ def test_a_changed_variant_under_a_finished_name_is_refused(done):
 
 def test_a_mismatched_stage_folder_is_a_clear_error_before_anything_trains(base, tmp_path):
     out = tmp_path / "out"
+    wrong_kind = ["--variant", f"wrong_kind: vae={base / 'clip'}"]
     with pytest.raises(StageError, match=r"variant wrong_kind: .*holds a 'clip' stage, but a 'vae' stage was expected"):
-        study(["--base", str(base), "--out", str(out), *FAST, "--variant", f"wrong_kind: vae={base / 'clip'}"])
+        study(["--base", str(base), "--out", str(out), *FAST, *wrong_kind])
     narrow = tmp_path / "narrow_clip"
     shutil.copytree(base / "clip", narrow)
     config = json.loads((narrow / "config.json").read_text())
     config["model"]["text_width"] = 32
     (narrow / "config.json").write_text(json.dumps(config))
-    with pytest.raises(StageError, match=r"variant narrow: .*32-wide text states but the UNet at .* cross-attends to 64"):
-        study(["--base", str(base), "--out", str(out), *FAST, "--variant", f"narrow: clip={narrow} unet={base / 'unet'}"])
+    narrow_variant = ["--variant", f"narrow: clip={narrow} unet={base / 'unet'}"]
+    with pytest.raises(StageError, match=r"variant narrow: .*32-wide text states but the UNet .* cross-attends to 64"):
+        study(["--base", str(base), "--out", str(out), *FAST, *narrow_variant])
     assert not out.exists()
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}

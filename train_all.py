@@ -147,11 +147,12 @@ def check_planned_fit(configs: dict[str, Any], reuse: dict[str, Path]) -> None:
     check_fit(models["vae"], models["clip"], unet, where, configs["unet"].resolution)
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"dotted.key": value}``, the form ``--STAGE.key=value`` overrides take."""
     out: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -166,8 +167,8 @@ def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, ups
     """How a finished stage differs from what is asked now: config values, data, and (for the UNet) the VAE
     and CLIP stages it was trained on. ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
     info = read_stage(folder, stage_kind(name))
-    asked = _flatten(json.loads(json.dumps(config_to_dict(cfg), default=str)))
-    recorded = _flatten(info.training)
+    asked = flatten_config(json.loads(json.dumps(config_to_dict(cfg), default=str)))
+    recorded = flatten_config(info.training)
     differences = [f"{key} was {recorded.get(key)!r}, now {value!r}" for key, value in asked.items()
                    if key not in FILLED_BY_TRAINING[name] and recorded.get(key) != value]
     data_fingerprint = load_captions(data, resolution=_data_resolution(name, cfg)).fingerprint

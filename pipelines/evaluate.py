@@ -32,7 +32,7 @@ from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
 from .metrics import (colour_hits, colour_prompts, colours_named, composition, frechet_distance, kernel_distance,
-                      near_copies, nearest_indices, seed_diversity, thumbnails)
+                      near_copies, nearest_indices, seed_diversity, sharpness, thumbnails)
 from .stages import StageStack, load_stack, stage_paths
 from .text_to_image import GenerationSettings, generate
 
@@ -60,14 +60,16 @@ def _with_mirrors(images: torch.Tensor) -> torch.Tensor:
 
 def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, val: CaptionSet,
                        settings: GenerationSettings, diversity_prompts: int = 8, diversity_seeds: int = 4,
-                       colour_seeds: int = 8, out_dir: Path | None = None) -> dict[str, float]:
+                       colour_seeds: int = 8, out_dir: Path | None = None, seed_offset: int = 0) -> dict[str, float]:
     """Generation against the real images, each figure with its real-image reference (``*_real``).
 
     Samples: every validation caption in English and in Chinese (one fixed seed per row) and the colour
     prompts of ``pipelines.metrics.colour_prompts`` (``colour_seeds`` seeds each). FD / KID / CLIP score
     per language in the judge's space; composition (foreground share, border occupancy, frame-filling share,
-    parts) and near-copies (pixel space at 64 px and judge space, training mirrors in the bank) over all
-    samples; colour adherence on the colour prompts; seed diversity. See pipelines/metrics.py.
+    parts), sharpness and near-copies (pixel space at 64 px and judge space, training mirrors in the bank)
+    over all samples; colour adherence on the colour prompts (overall and per language); seed diversity. See
+    pipelines/metrics.py. ``seed_offset`` shifts every sampling seed: another draw of the same evaluation, for
+    the spread over seeds.
     """
     size = settings.size
     real = to_float(val.images)
@@ -76,7 +78,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         real = F.interpolate(real, size=(size, size), mode="area")
         train_images = F.interpolate(train_images, size=(size, size), mode="area")
     real_feats = judge_features(judge, real)
-    seeds = [int(r) for r in val.rows]  # one fixed seed per validation row
+    seeds = [int(r) + seed_offset for r in val.rows]  # one fixed seed per validation row
     out: dict[str, float] = {}
     samples, feats = [], []
     for language, prompts in (("en", val.en), ("zh", val.zh)):
@@ -90,8 +92,11 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out["clip_score_real_en"] = clip_score(judge, real_feats, val.en)  # the ceiling for this judge
 
     colour_texts, colour_seed_list, named = colour_prompts(colour_seeds)
-    colour_samples = generate(stack, colour_texts, colour_seed_list, settings).cpu()
-    out["colour_adherence"] = float(colour_hits(colour_samples, named).float().mean())
+    colour_samples = generate(stack, colour_texts, [s + seed_offset for s in colour_seed_list], settings).cpu()
+    hits = colour_hits(colour_samples, named).float()
+    out["colour_adherence"] = float(hits.mean())
+    chinese = torch.tensor([not text.isascii() for text in colour_texts])
+    out["colour_adherence_en"], out["colour_adherence_zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
     real_all = torch.cat([train_images, real])
     captions = train.en + val.en
     named_real = [(i, colours_named(c)) for i, c in enumerate(captions)]
@@ -107,6 +112,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         out[key] = value
     for key, value in composition(real_all).items():
         out[f"{key}_real"] = value
+    out["sharpness"], out["sharpness_real"] = sharpness(every_sample), sharpness(real_all)
 
     bank = _with_mirrors(train_images)
     pixel = near_copies(thumbnails(every_sample), thumbnails(bank), thumbnails(real))
@@ -118,7 +124,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]
-    div_seeds = [1000 + i for i in range(len(prompts))]
+    div_seeds = [1000 + seed_offset + i for i in range(len(prompts))]
     div_samples = generate(stack, prompts, div_seeds, settings).cpu()
     out.update(seed_diversity(div_samples, judge_features(judge, div_samples), count, diversity_seeds))
     if out_dir is not None:

@@ -134,6 +134,15 @@ def composition(images: torch.Tensor) -> dict[str, float]:
     }
 
 
+def sharpness(images: torch.Tensor, size: int = MEASURE_SIZE) -> float:
+    """Mean absolute Laplacian of the luminance ([0, 1] units) at ``size`` px: edge contrast, which a blurry
+    decoder or an under-trained UNet lowers. Compare with the real images' value at the same size."""
+    small = F.interpolate(images.float(), size=(size, size), mode="area") if images.shape[-1] != size else images
+    luma = ((small.float() + 1) / 2).mean(dim=1, keepdim=True)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    return float(F.conv2d(luma, kernel.to(luma)).abs().mean())
+
+
 # Hue families of chromatic pixels: (name, English word, Chinese word, hue range in degrees [from, to)).
 COLOUR_FAMILIES = (
     ("red", "red", "红色", (345.0, 15.0)),

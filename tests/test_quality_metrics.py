@@ -7,7 +7,7 @@ import torch
 
 from pipelines.evaluate import quality_table
 from pipelines.metrics import (colour_hits, colour_prompts, colours_named, composition, count_parts, foreground_mask,
-                               hue_family_shares, near_copies, thumbnails)
+                               hue_family_shares, near_copies, sharpness, thumbnails)
 
 SIZE = 128
 
@@ -104,3 +104,10 @@ def test_quality_table_shows_the_real_value_beside_each_figure():
     table = quality_table({"fg_share": 0.5, "fg_share_real": 0.4, "near_copy_share_pixel": 0.1})
     assert "| 0.500 | 0.400 | real ± 0.06 |" in table
     assert "| 0.100 | 0.050 | ≤ 0.05 |" in table  # unseen real images: 0.05 by construction
+
+
+def test_sharpness_drops_when_an_image_is_blurred():
+    sharp = paint_disc(canvas(), 0.5, 0.5, 0.3)
+    blurred = torch.nn.functional.avg_pool2d(sharp, 9, stride=1, padding=4, count_include_pad=False)
+    assert sharpness(canvas()) == 0  # a blank page has no edges
+    assert sharpness(sharp) > 2 * sharpness(blurred) > 0

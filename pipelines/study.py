@@ -1,0 +1,671 @@
+"""Stage studies as one command: change or swap stages of a finished run, retrain only what that changes, and
+judge every variant with the base run's judge, prompts and seeds in one report.
+
+    python -m pipelines.study --base runs/pokemon --data ../shared/pokemon --out runs/study_terms \\
+        --variant "no_terms: --unet.div_weight=0 --unet.cons_weight=0"
+    python -m pipelines.study --base runs/pokemon --data ../shared/pokemon --out runs/study_clip \\
+        --variant "english_only: --clip.zh_prob=0" --variant "weak_clip: --clip.epochs=1"
+    python -m pipelines.study --base runs/pokemon --data ../shared/pokemon --out runs/study_vae \\
+        --variant "other_vae: vae=runs/other/vae" --eval-seeds 3
+    torchrun --nproc-per-node 2 -m pipelines.study --base runs/pokemon ...   # training on every rank
+
+A variant is ``NAME: ITEMS``. Each item is ``--STAGE.key=value`` (a config override on top of the base stage's
+recorded config, as in train_all.py) or ``STAGE=FOLDER`` (a finished stage folder, taken as it is); STAGE is
+vae, clip or unet. A changed stage is trained into ``OUT/NAME/STAGE``, and so is every stage downstream of it
+(a UNet trained on another VAE's latents or another CLIP's text states is another model) unless that one is
+given as a folder; every other stage is the base run's. The judge (the base run's ``judge/``) never changes.
+The plan (what is trained or taken, per variant, with a time estimate from the base run's minutes) is printed
+before anything trains; ``--plan-only`` stops there.
+
+Every column (the base and each variant) is evaluated the same way: ``pipelines.evaluate``'s metrics on the
+same prompts and seeds, ``--steps`` sampling steps at one size, with the guidance of each UNet's config;
+``--eval-seeds K`` repeats the sampled metrics with K seed sets, for the spread that tells an effect from noise.
+``--concurrent`` trains the variants as parallel processes (one GPU, eager: no compile), which pays when one
+small model alone leaves the GPU idle. Re-running skips finished columns. Writes ``OUT/report.md`` (sentences,
+plan, metrics table with differences, grid, loss curves, bar chart), ``OUT/compare.png``, ``OUT/losses.png``,
+``OUT/metrics.png``, ``OUT/study.json``, and per column ``OUT/NAME/`` (its trained stages, ``stages.json``,
+``evaluation.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+import train_all
+from clip.model import CLIPModel
+from data import load_captions
+from diffusion.fit import check_fit
+from engine import distributed
+from engine.config import choose_preset, config_to_dict
+from engine.errors import UserError, run_cli
+from engine.images import save_grid
+from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, is_complete, read_stage, \
+    record_preset, write_json
+from pipelines.evaluate import evaluate_run, generation_metrics
+from pipelines.prompts import SHOWCASE_PROMPTS
+from pipelines.stages import stage_paths, load_stack
+from pipelines.text_to_image import GenerationSettings, generate
+
+STUDY_STAGES = ("vae", "clip", "unet")  # the judge is the study's ruler: the base run's, for every column
+# A UNet trained on another VAE's latents or another CLIP's text states is another model: retrain it.
+DOWNSTREAM = {"vae": ("unet",), "clip": ("unet",), "unet": ()}
+BASE = "base"  # the column of the base run itself
+SEED_SET_STRIDE = 10_000  # seed offset between the evaluation's seed sets: no sample seed is shared
+GRID_SEEDS = 2  # seeds per prompt in each column's block of the side-by-side grid
+VARIANT_FILE = "variant.json"
+EVALUATION_FILE = "evaluation.json"
+GRID_BLOCK_FILE = "grid_block.png"
+# (section of evaluation.json, key, label, is a share): the table's rows, the bar chart and the sentences.
+KEY_METRICS = (
+    ("generation", "fd_en", "FD (en)", False),
+    ("generation", "fd_zh", "FD (zh)", False),
+    ("generation", "clip_score_en", "CLIP score (en)", False),
+    ("generation", "clip_score_zh", "CLIP score (zh)", False),
+    ("generation", "colour_adherence_en", "colour adherence (en)", True),
+    ("generation", "colour_adherence_zh", "colour adherence (zh)", True),
+    ("generation", "near_copy_share_pixel", "near-copies (pixel)", True),
+    ("generation", "near_copy_share_judge", "near-copies (judge)", True),
+    ("generation", "fg_share", "foreground share", True),
+    ("generation", "border_fg", "border occupancy", True),
+    ("generation", "frame_filling_share", "frame-filling samples", True),
+    ("generation", "parts_mean", "parts per sample", False),
+    ("generation", "sharpness", "sharpness", False),
+    ("generation", "diversity_feature", "seed diversity (judge)", False),
+    ("vae", "val_psnr", "VAE PSNR (dB)", False),
+    ("clip", "t2i_r1_en", "CLIP text-to-image R@1 (en)", True),
+    ("clip", "t2i_r1_zh", "CLIP text-to-image R@1 (zh)", True),
+)
+
+
+@dataclass
+class Variant:
+    """One ``--variant``: config overrides per stage and stage folders taken as they are."""
+
+    name: str
+    overrides: dict[str, dict[str, str]]
+    folders: dict[str, Path]
+    spec: str  # the items, as written
+
+
+def parse_variant(text: str) -> Variant:
+    """``NAME: --STAGE.key=value STAGE=FOLDER ...`` -> ``Variant``; every mistake is a one-line ``UserError``."""
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep or not (name.isidentifier() and name.isascii()):
+        raise UserError(f"--variant takes 'NAME: ITEMS' with NAME a plain word, e.g. \"no_terms: "
+                        f"--unet.div_weight=0\", got {text!r}")
+    if name == BASE:
+        raise UserError(f"a variant cannot be named '{BASE}': that is the base run's column; pick another name")
+    overrides: dict[str, dict[str, str]] = {stage: {} for stage in STUDY_STAGES}
+    folders: dict[str, Path] = {}
+    for item in rest.split():
+        if item.startswith("--"):
+            key, eq, value = item[2:].partition("=")
+            stage, _, field = key.partition(".")
+            target = overrides.get(stage)
+        else:
+            stage, eq, value = item.partition("=")
+            field, target = stage, folders if stage in STUDY_STAGES else None
+        if stage == "judge":
+            raise UserError(f"variant {name}: {item!r} changes the judge, the study's fixed ruler; a study compares "
+                            "variants under one judge (the base run's judge/), so leave it out")
+        if not eq or target is None or not field:
+            raise UserError(f"variant {name}: cannot read {item!r}; write --STAGE.key=value (a config override) or "
+                            f"STAGE=FOLDER (a finished stage), with STAGE one of {', '.join(STUDY_STAGES)}")
+        if target is folders:
+            folders[stage] = Path(value)
+        else:
+            overrides[stage][field] = value
+    both = [stage for stage in folders if overrides[stage]]
+    if both:
+        raise UserError(f"variant {name}: the {both[0]} stage is given as a folder and has overrides; a given folder "
+                        "is taken as it is, so drop one of them")
+    if not folders and not any(overrides.values()):
+        raise UserError(f"variant {name} changes nothing; add --STAGE.key=value overrides or STAGE=FOLDER items")
+    return Variant(name=name, overrides=overrides, folders=folders, spec=" ".join(rest.split()))
+
+
+@dataclass
+class ColumnPlan:
+    """What one column of the study is made of: every stage's folder and where it comes from."""
+
+    name: str
+    spec: str
+    folder: Path  # OUT/NAME
+    stages: dict[str, Path]  # vae, clip, unet and judge
+    sources: dict[str, str]  # stage -> "base" | "given" | "trained"
+    configs: dict[str, Any]  # the training configs of the stages trained into ``folder``
+    presets: dict[str, str]  # the preset each trained stage's config was built on (the base stage's)
+    estimate_minutes: float | None  # training, from the base stages' minutes; None when not recorded
+    changed: tuple[str, ...]  # the stages the variant changes itself (downstream retraining aside)
+
+
+def base_stages(base: Path) -> dict[str, Path]:
+    """The base run's vae, clip, unet and judge folders (``stages.json`` when it reused stages), all checked."""
+    stages = stage_paths(base)
+    recorded = base / "stages.json"
+    judge = json.loads(recorded.read_text(encoding="utf-8")).get("judge") if recorded.is_file() else None
+    stages["judge"] = Path(judge) if judge else base / "judge"
+    if not is_complete(stages["judge"]):
+        raise UserError(f"the base run {base} has no finished judge at {stages['judge']}; a study judges every "
+                        "variant with the base run's judge: train it with train_all.py (without --skip-eval)")
+    for stage, folder in stages.items():
+        read_stage(folder, train_all.stage_kind(stage))
+    return stages
+
+
+def _recorded(folder: Path, stage: str) -> tuple[dict[str, Any], str]:
+    """A finished stage's training config, flattened, without what training fills in; and its preset."""
+    data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    flat = train_all.flatten_config(data["training"])
+    asked = {k: v for k, v in flat.items() if k not in train_all.FILLED_BY_TRAINING[stage]}
+    return asked, data.get("preset", {}).get("name") or choose_preset(None)
+
+
+def _stage_minutes(folder: Path) -> float | None:
+    path = folder / METRICS_FILE
+    return json.loads(path.read_text(encoding="utf-8")).get("minutes") if path.is_file() else None
+
+
+def plan_column(variant: Variant, base: dict[str, Path], out: Path, concurrent: bool) -> ColumnPlan:
+    """Which stages the variant trains, takes from a folder or reuses from the base; configs and shapes checked."""
+    trained = {stage for stage in STUDY_STAGES if variant.overrides[stage]}
+    for stage in set(variant.folders) | set(trained):
+        trained |= {down for down in DOWNSTREAM[stage] if down not in variant.folders}
+    folder = out / variant.name
+    stages, sources, configs, presets = {"judge": base["judge"]}, {}, {}, {}
+    estimate: float | None = 0.0
+    for stage in STUDY_STAGES:
+        if stage in variant.folders:
+            try:
+                read_stage(variant.folders[stage], stage)
+            except StageError as err:
+                raise StageError(f"variant {variant.name}: {err}") from None
+            stages[stage], sources[stage] = variant.folders[stage], "given"
+            continue
+        if stage not in trained:
+            stages[stage], sources[stage] = base[stage], "base"
+            continue
+        recorded, preset = _recorded(base[stage], stage)
+        cfg = train_all.stage_config(stage, preset, {**recorded, **variant.overrides[stage]})
+        asked = train_all.flatten_config(json.loads(json.dumps(config_to_dict(cfg), default=str)))
+        if variant.overrides[stage] and all(asked.get(k) == v for k, v in recorded.items()):
+            raise UserError(f"variant {variant.name}: its --{stage}.* overrides are the base's own {stage} settings, "
+                            "so nothing would differ; change a value, or drop them")
+        if concurrent:
+            cfg.train.compile = False  # several compiles at once would spend the budget on the CPU
+        stages[stage], sources[stage] = folder / stage, "trained"
+        configs[stage], presets[stage] = cfg, preset
+        minutes = _stage_minutes(base[stage])
+        epochs = recorded.get("train.epochs")
+        estimate = None if estimate is None or minutes is None or not epochs else \
+            estimate + minutes * cfg.train.epochs / epochs
+    check_column_fit(variant.name, stages, configs)
+    changed = tuple(s for s in STUDY_STAGES if s in variant.folders or variant.overrides[s])
+    return ColumnPlan(name=variant.name, spec=variant.spec, folder=folder, stages=stages, sources=sources,
+                      configs=configs, presets=presets, estimate_minutes=estimate, changed=changed)
+
+
+def check_column_fit(name: str, stages: dict[str, Path], configs: dict[str, Any]) -> None:
+    """The shape check of ``load_stack`` on what the column will hold, before anything trains."""
+    models = {stage: config_to_dict(configs[stage].model) if stage in configs
+              else read_stage(stages[stage], stage).model for stage in STUDY_STAGES}
+    unet = dict(models["unet"])
+    if unet["context_dim"] is None:  # the UNet trainer takes the CLIP's width
+        unet["context_dim"] = models["clip"]["text_width"]
+    where = {stage: f"of variant {name} (--{stage}.*)" if stage in configs else f"at {stages[stage]}"
+             for stage in STUDY_STAGES}
+    resolution = configs["unet"].resolution if "unet" in configs else None
+    try:
+        check_fit(models["vae"], models["clip"], unet, where, resolution)
+    except StageError as err:
+        raise StageError(f"variant {name}: {err}") from None
+
+
+def base_column(base: dict[str, Path], out: Path) -> ColumnPlan:
+    return ColumnPlan(name=BASE, spec="", folder=out / BASE, stages=dict(base),
+                      sources={stage: "base" for stage in STUDY_STAGES}, configs={}, presets={}, estimate_minutes=0.0,
+                      changed=())
+
+
+def check_base_data(base: dict[str, Path], data: str) -> None:
+    """The base UNet must have been trained on ``data``: reused stages and retrained ones then see the same."""
+    info = read_stage(base["unet"], "unet")
+    fingerprint = load_captions(data, resolution=info.training["resolution"]).fingerprint
+    if info.trained_on.get("data") != fingerprint:
+        raise UserError(f"the base UNet at {base['unet']} was trained on other data than --data {data}; pass the "
+                        "data the base run was trained on")
+
+
+def check_column_folder(plan: ColumnPlan, recorded_as: dict[str, Any], data: str) -> None:
+    """A column folder left by an earlier run must be this column: same spec and evaluation, and finished
+    stages that match what the variant asks (otherwise resuming would mix two studies)."""
+    path = plan.folder / VARIANT_FILE
+    if path.is_file():
+        earlier = json.loads(path.read_text(encoding="utf-8"))["recorded_as"]
+        differences = [f"{key} was {earlier.get(key)!r}, now {value!r}" for key, value in recorded_as.items()
+                       if earlier.get(key) != value]
+        if differences:
+            raise UserError(f"{plan.folder} holds column {plan.name} of another study ({'; '.join(differences)}); "
+                            "write to another --out, give the variant another name, or delete that folder")
+    will_train: set[str] = set()
+    for stage, cfg in plan.configs.items():
+        folder = plan.stages[stage]
+        if not is_complete(folder):
+            will_train.add(stage)
+            continue
+        upstream = {s: None if s in will_train else plan.stages[s] for s in ("vae", "clip")} if stage == "unet" else {}
+        differences = train_all.finished_stage_differences(stage, folder, cfg, data, upstream)
+        if differences:
+            raise StageError(f"{folder} holds a finished {stage} stage that differs from variant {plan.name} "
+                             f"({'; '.join(differences[:3])}); delete {plan.folder} to train the variant again")
+
+
+def train_column(plan: ColumnPlan, data: str, device: str | None) -> None:
+    """Train (or resume) the column's stages in order into its folder; every rank runs this under torchrun."""
+    for stage in STUDY_STAGES:
+        if stage not in plan.configs or is_complete(plan.stages[stage]):
+            continue
+        train_all.train_stage(stage, plan.configs[stage], plan.folder, data, plan.stages, device)
+        if distributed.is_main():
+            record_preset(plan.stages[stage], plan.presets[stage], "the base stage's preset")
+
+
+def _train_column_logged(plan: ColumnPlan, data: str, device: str | None, log: Path, threads: int) -> None:
+    """``train_column`` in a process of its own, its output in ``log`` (the target of ``--concurrent``)."""
+    torch.set_num_threads(threads)  # the processes share the CPU: each taking every core would oversubscribe it
+    with open(log, "a", encoding="utf-8", buffering=1) as fh, contextlib.redirect_stdout(fh), \
+            contextlib.redirect_stderr(fh):
+        train_column(plan, data, device)
+
+
+def train_concurrently(plans: Sequence[ColumnPlan], data: str, device: str | None) -> None:
+    """Train every column at once, one process each, and wait for all; a failure names the column's log."""
+    context = torch.multiprocessing.get_context("spawn")
+    processes = []
+    threads = max(1, (os.cpu_count() or 1) // max(1, len(plans)))
+    for plan in plans:
+        log = plan.folder / "train.log"
+        process = context.Process(target=_train_column_logged, args=(plan, data, device, log, threads))
+        process.start()
+        processes.append((plan.name, process, log))
+        print(f"training {plan.name} in its own process: {log}", flush=True)
+    failed = []
+    for name, process, log in processes:
+        process.join()
+        if process.exitcode != 0:
+            failed.append(f"{name} (see {log})")
+    if failed:
+        raise RuntimeError("these variants failed to train: " + ", ".join(failed))
+
+
+def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data_source: str, size: int, steps: int, eval_seeds: int,
+                    device: str | None) -> dict[str, Any]:
+    """The column's evaluation (``eval_seeds`` draws of the sampled metrics: mean and spread) and grid block."""
+    stack = load_stack(vae=plan.stages["vae"], clip=plan.stages["clip"], unet=plan.stages["unet"], device=device)
+    training = stack.infos["unet"].training
+    settings = GenerationSettings(size=size, steps=steps, guidance_scale=training["guidance_scale"],
+                                  guidance_rescale=training["guidance_rescale"])
+    data = load_captions(data_source, resolution=size)
+    judge_name = f"{plan.stages['judge']} ({file_fingerprint(plan.stages['judge'] / 'model.safetensors')})"
+    results = evaluate_run(stack, data, judge, settings, out_dir=plan.folder, judge_name=judge_name)
+    draws = [results["generation"]] + [
+        generation_metrics(stack, judge, data.subset("train"), data.subset("val"), settings,
+                           seed_offset=k * SEED_SET_STRIDE) for k in range(1, eval_seeds)]
+    results["generation"] = {key: statistics.fmean(d[key] for d in draws) for key in draws[0]}
+    if eval_seeds > 1:
+        results["generation_sd"] = {key: statistics.stdev(d[key] for d in draws) for key in draws[0]}
+    results["generation_draws"] = draws
+    results["train_minutes"] = {stage: _stage_minutes(plan.stages[stage]) for stage in STUDY_STAGES}
+    prompts = [p for p in SHOWCASE_PROMPTS for _ in range(GRID_SEEDS)]
+    images = generate(stack, prompts, [i % GRID_SEEDS for i in range(len(prompts))], settings)
+    save_grid(images, plan.folder / GRID_BLOCK_FILE, nrow=GRID_SEEDS, max_side=96)
+    write_json(plan.folder / EVALUATION_FILE, results)
+    return results
+
+
+# ---- the report -------------------------------------------------------------------------------------------------
+
+def metric_value(results: dict[str, Any], section: str, key: str) -> float | None:
+    value = results.get(section, {}).get(key)
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def metric_spread(results: dict[str, Any], section: str, key: str) -> float | None:
+    return results.get("generation_sd", {}).get(key) if section == "generation" else None
+
+
+def format_value(value: float, share: bool) -> str:
+    return f"{100 * value:.0f} %" if share else f"{value:.3g}"
+
+
+def format_difference(difference: float, share: bool) -> str:
+    return f"{100 * difference:+.0f} pts" if share else f"{difference:+.3g}"
+
+
+def describe_column(plan: ColumnPlan, base: dict[str, Any], results: dict[str, Any]) -> tuple[str, str]:
+    """(one sentence of what the variant changed, from the numbers; its largest change, for the headline)."""
+    trained = [s for s in STUDY_STAGES if plan.sources[s] == "trained"]
+    given = [s for s in STUDY_STAGES if plan.sources[s] == "given"]
+    what = "; ".join(filter(None, [f"retrained {', '.join(trained)}" if trained else "",
+                                   f"took {', '.join(given)} from a folder" if given else ""]))
+    changes = []  # (beyond the seed spread, relative size, text)
+    for section, key, label, share in KEY_METRICS:
+        before, after = metric_value(base, section, key), metric_value(results, section, key)
+        if before is None or after is None or before == after:
+            continue
+        if section == "generation":
+            spreads = [metric_spread(r, section, key) for r in (base, results)]
+            beyond = None if None in spreads else abs(after - before) > 2 * max(spreads)
+        else:  # reconstruction and retrieval are not sampled: every change is the variant's
+            beyond = True
+        relative = abs(after - before) / max(abs(before), abs(after))
+        changes.append((beyond, relative, f"{label} {format_value(before, share)} → {format_value(after, share)}"))
+    if not changes:
+        return f"**{plan.name}** ({what}): no key metric changed.", f"{plan.name}: no key metric changed"
+    changes.sort(key=lambda c: -c[1])
+    largest = changes[0][2]
+    if any(c[0] is None for c in changes):  # one seed set: no spread to test the sampled metrics against
+        return (f"**{plan.name}** ({what}): {', '.join(c[2] for c in changes[:3])} "
+                "(one seed set: the spread over seeds was not measured).", f"{plan.name}: {largest}")
+    moved = [c for c in changes if c[0]]
+    if not moved:
+        return (f"**{plan.name}** ({what}): no key metric moved by more than twice its spread over seeds (largest "
+                f"change: {largest}).", f"{plan.name}: no change beyond the seed spread")
+    return f"**{plan.name}** ({what}): {', '.join(c[2] for c in moved[:3])}.", f"{plan.name}: {moved[0][2]}"
+
+
+def metrics_markdown(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, Any]]) -> str:
+    """Rows: key metrics and training minutes; columns: real images, the base, each variant with its difference."""
+    names = [p.name for p in plans]
+    base = evaluations[BASE]
+    lines = ["| metric | real images | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for section, key, label, share in KEY_METRICS:
+        if all(metric_value(evaluations[n], section, key) is None for n in names):
+            continue
+        real = metric_value(base, section, f"{key}_real")
+        cells = [format_value(real, share) if real is not None else "—"]
+        for name in names:
+            value = metric_value(evaluations[name], section, key)
+            if value is None:
+                cells.append("—")
+                continue
+            text = format_value(value, share)
+            spread = metric_spread(evaluations[name], section, key)
+            if spread is not None:
+                text += f" ± {format_difference(spread, share).lstrip('+')}"
+            before = metric_value(base, section, key)
+            if name != BASE and before is not None:
+                text += f" ({format_difference(value - before, share)})"
+            cells.append(text)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for stage in STUDY_STAGES:
+        cells = []
+        for plan in plans:
+            minutes = evaluations[plan.name].get("train_minutes", {}).get(stage)
+            source = plan.sources[stage]
+            note = "" if source == "trained" else f" ({source})"
+            cells.append(("—" if minutes is None else f"{minutes:.1f}") + note)
+        lines.append(f"| {stage} training minutes | — | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def combined_grid(plans: Sequence[ColumnPlan], path: Path, gap: int = 12, label_height: int = 14) -> Path:
+    """The columns' grid blocks side by side, each under its name, with a white gap between blocks."""
+    blocks = [Image.open(plan.folder / GRID_BLOCK_FILE).convert("RGB") for plan in plans]
+    width = sum(b.width for b in blocks) + gap * (len(blocks) - 1)
+    canvas = Image.new("RGB", (width, max(b.height for b in blocks) + label_height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for plan, block in zip(plans, blocks):
+        canvas.paste(block, (x, label_height))
+        draw.text((x + 2, 1), plan.name, fill="black")
+        x += block.width + gap
+    canvas.save(path)
+    return path
+
+
+def _loss_curve(folder: Path) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    log = folder / "log.jsonl"
+    for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
+        entry = json.loads(line)
+        if entry.get("kind") == "train" and "train/loss" in entry:
+            steps.append(entry["step"])
+            losses.append(entry["train/loss"])
+    return steps, losses
+
+
+def plot_losses(plans: Sequence[ColumnPlan], path: Path) -> Path | None:
+    """Training loss per step of every stage some column changed, one line per distinct stage folder."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    varied = [s for s in STUDY_STAGES if len({str(p.stages[s]) for p in plans}) > 1]
+    if not varied:
+        return None
+    fig, axes = plt.subplots(1, len(varied), figsize=(5 * len(varied), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], varied):
+        users: dict[str, list[str]] = {}
+        for plan in plans:
+            users.setdefault(str(plan.stages[stage]), []).append(plan.name)
+        for folder, names in users.items():
+            steps, losses = _loss_curve(Path(folder))
+            if steps:
+                ax.plot(steps, losses, label=" = ".join(names), linewidth=1)
+        ax.set_title(f"{stage} training loss")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, Any]], path: Path) -> Path:
+    """One small bar chart per key metric: a bar per column (± the spread over seeds), the real images dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in KEY_METRICS if any(metric_value(evaluations[p.name], m[0], m[1]) is not None for p in plans)]
+    columns = 4
+    rows = math.ceil(len(shown) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    names = [p.name for p in plans]
+    for ax, (section, key, label, _) in zip(axes.flat, shown):
+        values = [metric_value(evaluations[n], section, key) for n in names]
+        spreads = [metric_spread(evaluations[n], section, key) or 0.0 for n in names]
+        ax.bar(range(len(names)), [math.nan if v is None else v for v in values],
+               color=[f"C{i}" for i in range(len(names))], yerr=spreads if any(spreads) else None, capsize=3)
+        real = metric_value(evaluations[BASE], section, f"{key}_real")
+        if real is not None:
+            ax.axhline(real, linestyle="--", color="black", linewidth=1)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
+        ax.set_title(label, fontsize=9)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, Any]],
+                 settings: dict[str, Any], command: str) -> dict[str, Any]:
+    """``OUT/report.md``, the pictures and ``OUT/study.json`` (with the fields of a studies summary entry)."""
+    variants = [p for p in plans if p.name != BASE]
+    sentences = {p.name: describe_column(p, evaluations[BASE], evaluations[p.name]) for p in variants}
+    compare = combined_grid(plans, out / "compare.png")
+    losses = plot_losses(plans, out / "losses.png")
+    bars = plot_metrics(plans, evaluations, out / "metrics.png")
+    preset = {plan.presets.get(s) for plan in plans for s in plan.presets} or {
+        json.loads((plans[0].stages["unet"] / CONFIG_FILE).read_text(encoding="utf-8")).get("preset", {}).get("name")}
+    spread_note = (f"± is the standard deviation over {settings['eval_seeds']} seed sets; a change within twice "
+                   "it is noise" if settings["eval_seeds"] > 1 else
+                   "one seed set: the spread over seeds was not measured (pass --eval-seeds 3 for it)")
+    lines = [f"# Study: {out.name}", "", f"Command: `{command}`", "",
+             f"Base run `{settings['base']}`; data `{settings['data']}`; judge `{settings['judge']}` (the base run's, "
+             f"for every column). Every column samples the same prompts and seeds: {settings['steps']} steps at "
+             f"{settings['size']} px, with the guidance of its UNet's config.", ""]
+    if "tiny" in preset:
+        lines += ["**This is a smoke study** on the tiny preset: it shows that the study runs end to end; its "
+                  "numbers say nothing about the full models.", ""]
+    lines += ["## What each variant changed", ""] + [f"- {sentences[p.name][0]}" for p in variants] + [""]
+    lines += ["## Columns", "", "| column | variant | vae | clip | unet |", "|---|---|---|---|---|"]
+    for plan in plans:
+        cells = [f"trained ({plan.stages[s].name})" if plan.sources[s] == "trained" else
+                 f"given: `{plan.stages[s]}`" if plan.sources[s] == "given" else "base" for s in STUDY_STAGES]
+        lines.append(f"| {plan.name} | `{plan.spec or '(the base run)'}` | " + " | ".join(cells) + " |")
+    lines += ["", "## Metrics", "", f"Differences in brackets are variant − base; {spread_note}. Real images: the "
+              "data's own value where the metric has one.", "", metrics_markdown(plans, evaluations),
+              "## Samples", "", f"Column blocks, left to right: {', '.join(p.name for p in plans)}. Rows: "
+              + "; ".join(f"`{p}`" for p in SHOWCASE_PROMPTS) + f"; columns in a block: seeds 0–{GRID_SEEDS - 1}.",
+              "", "![compare](compare.png)", ""]
+    if losses is not None:
+        lines += ["## Loss curves", "", "Training loss of the stages that differ (a line shared by several "
+                  "columns is one stage folder).", "", "![losses](losses.png)", ""]
+    lines += ["## Key metrics", "", "Bars: columns (± spread over seeds); dashed: real images.", "",
+              f"![metrics]({bars.name})", ""]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    summary = {"stage": ", ".join(dict.fromkeys(s for p in variants for s in p.changed)),
+               "variants": {p.name: {"spec": p.spec, "sources": p.sources, "sentence": sentences[p.name][0]}
+                            for p in variants},
+               "compare_png": str(compare), "headline": "; ".join(sentences[p.name][1] for p in variants) + ".",
+               "command": command, "settings": settings,
+               "evaluations": {name: {k: evaluations[name].get(k) for k in ("vae", "clip", "generation",
+                                                                            "generation_sd", "train_minutes")}
+                               for name in evaluations}}
+    write_json(out / "study.json", summary)
+    return summary
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+def print_plan(plans: Sequence[ColumnPlan], pending: set[str], settings: dict[str, Any],
+               evaluate_minutes: float | None) -> None:
+    print(f"Study plan: base {settings['base']} (judge {settings['judge']}), {len(plans)} columns, "
+          f"{settings['eval_seeds']} seed set(s), {settings['steps']} steps at {settings['size']} px", flush=True)
+    training = 0.0
+    for plan in plans:
+        stages = "  ".join(f"{s} {plan.sources[s].upper() if plan.sources[s] == 'trained' else plan.sources[s]:<7}"
+                           for s in STUDY_STAGES)
+        if plan.name not in pending:
+            note = "finished: skipped"
+        elif not plan.configs:
+            note = "evaluation only"
+        elif plan.estimate_minutes is None:
+            note = "training time unknown (the base stages record no minutes)"
+        else:
+            note = f"about {plan.estimate_minutes:.1f} min of training"
+            training += plan.estimate_minutes
+        print(f"  {plan.name:<16} {stages}  {note}", flush=True)
+    evaluation = "" if evaluate_minutes is None else \
+        f" + about {evaluate_minutes * settings['eval_seeds'] * len(pending):.1f} min of evaluation"
+    print(f"Estimate: about {training:.1f} min of training one after another (the base run's minutes; "
+          f"--concurrent overlaps them){evaluation}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    description, _, usage_notes = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="python -m pipelines.study", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=usage_notes)
+    parser.add_argument("--base", type=Path, required=True, help="finished run (train_all.py) the variants start from")
+    parser.add_argument("--data", required=True, help="the captions source the base run was trained on")
+    parser.add_argument("--out", type=Path, required=True, help="study folder, e.g. runs/study_NAME")
+    parser.add_argument("--variant", action="append", required=True,
+                        help="'NAME: --STAGE.key=value ... STAGE=FOLDER ...' (repeatable)")
+    parser.add_argument("--eval-seeds", type=int, default=1, help="seed sets of the sampled metrics (spread if > 1)")
+    parser.add_argument("--steps", type=int, default=GenerationSettings().steps, help="sampling steps")
+    parser.add_argument("--size", type=int, help="image size of the evaluation (default: the base VAE's resolution)")
+    parser.add_argument("--concurrent", action="store_true", help="train the variants at once, one process each")
+    parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    # Every mistake in what was asked surfaces here, before anything trains.
+    variants = [parse_variant(text) for text in args.variant]
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise UserError(f"variant names must differ, got {names}")
+    if args.eval_seeds < 1:
+        raise UserError(f"--eval-seeds must be at least 1, got {args.eval_seeds}")
+    if args.concurrent and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--concurrent runs one process per variant on one GPU; under torchrun the variants train "
+                        "one after another on every rank: drop --concurrent")
+    base = base_stages(args.base)
+    size = args.size or int(read_stage(base["vae"], "vae").training["resolution"])
+    GenerationSettings(size=size, steps=args.steps)  # checks size and steps
+    check_base_data(base, args.data)
+    plans = [base_column(base, args.out)] + [plan_column(v, base, args.out, args.concurrent) for v in variants]
+    settings = {"base": str(args.base), "data": args.data, "judge": str(base["judge"]), "steps": args.steps,
+                "size": size, "eval_seeds": args.eval_seeds}
+    for plan in plans:
+        check_column_folder(plan, {"spec": plan.spec, **settings}, args.data)
+    pending = {p.name for p in plans if not (p.folder / EVALUATION_FILE).is_file()}
+    base_summary = args.base / "summary.json"
+    evaluate_minutes = json.loads(base_summary.read_text(encoding="utf-8")).get("stage_minutes", {}).get(
+        "evaluate") if base_summary.is_file() else None
+    command = "python -m pipelines.study " + " ".join(
+        f"'{a}'" if " " in a else a for a in (sys.argv[1:] if argv is None else argv))
+    if int(os.environ.get("RANK", "0")) == 0:  # the process group does not exist yet: torchrun's rank
+        print_plan(plans, pending, settings, evaluate_minutes)
+    result: dict[str, Any] = {"sources": {p.name: p.sources for p in plans}, "pending": sorted(pending)}
+    if args.plan_only:
+        return result
+    env = distributed.setup(args.device)
+    try:
+        to_train = [p for p in plans if p.name in pending and p.configs]
+        if env.is_main:
+            for plan in plans:
+                if plan.name in pending:
+                    write_json(plan.folder / VARIANT_FILE, {"recorded_as": {"spec": plan.spec, **settings},
+                                                            "sources": plan.sources,
+                                                            "stages": {k: str(v) for k, v in plan.stages.items()}})
+                    write_json(plan.folder / "stages.json", {k: str(v) for k, v in plan.stages.items()})
+                else:
+                    print(f"{plan.name}: finished ({plan.folder / EVALUATION_FILE}), skipped", flush=True)
+        distributed.barrier()
+        started = time.perf_counter()
+        if args.concurrent:
+            train_concurrently(to_train, args.data, args.device)
+        else:
+            for plan in to_train:
+                if env.is_main:
+                    print(f"\n=== {plan.name}: training {', '.join(plan.configs)} ===", flush=True)
+                train_column(plan, args.data, args.device)
+        distributed.barrier()
+        result["train_minutes"] = (time.perf_counter() - started) / 60
+        if env.is_main:
+            judge = CLIPModel.load(base["judge"], device=env.device).eval()
+            evaluations = {}
+            for plan in plans:
+                if plan.name in pending:
+                    print(f"\n=== {plan.name}: evaluating ===", flush=True)
+                    evaluations[plan.name] = evaluate_column(plan, judge, args.data, size, args.steps,
+                                                             args.eval_seeds, str(env.device))
+                else:
+                    evaluations[plan.name] = json.loads((plan.folder / EVALUATION_FILE).read_text(encoding="utf-8"))
+            result["summary"] = write_report(args.out, plans, evaluations, settings, command)
+            print(f"\nStudy written: {args.out / 'report.md'}", flush=True)
+        distributed.barrier()
+    finally:
+        distributed.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,152 @@
+"""Stage studies on the tiny preset: what each variant trains or reuses, resume, misfits, the report."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_all
+from engine.errors import UserError
+from engine.stage import StageError, file_fingerprint, is_complete, read_stage
+from pipelines.study import main as study
+
+DATA = "shapes:40"
+FAST = ["--data", DATA, "--steps", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    run = tmp_path_factory.mktemp("study") / "base"
+    train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval",
+                    "--vae.epochs=1", "--clip.epochs=1", "--unet.epochs=1"])
+    train_all.train_stage("judge", train_all.stage_config("judge", "tiny", {"epochs": "1"}), run, DATA, {}, "cpu")
+    return run
+
+
+@pytest.fixture(scope="module")
+def done(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    args = ["--base", str(base), "--out", str(out), *FAST,
+            "--variant", "no_terms: --unet.div_weight=0 --unet.cons_weight=0",
+            "--variant", "strong_kl: --vae.kl_weight=1e-3"]
+    return out, args, study(args)
+
+
+def test_a_unet_variant_retrains_only_the_unet(base, done):
+    out, _, result = done
+    assert result["sources"]["no_terms"] == {"vae": "base", "clip": "base", "unet": "trained"}
+    assert is_complete(out / "no_terms" / "unet")
+    assert not (out / "no_terms" / "vae").exists() and not (out / "no_terms" / "clip").exists()
+    stages = json.loads((out / "no_terms" / "stages.json").read_text())
+    assert stages["vae"] == str(base / "vae") and stages["judge"] == str(base / "judge")
+    unet = read_stage(out / "no_terms" / "unet", "unet")
+    assert unet.training["loss"]["div_weight"] == 0 and unet.training["loss"]["cons_weight"] == 0
+    # the rest of its config is the base UNet's (one epoch, as recorded), not the preset's two
+    assert unet.training["train"]["epochs"] == 1
+    assert unet.trained_on["vae"] == file_fingerprint(base / "vae" / "model.safetensors")
+
+
+def test_a_vae_variant_retrains_the_vae_and_the_unet_and_reuses_the_clip(base, done):
+    out, _, result = done
+    assert result["sources"]["strong_kl"] == {"vae": "trained", "clip": "base", "unet": "trained"}
+    assert not (out / "strong_kl" / "clip").exists()
+    assert read_stage(out / "strong_kl" / "vae", "vae").training["kl_weight"] == 1e-3
+    unet = read_stage(out / "strong_kl" / "unet", "unet")
+    assert unet.trained_on["vae"] == file_fingerprint(out / "strong_kl" / "vae" / "model.safetensors")
+    assert unet.trained_on["clip"] == file_fingerprint(base / "clip" / "model.safetensors")
+
+
+def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, done):
+    out, _, result = done
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for name in ("base", "no_terms", "strong_kl"):
+        evaluation = json.loads((out / name / "evaluation.json").read_text())
+        assert evaluation["judge"].startswith(str(base / "judge"))
+        assert evaluation["settings"]["steps"] == 1 and evaluation["settings"]["size"] == 64
+        assert f"| {name} |" in report
+    for name in ("no_terms", "strong_kl"):
+        assert f"- **{name}** (retrained" in report and name in result["summary"]["headline"]
+    assert "| VAE PSNR (dB) |" in report and "| near-copies (pixel) |" in report and "→" in report
+    for picture in ("compare.png", "losses.png", "metrics.png"):
+        assert (out / picture).is_file() and f"]({picture})" in report
+    summary = json.loads((out / "study.json").read_text())
+    assert set(summary["variants"]) == {"no_terms", "strong_kl"} and summary["stage"] == "unet, vae"
+    assert summary["command"].startswith("python -m pipelines.study") and summary["compare_png"].endswith("compare.png")
+
+
+def test_resume_skips_finished_variants_and_trains_a_new_one_concurrently(done, tmp_path, capsys):
+    out, args, _ = done
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    args = [copy.as_posix() if a == str(out) else a for a in args]
+    finished = {name: (copy / name / "evaluation.json").stat().st_mtime_ns
+                for name in ("base", "no_terms", "strong_kl")}
+    result = study([*args, "--concurrent", "--variant", "fast_lr: --unet.lr=3e-3"])
+    printed = capsys.readouterr().out
+    assert result["pending"] == ["fast_lr"]
+    for name, mtime in finished.items():
+        assert f"{name}: finished" in printed and (copy / name / "evaluation.json").stat().st_mtime_ns == mtime
+    assert is_complete(copy / "fast_lr" / "unet") and (copy / "fast_lr" / "train.log").is_file()
+    assert read_stage(copy / "fast_lr" / "unet", "unet").training["train"]["compile"] is False
+    assert "| fast_lr |" in (copy / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_changed_variant_under_a_finished_name_is_refused(done):
+    out, args, _ = done
+    changed = [a.replace("--unet.cons_weight=0", "--unet.cons_weight=0.5") for a in args]
+    with pytest.raises(UserError, match=r"holds column no_terms of another study \(spec was .*another name"):
+        study(changed)
+
+
+def test_a_mismatched_stage_folder_is_a_clear_error_before_anything_trains(base, tmp_path):
+    out = tmp_path / "out"
+    wrong_kind = ["--variant", f"wrong_kind: vae={base / 'clip'}"]
+    with pytest.raises(StageError, match=r"variant wrong_kind: .*holds a 'clip' stage, but a 'vae' stage was expected"):
+        study(["--base", str(base), "--out", str(out), *FAST, *wrong_kind])
+    narrow = tmp_path / "narrow_clip"
+    shutil.copytree(base / "clip", narrow)
+    config = json.loads((narrow / "config.json").read_text())
+    config["model"]["text_width"] = 32
+    (narrow / "config.json").write_text(json.dumps(config))
+    narrow_variant = ["--variant", f"narrow: clip={narrow} unet={base / 'unet'}"]
+    with pytest.raises(StageError, match=r"variant narrow: .*32-wide text states but the UNet .* cross-attends to 64"):
+        study(["--base", str(base), "--out", str(out), *FAST, *narrow_variant])
+    assert not out.exists()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("SCRATCH_DIFFUSION_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "pipelines.study", "--base", str(base), "--out", str(out), *FAST,
+                           "--variant", f"wrong_kind: unet={base / 'vae'}"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: variant wrong_kind: {base / 'vae'} holds a 'vae' stage, but a 'unet' stage was expected"]
+
+
+def test_the_plan_retrains_downstream_and_never_the_judge(base, tmp_path):
+    plan = study(["--base", str(base), "--out", str(tmp_path / "o"), *FAST, "--plan-only",
+                  "--variant", "english_only: --clip.zh_prob=0", "--variant", f"given_vae: vae={base / 'vae'}",
+                  "--variant", f"own_unet: vae={base / 'vae'} unet={base / 'unet'}"])
+    assert plan["sources"]["english_only"] == {"vae": "base", "clip": "trained", "unet": "trained"}
+    assert plan["sources"]["given_vae"] == {"vae": "given", "clip": "base", "unet": "trained"}
+    assert plan["sources"]["own_unet"] == {"vae": "given", "clip": "base", "unet": "given"}
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("no_terms --unet.div_weight=0", "takes 'NAME: ITEMS'"),
+    ("base: --unet.div_weight=0", "cannot be named 'base'"),
+    ("x: --judge.epochs=1", "changes the judge, the study's fixed ruler"),
+    ("x: --lr=1", "cannot read '--lr=1'; write --STAGE.key=value"),
+    ("x: vea=runs/a/vae", "cannot read 'vea=runs/a/vae'"),
+    ("x:", "changes nothing"),
+    ("x: --unet.div_weight=0.05", "are the base's own unet settings"),
+    ("x: --unet.nonsense=1", "nonsense"),
+])
+def test_a_bad_variant_is_one_clear_error(base, tmp_path, variant, message):
+    with pytest.raises(UserError, match=message):
+        study(["--base", str(base), "--out", str(tmp_path / "o"), *FAST, "--variant", variant])
+    assert not (tmp_path / "o").exists()

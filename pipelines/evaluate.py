@@ -32,7 +32,7 @@ from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
 from .metrics import (colour_hits, colour_prompts, colours_named, composition, frechet_distance, kernel_distance,
-                      near_copies, nearest_indices, seed_diversity, sharpness, thumbnails)
+                      near_copies, nearest_indices, seed_diversity, sharpness, thumbnails, unit_pixels)
 from .stages import StageStack, load_stack, stage_paths
 from .text_to_image import GenerationSettings, generate
 
@@ -54,8 +54,20 @@ def clip_score(judge: CLIPModel, features: torch.Tensor, prompts: Sequence[str])
     return float(100 * (features * text).sum(-1).mean())
 
 
-def _with_mirrors(images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([images, images.flip(-1)])
+@torch.no_grad()
+def judged_and_shrunk(judge: CLIPModel, images: torch.Tensor, size: int,
+                      batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Judge features of images (uint8, or [-1, 1] float) at ``size`` px, and [-1, 1] copies at ``MEASURE_SIZE``,
+    the size every pixel measure and picture works at. A batch at a time, so full-size float copies of a whole
+    set (gigabytes at 512 px) never pile up on the host."""
+    features, small = [], []
+    for chunk in images.split(batch_size):
+        chunk = to_float(chunk) if chunk.dtype == torch.uint8 else chunk.float()
+        if chunk.shape[-1] != size:
+            chunk = F.interpolate(chunk, size=(size, size), mode="area")
+        features.append(judge_features(judge, chunk))
+        small.append(unit_pixels(chunk) * 2 - 1)
+    return torch.cat(features), torch.cat(small)
 
 
 def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, val: CaptionSet,
@@ -72,18 +84,20 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     the spread over seeds.
     """
     size = settings.size
-    real = to_float(val.images)
-    train_images = to_float(train.images)
-    if real.shape[-1] != size:
-        real = F.interpolate(real, size=(size, size), mode="area")
-        train_images = F.interpolate(train_images, size=(size, size), mode="area")
-    real_feats = judge_features(judge, real)
-    seeds = [int(r) + seed_offset for r in val.rows]  # one fixed seed per validation row
+
+    def sample(prompts: Sequence[str], seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return judged_and_shrunk(judge, generate(stack, prompts, [s + seed_offset for s in seeds], settings).cpu(),
+                                 size)
+
+    real_feats, real = judged_and_shrunk(judge, val.images, size)
+    train_feats, train_small = judged_and_shrunk(judge, train.images, size)
+    mirror_feats, mirror_small = judged_and_shrunk(judge, train.images.flip(-1), size)
+    bank, judge_bank = torch.cat([train_small, mirror_small]), torch.cat([train_feats, mirror_feats])
+    seeds = [int(r) for r in val.rows]  # one fixed seed per validation row
     out: dict[str, float] = {}
     samples, feats = [], []
     for language, prompts in (("en", val.en), ("zh", val.zh)):
-        images = generate(stack, prompts, seeds, settings).cpu()
-        features = judge_features(judge, images)
+        features, images = sample(prompts, seeds)
         out[f"fd_{language}"] = frechet_distance(real_feats, features)
         out[f"kid_{language}"] = kernel_distance(real_feats, features)
         out[f"clip_score_{language}"] = clip_score(judge, features, prompts)
@@ -92,20 +106,19 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out["clip_score_real_en"] = clip_score(judge, real_feats, val.en)  # the ceiling for this judge
 
     colour_texts, colour_seed_list, named = colour_prompts(colour_seeds)
-    colour_samples = generate(stack, colour_texts, [s + seed_offset for s in colour_seed_list], settings).cpu()
+    colour_feats, colour_samples = sample(colour_texts, colour_seed_list)
     hits = colour_hits(colour_samples, named).float()
     out["colour_adherence"] = float(hits.mean())
     chinese = torch.tensor([not text.isascii() for text in colour_texts])
     out["colour_adherence_en"], out["colour_adherence_zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
-    real_all = torch.cat([train_images, real])
-    captions = train.en + val.en
-    named_real = [(i, colours_named(c)) for i, c in enumerate(captions)]
+    real_all = torch.cat([train_small, real])
+    named_real = [(i, colours_named(c)) for i, c in enumerate(train.en + val.en)]
     named_real = [(i, n[0]) for i, n in named_real if n]
     if named_real:
         index = torch.tensor([i for i, _ in named_real])
         out["colour_adherence_real"] = float(colour_hits(real_all[index], [n for _, n in named_real]).float().mean())
     samples.append(colour_samples)
-    feats.append(judge_features(judge, colour_samples))
+    feats.append(colour_feats)
     every_sample, every_feature = torch.cat(samples), torch.cat(feats)
 
     for key, value in composition(every_sample).items():
@@ -114,9 +127,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         out[f"{key}_real"] = value
     out["sharpness"], out["sharpness_real"] = sharpness(every_sample), sharpness(real_all)
 
-    bank = _with_mirrors(train_images)
     pixel = near_copies(thumbnails(every_sample), thumbnails(bank), thumbnails(real))
-    judge_bank = judge_features(judge, bank)
     in_judge = near_copies(every_feature, judge_bank, real_feats, cosine=True)
     out.update({"near_copy_share_pixel": pixel["share"], "nn_dist_samples": pixel["sample_nn"],
                 "nn_dist_real_val": pixel["val_nn"], "near_copy_share_judge": in_judge["share"],
@@ -124,9 +135,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]
-    div_seeds = [1000 + seed_offset + i for i in range(len(prompts))]
-    div_samples = generate(stack, prompts, div_seeds, settings).cpu()
-    out.update(seed_diversity(div_samples, judge_features(judge, div_samples), count, diversity_seeds))
+    div_feats, div_samples = sample(prompts, [1000 + i for i in range(len(prompts))])
+    out.update(seed_diversity(div_samples, div_feats, count, diversity_seeds))
     if out_dir is not None:
         shown = min(8, len(val))
         save_grid(torch.cat([real[:shown], samples[0][:shown]]), out_dir / "eval_samples.png", nrow=shown,

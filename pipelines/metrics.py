@@ -79,10 +79,16 @@ PART_MIN_AREA = 0.01  # connected foreground regions smaller than this share of 
 MEASURE_SIZE = 128  # composition is measured on area-downsampled copies of this side
 
 
+def unit_pixels(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
+    """[-1, 1] images as float [0, 1] pixels at ``size`` x ``size`` (area filter), the measures' common input."""
+    if images.shape[-1] != size:
+        images = F.interpolate(images.float(), size=(size, size), mode="area")
+    return (images.float() + 1) / 2
+
+
 def foreground_mask(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
     """Bool ``[B, size, size]``: pixels of [-1, 1] images that are not near-white."""
-    small = F.interpolate(images.float(), size=(size, size), mode="area") if images.shape[-1] != size else images
-    return ((small.float() + 1) / 2).amin(dim=1) < WHITE_LEVEL
+    return unit_pixels(images, size).amin(dim=1) < WHITE_LEVEL
 
 
 def region_sizes(mask: torch.Tensor) -> list[list[int]]:
@@ -137,8 +143,7 @@ def composition(images: torch.Tensor) -> dict[str, float]:
 def sharpness(images: torch.Tensor, size: int = MEASURE_SIZE) -> float:
     """Mean absolute Laplacian of the luminance ([0, 1] units) at ``size`` px: edge contrast, which a blurry
     decoder or an under-trained UNet lowers. Compare with the real images' value at the same size."""
-    small = F.interpolate(images.float(), size=(size, size), mode="area") if images.shape[-1] != size else images
-    luma = ((small.float() + 1) / 2).mean(dim=1, keepdim=True)
+    luma = unit_pixels(images, size).mean(dim=1, keepdim=True)
     kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
     return float(F.conv2d(luma, kernel.to(luma)).abs().mean())
 
@@ -174,8 +179,7 @@ def colour_prompts(seeds: int) -> tuple[list[str], list[int], list[str]]:
 
 def hue_family_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
     """``[B, len(COLOUR_FAMILIES)]``: share of each image's chromatic foreground pixels in each hue family."""
-    small = F.interpolate(images.float(), size=(size, size), mode="area") if images.shape[-1] != size else images
-    rgb = ((small.float() + 1) / 2).clamp(0, 1)
+    rgb = unit_pixels(images, size).clamp(0, 1)
     top, _ = rgb.max(dim=1)
     bottom, _ = rgb.min(dim=1)
     chroma = top - bottom

@@ -13,8 +13,9 @@ classifier-free guidance.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -22,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from data import language_mask
-from data.captions import clause_variants
 from data.augment import AUGMENT_DIM, apply_geometry, float_batches, random_geometry, to_float
+from data.captions import clause_variants
 from engine.precision import inference_autocast
 from engine.stage import atomic_write
 
@@ -34,11 +35,10 @@ def cache_key(*fingerprints: str) -> str:
 
 
 @torch.no_grad()
-def encode_moments(vae: torch.nn.Module, images_uint8: Tensor, batch_size: int,
-                   device: torch.device) -> tuple[Tensor, Tensor]:
-    """Posterior mean and log-variance ``[N, C, h, w]`` (float32, on ``device``) of uint8 images ``[N, 3, H, W]``."""
+def encode_moments(vae: torch.nn.Module, batches: Iterable[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Posterior mean and log-variance ``[N, C, h, w]`` (float32, on ``device``) of [-1, 1] image batches."""
     means, logvars = [], []
-    for images in float_batches(images_uint8, batch_size, device):
+    for images in batches:
         with inference_autocast(device):
             posterior = vae.encode(images)
         means.append(posterior.mean.float())
@@ -129,9 +129,8 @@ class GeometryAugment:
     seed: int = 0  # the copies are a fixed function of the data and this seed
 
     def key(self) -> str:
-        """A string that changes when any setting that shapes the cached copies changes."""
-        return (f"aug{self.copies}:{self.log2_scale[0]}:{self.log2_scale[1]}:{self.shift}:{self.rotation_deg}:"
-                f"{self.log2_aspect}:{self.seed}")
+        """A string that changes when any setting that shapes the cached copies changes (not ``prob``)."""
+        return repr({k: v for k, v in asdict(self).items() if k != "prob"})
 
 
 def build_latent_cache(vae: torch.nn.Module, images_uint8: Tensor, path: str | Path, batch_size: int,
@@ -147,7 +146,7 @@ def build_latent_cache(vae: torch.nn.Module, images_uint8: Tensor, path: str | P
                          "finish the VAE stage or pass a finished one")
     num_images = len(images_uint8)
     plain = torch.cat([images_uint8, images_uint8.flip(-1)]) if mirror else images_uint8
-    mean, logvar = encode_moments(vae, plain, batch_size, device)
+    mean, logvar = encode_moments(vae, float_batches(plain, batch_size, device), device)
     labels = None
     if augment is not None and augment.copies > 0:
         g = torch.Generator().manual_seed(augment.seed)
@@ -155,20 +154,18 @@ def build_latent_cache(vae: torch.nn.Module, images_uint8: Tensor, path: str | P
         aug_labels = random_geometry(count, augment.log2_scale, augment.shift, augment.rotation_deg,
                                      augment.log2_aspect, generator=g)
         flips = torch.rand(count, generator=g) < 0.5
-        aug_means, aug_logvars = [], []
-        for start in range(0, count, batch_size):
-            index = torch.arange(start, min(start + batch_size, count))
-            images = to_float(images_uint8[index % num_images].to(device))
-            images = torch.where(flips[index, None, None, None].to(device), images.flip(-1), images)
-            images = apply_geometry(images, aug_labels[index].to(device))
-            with torch.no_grad(), inference_autocast(device):
-                posterior = vae.encode(images)
-            aug_means.append(posterior.mean.float())
-            aug_logvars.append(posterior.logvar.float())
+
+        def augmented_batches() -> Iterator[Tensor]:  # copy k of image i is row k * N + i
+            for start in range(0, count, batch_size):
+                index = torch.arange(start, min(start + batch_size, count))
+                images = to_float(images_uint8[index % num_images].to(device))
+                images = torch.where(flips[index, None, None, None].to(device), images.flip(-1), images)
+                yield apply_geometry(images, aug_labels[index].to(device))
+
+        aug_mean, aug_logvar = encode_moments(vae, augmented_batches(), device)
         labels = torch.cat([torch.zeros(len(mean), AUGMENT_DIM), aug_labels]).to(device)
-        mean, logvar = torch.cat([mean, *aug_means]), torch.cat([logvar, *aug_logvars])
-    cache = LatentCache(mean, logvar, num_images, float(scaling_factor), labels,
-                        num_plain_rows=len(plain))
+        mean, logvar = torch.cat([mean, aug_mean]), torch.cat([logvar, aug_logvar])
+    cache = LatentCache(mean, logvar, num_images, float(scaling_factor), labels, num_plain_rows=len(plain))
     cache.save(path)
     return cache
 

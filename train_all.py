@@ -134,17 +134,16 @@ def train_stage(name: str, cfg: Any, run: Path, data: str, stage_dirs: dict[str,
     return train(cfg, data, stage_dirs["vae"], stage_dirs["clip"], out, resume=resume, device=device)
 
 
-def check_planned_fit(configs: dict[str, Any], reuse: dict[str, Path]) -> None:
-    """The shape check of ``load_stack``, run on the configs before anything trains."""
-    if "unet" not in configs:
-        return
-    models = {name: read_stage(reuse[name], name).model if name in reuse else config_to_dict(configs[name].model)
-              for name in ("vae", "clip")}
-    unet = config_to_dict(configs["unet"].model)
+def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: dict[str, str]) -> None:
+    """The shape check of ``load_stack`` on what a run will hold, before anything trains: the configs of the
+    stages to be trained, the recorded models of the others (``folders``); ``where`` names each for the error."""
+    models = {name: config_to_dict(configs[name].model) if name in configs else read_stage(folders[name], name).model
+              for name in ("vae", "clip", "unet")}
+    unet = dict(models["unet"])
     if unet["context_dim"] is None:  # the UNet trainer takes the CLIP's width
         unet["context_dim"] = models["clip"]["text_width"]
-    where = {name: f"at {reuse[name]}" if name in reuse else "(--" + name + ".*)" for name in STAGES}
-    check_fit(models["vae"], models["clip"], unet, where, configs["unet"].resolution)
+    resolution = configs["unet"].resolution if "unet" in configs else None
+    check_fit(models["vae"], models["clip"], unet, where, resolution)
 
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -284,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         read_stage(folder, stage_kind(name))  # fails when the folder is not a finished stage of this kind
     trained = [name for name in STAGES if name not in reuse and not (name == "judge" and args.skip_eval)]
     configs = {name: stage_config(name, args.preset, overrides[name]) for name in trained}
-    check_planned_fit(configs, reuse)
+    check_planned_fit(configs, reuse, {name: f"at {reuse[name]}" if name in reuse else f"(--{name}.*)"
+                                       for name in STAGES})
     command = "python train_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
     preset = {"name": choose_preset(args.preset), "reason": preset_reason(args.preset)}
     run: Path = args.run

@@ -47,7 +47,6 @@ from PIL import Image, ImageDraw
 import train_all
 from clip.model import CLIPModel
 from data import load_captions
-from diffusion.fit import check_fit
 from engine import distributed
 from engine.config import choose_preset, config_to_dict
 from engine.errors import UserError, run_cli
@@ -221,16 +220,10 @@ def plan_column(variant: Variant, base: dict[str, Path], out: Path, concurrent: 
 
 def check_column_fit(name: str, stages: dict[str, Path], configs: dict[str, Any]) -> None:
     """The shape check of ``load_stack`` on what the column will hold, before anything trains."""
-    models = {stage: config_to_dict(configs[stage].model) if stage in configs
-              else read_stage(stages[stage], stage).model for stage in STUDY_STAGES}
-    unet = dict(models["unet"])
-    if unet["context_dim"] is None:  # the UNet trainer takes the CLIP's width
-        unet["context_dim"] = models["clip"]["text_width"]
     where = {stage: f"of variant {name} (--{stage}.*)" if stage in configs else f"at {stages[stage]}"
              for stage in STUDY_STAGES}
-    resolution = configs["unet"].resolution if "unet" in configs else None
     try:
-        check_fit(models["vae"], models["clip"], unet, where, resolution)
+        train_all.check_planned_fit(configs, stages, where)
     except StageError as err:
         raise StageError(f"variant {name}: {err}") from None
 

@@ -34,7 +34,7 @@ from vae.metrics import evaluate_reconstruction
 from .metrics import (colour_hits, colour_prompts, colours_named, composition, frechet_distance, kernel_distance,
                       near_copies, nearest_indices, seed_diversity, sharpness, thumbnails, unit_pixels)
 from .stages import StageStack, load_stack, stage_paths
-from .text_to_image import GenerationSettings, generate
+from .text_to_image import GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
 
 @torch.no_grad()
@@ -270,11 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the evaluation already in the run folder (default: refuse; or pass --out)")
     parser.add_argument("--size", type=int, help="image size (default: the VAE's training resolution)")
-    defaults = GenerationSettings()
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--sampler", default=defaults.sampler)
-    parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
-    parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale)
+    add_sampling_arguments(parser)
     parser.add_argument("--device")
     args = parser.parse_args(argv)
     default_out = args.run or stage_paths(args.run, args.vae, args.clip, args.unet)["unet"]
@@ -282,9 +278,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError(f"{default_out / 'evaluation.json'} exists (the run's own evaluation); write this one "
                         "elsewhere with --out DIR, or pass --overwrite to replace it")
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
-    settings = GenerationSettings(guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
-                                  steps=args.steps, sampler=args.sampler,
-                                  size=args.size or stack.image_size)
+    settings = sampling_settings(args, size=args.size or stack.image_size)
     results = evaluate_to_folder(stack, args.data, args.out or default_out, args.judge, settings)
     print(json.dumps({k: results[k] for k in ("vae", "clip", "generation")}, indent=2))
     return results

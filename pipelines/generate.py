@@ -15,12 +15,11 @@ from typing import Sequence
 from PIL import Image, UnidentifiedImageError
 
 from clip.tokenizer import BPETokenizer
-from diffusion.samplers import SAMPLERS
 from engine.errors import UserError, run_cli
 from engine.images import save_grid, to_pil
 
 from .stages import load_stack
-from .text_to_image import GenerationSettings, generate, pil_to_tensor, save_images
+from .text_to_image import add_sampling_arguments, generate, pil_to_tensor, sampling_settings, save_images
 
 DEFAULT_STRENGTH = 0.6
 
@@ -68,13 +67,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (consecutive seeds)")
     parser.add_argument("--seed", type=int, default=0)
-    defaults = GenerationSettings()
-    parser.add_argument("--sampler", default=defaults.sampler, choices=sorted(SAMPLERS))
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
-    parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale,
-                        help="0: plain classifier-free guidance; up to 1: the guided prediction keeps the "
-                             "conditional one's spread (Lin et al. 2024)")
+    add_sampling_arguments(parser)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     parser.add_argument("--size", type=int, help="multiple of 8 (default: the VAE's training resolution)")
     parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture")
@@ -90,10 +83,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
     check_prompts(args.prompt, stack.clip.tokenizer)
     size = args.size or stack.image_size
-    settings = GenerationSettings(guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
-                                  steps=args.steps, sampler=args.sampler, eta=args.eta,
-                                  size=size, negative_prompt=args.negative_prompt,
-                                  cuda_graph=args.cuda_graph)
+    settings = sampling_settings(args, eta=args.eta, size=size, negative_prompt=args.negative_prompt,
+                                 cuda_graph=args.cuda_graph)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(prompts))]
     init, strength = None, 1.0

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
@@ -43,6 +44,23 @@ class GenerationSettings:
             raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, got {self.steps}")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampler, steps and guidance options of every command that samples, defaulting to GenerationSettings'."""
+    defaults = GenerationSettings()
+    parser.add_argument("--sampler", default=defaults.sampler, choices=sorted(SAMPLERS))
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
+    parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale,
+                        help="0: plain classifier-free guidance; up to 1: the guided prediction keeps the "
+                             "conditional one's spread (Lin et al. 2024)")
+
+
+def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettings:
+    """GenerationSettings from the options of :func:`add_sampling_arguments`, plus ``more`` fields."""
+    return GenerationSettings(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
+                              guidance_rescale=args.guidance_rescale, **more)
 
 
 def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], settings: GenerationSettings | None = None,
@@ -121,4 +139,5 @@ def save_images(images: Sequence[Image.Image], folder: str | Path, stem: str = "
     return paths
 
 
-__all__ = ["GenerationSettings", "generate", "generate_with_latents", "save_images", "save_grid", "pil_to_tensor"]
+__all__ = ["GenerationSettings", "add_sampling_arguments", "generate", "generate_with_latents", "pil_to_tensor",
+           "sampling_settings", "save_grid", "save_images"]

@@ -56,7 +56,7 @@ class LatentBatchMaker:
         self.texts = texts
         self.zh_prob = zh_prob
         self.cfg_drop_prob = cfg_drop_prob
-        self.augment_prob = augment_prob if latents.labels is not None else 0.0
+        self.augment_prob = augment_prob  # used only when the cache holds augmented copies
         self.memory_format = memory_format
 
     def __call__(self, rows: Tensor, generator: torch.Generator) -> dict[str, Any]:

@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, help="where evaluation.json/.md go (default: the run folder)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the evaluation already in the run folder (default: refuse; or pass --out)")
-    parser.add_argument("--size", type=int, help="image size (default: the VAE's training resolution)")
+    parser.add_argument("--size", type=int, help="image size (default: the UNet's training resolution)")
     add_sampling_arguments(parser)
     parser.add_argument("--device")
     args = parser.parse_args(argv)

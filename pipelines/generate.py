@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--seed", type=int, default=0)
     add_sampling_arguments(parser)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    parser.add_argument("--size", type=int, help="multiple of 8 (default: the VAE's training resolution)")
+    parser.add_argument("--size", type=int, help="multiple of 8 (default: the UNet's training resolution)")
     parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture")
     parser.add_argument("--strength", type=float, help="image-to-image, in (0, 1]: near 0 keeps the init, 1 ignores it "
                         f"(default {DEFAULT_STRENGTH})")

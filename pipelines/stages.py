@@ -11,7 +11,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -70,8 +70,17 @@ class StageStack:
 
     @property
     def image_size(self) -> int:
-        """The resolution the VAE was trained and validated at: the default size to generate."""
-        return int(self.infos["vae"].training.get("resolution", 512))
+        """The default size to generate (see ``generation_size``)."""
+        return generation_size(self.infos)
+
+
+def generation_size(infos: Mapping[str, StageInfo]) -> int:
+    """The size a stack draws at by default: the resolution of the images the UNet's latents were encoded from
+    (a UNet trained on 256-px latents tiles tangles across a 512-px canvas), else the VAE's training resolution."""
+    for stage in ("unet", "vae"):
+        if stage in infos and "resolution" in infos[stage].training:
+            return int(infos[stage].training["resolution"])
+    return 512
 
 
 def stage_paths(run: str | Path | None, vae: str | Path | None = None, clip: str | Path | None = None,

@@ -18,10 +18,10 @@ The plan (what is trained or taken, per variant, with a time estimate from the b
 before anything trains; ``--plan-only`` stops there.
 
 Every column (the base and each variant) is evaluated the same way: ``pipelines.evaluate``'s metrics on the
-same prompts and seeds, ``--steps`` sampling steps at one size, with the guidance of each UNet's config;
-``--eval-seeds K`` repeats the sampled metrics with K seed sets, for the spread that tells an effect from noise.
-``--concurrent`` trains the variants as parallel processes (one GPU, eager: no compile), which pays when one
-small model alone leaves the GPU idle. Re-running skips finished columns. Writes ``OUT/report.md`` (sentences,
+same prompts and seeds, ``--steps`` sampling steps at one size (``--size``; by default the base UNet's training
+resolution), with the guidance of each UNet's config; ``--eval-seeds K`` repeats the sampled metrics with K seed
+sets, for the spread that tells an effect from noise. ``--concurrent`` trains the variants as parallel processes
+(one GPU, eager: no compile), which pays when one small model alone leaves the GPU idle. Re-running skips finished columns. Writes ``OUT/report.md`` (sentences,
 plan, metrics table with differences, grid, loss curves, bar chart), ``OUT/compare.png``, ``OUT/losses.png``,
 ``OUT/metrics.png``, ``OUT/study.json``, and per column ``OUT/NAME/`` (its trained stages, ``stages.json``,
 ``evaluation.json``).
@@ -55,7 +55,7 @@ from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint
     record_preset, write_json
 from pipelines.evaluate import evaluate_run, generation_metrics
 from pipelines.prompts import SHOWCASE_PROMPTS
-from pipelines.stages import stage_paths, load_stack
+from pipelines.stages import generation_size, load_stack, stage_paths
 from pipelines.text_to_image import GenerationSettings, generate
 
 STUDY_STAGES = ("vae", "clip", "unet")  # the judge is the study's ruler: the base run's, for every column
@@ -226,6 +226,18 @@ def check_column_fit(name: str, stages: dict[str, Path], configs: dict[str, Any]
         train_all.check_planned_fit(configs, stages, where)
     except StageError as err:
         raise StageError(f"variant {name}: {err}") from None
+
+
+def check_unet_resolutions(plans: Sequence[ColumnPlan], size: int) -> None:
+    """Without ``--size`` every column draws at the base UNet's resolution; a column whose UNet learnt another one
+    would be judged off its training distribution, so that needs the user's explicit choice of one size."""
+    for plan in plans:
+        cfg = plan.configs.get("unet")
+        resolution = cfg.resolution if cfg is not None else read_stage(plan.stages["unet"], "unet").training["resolution"]
+        if resolution != size:
+            raise UserError(f"variant {plan.name}'s UNet {'trains' if cfg is not None else 'was trained'} at "
+                            f"{resolution} px but the study draws every column at the base UNet's {size} px; pass "
+                            "--size to choose the one size every column is drawn at")
 
 
 def base_column(base: dict[str, Path], out: Path) -> ColumnPlan:
@@ -584,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="'NAME: --STAGE.key=value ... STAGE=FOLDER ...' (repeatable)")
     parser.add_argument("--eval-seeds", type=int, default=1, help="seed sets of the sampled metrics (spread if > 1)")
     parser.add_argument("--steps", type=int, default=GenerationSettings().steps, help="sampling steps")
-    parser.add_argument("--size", type=int, help="image size of the evaluation (default: the base VAE's resolution)")
+    parser.add_argument("--size", type=int, help="image size of the evaluation (default: the base UNet's training resolution)")
     parser.add_argument("--concurrent", action="store_true", help="train the variants at once, one process each")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
     parser.add_argument("--device", default=None)
@@ -600,10 +612,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError("--concurrent runs one process per variant on one GPU; under torchrun the variants train "
                         "one after another on every rank: drop --concurrent")
     base = base_stages(args.base)
-    size = args.size or int(read_stage(base["vae"], "vae").training["resolution"])
+    size = args.size or generation_size({stage: read_stage(base[stage], stage) for stage in ("vae", "unet")})
     GenerationSettings(size=size, steps=args.steps)  # checks size and steps
     check_base_data(base, args.data)
     plans = [base_column(base, args.out)] + [plan_column(v, base, args.out, args.concurrent) for v in variants]
+    if args.size is None:
+        check_unet_resolutions(plans, size)
     settings = {"base": str(args.base), "data": args.data, "judge": str(base["judge"]), "steps": args.steps,
                 "size": size, "eval_seeds": args.eval_seeds}
     for plan in plans:
@@ -616,7 +630,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"'{a}'" if " " in a else a for a in (sys.argv[1:] if argv is None else argv))
     if int(os.environ.get("RANK", "0")) == 0:  # the process group does not exist yet: torchrun's rank
         print_plan(plans, pending, settings, evaluate_minutes)
-    result: dict[str, Any] = {"sources": {p.name: p.sources for p in plans}, "pending": sorted(pending)}
+    result: dict[str, Any] = {"sources": {p.name: p.sources for p in plans}, "pending": sorted(pending),
+                              "settings": settings}
     if args.plan_only:
         return result
     env = distributed.setup(args.device)

@@ -12,6 +12,7 @@ import pytest
 import train_all
 from engine.errors import UserError
 from engine.stage import StageError, file_fingerprint, is_complete, read_stage
+from pipelines.stages import load_stack
 from pipelines.study import main as study
 
 DATA = "shapes:40"
@@ -134,6 +135,32 @@ def test_the_plan_retrains_downstream_and_never_the_judge(base, tmp_path):
     assert plan["sources"]["given_vae"] == {"vae": "given", "clip": "base", "unet": "trained"}
     assert plan["sources"]["own_unet"] == {"vae": "given", "clip": "base", "unet": "given"}
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def low_res_base(base, tmp_path_factory):
+    """The base run's VAE (64 px) and CLIP with a UNet trained on 32-px images."""
+    run = tmp_path_factory.mktemp("study") / "low_res"
+    train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval",
+                    "--reuse", f"vae={base / 'vae'}", "--reuse", f"clip={base / 'clip'}", "--judge", str(base / "judge"),
+                    "--unet.epochs=1", "--unet.resolution=32"])
+    return run
+
+
+def test_the_study_draws_at_the_base_unets_resolution_and_a_column_at_another_needs_size(low_res_base, tmp_path,
+                                                                                        capsys):
+    assert load_stack(low_res_base, device="cpu").image_size == 32  # not the VAE's 64
+    out = tmp_path / "o"
+    plan = study(["--base", str(low_res_base), "--out", str(out), *FAST, "--plan-only",
+                  "--variant", "no_terms: --unet.div_weight=0 --unet.cons_weight=0"])
+    assert plan["settings"]["size"] == 32 and "1 steps at 32 px" in capsys.readouterr().out
+    sharper = ["--variant", "sharper: --unet.resolution=64"]
+    with pytest.raises(UserError, match="variant sharper's UNet trains at 64 px but the study draws every column at "
+                                        "the base UNet's 32 px; pass --size"):
+        study(["--base", str(low_res_base), "--out", str(out), *FAST, *sharper])
+    assert not out.exists()
+    plan = study(["--base", str(low_res_base), "--out", str(out), *FAST, "--plan-only", "--size", "64", *sharper])
+    assert plan["settings"]["size"] == 64 and plan["sources"]["sharper"]["unet"] == "trained"
 
 
 @pytest.mark.parametrize("variant, message", [

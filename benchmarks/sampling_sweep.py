@@ -25,7 +25,8 @@ from pipelines.stages import load_stack
 from pipelines.text_to_image import GenerationSettings
 
 SHOWN = ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
-         "near_copy_share_judge", "colour_adherence", "fd_en", "fd_zh", "diversity_feature")
+         "near_copy_share_pixel_relative", "near_copy_share_judge", "colour_adherence", "fd_en", "fd_zh",
+         "diversity_feature")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -31,8 +31,8 @@ from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (colour_hits, colour_prompts, colours_named, composition, frechet_distance, kernel_distance,
-                      near_copies, nearest_indices, seed_diversity, sharpness, thumbnails, unit_pixels)
+from .metrics import (COPY_NEIGHBOURS, colour_hits, colour_prompts, colours_named, composition, frechet_distance,
+                      kernel_distance, near_copies, nearest_indices, seed_diversity, sharpness, thumbnails, unit_pixels)
 from .stages import StageStack, load_stack, stage_paths
 from .text_to_image import GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
@@ -127,9 +127,12 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         out[f"{key}_real"] = value
     out["sharpness"], out["sharpness_real"] = sharpness(every_sample), sharpness(real_all)
 
-    pixel = near_copies(thumbnails(every_sample), thumbnails(bank), thumbnails(real))
+    sample_thumbs, bank_thumbs, real_thumbs = thumbnails(every_sample), thumbnails(bank), thumbnails(real)
+    pixel = near_copies(sample_thumbs, bank_thumbs, real_thumbs)
+    relative = near_copies(sample_thumbs, bank_thumbs, real_thumbs, relative_to=COPY_NEIGHBOURS)
     in_judge = near_copies(every_feature, judge_bank, real_feats, cosine=True)
-    out.update({"near_copy_share_pixel": pixel["share"], "nn_dist_samples": pixel["sample_nn"],
+    out.update({"near_copy_share_pixel": pixel["share"], "near_copy_share_pixel_relative": relative["share"],
+                "nn_dist_samples": pixel["sample_nn"],
                 "nn_dist_real_val": pixel["val_nn"], "near_copy_share_judge": in_judge["share"],
                 "nn_judge_dist_samples": in_judge["sample_nn"], "nn_judge_dist_real_val": in_judge["val_nn"]})
 
@@ -205,6 +208,8 @@ QUALITY_ROWS = (
     ("parts_mean", "foreground regions > 1 % of the image, per sample", "≤ 1.15"),
     ("near_copy_share_pixel", "near-copies of a training image, pixel space (64 px, mirrors in the bank)", "≤ 0.05"),
     ("near_copy_share_judge", "near-copies of a training image, judge space", "≤ 0.05"),
+    ("near_copy_share_pixel_relative", f"near-copies, pixel space, relative to the {COPY_NEIGHBOURS} nearest "
+     "(copies only: plain pictures pass)", "(context)"),
     ("colour_adherence", "named colour among the two dominant foreground hues", "≥ 0.75"),
 )
 

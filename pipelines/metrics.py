@@ -47,12 +47,13 @@ def thumbnails(images: torch.Tensor, size: int = 64) -> torch.Tensor:
     return F.interpolate(images.float(), size=(size, size), mode="area").flatten(1)
 
 
-def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Root-mean-square pixel distance from each query row to its nearest row of ``bank``."""
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 256) -> torch.Tensor:
+    """Root-mean-square pixel distances ``[Q, k]`` from each query row to its ``k`` nearest rows of ``bank``,
+    nearest first."""
     best = []
     for start in range(0, len(queries), chunk):
         dist = torch.cdist(queries[start:start + chunk].double(), bank.double())
-        best.append(dist.min(dim=1).values)
+        best.append(dist.topk(min(k, len(bank)), dim=1, largest=False).values)
     return torch.cat(best) / queries.shape[1] ** 0.5
 
 
@@ -215,19 +216,34 @@ def colours_named(caption: str) -> list[str]:
     return found
 
 
+# Neighbours of the relative near-copy rule: enough that a training image's mirror and a few look-alikes do not
+# decide the mean distance.
+COPY_NEIGHBOURS = 50
+
+
 def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val_features: torch.Tensor,
-                cosine: bool = False) -> dict[str, float]:
+                cosine: bool = False, relative_to: int = 0) -> dict[str, float]:
     """Share of samples closer to their nearest training item than 95 % of validation images are to theirs.
 
     Features are pixel thumbnails (RMS distance) or judge embeddings (``cosine``: 1 - cosine similarity). Put
     the training images' mirrors in ``train_features``: a mirrored copy is still a copy. Unseen real images
     score about 0.05 by construction.
+
+    ``relative_to = k`` (pixels only) divides each nearest distance by the mean distance to the ``k`` nearest
+    (Carlini et al. 2023's extraction rule): a copy lies far closer to one training image than to the others,
+    whereas a plain, pale picture lies about as close to every pale drawing, and the absolute rule counts it too.
     """
     if cosine:
+        if relative_to:
+            raise ValueError("relative_to applies to pixel distances only")
         bank = F.normalize(train_features.double(), dim=-1)
         distance = lambda q: 1 - (F.normalize(q.double(), dim=-1) @ bank.T).max(dim=1).values  # noqa: E731
+    elif relative_to:
+        def distance(q: torch.Tensor) -> torch.Tensor:
+            nearest = nearest_distances(q, train_features, relative_to)
+            return nearest[:, 0] / nearest.mean(dim=1).clamp_min(1e-12)
     else:
-        distance = lambda q: nearest_distance(q, train_features)  # noqa: E731
+        distance = lambda q: nearest_distances(q, train_features)[:, 0]  # noqa: E731
     sample_nn, val_nn = distance(sample_features), distance(val_features)
     threshold = torch.quantile(val_nn, 0.05)
     return {"share": float((sample_nn < threshold).double().mean()), "sample_nn": float(sample_nn.mean()),

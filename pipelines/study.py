@@ -21,10 +21,10 @@ Every column (the base and each variant) is evaluated the same way: ``pipelines.
 same prompts and seeds, ``--steps`` sampling steps at one size (``--size``; by default the base UNet's training
 resolution), with the guidance of each UNet's config; ``--eval-seeds K`` repeats the sampled metrics with K seed
 sets, for the spread that tells an effect from noise. ``--concurrent`` trains the variants as parallel processes
-(one GPU, eager: no compile), which pays when one small model alone leaves the GPU idle. Re-running skips finished columns. Writes ``OUT/report.md`` (sentences,
-plan, metrics table with differences, grid, loss curves, bar chart), ``OUT/compare.png``, ``OUT/losses.png``,
-``OUT/metrics.png``, ``OUT/study.json``, and per column ``OUT/NAME/`` (its trained stages, ``stages.json``,
-``evaluation.json``).
+(one GPU, eager: no compile), which pays when one small model alone leaves the GPU idle. Re-running skips finished
+columns. Writes ``OUT/report.md`` (sentences, plan, metrics table with differences, grid, loss curves, bar chart),
+``OUT/compare.png``, ``OUT/losses.png``, ``OUT/metrics.png``, ``OUT/study.json``, and per column ``OUT/NAME/`` (its
+trained stages, ``stages.json``, ``evaluation.json``).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ KEY_METRICS = (
     ("generation", "colour_adherence_zh", "colour adherence (zh)", True),
     ("generation", "near_copy_share_pixel", "near-copies (pixel)", True),
     ("generation", "near_copy_share_judge", "near-copies (judge)", True),
+    ("generation", "near_copy_share_pixel_relative", "near-copies (pixel, relative)", True),
     ("generation", "fg_share", "foreground share", True),
     ("generation", "border_fg", "border occupancy", True),
     ("generation", "frame_filling_share", "frame-filling samples", True),
@@ -233,7 +234,8 @@ def check_unet_resolutions(plans: Sequence[ColumnPlan], size: int) -> None:
     would be judged off its training distribution, so that needs the user's explicit choice of one size."""
     for plan in plans:
         cfg = plan.configs.get("unet")
-        resolution = cfg.resolution if cfg is not None else read_stage(plan.stages["unet"], "unet").training["resolution"]
+        resolution = cfg.resolution if cfg is not None else \
+            read_stage(plan.stages["unet"], "unet").training["resolution"]
         if resolution != size:
             raise UserError(f"variant {plan.name}'s UNet {'trains' if cfg is not None else 'was trained'} at "
                             f"{resolution} px but the study draws every column at the base UNet's {size} px; pass "
@@ -596,7 +598,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="'NAME: --STAGE.key=value ... STAGE=FOLDER ...' (repeatable)")
     parser.add_argument("--eval-seeds", type=int, default=1, help="seed sets of the sampled metrics (spread if > 1)")
     parser.add_argument("--steps", type=int, default=GenerationSettings().steps, help="sampling steps")
-    parser.add_argument("--size", type=int, help="image size of the evaluation (default: the base UNet's training resolution)")
+    parser.add_argument("--size", type=int,
+                        help="image size of the evaluation (default: the base UNet's training resolution)")
     parser.add_argument("--concurrent", action="store_true", help="train the variants at once, one process each")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
     parser.add_argument("--device", default=None)

@@ -42,7 +42,7 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     generation = summary["evaluation"]["generation"]
     assert 0 <= generation["near_copy_share_pixel"] <= 1 and generation["fd_en"] >= 0
     for key in ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_judge",
-                "colour_adherence"):
+                "near_copy_share_pixel_relative", "colour_adherence"):
         assert key in generation and f"{key}_real" in generation or key.startswith("near_copy")
     assert "foreground share" in report and "nearest_pairs.png" in report
     # the judge is a CLIP stage of its own seed, not the run's CLIP

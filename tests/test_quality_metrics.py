@@ -100,6 +100,33 @@ def test_copies_and_mirrored_copies_are_near_copies():
     assert judged["share"] == 1 and judged["sample_nn"] == pytest.approx(0, abs=1e-9)
 
 
+def pale_drawings(cells: range) -> torch.Tensor:
+    """White pages, each with one light-grey 8x8 square in its own cell of an 8x8 grid (no two overlap)."""
+    images = torch.ones(len(cells), 3, 64, 64)
+    for i, cell in enumerate(cells):
+        row, col = divmod(cell, 8)
+        images[i, :, 8 * row:8 * row + 8, 8 * col:8 * col + 8] = 0.6
+    return images
+
+
+def test_the_relative_rule_counts_copies_but_not_a_plain_page_near_many_pale_drawings():
+    g = torch.Generator().manual_seed(0)
+    colourful = torch.rand(20, 3, 64, 64, generator=g) * 2 - 1
+    train = torch.cat([pale_drawings(range(20)), colourful])
+    # rows 5-6: no unseen drawing is a training drawing's mirror
+    val = torch.cat([pale_drawings(range(40, 50)), torch.rand(10, 3, 64, 64, generator=g) * 2 - 1])
+    bank = thumbnails(torch.cat([train, train.flip(-1)]))
+    blank = torch.ones(1, 3, 64, 64)  # one square away from each of the 20 pale drawings, alike
+    copies = torch.cat([train[:3], train[20:23].flip(-1)])
+    absolute = near_copies(thumbnails(blank), bank, thumbnails(val))
+    relative = near_copies(thumbnails(blank), bank, thumbnails(val), relative_to=10)
+    assert absolute["share"] == 1  # closer to a pale drawing than any unseen real image is to its nearest
+    assert relative["share"] == 0  # but no closer to one drawing than to the others
+    assert near_copies(thumbnails(copies), bank, thumbnails(val), relative_to=10)["share"] == 1
+    with pytest.raises(ValueError, match="pixel distances only"):
+        near_copies(torch.randn(2, 4), torch.randn(5, 4), torch.randn(3, 4), cosine=True, relative_to=3)
+
+
 def test_quality_table_shows_the_real_value_beside_each_figure():
     table = quality_table({"fg_share": 0.5, "fg_share_real": 0.4, "near_copy_share_pixel": 0.1})
     assert "| 0.500 | 0.400 | real ± 0.06 |" in table

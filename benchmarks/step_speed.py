@@ -61,23 +61,35 @@ def vae_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -
         return _time_steps(trainer, lambda idx, g: images[: len(idx)], warmup, steps)
 
 
-def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> float:
+def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
+                 device: str | None = None) -> tuple[Trainer, Callable]:
+    """The engine's UNet training step at the preset (+ overrides), on one fixed synthetic batch: a trainer and
+    its ``make_batch``. The batch carries augmentation labels when the preset augments, as training does."""
+    from data.augment import AUGMENT_DIM
     from diffusion.config import PRESETS, UNetTrainConfig
     from diffusion.losses import DiffusionTrainingModule
     from diffusion.schedule import NoiseSchedule
     from unet.model import UNet
     cfg = build_config(UNetTrainConfig, PRESETS, preset, _per_gpu_batch(UNetTrainConfig, PRESETS, preset, overrides))
     cfg.model.context_dim = cfg.model.context_dim or 256
+    cfg.model.augment_dim = AUGMENT_DIM if cfg.augment.copies > 0 else 0
     size = cfg.resolution // 8
     module = DiffusionTrainingModule(UNet(cfg.model), NoiseSchedule(cfg.schedule), cfg.prediction_type, cfg.loss)
+    trainer = Trainer(module, cfg.train, out_dir, num_train_items=10_000, ema_of=module.model, device=device)
+    b, device = trainer.micro_batch, trainer.device
+    latents = torch.randn(b, 4, size, size, device=device).contiguous(memory_format=trainer.memory_format)
+    batch = {"latents": latents, "context": torch.randn(b, 77, cfg.model.context_dim, device=device),
+             "image_ids": torch.arange(b, device=device), "generator": trainer.generator}
+    if cfg.model.augment_dim:
+        batch["augment"] = torch.zeros(b, cfg.model.augment_dim, device=device)
+    trainer.step = 10_000  # past the consistency warm-up
+    return trainer, lambda idx, g: batch
+
+
+def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(module, cfg.train, tmp, num_train_items=10_000, ema_of=module.model)
-        b, device = trainer.micro_batch, trainer.device
-        latents = torch.randn(b, 4, size, size, device=device).contiguous(memory_format=trainer.memory_format)
-        batch = {"latents": latents, "context": torch.randn(b, 77, cfg.model.context_dim, device=device),
-                 "image_ids": torch.arange(b, device=device), "generator": trainer.generator}
-        trainer.step = 10_000  # past the consistency warm-up
-        return _time_steps(trainer, lambda idx, g: batch, warmup, steps)
+        trainer, make_batch = unet_trainer(overrides, preset, tmp)
+        return _time_steps(trainer, make_batch, warmup, steps)
 
 
 VARIANTS = {

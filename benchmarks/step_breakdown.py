@@ -1,0 +1,172 @@
+"""Where a UNet training step's time goes: the engine's real step (compiled as the preset says), profiled, its
+device time split by op class, beside the step's model FLOPs and MFU.
+
+    python -m benchmarks.step_breakdown --out docs/results/bench/step_breakdown.json
+    python -m benchmarks.step_breakdown --set compile=false --set resolution=256   # another configuration
+    python -m benchmarks.step_breakdown --preset tiny --steps 2                    # CPU: seconds (the test)
+
+Classes: convolutions, attention, other matmuls (the linear layers), normalisation (with what a compiled kernel
+fuses into it), pointwise and other ops, optimizer/EMA/clipping, copies (layout, dtype, memory). On CUDA they
+come from the kernels' names and their device time; on a CPU from the aten ops' self time. "Idle" is the step's
+wall time minus the busy time: launch gaps and host work, what CUDA graphs or fewer kernels would win back. FLOPs
+come from torch's FLOP counter on one eager forward and backward; MFU divides them by the step's time and
+``--peak-tflops``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.measure import count_flops
+from benchmarks.step_speed import unet_trainer
+from engine import Trainer
+from engine.config import parse_overrides
+
+OTHER = "pointwise and other"
+# (class, pattern) in order: the first match names an op. Attention goes before convolution because cuDNN's
+# SDPA kernels are named like its convolutions (..._sdpa_..._flash_fprop_...), and convolution before matmul
+# because Hopper's cuDNN convolutions are GEMM kernels too (sm90_xmma_fprop/dgrad/wgrad_implicit_gemm). A
+# compiled (Triton) kernel is one fused pass named after its ops: normalisation when a norm is among them,
+# else pointwise, even when it also casts (``_to_copy``).
+OP_CLASSES = (
+    ("optimizer, EMA and clipping", r"adam|multi_tensor|foreach|lerp"),
+    ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd|im2col|col2im"),
+    ("matmul", r"gemm|matmul|cutlass|nvjet|cublas|aten::(mm|addmm|bmm|baddbmm|linear)\b|xmma"),
+    ("normalisation", r"norm(?!al)|moments|welford"),
+    (OTHER, r"^triton_"),
+    ("copies (layout, dtype, memory)", r"copy|memcpy|memset|cat_|catarray|aten::cat\b|aten::to\b|contiguous|clone"),
+)
+# CPU profiles list composite ops (aten::linear over aten::addmm ...); self time counts each instant once, but
+# the profiler's bookkeeping rows are not ops.
+NOT_OPS = re.compile(r"^(ProfilerStep|Optimizer\.|## |enumerate\(DataLoader\)|cuda(Launch|Stream|Device|Event|"
+                     r"Memcpy|Memset|GetDevice|PeekAtLastError|FuncGetAttributes|Occupancy)|Torch-Compiled Region|"
+                     r"CompiledFunction|autograd::engine)")
+
+
+def op_class(name: str) -> str:
+    """The class of one kernel or aten op by its name."""
+    lowered = name.lower()
+    for label, pattern in OP_CLASSES:
+        if re.search(pattern, lowered):
+            return label
+    return OTHER
+
+
+def split_by_class(events: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """Sum ``(name, microseconds)`` rows per class, every class present (0 when none)."""
+    totals = dict.fromkeys([label for label, _ in OP_CLASSES] + [OTHER], 0.0)
+    for name, micros in events:
+        if not NOT_OPS.match(name):
+            totals[op_class(name)] += micros
+    return totals
+
+
+def profiled_step_times(trainer: Trainer, make_batch: Callable, warmup: int, steps: int
+                        ) -> tuple[float, dict[str, float]]:
+    """Seconds per step (unprofiled) and the per-class busy seconds per step (profiled, the same steps)."""
+    indices = torch.arange(trainer.micro_batch).view(1, -1).expand(trainer.cfg.grad_accum, -1)
+    on_cuda = trainer.device.type == "cuda"
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            trainer._train_step(make_batch, indices)
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    run(warmup)
+    started = time.perf_counter()
+    run(steps)
+    seconds = (time.perf_counter() - started) / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        run(steps)
+    rows = []
+    for event in prof.key_averages():
+        if on_cuda:
+            micros = event.self_device_time_total
+            if micros > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+                rows.append((event.key, micros))
+        elif event.self_cpu_time_total > 0:
+            rows.append((event.key, event.self_cpu_time_total))
+    return seconds, {label: micros / 1e6 / steps for label, micros in split_by_class(rows).items()}
+
+
+def breakdown(overrides: dict[str, Any], preset: str, warmup: int, steps: int, peak_tflops: float | None,
+              device: str | None = None) -> dict[str, Any]:
+    """The step's time per op class, its FLOPs and MFU (``peak_tflops``: the device's dense bf16 peak)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, make_batch = unet_trainer(overrides, preset, tmp, device=device)
+        indices = torch.arange(trainer.micro_batch).view(1, -1).expand(trainer.cfg.grad_accum, -1)
+
+        def forward_backward() -> None:
+            with trainer.autocast():
+                loss, _ = trainer.module(make_batch(indices[0], trainer.generator), step=trainer.step)
+            loss.backward()
+            trainer.optimizer.zero_grad(set_to_none=True)
+
+        flops = count_flops(forward_backward) * trainer.cfg.grad_accum
+        seconds, busy = profiled_step_times(trainer, make_batch, warmup, steps)
+        cfg = trainer.cfg
+    busy_total = sum(busy.values())
+    classes = {label: {"ms": 1e3 * s, "share_of_step": s / seconds} for label, s in busy.items()}
+    classes["idle (launch gaps, host work)"] = {"ms": 1e3 * max(0.0, seconds - busy_total),
+                                                "share_of_step": max(0.0, 1 - busy_total / seconds)}
+    achieved = flops / seconds / 1e12
+    return {"overrides": overrides, "preset": preset, "batch_size": cfg.batch_size, "compile": cfg.compile,
+            "step_ms": 1e3 * seconds, "samples_per_s": cfg.batch_size / seconds, "flops_per_step": flops,
+            "gflop_per_sample": flops / cfg.batch_size / 1e9, "achieved_tflops": achieved,
+            "mfu": achieved / peak_tflops if peak_tflops else None, "classes": classes,
+            "time_source": "CUDA kernels' device time" if str(trainer.device).startswith("cuda") else
+            "aten ops' CPU self time"}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"step {result['step_ms']:.1f} ms = {result['samples_per_s']:.1f} samples/s; "
+             f"{result['gflop_per_sample']:.3g} GFLOP/sample, {result['achieved_tflops']:.3g} TFLOP/s"
+             + (f", MFU {100 * result['mfu']:.1f} %" if result["mfu"] is not None else ""),
+             "| op class | ms per step | share of the step |", "|---|---|---|"]
+    for label, row in result["classes"].items():
+        lines.append(f"| {label} | {row['ms']:.2f} | {100 * row['share_of_step']:.1f} % |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_breakdown", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a UNet training config override, e.g. compile=false or resolution=256")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before timing (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="dense bf16 peak for MFU (989: H100/H200 SXM); ignored off CUDA")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    overrides = parse_overrides([f"--{item}" for item in args.set])
+    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    result = breakdown(overrides, args.preset, args.warmup, args.steps, args.peak_tflops if on_cuda else None,
+                       args.device)
+    result.update({"gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "torch": torch.__version__,
+                   "peak_tflops": args.peak_tflops if on_cuda else None,
+                   "command": " ".join(["python -m benchmarks.step_breakdown",
+                                        *(sys.argv[1:] if argv is None else argv)])})
+    print(format_table(result), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()

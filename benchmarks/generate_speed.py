@@ -11,7 +11,6 @@ as ``first_call_s``). The images of the two UNet paths are compared too: replay 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from engine.stage import write_json
 from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import StageStack, load_stack
 from pipelines.text_to_image import GenerationSettings, generate
@@ -83,8 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if "speedup_vs_eager" in row else ""
         print(f"{row['sampler']:>12}  cuda_graph={row['cuda_graph']!s:5}  {row['images_per_s']:6.2f} img/s{extra}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(args.out, result)
     return result
 
 

@@ -16,7 +16,6 @@ come from torch's FLOP counter on one eager forward and backward; MFU divides th
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from benchmarks.measure import count_flops
 from benchmarks.step_speed import unet_trainer
 from engine import Trainer
 from engine.config import parse_overrides
+from engine.stage import write_json
 
 OTHER = "pointwise and other"
 # (class, pattern) in order: the first match names an op. Attention goes before convolution because cuDNN's
@@ -163,8 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                         *(sys.argv[1:] if argv is None else argv)])})
     print(format_table(result), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(args.out, result)
     return result
 
 

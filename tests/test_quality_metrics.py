@@ -138,3 +138,13 @@ def test_sharpness_drops_when_an_image_is_blurred():
     blurred = torch.nn.functional.avg_pool2d(sharp, 9, stride=1, padding=4, count_include_pad=False)
     assert sharpness(canvas()) == 0  # a blank page has no edges
     assert sharpness(sharp) > 2 * sharpness(blurred) > 0
+
+
+def test_copy_rule_check_counts_every_exact_copy_under_both_rules(tmp_path):
+    from benchmarks.copy_rule_check import main as copy_rule_check
+    out = tmp_path / "copy_rules.json"
+    result = copy_rule_check(["--data", "shapes:60", "--out", str(out)])
+    rows = result["rows"]
+    assert set(rows) == {"unseen images", "exact copies", "washed-out copies", "shifted copies", "blends of 5 drawings"}
+    assert rows["exact copies"]["absolute"] == 1 and rows["exact copies"]["relative"] == 1
+    assert out.is_file() and result["command"].startswith("python -m benchmarks.copy_rule_check")

@@ -142,8 +142,8 @@ def low_res_base(base, tmp_path_factory):
     """The base run's VAE (64 px) and CLIP with a UNet trained on 32-px images."""
     run = tmp_path_factory.mktemp("study") / "low_res"
     train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval",
-                    "--reuse", f"vae={base / 'vae'}", "--reuse", f"clip={base / 'clip'}", "--judge", str(base / "judge"),
-                    "--unet.epochs=1", "--unet.resolution=32"])
+                    "--reuse", f"vae={base / 'vae'}", "--reuse", f"clip={base / 'clip'}",
+                    "--judge", str(base / "judge"), "--unet.epochs=1", "--unet.resolution=32"])
     return run
 
 

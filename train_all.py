@@ -49,6 +49,9 @@ TIME_SHARE = {"vae": 0.27, "clip": 0.025, "judge": 0.025, "unet": 0.62, "evaluat
 # Config values a stage sets while it trains (measured or taken from its inputs): not part of what was asked.
 FILLED_BY_TRAINING = {"vae": {"model.scaling_factor"}, "clip": {"model.vocab_size"}, "judge": {"model.vocab_size"},
                       "unet": {"model.context_dim", "model.augment_dim"}}
+# Settings of how a stage's training runs, not of what it learns: a finished stage that differs only in these is
+# the stage asked for (a --concurrent study, for one, trains its variants eagerly).
+HOW_IT_RUNS = {"train.compile", "train.log_every", "train.checkpoint_every_epochs", "train.checkpoint_every_steps"}
 
 
 def stage_kind(name: str) -> str:
@@ -161,15 +164,26 @@ def _data_resolution(name: str, cfg: Any) -> int:
     return cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
 
 
+def stage_settings(name: str, training: Any) -> dict[str, Any]:
+    """A stage's training config (a config object, or the dict its folder records) as ``{"dotted.key": value}``
+    in the recorded JSON form, without what training fills in."""
+    as_dict = training if isinstance(training, dict) else config_to_dict(training)
+    flat = flatten_config(json.loads(json.dumps(as_dict, default=str)))
+    return {key: value for key, value in flat.items() if key not in FILLED_BY_TRAINING[name]}
+
+
+def setting_differences(asked: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+    """``stage_settings`` that differ in what the stage learns (``HOW_IT_RUNS`` aside), one line each."""
+    return [f"{key} was {recorded.get(key)!r}, now {value!r}" for key, value in asked.items()
+            if key not in HOW_IT_RUNS and recorded.get(key) != value]
+
+
 def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, upstream: dict[str, Path | None]
                                ) -> list[str]:
     """How a finished stage differs from what is asked now: config values, data, and (for the UNet) the VAE
     and CLIP stages it was trained on. ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
     info = read_stage(folder, stage_kind(name))
-    asked = flatten_config(json.loads(json.dumps(config_to_dict(cfg), default=str)))
-    recorded = flatten_config(info.training)
-    differences = [f"{key} was {recorded.get(key)!r}, now {value!r}" for key, value in asked.items()
-                   if key not in FILLED_BY_TRAINING[name] and recorded.get(key) != value]
+    differences = setting_differences(stage_settings(name, cfg), stage_settings(name, info.training))
     data_fingerprint = load_captions(data, resolution=_data_resolution(name, cfg)).fingerprint
     if info.trained_on.get("data") != data_fingerprint:
         differences.append(f"it was trained on other data than --data {data}")
@@ -184,8 +198,10 @@ def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, ups
 def check_finished_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[str, Path],
                           overwrite: bool) -> None:
     """Stop when a finished stage in ``run`` differs from what is asked, unless ``overwrite``: then mark it
-    unfinished so it trains again (and so does every stage after it that was trained on it)."""
+    unfinished so it trains again (and so does every stage after it that was trained on it). Every rank decides
+    from the same files; the main rank alone unmarks them, once all have read them."""
     will_train: set[str] = set()
+    retrain: list[Path] = []
     for name in STAGES:
         folder = run / name
         if name in reuse or name not in configs:
@@ -205,9 +221,16 @@ def check_finished_stages(run: Path, configs: dict[str, Any], data: str, reuse: 
                 f"{'; ...' if len(differences) > 4 else ''}). Rerun with its settings, take it as it is with "
                 f"--reuse {name}={folder}, train into a new --run folder, or pass --overwrite to train it again here")
         will_train.add(name)
-        print(f"--overwrite: {folder} differs from what was asked ({differences[0]}); training it again", flush=True)
-        (folder / CONFIG_FILE).unlink()
-        checkpoint_path(folder).unlink(missing_ok=True)
+        retrain.append(folder)
+        if distributed.is_main():
+            print(f"--overwrite: {folder} differs from what was asked ({differences[0]}); training it again",
+                  flush=True)
+    distributed.barrier()
+    if retrain and distributed.is_main():
+        for folder in retrain:
+            (folder / CONFIG_FILE).unlink()
+            checkpoint_path(folder).unlink(missing_ok=True)
+    distributed.barrier()
 
 
 def final_samples(run: Path, stack: StageStack) -> None:

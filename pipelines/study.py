@@ -48,7 +48,7 @@ import train_all
 from clip.model import CLIPModel
 from data import load_captions
 from engine import distributed
-from engine.config import choose_preset, config_to_dict
+from engine.config import choose_preset
 from engine.errors import UserError, run_cli
 from engine.images import save_grid
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, is_complete, read_stage, \
@@ -168,11 +168,9 @@ def base_stages(base: Path) -> dict[str, Path]:
 
 
 def _recorded(folder: Path, stage: str) -> tuple[dict[str, Any], str]:
-    """A finished stage's training config, flattened, without what training fills in; and its preset."""
+    """A finished stage's ``train_all.stage_settings``, and the preset it was built on."""
     data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    flat = train_all.flatten_config(data["training"])
-    asked = {k: v for k, v in flat.items() if k not in train_all.FILLED_BY_TRAINING[stage]}
-    return asked, data.get("preset", {}).get("name") or choose_preset(None)
+    return train_all.stage_settings(stage, data["training"]), data.get("preset", {}).get("name") or choose_preset(None)
 
 
 def _stage_minutes(folder: Path) -> float | None:
@@ -201,10 +199,11 @@ def plan_column(variant: Variant, base: dict[str, Path], out: Path, concurrent: 
             continue
         recorded, preset = _recorded(base[stage], stage)
         cfg = train_all.stage_config(stage, preset, {**recorded, **variant.overrides[stage]})
-        asked = train_all.flatten_config(json.loads(json.dumps(config_to_dict(cfg), default=str)))
-        if variant.overrides[stage] and all(asked.get(k) == v for k, v in recorded.items()):
-            raise UserError(f"variant {variant.name}: its --{stage}.* overrides are the base's own {stage} settings, "
-                            "so nothing would differ; change a value, or drop them")
+        if variant.overrides[stage] and not train_all.setting_differences(train_all.stage_settings(stage, cfg),
+                                                                          recorded):
+            raise UserError(f"variant {variant.name}: its --{stage}.* overrides are the base's own {stage} settings "
+                            "or only change how training runs, so nothing it learns would differ; change a value, or "
+                            "drop them")
         if concurrent:
             cfg.train.compile = False  # several compiles at once would spend the budget on the CPU
         stages[stage], sources[stage] = folder / stage, "trained"

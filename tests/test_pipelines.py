@@ -82,6 +82,10 @@ def test_rerun_with_other_settings_or_data_stops_then_overwrite_retrains(run_a, 
     with pytest.raises(StageError, match=r"finished unet stage .*loss.div_weight"):
         train_all.main(["--data", DATA, *base, "--unet.div_weight=0.5"])
     assert (run / "report.md").read_text(encoding="utf-8") == report  # nothing rewritten
+    # how training runs (compiled or not, how often it logs) is not what it learnt: the finished stage stands
+    unet_weights = (run / "unet" / "model.safetensors").read_bytes()
+    train_all.main(["--data", DATA, *base, "--unet.compile=true", "--unet.log_every=3"])
+    assert (run / "unet" / "model.safetensors").read_bytes() == unet_weights
     clip_weights = (run / "clip" / "model.safetensors").read_bytes()
     train_all.main(["--data", DATA, *base, "--unet.div_weight=0.5", "--overwrite"])
     assert read_stage(run / "unet", "unet").training["loss"]["div_weight"] == 0.5

@@ -4,7 +4,8 @@
     python -m benchmarks.sampling_sweep --run runs/pokemon --data ../shared/pokemon --out runs/sweep.json \\
         --guidance 3 5 7 --rescale 0 0.7 --steps 25
 
-The judge is the run's ``judge/``. Writes one JSON record per setting and prints a table.
+The judge is the run's (``judge/``, or the one its ``stages.json`` names). Writes one JSON record per
+setting and prints a table.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from clip.model import CLIPModel
 from data import load_captions
 from engine.stage import write_json
 from pipelines.evaluate import generation_metrics
-from pipelines.stages import load_stack
+from pipelines.stages import judge_path, load_stack
 from pipelines.text_to_image import GenerationSettings
 
 SHOWN = ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     stack = load_stack(args.run, device=device)
-    judge = CLIPModel.load(args.run / "judge", device=device).eval()
+    judge = CLIPModel.load(judge_path(args.run), device=device).eval()
     data = load_captions(args.data, resolution=stack.image_size)
     train, val = data.subset("train"), data.subset("val")
     records = []

@@ -33,7 +33,7 @@ from vae.metrics import evaluate_reconstruction
 
 from .metrics import (COPY_NEIGHBOURS, colour_hits, colour_prompts, colours_named, composition, frechet_distance,
                       kernel_distance, near_copies, nearest_indices, seed_diversity, sharpness, thumbnails, unit_pixels)
-from .stages import StageStack, load_stack, stage_paths
+from .stages import StageStack, judge_path, load_stack, stage_paths
 from .text_to_image import GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
 
@@ -232,9 +232,10 @@ def markdown_table(results: dict[str, Any]) -> str:
     return quality + metrics_table({"value": results})
 
 
-def default_judge(stack: StageStack) -> Path:
-    """``judge/`` of the run the UNet belongs to, or the stack's own CLIP (a biased judge, so it warns)."""
-    separate = stack.infos["unet"].path.parent / "judge"
+def default_judge(stack: StageStack, run: Path | None = None) -> Path:
+    """The judge of ``run`` (default: the run the UNet stage belongs to), or the stack's own CLIP (a biased judge,
+    so it warns)."""
+    separate = judge_path(run if run is not None else stack.infos["unet"].path.parent)
     if (separate / "model.safetensors").is_file():
         return separate
     warnings.warn(f"no separate judge at {separate}: judging with the run's own CLIP, which guidance optimises "
@@ -246,8 +247,8 @@ def evaluate_to_folder(stack: StageStack, data_source: str, out_dir: Path, judge
                        settings: GenerationSettings | None = None) -> dict[str, Any]:
     """Evaluate ``stack`` on ``data_source`` and write ``evaluation.json`` and ``evaluation.md`` into ``out_dir``.
 
-    The judge is the CLIP stage at ``judge_dir`` (default: ``judge/`` beside the UNet stage, else the stack's own
-    CLIP, with a warning).
+    The judge is the CLIP stage at ``judge_dir`` (default: the judge of the run the UNet stage belongs to, else the
+    stack's own CLIP, with a warning).
     """
     settings = settings or GenerationSettings(size=stack.image_size)
     if judge_dir is None:
@@ -284,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "elsewhere with --out DIR, or pass --overwrite to replace it")
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
     settings = sampling_settings(args, size=args.size or stack.image_size)
-    results = evaluate_to_folder(stack, args.data, args.out or default_out, args.judge, settings)
+    judge = args.judge or default_judge(stack, args.run)
+    results = evaluate_to_folder(stack, args.data, args.out or default_out, judge, settings)
     print(json.dumps({k: results[k] for k in ("vae", "clip", "generation")}, indent=2))
     return results
 

@@ -91,9 +91,7 @@ def stage_paths(run: str | Path | None, vae: str | Path | None = None, clip: str
     stage was reused from another run) says they are.
     """
     given = {"vae": vae, "clip": clip, "unet": unet}
-    recorded = {}
-    if run is not None and (Path(run) / "stages.json").is_file():
-        recorded = json.loads((Path(run) / "stages.json").read_text(encoding="utf-8"))
+    recorded = recorded_stages(run) if run is not None else {}
     paths = {}
     for name, path in given.items():
         if path is None:
@@ -102,6 +100,17 @@ def stage_paths(run: str | Path | None, vae: str | Path | None = None, clip: str
             path = recorded.get(name, Path(run) / name)
         paths[name] = Path(path)
     return paths
+
+
+def recorded_stages(run: str | Path) -> dict[str, str]:
+    """``run/stages.json``: where train_all put or took each stage of the run ({} when it wrote none)."""
+    path = Path(run) / "stages.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def judge_path(run: str | Path) -> Path:
+    """A run's judge: where its ``stages.json`` says (a judge taken with ``train_all --judge``), else ``run/judge``."""
+    return Path(recorded_stages(run).get("judge", Path(run) / "judge"))
 
 
 def tokenizer_fingerprint(clip_info: StageInfo) -> str | None:

@@ -55,7 +55,7 @@ from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint
     record_preset, write_json
 from pipelines.evaluate import evaluate_run, generation_metrics
 from pipelines.prompts import SHOWCASE_PROMPTS
-from pipelines.stages import generation_size, load_stack, stage_paths
+from pipelines.stages import generation_size, judge_path, load_stack, stage_paths
 from pipelines.text_to_image import GenerationSettings, generate
 
 STUDY_STAGES = ("vae", "clip", "unet")  # the judge is the study's ruler: the base run's, for every column
@@ -155,10 +155,7 @@ class ColumnPlan:
 
 def base_stages(base: Path) -> dict[str, Path]:
     """The base run's vae, clip, unet and judge folders (``stages.json`` when it reused stages), all checked."""
-    stages = stage_paths(base)
-    recorded = base / "stages.json"
-    judge = json.loads(recorded.read_text(encoding="utf-8")).get("judge") if recorded.is_file() else None
-    stages["judge"] = Path(judge) if judge else base / "judge"
+    stages = {**stage_paths(base), "judge": judge_path(base)}
     if not is_complete(stages["judge"]):
         raise UserError(f"the base run {base} has no finished judge at {stages['judge']}; a study judges every "
                         "variant with the base run's judge: train it with train_all.py (without --skip-eval)")

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import pytest
 import train_all
 from engine.errors import UserError
 from engine.stage import StageError, file_fingerprint, is_complete, read_stage
-from pipelines.stages import load_stack
+from pipelines.evaluate import default_judge
+from pipelines.stages import judge_path, load_stack
 from pipelines.study import main as study
 
 DATA = "shapes:40"
@@ -161,6 +163,17 @@ def test_the_study_draws_at_the_base_unets_resolution_and_a_column_at_another_ne
     assert not out.exists()
     plan = study(["--base", str(low_res_base), "--out", str(out), *FAST, "--plan-only", "--size", "64", *sharper])
     assert plan["settings"]["size"] == 64 and plan["sources"]["sharper"]["unet"] == "trained"
+
+
+def test_a_judge_taken_with_train_all_judge_is_the_runs_judge_everywhere(base, low_res_base):
+    assert not (low_res_base / "judge").exists()  # train_all --judge recorded it in stages.json instead
+    assert judge_path(low_res_base) == base / "judge"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the run's own CLIP
+        assert default_judge(load_stack(low_res_base, device="cpu"), low_res_base) == base / "judge"
+    plan = study(["--base", str(low_res_base), "--out", str(low_res_base.parent / "o"), *FAST, "--plan-only",
+                  "--variant", "no_terms: --unet.div_weight=0"])
+    assert plan["settings"]["judge"] == str(base / "judge")
 
 
 @pytest.mark.parametrize("variant, message", [

@@ -111,6 +111,9 @@ class LatentCache:
                    tensors.get("labels"), int(plain) if plain is not None else None)
 
 
+AUGMENT_VERSION = 1  # bump when data.augment's transform or label layout changes, so stale caches are not reused
+
+
 @dataclass
 class GeometryAugment:
     """Ranges of the pixel-space augmentation baked into the latent cache (see ``data.augment.random_geometry``).
@@ -129,8 +132,9 @@ class GeometryAugment:
     seed: int = 0  # the copies are a fixed function of the data and this seed
 
     def key(self) -> str:
-        """A string that changes when any setting that shapes the cached copies changes (not ``prob``)."""
-        return repr({k: v for k, v in asdict(self).items() if k != "prob"})
+        """A string that changes when any setting that shapes the cached copies changes (not ``prob``), or the
+        code that makes them (``AUGMENT_VERSION``)."""
+        return f"v{AUGMENT_VERSION}:" + repr({k: v for k, v in asdict(self).items() if k != "prob"})
 
 
 def build_latent_cache(vae: torch.nn.Module, images_uint8: Tensor, path: str | Path, batch_size: int,
@@ -145,7 +149,8 @@ def build_latent_cache(vae: torch.nn.Module, images_uint8: Tensor, path: str | P
         raise ValueError("the VAE stage has no scaling_factor (it is measured at the end of VAE training); "
                          "finish the VAE stage or pass a finished one")
     num_images = len(images_uint8)
-    plain = torch.cat([images_uint8, images_uint8.flip(-1)]) if mirror else images_uint8
+    with_mirrors = torch.cat([images_uint8, images_uint8.flip(-1)]) if mirror or augment is not None else None
+    plain = with_mirrors if mirror else images_uint8
     mean, logvar = encode_moments(vae, float_batches(plain, batch_size, device), device)
     labels = None
     if augment is not None and augment.copies > 0:
@@ -158,8 +163,8 @@ def build_latent_cache(vae: torch.nn.Module, images_uint8: Tensor, path: str | P
         def augmented_batches() -> Iterator[Tensor]:  # copy k of image i is row k * N + i
             for start in range(0, count, batch_size):
                 index = torch.arange(start, min(start + batch_size, count))
-                images = to_float(images_uint8[index % num_images].to(device))
-                images = torch.where(flips[index, None, None, None].to(device), images.flip(-1), images)
+                source = index % num_images + num_images * flips[index].long()  # the image or its mirror
+                images = to_float(with_mirrors[source].to(device))
                 yield apply_geometry(images, aug_labels[index].to(device))
 
         aug_mean, aug_logvar = encode_moments(vae, augmented_batches(), device)

@@ -205,12 +205,15 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     train_key = cache_key(vae_info.fingerprint, train_set.fingerprint, "mirror", augment_key)
     train_path = latents_dir / f"train-{train_key}.safetensors"
     val_path = latents_dir / f"val-{cache_key(vae_info.fingerprint, val_set.fingerprint)}.safetensors"
-    if env.is_main:
-        build_latent_cache(vae, train_set.images, train_path, cfg.encode_batch_size, env.device, augment=augment)
-        build_latent_cache(vae, val_set.images, val_path, cfg.encode_batch_size, env.device, mirror=False)
+    if env.is_main:  # the cache it builds (or finds) is the one it trains on: no second read of the file
+        train_latents = build_latent_cache(vae, train_set.images, train_path, cfg.encode_batch_size, env.device,
+                                           augment=augment)
+        val_cache = build_latent_cache(vae, val_set.images, val_path, cfg.encode_batch_size, env.device, mirror=False)
     distributed.barrier()
-    train_latents = LatentCache.load(train_path, env.device)
-    val_latents = LatentCache.load(val_path, env.device).scaled_mean()
+    if not env.is_main:
+        train_latents = LatentCache.load(train_path, env.device)
+        val_cache = LatentCache.load(val_path, env.device)
+    val_latents = val_cache.scaled_mean()
 
     torch.manual_seed(cfg.train.seed)  # the initial weights follow the seed too, not the caller's RNG state
     schedule = NoiseSchedule(cfg.schedule)

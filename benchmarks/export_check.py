@@ -35,6 +35,8 @@ try:
 except ImportError:
     raise SystemExit("the export check needs diffusers and transformers: pip install -e '.[diffusers]'") from None
 
+from diffusion.noise import PerSampleNoise  # noqa: E402
+from engine.stage import write_json  # noqa: E402
 from pipelines.export import export_diffusers  # noqa: E402
 from pipelines.prompt_embeds import prompt_embeds  # noqa: E402
 from pipelines.stages import LineageWarning, StageStack, load_stack  # noqa: E402
@@ -84,9 +86,8 @@ def pipeline_difference(stack: StageStack, export_dir: str | Path, prompts: Sequ
     cond, uncond = prompt_embeds(stack.clip, prompts, settings.negative_prompt)
     latent_size = settings.size // stack.vae.downsample_factor
     shape = (stack.vae.latent_channels, latent_size, latent_size)
-    # the noise pipelines.generate draws: one CPU generator per seed
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise.to(stack.device),
+    noise = PerSampleNoise(seeds).initial(shape, stack.device)  # the starting noise pipelines.generate draws
+    theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise,
                   num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                   guidance_rescale=settings.guidance_rescale, eta=0.0,
                   height=settings.size, width=settings.size, output_type="pt").images
@@ -147,8 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "command": " ".join(["python -m benchmarks.export_check",
                                     *(argv if argv is not None else sys.argv[1:])])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(args.out, summary)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 

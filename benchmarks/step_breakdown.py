@@ -19,7 +19,6 @@ import argparse
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.measure import count_flops
-from benchmarks.step_speed import unet_trainer
+from benchmarks.step_speed import run_steps, step_indices, time_steps, unet_trainer
 from engine import Trainer
 from engine.config import parse_overrides
 from engine.stage import write_json
@@ -65,7 +64,7 @@ def op_class(name: str) -> str:
 
 def split_by_class(events: Sequence[tuple[str, float]]) -> dict[str, float]:
     """Sum ``(name, microseconds)`` rows per class, every class present (0 when none)."""
-    totals = dict.fromkeys([label for label, _ in OP_CLASSES] + [OTHER], 0.0)
+    totals = dict.fromkeys([label for label, _ in OP_CLASSES], 0.0)
     for name, micros in events:
         if not NOT_OPS.match(name):
             totals[op_class(name)] += micros
@@ -74,23 +73,12 @@ def split_by_class(events: Sequence[tuple[str, float]]) -> dict[str, float]:
 
 def profiled_step_times(trainer: Trainer, make_batch: Callable, warmup: int, steps: int
                         ) -> tuple[float, dict[str, float]]:
-    """Seconds per step (unprofiled) and the per-class busy seconds per step (profiled, the same steps)."""
-    indices = torch.arange(trainer.micro_batch).view(1, -1).expand(trainer.cfg.grad_accum, -1)
+    """Seconds per step (unprofiled) and the per-class busy seconds per step (profiled, as many steps again)."""
     on_cuda = trainer.device.type == "cuda"
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            trainer._train_step(make_batch, indices)
-        if on_cuda:
-            torch.cuda.synchronize()
-
-    run(warmup)
-    started = time.perf_counter()
-    run(steps)
-    seconds = (time.perf_counter() - started) / steps
+    seconds = trainer.cfg.batch_size / time_steps(trainer, make_batch, warmup, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
-        run(steps)
+        run_steps(trainer, make_batch, steps)
     rows = []
     for event in prof.key_averages():
         if on_cuda:
@@ -107,11 +95,10 @@ def breakdown(overrides: dict[str, Any], preset: str, warmup: int, steps: int, p
     """The step's time per op class, its FLOPs and MFU (``peak_tflops``: the device's dense bf16 peak)."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer, make_batch = unet_trainer(overrides, preset, tmp, device=device)
-        indices = torch.arange(trainer.micro_batch).view(1, -1).expand(trainer.cfg.grad_accum, -1)
 
         def forward_backward() -> None:
             with trainer.autocast():
-                loss, _ = trainer.module(make_batch(indices[0], trainer.generator), step=trainer.step)
+                loss, _ = trainer.module(make_batch(step_indices(trainer)[0], trainer.generator), step=trainer.step)
             loss.backward()
             trainer.optimizer.zero_grad(set_to_none=True)
 

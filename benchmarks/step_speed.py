@@ -14,7 +14,6 @@ processes), so samples/s over all GPUs divided by the one-GPU figure is the scal
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,19 +22,28 @@ from typing import Any, Callable
 import torch
 
 from engine import Trainer, build_config, distributed
+from engine.stage import write_json
 
 
-def _time_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int) -> float:
-    indices = torch.arange(trainer.micro_batch).view(1, -1).expand(trainer.cfg.grad_accum, -1)
-    for _ in range(warmup):
-        trainer._train_step(make_batch, indices)
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+def step_indices(trainer: Trainer) -> torch.Tensor:
+    """The rows of one optimizer step, ``[grad_accum, micro_batch]`` (the synthetic batches ignore them)."""
+    return torch.arange(trainer.micro_batch).view(1, -1).expand(trainer.cfg.grad_accum, -1)
+
+
+def run_steps(trainer: Trainer, make_batch: Callable, steps: int) -> None:
+    """``steps`` of the engine's real optimizer step, then wait for the device."""
+    indices = step_indices(trainer)
     for _ in range(steps):
         trainer._train_step(make_batch, indices)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def time_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int) -> float:
+    """Samples per second over ``steps`` steps after ``warmup`` (compilation happens there)."""
+    run_steps(trainer, make_batch, warmup)
+    start = time.perf_counter()
+    run_steps(trainer, make_batch, steps)
     return steps * trainer.cfg.batch_size / (time.perf_counter() - start)
 
 
@@ -58,7 +66,7 @@ def vae_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -
         images = images.contiguous(memory_format=trainer.memory_format)
         # past disc_start_step, so the adversarial term (and its adaptive weight) is timed too
         trainer.step = cfg.disc_start_step + 1
-        return _time_steps(trainer, lambda idx, g: images[: len(idx)], warmup, steps)
+        return time_steps(trainer, lambda idx, g: images[: len(idx)], warmup, steps)
 
 
 def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
@@ -89,7 +97,7 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
 def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         trainer, make_batch = unet_trainer(overrides, preset, tmp)
-        return _time_steps(trainer, make_batch, warmup, steps)
+        return time_steps(trainer, make_batch, warmup, steps)
 
 
 VARIANTS = {
@@ -137,8 +145,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
     distributed.cleanup()
     if args.out and env.is_main:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ Writing the export needs no diffusers; only loading it does (``pip install -e ".
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 from dataclasses import asdict
@@ -42,8 +41,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
+from clip.model import TOKENIZER_FILE
 from diffusion.schedule import ScheduleConfig
-from engine.stage import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
+from engine.stage import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, write_json
 from unet.config import UNetConfig
 from vae.config import VAEConfig
 
@@ -54,7 +54,6 @@ from .stages import load_stack
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 SCRATCH_CLIP_DIR = "scratch_clip"
-TOKENIZER_FILE = "tokenizer.json"
 
 # our schedule kind -> diffusers' beta_schedule (its "squaredcos_cap_v2" is the same s=0.008, 0.999-capped cosine)
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
@@ -293,11 +292,9 @@ def fold_zero_augment(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 # ---------------------------------------------------------------------------------------------- export
 def _write_component(folder: Path, class_name: str, config: Mapping[str, Any],
-                     weights: Mapping[str, Tensor] | None = None) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    document = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **config}
-    (folder / "config.json" if weights is not None else folder / "scheduler_config.json").write_text(
-        json.dumps(document, indent=2) + "\n", encoding="utf-8")
+                     weights: Mapping[str, Tensor] | None = None, config_file: str = "config.json") -> None:
+    write_json(folder / config_file, {"_class_name": class_name, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+                                      **config})
     if weights is not None:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
         save_file(tensors, str(folder / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
@@ -315,7 +312,7 @@ def export_diffusers(run: str | Path | None, out: str | Path, *, vae: str | Path
         raise ExportError(f"the VAE at {stack.infos['vae'].path} has no scaling_factor; export a finished VAE stage")
     if vae_config.downsample_padding != "bottom_right":
         notes.append("VAE encoder: diffusers' AutoencoderKL pads its stride-2 convs one row and column after the "
-                     f"image, this VAE pads {vae_config.downsample_padding}ly: decode (text-to-image) is exact, "
+                     f"image, this VAE's padding is {vae_config.downsample_padding!r}: decode (text-to-image) is exact, "
                      "encode (image-to-image) is not; train the VAE with --model.downsample_padding=bottom_right "
                      "for an exact encoder")
     if unet_config.augment_dim:
@@ -327,20 +324,21 @@ def export_diffusers(run: str | Path | None, out: str | Path, *, vae: str | Path
     _write_component(out / "unet", "UNet2DConditionModel", diffusers_unet_config(unet_config, latent_size),
                      fold_zero_augment(unet_to_diffusers(stack.unet.state_dict())))
     _write_component(out / "scheduler", "DDIMScheduler",
-                     diffusers_scheduler_config(stack.schedule.config, stack.prediction_type))
+                     diffusers_scheduler_config(stack.schedule.config, stack.prediction_type),
+                     config_file="scheduler_config.json")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
              **pipeline_index()}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "model_index.json", index)
     clip_dir = out / SCRATCH_CLIP_DIR
     clip_dir.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, TOKENIZER_FILE):
         if (stack.infos["clip"].path / name).is_file():
             shutil.copy2(stack.infos["clip"].path / name, clip_dir / name)
-    (out / "scratch_export.json").write_text(json.dumps({
+    write_json(out / "scratch_export.json", {
         "stages": {name: str(info.path) for name, info in stack.infos.items()},
         "fingerprints": {name: info.fingerprint for name, info in stack.infos.items()},
         "schedule": asdict(stack.schedule.config), "prediction_type": stack.prediction_type,
-        "image_size": stack.image_size, "notes": notes}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        "image_size": stack.image_size, "notes": notes})
     return notes
 
 

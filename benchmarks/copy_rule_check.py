@@ -48,10 +48,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
              **probe_sets(train, torch.Generator().manual_seed(0))}
     rows = {}
     for name, (pictures, truth) in kinds.items():
-        probe = thumbnails(pictures)
-        rows[name] = {"truth": truth, "count": len(pictures),
-                      "absolute": near_copies(probe, bank, unseen)["share"],
-                      "relative": near_copies(probe, bank, unseen, relative_to=COPY_NEIGHBOURS)["share"]}
+        rules = near_copies(thumbnails(pictures), bank, unseen, relative_to=COPY_NEIGHBOURS)
+        rows[name] = {"truth": truth, "count": len(pictures), "absolute": rules["share"],
+                      "relative": rules["share_relative"]}
         print(f"{name:22s} absolute {rows[name]['absolute']:.2f}  relative {rows[name]['relative']:.2f}  ({truth})")
     result = {"data": args.data, "train_images": len(train), "unseen_images": len(val), "relative_to": COPY_NEIGHBOURS,
               "rows": rows, "command": " ".join(["python -m benchmarks.copy_rule_check",

@@ -21,7 +21,7 @@ import torch
 from clip.model import CLIPModel
 from data import load_captions
 from engine.stage import write_json
-from pipelines.evaluate import generation_metrics
+from pipelines.evaluate import generation_metrics, real_reference
 from pipelines.stages import judge_path, load_stack
 from pipelines.text_to_image import GenerationSettings
 
@@ -40,22 +40,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[25])
     parser.add_argument("--sampler", default=GenerationSettings.sampler)
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    stack = load_stack(args.run, device=device)
-    judge = CLIPModel.load(judge_path(args.run), device=device).eval()
+    stack = load_stack(args.run)
+    judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()
     data = load_captions(args.data, resolution=stack.image_size)
     train, val = data.subset("train"), data.subset("val")
+    reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
     records = []
     print("| guidance | rescale | steps | " + " | ".join(SHOWN) + " |", flush=True)
     for scale, rescale, steps in itertools.product(args.guidance, args.rescale, args.steps):
         settings = GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, steps=steps,
                                       sampler=args.sampler, size=stack.image_size)
-        metrics = generation_metrics(stack, judge, train, val, settings)
+        metrics = generation_metrics(stack, judge, train, val, settings, reference=reference)
         records.append({"guidance_scale": scale, "guidance_rescale": rescale, "steps": steps, "metrics": metrics})
         print(f"| {scale} | {rescale} | {steps} | " + " | ".join(f"{metrics[k]:.3f}" for k in SHOWN) + " |",
               flush=True)
     write_json(args.out, {"run": str(args.run), "sampler": args.sampler,
-                          "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                          "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
                           "command": "python -m benchmarks.sampling_sweep " + " ".join(
                               sys.argv[1:] if argv is None else argv), "records": records})
 

@@ -17,6 +17,7 @@ import json
 import time
 import warnings
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -55,14 +56,16 @@ def clip_score(judge: CLIPModel, features: torch.Tensor, prompts: Sequence[str])
 
 
 @torch.no_grad()
-def judged_and_shrunk(judge: CLIPModel, images: torch.Tensor, size: int,
-                      batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Judge features of images (uint8, or [-1, 1] float) at ``size`` px, and [-1, 1] copies at ``MEASURE_SIZE``,
-    the size every pixel measure and picture works at. A batch at a time, so full-size float copies of a whole
-    set (gigabytes at 512 px) never pile up on the host."""
+def judged_and_shrunk(judge: CLIPModel, images: torch.Tensor, size: int, batch_size: int = 64,
+                      mirror: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Judge features of images (uint8, or [-1, 1] float; ``mirror``: of their mirror images) at ``size`` px, and
+    [-1, 1] copies at ``MEASURE_SIZE``, the size every pixel measure and picture works at. A batch at a time, so
+    full-size float copies of a whole set (gigabytes at 512 px) never pile up on the host."""
     features, small = [], []
     for chunk in images.split(batch_size):
         chunk = to_float(chunk) if chunk.dtype == torch.uint8 else chunk.float()
+        if mirror:
+            chunk = chunk.flip(-1)
         if chunk.shape[-1] != size:
             chunk = F.interpolate(chunk, size=(size, size), mode="area")
         features.append(judge_features(judge, chunk))
@@ -70,9 +73,42 @@ def judged_and_shrunk(judge: CLIPModel, images: torch.Tensor, size: int,
     return torch.cat(features), torch.cat(small)
 
 
+@dataclass
+class RealReference:
+    """What samples are measured against, which depends only on the judge, the data and the size: the
+    validation images' judge features and 128-px copies, the training images' and their mirrors' (the
+    near-copy banks), and the real images' own figures (``*_real``). Build it once per evaluation setup."""
+
+    val_features: torch.Tensor
+    val_small: torch.Tensor
+    bank: torch.Tensor  # training images then their mirrors, at MEASURE_SIZE
+    judge_bank: torch.Tensor
+    figures: dict[str, float]
+
+
+def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: int) -> RealReference:
+    """The ``RealReference`` of ``train`` and ``val`` at ``size`` px under ``judge``."""
+    val_features, val_small = judged_and_shrunk(judge, val.images, size)
+    train_features, train_small = judged_and_shrunk(judge, train.images, size)
+    mirror_features, mirror_small = judged_and_shrunk(judge, train.images, size, mirror=True)
+    real_all = torch.cat([train_small, val_small])
+    figures = {"clip_score_real_en": clip_score(judge, val_features, val.en)}  # the ceiling for this judge
+    named_real = [(i, colours_named(c)) for i, c in enumerate(train.en + val.en)]
+    named_real = [(i, n[0]) for i, n in named_real if n]
+    if named_real:
+        index = torch.tensor([i for i, _ in named_real])
+        figures["colour_adherence_real"] = float(colour_hits(real_all[index], [n for _, n in named_real]).float()
+                                                 .mean())
+    figures.update({f"{key}_real": value for key, value in composition(real_all).items()})
+    figures["sharpness_real"] = sharpness(real_all)
+    return RealReference(val_features, val_small, torch.cat([train_small, mirror_small]),
+                         torch.cat([train_features, mirror_features]), figures)
+
+
 def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, val: CaptionSet,
                        settings: GenerationSettings, diversity_prompts: int = 8, diversity_seeds: int = 4,
-                       colour_seeds: int = 8, out_dir: Path | None = None, seed_offset: int = 0) -> dict[str, float]:
+                       colour_seeds: int = 8, out_dir: Path | None = None, seed_offset: int = 0,
+                       reference: RealReference | None = None) -> dict[str, float]:
     """Generation against the real images, each figure with its real-image reference (``*_real``).
 
     Samples: every validation caption in English and in Chinese (one fixed seed per row) and the colour
@@ -81,18 +117,17 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     parts), sharpness and near-copies (pixel space at 64 px and judge space, training mirrors in the bank)
     over all samples; colour adherence on the colour prompts (overall and per language); seed diversity. See
     pipelines/metrics.py. ``seed_offset`` shifts every sampling seed: another draw of the same evaluation, for
-    the spread over seeds.
+    the spread over seeds. ``reference``: the ``real_reference`` of this judge, data and size, when the caller
+    measures several settings or seeds against it (built here otherwise).
     """
     size = settings.size
+    reference = reference or real_reference(judge, train, val, size)
+    real_feats, real, bank = reference.val_features, reference.val_small, reference.bank
 
     def sample(prompts: Sequence[str], seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return judged_and_shrunk(judge, generate(stack, prompts, [s + seed_offset for s in seeds], settings).cpu(),
                                  size)
 
-    real_feats, real = judged_and_shrunk(judge, val.images, size)
-    train_feats, train_small = judged_and_shrunk(judge, train.images, size)
-    mirror_feats, mirror_small = judged_and_shrunk(judge, train.images.flip(-1), size)
-    bank, judge_bank = torch.cat([train_small, mirror_small]), torch.cat([train_feats, mirror_feats])
     seeds = [int(r) for r in val.rows]  # one fixed seed per validation row
     out: dict[str, float] = {}
     samples, feats = [], []
@@ -103,7 +138,6 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         out[f"clip_score_{language}"] = clip_score(judge, features, prompts)
         samples.append(images)
         feats.append(features)
-    out["clip_score_real_en"] = clip_score(judge, real_feats, val.en)  # the ceiling for this judge
 
     colour_texts, colour_seed_list, named = colour_prompts(colour_seeds)
     colour_feats, colour_samples = sample(colour_texts, colour_seed_list)
@@ -111,27 +145,16 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out["colour_adherence"] = float(hits.mean())
     chinese = torch.tensor([not text.isascii() for text in colour_texts])
     out["colour_adherence_en"], out["colour_adherence_zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
-    real_all = torch.cat([train_small, real])
-    named_real = [(i, colours_named(c)) for i, c in enumerate(train.en + val.en)]
-    named_real = [(i, n[0]) for i, n in named_real if n]
-    if named_real:
-        index = torch.tensor([i for i, _ in named_real])
-        out["colour_adherence_real"] = float(colour_hits(real_all[index], [n for _, n in named_real]).float().mean())
     samples.append(colour_samples)
     feats.append(colour_feats)
     every_sample, every_feature = torch.cat(samples), torch.cat(feats)
 
-    for key, value in composition(every_sample).items():
-        out[key] = value
-    for key, value in composition(real_all).items():
-        out[f"{key}_real"] = value
-    out["sharpness"], out["sharpness_real"] = sharpness(every_sample), sharpness(real_all)
+    out.update(composition(every_sample))
+    out["sharpness"] = sharpness(every_sample)
 
-    sample_thumbs, bank_thumbs, real_thumbs = thumbnails(every_sample), thumbnails(bank), thumbnails(real)
-    pixel = near_copies(sample_thumbs, bank_thumbs, real_thumbs)
-    relative = near_copies(sample_thumbs, bank_thumbs, real_thumbs, relative_to=COPY_NEIGHBOURS)
-    in_judge = near_copies(every_feature, judge_bank, real_feats, cosine=True)
-    out.update({"near_copy_share_pixel": pixel["share"], "near_copy_share_pixel_relative": relative["share"],
+    pixel = near_copies(thumbnails(every_sample), thumbnails(bank), thumbnails(real), relative_to=COPY_NEIGHBOURS)
+    in_judge = near_copies(every_feature, reference.judge_bank, real_feats, cosine=True)
+    out.update({"near_copy_share_pixel": pixel["share"], "near_copy_share_pixel_relative": pixel["share_relative"],
                 "nn_dist_samples": pixel["sample_nn"],
                 "nn_dist_real_val": pixel["val_nn"], "near_copy_share_judge": in_judge["share"],
                 "nn_judge_dist_samples": in_judge["sample_nn"], "nn_judge_dist_real_val": in_judge["val_nn"]})
@@ -145,7 +168,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         save_grid(torch.cat([real[:shown], samples[0][:shown]]), out_dir / "eval_samples.png", nrow=shown,
                   max_side=128)
         save_nearest_pairs(colour_samples, bank, out_dir / "nearest_pairs.png")
-    return out
+    return {**out, **reference.figures}
 
 
 def save_nearest_pairs(samples: torch.Tensor, bank: torch.Tensor, path: Path, columns: int = 12,
@@ -161,8 +184,10 @@ def save_nearest_pairs(samples: torch.Tensor, bank: torch.Tensor, path: Path, co
 
 
 def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings: GenerationSettings | None = None,
-                 out_dir: Path | None = None, judge_name: str = "") -> dict[str, Any]:
-    """All metrics of one stack on the validation split of ``data`` (at the stack's image size)."""
+                 out_dir: Path | None = None, judge_name: str = "",
+                 reference: RealReference | None = None) -> dict[str, Any]:
+    """All metrics of one stack on the validation split of ``data`` (at the stack's image size); ``reference`` as
+    in ``generation_metrics``."""
     settings = settings or GenerationSettings()
     started = time.perf_counter()
     train, val = data.subset("train"), data.subset("val")
@@ -174,7 +199,8 @@ def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings
     clip_size = stack.clip.config.image_size
     val_small = F.interpolate(to_float(val.images), size=(clip_size, clip_size), mode="area").to(device)
     results["clip"] = retrieval_metrics(stack.clip, val_small, {"en": val.en, "zh": val.zh})
-    results["generation"] = generation_metrics(stack, judge, train, val, settings, out_dir=out_dir)
+    results["generation"] = generation_metrics(stack, judge, train, val, settings, out_dir=out_dir,
+                                               reference=reference)
     results["minutes"] = (time.perf_counter() - started) / 60
     return results
 

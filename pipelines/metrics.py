@@ -229,25 +229,29 @@ def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val
     the training images' mirrors in ``train_features``: a mirrored copy is still a copy. Unseen real images
     score about 0.05 by construction.
 
-    ``relative_to = k`` (pixels only) divides each nearest distance by the mean distance to the ``k`` nearest
-    (Carlini et al. 2023's extraction rule): a copy lies far closer to one training image than to the others,
-    whereas a plain, pale picture lies about as close to every pale drawing, and the absolute rule counts it too.
+    ``relative_to = k`` (pixels only) adds ``share_relative``, the same rule on each nearest distance divided by
+    the mean distance to the ``k`` nearest (Carlini et al. 2023's extraction rule), from the same distances: a
+    copy lies far closer to one training image than to the others, whereas a plain, pale picture lies about as
+    close to every pale drawing, and the absolute rule counts it too.
     """
+    def share(sample_d: torch.Tensor, val_d: torch.Tensor) -> float:
+        return float((sample_d < torch.quantile(val_d, 0.05)).double().mean())
+
     if cosine:
         if relative_to:
             raise ValueError("relative_to applies to pixel distances only")
         bank = F.normalize(train_features.double(), dim=-1)
-        distance = lambda q: 1 - (F.normalize(q.double(), dim=-1) @ bank.T).max(dim=1).values  # noqa: E731
-    elif relative_to:
-        def distance(q: torch.Tensor) -> torch.Tensor:
-            nearest = nearest_distances(q, train_features, relative_to)
-            return nearest[:, 0] / nearest.mean(dim=1).clamp_min(1e-12)
+        sample_k, val_k = (1 - (F.normalize(q.double(), dim=-1) @ bank.T).max(dim=1, keepdim=True).values
+                           for q in (sample_features, val_features))
     else:
-        distance = lambda q: nearest_distances(q, train_features)[:, 0]  # noqa: E731
-    sample_nn, val_nn = distance(sample_features), distance(val_features)
-    threshold = torch.quantile(val_nn, 0.05)
-    return {"share": float((sample_nn < threshold).double().mean()), "sample_nn": float(sample_nn.mean()),
-            "val_nn": float(val_nn.mean())}
+        sample_k, val_k = (nearest_distances(q, train_features, max(1, relative_to))
+                           for q in (sample_features, val_features))
+    out = {"share": share(sample_k[:, 0], val_k[:, 0]), "sample_nn": float(sample_k[:, 0].mean()),
+           "val_nn": float(val_k[:, 0].mean())}
+    if relative_to:
+        ratio = lambda d: d[:, 0] / d.mean(dim=1).clamp_min(1e-12)  # noqa: E731
+        out["share_relative"] = share(ratio(sample_k), ratio(val_k))
+    return out
 
 
 def nearest_indices(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

@@ -46,14 +46,14 @@ from PIL import Image, ImageDraw
 
 import train_all
 from clip.model import CLIPModel
-from data import load_captions
+from data import CaptionSet, load_captions
 from engine import distributed
 from engine.config import choose_preset
 from engine.errors import UserError, run_cli
 from engine.images import save_grid
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, is_complete, read_stage, \
     record_preset, write_json
-from pipelines.evaluate import evaluate_run, generation_metrics
+from pipelines.evaluate import RealReference, evaluate_run, generation_metrics, real_reference
 from pipelines.prompts import SHOWCASE_PROMPTS
 from pipelines.stages import generation_size, judge_path, load_stack, stage_paths
 from pipelines.text_to_image import GenerationSettings, generate
@@ -315,19 +315,20 @@ def train_concurrently(plans: Sequence[ColumnPlan], data: str, device: str | Non
         raise RuntimeError("these variants failed to train: " + ", ".join(failed))
 
 
-def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data_source: str, size: int, steps: int, eval_seeds: int,
-                    device: str | None) -> dict[str, Any]:
-    """The column's evaluation (``eval_seeds`` draws of the sampled metrics: mean and spread) and grid block."""
+def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data: CaptionSet, reference: RealReference, size: int,
+                    steps: int, eval_seeds: int, device: str | None) -> dict[str, Any]:
+    """The column's evaluation (``eval_seeds`` draws of the sampled metrics: mean and spread) and grid block.
+    ``data`` at ``size`` px and its ``reference`` are the study's, shared by every column."""
     stack = load_stack(vae=plan.stages["vae"], clip=plan.stages["clip"], unet=plan.stages["unet"], device=device)
     training = stack.infos["unet"].training
     settings = GenerationSettings(size=size, steps=steps, guidance_scale=training["guidance_scale"],
                                   guidance_rescale=training["guidance_rescale"])
-    data = load_captions(data_source, resolution=size)
     judge_name = f"{plan.stages['judge']} ({file_fingerprint(plan.stages['judge'] / 'model.safetensors')})"
-    results = evaluate_run(stack, data, judge, settings, out_dir=plan.folder, judge_name=judge_name)
+    results = evaluate_run(stack, data, judge, settings, out_dir=plan.folder, judge_name=judge_name,
+                           reference=reference)
     draws = [results["generation"]] + [
         generation_metrics(stack, judge, data.subset("train"), data.subset("val"), settings,
-                           seed_offset=k * SEED_SET_STRIDE) for k in range(1, eval_seeds)]
+                           seed_offset=k * SEED_SET_STRIDE, reference=reference) for k in range(1, eval_seeds)]
     results["generation"] = {key: statistics.fmean(d[key] for d in draws) for key in draws[0]}
     if eval_seeds > 1:
         results["generation_sd"] = {key: statistics.stdev(d[key] for d in draws) for key in draws[0]}
@@ -658,11 +659,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["train_minutes"] = (time.perf_counter() - started) / 60
         if env.is_main:
             judge = CLIPModel.load(base["judge"], device=env.device).eval()
+            data = load_captions(args.data, resolution=size)
+            reference = real_reference(judge, data.subset("train"), data.subset("val"), size) if pending else None
             evaluations = {}
             for plan in plans:
                 if plan.name in pending:
                     print(f"\n=== {plan.name}: evaluating ===", flush=True)
-                    evaluations[plan.name] = evaluate_column(plan, judge, args.data, size, args.steps,
+                    evaluations[plan.name] = evaluate_column(plan, judge, data, reference, size, args.steps,
                                                              args.eval_seeds, str(env.device))
                 else:
                     evaluations[plan.name] = json.loads((plan.folder / EVALUATION_FILE).read_text(encoding="utf-8"))

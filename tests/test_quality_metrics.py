@@ -118,11 +118,12 @@ def test_the_relative_rule_counts_copies_but_not_a_plain_page_near_many_pale_dra
     bank = thumbnails(torch.cat([train, train.flip(-1)]))
     blank = torch.ones(1, 3, 64, 64)  # one square away from each of the 20 pale drawings, alike
     copies = torch.cat([train[:3], train[20:23].flip(-1)])
-    absolute = near_copies(thumbnails(blank), bank, thumbnails(val))
-    relative = near_copies(thumbnails(blank), bank, thumbnails(val), relative_to=10)
-    assert absolute["share"] == 1  # closer to a pale drawing than any unseen real image is to its nearest
-    assert relative["share"] == 0  # but no closer to one drawing than to the others
-    assert near_copies(thumbnails(copies), bank, thumbnails(val), relative_to=10)["share"] == 1
+    blank_rules = near_copies(thumbnails(blank), bank, thumbnails(val), relative_to=10)
+    assert blank_rules["share"] == 1  # closer to a pale drawing than any unseen real image is to its nearest
+    assert blank_rules["share_relative"] == 0  # but no closer to one drawing than to the others
+    assert blank_rules["share"] == near_copies(thumbnails(blank), bank, thumbnails(val))["share"]
+    copy_rules = near_copies(thumbnails(copies), bank, thumbnails(val), relative_to=10)
+    assert copy_rules["share"] == 1 and copy_rules["share_relative"] == 1
     with pytest.raises(ValueError, match="pixel distances only"):
         near_copies(torch.randn(2, 4), torch.randn(5, 4), torch.randn(3, 4), cosine=True, relative_to=3)
 

@@ -208,12 +208,17 @@ def colour_hits(images: torch.Tensor, named: list[str], top: int = 2) -> torch.T
 
 
 def colours_named(caption: str) -> list[str]:
-    """The prompt colours a caption names, English or Chinese (for the real images' adherence)."""
+    """The prompt colours a caption names, English or Chinese, in the order it names them (for the real images'
+    adherence, whose named colour is the first: "a blue pokemon with red eyes" is a blue one)."""
     found = []
     for name, en, zh, _ in COLOUR_FAMILIES:
-        if name in PROMPT_COLOURS and (re.search(rf"\b{en}\b", caption.lower()) or zh[0] + "色" in caption):
-            found.append(name)
-    return found
+        if name not in PROMPT_COLOURS:
+            continue
+        where = [m.start() for m in [re.search(rf"\b{en}\b", caption.lower())] if m] + \
+            [i for i in [caption.find(zh[0] + "色")] if i >= 0]
+        if where:
+            found.append((min(where), name))
+    return [name for _, name in sorted(found)]
 
 
 # Neighbours of the relative near-copy rule: enough that a training image's mirror and a few look-alikes do not

@@ -80,6 +80,7 @@ def test_colour_prompts_and_named_colours():
     assert ("a red pokemon", 1, "red") in zip(prompts, seeds, named)
     assert ("一只蓝色的宝可梦", 0, "blue") in zip(prompts, seeds, named)
     assert colours_named("A Red bird with blue wings") == ["red", "blue"]
+    assert colours_named("a blue pokemon with red eyes") == ["blue", "red"]  # the order the caption names them
     assert colours_named("一只绿色的小鸟") == ["green"]
     assert colours_named("a reddish, bluey thing") == []
 

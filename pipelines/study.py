@@ -51,6 +51,7 @@ from engine import distributed
 from engine.config import choose_preset
 from engine.errors import UserError, run_cli
 from engine.images import save_grid
+from engine.runlog import read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, is_complete, read_stage, \
     record_preset, write_json
 from pipelines.evaluate import RealReference, evaluate_run, generation_metrics, real_reference
@@ -443,21 +444,13 @@ def combined_grid(plans: Sequence[ColumnPlan], path: Path, gap: int = 12, label_
 
 
 def _loss_curve(folder: Path) -> tuple[list[int], list[float]]:
-    steps, losses = [], []
-    log = folder / "log.jsonl"
-    for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
-        entry = json.loads(line)
-        if entry.get("kind") == "train" and "train/loss" in entry:
-            steps.append(entry["step"])
-            losses.append(entry["train/loss"])
-    return steps, losses
+    records = [r for r in read_records(folder / "log.jsonl") if r.get("kind") == "train" and "train/loss" in r]
+    return [r["step"] for r in records], [r["train/loss"] for r in records]
 
 
 def plot_losses(plans: Sequence[ColumnPlan], path: Path) -> Path | None:
     """Training loss per step of every stage some column changed, one line per distinct stage folder."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # engine.runlog chose the Agg backend
 
     varied = [s for s in STUDY_STAGES if len({str(p.stages[s]) for p in plans}) > 1]
     if not varied:
@@ -482,9 +475,7 @@ def plot_losses(plans: Sequence[ColumnPlan], path: Path) -> Path | None:
 
 def plot_metrics(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, Any]], path: Path) -> Path:
     """One small bar chart per key metric: a bar per column (± the spread over seeds), the real images dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # engine.runlog chose the Agg backend
 
     shown = [m for m in KEY_METRICS if any(metric_value(evaluations[p.name], m[0], m[1]) is not None for p in plans)]
     columns = 4
@@ -641,8 +632,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for plan in plans:
                 if plan.name in pending:
                     write_json(plan.folder / VARIANT_FILE, {"recorded_as": {"spec": plan.spec, **settings},
-                                                            "sources": plan.sources,
-                                                            "stages": {k: str(v) for k, v in plan.stages.items()}})
+                                                            "sources": plan.sources})  # stages: stages.json
                     write_json(plan.folder / "stages.json", {k: str(v) for k, v in plan.stages.items()})
                 else:
                     print(f"{plan.name}: finished ({plan.folder / EVALUATION_FILE}), skipped", flush=True)

@@ -70,9 +70,6 @@ class UNetTrainConfig:
                 raise ConfigError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise ConfigError(f"guidance_rescale must be in [0, 1] (0: off), got {self.guidance_rescale}")
-        if not 0.0 <= self.augment.prob <= 1.0 or self.augment.copies < 0:
-            raise ConfigError(f"augment.prob must be in [0, 1] and augment.copies >= 0, got {self.augment.prob} "
-                              f"and {self.augment.copies}")
         if self.caption_variants < 0:
             raise ConfigError(f"caption_variants must be >= 0, got {self.caption_variants}")
         positive = ("encode_batch_size", "val_timesteps", "val_batch_size", "sample_every_epochs",

@@ -25,6 +25,7 @@ from torch import Tensor
 from data import language_mask
 from data.augment import AUGMENT_DIM, apply_geometry, float_batches, random_geometry, to_float
 from data.captions import clause_variants
+from engine.config import ConfigError
 from engine.precision import inference_autocast
 from engine.stage import atomic_write
 
@@ -130,6 +131,12 @@ class GeometryAugment:
     rotation_deg: float = 20.0
     log2_aspect: float = 0.25  # x0.84 .. x1.19 across the two axes
     seed: int = 0  # the copies are a fixed function of the data and this seed
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the field (``engine.config.validate_config`` calls it)."""
+        if not 0.0 <= self.prob <= 1.0 or self.copies < 0:
+            raise ConfigError(f"augment.prob must be in [0, 1] and augment.copies >= 0, got {self.prob} and "
+                              f"{self.copies}")
 
     def key(self) -> str:
         """A string that changes when any setting that shapes the cached copies changes (not ``prob``), or the

@@ -19,7 +19,6 @@ and sample grids), ``evaluation.json``, ``final_samples.png``, ``nearest_pairs.p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from data import load_captions
 from diffusion.fit import check_fit
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
-from engine.config import choose_preset, config_to_dict, parse_overrides, preset_reason
+from engine.config import choose_preset, config_to_dict, flatten_config, parse_overrides, preset_reason, \
+    setting_differences
 from engine.errors import run_cli
 from engine.images import save_grid
 from engine.stage import CONFIG_FILE, record_preset, remove_empty_folders, write_json
@@ -49,9 +49,6 @@ TIME_SHARE = {"vae": 0.27, "clip": 0.025, "judge": 0.025, "unet": 0.62, "evaluat
 # Config values a stage sets while it trains (measured or taken from its inputs): not part of what was asked.
 FILLED_BY_TRAINING = {"vae": {"model.scaling_factor"}, "clip": {"model.vocab_size"}, "judge": {"model.vocab_size"},
                       "unet": {"model.context_dim", "model.augment_dim"}}
-# Settings of how a stage's training runs, not of what it learns: a finished stage that differs only in these is
-# the stage asked for (a --concurrent study, for one, trains its variants eagerly).
-HOW_IT_RUNS = {"train.compile", "train.log_every", "train.checkpoint_every_epochs", "train.checkpoint_every_steps"}
 
 
 def stage_kind(name: str) -> str:
@@ -149,17 +146,6 @@ def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: 
     check_fit(models["vae"], models["clip"], unet, where, resolution)
 
 
-def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as ``{"dotted.key": value}``, the form ``--STAGE.key=value`` overrides take."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _data_resolution(name: str, cfg: Any) -> int:
     return cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
 
@@ -167,15 +153,7 @@ def _data_resolution(name: str, cfg: Any) -> int:
 def stage_settings(name: str, training: Any) -> dict[str, Any]:
     """A stage's training config (a config object, or the dict its folder records) as ``{"dotted.key": value}``
     in the recorded JSON form, without what training fills in."""
-    as_dict = training if isinstance(training, dict) else config_to_dict(training)
-    flat = flatten_config(json.loads(json.dumps(as_dict, default=str)))
-    return {key: value for key, value in flat.items() if key not in FILLED_BY_TRAINING[name]}
-
-
-def setting_differences(asked: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
-    """``stage_settings`` that differ in what the stage learns (``HOW_IT_RUNS`` aside), one line each."""
-    return [f"{key} was {recorded.get(key)!r}, now {value!r}" for key, value in asked.items()
-            if key not in HOW_IT_RUNS and recorded.get(key) != value]
+    return {key: value for key, value in flatten_config(training).items() if key not in FILLED_BY_TRAINING[name]}
 
 
 def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, upstream: dict[str, Path | None]

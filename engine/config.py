@@ -81,6 +81,31 @@ def validate_config(cfg: Any) -> Any:
     return cfg
 
 
+# TrainConfig fields of how a training runs, not of what it learns: a checkpoint or a finished stage that differs
+# only in these is the same training (a --concurrent study, for one, trains its variants eagerly).
+HOW_IT_RUNS = ("compile", "log_every", "checkpoint_every_epochs", "checkpoint_every_steps")
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config (a dataclass or its dict) as ``{"dotted.key": value}`` in its recorded JSON form, the form
+    ``--STAGE.key=value`` overrides take."""
+    if not prefix:  # once, at the top: the recorded JSON form (tuples as lists, paths as strings)
+        config = json.loads(json.dumps(config_to_dict(config) if is_dataclass(config) else config, default=str))
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def setting_differences(asked: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
+    """Flattened settings that differ in what the training learns (``HOW_IT_RUNS`` aside), one line each."""
+    return [f"{key} was {recorded.get(key)!r}, now {value!r}" for key, value in asked.items()
+            if key.rsplit(".", 1)[-1] not in HOW_IT_RUNS and recorded.get(key) != value]
+
+
 def choose_preset(preset: str | None) -> str:
     """The ``full`` preset on a CUDA machine, ``tiny`` otherwise, unless one is named."""
     if preset is not None:
@@ -220,5 +245,5 @@ def build_config(cls: type, presets: Mapping[str, Mapping[str, Any]], preset: st
 
 __all__ = [
     "ConfigError", "TrainConfig", "validate_config", "choose_preset", "preset_reason", "apply_overrides", "config_to_dict", "config_from_dict",
-    "parse_overrides", "build_config",
+    "parse_overrides", "build_config", "HOW_IT_RUNS", "flatten_config", "setting_differences",
 ]

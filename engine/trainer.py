@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed, runlog
-from .config import ConfigError, TrainConfig, config_to_dict
+from .config import ConfigError, TrainConfig, config_to_dict, flatten_config, setting_differences
 from .ema import EMA
 from .stage import StageError, StageModel, atomic_write
 from .tensorboard import TensorBoardLog
@@ -68,7 +68,8 @@ class Trainer:
         find_unused_parameters: passed to DDP for modules whose forward skips parameters.
         resume: continue from ``out_dir/checkpoints/latest.pt`` when it exists.
         device: default: this process's GPU, else the CPU.
-        run_config: the stage's whole config, shown as text in TensorBoard.
+        run_config: the stage's whole config (default: ``cfg``), shown in TensorBoard and kept in checkpoints:
+            resuming with other settings of what it learns is an error.
     """
 
     def __init__(self, module: nn.Module, cfg: TrainConfig, out_dir: str | Path, *, num_train_items: int,
@@ -111,6 +112,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
 
+        self.run_config = dict(run_config) if run_config is not None else config_to_dict(cfg)
         self.step = 0
         self.epoch = 0  # epochs completed
         self.generator = torch.Generator(self.device)
@@ -134,7 +136,7 @@ class Trainer:
         self.tensorboard: TensorBoardLog | None = None  # main rank only
         if self.env.is_main:
             self.tensorboard = TensorBoardLog(self.out_dir / "tb", resume_step=self.step if self.resumed else None)
-            self.tensorboard.config(run_config or config_to_dict(cfg), self.step)
+            self.tensorboard.config(self.run_config, self.step)
 
     # ------------------------------------------------------------------ set-up
     def _make_optimizer(self, param_groups: list[dict[str, Any]] | None) -> torch.optim.Optimizer:
@@ -362,6 +364,7 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "rng": rng,
                 "train_config": config_to_dict(self.cfg),
+                "run_config": flatten_config(self.run_config),
                 "world_size": self.env.world_size,
             }
             atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
@@ -373,12 +376,18 @@ class Trainer:
         except Exception as err:  # a truncated zip, a foreign pickle, a short read: each its own exception type
             raise StageError(f"checkpoint {self.checkpoint_path} is truncated or corrupt ({type(err).__name__}: "
                              f"{err}); delete it to train the stage from the start, or restore it from a copy") from None
-        saved_cfg = state.get("train_config", {})
-        for key in ("batch_size", "grad_accum", "seed"):
-            if saved_cfg.get(key) != getattr(self.cfg, key):
-                raise ConfigError(f"cannot resume {self.checkpoint_path}: it was trained with {key}="
-                                  f"{saved_cfg.get(key)}, this run has {getattr(self.cfg, key)}; use the same "
-                                  "value or start a fresh output folder")
+        # the whole stage config, not only the engine's: a resumed run that learns with other settings is neither
+        # the run that was started nor the one asked for (how it runs, e.g. compiled or not, may change)
+        if "run_config" in state:
+            differences = setting_differences(flatten_config(self.run_config), state["run_config"])
+        else:  # a checkpoint written before checkpoints kept the whole config: the engine's settings
+            saved = state.get("train_config", {})
+            differences = setting_differences({k: getattr(self.cfg, k) for k in ("batch_size", "grad_accum", "seed")},
+                                              saved)
+        if differences:
+            raise ConfigError(f"cannot resume {self.checkpoint_path}: it was trained with other settings "
+                              f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); use the "
+                              "same settings or start a fresh output folder")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

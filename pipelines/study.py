@@ -48,7 +48,7 @@ import train_all
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from engine import distributed
-from engine.config import choose_preset
+from engine.config import choose_preset, setting_differences
 from engine.errors import UserError, run_cli
 from engine.images import save_grid
 from engine.runlog import read_records
@@ -197,8 +197,7 @@ def plan_column(variant: Variant, base: dict[str, Path], out: Path, concurrent: 
             continue
         recorded, preset = _recorded(base[stage], stage)
         cfg = train_all.stage_config(stage, preset, {**recorded, **variant.overrides[stage]})
-        if variant.overrides[stage] and not train_all.setting_differences(train_all.stage_settings(stage, cfg),
-                                                                          recorded):
+        if variant.overrides[stage] and not setting_differences(train_all.stage_settings(stage, cfg), recorded):
             raise UserError(f"variant {variant.name}: its --{stage}.* overrides are the base's own {stage} settings "
                             "or only change how training runs, so nothing it learns would differ; change a value, or "
                             "drop them")

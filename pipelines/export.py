@@ -312,9 +312,9 @@ def export_diffusers(run: str | Path | None, out: str | Path, *, vae: str | Path
         raise ExportError(f"the VAE at {stack.infos['vae'].path} has no scaling_factor; export a finished VAE stage")
     if vae_config.downsample_padding != "bottom_right":
         notes.append("VAE encoder: diffusers' AutoencoderKL pads its stride-2 convs one row and column after the "
-                     f"image, this VAE's padding is {vae_config.downsample_padding!r}: decode (text-to-image) is exact, "
-                     "encode (image-to-image) is not; train the VAE with --model.downsample_padding=bottom_right "
-                     "for an exact encoder")
+                     f"image, this VAE's padding is {vae_config.downsample_padding!r}: decode (text-to-image) is "
+                     "exact, encode (image-to-image) is not; train the VAE with "
+                     "--model.downsample_padding=bottom_right for an exact encoder")
     if unet_config.augment_dim:
         notes.append(f"UNet: the {unet_config.augment_dim}-wide augmentation label is folded in at zero (the "
                      "sampling setting)")

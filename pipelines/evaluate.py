@@ -195,7 +195,8 @@ def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings
     results: dict[str, Any] = {"settings": vars(settings), "judge": judge_name,
                                "stages": {k: str(v.path) for k, v in stack.infos.items()}}
     recon = evaluate_reconstruction(stack.vae, val.images, batch_size=8, device=device)
-    results["vae"] = {"val_psnr": recon["psnr"], "val_ssim": recon["ssim"]}
+    # at the generation size: below the VAE's training resolution this is lower than its stage's own PSNR
+    results["vae"] = {"val_psnr": recon["psnr"], "val_ssim": recon["ssim"], "image_size": val.images.shape[-1]}
     clip_size = stack.clip.config.image_size
     val_small = F.interpolate(to_float(val.images), size=(clip_size, clip_size), mode="area").to(device)
     results["clip"] = retrieval_metrics(stack.clip, val_small, {"en": val.en, "zh": val.zh})

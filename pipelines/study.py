@@ -85,7 +85,7 @@ KEY_METRICS = (
     ("generation", "parts_mean", "parts per sample", False),
     ("generation", "sharpness", "sharpness", False),
     ("generation", "diversity_feature", "seed diversity (judge)", False),
-    ("vae", "val_psnr", "VAE PSNR (dB)", False),
+    ("vae", "val_psnr", "VAE PSNR at the sampling size (dB)", False),
     ("clip", "t2i_r1_en", "CLIP text-to-image R@1 (en)", True),
     ("clip", "t2i_r1_zh", "CLIP text-to-image R@1 (zh)", True),
 )

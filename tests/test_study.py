@@ -70,10 +70,11 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
         evaluation = json.loads((out / name / "evaluation.json").read_text())
         assert evaluation["judge"].startswith(str(base / "judge"))
         assert evaluation["settings"]["steps"] == 1 and evaluation["settings"]["size"] == 64
+        assert evaluation["vae"]["image_size"] == 64  # reconstructed at the sampling size, and says so
         assert f"| {name} |" in report
     for name in ("no_terms", "strong_kl"):
         assert f"- **{name}** (retrained" in report and name in result["summary"]["headline"]
-    assert "| VAE PSNR (dB) |" in report and "| near-copies (pixel) |" in report and "→" in report
+    assert "| VAE PSNR at the sampling size (dB) |" in report and "| near-copies (pixel) |" in report and "→" in report
     for picture in ("compare.png", "losses.png", "metrics.png"):
         assert (out / picture).is_file() and f"]({picture})" in report
     summary = json.loads((out / "study.json").read_text())

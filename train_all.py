@@ -27,7 +27,9 @@ from typing import Any, Sequence
 import torch
 
 from data import load_captions
+from data.augment import AUGMENT_DIM
 from diffusion.fit import check_fit
+from diffusion.train import check_init_architecture
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
 from engine.config import choose_preset, config_to_dict, flatten_config, parse_overrides, preset_reason, \
@@ -136,7 +138,8 @@ def train_stage(name: str, cfg: Any, run: Path, data: str, stage_dirs: dict[str,
 
 def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: dict[str, str]) -> None:
     """The shape check of ``load_stack`` on what a run will hold, before anything trains: the configs of the
-    stages to be trained, the recorded models of the others (``folders``); ``where`` names each for the error."""
+    stages to be trained, the recorded models of the others (``folders``); ``where`` names each for the error.
+    A UNet that starts from another (``--unet.init_from``) must have its architecture."""
     models = {name: config_to_dict(configs[name].model) if name in configs else read_stage(folders[name], name).model
               for name in ("vae", "clip", "unet")}
     unet = dict(models["unet"])
@@ -144,6 +147,10 @@ def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: 
         unet["context_dim"] = models["clip"]["text_width"]
     resolution = configs["unet"].resolution if "unet" in configs else None
     check_fit(models["vae"], models["clip"], unet, where, resolution)
+    if "unet" in configs and configs["unet"].init_from is not None:  # before the VAE and CLIP train, not after
+        if configs["unet"].augment.copies > 0:
+            unet["augment_dim"] = AUGMENT_DIM
+        check_init_architecture(configs["unet"].init_from, unet)
 
 
 def _data_resolution(name: str, cfg: Any) -> int:

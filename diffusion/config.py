@@ -43,6 +43,9 @@ class UNetTrainConfig:
     # pixel-space geometric augmentation with its label as UNet conditioning; augment.copies=0 turns it off
     augment: GeometryAugment = field(default_factory=GeometryAugment)
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
+    # a finished UNet stage folder whose weights this run starts from (fine-tuning, or a second phase at a higher
+    # resolution after a low-resolution one); None: random initial weights
+    init_from: str | None = None
     cfg_drop_prob: float = 0.2  # a caption is replaced by the empty prompt's states with this probability
     zh_prob: float = 0.5  # a sample takes its Chinese caption with this probability
     caption_variants: int = 4  # clause-dropped variants per caption besides the full one (0: full captions only)

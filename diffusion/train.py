@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -31,16 +32,20 @@ from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.noise import PerSampleNoise
 from diffusion.schedule import NoiseSchedule
 from engine import Trainer, distributed, read_stage
+from engine.stage import StageInfo, load_weights
 from engine.cli import run_stage_cli, stage_parser
-from engine.config import config_to_dict, validate_config
+from engine.config import ConfigError, config_to_dict, flatten_config, setting_differences, validate_config
 from engine.errors import run_cli
 from engine.images import save_grid
 from engine.runlog import read_records
 from pipelines.prompts import GRID_PROMPTS
+from pipelines.stages import LineageWarning
 from unet.model import UNet
 from vae.model import AutoencoderKL
 
 GRID_VAL_CAPTIONS = 2  # English and Chinese captions of this many validation images
+# UNet config fields a fine-tune may change: they shape how the weights train, not what the weights compute
+TRAINING_ONLY_FIELDS = ("dropout", "gradient_checkpointing")
 
 
 class LatentBatchMaker:
@@ -171,6 +176,35 @@ def _training_throughput(log_path: Path) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def check_init_architecture(init_from: str, model: Mapping[str, Any]) -> StageInfo:
+    """The finished UNet stage ``init_from``, whose architecture must be ``model`` (the UNet config being trained,
+    with its text width and augmentation label filled in; dropout aside), else a ``ConfigError`` naming the
+    differences."""
+    info = read_stage(init_from, "unet")
+    asked = {f"model.{k}": v for k, v in flatten_config(model).items() if k not in TRAINING_ONLY_FIELDS}
+    differences = setting_differences(asked, {f"model.{k}": v for k, v in flatten_config(info.model).items()})
+    if differences:
+        raise ConfigError(f"init_from={init_from}: that UNet has another architecture than the one asked "
+                          f"({'; '.join(differences[:4])}); set the same --unet.model.* values or start from "
+                          "another stage")
+    return info
+
+
+def init_stage(cfg: UNetTrainConfig, vae_info: StageInfo, clip_info: StageInfo) -> StageInfo | None:
+    """The finished UNet stage ``cfg.init_from`` that training starts from, checked before anything loads
+    (``check_init_architecture``). One trained on another VAE or CLIP than this run's loads with a
+    ``LineageWarning``: its weights learnt other latents or text states."""
+    if cfg.init_from is None:
+        return None
+    info = check_init_architecture(cfg.init_from, config_to_dict(cfg.model))
+    for name, upstream in (("vae", vae_info), ("clip", clip_info)):
+        if info.trained_on.get(name) != upstream.fingerprint:
+            warnings.warn(f"init_from={cfg.init_from} was trained on another {name.upper()} stage than "
+                          f"{upstream.path}; it starts from weights that learnt other inputs", LineageWarning,
+                          stacklevel=2)
+    return info
+
+
 def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir: str | Path, out_dir: str | Path,
           resume: bool = False, device: str | torch.device | None = None) -> Path:
     """Train (or resume) the UNet stage into ``out_dir`` and return it once it holds a complete stage folder."""
@@ -187,6 +221,7 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
         cfg.model.augment_dim = AUGMENT_DIM
     check_fit(vae_info.model, clip_info.model, config_to_dict(cfg.model),
               {"vae": f"at {vae_dir}", "clip": f"at {clip_dir}", "unet": "being trained"}, cfg.resolution)
+    init = init_stage(cfg, vae_info, clip_info)
     data = load_captions(data_source, resolution=cfg.resolution)
     train_set, val_set = data.subset("train"), data.subset("val")
 
@@ -219,6 +254,8 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     schedule = NoiseSchedule(cfg.schedule)
     schedule.cache_tables(env.device)
     model = UNet(cfg.model)
+    if init is not None:  # before the trainer: its EMA starts from these weights too (a resume overrides both)
+        model.load_state_dict(load_weights(init.path))
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=train_latents.num_plain_rows,
                       ema_of=model, resume=resume, device=env.device, run_config=config_to_dict(cfg))
@@ -240,6 +277,8 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
 
     trained_on = {"data": data.fingerprint, "vae": vae_info.fingerprint, "clip": clip_info.fingerprint,
                   "tokenizer": tokenizer_fingerprint}
+    if init is not None:
+        trained_on["init"] = init.fingerprint
     return trainer.finish_stage(model, cfg, trained_on, final_metrics,
                                 lambda metrics: f"val loss {metrics['val_loss']:.4f}", started)
 

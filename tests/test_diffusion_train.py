@@ -13,6 +13,7 @@ from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
 from diffusion.train import main, train
 from engine import ConfigError, StageError, build_config, read_stage
+from pipelines.stages import LineageWarning
 from unet import UNet
 from vae import AutoencoderKL, VAEConfig
 
@@ -153,6 +154,39 @@ def test_tiny_end_to_end_run(stages, tmp_path):
     assert model(x, torch.tensor([500]), context).abs().sum() > 0  # trained away from the zero init
     label = torch.tensor([[-0.5, 0.1, 0.0, 0.2, -0.02, 0.1]])
     assert not torch.allclose(model(x, torch.tensor([500]), context, label), model(x, torch.tensor([500]), context))
+
+
+def test_init_from_starts_from_that_unets_weights_and_records_it(stages, tmp_path):
+    first = train(tiny_config(), DATA, stages / "vae", stages / "clip", tmp_path / "first", device="cpu")
+    # lr 0: the second run's weights (and their EMA) stay where they started, so they must equal the first's
+    second = train(tiny_config(init_from=str(first), lr=0.0, epochs=1), DATA, stages / "vae", stages / "clip",
+                   tmp_path / "second", device="cpu")
+    before, after = UNet.load(first).state_dict(), UNet.load(second).state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert read_stage(second).trained_on["init"] == read_stage(first).fingerprint
+    assert read_stage(second).training["init_from"] == str(first)
+
+    other_clip = tiny_clip()
+    with torch.no_grad():
+        next(other_clip.parameters()).mul_(2.0)  # same shapes, other weights: another CLIP stage
+    other_clip.save(tmp_path / "other_clip", trained_on={"data": "shapes"})
+    with pytest.warns(LineageWarning, match="trained on another CLIP stage"):
+        train(tiny_config(init_from=str(first), epochs=1), DATA, stages / "vae", tmp_path / "other_clip",
+              tmp_path / "third", device="cpu")
+
+
+def test_init_from_another_architecture_or_stage_kind_is_an_error_before_training(stages, tmp_path):
+    first = train(tiny_config(), DATA, stages / "vae", stages / "clip", tmp_path / "first", device="cpu")
+    with pytest.raises(ConfigError, match=r"another architecture.*model.base_channels was 16, now 32"):
+        train(tiny_config(init_from=str(first), **{"model.base_channels": 32}), DATA, stages / "vae",
+              stages / "clip", tmp_path / "wide", device="cpu")
+    assert not (tmp_path / "wide").exists()  # nothing was cached or trained
+    with pytest.raises(StageError, match="holds a 'vae' stage, but a 'unet' stage was expected"):
+        train(tiny_config(init_from=str(stages / "vae")), DATA, stages / "vae", stages / "clip", tmp_path / "v",
+              device="cpu")
+    # dropout changes how the weights train, not what they compute: a fine-tune may change it
+    train(tiny_config(init_from=str(first), epochs=1, **{"model.dropout": 0.3}), DATA, stages / "vae",
+          stages / "clip", tmp_path / "dropout", device="cpu")
 
 
 def test_command_line_and_context_mismatch(stages, tmp_path, capsys):

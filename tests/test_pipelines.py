@@ -202,6 +202,15 @@ def test_bad_stage_config_fails_before_anything_trains(tmp_path, bad):
     assert not (tmp_path / "r").exists()  # nothing trained, and no empty run folder left behind
 
 
+def test_unet_init_from_is_checked_before_anything_trains(run_a, tmp_path):
+    base = ["--data", DATA, "--run", str(tmp_path / "r"), "--preset", "tiny", "--device", "cpu"]
+    with pytest.raises(StageError, match="holds a 'vae' stage, but a 'unet' stage was expected"):
+        train_all.main(base + [f"--unet.init_from={run_a / 'vae'}"])
+    with pytest.raises(ConfigError, match="another architecture.*model.base_channels was 32, now 48"):
+        train_all.main(base + [f"--unet.init_from={run_a / 'unet'}", "--unet.model.base_channels=48"])
+    assert not (tmp_path / "r").exists()  # the VAE and CLIP did not train first
+
+
 def test_user_error_at_the_command_line_is_one_line_without_traceback(tmp_path):
     command = [sys.executable, "train_all.py", "--data", DATA, "--run", str(tmp_path / "r"), "--unet.model.head_dim=12"]
     root = Path(__file__).resolve().parents[1]

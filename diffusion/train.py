@@ -7,6 +7,7 @@ The VAE and CLIP stages are frozen: every training image (and its mirror) is enc
 posterior, every caption once to its text states (``diffusion.latents``). The UNet then trains with the
 engine on latents drawn from those posteriors; every ``sample_every_epochs`` the EMA weights are scored on a
 fixed validation loss and draw a grid of fixed prompts and seeds into ``out/samples/epoch_XXXX.png``.
+The UNet starts from random weights, or from another UNet stage's with ``--init_from=FOLDER``.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.noise import PerSampleNoise
 from diffusion.schedule import NoiseSchedule
 from engine import Trainer, distributed, read_stage
-from engine.stage import StageInfo, load_weights
 from engine.cli import run_stage_cli, stage_parser
 from engine.config import ConfigError, config_to_dict, flatten_config, setting_differences, validate_config
 from engine.errors import run_cli
 from engine.images import save_grid
 from engine.runlog import read_records
+from engine.stage import StageInfo, load_weights
 from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import LineageWarning
 from unet.model import UNet

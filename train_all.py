@@ -27,7 +27,6 @@ from typing import Any, Sequence
 import torch
 
 from data import load_captions
-from data.augment import AUGMENT_DIM
 from diffusion.fit import check_fit
 from diffusion.train import check_init_architecture
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
@@ -141,16 +140,13 @@ def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: 
     stages to be trained, the recorded models of the others (``folders``); ``where`` names each for the error.
     A UNet that starts from another (``--unet.init_from``) must have its architecture."""
     models = {name: config_to_dict(configs[name].model) if name in configs else read_stage(folders[name], name).model
-              for name in ("vae", "clip", "unet")}
-    unet = dict(models["unet"])
-    if unet["context_dim"] is None:  # the UNet trainer takes the CLIP's width
-        unet["context_dim"] = models["clip"]["text_width"]
-    resolution = configs["unet"].resolution if "unet" in configs else None
-    check_fit(models["vae"], models["clip"], unet, where, resolution)
-    if "unet" in configs and configs["unet"].init_from is not None:  # before the VAE and CLIP train, not after
-        if configs["unet"].augment.copies > 0:
-            unet["augment_dim"] = AUGMENT_DIM
-        check_init_architecture(configs["unet"].init_from, unet)
+              for name in ("vae", "clip")}
+    unet_cfg = configs.get("unet")
+    unet = config_to_dict(unet_cfg.filled_model(models["clip"]["text_width"])) if unet_cfg is not None else \
+        read_stage(folders["unet"], "unet").model
+    check_fit(models["vae"], models["clip"], unet, where, unet_cfg.resolution if unet_cfg is not None else None)
+    if unet_cfg is not None and unet_cfg.init_from is not None:  # before the VAE and CLIP train, not after
+        check_init_architecture(unet_cfg.init_from, unet)
 
 
 def _data_resolution(name: str, cfg: Any) -> int:

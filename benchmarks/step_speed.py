@@ -73,14 +73,12 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
                  device: str | None = None) -> tuple[Trainer, Callable]:
     """The engine's UNet training step at the preset (+ overrides), on one fixed synthetic batch: a trainer and
     its ``make_batch``. The batch carries augmentation labels when the preset augments, as training does."""
-    from data.augment import AUGMENT_DIM
     from diffusion.config import PRESETS, UNetTrainConfig
     from diffusion.losses import DiffusionTrainingModule
     from diffusion.schedule import NoiseSchedule
     from unet.model import UNet
     cfg = build_config(UNetTrainConfig, PRESETS, preset, _per_gpu_batch(UNetTrainConfig, PRESETS, preset, overrides))
-    cfg.model.context_dim = cfg.model.context_dim or 256
-    cfg.model.augment_dim = AUGMENT_DIM if cfg.augment.copies > 0 else 0
+    cfg.model = cfg.filled_model(text_width=256)
     size = cfg.resolution // 8
     module = DiffusionTrainingModule(UNet(cfg.model), NoiseSchedule(cfg.schedule), cfg.prediction_type, cfg.loss)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=10_000, ema_of=module.model, device=device)

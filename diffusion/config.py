@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from data.augment import AUGMENT_DIM
 from diffusion.latents import GeometryAugment
 from diffusion.losses import DiffusionLossConfig
 from diffusion.samplers import SAMPLERS
@@ -59,6 +60,12 @@ class UNetTrainConfig:
     guidance_scale: float = 5.0
     guidance_rescale: float = 0.7  # Lin et al. 2024: pulls the guided prediction's spread back to the conditional one
     sample_seeds: int = 2  # each grid prompt is sampled from this many fixed seeds
+
+    def filled_model(self, text_width: int) -> UNetConfig:
+        """The UNet's config as training completes it: the text states' width from the CLIP stage (unless set)
+        and, when the run augments, the width of the augmentation label that conditions the UNet."""
+        return replace(self.model, context_dim=self.model.context_dim or text_width,
+                       augment_dim=AUGMENT_DIM if self.augment.copies > 0 else self.model.augment_dim)
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix, before anything is loaded."""

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
-from data.augment import AUGMENT_DIM
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
 from diffusion.guidance import guided_sample_and_decode
@@ -216,10 +215,7 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
     vae = AutoencoderKL.load(vae_dir, env.device).requires_grad_(False)
     clip = CLIPModel.load(clip_dir, env.device).requires_grad_(False)
-    if cfg.model.context_dim is None:  # the text states' width comes from the CLIP stage
-        cfg.model.context_dim = clip.context_dim
-    if cfg.augment.copies > 0:  # augmentation labels condition the UNet
-        cfg.model.augment_dim = AUGMENT_DIM
+    cfg.model = cfg.filled_model(clip.context_dim)
     check_fit(vae_info.model, clip_info.model, config_to_dict(cfg.model),
               {"vae": f"at {vae_dir}", "clip": f"at {clip_dir}", "unet": "being trained"}, cfg.resolution)
     init = init_stage(cfg, vae_info, clip_info)

@@ -16,8 +16,8 @@ import argparse
 import json
 import time
 import warnings
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch

@@ -210,14 +210,14 @@ def colour_hits(images: torch.Tensor, named: list[str], top: int = 2) -> torch.T
 def colours_named(caption: str) -> list[str]:
     """The prompt colours a caption names, English or Chinese, in the order it names them (for the real images'
     adherence, whose named colour is the first: "a blue pokemon with red eyes" is a blue one)."""
-    found = []
+    lowered, found = caption.lower(), []
     for name, en, zh, _ in COLOUR_FAMILIES:
         if name not in PROMPT_COLOURS:
             continue
-        where = [m.start() for m in [re.search(rf"\b{en}\b", caption.lower())] if m] + \
-            [i for i in [caption.find(zh[0] + "色")] if i >= 0]
-        if where:
-            found.append((min(where), name))
+        english = re.search(rf"\b{en}\b", lowered)
+        positions = [p for p in (english.start() if english else -1, caption.find(zh[0] + "色")) if p >= 0]
+        if positions:
+            found.append((min(positions), name))
     return [name for _, name in sorted(found)]
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from clip.model import CLIPModel
+from clip.model import TOKENIZER_FILE, CLIPModel
 from diffusion.cuda_graph import CudaGraphCall
 from diffusion.fit import check_fit
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -114,7 +114,7 @@ def judge_path(run: str | Path) -> Path:
 
 
 def tokenizer_fingerprint(clip_info: StageInfo) -> str | None:
-    path = clip_info.path / "tokenizer.json"
+    path = clip_info.path / TOKENIZER_FILE
     return file_fingerprint(path) if path.is_file() else None
 
 
@@ -141,7 +141,7 @@ def load_stack(run: str | Path | None = None, *, vae: str | Path | None = None, 
     check_fit(infos["vae"].model, infos["clip"].model, infos["unet"].model,
               {name: f"at {path}" for name, path in paths.items()})
     for name in lineage_mismatches(infos["vae"], infos["clip"], infos["unet"]):
-        where = paths["clip"] / "tokenizer.json" if name == "tokenizer" else paths[name]
+        where = paths["clip"] / TOKENIZER_FILE if name == "tokenizer" else paths[name]
         actual = tokenizer_fingerprint(infos["clip"]) if name == "tokenizer" else infos[name].fingerprint
         warnings.warn(
             f"LINEAGE MISMATCH: the UNet at {paths['unet']} was not trained with the {name} at {where} (it was "

@@ -73,6 +73,8 @@ def run_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def measure(shapes: list[dict[str, int]], device: torch.device, dtype: torch.dtype, warmup: int,
             repeats: int) -> list[dict[str, Any]]:
+    """One record per shape and back-end: its time and TFLOP/s and its difference from float32 math, or why it
+    cannot run."""
     records = []
     for shape in shapes:
         g = torch.Generator(device=device).manual_seed(0)

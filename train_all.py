@@ -27,8 +27,9 @@ from typing import Any, Sequence
 import torch
 
 from data import load_captions
+from diffusion.config import FILLED_BY_TRAINING as UNET_FILLED_BY_TRAINING
 from diffusion.fit import check_fit
-from diffusion.train import check_init_architecture
+from diffusion.train import check_init_architecture, lowres_folder
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
 from engine.config import choose_preset, config_to_dict, flatten_config, parse_overrides, preset_reason, \
@@ -46,10 +47,10 @@ from pipelines.text_to_image import GenerationSettings, generate
 STAGES = ("vae", "clip", "judge", "unet")
 JUDGE_SEED = 1  # the run's own CLIP trains with the engine's default seed 0
 # Share of a full run's time each step takes (estimated from the H200 default run; docs/results/quality): the ETA.
-TIME_SHARE = {"vae": 0.27, "clip": 0.025, "judge": 0.025, "unet": 0.62, "evaluate": 0.06}
+TIME_SHARE = {"vae": 0.25, "clip": 0.03, "judge": 0.02, "unet": 0.66, "evaluate": 0.04}
 # Config values a stage sets while it trains (measured or taken from its inputs): not part of what was asked.
 FILLED_BY_TRAINING = {"vae": {"model.scaling_factor"}, "clip": {"model.vocab_size"}, "judge": {"model.vocab_size"},
-                      "unet": {"model.context_dim", "model.augment_dim"}}
+                      "unet": set(UNET_FILLED_BY_TRAINING)}
 
 
 def stage_kind(name: str) -> str:
@@ -124,7 +125,8 @@ def stage_config(name: str, preset: str | None, overrides: dict[str, str]) -> An
 def train_stage(name: str, cfg: Any, run: Path, data: str, stage_dirs: dict[str, Path], device: str | None) -> Path:
     """Train (or resume) one stage into ``run/name``."""
     out = run / name
-    resume = checkpoint_path(out).is_file()
+    # a checkpoint of the stage, or of the UNet's low-resolution phase when the run stopped there
+    resume = checkpoint_path(out).is_file() or (name == "unet" and checkpoint_path(lowres_folder(out)).is_file())
     if name == "vae":
         from vae.train import train
         return train(cfg, data, out, resume=resume, device=device)
@@ -145,6 +147,8 @@ def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: 
     unet = config_to_dict(unet_cfg.filled_model(models["clip"]["text_width"])) if unet_cfg is not None else \
         read_stage(folders["unet"], "unet").model
     check_fit(models["vae"], models["clip"], unet, where, unet_cfg.resolution if unet_cfg is not None else None)
+    if unet_cfg is not None and unet_cfg.lowres_epochs > 0:
+        check_fit(models["vae"], models["clip"], unet, where, unet_cfg.lowres_resolution)
     if unet_cfg is not None and unet_cfg.init_from is not None:  # before the VAE and CLIP train, not after
         check_init_architecture(unet_cfg.init_from, unet)
 
@@ -211,6 +215,9 @@ def check_finished_stages(run: Path, configs: dict[str, Any], data: str, reuse: 
         for folder in retrain:
             (folder / CONFIG_FILE).unlink()
             checkpoint_path(folder).unlink(missing_ok=True)
+            if folder.name == "unet":  # and its low-resolution phase, which is part of what was asked
+                (lowres_folder(folder) / CONFIG_FILE).unlink(missing_ok=True)
+                checkpoint_path(lowres_folder(folder)).unlink(missing_ok=True)
     distributed.barrier()
 
 
@@ -255,11 +262,14 @@ def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any]
     lines += ["## Pictures", ""]
     for title, path in pictures.items():
         lines += [f"### {title}", "", f"![{title}]({rel(path)})", ""]
-    unet_samples = sorted((stage_dirs["unet"] / "samples").glob("epoch_*.png")) if "unet" in stage_dirs else []
-    if unet_samples:
-        lines += ["### UNet samples during training", ""]
-        lines += [f"- epoch {p.stem.split('_')[-1]}: ![{p.stem}]({rel(p)})" for p in unet_samples]
-        lines.append("")
+    if "unet" in stage_dirs:
+        for title, folder in (("UNet samples during the low-resolution phase", lowres_folder(stage_dirs["unet"])),
+                              ("UNet samples during training", stage_dirs["unet"])):
+            unet_samples = sorted((folder / "samples").glob("epoch_*.png"))
+            if unet_samples:
+                lines += [f"### {title}", ""]
+                lines += [f"- epoch {p.stem.split('_')[-1]}: ![{p.stem}]({rel(p)})" for p in unet_samples]
+                lines.append("")
     (run / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 

@@ -12,29 +12,32 @@ from diffusion.schedule import ScheduleConfig, check_prediction_type
 from engine.config import ConfigError, TrainConfig
 from unet.config import UNetConfig
 
+# Recorded config values that training fills in from its inputs (``UNetTrainConfig.filled_model``): not asked for.
+FILLED_BY_TRAINING = ("model.context_dim", "model.augment_dim")
+
 
 @dataclass
 class UNetTrainConfig:
     """One UNet training run on cached VAE latents and frozen CLIP text states.
 
-    The defaults are the ``full`` preset (one H100, 512-px images -> 4x64x64 latents). Budget estimate:
+    The defaults are the ``full`` preset (one H100/H200, 512-px images -> 4x64x64 latents). Budget estimate:
     the UNet (base 128, channel_mult (1, 2, 3, 4), 2 res blocks, a transformer at every level; 137 M
     parameters with 256-wide text states) costs 147 GFLOP per 64x64 forward (torch's FLOP counter; ~30 %
-    of it is the 4096-token self-attention of the top level), ~440 GFLOP per training sample with the
-    backward. An epoch walks the 1,500 plain cached latents (750 training images and their mirrors; each
-    draw is swapped for one of the image's ``augment.copies`` augmented encodings with ``augment.prob``)
-    ``passes_per_epoch`` = 10 times: 234 steps of 64; 14 epochs = 3,276 steps = 210 k samples = 92 PFLOP.
-    The training step is compiled (``train.compile``): 436 samples/s in bf16 on an H100 against 270 eager
-    (docs/results/e2e/full_run), ~8 minutes of training plus ~2.5 minutes of compiling. Latent caching
-    (1,583 plain and 6,000 augmented VAE encodes at 512 px) takes seconds; a sample grid plus the validation loss
-    every epoch ~3 s each, about 5 % of the stage. Activations are ~0.35 GiB per sample in bf16, so batch 64
-    needs ~25 GiB with the weights, EMA and AdamW state.
+    of it is the 4096-token self-attention of the top level), ~465 GFLOP per training sample with the
+    backward, ~85 at 256 px. An epoch walks the 1,500 plain cached latents (750 training images and their
+    mirrors; each draw is swapped for one of the image's ``augment.copies`` augmented encodings with
+    ``augment.prob``) ``passes_per_epoch`` = 10 times: 15 k samples. The stage trains 20 epochs at 256 px in
+    batches of 256 (1,160 steps), then 6 at 512 px in batches of 64 (1,404 steps). Both phases run eager:
+    compiling costs minutes per resolution, more than it saves in phases this short (``train.compile`` for
+    longer runs). Latent caching takes seconds per phase; a sample grid plus the validation loss ~3 s each.
+    Activations are ~0.35 GiB per sample at 512 px in bf16, so batch 64 (or 256 at 256 px) needs ~25 GiB with
+    the weights, EMA and AdamW state.
     """
 
     model: UNetConfig = field(default_factory=lambda: UNetConfig(dropout=0.1))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=14, passes_per_epoch=10, batch_size=64, lr=2e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999,
-        log_every=50, checkpoint_every_epochs=4, compile=True))
+        epochs=6, passes_per_epoch=10, batch_size=64, lr=2e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999,
+        log_every=50, checkpoint_every_epochs=4, compile=False))
     # v-prediction on a zero-terminal-SNR schedule: with epsilon on scaled-linear the last step still holds
     # signal, so sampling from pure noise never learns the white page and fills the frame (issue 13)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(zero_terminal_snr=True))
@@ -44,8 +47,16 @@ class UNetTrainConfig:
     # pixel-space geometric augmentation with its label as UNet conditioning; augment.copies=0 turns it off
     augment: GeometryAugment = field(default_factory=GeometryAugment)
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
-    # a finished UNet stage folder whose weights this run starts from (fine-tuning, or a second phase at a higher
-    # resolution after a low-resolution one); None: random initial weights
+    # Progressive resolution: the stage first trains lowres_epochs at resolution / lowres_factor (into out/lowres/,
+    # a UNet stage folder of its own), then continues from those weights at `resolution` for train.epochs. At a
+    # quarter of the pixels a sample trains ~4x as fast, so most samples learn layout and text there (as in SD's
+    # 256 -> 512 schedule). lowres_epochs=0: one phase at `resolution`.
+    lowres_epochs: int = 20
+    lowres_factor: int = 2
+    lowres_batch_size: int = 256  # at a quarter of the pixels, 4x the batch fills the GPU as 64 does at 512
+    lowres_sample_every_epochs: int = 4  # a low-resolution epoch is ~15 s: a grid every few
+    # a finished UNet stage folder whose weights this run starts from (fine-tuning; with lowres_epochs > 0 the
+    # low-resolution phase starts there); None: random initial weights
     init_from: str | None = None
     cfg_drop_prob: float = 0.2  # a caption is replaced by the empty prompt's states with this probability
     zh_prob: float = 0.5  # a sample takes its Chinese caption with this probability
@@ -57,7 +68,7 @@ class UNetTrainConfig:
     sample_every_epochs: int = 1  # and always after the last epoch
     sample_steps: int = 25
     sample_sampler: str = "dpmpp_2m"
-    guidance_scale: float = 5.0
+    guidance_scale: float = 5.0  # the epoch grids' (generation defaults to less): strong, to show what the text does
     guidance_rescale: float = 0.7  # Lin et al. 2024: pulls the guided prediction's spread back to the conditional one
     sample_seeds: int = 2  # each grid prompt is sampled from this many fixed seeds
 
@@ -66,6 +77,17 @@ class UNetTrainConfig:
         and, when the run augments, the width of the augmentation label that conditions the UNet."""
         return replace(self.model, context_dim=self.model.context_dim or text_width,
                        augment_dim=AUGMENT_DIM if self.augment.copies > 0 else self.model.augment_dim)
+
+    @property
+    def lowres_resolution(self) -> int:
+        return self.resolution // self.lowres_factor
+
+    def lowres_phase(self) -> "UNetTrainConfig":
+        """The config of the low-resolution phase: this one at ``lowres_resolution`` with the phase's epochs, batch
+        and grid interval, and no phase of its own."""
+        return replace(self, resolution=self.lowres_resolution, sample_every_epochs=self.lowres_sample_every_epochs,
+                       train=replace(self.train, epochs=self.lowres_epochs, batch_size=self.lowres_batch_size),
+                       lowres_epochs=0)
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix, before anything is loaded."""
@@ -87,6 +109,15 @@ class UNetTrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lowres_epochs < 0:
+            raise ConfigError(f"lowres_epochs must be >= 0 (0: no low-resolution phase), got {self.lowres_epochs}")
+        if self.lowres_epochs > 0:
+            if self.lowres_factor < 2 or self.resolution % self.lowres_factor:
+                raise ConfigError(f"lowres_factor={self.lowres_factor} must be >= 2 and divide resolution="
+                                  f"{self.resolution}; change it, or set lowres_epochs=0 for one phase")
+            for name in ("lowres_batch_size", "lowres_sample_every_epochs"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_steps > self.schedule.num_steps:
             raise ConfigError(f"sample_steps={self.sample_steps} exceeds the schedule's "
                               f"{self.schedule.num_steps} steps; lower sample_steps")
@@ -100,7 +131,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "passes_per_epoch": 1, "lr": 1e-3, "warmup_steps": 5, "ema_decay": 0.99, "log_every": 5,
         "checkpoint_every_epochs": 1, "cons_warmup_steps": 5, "encode_batch_size": 64, "sample_every_epochs": 1,
         "sample_steps": 5, "sample_seeds": 1, "val_timesteps": 4, "compile": False, "augment.copies": 2,
-        "caption_variants": 2,
+        "caption_variants": 2, "lowres_epochs": 1, "lowres_batch_size": 16,
+        "lowres_sample_every_epochs": 1,
     },
     "full": {},  # the defaults above
 }

@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
-from diffusion.config import PRESETS, UNetTrainConfig
+from diffusion.config import FILLED_BY_TRAINING, PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
 from diffusion.guidance import guided_sample_and_decode
 from diffusion.latents import LatentCache, TextStateCache, build_latent_cache, cache_key, encode_prompts
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.noise import PerSampleNoise
 from diffusion.schedule import NoiseSchedule
-from engine import Trainer, distributed, read_stage
+from engine import StageError, Trainer, distributed, is_complete, read_stage
 from engine.cli import run_stage_cli, stage_parser
 from engine.config import ConfigError, config_to_dict, flatten_config, setting_differences, validate_config
 from engine.errors import run_cli
@@ -40,9 +40,11 @@ from engine.runlog import read_records
 from engine.stage import StageInfo, load_weights
 from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import LineageWarning
+from unet.config import UNetConfig
 from unet.model import UNet
 from vae.model import AutoencoderKL
 
+LOWRES_FOLDER = "lowres"
 GRID_VAL_CAPTIONS = 2  # English and Chinese captions of this many validation images
 # UNet config fields a fine-tune may change: they shape how the weights train, not what the weights compute
 TRAINING_ONLY_FIELDS = ("dropout", "gradient_checkpointing")
@@ -190,27 +192,59 @@ def check_init_architecture(init_from: str, model: Mapping[str, Any]) -> StageIn
     return info
 
 
-def init_stage(cfg: UNetTrainConfig, vae_info: StageInfo, clip_info: StageInfo) -> StageInfo | None:
-    """The finished UNet stage ``cfg.init_from`` that training starts from, checked before anything loads
+def init_stage(init_from: str | Path | None, model: UNetConfig, vae_info: StageInfo, clip_info: StageInfo
+               ) -> StageInfo | None:
+    """The finished UNet stage ``init_from`` that training starts from, checked before anything loads
     (``check_init_architecture``). One trained on another VAE or CLIP than this run's loads with a
     ``LineageWarning``: its weights learnt other latents or text states."""
-    if cfg.init_from is None:
+    if init_from is None:
         return None
-    info = check_init_architecture(cfg.init_from, config_to_dict(cfg.model))
+    info = check_init_architecture(str(init_from), config_to_dict(model))
     for name, upstream in (("vae", vae_info), ("clip", clip_info)):
         if info.trained_on.get(name) != upstream.fingerprint:
-            warnings.warn(f"init_from={cfg.init_from} was trained on another {name.upper()} stage than "
+            warnings.warn(f"init_from={init_from} was trained on another {name.upper()} stage than "
                           f"{upstream.path}; it starts from weights that learnt other inputs", LineageWarning,
                           stacklevel=2)
     return info
 
 
+def lowres_folder(out_dir: str | Path) -> Path:
+    """Where a progressive run keeps its low-resolution phase: a UNet stage folder inside the stage's own."""
+    return Path(out_dir) / LOWRES_FOLDER
+
+
 def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir: str | Path, out_dir: str | Path,
           resume: bool = False, device: str | torch.device | None = None) -> Path:
-    """Train (or resume) the UNet stage into ``out_dir`` and return it once it holds a complete stage folder."""
-    started = time.perf_counter()
+    """Train (or resume) the UNet stage into ``out_dir`` and return it once it holds a complete stage folder.
+
+    With ``lowres_epochs > 0`` the low-resolution phase trains first into ``out_dir/lowres`` (skipped when that
+    folder is finished with the same settings, resumed from its checkpoint with ``resume``); the stage then
+    starts from its weights (after ``init_from``'s, when both are set)."""
     validate_config(cfg)
-    out_dir = Path(out_dir)
+    init_from = cfg.init_from
+    if cfg.lowres_epochs > 0:
+        phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
+        if is_complete(folder):
+            _check_finished_phase(folder, phase)
+        else:
+            _train_phase(phase, data_source, vae_dir, clip_dir, folder, resume, device, cfg.init_from)
+        init_from = folder
+    return _train_phase(cfg, data_source, vae_dir, clip_dir, Path(out_dir), resume, device, init_from)
+
+
+def _check_finished_phase(folder: Path, phase: UNetTrainConfig) -> None:
+    recorded = read_stage(folder, "unet").training
+    asked = {k: v for k, v in flatten_config(phase).items() if k not in FILLED_BY_TRAINING}
+    differences = setting_differences(asked, flatten_config(recorded))
+    if differences:
+        raise StageError(f"{folder} holds a finished low-resolution phase trained with other settings "
+                         f"({'; '.join(differences[:4])}); remove that folder to train the phase again, or ask "
+                         "for its settings")
+
+
+def _train_phase(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir: str | Path, out_dir: Path,
+                 resume: bool, device: str | torch.device | None, init_from: str | Path | None) -> Path:
+    started = time.perf_counter()
     env = distributed.setup(device)
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
     vae = AutoencoderKL.load(vae_dir, env.device).requires_grad_(False)
@@ -218,7 +252,7 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     cfg.model = cfg.filled_model(clip.context_dim)
     check_fit(vae_info.model, clip_info.model, config_to_dict(cfg.model),
               {"vae": f"at {vae_dir}", "clip": f"at {clip_dir}", "unet": "being trained"}, cfg.resolution)
-    init = init_stage(cfg, vae_info, clip_info)
+    init = init_stage(init_from, cfg.model, vae_info, clip_info)
     data = load_captions(data_source, resolution=cfg.resolution)
     train_set, val_set = data.subset("train"), data.subset("val")
 

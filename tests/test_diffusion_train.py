@@ -12,7 +12,8 @@ from data.captions import clause_variants, split_clauses
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
 from diffusion.train import main, train
-from engine import ConfigError, StageError, build_config, read_stage
+from engine import ConfigError, StageError, build_config, is_complete, read_stage
+from engine.stage import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.stages import LineageWarning
 from unet import UNet
 from vae import AutoencoderKL, VAEConfig
@@ -132,10 +133,17 @@ def test_tiny_end_to_end_run(stages, tmp_path):
     result = train(tiny_config(), DATA, stages / "vae", stages / "clip", out, device="cpu")
     assert result == out
     info = read_stage(out, "unet")
+    # the preset trains progressively: a low-resolution phase (a stage folder of its own) that the stage starts from
+    lowres = read_stage(out / "lowres", "unet")
+    assert lowres.training["resolution"] == 16 and lowres.training["train"]["batch_size"] == 16
+    assert lowres.trained_on["data"] == load_captions(DATA, resolution=16).fingerprint
+    assert (out / "lowres" / "samples" / "epoch_0001.png").is_file()
     assert info.trained_on == {"data": load_captions(DATA, resolution=32).fingerprint,
                                "vae": read_stage(stages / "vae").fingerprint,
                                "clip": read_stage(stages / "clip").fingerprint,
-                               "tokenizer": CLIPModel.load(stages / "clip").tokenizer.fingerprint}
+                               "tokenizer": CLIPModel.load(stages / "clip").tokenizer.fingerprint,
+                               "init": lowres.fingerprint}
+    assert info.training["lowres_epochs"] == 1 and info.training["init_from"] is None
     assert info.training["prediction_type"] == "v_prediction" and info.training["schedule"]["zero_terminal_snr"]
     assert info.model["context_dim"] == 32  # taken from the CLIP stage
     assert info.model["augment_dim"] == AUGMENT_DIM  # augmentation labels condition the UNet
@@ -154,6 +162,29 @@ def test_tiny_end_to_end_run(stages, tmp_path):
     assert model(x, torch.tensor([500]), context).abs().sum() > 0  # trained away from the zero init
     label = torch.tensor([[-0.5, 0.1, 0.0, 0.2, -0.02, 0.1]])
     assert not torch.allclose(model(x, torch.tensor([500]), context, label), model(x, torch.tensor([500]), context))
+
+
+def test_finished_lowres_phase_is_reused_and_one_with_other_settings_is_an_error(stages, tmp_path):
+    out = tmp_path / "unet"
+    train(tiny_config(epochs=1), DATA, stages / "vae", stages / "clip", out, device="cpu")
+    lowres_weights = (out / "lowres" / WEIGHTS_FILE).read_bytes()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):  # the second phase did not finish; the first did
+        (out / name).unlink()
+    train(tiny_config(epochs=1), DATA, stages / "vae", stages / "clip", out, device="cpu")
+    assert is_complete(out) and (out / "lowres" / WEIGHTS_FILE).read_bytes() == lowres_weights
+    assert read_stage(out).trained_on["init"] == read_stage(out / "lowres").fingerprint
+
+    (out / CONFIG_FILE).unlink()
+    with pytest.raises(StageError, match="lowres holds a finished low-resolution phase trained with other settings .train.batch_size was 16, now 8"):
+        train(tiny_config(epochs=1, lowres_batch_size=8), DATA, stages / "vae", stages / "clip", out, device="cpu")
+
+
+def test_lowres_settings_are_checked_before_anything_trains():
+    with pytest.raises(ConfigError, match="lowres_factor=3 must be >= 2 and divide resolution=32"):
+        tiny_config(lowres_factor=3)
+    with pytest.raises(ConfigError, match="lowres_epochs must be >= 0"):
+        tiny_config(lowres_epochs=-1)
+    assert tiny_config(lowres_epochs=0, lowres_factor=3).lowres_epochs == 0  # one phase: the factor is unused
 
 
 def test_init_from_starts_from_that_unets_weights_and_records_it(stages, tmp_path):

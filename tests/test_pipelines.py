@@ -45,6 +45,7 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
                 "near_copy_share_pixel_relative", "colour_adherence"):
         assert key in generation and f"{key}_real" in generation or key.startswith("near_copy")
     assert "foreground share" in report and "nearest_pairs.png" in report
+    assert "low-resolution phase" in report and "unet/lowres/samples/epoch_0001.png" in report
     # the judge is a CLIP stage of its own seed, not the run's CLIP
     judge = json.loads((run_a / "judge" / "config.json").read_text())
     assert judge["kind"] == "clip" and judge["training"]["train"]["seed"] == 1
@@ -70,6 +71,23 @@ def test_complete_stages_are_skipped_and_a_partial_one_resumes(run_a, tmp_path, 
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_run_stopped_in_the_low_resolution_phase_resumes_it(run_a, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(run_a, run)
+    lowres, unet = run / "unet" / "lowres", run / "unet"
+    before, log = load_weights(lowres), (lowres / "log.jsonl").read_text()
+    # stopped after the low-resolution phase's last checkpoint, before it was saved as a stage
+    for folder in (lowres, unet):
+        (folder / "config.json").unlink()
+        (folder / "model.safetensors").unlink()
+    shutil.rmtree(unet / "checkpoints")
+    train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval"])
+    after = load_weights(lowres)  # resumed from its final checkpoint: the same weights, not a fresh start
+    assert (lowres / "log.jsonl").read_text() == log  # nothing left to train: no step ran again
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert read_stage(unet).trained_on["init"] == read_stage(lowres).fingerprint
+
+
 def test_rerun_with_other_settings_or_data_stops_then_overwrite_retrains(run_a, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(run_a, run)
@@ -89,6 +107,9 @@ def test_rerun_with_other_settings_or_data_stops_then_overwrite_retrains(run_a, 
     clip_weights = (run / "clip" / "model.safetensors").read_bytes()
     train_all.main(["--data", DATA, *base, "--unet.div_weight=0.5", "--overwrite"])
     assert read_stage(run / "unet", "unet").training["loss"]["div_weight"] == 0.5
+    # the low-resolution phase is part of the UNet stage that was asked: it trained again with the new setting
+    assert read_stage(run / "unet" / "lowres", "unet").training["loss"]["div_weight"] == 0.5
+    assert read_stage(run / "unet", "unet").trained_on["init"] == read_stage(run / "unet" / "lowres").fingerprint
     assert (run / "clip" / "model.safetensors").read_bytes() == clip_weights  # only the differing stage
 
 

@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw
 import train_all
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
+from diffusion.train import lowres_folder
 from engine import distributed
 from engine.config import choose_preset, setting_differences
 from engine.errors import UserError, run_cli
@@ -171,9 +172,30 @@ def _recorded(folder: Path, stage: str) -> tuple[dict[str, Any], str]:
     return train_all.stage_settings(stage, data["training"]), data.get("preset", {}).get("name") or choose_preset(None)
 
 
-def _stage_minutes(folder: Path) -> float | None:
+def _phase_minutes(folder: Path) -> float | None:
     path = folder / METRICS_FILE
     return json.loads(path.read_text(encoding="utf-8")).get("minutes") if path.is_file() else None
+
+
+def _stage_minutes(folder: Path) -> float | None:
+    """A finished stage's training minutes; a progressive UNet's include its low-resolution phase's."""
+    minutes, lowres = _phase_minutes(folder), _phase_minutes(lowres_folder(folder))
+    return minutes if minutes is None or lowres is None else minutes + lowres
+
+
+def estimate_minutes(stage: str, base_folder: Path, recorded: dict[str, Any], cfg: Any) -> float | None:
+    """Training minutes of ``cfg``: the base stage's, per phase, scaled by epochs. ``None`` when a phase the
+    config trains has no recorded base minutes (a base UNet without a low-resolution phase, for one)."""
+    phases = [(base_folder, recorded.get("train.epochs"), cfg.train.epochs)]
+    if stage == "unet" and cfg.lowres_epochs > 0:
+        phases.append((lowres_folder(base_folder), recorded.get("lowres_epochs"), cfg.lowres_epochs))
+    total = 0.0
+    for folder, base_epochs, epochs in phases:
+        minutes = _phase_minutes(folder)
+        if minutes is None or not base_epochs:
+            return None
+        total += minutes * epochs / base_epochs
+    return total
 
 
 def plan_column(variant: Variant, base: dict[str, Path], out: Path, concurrent: bool) -> ColumnPlan:
@@ -205,10 +227,8 @@ def plan_column(variant: Variant, base: dict[str, Path], out: Path, concurrent: 
             cfg.train.compile = False  # several compiles at once would spend the budget on the CPU
         stages[stage], sources[stage] = folder / stage, "trained"
         configs[stage], presets[stage] = cfg, preset
-        minutes = _stage_minutes(base[stage])
-        epochs = recorded.get("train.epochs")
-        estimate = None if estimate is None or minutes is None or not epochs else \
-            estimate + minutes * cfg.train.epochs / epochs
+        minutes = estimate_minutes(stage, base[stage], recorded, cfg)
+        estimate = None if estimate is None or minutes is None else estimate + minutes
     check_column_fit(variant.name, stages, configs)
     changed = tuple(s for s in STUDY_STAGES if s in variant.folders or variant.overrides[s])
     return ColumnPlan(name=variant.name, spec=variant.spec, folder=folder, stages=stages, sources=sources,
@@ -621,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if int(os.environ.get("RANK", "0")) == 0:  # the process group does not exist yet: torchrun's rank
         print_plan(plans, pending, settings, evaluate_minutes)
     result: dict[str, Any] = {"sources": {p.name: p.sources for p in plans}, "pending": sorted(pending),
-                              "settings": settings}
+                              "estimate_minutes": {p.name: p.estimate_minutes for p in plans}, "settings": settings}
     if args.plan_only:
         return result
     env = distributed.setup(args.device)

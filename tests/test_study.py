@@ -141,6 +141,18 @@ def test_the_plan_retrains_downstream_and_never_the_judge(base, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_time_estimate_scales_each_unet_phase_by_its_epochs(base, tmp_path):
+    def minutes(folder):
+        return json.loads((folder / "metrics.json").read_text())["minutes"]
+
+    low, high = minutes(base / "unet" / "lowres"), minutes(base / "unet")  # 1 low-resolution epoch, 1 at 64 px
+    plan = study(["--base", str(base), "--out", str(tmp_path / "o"), *FAST, "--plan-only",
+                  "--variant", "longer: --unet.epochs=3 --unet.lowres_epochs=2",
+                  "--variant", "one_phase: --unet.lowres_epochs=0"])
+    assert plan["estimate_minutes"]["longer"] == pytest.approx(3 * high + 2 * low)
+    assert plan["estimate_minutes"]["one_phase"] == pytest.approx(high)
+
+
 @pytest.fixture(scope="module")
 def low_res_base(base, tmp_path_factory):
     """The base run's VAE (64 px) and CLIP with a UNet trained on 32-px images."""

@@ -2,7 +2,7 @@
 ``pipelines.evaluate`` at every combination of guidance scale, guidance rescale and steps.
 
     python -m benchmarks.sampling_sweep --run runs/pokemon --data ../shared/pokemon --out runs/sweep.json \\
-        --guidance 3 5 7 --rescale 0 0.7 --steps 25
+        --guidance 2 2.5 3 5 --rescale 0 0.7 --steps 25
 
 The judge is the run's (``judge/``, or the one its ``stages.json`` names). Writes one JSON record per
 setting and prints a table.
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 7.0])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[2.0, 2.5, 3.0, 5.0])  # around the default
     parser.add_argument("--rescale", type=float, nargs="+", default=[0.0, 0.7])
     parser.add_argument("--steps", type=int, nargs="+", default=[25])
     parser.add_argument("--sampler", default=GenerationSettings.sampler)

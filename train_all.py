@@ -210,14 +210,17 @@ def check_finished_stages(run: Path, configs: dict[str, Any], data: str, reuse: 
         if distributed.is_main():
             print(f"--overwrite: {folder} differs from what was asked ({differences[0]}); training it again",
                   flush=True)
+        # the UNet's low-resolution phase trains again too, unless it is what the new stage asks for
+        phase = lowres_folder(folder)
+        if name == "unet" and is_complete(phase) and (
+                configs[name].lowres_epochs == 0
+                or finished_stage_differences(name, phase, configs[name].lowres_phase(), data, upstream)):
+            retrain.append(phase)
     distributed.barrier()
     if retrain and distributed.is_main():
         for folder in retrain:
             (folder / CONFIG_FILE).unlink()
             checkpoint_path(folder).unlink(missing_ok=True)
-            if folder.name == "unet":  # and its low-resolution phase, which is part of what was asked
-                (lowres_folder(folder) / CONFIG_FILE).unlink(missing_ok=True)
-                checkpoint_path(lowres_folder(folder)).unlink(missing_ok=True)
     distributed.barrier()
 
 

@@ -225,19 +225,26 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
         if is_complete(folder):
-            _check_finished_phase(folder, phase)
+            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir)
         else:
             _train_phase(phase, data_source, vae_dir, clip_dir, folder, resume, device, cfg.init_from)
         init_from = folder
     return _train_phase(cfg, data_source, vae_dir, clip_dir, Path(out_dir), resume, device, init_from)
 
 
-def _check_finished_phase(folder: Path, phase: UNetTrainConfig) -> None:
-    recorded = read_stage(folder, "unet").training
+def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str, vae_dir: str | Path,
+                          clip_dir: str | Path) -> None:
+    """A finished low-resolution phase is reused only when it is what is asked: same settings, data, VAE, CLIP."""
+    info = read_stage(folder, "unet")
     asked = {k: v for k, v in flatten_config(phase).items() if k not in FILLED_BY_TRAINING}
-    differences = setting_differences(asked, flatten_config(recorded))
+    differences = setting_differences(asked, flatten_config(info.training))
+    if info.trained_on.get("data") != load_captions(data_source, resolution=phase.resolution).fingerprint:
+        differences.append(f"it was trained on other data than {data_source}")
+    for name, upstream in (("vae", vae_dir), ("clip", clip_dir)):
+        if info.trained_on.get(name) != read_stage(upstream, name).fingerprint:
+            differences.append(f"it was trained on another {name.upper()} stage than {upstream}")
     if differences:
-        raise StageError(f"{folder} holds a finished low-resolution phase trained with other settings "
+        raise StageError(f"{folder} holds a finished low-resolution phase that differs from what is asked "
                          f"({'; '.join(differences[:4])}); remove that folder to train the phase again, or ask "
                          "for its settings")
 

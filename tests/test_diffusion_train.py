@@ -175,7 +175,13 @@ def test_finished_lowres_phase_is_reused_and_one_with_other_settings_is_an_error
     assert read_stage(out).trained_on["init"] == read_stage(out / "lowres").fingerprint
 
     (out / CONFIG_FILE).unlink()
-    with pytest.raises(StageError, match="lowres holds a finished low-resolution phase trained with other settings .train.batch_size was 16, now 8"):
+    other_clip = tiny_clip()
+    with torch.no_grad():
+        next(other_clip.parameters()).mul_(2.0)  # same shapes, other weights: another CLIP stage
+    other_clip.save(tmp_path / "other_clip", trained_on={"data": "shapes"})
+    with pytest.raises(StageError, match="lowres holds a finished low-resolution phase .*another CLIP stage"):
+        train(tiny_config(epochs=1), DATA, stages / "vae", tmp_path / "other_clip", out, device="cpu")
+    with pytest.raises(StageError, match="lowres holds a finished low-resolution phase that differs from what is asked .train.batch_size was 16, now 8"):
         train(tiny_config(epochs=1, lowres_batch_size=8), DATA, stages / "vae", stages / "clip", out, device="cpu")
 
 

@@ -110,6 +110,11 @@ def test_rerun_with_other_settings_or_data_stops_then_overwrite_retrains(run_a, 
     # the low-resolution phase is part of the UNet stage that was asked: it trained again with the new setting
     assert read_stage(run / "unet" / "lowres", "unet").training["loss"]["div_weight"] == 0.5
     assert read_stage(run / "unet", "unet").trained_on["init"] == read_stage(run / "unet" / "lowres").fingerprint
+    # a change of the 512-px phase alone keeps the finished low-resolution phase that the new stage asks for
+    lowres_log = (run / "unet" / "lowres" / "log.jsonl").read_text()  # its timings would differ if it ran again
+    train_all.main(["--data", DATA, *base, "--unet.div_weight=0.5", "--unet.epochs=3", "--overwrite"])
+    assert read_stage(run / "unet", "unet").training["train"]["epochs"] == 3
+    assert (run / "unet" / "lowres" / "log.jsonl").read_text() == lowres_log
     assert (run / "clip" / "model.safetensors").read_bytes() == clip_weights  # only the differing stage
 
 

@@ -19,6 +19,9 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in to_uint8(images)]
 
 
+GRID_PADDING = 2  # white pixels around every tile of a saved grid
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, max_side: int | None = None) -> Path:
     """Save [-1, 1] images [N, 3, H, W] as one PNG grid, ``nrow`` per row.
 
@@ -27,7 +30,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, max_side: i
     images = images.detach().float()
     if max_side is not None and images.shape[-1] > max_side:
         images = torch.nn.functional.interpolate(images, size=(max_side, max_side), mode="area")
-    grid = make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=255)
+    grid = make_grid(to_uint8(images), nrow=nrow, padding=GRID_PADDING, pad_value=255)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)

@@ -32,8 +32,9 @@ from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, colour_hits, colour_prompts, colours_named, composition, frechet_distance,
-                      kernel_distance, near_copies, nearest_indices, seed_diversity, sharpness, thumbnails, unit_pixels)
+from .metrics import (COPY_NEIGHBOURS, adherence_by_colour, colour_hits, colour_prompts, colours_named, composition,
+                      frechet_distance, kernel_distance, near_copies, nearest_indices, seed_diversity, sharpness,
+                      thumbnails, unit_pixels)
 from .stages import StageStack, judge_path, load_stack, stage_paths
 from .text_to_image import GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
@@ -97,8 +98,11 @@ def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: i
     named_real = [(i, n[0]) for i, n in named_real if n]
     if named_real:
         index = torch.tensor([i for i, _ in named_real])
-        figures["colour_adherence_real"] = float(colour_hits(real_all[index], [n for _, n in named_real]).float()
-                                                 .mean())
+        real_named = [n for _, n in named_real]
+        real_hits = colour_hits(real_all[index], real_named)
+        figures["colour_adherence_real"] = float(real_hits.float().mean())
+        figures.update({f"colour_adherence_{colour}_real": share
+                        for colour, share in adherence_by_colour(real_hits, real_named).items()})
     figures.update({f"{key}_real": value for key, value in composition(real_all).items()})
     figures["sharpness_real"] = sharpness(real_all)
     return RealReference(val_features, val_small, torch.cat([train_small, mirror_small]),
@@ -145,6 +149,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out["colour_adherence"] = float(hits.mean())
     chinese = torch.tensor([not text.isascii() for text in colour_texts])
     out["colour_adherence_en"], out["colour_adherence_zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
+    out.update({f"colour_adherence_{colour}": share for colour, share in adherence_by_colour(hits, named).items()})
     samples.append(colour_samples)
     feats.append(colour_feats)
     every_sample, every_feature = torch.cat(samples), torch.cat(feats)
@@ -171,8 +176,11 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     return {**out, **reference.figures}
 
 
-def save_nearest_pairs(samples: torch.Tensor, bank: torch.Tensor, path: Path, columns: int = 12,
-                       tile: int = 96) -> None:
+PAIRS_COLUMNS, PAIRS_TILE = 12, 96  # nearest_pairs.png: samples per row, and their size (≤ 128 px: it shows the data)
+
+
+def save_nearest_pairs(samples: torch.Tensor, bank: torch.Tensor, path: Path, columns: int = PAIRS_COLUMNS,
+                       tile: int = PAIRS_TILE) -> None:
     """Rows of samples, each row followed by the nearest training image (or mirror) of every sample in it, at
     ``tile`` px: the picture that shows whether samples copy the data."""
     nearest = nearest_indices(thumbnails(samples), thumbnails(bank))

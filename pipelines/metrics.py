@@ -207,6 +207,12 @@ def colour_hits(images: torch.Tensor, named: list[str], top: int = 2) -> torch.T
     return ((ranked == wanted[:, None]) & present).any(dim=1)
 
 
+def adherence_by_colour(hits: torch.Tensor, named: list[str]) -> dict[str, float]:
+    """Share of ``hits`` per named colour, for the colours ``named`` holds (which colours a model gets wrong)."""
+    return {colour: float(hits[[i for i, n in enumerate(named) if n == colour]].float().mean())
+            for colour in dict.fromkeys(named)}
+
+
 def colours_named(caption: str) -> list[str]:
     """The prompt colours a caption names, English or Chinese, in the order it names them (for the real images'
     adherence, whose named colour is the first: "a blue pokemon with red eyes" is a blue one)."""

@@ -45,6 +45,7 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
                 "near_copy_share_pixel_relative", "colour_adherence"):
         assert key in generation and f"{key}_real" in generation or key.startswith("near_copy")
     assert "foreground share" in report and "nearest_pairs.png" in report
+    assert {f"colour_adherence_{c}" for c in ("red", "blue", "green", "yellow", "purple", "pink")} <= set(generation)
     assert "low-resolution phase" in report and "unet/lowres/samples/epoch_0001.png" in report
     # the judge is a CLIP stage of its own seed, not the run's CLIP
     judge = json.loads((run_a / "judge" / "config.json").read_text())

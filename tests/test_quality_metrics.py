@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipelines.evaluate import quality_table
-from pipelines.metrics import (colour_hits, colour_prompts, colours_named, composition, count_parts, foreground_mask,
-                               hue_family_shares, near_copies, sharpness, thumbnails)
+from pipelines.metrics import (adherence_by_colour, colour_hits, colour_prompts, colours_named, composition,
+                               count_parts, foreground_mask, hue_family_shares, near_copies, sharpness, thumbnails)
 
 SIZE = 128
 
@@ -72,6 +72,8 @@ def test_colour_families_and_adherence():
     paint_disc(two, 0.7, 0.5, 0.15, rgb=(0.9, 0.8, -0.9))  # red and yellow: both among the top two
     assert colour_hits(two.repeat(2, 1, 1, 1), ["red", "yellow"]).tolist() == [True, True]
     assert not colour_hits(canvas(), ["red"]).item()  # a blank page names no colour
+    hits = colour_hits(torch.cat([red, blue, red]), ["red", "red", "blue"])
+    assert adherence_by_colour(hits, ["red", "red", "blue"]) == {"red": 0.5, "blue": 0.0}
 
 
 def test_colour_prompts_and_named_colours():
@@ -150,3 +152,22 @@ def test_copy_rule_check_counts_every_exact_copy_under_both_rules(tmp_path):
     assert set(rows) == {"unseen images", "exact copies", "washed-out copies", "shifted copies", "blends of 5 drawings"}
     assert rows["exact copies"]["absolute"] == 1 and rows["exact copies"]["relative"] == 1
     assert out.is_file() and result["command"].startswith("python -m benchmarks.copy_rule_check")
+
+
+def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tmp_path):
+    from benchmarks.colour_breakdown import pair_samples
+    from pipelines.evaluate import save_nearest_pairs
+
+    rgb = {"red": (0.9, -0.9, -0.9), "blue": (-0.9, -0.6, 0.9), "green": (-0.9, 0.8, -0.9),
+           "yellow": (0.9, 0.8, -0.9), "purple": (0.2, -0.9, 0.9), "pink": (0.9, -0.9, 0.2)}
+    _, _, named = colour_prompts(seeds=8)
+    drawn = ["blue" if colour == "red" else colour for colour in named]  # every red prompt drew a blue body
+    samples = torch.cat([paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=rgb[colour]) for colour in drawn])
+    path = tmp_path / "nearest_pairs.png"
+    save_nearest_pairs(samples, -samples, path)  # the bank rows (inverted colours) must not be read as samples
+    tiles = pair_samples(path, len(named))
+    assert tiles.shape == (96, 3, 96, 96)
+    assert adherence_by_colour(colour_hits(tiles, named), named) == {
+        "red": 0.0, "blue": 1.0, "green": 1.0, "yellow": 1.0, "purple": 1.0, "pink": 1.0}
+    with pytest.raises(ValueError, match="too small for 200 samples"):
+        pair_samples(path, 200)

@@ -1,0 +1,87 @@
+"""Colour adherence per prompt colour: for the colour-prompt samples of an evaluation, read back from its
+``nearest_pairs.png``, and for the real images whose captions name a colour. It tells the colours a model gets
+wrong from the colours the hue ruler itself misjudges. CPU, no learned weights.
+
+    python -m benchmarks.colour_breakdown --pairs docs/results/quality/default_run/nearest_pairs.png \\
+        --data ../shared/pokemon --out docs/results/quality/colour_breakdown.json
+
+Evaluations record the samples' per-colour figures themselves (``colour_adherence_<colour>``); this reads them
+back from the picture of one made before they did. The picture holds the samples at 96 px, not at the 512 px
+the evaluation measured, so its overall figure is printed beside for a check against the evaluation's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import load_captions
+from data.augment import to_float
+from engine.images import GRID_PADDING
+from engine.stage import write_json
+from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
+from pipelines.metrics import adherence_by_colour, colour_hits, colour_prompts, colours_named
+
+COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
+
+
+def pair_samples(path: str | Path, count: int, columns: int = PAIRS_COLUMNS, tile: int = PAIRS_TILE) -> torch.Tensor:
+    """The first ``count`` samples of a ``save_nearest_pairs`` picture as [-1, 1] images ``[count, 3, tile, tile]``
+    (sample rows alternate with rows of their nearest training images)."""
+    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    step = tile + GRID_PADDING
+    rows = -(-count // columns)
+    if grid.shape[1] < 2 * rows * step or grid.shape[2] < min(count, columns) * step:
+        raise ValueError(f"{path} is {grid.shape[2]}x{grid.shape[1]} px: too small for {count} samples in rows of "
+                         f"{columns} at {tile} px; pass the nearest_pairs.png of an evaluation")
+    tiles = []
+    for k in range(count):
+        row, column = divmod(k, columns)
+        top, left = GRID_PADDING + 2 * row * step, GRID_PADDING + column * step
+        tiles.append(grid[:, top:top + tile, left:left + tile])
+    return torch.stack(tiles).float() / 127.5 - 1
+
+
+def summary(hits: torch.Tensor, named: list[str]) -> dict:
+    return {"count": len(named), "overall": float(hits.float().mean()), "by_colour": adherence_by_colour(hits, named)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.colour_breakdown", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=Path, required=True, help="an evaluation's nearest_pairs.png")
+    parser.add_argument("--data", required=True, help="the captions set, for the real images")
+    parser.add_argument("--size", type=int, default=512, help="the real images' size (the evaluation's)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    texts, _, named = colour_prompts(COLOUR_SEEDS)
+    samples = pair_samples(args.pairs, len(named))
+    result: dict = {"pairs": str(args.pairs), "samples": summary(colour_hits(samples, named), named)}
+    chinese = torch.tensor([not text.isascii() for text in texts])
+    hits = colour_hits(samples, named)
+    result["samples"]["en"], result["samples"]["zh"] = float(hits[~chinese].float().mean()), \
+        float(hits[chinese].float().mean())
+
+    data = load_captions(args.data, resolution=args.size)
+    train, val = data.subset("train"), data.subset("val")
+    images = to_float(torch.cat([train.images, val.images]))
+    first_named = [(i, names[0]) for i, names in enumerate(map(colours_named, train.en + val.en)) if names]
+    real_named = [name for _, name in first_named]
+    result["real"] = summary(colour_hits(images[[i for i, _ in first_named]], real_named), real_named)
+    result["command"] = " ".join(["python -m benchmarks.colour_breakdown", *(sys.argv[1:] if argv is None else argv)])
+    for who in ("samples", "real"):
+        figures = result[who]
+        print(f"{who:8s} overall {figures['overall']:.3f} ({figures['count']})  " +
+              "  ".join(f"{c} {v:.2f}" for c, v in figures["by_colour"].items()), flush=True)
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

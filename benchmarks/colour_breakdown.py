@@ -23,6 +23,7 @@ from PIL import Image
 
 from data import load_captions
 from data.augment import to_float
+from engine.errors import UserError, run_cli
 from engine.images import GRID_PADDING
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
@@ -34,11 +35,13 @@ COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 se
 def pair_samples(path: str | Path, count: int, columns: int = PAIRS_COLUMNS, tile: int = PAIRS_TILE) -> torch.Tensor:
     """The first ``count`` samples of a ``save_nearest_pairs`` picture as [-1, 1] images ``[count, 3, tile, tile]``
     (sample rows alternate with rows of their nearest training images)."""
+    if not Path(path).is_file():
+        raise UserError(f"no picture at {path}; pass the nearest_pairs.png an evaluation wrote")
     grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
     step = tile + GRID_PADDING
     rows = -(-count // columns)
     if grid.shape[1] < 2 * rows * step or grid.shape[2] < min(count, columns) * step:
-        raise ValueError(f"{path} is {grid.shape[2]}x{grid.shape[1]} px: too small for {count} samples in rows of "
+        raise UserError(f"{path} is {grid.shape[2]}x{grid.shape[1]} px: too small for {count} samples in rows of "
                          f"{columns} at {tile} px; pass the nearest_pairs.png of an evaluation")
     tiles = []
     for k in range(count):
@@ -84,4 +87,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -156,6 +156,7 @@ def test_copy_rule_check_counts_every_exact_copy_under_both_rules(tmp_path):
 
 def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tmp_path):
     from benchmarks.colour_breakdown import pair_samples
+    from engine.errors import UserError
     from pipelines.evaluate import save_nearest_pairs
 
     rgb = {"red": (0.9, -0.9, -0.9), "blue": (-0.9, -0.6, 0.9), "green": (-0.9, 0.8, -0.9),
@@ -169,5 +170,7 @@ def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tm
     assert tiles.shape == (96, 3, 96, 96)
     assert adherence_by_colour(colour_hits(tiles, named), named) == {
         "red": 0.0, "blue": 1.0, "green": 1.0, "yellow": 1.0, "purple": 1.0, "pink": 1.0}
-    with pytest.raises(ValueError, match="too small for 200 samples"):
+    with pytest.raises(UserError, match="too small for 200 samples"):
         pair_samples(path, 200)
+    with pytest.raises(UserError, match="no picture at .*nearest_pairs.png an evaluation wrote"):
+        pair_samples(tmp_path / "missing.png", 96)

@@ -27,7 +27,7 @@ from engine.errors import UserError, run_cli
 from engine.images import GRID_PADDING
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
-from pipelines.metrics import adherence_by_colour, colour_hits, colour_prompts, colours_named
+from pipelines.metrics import adherence_by_colour, colour_hits, colour_prompts, first_named_colours
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
 
@@ -63,17 +63,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     texts, _, named = colour_prompts(COLOUR_SEEDS)
-    samples = pair_samples(args.pairs, len(named))
-    result: dict = {"pairs": str(args.pairs), "samples": summary(colour_hits(samples, named), named)}
+    hits = colour_hits(pair_samples(args.pairs, len(named)), named)
     chinese = torch.tensor([not text.isascii() for text in texts])
-    hits = colour_hits(samples, named)
-    result["samples"]["en"], result["samples"]["zh"] = float(hits[~chinese].float().mean()), \
-        float(hits[chinese].float().mean())
+    result: dict = {"pairs": str(args.pairs), "samples": {**summary(hits, named),
+                                                          "en": float(hits[~chinese].float().mean()),
+                                                          "zh": float(hits[chinese].float().mean())}}
 
     data = load_captions(args.data, resolution=args.size)
     train, val = data.subset("train"), data.subset("val")
     images = to_float(torch.cat([train.images, val.images]))
-    first_named = [(i, names[0]) for i, names in enumerate(map(colours_named, train.en + val.en)) if names]
+    first_named = first_named_colours(train.en + val.en)
     real_named = [name for _, name in first_named]
     result["real"] = summary(colour_hits(images[[i for i, _ in first_named]], real_named), real_named)
     result["command"] = " ".join(["python -m benchmarks.colour_breakdown", *(sys.argv[1:] if argv is None else argv)])

@@ -218,8 +218,9 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     """Train (or resume) the UNet stage into ``out_dir`` and return it once it holds a complete stage folder.
 
     With ``lowres_epochs > 0`` the low-resolution phase trains first into ``out_dir/lowres`` (skipped when that
-    folder is finished with the same settings, resumed from its checkpoint with ``resume``); the stage then
-    starts from its weights (after ``init_from``'s, when both are set)."""
+    folder is finished with the same settings, data, VAE and CLIP, an error when it differs; resumed from its
+    checkpoint with ``resume``); the stage then starts from its weights (the phase starts from ``init_from``'s,
+    when both are set)."""
     validate_config(cfg)
     init_from = cfg.init_from
     if cfg.lowres_epochs > 0:

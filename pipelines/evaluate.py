@@ -32,7 +32,7 @@ from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, adherence_by_colour, colour_hits, colour_prompts, colours_named, composition,
+from .metrics import (COPY_NEIGHBOURS, adherence_by_colour, colour_hits, colour_prompts, composition, first_named_colours,
                       frechet_distance, kernel_distance, near_copies, nearest_indices, seed_diversity, sharpness,
                       thumbnails, unit_pixels)
 from .stages import StageStack, judge_path, load_stack, stage_paths
@@ -94,8 +94,7 @@ def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: i
     mirror_features, mirror_small = judged_and_shrunk(judge, train.images, size, mirror=True)
     real_all = torch.cat([train_small, val_small])
     figures = {"clip_score_real_en": clip_score(judge, val_features, val.en)}  # the ceiling for this judge
-    named_real = [(i, colours_named(c)) for i, c in enumerate(train.en + val.en)]
-    named_real = [(i, n[0]) for i, n in named_real if n]
+    named_real = first_named_colours(train.en + val.en)
     if named_real:
         index = torch.tensor([i for i, _ in named_real])
         real_named = [n for _, n in named_real]

@@ -9,6 +9,7 @@ is still measured with the same ruler.
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +206,12 @@ def colour_hits(images: torch.Tensor, named: list[str], top: int = 2) -> torch.T
     wanted = torch.tensor([names.index(n) for n in named])
     present = torch.gather(shares, 1, ranked) > 0
     return ((ranked == wanted[:, None]) & present).any(dim=1)
+
+
+def first_named_colours(captions: Sequence[str]) -> list[tuple[int, str]]:
+    """``(index, colour)`` of every caption that names a prompt colour, with the colour it names first: the real
+    images' colour adherence is judged on these."""
+    return [(i, names[0]) for i, names in enumerate(map(colours_named, captions)) if names]
 
 
 def adherence_by_colour(hits: torch.Tensor, named: list[str]) -> dict[str, float]:

@@ -27,7 +27,8 @@ from engine.errors import UserError, run_cli
 from engine.images import GRID_PADDING
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
-from pipelines.metrics import adherence_by_colour, colour_hits, colour_prompts, first_named_colours
+from pipelines.metrics import (COLOUR_FAMILIES, adherence_by_colour, colour_hits, colour_prompts, first_named_colours,
+                               hue_family_shares)
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
 
@@ -51,8 +52,15 @@ def pair_samples(path: str | Path, count: int, columns: int = PAIRS_COLUMNS, til
     return torch.stack(tiles).float() / 127.5 - 1
 
 
-def summary(hits: torch.Tensor, named: list[str]) -> dict:
-    return {"count": len(named), "overall": float(hits.float().mean()), "by_colour": adherence_by_colour(hits, named)}
+def summary(images: torch.Tensor, named: list[str]) -> dict:
+    """Adherence overall and per named colour, and per named colour the mean share of the foreground's chromatic
+    pixels in each hue family (what the pictures show instead, where they miss)."""
+    hits, shares = colour_hits(images, named), hue_family_shares(images)
+    families = [name for name, *_ in COLOUR_FAMILIES]
+    hue_shares = {colour: dict(zip(families, shares[[i for i, n in enumerate(named) if n == colour]].mean(0).tolist()))
+                  for colour in dict.fromkeys(named)}
+    return {"count": len(named), "overall": float(hits.float().mean()), "by_colour": adherence_by_colour(hits, named),
+            "hue_shares": hue_shares}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -63,9 +71,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     texts, _, named = colour_prompts(COLOUR_SEEDS)
-    hits = colour_hits(pair_samples(args.pairs, len(named)), named)
+    samples = pair_samples(args.pairs, len(named))
+    hits = colour_hits(samples, named)
     chinese = torch.tensor([not text.isascii() for text in texts])
-    result: dict = {"pairs": str(args.pairs), "samples": {**summary(hits, named),
+    result: dict = {"pairs": str(args.pairs), "samples": {**summary(samples, named),
                                                           "en": float(hits[~chinese].float().mean()),
                                                           "zh": float(hits[chinese].float().mean())}}
 
@@ -74,12 +83,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     images = to_float(torch.cat([train.images, val.images]))
     first_named = first_named_colours(train.en + val.en)
     real_named = [name for _, name in first_named]
-    result["real"] = summary(colour_hits(images[[i for i, _ in first_named]], real_named), real_named)
+    result["real"] = summary(images[[i for i, _ in first_named]], real_named)
     result["command"] = " ".join(["python -m benchmarks.colour_breakdown", *(sys.argv[1:] if argv is None else argv)])
     for who in ("samples", "real"):
         figures = result[who]
         print(f"{who:8s} overall {figures['overall']:.3f} ({figures['count']})  " +
               "  ".join(f"{c} {v:.2f}" for c, v in figures["by_colour"].items()), flush=True)
+        for colour, shares in figures["hue_shares"].items():
+            print(f"  '{colour}': " + "  ".join(f"{family} {share:.2f}" for family, share in shares.items()))
     if args.out:
         write_json(args.out, result)
     return result

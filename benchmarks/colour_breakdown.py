@@ -1,6 +1,7 @@
 """Colour adherence per prompt colour: for the colour-prompt samples of an evaluation, read back from its
 ``nearest_pairs.png``, and for the real images whose captions name a colour. It tells the colours a model gets
-wrong from the colours the hue ruler itself misjudges. CPU, no learned weights.
+wrong from the colours the hue ruler itself misjudges, and shows what the captions use each colour word for
+(a body or a detail). CPU, no learned weights.
 
     python -m benchmarks.colour_breakdown --pairs docs/results/quality/default_run/nearest_pairs.png \\
         --data ../shared/pokemon --out docs/results/quality/colour_breakdown.json
@@ -13,6 +14,7 @@ the evaluation measured, so its overall figure is printed beside for a check aga
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -27,10 +29,15 @@ from engine.errors import UserError, run_cli
 from engine.images import GRID_PADDING
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
-from pipelines.metrics import (COLOUR_FAMILIES, adherence_by_colour, colour_hits, colour_prompts, first_named_colours,
-                               hue_family_shares)
+from pipelines.metrics import (COLOUR_FAMILIES, PROMPT_COLOURS, adherence_by_colour, colour_hits, colour_prompts,
+                               first_named_colours, hue_family_shares)
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
+# What an English colour word describes, from the word after it ("red eyes" vs "red body"): a rough reading of
+# the captions, to tell whether a colour word names a creature's body or one of its details in this data.
+DETAIL_NOUNS = frozenset("eyes eye pupils nose cheeks mouth tongue beak orb orbs gem gems jewel spots stripes "
+                         "markings accents patches tips claws horn horns feet hands crest".split())
+BODY_NOUNS = frozenset("body fur skin feathers scales shell pokémon creature bird dragon".split())
 
 
 def pair_samples(path: str | Path, count: int, columns: int = PAIRS_COLUMNS, tile: int = PAIRS_TILE) -> torch.Tensor:
@@ -63,6 +70,19 @@ def summary(images: torch.Tensor, named: list[str]) -> dict:
             "hue_shares": hue_shares}
 
 
+def colour_word_use(captions: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per prompt colour: its mentions in English ``captions``, and the share of them followed by a detail noun
+    or a body noun (``red eyes``, ``red and white body``)."""
+    use = {}
+    for colour in PROMPT_COLOURS:
+        following = [m.group(1) for caption in captions
+                     for m in re.finditer(rf"\b{colour}\b[\s-]*(?:and[\s-]+\w+[\s-]+)?(\w+)", caption.lower())]
+        use[colour] = {"mentions": len(following),
+                       "detail_share": sum(w in DETAIL_NOUNS for w in following) / max(len(following), 1),
+                       "body_share": sum(w in BODY_NOUNS for w in following) / max(len(following), 1)}
+    return use
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.colour_breakdown", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=Path, required=True, help="an evaluation's nearest_pairs.png")
@@ -84,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     first_named = first_named_colours(train.en + val.en)
     real_named = [name for _, name in first_named]
     result["real"] = summary(images[[i for i, _ in first_named]], real_named)
+    result["caption_use"] = colour_word_use(train.en + val.en)
+    # the colour prompts say "pokemon"; the tokenizer neither lowercases nor strips accents
+    result["captions_with_word"] = {word: sum(word in caption.lower() for caption in train.en + val.en)
+                                    for word in ("pokemon", "pokémon")}  # any case
     result["command"] = " ".join(["python -m benchmarks.colour_breakdown", *(sys.argv[1:] if argv is None else argv)])
     for who in ("samples", "real"):
         figures = result[who]
@@ -91,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "  ".join(f"{c} {v:.2f}" for c, v in figures["by_colour"].items()), flush=True)
         for colour, shares in figures["hue_shares"].items():
             print(f"  '{colour}': " + "  ".join(f"{family} {share:.2f}" for family, share in shares.items()))
+    print("captions with the word: " + ", ".join(f"'{w}' {n}" for w, n in result["captions_with_word"].items()))
+    for colour, use in result["caption_use"].items():
+        print(f"captions: '{colour}' {use['mentions']} mentions, {use['detail_share']:.0%} before a detail noun, "
+              f"{use['body_share']:.0%} before a body noun")
     if args.out:
         write_json(args.out, result)
     return result

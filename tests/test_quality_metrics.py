@@ -174,3 +174,13 @@ def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tm
         pair_samples(path, 200)
     with pytest.raises(UserError, match="no picture at .*nearest_pairs.png an evaluation wrote"):
         pair_samples(tmp_path / "missing.png", 96)
+
+
+def test_colour_word_use_tells_details_from_bodies():
+    from benchmarks.colour_breakdown import colour_word_use
+
+    use = colour_word_use(["A cat with red eyes and a red-and-white body.", "A Red nose.", "A blue bird.",
+                           "A blue dragon with blue scales."])
+    assert use["red"] == {"mentions": 3, "detail_share": 2 / 3, "body_share": 1 / 3}  # eyes, body, nose
+    assert use["blue"] == {"mentions": 3, "detail_share": 0.0, "body_share": 1.0}  # bird, dragon, scales
+    assert use["green"] == {"mentions": 0, "detail_share": 0.0, "body_share": 0.0}

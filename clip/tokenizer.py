@@ -92,15 +92,22 @@ class BPETokenizer:
         return cls(Tokenizer.from_str(path.read_text(encoding="utf-8")), context_length)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, context_length: int = CONTEXT_LENGTH) -> BPETokenizer:
-    """Learn byte-level BPE merges from `texts`; the same texts and vocab_size give an identical tokenizer.json."""
+def train_tokenizer(texts: list[str], vocab_size: int, context_length: int = CONTEXT_LENGTH,
+                    normalize: bool = False) -> BPETokenizer:
+    """Learn byte-level BPE merges from `texts`; the same texts and settings give an identical tokenizer.json.
+
+    ``normalize`` lowercases and strips accents before anything else (as CLIP's and BERT-uncased's tokenizers
+    do), so "A Pokémon" and "a pokemon" are the same tokens; Chinese text is unchanged. The tokenizer.json keeps
+    the setting: a saved tokenizer normalises (or not) as it was trained."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size={vocab_size} is below {MIN_VOCAB_SIZE} (all bytes + special tokens); raise it")
     if not texts:
         raise ValueError("train_tokenizer() needs at least one text")
     tokenizer = Tokenizer(models.BPE())
     # Leading/trailing whitespace carries no meaning in a prompt; dropping it keeps " cat" and "cat" the same.
-    tokenizer.normalizer = normalizers.Strip()
+    strip = normalizers.Strip()
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
+                                                 strip]) if normalize else strip
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -37,7 +37,8 @@ def prepare_tokenizer(cfg: CLIPTrainConfig, train_set: CaptionSet, out_dir: Path
     if resume and path.is_file():
         tokenizer = BPETokenizer.load(path, cfg.model.context_length)
     else:
-        tokenizer = train_tokenizer(train_set.en + train_set.zh, cfg.model.vocab_size, cfg.model.context_length)
+        tokenizer = train_tokenizer(train_set.en + train_set.zh, cfg.model.vocab_size, cfg.model.context_length,
+                                    normalize=cfg.tokenizer_normalize)
         if distributed.is_main():
             out_dir.mkdir(parents=True, exist_ok=True)
             tokenizer.save(path)

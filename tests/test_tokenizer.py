@@ -91,3 +91,15 @@ def test_bad_input_is_explained(tokenizer, tmp_path):
         train_tokenizer(CAPTIONS, vocab_size=100)
     with pytest.raises(FileNotFoundError, match="clip"):
         BPETokenizer.load(tmp_path / "missing.json")
+
+
+def test_a_normalising_tokenizer_ignores_case_and_accents_and_keeps_chinese(tmp_path):
+    plain = train_tokenizer(CAPTIONS + ["A Pokémon with red eyes."], vocab_size=400)
+    normal = train_tokenizer(CAPTIONS + ["A Pokémon with red eyes."], vocab_size=400, normalize=True)
+    assert not torch.equal(plain.encode(["A Pokémon"]), plain.encode(["a pokemon"]))
+    assert torch.equal(normal.encode(["A Pokémon"]), normal.encode(["a pokemon"]))
+    assert normal.decode(normal.encode(["A Red POKÉMON"])[0]) == "a red pokemon"
+    chinese = "一只蓝色的乌龟，有着棕色的壳。"
+    assert normal.decode(normal.encode([chinese])[0]) == chinese
+    normal.save(tmp_path / "tokenizer.json")  # the setting travels with the saved tokenizer
+    assert torch.equal(BPETokenizer.load(tmp_path / "tokenizer.json").encode(["Pokémon"]), normal.encode(["pokemon"]))

@@ -62,6 +62,9 @@ class UNetTrainConfig:
     zh_prob: float = 0.5  # a sample takes its Chinese caption with this probability
     caption_variants: int = 4  # clause-dropped variants per caption besides the full one (0: full captions only)
     clause_keep_prob: float = 0.6
+    # append "Its body is mostly <colour>." (measured from the pixels) to a caption when one hue family dominates
+    # the image; off by default until a run measures it (docs/results/quality: "red" mostly names eyes here)
+    colour_sentences: bool = False
     encode_batch_size: int = 32  # VAE encoding batch for the latent cache
     val_timesteps: int = 10  # the validation loss averages over this many fixed, evenly spaced timesteps
     val_batch_size: int = 64

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
+from data.augment import to_float
 from diffusion.config import FILLED_BY_TRAINING, PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
 from diffusion.guidance import guided_sample_and_decode
@@ -38,6 +39,7 @@ from engine.errors import run_cli
 from engine.images import save_grid
 from engine.runlog import read_records
 from engine.stage import StageInfo, load_weights
+from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares
 from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import LineageWarning
 from unet.config import UNetConfig
@@ -45,6 +47,7 @@ from unet.model import UNet
 from vae.model import AutoencoderKL
 
 LOWRES_FOLDER = "lowres"
+COLOUR_SENTENCE_MIN_SHARE = 0.5  # of a training image's coloured pixels in one hue family, to name its body colour
 GRID_VAL_CAPTIONS = 2  # English and Chinese captions of this many validation images
 # UNet config fields a fine-tune may change: they shape how the weights train, not what the weights compute
 TRAINING_ONLY_FIELDS = ("dropout", "gradient_checkpointing")
@@ -164,6 +167,22 @@ class EpochReport:
         return {"val/loss": val_loss, "sample_seconds": seconds}
 
 
+def with_colour_sentences(images: Tensor, en: list[str], zh: list[str]) -> tuple[list[str], list[str]]:
+    """The captions of ``images`` (uint8), each followed by a sentence that names the hue family most of the
+    creature's coloured pixels have ("Its body is mostly red." / "它的身体主要是红色。") when one family holds
+    at least ``COLOUR_SENTENCE_MIN_SHARE`` of them. In this data colour words mostly name details ("red eyes");
+    the sentence, measured from the pixels, ties them to the body too."""
+    shares = torch.cat([hue_family_shares(to_float(chunk)) for chunk in images.split(64)])
+    share, family = shares.max(dim=1)
+    en_out, zh_out = list(en), list(zh)
+    for i, (top_share, index) in enumerate(zip(share.tolist(), family.tolist())):
+        if top_share >= COLOUR_SENTENCE_MIN_SHARE:
+            _, en_word, zh_word, _ = COLOUR_FAMILIES[index]
+            en_out[i] = f"{en[i].rstrip()} Its body is mostly {en_word}."
+            zh_out[i] = f"{zh[i].rstrip()}它的身体主要是{zh_word}。"
+    return en_out, zh_out
+
+
 def grid_prompts(val: CaptionSet) -> list[str]:
     """The fixed prompts plus the English and Chinese captions of the first validation images."""
     prompts = list(GRID_PROMPTS)
@@ -265,8 +284,9 @@ def _train_phase(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, cl
     train_set, val_set = data.subset("train"), data.subset("val")
 
     # Text states once (the text encoder is frozen); then CLIP leaves the GPU.
-    texts = TextStateCache.build(clip, train_set.en, train_set.zh, cfg.caption_variants, cfg.clause_keep_prob,
-                                 seed=cfg.train.seed)
+    en, zh = with_colour_sentences(train_set.images, train_set.en, train_set.zh) if cfg.colour_sentences else \
+        (train_set.en, train_set.zh)
+    texts = TextStateCache.build(clip, en, zh, cfg.caption_variants, cfg.clause_keep_prob, seed=cfg.train.seed)
     val_context = encode_prompts(clip, val_set.en)
     prompt_states = encode_prompts(clip, grid_prompts(val_set))
     tokenizer_fingerprint = clip.tokenizer.fingerprint

@@ -11,7 +11,7 @@ from data.augment import AUGMENT_DIM
 from data.captions import clause_variants, split_clauses
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
-from diffusion.train import main, train
+from diffusion.train import main, train, with_colour_sentences
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine.stage import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.stages import LineageWarning
@@ -249,3 +249,32 @@ def test_schedule_and_prediction_overrides_reach_the_config():
     assert cfg.prediction_type == "v_prediction" and cfg.loss.div_weight == 0.0
     with pytest.raises(ConfigError, match="prediction_type"):
         build_config(UNetTrainConfig, PRESETS, "tiny", {"prediction_type": "x0"}).validate()
+
+
+def test_colour_sentences_name_the_body_colour_measured_from_the_pixels():
+    images = torch.full((3, 3, 64, 64), 255, dtype=torch.uint8)  # white pages
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disc = (yy - 32) ** 2 + (xx - 32) ** 2 < 20 ** 2
+    for image, rgb in ((images[0], (230, 20, 20)), (images[1], (20, 60, 230))):  # red, blue; the third stays blank
+        for channel, value in enumerate(rgb):
+            image[channel][disc] = value
+    en, zh = with_colour_sentences(images, ["A cat.", "A bird. ", "A page."], ["一只猫。", "一只鸟。", "一页。"])
+    assert en == ["A cat. Its body is mostly red.", "A bird. Its body is mostly blue.", "A page."]
+    assert zh == ["一只猫。它的身体主要是红色。", "一只鸟。它的身体主要是蓝色。", "一页。"]
+
+
+def test_colour_sentences_reach_the_text_states_only_when_asked(stages, tmp_path, monkeypatch):
+    seen = []
+    build = TextStateCache.build
+
+    def spy(clip, en, zh, *args, **kwargs):
+        seen.append(list(en))
+        return build(clip, en, zh, *args, **kwargs)
+
+    monkeypatch.setattr("diffusion.train.TextStateCache.build", spy)
+    for flag in (False, True):
+        train(tiny_config(epochs=1, lowres_epochs=0, colour_sentences=flag), DATA, stages / "vae", stages / "clip",
+              tmp_path / f"unet_{flag}", device="cpu")
+    plain, coloured = seen
+    assert not any("Its body is mostly" in caption for caption in plain)
+    assert sum("Its body is mostly" in caption for caption in coloured) > len(coloured) // 2

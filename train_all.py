@@ -12,8 +12,8 @@ the run stops and says so; ``--overwrite`` retrains it); one with a checkpoint r
 one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in ``runs/NAME/``:
 ``vae/``, ``clip/``, ``judge/`` (a second CLIP stage with its own seed: the evaluation's ruler, never used for
 guidance; ``--judge FOLDER`` takes one from elsewhere) and ``unet/`` stage folders (each with its log, loss plot
-and sample grids; the UNet's low-resolution phase in ``unet/lowres/``), ``evaluation.json``, ``final_samples.png``, ``nearest_pairs.png``, ``report.md`` and
-``summary.json``.
+and sample grids; the UNet's low-resolution phase in ``unet/lowres/``), ``evaluation.json``,
+``final_samples.png``, ``nearest_pairs.png``, ``report.md`` and ``summary.json``.
 """
 
 from __future__ import annotations

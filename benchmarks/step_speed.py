@@ -39,12 +39,20 @@ def run_steps(trainer: Trainer, make_batch: Callable, steps: int) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int) -> float:
-    """Samples per second over ``steps`` steps after ``warmup`` (compilation happens there)."""
+def timed_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int) -> tuple[float, float]:
+    """Samples per second over ``steps`` steps after ``warmup``, and the seconds the warm-up took (compilation
+    happens there: what compiling costs a run, beside what it saves per step)."""
+    start = time.perf_counter()
     run_steps(trainer, make_batch, warmup)
+    warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
     run_steps(trainer, make_batch, steps)
-    return steps * trainer.cfg.batch_size / (time.perf_counter() - start)
+    return steps * trainer.cfg.batch_size / (time.perf_counter() - start), warmup_seconds
+
+
+def time_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int) -> float:
+    """Samples per second over ``steps`` steps after ``warmup``."""
+    return timed_steps(trainer, make_batch, warmup, steps)[0]
 
 
 def _per_gpu_batch(cfg_cls: type, presets: dict, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +63,7 @@ def _per_gpu_batch(cfg_cls: type, presets: dict, preset: str, overrides: dict[st
     return {**overrides, "batch_size": build_config(cfg_cls, presets, preset, overrides).train.batch_size * world}
 
 
-def vae_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> float:
+def vae_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> tuple[float, float]:
     from vae.config import PRESETS, VAETrainConfig
     from vae.train import build_module
     cfg = build_config(VAETrainConfig, PRESETS, preset, _per_gpu_batch(VAETrainConfig, PRESETS, preset, overrides))
@@ -66,13 +74,14 @@ def vae_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -
         images = images.contiguous(memory_format=trainer.memory_format)
         # past disc_start_step, so the adversarial term (and its adaptive weight) is timed too
         trainer.step = cfg.disc_start_step + 1
-        return time_steps(trainer, lambda idx, g: images[: len(idx)], warmup, steps)
+        return timed_steps(trainer, lambda idx, g: images[: len(idx)], warmup, steps)
 
 
-def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
-                 device: str | None = None) -> tuple[Trainer, Callable]:
+def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path, device: str | None = None,
+                 compile_layers: bool = False) -> tuple[Trainer, Callable]:
     """The engine's UNet training step at the preset (+ overrides), on one fixed synthetic batch: a trainer and
-    its ``make_batch``. The batch carries augmentation labels when the preset augments, as training does."""
+    its ``make_batch``. The batch carries augmentation labels when the preset augments, as training does.
+    ``compile_layers``: the UNet's layers compiled one by one (``UNet.compile_layers``), the step eager."""
     from diffusion.config import PRESETS, UNetTrainConfig
     from diffusion.losses import DiffusionTrainingModule
     from diffusion.schedule import NoiseSchedule
@@ -80,7 +89,10 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
     cfg = build_config(UNetTrainConfig, PRESETS, preset, _per_gpu_batch(UNetTrainConfig, PRESETS, preset, overrides))
     cfg.model = cfg.filled_model(text_width=256)
     size = cfg.resolution // 8
-    module = DiffusionTrainingModule(UNet(cfg.model), NoiseSchedule(cfg.schedule), cfg.prediction_type, cfg.loss)
+    model = UNet(cfg.model)
+    if compile_layers:
+        model.compile_layers()
+    module = DiffusionTrainingModule(model, NoiseSchedule(cfg.schedule), cfg.prediction_type, cfg.loss)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=10_000, ema_of=module.model, device=device)
     b, device = trainer.micro_batch, trainer.device
     latents = torch.randn(b, 4, size, size, device=device).contiguous(memory_format=trainer.memory_format)
@@ -92,22 +104,29 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
     return trainer, lambda idx, g: batch
 
 
-def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> float:
+def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int,
+               compile_layers: bool = False) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, make_batch = unet_trainer(overrides, preset, tmp)
-        return time_steps(trainer, make_batch, warmup, steps)
+        trainer, make_batch = unet_trainer(overrides, preset, tmp, compile_layers=compile_layers)
+        return timed_steps(trainer, make_batch, warmup, steps)
 
 
+LOWRES = {"resolution": 256, "batch_size": 256}  # the UNet's low-resolution phase (lowres_factor, lowres_batch_size)
 VARIANTS = {
     "vae": [("default", {}), ("channels_last", {"channels_last": True}),
             ("crop128_b64", {"crop_size": 128, "batch_size": 64}),
             ("crop128_b64_channels_last", {"crop_size": 128, "batch_size": 64, "channels_last": True}),
             ("base32_mult1248_channels_last", {"model.base_channels": 32, "model.channel_mult": (1, 2, 4, 8),
                                                "channels_last": True})],
-    # the UNet's full preset compiles its training step (since 2026-11-22; step_speed.json predates that)
-    "unet": [("default", {}), ("eager", {"compile": False}), ("channels_last", {"compile": False, "channels_last": True}),
+    # the UNet's full preset trains eager in two phases (since 2026-12-02): 256 px in batches of 256, then 512 px
+    # (step_speed.json predates that)
+    "unet": [("default", {}), ("lowres", LOWRES),
+             ("compile", {"compile": True}), ("lowres_compile", {"compile": True, **LOWRES}),
+             ("compile_layers", {}), ("lowres_compile_layers", LOWRES),
+             ("channels_last", {"channels_last": True}),
              ("compile_channels_last", {"compile": True, "channels_last": True})],
 }
+LAYER_COMPILED = ("compile_layers", "lowres_compile_layers")  # the UNet's layers compiled one by one, the step eager
 
 
 def main() -> None:
@@ -128,16 +147,21 @@ def main() -> None:
         for name, overrides in VARIANTS[stage]:
             if wanted is not None and name not in wanted:
                 continue
-            fn = vae_speed if stage == "vae" else unet_speed
             try:
-                speed = fn(overrides, args.preset, args.warmup, args.steps)
+                if stage == "vae":
+                    speed, warmup_s = vae_speed(overrides, args.preset, args.warmup, args.steps)
+                else:
+                    speed, warmup_s = unet_speed(overrides, args.preset, args.warmup, args.steps,
+                                                 compile_layers=name in LAYER_COMPILED)
                 peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
             except Exception as err:  # report the variant as failed, keep measuring the others
-                speed, peak = None, f"{type(err).__name__}: {err}"[:200]
-            results[f"{stage}/{name}"] = {"samples_per_s": speed, "peak_mem_gb": peak, "overrides": overrides}
+                speed, warmup_s, peak = None, None, f"{type(err).__name__}: {err}"[:200]
+            results[f"{stage}/{name}"] = {"samples_per_s": speed, "warmup_s": warmup_s, "peak_mem_gb": peak,
+                                          "overrides": overrides, "compile_layers": name in LAYER_COMPILED}
             if env.is_main:
-                print(f"{stage:5s} {name:18s} {speed if speed is None else round(speed, 1)} samples/s over "
-                      f"{env.world_size} process(es)  peak {peak}", flush=True)
+                print(f"{stage:5s} {name:22s} {speed if speed is None else round(speed, 1)} samples/s over "
+                      f"{env.world_size} process(es), warm-up {warmup_s if warmup_s is None else round(warmup_s, 1)} s"
+                      f"  peak {peak}", flush=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

@@ -32,9 +32,9 @@ from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, adherence_by_colour, colour_hits, colour_prompts, composition, first_named_colours,
-                      frechet_distance, kernel_distance, near_copies, nearest_indices, seed_diversity, sharpness,
-                      thumbnails, unit_pixels)
+from .metrics import (COPY_NEIGHBOURS, adherence_by_colour, colour_hits, colour_prompts, composition,
+                      first_named_colours, frechet_distance, kernel_distance, near_copies, nearest_indices,
+                      seed_diversity, sharpness, thumbnails, unit_pixels)
 from .stages import StageStack, judge_path, load_stack, stage_paths
 from .text_to_image import GenerationSettings, add_sampling_arguments, generate, sampling_settings
 

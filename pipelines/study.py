@@ -56,6 +56,7 @@ from engine.runlog import read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, is_complete, read_stage, \
     record_preset, write_json
 from pipelines.evaluate import RealReference, evaluate_run, generation_metrics, real_reference
+from pipelines.metrics import PROMPT_COLOURS
 from pipelines.prompts import SHOWCASE_PROMPTS
 from pipelines.stages import generation_size, judge_path, load_stack, stage_paths
 from pipelines.text_to_image import GenerationSettings, generate
@@ -77,6 +78,8 @@ KEY_METRICS = (
     ("generation", "clip_score_zh", "CLIP score (zh)", False),
     ("generation", "colour_adherence_en", "colour adherence (en)", True),
     ("generation", "colour_adherence_zh", "colour adherence (zh)", True),
+    # per named colour (16 samples each): which colours a variant fixes or breaks
+    *(("generation", f"colour_adherence_{colour}", f"colour adherence ({colour})", True) for colour in PROMPT_COLOURS),
     ("generation", "near_copy_share_pixel", "near-copies (pixel)", True),
     ("generation", "near_copy_share_judge", "near-copies (judge)", True),
     ("generation", "near_copy_share_pixel_relative", "near-copies (pixel, relative)", True),

@@ -76,6 +76,7 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
         assert f"- **{name}** (retrained" in report and name in result["summary"]["headline"]
     assert "| VAE PSNR at the sampling size (dB) |" in report
     assert "| near-copies (pixel) |" in report and "→" in report
+    assert all(f"| colour adherence ({colour}) |" in report for colour in ("red", "blue", "purple"))
     for picture in ("compare.png", "losses.png", "metrics.png"):
         assert (out / picture).is_file() and f"]({picture})" in report
     summary = json.loads((out / "study.json").read_text())

@@ -78,10 +78,11 @@ def vae_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -
 
 
 def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path, device: str | None = None,
-                 compile_layers: bool = False) -> tuple[Trainer, Callable]:
+                 compile_layers: dict[str, Any] | None = None) -> tuple[Trainer, Callable]:
     """The engine's UNet training step at the preset (+ overrides), on one fixed synthetic batch: a trainer and
     its ``make_batch``. The batch carries augmentation labels when the preset augments, as training does.
-    ``compile_layers``: the UNet's layers compiled one by one (``UNet.compile_layers``), the step eager."""
+    ``compile_layers``: compile the UNet's layers one by one with these ``torch.compile`` options
+    (``UNet.compile_layers``), the step eager."""
     from diffusion.config import PRESETS, UNetTrainConfig
     from diffusion.losses import DiffusionTrainingModule
     from diffusion.schedule import NoiseSchedule
@@ -90,8 +91,8 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path, de
     cfg.model = cfg.filled_model(text_width=256)
     size = cfg.resolution // 8
     model = UNet(cfg.model)
-    if compile_layers:
-        model.compile_layers()
+    if compile_layers is not None:
+        model.compile_layers(**compile_layers)
     module = DiffusionTrainingModule(model, NoiseSchedule(cfg.schedule), cfg.prediction_type, cfg.loss)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=10_000, ema_of=module.model, device=device)
     b, device = trainer.micro_batch, trainer.device
@@ -105,7 +106,7 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path, de
 
 
 def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int,
-               compile_layers: bool = False) -> tuple[float, float]:
+               compile_layers: dict[str, Any] | None = None) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         trainer, make_batch = unet_trainer(overrides, preset, tmp, compile_layers=compile_layers)
         return timed_steps(trainer, make_batch, warmup, steps)
@@ -122,11 +123,12 @@ VARIANTS = {
     # (step_speed.json predates that)
     "unet": [("default", {}), ("lowres", LOWRES),
              ("compile", {"compile": True}), ("lowres_compile", {"compile": True, **LOWRES}),
-             ("compile_layers", {}), ("lowres_compile_layers", LOWRES),
+             ("compile_layers", {}), ("lowres_compile_layers", LOWRES), ("compile_layers_dynamic", {}),
              ("channels_last", {"channels_last": True}),
              ("compile_channels_last", {"compile": True, "channels_last": True})],
 }
-LAYER_COMPILED = ("compile_layers", "lowres_compile_layers")  # the UNet's layers compiled one by one, the step eager
+# the UNet's layers compiled one by one, the step eager: variant name -> torch.compile options
+LAYER_COMPILED = {"compile_layers": {}, "lowres_compile_layers": {}, "compile_layers_dynamic": {"dynamic": True}}
 
 
 def main() -> None:
@@ -152,12 +154,12 @@ def main() -> None:
                     speed, warmup_s = vae_speed(overrides, args.preset, args.warmup, args.steps)
                 else:
                     speed, warmup_s = unet_speed(overrides, args.preset, args.warmup, args.steps,
-                                                 compile_layers=name in LAYER_COMPILED)
+                                                 compile_layers=LAYER_COMPILED.get(name))
                 peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
             except Exception as err:  # report the variant as failed, keep measuring the others
                 speed, warmup_s, peak = None, None, f"{type(err).__name__}: {err}"[:200]
             results[f"{stage}/{name}"] = {"samples_per_s": speed, "warmup_s": warmup_s, "peak_mem_gb": peak,
-                                          "overrides": overrides, "compile_layers": name in LAYER_COMPILED}
+                                          "overrides": overrides, "compile_layers": LAYER_COMPILED.get(name)}
             if env.is_main:
                 print(f"{stage:5s} {name:22s} {speed if speed is None else round(speed, 1)} samples/s over "
                       f"{env.world_size} process(es), warm-up {warmup_s if warmup_s is None else round(warmup_s, 1)} s"

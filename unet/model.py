@@ -105,8 +105,8 @@ class UNet(StageModel):
 
     def compile_layers(self, **options: Any) -> None:
         """``torch.compile`` (with ``options``) every ResBlock + transformer layer and the middle block's last
-        ResBlock in place (regional compilation): the GroupNorm/SiLU/residual passes fuse inside each layer, and
-        layers of one shape share their compiled code, so far fewer graphs compile than for the whole step."""
+        ResBlock in place (regional compilation): the GroupNorm/SiLU/residual passes can fuse inside each layer
+        without compiling the whole training step. What it buys: docs/BENCHMARKS.md."""
         for module in [*(m for m in self.modules() if isinstance(m, ResTransformerLayer)), self.middle.res]:
             module.compile(**options)
 

@@ -77,12 +77,10 @@ def vae_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -
         return timed_steps(trainer, lambda idx, g: images[: len(idx)], warmup, steps)
 
 
-def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path, device: str | None = None,
-                 compile_layers: dict[str, Any] | None = None) -> tuple[Trainer, Callable]:
+def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
+                 device: str | None = None) -> tuple[Trainer, Callable]:
     """The engine's UNet training step at the preset (+ overrides), on one fixed synthetic batch: a trainer and
-    its ``make_batch``. The batch carries augmentation labels when the preset augments, as training does.
-    ``compile_layers``: compile the UNet's layers one by one with these ``torch.compile`` options
-    (``UNet.compile_layers``), the step eager."""
+    its ``make_batch``. The batch carries augmentation labels when the preset augments, as training does."""
     from diffusion.config import PRESETS, UNetTrainConfig
     from diffusion.losses import DiffusionTrainingModule
     from diffusion.schedule import NoiseSchedule
@@ -90,10 +88,7 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path, de
     cfg = build_config(UNetTrainConfig, PRESETS, preset, _per_gpu_batch(UNetTrainConfig, PRESETS, preset, overrides))
     cfg.model = cfg.filled_model(text_width=256)
     size = cfg.resolution // 8
-    model = UNet(cfg.model)
-    if compile_layers is not None:
-        model.compile_layers(**compile_layers)
-    module = DiffusionTrainingModule(model, NoiseSchedule(cfg.schedule), cfg.prediction_type, cfg.loss)
+    module = DiffusionTrainingModule(UNet(cfg.model), NoiseSchedule(cfg.schedule), cfg.prediction_type, cfg.loss)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=10_000, ema_of=module.model, device=device)
     b, device = trainer.micro_batch, trainer.device
     latents = torch.randn(b, 4, size, size, device=device).contiguous(memory_format=trainer.memory_format)
@@ -105,10 +100,9 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path, de
     return trainer, lambda idx, g: batch
 
 
-def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int,
-               compile_layers: dict[str, Any] | None = None) -> tuple[float, float]:
+def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, make_batch = unet_trainer(overrides, preset, tmp, compile_layers=compile_layers)
+        trainer, make_batch = unet_trainer(overrides, preset, tmp)
         return timed_steps(trainer, make_batch, warmup, steps)
 
 
@@ -123,12 +117,9 @@ VARIANTS = {
     # (step_speed.json predates that)
     "unet": [("default", {}), ("lowres", LOWRES),
              ("compile", {"compile": True}), ("lowres_compile", {"compile": True, **LOWRES}),
-             ("compile_layers", {}), ("lowres_compile_layers", LOWRES), ("compile_layers_dynamic", {}),
              ("channels_last", {"channels_last": True}),
              ("compile_channels_last", {"compile": True, "channels_last": True})],
 }
-# the UNet's layers compiled one by one, the step eager: variant name -> torch.compile options
-LAYER_COMPILED = {"compile_layers": {}, "lowres_compile_layers": {}, "compile_layers_dynamic": {"dynamic": True}}
 
 
 def main() -> None:
@@ -150,16 +141,13 @@ def main() -> None:
             if wanted is not None and name not in wanted:
                 continue
             try:
-                if stage == "vae":
-                    speed, warmup_s = vae_speed(overrides, args.preset, args.warmup, args.steps)
-                else:
-                    speed, warmup_s = unet_speed(overrides, args.preset, args.warmup, args.steps,
-                                                 compile_layers=LAYER_COMPILED.get(name))
+                speed, warmup_s = (vae_speed if stage == "vae" else unet_speed)(overrides, args.preset, args.warmup,
+                                                                                args.steps)
                 peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
             except Exception as err:  # report the variant as failed, keep measuring the others
                 speed, warmup_s, peak = None, None, f"{type(err).__name__}: {err}"[:200]
             results[f"{stage}/{name}"] = {"samples_per_s": speed, "warmup_s": warmup_s, "peak_mem_gb": peak,
-                                          "overrides": overrides, "compile_layers": LAYER_COMPILED.get(name)}
+                                          "overrides": overrides}
             if env.is_main:
                 print(f"{stage:5s} {name:22s} {speed if speed is None else round(speed, 1)} samples/s over "
                       f"{env.world_size} process(es), warm-up {warmup_s if warmup_s is None else round(warmup_s, 1)} s"

@@ -7,8 +7,6 @@ x num_res_blocks + 1, then upsample) -> GroupNorm/SiLU -> zero-initialised conv_
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,13 +100,6 @@ class UNet(StageModel):
 
         self.norm_out = nn.GroupNorm(config.norm_groups, channels, eps=1e-6)
         self.conv_out = zero_init(nn.Conv2d(channels, config.out_channels, 3, padding=1))
-
-    def compile_layers(self, **options: Any) -> None:
-        """``torch.compile`` (with ``options``) every ResBlock + transformer layer and the middle block's last
-        ResBlock in place (regional compilation): the GroupNorm/SiLU/residual passes can fuse inside each layer
-        without compiling the whole training step. What it buys: docs/BENCHMARKS.md."""
-        for module in [*(m for m in self.modules() if isinstance(m, ResTransformerLayer)), self.middle.res]:
-            module.compile(**options)
 
     def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         cfg = self.config

@@ -26,21 +26,18 @@ from typing import Any, Sequence
 
 import torch
 
-from data import load_captions
-from diffusion.config import FILLED_BY_TRAINING as UNET_FILLED_BY_TRAINING
 from diffusion.fit import check_fit
 from diffusion.train import check_init_architecture, lowres_folder
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
-from engine.config import choose_preset, config_to_dict, flatten_config, parse_overrides, preset_reason, \
-    setting_differences
+from engine.config import choose_preset, config_to_dict, parse_overrides, preset_reason
 from engine.errors import run_cli
 from engine.images import save_grid
 from engine.stage import CONFIG_FILE, record_preset, remove_empty_folders, write_json
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import evaluate_to_folder, markdown_table
 from pipelines.prompts import COLOUR_PROMPTS, SHOWCASE_PROMPTS
-from pipelines.stages import StageStack, load_stack
+from pipelines.stages import StageStack, finished_stage_differences, load_stack, stage_kind
 from pipelines.text_to_image import GenerationSettings, generate
 
 # "judge" is a second CLIP stage with its own seed: the evaluation's fixed ruler, which guidance never optimised.
@@ -48,14 +45,6 @@ STAGES = ("vae", "clip", "judge", "unet")
 JUDGE_SEED = 1  # the run's own CLIP trains with the engine's default seed 0
 # Share of a full run's time each step takes (estimated from the H200 default run; docs/results/quality): the ETA.
 TIME_SHARE = {"vae": 0.25, "clip": 0.03, "judge": 0.02, "unet": 0.66, "evaluate": 0.04}
-# Config values a stage sets while it trains (measured or taken from its inputs): not part of what was asked.
-FILLED_BY_TRAINING = {"vae": {"model.scaling_factor"}, "clip": {"model.vocab_size"}, "judge": {"model.vocab_size"},
-                      "unet": set(UNET_FILLED_BY_TRAINING)}
-
-
-def stage_kind(name: str) -> str:
-    """The kind of stage folder a run's stage is (the judge is a CLIP stage)."""
-    return "clip" if name == "judge" else name
 
 
 def _stage_overrides(items: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -151,33 +140,6 @@ def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: 
         check_fit(models["vae"], models["clip"], unet, where, unet_cfg.lowres_resolution)
     if unet_cfg is not None and unet_cfg.init_from is not None:  # before the VAE and CLIP train, not after
         check_init_architecture(unet_cfg.init_from, unet)
-
-
-def _data_resolution(name: str, cfg: Any) -> int:
-    return cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
-
-
-def stage_settings(name: str, training: Any) -> dict[str, Any]:
-    """A stage's training config (a config object, or the dict its folder records) as ``{"dotted.key": value}``
-    in the recorded JSON form, without what training fills in."""
-    return {key: value for key, value in flatten_config(training).items() if key not in FILLED_BY_TRAINING[name]}
-
-
-def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, upstream: dict[str, Path | None]
-                               ) -> list[str]:
-    """How a finished stage differs from what is asked now: config values, data, and (for the UNet) the VAE
-    and CLIP stages it was trained on. ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
-    info = read_stage(folder, stage_kind(name))
-    differences = setting_differences(stage_settings(name, cfg), stage_settings(name, info.training))
-    data_fingerprint = load_captions(data, resolution=_data_resolution(name, cfg)).fingerprint
-    if info.trained_on.get("data") != data_fingerprint:
-        differences.append(f"it was trained on other data than --data {data}")
-    for stage, stage_folder in upstream.items():
-        if stage_folder is None:
-            differences.append(f"the {stage} stage it was trained on is about to be trained again")
-        elif info.trained_on.get(stage) != read_stage(stage_folder, stage).fingerprint:
-            differences.append(f"it was not trained on the {stage} stage at {stage_folder}")
-    return differences
 
 
 def check_finished_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[str, Path],

@@ -29,8 +29,8 @@ from engine.errors import UserError, run_cli
 from engine.images import GRID_PADDING
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
-from pipelines.metrics import (COLOUR_FAMILIES, PROMPT_COLOURS, adherence_by_colour, colour_hits, colour_prompts,
-                               first_named_colours, hue_family_shares)
+from pipelines.metrics import (COLOUR_FAMILIES, PROMPT_COLOURS, adherence_by_colour, colour_hits_from_shares,
+                               colour_prompts, first_named_colours, hue_family_shares)
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
 # What an English colour word describes, from the word after it ("red eyes" vs "red body"): a rough reading of
@@ -59,15 +59,20 @@ def pair_samples(path: str | Path, count: int, columns: int = PAIRS_COLUMNS, til
     return torch.stack(tiles).float() / 127.5 - 1
 
 
-def summary(images: torch.Tensor, named: list[str]) -> dict:
-    """Adherence overall and per named colour, and per named colour the mean share of the foreground's chromatic
-    pixels in each hue family (what the pictures show instead, where they miss)."""
-    hits, shares = colour_hits(images, named), hue_family_shares(images)
+def summary(images: torch.Tensor, named: list[str], chinese: torch.Tensor | None = None) -> dict:
+    """Adherence overall, per named colour (and per language, given which prompts are Chinese), and per named
+    colour the mean share of the foreground's chromatic pixels in each hue family (what the pictures show
+    instead, where they miss)."""
+    shares = hue_family_shares(images)
+    hits = colour_hits_from_shares(shares, named).float()
     families = [name for name, *_ in COLOUR_FAMILIES]
     hue_shares = {colour: dict(zip(families, shares[[i for i, n in enumerate(named) if n == colour]].mean(0).tolist()))
                   for colour in dict.fromkeys(named)}
-    return {"count": len(named), "overall": float(hits.float().mean()), "by_colour": adherence_by_colour(hits, named),
-            "hue_shares": hue_shares}
+    figures = {"count": len(named), "overall": float(hits.mean()), "by_colour": adherence_by_colour(hits, named),
+               "hue_shares": hue_shares}
+    if chinese is not None:
+        figures["en"], figures["zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
+    return figures
 
 
 def colour_word_use(captions: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -91,12 +96,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     texts, _, named = colour_prompts(COLOUR_SEEDS)
-    samples = pair_samples(args.pairs, len(named))
-    hits = colour_hits(samples, named)
     chinese = torch.tensor([not text.isascii() for text in texts])
-    result: dict = {"pairs": str(args.pairs), "samples": {**summary(samples, named),
-                                                          "en": float(hits[~chinese].float().mean()),
-                                                          "zh": float(hits[chinese].float().mean())}}
+    result: dict = {"pairs": str(args.pairs), "samples": summary(pair_samples(args.pairs, len(named)), named, chinese)}
 
     data = load_captions(args.data, resolution=args.size)
     train, val = data.subset("train"), data.subset("val")

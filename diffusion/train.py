@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from data.augment import to_float
-from diffusion.config import FILLED_BY_TRAINING, PRESETS, UNetTrainConfig
+from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
 from diffusion.guidance import guided_sample_and_decode
 from diffusion.latents import LatentCache, TextStateCache, build_latent_cache, cache_key, encode_prompts
@@ -41,7 +41,7 @@ from engine.runlog import read_records
 from engine.stage import StageInfo, load_weights
 from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares
 from pipelines.prompts import GRID_PROMPTS
-from pipelines.stages import LineageWarning
+from pipelines.stages import LineageWarning, finished_stage_differences
 from unet.config import UNetConfig
 from unet.model import UNet
 from vae.model import AutoencoderKL
@@ -255,14 +255,8 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
 def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str, vae_dir: str | Path,
                           clip_dir: str | Path) -> None:
     """A finished low-resolution phase is reused only when it is what is asked: same settings, data, VAE, CLIP."""
-    info = read_stage(folder, "unet")
-    asked = {k: v for k, v in flatten_config(phase).items() if k not in FILLED_BY_TRAINING}
-    differences = setting_differences(asked, flatten_config(info.training))
-    if info.trained_on.get("data") != load_captions(data_source, resolution=phase.resolution).fingerprint:
-        differences.append(f"it was trained on other data than {data_source}")
-    for name, upstream in (("vae", vae_dir), ("clip", clip_dir)):
-        if info.trained_on.get(name) != read_stage(upstream, name).fingerprint:
-            differences.append(f"it was trained on another {name.upper()} stage than {upstream}")
+    differences = finished_stage_differences("unet", folder, phase, data_source,
+                                             {"vae": Path(vae_dir), "clip": Path(clip_dir)})
     if differences:
         raise StageError(f"{folder} holds a finished low-resolution phase that differs from what is asked "
                          f"({'; '.join(differences[:4])}); remove that folder to train the phase again, or ask "

@@ -200,8 +200,12 @@ def hue_family_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.T
 
 def colour_hits(images: torch.Tensor, named: list[str], top: int = 2) -> torch.Tensor:
     """Bool ``[B]``: the named colour family is among the ``top`` most common hue families of the image."""
+    return colour_hits_from_shares(hue_family_shares(images), named, top)
+
+
+def colour_hits_from_shares(shares: torch.Tensor, named: list[str], top: int = 2) -> torch.Tensor:
+    """``colour_hits`` from the images' ``hue_family_shares``."""
     names = [name for name, *_ in COLOUR_FAMILIES]
-    shares = hue_family_shares(images)
     ranked = shares.argsort(dim=1, descending=True)[:, :top]
     wanted = torch.tensor([names.index(n) for n in named])
     present = torch.gather(shares, 1, ranked) > 0

@@ -11,23 +11,58 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from clip.model import TOKENIZER_FILE, CLIPModel
+from data import load_captions
+from diffusion.config import FILLED_BY_TRAINING as UNET_FILLED_BY_TRAINING
 from diffusion.cuda_graph import CudaGraphCall
 from diffusion.fit import check_fit
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
-from engine.config import config_from_dict
+from engine.config import config_from_dict, flatten_config, setting_differences
 from engine.precision import inference_autocast
 from engine.stage import StageError, StageInfo, file_fingerprint, read_stage
 from unet.model import UNet
 from vae.model import AutoencoderKL
 
 
+# Config values a stage sets while it trains (measured or taken from its inputs): not part of what was asked.
+FILLED_BY_TRAINING = {"vae": {"model.scaling_factor"}, "clip": {"model.vocab_size"}, "judge": {"model.vocab_size"},
+                      "unet": set(UNET_FILLED_BY_TRAINING)}
+
+
 class LineageWarning(UserWarning):
     """A stage fits the UNet's shapes but is not the one the UNet was trained with."""
+
+
+def stage_kind(name: str) -> str:
+    """The kind of stage folder a run's stage is (the judge is a CLIP stage)."""
+    return "clip" if name == "judge" else name
+
+
+def stage_settings(name: str, training: Any) -> dict[str, Any]:
+    """A stage's training config (a config object, or the dict its folder records) as ``{"dotted.key": value}``
+    in the recorded JSON form, without what training fills in."""
+    return {key: value for key, value in flatten_config(training).items() if key not in FILLED_BY_TRAINING[name]}
+
+
+def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, upstream: Mapping[str, Path | None]
+                               ) -> list[str]:
+    """How a finished stage differs from what is asked now: config values, data, and (for the UNet) the VAE
+    and CLIP stages it was trained on. ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
+    info = read_stage(folder, stage_kind(name))
+    differences = setting_differences(stage_settings(name, cfg), stage_settings(name, info.training))
+    resolution = cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
+    if info.trained_on.get("data") != load_captions(data, resolution=resolution).fingerprint:
+        differences.append(f"it was trained on other data than --data {data}")
+    for stage, stage_folder in upstream.items():
+        if stage_folder is None:
+            differences.append(f"the {stage} stage it was trained on is about to be trained again")
+        elif info.trained_on.get(stage) != read_stage(stage_folder, stage).fingerprint:
+            differences.append(f"it was trained on another {stage.upper()} stage than {stage_folder}")
+    return differences
 
 
 @dataclass

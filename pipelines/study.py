@@ -58,7 +58,8 @@ from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint
 from pipelines.evaluate import RealReference, evaluate_run, generation_metrics, real_reference
 from pipelines.metrics import PROMPT_COLOURS
 from pipelines.prompts import SHOWCASE_PROMPTS
-from pipelines.stages import generation_size, judge_path, load_stack, stage_paths
+from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, stage_kind,
+                              stage_paths, stage_settings)
 from pipelines.text_to_image import GenerationSettings, generate
 
 STUDY_STAGES = ("vae", "clip", "unet")  # the judge is the study's ruler: the base run's, for every column
@@ -165,14 +166,14 @@ def base_stages(base: Path) -> dict[str, Path]:
         raise UserError(f"the base run {base} has no finished judge at {stages['judge']}; a study judges every "
                         "variant with the base run's judge: train it with train_all.py (without --skip-eval)")
     for stage, folder in stages.items():
-        read_stage(folder, train_all.stage_kind(stage))
+        read_stage(folder, stage_kind(stage))
     return stages
 
 
 def _recorded(folder: Path, stage: str) -> tuple[dict[str, Any], str]:
-    """A finished stage's ``train_all.stage_settings``, and the preset it was built on."""
+    """A finished stage's ``stage_settings``, and the preset it was built on."""
     data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    return train_all.stage_settings(stage, data["training"]), data.get("preset", {}).get("name") or choose_preset(None)
+    return stage_settings(stage, data["training"]), data.get("preset", {}).get("name") or choose_preset(None)
 
 
 def _phase_minutes(folder: Path) -> float | None:
@@ -222,7 +223,7 @@ def plan_column(variant: Variant, base: dict[str, Path], out: Path, concurrent: 
             continue
         recorded, preset = _recorded(base[stage], stage)
         cfg = train_all.stage_config(stage, preset, {**recorded, **variant.overrides[stage]})
-        if variant.overrides[stage] and not setting_differences(train_all.stage_settings(stage, cfg), recorded):
+        if variant.overrides[stage] and not setting_differences(stage_settings(stage, cfg), recorded):
             raise UserError(f"variant {variant.name}: its --{stage}.* overrides are the base's own {stage} settings "
                             "or only change how training runs, so nothing it learns would differ; change a value, or "
                             "drop them")
@@ -294,7 +295,7 @@ def check_column_folder(plan: ColumnPlan, recorded_as: dict[str, Any], data: str
             will_train.add(stage)
             continue
         upstream = {s: None if s in will_train else plan.stages[s] for s in ("vae", "clip")} if stage == "unet" else {}
-        differences = train_all.finished_stage_differences(stage, folder, cfg, data, upstream)
+        differences = finished_stage_differences(stage, folder, cfg, data, upstream)
         if differences:
             raise StageError(f"{folder} holds a finished {stage} stage that differs from variant {plan.name} "
                              f"({'; '.join(differences[:3])}); delete {plan.folder} to train the variant again")

@@ -118,4 +118,3 @@ def test_save_load_round_trip(tmp_path):
     x, t, context = inputs(cfg)
     assert torch.equal(model(x, t, context), loaded(x, t, context))
     assert len(fingerprint) == 16
-

@@ -42,7 +42,9 @@ from pipelines.text_to_image import GenerationSettings, generate
 
 # "judge" is a second CLIP stage with its own seed: the evaluation's fixed ruler, which guidance never optimised.
 STAGES = ("vae", "clip", "judge", "unet")
-JUDGE_SEED = 1  # the run's own CLIP trains with the engine's default seed 0
+# The judge's recipe is the CLIP stage's with its own seed, frozen where the CLIP default moved since every committed
+# comparison was judged: a ruler that changed with the CLIP stage's defaults would not compare runs across commits.
+JUDGE_OVERRIDES = {"seed": "1", "tokenizer_normalize": "false"}  # the run's own CLIP trains with seed 0
 # Share of a full run's time each step takes (estimated from the H200 default run; docs/results/quality): the ETA.
 TIME_SHARE = {"vae": 0.25, "clip": 0.03, "judge": 0.02, "unet": 0.66, "evaluate": 0.04}
 
@@ -105,7 +107,7 @@ def stage_config(name: str, preset: str | None, overrides: dict[str, str]) -> An
     elif name in ("clip", "judge"):
         from clip.config import PRESETS, CLIPTrainConfig as config_cls
         if name == "judge":
-            overrides = {"seed": str(JUDGE_SEED), **overrides}
+            overrides = {**JUDGE_OVERRIDES, **overrides}
     else:
         from diffusion.config import PRESETS, UNetTrainConfig as config_cls
     return build_config(config_cls, PRESETS, preset, overrides)

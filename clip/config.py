@@ -63,8 +63,8 @@ class CLIPTrainConfig:
         epochs=6, passes_per_epoch=10, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.3, beta2=0.98,
         log_every=50))
     zh_prob: float = 0.5  # each step, each image takes its Chinese caption with this probability, else English
-    # lowercase and strip accents before BPE ("a pokemon" = "A Pokémon"); off by default until a run measures it
-    tokenizer_normalize: bool = False
+    # lowercase and strip accents before BPE: "a pokemon" reads as the captions' "A Pokémon" (docs/results/quality)
+    tokenizer_normalize: bool = True
     flip_prob: float = 0.5
     crop_min_scale: float = 0.8  # random-resized crops keep at least this fraction of the side; 1 disables
 

@@ -63,8 +63,8 @@ class UNetTrainConfig:
     caption_variants: int = 4  # clause-dropped variants per caption besides the full one (0: full captions only)
     clause_keep_prob: float = 0.6
     # append "Its body is mostly <colour>." (measured from the pixels) to a caption when one hue family dominates
-    # the image; off by default until a run measures it (docs/results/quality: "red" mostly names eyes here)
-    colour_sentences: bool = False
+    # the image: in these captions colour words mostly name details ("red eyes"); docs/results/quality measures it
+    colour_sentences: bool = True
     encode_batch_size: int = 32  # VAE encoding batch for the latent cache
     val_timesteps: int = 10  # the validation loss averages over this many fixed, evenly spaced timesteps
     val_batch_size: int = 64

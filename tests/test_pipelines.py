@@ -47,9 +47,11 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     assert "foreground share" in report and "nearest_pairs.png" in report
     assert {f"colour_adherence_{c}" for c in ("red", "blue", "green", "yellow", "purple", "pink")} <= set(generation)
     assert "low-resolution phase" in report and "unet/lowres/samples/epoch_0001.png" in report
-    # the judge is a CLIP stage of its own seed, not the run's CLIP
+    # the judge is a CLIP stage of its own seed, not the run's CLIP, with its recipe frozen where the CLIP's moved
     judge = json.loads((run_a / "judge" / "config.json").read_text())
     assert judge["kind"] == "clip" and judge["training"]["train"]["seed"] == 1
+    clip = json.loads((run_a / "clip" / "config.json").read_text())
+    assert clip["training"]["tokenizer_normalize"] and not judge["training"]["tokenizer_normalize"]
     assert summary["evaluation"]["generation"] and "judge" in json.loads((run_a / "evaluation.json").read_text())
     assert str(run_a / "judge") in json.loads((run_a / "evaluation.json").read_text())["judge"]
     unet = json.loads((run_a / "unet" / "config.json").read_text())

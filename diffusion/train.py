@@ -241,15 +241,26 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     checkpoint with ``resume``); the stage then starts from its weights (the phase starts from ``init_from``'s,
     when both are set)."""
     validate_config(cfg)
+    captions = colour_captions(cfg, data_source)
     init_from = cfg.init_from
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
         if is_complete(folder):
             _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir)
         else:
-            _train_phase(phase, data_source, vae_dir, clip_dir, folder, resume, device, cfg.init_from)
+            _train_phase(phase, data_source, vae_dir, clip_dir, folder, resume, device, cfg.init_from, captions)
         init_from = folder
-    return _train_phase(cfg, data_source, vae_dir, clip_dir, Path(out_dir), resume, device, init_from)
+    return _train_phase(cfg, data_source, vae_dir, clip_dir, Path(out_dir), resume, device, init_from, captions)
+
+
+def colour_captions(cfg: UNetTrainConfig, data_source: str) -> tuple[list[str], list[str]] | None:
+    """The training captions with their colour sentences (``None`` when the config asks for none), measured once
+    for the stage from its images at ``cfg.resolution``: both phases train on the same captions (measured at each
+    phase's own resolution, a few borderline images would change colour between them)."""
+    if not cfg.colour_sentences:
+        return None
+    train_set = load_captions(data_source, resolution=cfg.resolution).subset("train")
+    return with_colour_sentences(train_set.images, train_set.en, train_set.zh)
 
 
 def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str, vae_dir: str | Path,
@@ -264,7 +275,8 @@ def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str
 
 
 def _train_phase(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir: str | Path, out_dir: Path,
-                 resume: bool, device: str | torch.device | None, init_from: str | Path | None) -> Path:
+                 resume: bool, device: str | torch.device | None, init_from: str | Path | None,
+                 captions: tuple[list[str], list[str]] | None) -> Path:
     started = time.perf_counter()
     env = distributed.setup(device)
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
@@ -278,8 +290,7 @@ def _train_phase(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, cl
     train_set, val_set = data.subset("train"), data.subset("val")
 
     # Text states once (the text encoder is frozen); then CLIP leaves the GPU.
-    en, zh = with_colour_sentences(train_set.images, train_set.en, train_set.zh) if cfg.colour_sentences else \
-        (train_set.en, train_set.zh)
+    en, zh = captions or (train_set.en, train_set.zh)
     texts = TextStateCache.build(clip, en, zh, cfg.caption_variants, cfg.clause_keep_prob, seed=cfg.train.seed)
     val_context = encode_prompts(clip, val_set.en)
     prompt_states = encode_prompts(clip, grid_prompts(val_set))

@@ -278,3 +278,24 @@ def test_colour_sentences_reach_the_text_states_only_when_asked(stages, tmp_path
     plain, coloured = seen
     assert not any("Its body is mostly" in caption for caption in plain)
     assert sum("Its body is mostly" in caption for caption in coloured) > len(coloured) // 2
+
+
+def test_both_phases_train_on_colour_sentences_measured_once_at_the_stages_resolution(stages, tmp_path, monkeypatch):
+    seen, measured_sizes = [], []
+    build, measure = TextStateCache.build, with_colour_sentences
+
+    def spy_build(clip, en, zh, *args, **kwargs):
+        seen.append((list(en), list(zh)))
+        return build(clip, en, zh, *args, **kwargs)
+
+    def spy_measure(images, en, zh):
+        measured_sizes.append(images.shape[-1])
+        return measure(images, en, zh)
+
+    monkeypatch.setattr("diffusion.train.TextStateCache.build", spy_build)
+    monkeypatch.setattr("diffusion.train.with_colour_sentences", spy_measure)
+    cfg = tiny_config(epochs=1, lowres_epochs=1, colour_sentences=True)
+    train(cfg, DATA, stages / "vae", stages / "clip", tmp_path / "unet", device="cpu")
+    assert measured_sizes == [cfg.resolution]  # not once per phase, at each phase's resolution
+    lowres_phase, full_phase = seen
+    assert lowres_phase == full_phase and any("Its body is mostly" in caption for caption in full_phase[0])

@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.measure import count_flops
-from benchmarks.step_speed import run_steps, step_indices, time_steps, unet_trainer
+from benchmarks.step_speed import run_steps, step_indices, timed_steps, unet_trainer
 from engine import Trainer
 from engine.config import parse_overrides
 from engine.stage import write_json
@@ -75,7 +75,7 @@ def profiled_step_times(trainer: Trainer, make_batch: Callable, warmup: int, ste
                         ) -> tuple[float, dict[str, float]]:
     """Seconds per step (unprofiled) and the per-class busy seconds per step (profiled, as many steps again)."""
     on_cuda = trainer.device.type == "cuda"
-    seconds = trainer.cfg.batch_size / time_steps(trainer, make_batch, warmup, steps)
+    seconds = trainer.cfg.batch_size / timed_steps(trainer, make_batch, warmup, steps)[0]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         run_steps(trainer, make_batch, steps)

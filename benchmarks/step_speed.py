@@ -50,11 +50,6 @@ def timed_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int)
     return steps * trainer.cfg.batch_size / (time.perf_counter() - start), warmup_seconds
 
 
-def time_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int) -> float:
-    """Samples per second over ``steps`` steps after ``warmup``."""
-    return timed_steps(trainer, make_batch, warmup, steps)[0]
-
-
 def _per_gpu_batch(cfg_cls: type, presets: dict, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Overrides with the global batch scaled by the number of processes: each GPU keeps the preset's batch."""
     world = distributed.world_size()

@@ -1,0 +1,81 @@
+"""Composition and pixel near-copies of a UNet run's epoch grids (``unet/samples/epoch_*.png``), read back from the
+pictures: how a run's samples moved epoch by epoch, or what a run that stopped before its evaluation had drawn so
+far. CPU, no learned weights, the evaluation's own measures (``pipelines.metrics``).
+
+    python -m benchmarks.grid_measure --data ../shared/pokemon --out runs/grids.json \\
+        runs/A/unet/lowres/samples/epoch_0020.png runs/A/unet/samples/epoch_0002.png
+
+A grid holds few samples (grid prompts x ``sample_seeds``: 16 by default, at the grids' guidance 5, 128 px a
+tile), so its figures are indicative: one near-copy among 16 samples is 6 points. ``pipelines.evaluate`` is the
+measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import load_captions
+from data.augment import to_float
+from engine.errors import UserError, run_cli
+from engine.images import GRID_PADDING
+from engine.stage import write_json
+from pipelines.metrics import COPY_NEIGHBOURS, MEASURE_SIZE, composition, near_copies, thumbnails
+
+GRID_TILE = 128  # diffusion.train saves its grids with max_side=128
+
+
+def grid_tiles(path: str | Path, tile: int = GRID_TILE) -> torch.Tensor:
+    """Every tile of a ``save_grid`` picture, row by row, as [-1, 1] images ``[N, 3, tile, tile]``."""
+    if not Path(path).is_file():
+        raise UserError(f"no picture at {path}; pass an epoch grid a UNet run wrote (unet/samples/epoch_*.png)")
+    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    step = tile + GRID_PADDING
+    rows, columns = (grid.shape[1] - GRID_PADDING) // step, (grid.shape[2] - GRID_PADDING) // step
+    if rows * step + GRID_PADDING != grid.shape[1] or columns * step + GRID_PADDING != grid.shape[2]:
+        raise UserError(f"{path} is {grid.shape[2]}x{grid.shape[1]} px: not a grid of {tile}-px tiles with "
+                        f"{GRID_PADDING}-px padding; pass an epoch grid a UNet run wrote")
+    tiles = [grid[:, GRID_PADDING + r * step:GRID_PADDING + r * step + tile,
+                  GRID_PADDING + c * step:GRID_PADDING + c * step + tile]
+             for r in range(rows) for c in range(columns)]
+    return torch.stack(tiles).float() / 127.5 - 1
+
+
+def measure(tiles: torch.Tensor, bank: torch.Tensor, unseen: torch.Tensor) -> dict[str, float]:
+    """The evaluation's composition and pixel near-copy figures of ``tiles`` ([-1, 1]); ``bank`` holds the training
+    images and their mirrors, ``unseen`` the validation images, both at ``MEASURE_SIZE``."""
+    copies = near_copies(thumbnails(tiles), thumbnails(bank), thumbnails(unseen), relative_to=COPY_NEIGHBOURS)
+    return {"samples": len(tiles), **composition(tiles), "near_copy_share_pixel": copies["share"],
+            "near_copy_share_pixel_relative": copies["share_relative"]}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.grid_measure", description=__doc__.split("\n\n")[0])
+    parser.add_argument("grids", nargs="+", type=Path, help="epoch grid PNGs (unet/samples/epoch_*.png)")
+    parser.add_argument("--data", required=True, help="the captions folder the run trained on")
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    tiles = {str(path): grid_tiles(path) for path in args.grids}  # read them all before the data loads
+    data = load_captions(args.data, resolution=MEASURE_SIZE)
+    train, unseen = to_float(data.subset("train").images), to_float(data.subset("val").images)
+    bank = torch.cat([train, train.flip(-1)])
+    rows = {}
+    for path, images in tiles.items():
+        rows[path] = measure(images, bank, unseen)
+        print(f"{path}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[path].items() if k != "samples")
+              + f" ({len(images)} samples)")
+    result = {"data": args.data, "grids": rows, "command": " ".join(["python -m benchmarks.grid_measure",
+                                                                     *(sys.argv[1:] if argv is None else argv)])}
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -141,7 +141,7 @@ class SampleGrid:
 
 class EpochReport:
     """Per-epoch callback: every ``sample_every_epochs`` (and at the end) the EMA weights' validation loss
-    and sample grid."""
+    and sample grid, and the validation loss of each probe EMA (``train.ema_probe_stds``)."""
 
     def __init__(self, cfg: UNetTrainConfig, model: UNet, vae: AutoencoderKL, validation: ValidationLoss,
                  grid: SampleGrid, out_dir: Path) -> None:
@@ -161,10 +161,15 @@ class EpochReport:
             with trainer.autocast():
                 val_loss = self.validation()
             self.grid(self.model, self.vae, trainer, self.samples_dir / f"epoch_{epoch:04d}.png")
+        probes = {}
+        for std in trainer.ema_probes:
+            with trainer.ema_weights(probe=std), trainer.autocast():
+                probes[f"val/loss_ema_std_{std:g}"] = self.validation()
         seconds = time.perf_counter() - started
         tqdm.write(f"epoch {epoch}/{cfg.train.epochs}: val loss {val_loss:.4f} (EMA weights), "
-                   f"grid + validation {seconds:.1f} s")
-        return {"val/loss": val_loss, "sample_seconds": seconds}
+                   + "".join(f"{key.rsplit('_', 1)[-1]}-wide EMA {value:.4f}, " for key, value in probes.items())
+                   + f"grid + validation {seconds:.1f} s")
+        return {"val/loss": val_loss, **probes, "sample_seconds": seconds}
 
 
 def with_colour_sentences(images: Tensor, en: list[str], zh: list[str]) -> tuple[list[str], list[str]]:
@@ -332,8 +337,10 @@ def _train_phase(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, cl
 
     def final_metrics() -> dict[str, Any]:
         on_cuda = trainer.device.type == "cuda"
+        last = trainer.last_epoch_metrics()
         return {
-            "val_loss": trainer.last_epoch_metrics()["val/loss"],  # the last epoch always scores the EMA weights
+            "val_loss": last["val/loss"],  # the last epoch always scores the EMA weights
+            **{f"val_loss_ema_std_{std:g}": last[f"val/loss_ema_std_{std:g}"] for std in trainer.ema_probes},
             "train_samples_per_s": _training_throughput(out_dir / "log.jsonl"),
             "peak_mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9 if on_cuda else None,
             "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .ema import MAX_EMA_STD
 from .errors import UserError
 
 
@@ -46,7 +47,12 @@ class TrainConfig:
     beta2: float = 0.999
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     grad_accum: int = 1
-    ema_decay: float = 0.0  # 0 disables EMA
+    ema_decay: float = 0.0  # 0 disables EMA (unless ema_std is set)
+    # > 0: EDM2's power-function EMA instead, its window this share of the steps so far (engine.ema.EMA)
+    ema_std: float = 0.0
+    # power-function EMAs tracked beside the stage's own and scored by its epoch callback (not saved): one run
+    # then tells which EMA length suits it (the UNet logs val/loss_ema_std_<std> for each)
+    ema_probe_stds: tuple[float, ...] = ()
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
     seed: int = 0
     log_every: int = 20  # steps between host syncs for logging
@@ -67,6 +73,14 @@ class TrainConfig:
             raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got '{self.precision}'")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
+        if self.ema_decay > 0 and self.ema_std > 0:
+            raise ConfigError(f"ema_decay={self.ema_decay} and ema_std={self.ema_std} both ask for the EMA; set one "
+                              "of them to 0")
+        for name, stds in (("ema_std", (self.ema_std,) if self.ema_std else ()), ("ema_probe_stds", self.ema_probe_stds)):
+            for std in stds:
+                if not 0.0 < std < MAX_EMA_STD:
+                    raise ConfigError(f"{name}: {std} is no power-function EMA width; use a share of the steps in "
+                                      f"(0, {MAX_EMA_STD:.3f}), e.g. 0.05 to 0.15")
 
 
 def validate_config(cfg: Any) -> Any:

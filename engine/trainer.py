@@ -62,7 +62,7 @@ class Trainer:
         cfg: engine settings.
         out_dir: where ``checkpoints/``, ``log.jsonl`` and ``loss.png`` go.
         num_train_items: size of the training set the batch indices are drawn from.
-        ema_of: the sub-module whose weights get an EMA (when ``cfg.ema_decay > 0``).
+        ema_of: the sub-module whose weights get an EMA (when ``cfg.ema_decay`` or ``cfg.ema_std`` is set).
         param_groups: optional ``[{"params": [...], "lr_scale": 1.0, "weight_decay": ...}]``; default:
             every trainable parameter, weight decay on matrices/kernels only.
         find_unused_parameters: passed to DDP for modules whose forward skips parameters.
@@ -107,7 +107,9 @@ class Trainer:
         self.module = module.to(self.device)
         if self.memory_format == torch.channels_last:
             self.module.to(memory_format=torch.channels_last)
-        self.ema = EMA(ema_of if ema_of is not None else module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        averaged = ema_of if ema_of is not None else module
+        self.ema = EMA(averaged, cfg.ema_decay, std=cfg.ema_std) if cfg.ema_decay > 0 or cfg.ema_std > 0 else None
+        self.ema_probes = {std: EMA(averaged, std=std) for std in cfg.ema_probe_stds}
         self.optimizer = self._make_optimizer(param_groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
@@ -172,9 +174,11 @@ class Trainer:
         return nullcontext()
 
     @contextmanager
-    def ema_weights(self) -> Iterator[None]:
-        """Use the EMA weights inside the block (the plain weights when EMA is off)."""
-        with self.ema.swapped_in() if self.ema is not None else nullcontext():
+    def ema_weights(self, probe: float | None = None) -> Iterator[None]:
+        """Use the EMA weights inside the block (the plain weights when EMA is off), or those of the probe EMA
+        of width ``probe`` (one of ``cfg.ema_probe_stds``)."""
+        ema = self.ema if probe is None else self.ema_probes[probe]
+        with ema.swapped_in() if ema is not None else nullcontext():
             yield
 
     # ------------------------------------------------------------------ data order
@@ -264,8 +268,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
+        for ema in ([self.ema] if self.ema is not None else []) + list(self.ema_probes.values()):
+            ema.update()
         self.step += 1
         return logs_sum
 
@@ -362,6 +366,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                "ema_probes": {std: ema.state_dict() for std, ema in self.ema_probes.items()},
                 "rng": rng,
                 "train_config": config_to_dict(self.cfg),
                 "run_config": flatten_config(self.run_config),
@@ -393,6 +398,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        for std, ema in self.ema_probes.items():  # the probes are in the run config: a checkpoint has them all
+            ema.load_state_dict(state["ema_probes"][std])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         rng = state["rng"]
         if len(rng) == self.env.world_size:

@@ -299,3 +299,16 @@ def test_both_phases_train_on_colour_sentences_measured_once_at_the_stages_resol
     assert measured_sizes == [cfg.resolution]  # not once per phase, at each phase's resolution
     lowres_phase, full_phase = seen
     assert lowres_phase == full_phase and any("Its body is mostly" in caption for caption in full_phase[0])
+
+
+def test_probe_emas_are_scored_beside_the_stages_own(stages, tmp_path):
+    out = tmp_path / "unet"
+    train(tiny_config(lowres_epochs=0, ema_probe_stds=(0.05, 0.25)), DATA, stages / "vae", stages / "clip", out,
+          device="cpu")
+    epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all({"val/loss_ema_std_0.05", "val/loss_ema_std_0.25"} <= set(r) for r in epochs)
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [metrics[k] for k in ("val_loss", "val_loss_ema_std_0.05", "val_loss_ema_std_0.25")]
+    assert losses == [epochs[-1][k] for k in ("val/loss", "val/loss_ema_std_0.05", "val/loss_ema_std_0.25")]
+    assert len(set(losses)) == 3  # three different averages of the same run's weights

@@ -7,7 +7,7 @@ from torch import nn
 
 from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
 from engine.config import config_from_dict, config_to_dict, parse_overrides
-from engine.ema import EMA
+from engine.ema import EMA, power_profile_exponent, power_profile_std
 from engine.stage import StageError, load_weights
 from engine.trainer import lr_factor
 
@@ -75,6 +75,37 @@ def test_ema_tracks_and_swaps():
     torch.testing.assert_close(layer.weight, start + 1.0)
 
 
+def test_power_ema_is_the_closed_form_average_of_every_step():
+    # EDM2's profile: after n updates the shadow is sum_k w_k (k^(g+1) - (k-1)^(g+1)) / n^(g+1), a step-k weight
+    # growing as k^g, whatever n is
+    assert power_profile_exponent(0.10) == pytest.approx(6.94, abs=0.01)  # EDM2's own pairing
+    for std in (0.05, 0.15, 0.28):
+        assert power_profile_std(power_profile_exponent(std)) == pytest.approx(std, rel=1e-9)
+    layer = nn.Linear(1, 1, bias=False)
+    ema = EMA(layer, std=0.10)
+    g, n = ema.exponent, 30
+    for k in range(1, n + 1):
+        with torch.no_grad():
+            layer.weight.fill_(float(k))
+        ema.update()
+    expected = sum(k * (k ** (g + 1) - (k - 1) ** (g + 1)) for k in range(1, n + 1)) / n ** (g + 1)
+    with ema.swapped_in():
+        assert layer.weight.item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(n * (g + 1) / (g + 2), abs=1)  # the profile's mean, (g+1)/(g+2) of the way
+    with pytest.raises(ValueError, match="either a decay or a std"):
+        EMA(layer, decay=0.9, std=0.1)
+    with pytest.raises(ValueError, match=r"std must be in \(0, 0.2887\)"):
+        EMA(layer, std=0.5)
+
+
+def test_ema_settings_are_checked_with_the_fix_named():
+    with pytest.raises(ConfigError, match="ema_decay=0.999 and ema_std=0.1 both ask for the EMA; set one of them to 0"):
+        TrainConfig(ema_decay=0.999, ema_std=0.1).validate()
+    with pytest.raises(ConfigError, match=r"ema_probe_stds: 0.5 is no power-function EMA width; use a share"):
+        TrainConfig(ema_probe_stds=(0.05, 0.5)).validate()
+    assert apply_overrides(TrainConfig(), {"ema_probe_stds": "0.05,0.1"}).ema_probe_stds == (0.05, 0.1)
+
+
 def test_stage_folder_round_trip_and_errors(tmp_path):
     weights = {"w": torch.randn(3, 3)}
     fp = save_stage(tmp_path / "s", kind="vae", model_config={"a": 1}, weights=weights,
@@ -133,8 +164,9 @@ def train(out, epochs, resume=False, crash_at=None, **overrides):
 def _same_state(a: Trainer, b: Trainer):
     for (name, p), q in zip(a.module.state_dict().items(), b.module.state_dict().values()):
         assert torch.equal(p, q), name
-    for s, t in zip(a.ema.shadow.values(), b.ema.shadow.values()):
-        assert torch.equal(s, t)
+    for ema_a, ema_b in [(a.ema, b.ema)] + [(a.ema_probes[std], b.ema_probes[std]) for std in a.ema_probes]:
+        for s, t in zip(ema_a.shadow.values(), ema_b.shadow.values()):
+            assert torch.equal(s, t)
     assert a.step == b.step and a.optimizer.state_dict()["state"][0]["step"] == b.optimizer.state_dict()["state"][0]["step"]
 
 
@@ -166,13 +198,15 @@ def test_last_epoch_metrics_survive_a_resume_with_nothing_left_to_train(tmp_path
 
 
 def test_killed_run_resumes_mid_epoch_exactly(tmp_path):
-    straight = train(tmp_path / "a", epochs=3, checkpoint_every_steps=3)
+    probes = (0.05, 0.2)  # power-function EMAs beside the fixed-decay one: resumed exactly too
+    straight = train(tmp_path / "a", epochs=3, checkpoint_every_steps=3, ema_probe_stds=probes)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "b", epochs=3, checkpoint_every_steps=3, crash_at=13)  # last checkpoint: step 12
+        train(tmp_path / "b", epochs=3, checkpoint_every_steps=3, crash_at=13, ema_probe_stds=probes)
     state = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)
-    assert state["step"] == 12
-    resumed = train(tmp_path / "b", epochs=3, resume=True, checkpoint_every_steps=3)
+    assert state["step"] == 12  # the last checkpoint
+    resumed = train(tmp_path / "b", epochs=3, resume=True, checkpoint_every_steps=3, ema_probe_stds=probes)
     _same_state(straight, resumed)
+    assert not torch.equal(*(straight.ema_probes[std].shadow["net.0.weight"] for std in probes))
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # replayed steps were not logged twice
 

@@ -19,14 +19,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from data import load_captions
 from data.augment import to_float
 from engine.errors import UserError, run_cli
-from engine.images import GRID_PADDING
+from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
 from pipelines.metrics import (COLOUR_FAMILIES, PROMPT_COLOURS, adherence_by_colour, colour_hits_from_shares,
@@ -45,18 +43,11 @@ def pair_samples(path: str | Path, count: int, columns: int = PAIRS_COLUMNS, til
     (sample rows alternate with rows of their nearest training images)."""
     if not Path(path).is_file():
         raise UserError(f"no picture at {path}; pass the nearest_pairs.png an evaluation wrote")
-    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-    step = tile + GRID_PADDING
-    rows = -(-count // columns)
-    if grid.shape[1] < 2 * rows * step or grid.shape[2] < min(count, columns) * step:
-        raise UserError(f"{path} is {grid.shape[2]}x{grid.shape[1]} px: too small for {count} samples in rows of "
-                         f"{columns} at {tile} px; pass the nearest_pairs.png of an evaluation")
-    tiles = []
-    for k in range(count):
-        row, column = divmod(k, columns)
-        top, left = GRID_PADDING + 2 * row * step, GRID_PADDING + column * step
-        tiles.append(grid[:, top:top + tile, left:left + tile])
-    return torch.stack(tiles).float() / 127.5 - 1
+    grid = read_grid(path, tile)
+    if grid.shape[1] != columns or grid.shape[0] < 2 * -(-count // columns):
+        raise UserError(f"{path} holds {grid.shape[0]} rows of {grid.shape[1]} tiles at {tile} px: too small for "
+                        f"{count} samples in rows of {columns}; pass the nearest_pairs.png of an evaluation")
+    return grid[0::2].flatten(0, 1)[:count]
 
 
 def summary(images: torch.Tensor, named: list[str], chinese: torch.Tensor | None = None) -> dict:

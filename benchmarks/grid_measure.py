@@ -17,34 +17,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from data import load_captions
 from data.augment import to_float
-from engine.errors import UserError, run_cli
-from engine.images import GRID_PADDING
+from engine.errors import run_cli
+from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.metrics import COPY_NEIGHBOURS, MEASURE_SIZE, composition, near_copies, thumbnails
 
 GRID_TILE = 128  # diffusion.train saves its grids with max_side=128
-
-
-def grid_tiles(path: str | Path, tile: int = GRID_TILE) -> torch.Tensor:
-    """Every tile of a ``save_grid`` picture, row by row, as [-1, 1] images ``[N, 3, tile, tile]``."""
-    if not Path(path).is_file():
-        raise UserError(f"no picture at {path}; pass an epoch grid a UNet run wrote (unet/samples/epoch_*.png)")
-    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-    step = tile + GRID_PADDING
-    rows, columns = (grid.shape[1] - GRID_PADDING) // step, (grid.shape[2] - GRID_PADDING) // step
-    if rows * step + GRID_PADDING != grid.shape[1] or columns * step + GRID_PADDING != grid.shape[2]:
-        raise UserError(f"{path} is {grid.shape[2]}x{grid.shape[1]} px: not a grid of {tile}-px tiles with "
-                        f"{GRID_PADDING}-px padding; pass an epoch grid a UNet run wrote")
-    tiles = [grid[:, GRID_PADDING + r * step:GRID_PADDING + r * step + tile,
-                  GRID_PADDING + c * step:GRID_PADDING + c * step + tile]
-             for r in range(rows) for c in range(columns)]
-    return torch.stack(tiles).float() / 127.5 - 1
 
 
 def measure(tiles: torch.Tensor, bank: torch.Tensor, unseen: torch.Tensor) -> dict[str, float]:
@@ -61,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--data", required=True, help="the captions folder the run trained on")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
-    tiles = {str(path): grid_tiles(path) for path in args.grids}  # read them all before the data loads
+    tiles = {str(path): read_grid(path, GRID_TILE).flatten(0, 1) for path in args.grids}  # before the data loads
     data = load_captions(args.data, resolution=MEASURE_SIZE)
     train, unseen = to_float(data.subset("train").images), to_float(data.subset("val").images)
     bank = torch.cat([train, train.flip(-1)])

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
+
+from .errors import UserError
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -35,3 +38,18 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, max_side: i
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
     return path
+
+
+def read_grid(path: str | Path, tile: int) -> torch.Tensor:
+    """The tiles of a ``save_grid`` picture of ``tile``-px tiles as [-1, 1] images ``[rows, columns, 3, tile, tile]``
+    (exact up to the PNG's uint8 rounding): a grid's samples read back, to measure them after the run."""
+    if not Path(path).is_file():
+        raise UserError(f"no picture at {path}; pass a grid a run wrote (unet/samples/epoch_*.png, nearest_pairs.png)")
+    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    step = tile + GRID_PADDING
+    rows, columns = (grid.shape[1] - GRID_PADDING) // step, (grid.shape[2] - GRID_PADDING) // step
+    if rows < 1 or columns < 1 or (rows * step + GRID_PADDING, columns * step + GRID_PADDING) != tuple(grid.shape[1:]):
+        raise UserError(f"{path} is {grid.shape[2]}x{grid.shape[1]} px: not a grid of {tile}-px tiles with "
+                        f"{GRID_PADDING}-px padding; pass a grid a run wrote at that tile size")
+    tiles = grid[:, GRID_PADDING:, GRID_PADDING:].unfold(1, tile, step).unfold(2, tile, step)  # [3, rows, cols, t, t]
+    return tiles.permute(1, 2, 0, 3, 4).float() / 127.5 - 1

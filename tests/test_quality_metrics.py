@@ -187,22 +187,22 @@ def test_colour_word_use_tells_details_from_bodies():
 
 
 def test_grid_measure_reads_an_epoch_grid_back_and_counts_its_copies(tmp_path):
-    from benchmarks.grid_measure import grid_tiles, main as grid_measure
+    from benchmarks.grid_measure import main as grid_measure
     from data import load_captions
     from data.augment import to_float
     from engine.errors import UserError
-    from engine.images import save_grid
+    from engine.images import read_grid, save_grid
 
     train = to_float(load_captions("shapes:60", resolution=SIZE).subset("train").images)
     noise = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 1.6 - 1  # fills the frame
     tiles = torch.cat([train[:2], train[2:4].flip(-1), noise])  # two copies, two mirrored copies, four non-copies
     path = save_grid(tiles, tmp_path / "epoch_0001.png", nrow=4, max_side=SIZE)
-    assert (grid_tiles(path) - tiles).abs().max() <= 1 / 127.5 + 1e-6  # the round trip is exact up to uint8
+    assert (read_grid(path, SIZE).flatten(0, 1) - tiles).abs().max() <= 1 / 127.5 + 1e-6  # exact up to uint8
     result = grid_measure([str(path), "--data", "shapes:60", "--out", str(tmp_path / "grids.json")])
     figures = result["grids"][str(path)]
     assert figures["samples"] == 8 and figures["near_copy_share_pixel"] == 0.5
     assert figures["frame_filling_share"] == 0.5
     with pytest.raises(UserError, match="not a grid of 128-px tiles"):
-        grid_tiles(save_grid(tiles[:2], tmp_path / "small.png", nrow=2, max_side=96))
+        read_grid(save_grid(tiles[:2], tmp_path / "small.png", nrow=2, max_side=96), SIZE)
     with pytest.raises(UserError, match="no picture at"):
-        grid_tiles(tmp_path / "missing.png")
+        read_grid(tmp_path / "missing.png", SIZE)

@@ -164,12 +164,18 @@ class EpochReport:
         probes = {}
         for std in trainer.ema_probes:
             with trainer.ema_weights(probe=std), trainer.autocast():
-                probes[f"val/loss_ema_std_{std:g}"] = self.validation()
+                probes[std] = self.validation()
         seconds = time.perf_counter() - started
         tqdm.write(f"epoch {epoch}/{cfg.train.epochs}: val loss {val_loss:.4f} (EMA weights), "
-                   + "".join(f"{key.rsplit('_', 1)[-1]}-wide EMA {value:.4f}, " for key, value in probes.items())
+                   + "".join(f"{std:g}-wide EMA {loss:.4f}, " for std, loss in probes.items())
                    + f"grid + validation {seconds:.1f} s")
-        return {"val/loss": val_loss, **probes, "sample_seconds": seconds}
+        return {"val/loss": val_loss, **{probe_key(std): loss for std, loss in probes.items()},
+                "sample_seconds": seconds}
+
+
+def probe_key(std: float) -> str:
+    """The log key of the validation loss of the probe EMA of width ``std`` (``train.ema_probe_stds``)."""
+    return f"val/loss_ema_std_{std:g}"
 
 
 def with_colour_sentences(images: Tensor, en: list[str], zh: list[str]) -> tuple[list[str], list[str]]:
@@ -246,26 +252,23 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     checkpoint with ``resume``); the stage then starts from its weights (the phase starts from ``init_from``'s,
     when both are set)."""
     validate_config(cfg)
-    captions = colour_captions(cfg, data_source)
+    for folder, kind in ((vae_dir, "vae"), (clip_dir, "clip")):
+        read_stage(folder, kind)  # a missing or unfinished stage is named before the data loads
+    data = load_captions(data_source, resolution=cfg.resolution)
+    # The colour sentences are measured once, at the stage's resolution, and both phases train on them: measured
+    # at each phase's own resolution, a few borderline images would change colour between the phases.
+    train_set = data.subset("train")
+    captions = with_colour_sentences(train_set.images, train_set.en, train_set.zh) if cfg.colour_sentences else None
     init_from = cfg.init_from
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
         if is_complete(folder):
             _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir)
         else:
-            _train_phase(phase, data_source, vae_dir, clip_dir, folder, resume, device, cfg.init_from, captions)
+            _train_phase(phase, load_captions(data_source, resolution=phase.resolution), vae_dir, clip_dir, folder,
+                         resume, device, cfg.init_from, captions)
         init_from = folder
-    return _train_phase(cfg, data_source, vae_dir, clip_dir, Path(out_dir), resume, device, init_from, captions)
-
-
-def colour_captions(cfg: UNetTrainConfig, data_source: str) -> tuple[list[str], list[str]] | None:
-    """The training captions with their colour sentences (``None`` when the config asks for none), measured once
-    for the stage from its images at ``cfg.resolution``: both phases train on the same captions (measured at each
-    phase's own resolution, a few borderline images would change colour between them)."""
-    if not cfg.colour_sentences:
-        return None
-    train_set = load_captions(data_source, resolution=cfg.resolution).subset("train")
-    return with_colour_sentences(train_set.images, train_set.en, train_set.zh)
+    return _train_phase(cfg, data, vae_dir, clip_dir, Path(out_dir), resume, device, init_from, captions)
 
 
 def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str, vae_dir: str | Path,
@@ -279,9 +282,11 @@ def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str
                          "for its settings")
 
 
-def _train_phase(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir: str | Path, out_dir: Path,
+def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, clip_dir: str | Path, out_dir: Path,
                  resume: bool, device: str | torch.device | None, init_from: str | Path | None,
                  captions: tuple[list[str], list[str]] | None) -> Path:
+    """One phase on ``data`` (loaded at ``cfg.resolution``), with ``captions`` (en, zh) in place of the training
+    set's own when given."""
     started = time.perf_counter()
     env = distributed.setup(device)
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
@@ -291,7 +296,6 @@ def _train_phase(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, cl
     check_fit(vae_info.model, clip_info.model, config_to_dict(cfg.model),
               {"vae": f"at {vae_dir}", "clip": f"at {clip_dir}", "unet": "being trained"}, cfg.resolution)
     init = init_stage(init_from, cfg.model, vae_info, clip_info)
-    data = load_captions(data_source, resolution=cfg.resolution)
     train_set, val_set = data.subset("train"), data.subset("val")
 
     # Text states once (the text encoder is frozen); then CLIP leaves the GPU.
@@ -340,7 +344,7 @@ def _train_phase(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, cl
         last = trainer.last_epoch_metrics()
         return {
             "val_loss": last["val/loss"],  # the last epoch always scores the EMA weights
-            **{f"val_loss_ema_std_{std:g}": last[f"val/loss_ema_std_{std:g}"] for std in trainer.ema_probes},
+            **{probe_key(std).replace("/", "_"): last[probe_key(std)] for std in trainer.ema_probes},
             "train_samples_per_s": _training_throughput(out_dir / "log.jsonl"),
             "peak_mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9 if on_cuda else None,
             "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,

@@ -76,11 +76,11 @@ class TrainConfig:
         if self.ema_decay > 0 and self.ema_std > 0:
             raise ConfigError(f"ema_decay={self.ema_decay} and ema_std={self.ema_std} both ask for the EMA; set one "
                               "of them to 0")
-        for name, stds in (("ema_std", (self.ema_std,) if self.ema_std else ()), ("ema_probe_stds", self.ema_probe_stds)):
-            for std in stds:
-                if not 0.0 < std < MAX_EMA_STD:
-                    raise ConfigError(f"{name}: {std} is no power-function EMA width; use a share of the steps in "
-                                      f"(0, {MAX_EMA_STD:.3f}), e.g. 0.05 to 0.15")
+        widths = [("ema_std", self.ema_std)] if self.ema_std else []
+        for name, std in widths + [("ema_probe_stds", std) for std in self.ema_probe_stds]:
+            if not 0.0 < std < MAX_EMA_STD:
+                raise ConfigError(f"{name}: {std} is no power-function EMA width; use a share of the steps in "
+                                  f"(0, {MAX_EMA_STD:.3f}), e.g. 0.05 to 0.15")
 
 
 def validate_config(cfg: Any) -> Any:

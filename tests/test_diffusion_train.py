@@ -263,36 +263,35 @@ def test_colour_sentences_name_the_body_colour_measured_from_the_pixels():
     assert zh == ["一只猫。它的身体主要是红色。", "一只鸟。它的身体主要是蓝色。", "一页。"]
 
 
-def test_colour_sentences_reach_the_text_states_only_when_asked(stages, tmp_path, monkeypatch):
-    seen = []
-    build = TextStateCache.build
+def spy_text_states(monkeypatch) -> list[tuple[list[str], list[str]]]:
+    """The (English, Chinese) captions each text-state cache of the UNet stage is built from, in order."""
+    seen, build = [], TextStateCache.build
 
     def spy(clip, en, zh, *args, **kwargs):
-        seen.append(list(en))
+        seen.append((list(en), list(zh)))
         return build(clip, en, zh, *args, **kwargs)
 
     monkeypatch.setattr("diffusion.train.TextStateCache.build", spy)
+    return seen
+
+
+def test_colour_sentences_reach_the_text_states_only_when_asked(stages, tmp_path, monkeypatch):
+    seen = spy_text_states(monkeypatch)
     for flag in (False, True):
         train(tiny_config(epochs=1, lowres_epochs=0, colour_sentences=flag), DATA, stages / "vae", stages / "clip",
               tmp_path / f"unet_{flag}", device="cpu")
-    plain, coloured = seen
+    plain, coloured = (en for en, _ in seen)
     assert not any("Its body is mostly" in caption for caption in plain)
     assert sum("Its body is mostly" in caption for caption in coloured) > len(coloured) // 2
 
 
 def test_both_phases_train_on_colour_sentences_measured_once_at_the_stages_resolution(stages, tmp_path, monkeypatch):
-    seen, measured_sizes = [], []
-    build, measure = TextStateCache.build, with_colour_sentences
-
-    def spy_build(clip, en, zh, *args, **kwargs):
-        seen.append((list(en), list(zh)))
-        return build(clip, en, zh, *args, **kwargs)
+    seen, measured_sizes, measure = spy_text_states(monkeypatch), [], with_colour_sentences
 
     def spy_measure(images, en, zh):
         measured_sizes.append(images.shape[-1])
         return measure(images, en, zh)
 
-    monkeypatch.setattr("diffusion.train.TextStateCache.build", spy_build)
     monkeypatch.setattr("diffusion.train.with_colour_sentences", spy_measure)
     cfg = tiny_config(epochs=1, lowres_epochs=1, colour_sentences=True)
     train(cfg, DATA, stages / "vae", stages / "clip", tmp_path / "unet", device="cpu")

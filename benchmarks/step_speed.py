@@ -112,6 +112,8 @@ VARIANTS = {
     # (step_speed.json predates that)
     "unet": [("default", {}), ("lowres", LOWRES),
              ("compile", {"compile": True}), ("lowres_compile", {"compile": True, **LOWRES}),
+             ("low_precision_norms", {"low_precision_norms": True}),
+             ("lowres_low_precision_norms", {"low_precision_norms": True, **LOWRES}),
              ("channels_last", {"channels_last": True}),
              ("compile_channels_last", {"compile": True, "channels_last": True})],
 }

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from clip.config import CLIPConfig
 from clip.tokenizer import BPETokenizer
+from engine.precision import LayerNorm
 from engine.stage import StageModel
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -55,9 +56,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(width)
+        self.attn_norm = LayerNorm(width)
         self.attn = SelfAttention(width, heads, dropout)
-        self.mlp_norm = nn.LayerNorm(width)
+        self.mlp_norm = LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio, dropout)
 
     def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
@@ -77,7 +78,7 @@ class TextEncoder(nn.Module):
             TransformerBlock(config.text_width, config.text_heads, config.mlp_ratio, config.dropout)
             for _ in range(config.text_layers)
         )
-        self.final_norm = nn.LayerNorm(config.text_width)
+        self.final_norm = LayerNorm(config.text_width)
         self.projection = nn.Linear(config.text_width, config.embed_dim, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 

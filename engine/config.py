@@ -62,6 +62,9 @@ class TrainConfig:
     # NHWC activations on CUDA. Off by default: with GroupNorm everywhere it was slower on an H100 with
     # torch 2.11 (VAE 139 vs 189, UNet 260 vs 292 samples/s; docs/results/bench/step_speed.json).
     channels_last: bool = False
+    # under bf16 autocast, run the model's GroupNorm/LayerNorm in bf16 rather than autocast's fp32 (statistics
+    # still accumulate in fp32 in the kernel): fewer memory passes per step. Needs norms from engine.precision.
+    low_precision_norms: bool = False
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix."""

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed, runlog
 from .config import ConfigError, TrainConfig, config_to_dict, flatten_config, setting_differences
 from .ema import EMA
+from .precision import set_low_precision_norms
 from .stage import StageError, StageModel, atomic_write
 from .tensorboard import TensorBoardLog
 
@@ -107,6 +108,9 @@ class Trainer:
         self.module = module.to(self.device)
         if self.memory_format == torch.channels_last:
             self.module.to(memory_format=torch.channels_last)
+        if cfg.low_precision_norms and set_low_precision_norms(self.module, True) == 0:
+            raise ConfigError("low_precision_norms=true, but this stage's model has no engine.precision "
+                              "GroupNorm/LayerNorm to switch; set it to false")
         averaged = ema_of if ema_of is not None else module
         self.ema = EMA(averaged, cfg.ema_decay, std=cfg.ema_std) if cfg.ema_decay > 0 or cfg.ema_std > 0 else None
         self.ema_probes = {std: EMA(averaged, std=std) for std in cfg.ema_probe_stds}

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from engine.precision import GroupNorm, LayerNorm
+
 
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a layer's weights and bias, so the residual branch it ends starts as the identity."""
@@ -54,10 +56,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, time_dim: int, groups: int, dropout: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
+        self.norm1 = GroupNorm(groups, in_channels, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6)
+        self.norm2 = GroupNorm(groups, out_channels, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -127,11 +129,11 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, context_dim: int, head_dim: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.self_attn = SelfAttention(dim, head_dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.cross_attn = CrossAttention(dim, context_dim, head_dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
@@ -145,7 +147,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, channels: int, context_dim: int, head_dim: int, depth: int, groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.blocks = nn.ModuleList(TransformerBlock(channels, context_dim, head_dim) for _ in range(depth))
         self.proj_out = zero_init(nn.Linear(channels, channels))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.precision import GroupNorm
 from engine.stage import StageModel
 from unet.blocks import (Downsample, ResBlock, SpatialTransformer, TimestepMLP, Upsample, maybe_checkpoint,
                          zero_init)
@@ -98,7 +99,7 @@ class UNet(StageModel):
                 channels = width
             self.up.append(Level(layers, Upsample(channels) if i > 0 else None))
 
-        self.norm_out = nn.GroupNorm(config.norm_groups, channels, eps=1e-6)
+        self.norm_out = GroupNorm(config.norm_groups, channels, eps=1e-6)
         self.conv_out = zero_init(nn.Conv2d(channels, config.out_channels, 3, padding=1))
 
     def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:

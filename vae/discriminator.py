@@ -6,10 +6,12 @@ import math
 
 from torch import Tensor, nn
 
+from engine.precision import GroupNorm
 
-def _norm(channels: int) -> nn.GroupNorm:
+
+def _norm(channels: int) -> GroupNorm:
     # GroupNorm, not BatchNorm: the logits of a sample never depend on the rest of its (per-GPU) batch.
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    return GroupNorm(math.gcd(32, channels), channels)
 
 
 class PatchDiscriminator(nn.Module):

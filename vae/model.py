@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.precision import GroupNorm
 from engine.stage import StageModel
 from vae.config import VAEConfig
 
@@ -15,9 +16,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm_groups: int) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=1e-6)
+        self.norm1 = GroupNorm(norm_groups, in_channels, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=1e-6)
+        self.norm2 = GroupNorm(norm_groups, out_channels, eps=1e-6)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         # The branch starts at zero, so a freshly built deep stack is close to identity and trains stably.
@@ -58,7 +59,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, norm_groups: int) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
+        self.norm = GroupNorm(norm_groups, channels, eps=1e-6)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj.weight)
@@ -102,7 +103,7 @@ class Encoder(nn.Module):
                 layers.append(Downsample(channels, cfg.downsample_padding))
         self.down = nn.Sequential(*layers)
         self.mid = MidBlock(channels, cfg.norm_groups)
-        self.norm_out = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
+        self.norm_out = GroupNorm(cfg.norm_groups, channels, eps=1e-6)
         self.conv_out = nn.Conv2d(channels, 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,7 +128,7 @@ class Decoder(nn.Module):
             if level > 0:
                 layers.append(Upsample(channels))
         self.up = nn.Sequential(*layers)
-        self.norm_out = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
+        self.norm_out = GroupNorm(cfg.norm_groups, channels, eps=1e-6)
         self.conv_out = nn.Conv2d(channels, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

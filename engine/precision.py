@@ -1,4 +1,4 @@
-"""Mixed precision outside training: one rule for every stage, pipeline and benchmark."""
+"""Mixed precision: the one autocast rule outside training, and GroupNorm/LayerNorm that can run in autocast's bf16."""
 
 from __future__ import annotations
 
@@ -14,7 +14,25 @@ def inference_autocast(device: torch.device | str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-class GroupNorm(nn.GroupNorm):
+class _LowPrecisionNorm(nn.Module):
+    """The switch both norms share: when ``low_precision`` is set and autocast is on, normalise in autocast's
+    dtype rather than in the fp32 that CUDA autocast runs normalisation layers in (see ``GroupNorm``)."""
+
+    low_precision = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.low_precision or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        weight, bias = (None if p is None else p.to(dtype) for p in (self.weight, self.bias))
+        with torch.autocast(x.device.type, enabled=False):
+            return self.normalise(x.to(dtype), weight, bias)
+
+    def normalise(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+
+class GroupNorm(_LowPrecisionNorm, nn.GroupNorm):
     """``nn.GroupNorm`` that, when ``low_precision`` is set and autocast is on, runs in autocast's dtype.
 
     CUDA autocast runs normalisation layers in fp32: a bf16 activation is read, normalised and written back in
@@ -23,46 +41,21 @@ class GroupNorm(nn.GroupNorm):
     (``TrainConfig.low_precision_norms``); the weights and state-dict keys are those of ``nn.GroupNorm``.
     """
 
-    low_precision = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = _low_precision_dtype(self, x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x.to(dtype), self.num_groups, _cast(self.weight, dtype), _cast(self.bias, dtype),
-                                self.eps)
+    def normalise(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(_LowPrecisionNorm, nn.LayerNorm):
     """``nn.LayerNorm`` with the same ``low_precision`` switch as ``GroupNorm`` (see there)."""
 
-    low_precision = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = _low_precision_dtype(self, x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, _cast(self.weight, dtype),
-                                _cast(self.bias, dtype), self.eps)
-
-
-def _low_precision_dtype(norm: GroupNorm | LayerNorm, x: Tensor) -> torch.dtype | None:
-    """Autocast's dtype when ``norm`` should run in it, else None (the plain layer's behaviour)."""
-    if not norm.low_precision or not torch.is_autocast_enabled(x.device.type):
-        return None
-    return torch.get_autocast_dtype(x.device.type)
-
-
-def _cast(param: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if param is None else param.to(dtype)
+    def normalise(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 def set_low_precision_norms(module: nn.Module, enabled: bool) -> int:
     """Switch every ``GroupNorm``/``LayerNorm`` of this module in or out of low precision; returns how many there
     are (plain ``nn`` norms are not switched: a model opts in by building its norms from this module)."""
-    norms = [m for m in module.modules() if isinstance(m, (GroupNorm, LayerNorm))]
+    norms = [m for m in module.modules() if isinstance(m, _LowPrecisionNorm)]
     for norm in norms:
         norm.low_precision = enabled
     return len(norms)

@@ -21,12 +21,11 @@ import torch
 
 from data import load_captions
 from data.augment import to_float
+from diffusion.train import GRID_TILE
 from engine.errors import run_cli
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.metrics import COPY_NEIGHBOURS, MEASURE_SIZE, composition, near_copies, thumbnails
-
-GRID_TILE = 128  # diffusion.train saves its grids with max_side=128
 
 
 def measure(tiles: torch.Tensor, bank: torch.Tensor, unseen: torch.Tensor) -> dict[str, float]:

@@ -49,6 +49,7 @@ from vae.model import AutoencoderKL
 LOWRES_FOLDER = "lowres"
 COLOUR_SENTENCE_MIN_SHARE = 0.5  # of a training image's coloured pixels in one hue family, to name its body colour
 GRID_VAL_CAPTIONS = 2  # English and Chinese captions of this many validation images
+GRID_TILE = 128  # px per epoch-grid sample (larger samples are shrunk; benchmarks.grid_measure reads them back)
 # UNet config fields a fine-tune may change: they shape how the weights train, not what the weights compute
 TRAINING_ONLY_FIELDS = ("dropout", "gradient_checkpointing")
 
@@ -136,7 +137,7 @@ class SampleGrid:
                 model, vae, self.schedule, cfg.prediction_type, self.cond, self.uncond, cfg.guidance_scale,
                 noise.initial(self.latent_shape, self.cond.device), timesteps, cfg.sample_sampler, noise,
                 decode_batch=cfg.val_batch_size, guidance_rescale=cfg.guidance_rescale)
-        trainer.log_image("samples", save_grid(images, path, nrow=self.num_prompts, max_side=128))
+        trainer.log_image("samples", save_grid(images, path, nrow=self.num_prompts, max_side=GRID_TILE))
 
 
 class EpochReport:

@@ -130,7 +130,8 @@ def tiny_config(**overrides) -> UNetTrainConfig:
 
 def test_tiny_end_to_end_run(stages, tmp_path):
     out = tmp_path / "unet"
-    result = train(tiny_config(), DATA, stages / "vae", stages / "clip", out, device="cpu")
+    # augmentation is off by default; on here, so that its label's path through training is exercised
+    result = train(tiny_config(**{"augment.copies": 2}), DATA, stages / "vae", stages / "clip", out, device="cpu")
     assert result == out
     info = read_stage(out, "unet")
     # the preset trains progressively: a low-resolution phase (a stage folder of its own) that the stage starts from

@@ -54,7 +54,7 @@ def test_switched_norms_keep_the_plain_layers_state_dict_and_gradients():
 
 def test_the_trainer_switches_every_norm_of_the_model_when_asked(tmp_path):
     on, _ = unet_trainer({"low_precision_norms": True, "precision": "fp32"}, "tiny", tmp_path / "on", device="cpu")
-    off, _ = unet_trainer({"precision": "fp32"}, "tiny", tmp_path / "off", device="cpu")
+    off, _ = unet_trainer({"low_precision_norms": False, "precision": "fp32"}, "tiny", tmp_path / "off", device="cpu")
     norms_on = [m for m in on.module.modules() if isinstance(m, (GroupNorm, LayerNorm))]
     # the tiny UNet: GroupNorms in its ResBlocks, transformers and output, LayerNorms in its transformer blocks
     assert {type(m) for m in norms_on} == {GroupNorm, LayerNorm} and len(norms_on) > 10

@@ -65,9 +65,10 @@ class VAETrainConfig:
     # throttle the other's updates.
     # Not compiled: the adaptive GAN weight's gradients at the decoder's last layer run the whole compiled
     # backward, and a compiled stage measured 137 crops/s against 187 eager once that term was on.
+    # Norms in bf16 (engine.precision): the same PSNR, 0.5 min sooner (docs/BENCHMARKS.md).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=6, passes_per_epoch=10, batch_size=16, lr=2e-4, warmup_steps=200, weight_decay=0.0, beta1=0.9,
-        beta2=0.9, grad_clip=0.0, ema_decay=0.999, log_every=50))
+        beta2=0.9, grad_clip=0.0, ema_decay=0.999, log_every=50, low_precision_norms=True))
     resolution: int = 512  # images are loaded, validated and scaled at this size
     crop_size: int = 256  # training sees random crops of this size; 0 trains on whole images
     l1_weight: float = 1.0

@@ -104,16 +104,17 @@ def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) 
 LOWRES = {"resolution": 256, "batch_size": 256}  # the UNet's low-resolution phase (lowres_factor, lowres_batch_size)
 VARIANTS = {
     "vae": [("default", {}), ("channels_last", {"channels_last": True}),
+            ("fp32_norms", {"low_precision_norms": False}),
             ("crop128_b64", {"crop_size": 128, "batch_size": 64}),
             ("crop128_b64_channels_last", {"crop_size": 128, "batch_size": 64, "channels_last": True}),
             ("base32_mult1248_channels_last", {"model.base_channels": 32, "model.channel_mult": (1, 2, 4, 8),
                                                "channels_last": True})],
     # the UNet's full preset trains eager in two phases (since 2026-12-02): 256 px in batches of 256, then 512 px
-    # (step_speed.json predates that)
+    # (step_speed.json predates that); norms in bf16 since 2026-12-03 (step_speed_norms.json: "default" was fp32)
     "unet": [("default", {}), ("lowres", LOWRES),
              ("compile", {"compile": True}), ("lowres_compile", {"compile": True, **LOWRES}),
-             ("low_precision_norms", {"low_precision_norms": True}),
-             ("lowres_low_precision_norms", {"low_precision_norms": True, **LOWRES}),
+             ("fp32_norms", {"low_precision_norms": False}),
+             ("lowres_fp32_norms", {"low_precision_norms": False, **LOWRES}),
              ("channels_last", {"channels_last": True}),
              ("compile_channels_last", {"compile": True, "channels_last": True})],
 }

@@ -19,7 +19,8 @@ before anything trains; ``--plan-only`` stops there.
 
 Every column (the base and each variant) is evaluated the same way: ``pipelines.evaluate``'s metrics on the
 same prompts and seeds, ``--steps`` sampling steps at one size (``--size``; by default the base UNet's training
-resolution), with the guidance of each UNet's config; ``--eval-seeds K`` repeats the sampled metrics with K seed
+resolution), at ``--guidance`` (by default each UNet config's scale: the training grids') with each UNet config's
+guidance rescale; ``--eval-seeds K`` repeats the sampled metrics with K seed
 sets, for the spread that tells an effect from noise. ``--concurrent`` trains the variants as parallel processes
 (one GPU, eager: no compile), which pays when one small model alone leaves the GPU idle. Re-running skips finished
 columns. Writes ``OUT/report.md`` (sentences, plan, metrics table with differences, grid, loss curves, bar chart),
@@ -340,13 +341,14 @@ def train_concurrently(plans: Sequence[ColumnPlan], data: str, device: str | Non
 
 
 def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data: CaptionSet, reference: RealReference, size: int,
-                    steps: int, eval_seeds: int, device: str | None) -> dict[str, Any]:
+                    steps: int, eval_seeds: int, device: str | None, guidance: float | None = None) -> dict[str, Any]:
     """The column's evaluation (``eval_seeds`` draws of the sampled metrics: mean and spread) and grid block.
-    ``data`` at ``size`` px and its ``reference`` are the study's, shared by every column."""
+    ``data`` at ``size`` px and its ``reference`` are the study's, shared by every column. ``guidance``: the
+    scale of every column; None takes the column's UNet config's (its grids' scale)."""
     stack = load_stack(vae=plan.stages["vae"], clip=plan.stages["clip"], unet=plan.stages["unet"], device=device)
     training = stack.infos["unet"].training
-    settings = GenerationSettings(size=size, steps=steps, guidance_scale=training["guidance_scale"],
-                                  guidance_rescale=training["guidance_rescale"])
+    settings = GenerationSettings(size=size, steps=steps, guidance_rescale=training["guidance_rescale"],
+                                  guidance_scale=training["guidance_scale"] if guidance is None else guidance)
     judge_name = f"{plan.stages['judge']} ({file_fingerprint(plan.stages['judge'] / 'model.safetensors')})"
     results = evaluate_run(stack, data, judge, settings, out_dir=plan.folder, judge_name=judge_name,
                            reference=reference)
@@ -539,7 +541,9 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
     lines = [f"# Study: {out.name}", "", f"Command: `{command}`", "",
              f"Base run `{settings['base']}`; data `{settings['data']}`; judge `{settings['judge']}` (the base run's, "
              f"for every column). Every column samples the same prompts and seeds: {settings['steps']} steps at "
-             f"{settings['size']} px, with the guidance of its UNet's config.", ""]
+             f"{settings['size']} px, " + (f"guidance {settings['guidance']:g}" if "guidance" in settings else
+                                           "with the guidance scale of its UNet's config") +
+             ", with the guidance rescale of its UNet's config.", ""]
     if "tiny" in preset:
         lines += ["**This is a smoke study** on the tiny preset: it shows that the study runs end to end; its "
                   "numbers say nothing about the full models.", ""]
@@ -611,6 +615,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=GenerationSettings().steps, help="sampling steps")
     parser.add_argument("--size", type=int,
                         help="image size of the evaluation (default: the base UNet's training resolution)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale of every column (default: each UNet config's, the training grids' scale)")
     parser.add_argument("--concurrent", action="store_true", help="train the variants at once, one process each")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
     parser.add_argument("--device", default=None)
@@ -627,13 +633,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "one after another on every rank: drop --concurrent")
     base = base_stages(args.base)
     size = args.size or generation_size({stage: read_stage(base[stage], stage) for stage in ("vae", "unet")})
-    GenerationSettings(size=size, steps=args.steps)  # checks size and steps
+    GenerationSettings(size=size, steps=args.steps, guidance_scale=args.guidance or 0.0)  # checks size, steps, guidance
     check_base_data(base, args.data)
     plans = [base_column(base, args.out)] + [plan_column(v, base, args.out, args.concurrent) for v in variants]
     if args.size is None:
         check_unet_resolutions(plans, size)
     settings = {"base": str(args.base), "data": args.data, "judge": str(base["judge"]), "steps": args.steps,
                 "size": size, "eval_seeds": args.eval_seeds}
+    if args.guidance is not None:  # recorded only when given, so columns of studies made before the option resume
+        settings["guidance"] = args.guidance
     for plan in plans:
         check_column_folder(plan, {"spec": plan.spec, **settings}, args.data)
     pending = {p.name for p in plans if not (p.folder / EVALUATION_FILE).is_file()}
@@ -679,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if plan.name in pending:
                     print(f"\n=== {plan.name}: evaluating ===", flush=True)
                     evaluations[plan.name] = evaluate_column(plan, judge, data, reference, size, args.steps,
-                                                             args.eval_seeds, str(env.device))
+                                                             args.eval_seeds, str(env.device), args.guidance)
                 else:
                     evaluations[plan.name] = json.loads((plan.folder / EVALUATION_FILE).read_text(encoding="utf-8"))
             result["summary"] = write_report(args.out, plans, evaluations, settings, command)

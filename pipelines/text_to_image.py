@@ -46,6 +46,9 @@ class GenerationSettings:
             raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise UserError(f"guidance scale must be >= 0 (1: the prompt's prediction alone, 0: the empty prompt's), "
+                            f"got {self.guidance_scale}")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -285,6 +285,8 @@ def test_generation_is_deterministic_per_seed(run_a, sampler, eta):
     assert a.shape == (2, 3, 64, 64) and torch.allclose(a[1], b[0], atol=1e-5)
     with pytest.raises(ValueError, match="multiple of 8"):
         GenerationSettings(size=60)
+    with pytest.raises(ValueError, match="guidance scale must be >= 0"):
+        GenerationSettings(guidance_scale=-1.0)
 
 
 def test_cuda_graph_setting_falls_back_to_eager_off_cuda(run_a):

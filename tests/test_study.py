@@ -101,6 +101,26 @@ def test_resume_skips_finished_variants_and_trains_a_new_one_concurrently(done, 
     assert "| fast_lr |" in (copy / "report.md").read_text(encoding="utf-8")
 
 
+def test_a_given_guidance_is_every_columns_and_is_recorded(base, done, tmp_path, monkeypatch):
+    import pipelines.study as study_module
+    scales, evaluate_run = [], study_module.evaluate_run
+
+    def recording_evaluate_run(stack, data, judge, settings, **kwargs):
+        scales.append(settings.guidance_scale)
+        return evaluate_run(stack, data, judge, settings, **kwargs)
+
+    monkeypatch.setattr(study_module, "evaluate_run", recording_evaluate_run)
+    out, taken = tmp_path / "guided", f"taken: unet={done[0] / 'no_terms' / 'unet'}"  # a folder: nothing trains
+    study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "3", "--variant", taken])
+    assert scales == [3.0, 3.0]  # the base column and the variant, not the UNet configs' 5
+    assert "guidance 3," in (out / "report.md").read_text(encoding="utf-8")
+    with pytest.raises(UserError, match="guidance was 3.0, now 2.0"):  # a finished column is not re-judged silently
+        study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "2", "--variant", taken])
+    with pytest.raises(UserError, match="guidance scale must be >= 0"):
+        study(["--base", str(base), "--out", str(tmp_path / "bad"), *FAST, "--guidance", "-1", "--variant", taken])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_changed_variant_under_a_finished_name_is_refused(done):
     out, args, _ = done
     changed = [a.replace("--unet.cons_weight=0", "--unet.cons_weight=0.5") for a in args]

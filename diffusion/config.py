@@ -47,9 +47,9 @@ class UNetTrainConfig:
     prediction_type: str = "v_prediction"  # or "epsilon" (then drop schedule.zero_terminal_snr)
     loss: DiffusionLossConfig = field(default_factory=lambda: DiffusionLossConfig(
         div_weight=0.05, cons_weight=0.1, cons_warmup_steps=500))
-    # pixel-space geometric augmentation with its label as UNet conditioning (EDM's recipe): off by default,
-    # --unet.augment.copies=8 turns it on (it did not pay at this run length; docs/results/quality)
-    augment: GeometryAugment = field(default_factory=lambda: GeometryAugment(copies=0))
+    # pixel-space geometric augmentation with its label as UNet conditioning (EDM's recipe): off by default
+    # (it did not pay at this run length; docs/results/quality); --unet.augment.copies=N turns it on
+    augment: GeometryAugment = field(default_factory=GeometryAugment)
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
     # Progressive resolution: the stage first trains lowres_epochs at resolution / lowres_factor (into out/lowres/,
     # a UNet stage folder of its own), then continues from those weights at `resolution` for train.epochs. At a

@@ -633,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "one after another on every rank: drop --concurrent")
     base = base_stages(args.base)
     size = args.size or generation_size({stage: read_stage(base[stage], stage) for stage in ("vae", "unet")})
-    GenerationSettings(size=size, steps=args.steps, guidance_scale=args.guidance or 0.0)  # checks size, steps, guidance
+    GenerationSettings(size=size, steps=args.steps,  # checks size, steps and a given guidance
+                       guidance_scale=GenerationSettings.guidance_scale if args.guidance is None else args.guidance)
     check_base_data(base, args.data)
     plans = [base_column(base, args.out)] + [plan_column(v, base, args.out, args.concurrent) for v in variants]
     if args.size is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import pipelines.study as study_module
 import train_all
 from engine.errors import UserError
 from engine.stage import StageError, file_fingerprint, is_complete, read_stage
@@ -102,7 +103,6 @@ def test_resume_skips_finished_variants_and_trains_a_new_one_concurrently(done, 
 
 
 def test_a_given_guidance_is_every_columns_and_is_recorded(base, done, tmp_path, monkeypatch):
-    import pipelines.study as study_module
     scales, evaluate_run = [], study_module.evaluate_run
 
     def recording_evaluate_run(stack, data, judge, settings, **kwargs):

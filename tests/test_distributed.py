@@ -43,6 +43,8 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     assert trainer.micro_batch == 4 and trainer.env.world_size == 2
     if rank == 0:
         torch.save({k: v.clone() for k, v in trainer.module.state_dict().items()}, os.path.join(out, "final.pt"))
+    # both ranks leave together: a rank that tears gloo down while its peer still writes can abort the peer
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
@@ -82,6 +84,7 @@ def _contrastive_worker(rank: int, world_size: int, port: int, out: str) -> None
                             duplicate_mask(gather_across_ranks(tokens)))
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": image.grad}, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.barrier()  # leave together (see _worker)
     torch.distributed.destroy_process_group()
 
 

@@ -71,6 +71,8 @@ def pipeline_difference(stack: StageStack, export_dir: str | Path, prompts: Sequ
     ``StableDiffusionPipeline`` given our text states and our initial noise."""
     if settings.sampler != "ddim" or settings.eta != 0:
         raise ValueError("the pipeline comparison runs DDIM with eta 0: the exported scheduler's update")
+    if settings.guidance_interval is not None:
+        raise ValueError("diffusers' pipeline guides at every noise level: compare with guidance_interval=None")
     seeds = [seed + i for i in range(len(prompts))]
     ours, _ = generate_with_latents(stack, prompts, seeds, settings)
     # the text encoder and tokenizer stay ours: diffusers wants them passed as None explicitly
@@ -120,7 +122,7 @@ def check(run: str | Path, export_dir: str | Path, device: torch.device, pipelin
         warnings.simplefilter("ignore", LineageWarning)
         pipeline_stack = load_stack(run, device=pipeline_device)
     settings = GenerationSettings(guidance_scale=guidance_scale, steps=steps, sampler="ddim", eta=0.0,
-                                  size=size, cuda_graph=False)
+                                  size=size, cuda_graph=False, guidance_interval=None)  # diffusers guides everywhere
     pixels = pipeline_difference(pipeline_stack, export_dir, PROMPTS, seed=0, settings=settings)
     return {"vae_max_abs_diff": max(vae_diff.values()), "vae_encode_max_abs_diff": vae_diff["encode"],
             "vae_decode_max_abs_diff": vae_diff["decode"], "unet_max_abs_diff": unet_diff,

@@ -1,8 +1,8 @@
 """Choose the sampling defaults from measurements: one trained run, the picture-quality ruler of
-``pipelines.evaluate`` at every combination of guidance scale, guidance rescale and steps.
+``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval and steps.
 
     python -m benchmarks.sampling_sweep --run runs/pokemon --data ../shared/pokemon --out runs/sweep.json \\
-        --guidance 2 2.5 3 5 --rescale 0 0.7 --steps 25
+        --guidance 2 3 4 --rescale 0.7 --steps 25 --interval none 0.28,7.5
 
 The judge is the run's (``judge/``, or the one its ``stages.json`` names). Writes one JSON record per
 setting and prints a table.
@@ -30,14 +30,28 @@ SHOWN = ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_cop
          "diversity_feature")
 
 
+def parse_interval(text: str) -> tuple[float, float] | None:
+    """``none`` (guide at every noise level) or ``SIGMA_LO,SIGMA_HI``."""
+    if text == "none":
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"interval must be 'none' or 'SIGMA_LO,SIGMA_HI', got {text!r}") from None
+    return low, high
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sampling_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--guidance", type=float, nargs="+", default=[2.0, 2.5, 3.0, 5.0])  # around the default
+    parser.add_argument("--guidance", type=float, nargs="+", default=[2.0, 3.0, 4.0, 5.0])  # around the default
     parser.add_argument("--rescale", type=float, nargs="+", default=[0.0, 0.7])
     parser.add_argument("--steps", type=int, nargs="+", default=[25])
+    parser.add_argument("--interval", type=parse_interval, nargs="+",
+                        default=[None, GenerationSettings.guidance_interval],
+                        help="guidance intervals: 'none' (every level) or SIGMA_LO,SIGMA_HI (e.g. 0.28,7.5)")
     parser.add_argument("--sampler", default=GenerationSettings.sampler)
     args = parser.parse_args(argv)
     stack = load_stack(args.run)
@@ -46,14 +60,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
     records = []
-    print("| guidance | rescale | steps | " + " | ".join(SHOWN) + " |", flush=True)
-    for scale, rescale, steps in itertools.product(args.guidance, args.rescale, args.steps):
-        settings = GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, steps=steps,
-                                      sampler=args.sampler, size=stack.image_size)
+    print("| guidance | rescale | interval | steps | " + " | ".join(SHOWN) + " |", flush=True)
+    for scale, rescale, interval, steps in itertools.product(args.guidance, args.rescale, args.interval, args.steps):
+        settings = GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
+                                      steps=steps, sampler=args.sampler, size=stack.image_size)
         metrics = generation_metrics(stack, judge, train, val, settings, reference=reference)
-        records.append({"guidance_scale": scale, "guidance_rescale": rescale, "steps": steps, "metrics": metrics})
-        print(f"| {scale} | {rescale} | {steps} | " + " | ".join(f"{metrics[k]:.3f}" for k in SHOWN) + " |",
-              flush=True)
+        records.append({"guidance_scale": scale, "guidance_rescale": rescale, "guidance_interval": interval,
+                        "steps": steps, "metrics": metrics})
+        print(f"| {scale} | {rescale} | {interval} | {steps} | " + " | ".join(f"{metrics[k]:.3f}" for k in SHOWN)
+              + " |", flush=True)
     write_json(args.out, {"run": str(args.run), "sampler": args.sampler,
                           "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
                           "command": "python -m benchmarks.sampling_sweep " + " ".join(

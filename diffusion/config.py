@@ -36,7 +36,7 @@ class UNetTrainConfig:
 
     # Learning rate 4e-4 without dropout or augmentation: at the default's 2.5 k steps it learns faster than 2e-4
     # with dropout 0.1 and augmentation, and at the generation default's guidance its near-copies stay within the
-    # bar (docs/results/quality). Norms in bf16 (engine.precision): ~10 % more samples/s, same validation loss.
+    # bars (docs/results/quality). Norms in bf16 (engine.precision): ~10 % more samples/s, same validation loss.
     model: UNetConfig = field(default_factory=UNetConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=6, passes_per_epoch=10, batch_size=64, lr=4e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999,
@@ -75,7 +75,7 @@ class UNetTrainConfig:
     sample_every_epochs: int = 1  # and always after the last epoch
     sample_steps: int = 25
     sample_sampler: str = "dpmpp_2m"
-    guidance_scale: float = 5.0  # the epoch grids' (generation defaults to less): strong, to show what the text does
+    guidance_scale: float = 5.0  # the epoch grids', at every noise level: strong, to show what the text does
     guidance_rescale: float = 0.7  # Lin et al. 2024: pulls the guided prediction's spread back to the conditional one
     sample_seeds: int = 2  # each grid prompt is sampled from this many fixed seeds
 

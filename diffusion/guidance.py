@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
@@ -24,10 +25,37 @@ def rescale_guided(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     return rescale * matched + (1 - rescale) * guided
 
 
+def check_guidance_interval(interval: tuple[float, float] | None) -> None:
+    """Raise ``ValueError`` unless ``interval`` is None or ``(sigma_lo, sigma_hi)`` with ``0 <= lo < hi``."""
+    if interval is None:
+        return
+    if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+        raise ValueError(f"guidance interval must be (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi "
+                         f"(noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar), inf allowed), got {interval}")
+
+
+def guidance_scale_table(schedule: NoiseSchedule, guidance_scale: float,
+                         interval: tuple[float, float] | None) -> Tensor:
+    """The guidance scale at every timestep, float32 [T]: ``guidance_scale`` where the noise level
+    ``sigma_t = sqrt((1 - ab_t) / ab_t)`` lies in ``(sigma_lo, sigma_hi]``, 1 (the prompt's prediction alone)
+    elsewhere; ``interval=None`` guides everywhere. Kynkaanniemi et al. 2024: guidance at the highest noise
+    levels pulls the seeds of one prompt onto one layout (less variety, more copies of a training image), and
+    at the lowest it only sharpens what is already there."""
+    check_guidance_interval(interval)
+    ab = schedule.alphas_cumprod
+    if interval is None:
+        return torch.full_like(ab, guidance_scale, dtype=torch.float32)
+    sigma = torch.where(ab > 0, ((1 - ab) / ab.clamp_min(1e-300)).sqrt(), torch.full_like(ab, math.inf))
+    guided = (sigma > interval[0]) & (sigma <= interval[1])
+    return torch.where(guided, guidance_scale, 1.0).float()
+
+
 def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, cond: Tensor, uncond: Tensor,
-                 guidance_scale: float, guidance_rescale: float = 0.0) -> Denoiser:
+                 guidance_scale: float, guidance_rescale: float = 0.0,
+                 guidance_interval: tuple[float, float] | None = None) -> Denoiser:
     """Denoiser returning x0 from the guided prediction ``uncond + scale * (cond - uncond)`` (rescaled by
-    :func:`rescale_guided` when ``guidance_rescale > 0``).
+    :func:`rescale_guided` when ``guidance_rescale > 0``). With ``guidance_interval`` the scale is
+    ``guidance_scale`` only at noise levels inside it and 1 elsewhere (:func:`guidance_scale_table`).
 
     ``cond``/``uncond`` are text states [B, L, D]; ``uncond`` (empty or negative prompt) may have batch 1 and is
     then shared by every sample. The two branches run as one forward on the batch ``[uncond; cond]``; at scale 1
@@ -39,6 +67,9 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
                          "prompts to the same length and give uncond batch 1 or the batch of cond")
     # [uncond; cond] is built once here, not per step
     both_contexts = None if guidance_scale == 1 else torch.cat([uncond.expand_as(cond), cond])
+    # per-timestep scales, gathered on the device by t (no host sync; CUDA-graph safe)
+    scale_table = None if guidance_interval is None else guidance_scale_table(schedule, guidance_scale,
+                                                                              guidance_interval).to(cond.device)
 
     def denoise(x_t: Tensor, t: Tensor) -> Tensor:
         if x_t.shape[0] != cond.shape[0]:
@@ -48,8 +79,12 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
             pred = model(x_t, t, cond)
         else:
             pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_contexts).chunk(2)
-            pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-            if guidance_rescale > 0:
+            if scale_table is None:
+                pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+            else:
+                scale = scale_table[t.to(scale_table.device)].view((-1,) + (1,) * (x_t.ndim - 1))
+                pred = pred_uncond + scale.to(pred_cond.dtype) * (pred_cond - pred_uncond)
+            if guidance_rescale > 0:  # where the scale is 1, pred is pred_cond and the rescale leaves it
                 pred = rescale_guided(pred, pred_cond, guidance_rescale)
         x0, _ = schedule.to_x0_eps(pred, x_t, t, prediction_type)
         return x0
@@ -62,14 +97,16 @@ def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: Noise
                              cond: Tensor, uncond: Tensor, guidance_scale: float, x: Tensor, timesteps: Tensor,
                              sampler: str, noise: PerSampleNoise, eta: float = 0.0, decode_batch: int | None = None,
                              decode_context: AbstractContextManager | None = None,
-                             guidance_rescale: float = 0.0) -> tuple[Tensor, Tensor]:
+                             guidance_rescale: float = 0.0,
+                             guidance_interval: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
     """Sample ``x`` (noisy scaled latents at ``timesteps[0]``) with guidance, then decode with the VAE.
 
     The one sampling path of ``pipelines.generate`` and the UNet stage's per-epoch grid. Returns the float32
     images (not clamped) and the scaled latents. ``decode_batch`` bounds the VAE batch; ``decode_context``
     (e.g. an autocast) wraps the decoding only.
     """
-    denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale)
+    denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
+                            guidance_interval)
     latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta)
     with decode_context or nullcontext():
         images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()

@@ -20,7 +20,8 @@ before anything trains; ``--plan-only`` stops there.
 Every column (the base and each variant) is evaluated the same way: ``pipelines.evaluate``'s metrics on the
 same prompts and seeds, ``--steps`` sampling steps at one size (``--size``; by default the base UNet's training
 resolution), at ``--guidance`` (by default each UNet config's scale: the training grids') with each UNet config's
-guidance rescale; ``--eval-seeds K`` repeats the sampled metrics with K seed
+guidance rescale, at every noise level unless ``--guidance-interval`` is given (e.g. the generation default's
+``--guidance 4 --guidance-interval 0.28 7.5``); ``--eval-seeds K`` repeats the sampled metrics with K seed
 sets, for the spread that tells an effect from noise. ``--concurrent`` trains the variants as parallel processes
 (one GPU, eager: no compile), which pays when one small model alone leaves the GPU idle. Re-running skips finished
 columns. Writes ``OUT/report.md`` (sentences, plan, metrics table with differences, grid, loss curves, bar chart),
@@ -284,8 +285,9 @@ def check_column_folder(plan: ColumnPlan, recorded_as: dict[str, Any], data: str
     path = plan.folder / VARIANT_FILE
     if path.is_file():
         earlier = json.loads(path.read_text(encoding="utf-8"))["recorded_as"]
-        differences = [f"{key} was {earlier.get(key)!r}, now {value!r}" for key, value in recorded_as.items()
-                       if earlier.get(key) != value]
+        keys = list(recorded_as) + [key for key in earlier if key not in recorded_as]  # given then, left out now
+        differences = [f"{key} was {earlier.get(key)!r}, now {recorded_as.get(key)!r}" for key in keys
+                       if earlier.get(key) != recorded_as.get(key)]
         if differences:
             raise UserError(f"{plan.folder} holds column {plan.name} of another study ({'; '.join(differences)}); "
                             "write to another --out, give the variant another name, or delete that folder")
@@ -341,14 +343,17 @@ def train_concurrently(plans: Sequence[ColumnPlan], data: str, device: str | Non
 
 
 def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data: CaptionSet, reference: RealReference, size: int,
-                    steps: int, eval_seeds: int, device: str | None, guidance: float | None = None) -> dict[str, Any]:
+                    steps: int, eval_seeds: int, device: str | None, guidance: float | None = None,
+                    guidance_interval: tuple[float, float] | None = None) -> dict[str, Any]:
     """The column's evaluation (``eval_seeds`` draws of the sampled metrics: mean and spread) and grid block.
     ``data`` at ``size`` px and its ``reference`` are the study's, shared by every column. ``guidance``: the
-    scale of every column; None takes the column's UNet config's (its grids' scale)."""
+    scale of every column; None takes the column's UNet config's (its grids' scale). ``guidance_interval``: the
+    noise levels guided (None: every level, as the grids)."""
     stack = load_stack(vae=plan.stages["vae"], clip=plan.stages["clip"], unet=plan.stages["unet"], device=device)
     training = stack.infos["unet"].training
     settings = GenerationSettings(size=size, steps=steps, guidance_rescale=training["guidance_rescale"],
-                                  guidance_scale=training["guidance_scale"] if guidance is None else guidance)
+                                  guidance_scale=training["guidance_scale"] if guidance is None else guidance,
+                                  guidance_interval=guidance_interval)
     judge_name = f"{plan.stages['judge']} ({file_fingerprint(plan.stages['judge'] / 'model.safetensors')})"
     results = evaluate_run(stack, data, judge, settings, out_dir=plan.folder, judge_name=judge_name,
                            reference=reference)
@@ -543,6 +548,8 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
              f"for every column). Every column samples the same prompts and seeds: {settings['steps']} steps at "
              f"{settings['size']} px, " + (f"guidance {settings['guidance']:g}" if "guidance" in settings else
                                            "with the guidance scale of its UNet's config") +
+             (" in the noise-level interval ({:g}, {:g}]".format(*settings["guidance_interval"])
+              if "guidance_interval" in settings else " at every noise level") +
              ", with the guidance rescale of its UNet's config.", ""]
     if "tiny" in preset:
         lines += ["**This is a smoke study** on the tiny preset: it shows that the study runs end to end; its "
@@ -617,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="image size of the evaluation (default: the base UNet's training resolution)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="guidance scale of every column (default: each UNet config's, the training grids' scale)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
+                        help="guide only at noise levels in (SIGMA_LO, SIGMA_HI] (default: every level, as the grids)")
     parser.add_argument("--concurrent", action="store_true", help="train the variants at once, one process each")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
     parser.add_argument("--device", default=None)
@@ -633,8 +642,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "one after another on every rank: drop --concurrent")
     base = base_stages(args.base)
     size = args.size or generation_size({stage: read_stage(base[stage], stage) for stage in ("vae", "unet")})
-    GenerationSettings(size=size, steps=args.steps,  # checks size, steps and a given guidance
-                       guidance_scale=GenerationSettings.guidance_scale if args.guidance is None else args.guidance)
+    GenerationSettings(size=size, steps=args.steps,  # checks size, steps and a given guidance and interval
+                       guidance_scale=GenerationSettings.guidance_scale if args.guidance is None else args.guidance,
+                       guidance_interval=args.guidance_interval)
     check_base_data(base, args.data)
     plans = [base_column(base, args.out)] + [plan_column(v, base, args.out, args.concurrent) for v in variants]
     if args.size is None:
@@ -643,6 +653,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "size": size, "eval_seeds": args.eval_seeds}
     if args.guidance is not None:  # recorded only when given, so columns of studies made before the option resume
         settings["guidance"] = args.guidance
+    if args.guidance_interval is not None:
+        settings["guidance_interval"] = args.guidance_interval
     for plan in plans:
         check_column_folder(plan, {"spec": plan.spec, **settings}, args.data)
     pending = {p.name for p in plans if not (p.folder / EVALUATION_FILE).is_file()}
@@ -688,7 +700,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if plan.name in pending:
                     print(f"\n=== {plan.name}: evaluating ===", flush=True)
                     evaluations[plan.name] = evaluate_column(plan, judge, data, reference, size, args.steps,
-                                                             args.eval_seeds, str(env.device), args.guidance)
+                                                             args.eval_seeds, str(env.device), args.guidance,
+                                                             args.guidance_interval)
                 else:
                     evaluations[plan.name] = json.loads((plan.folder / EVALUATION_FILE).read_text(encoding="utf-8"))
             result["summary"] = write_report(args.out, plans, evaluations, settings, command)

@@ -1,9 +1,11 @@
 """Classifier-free guidance with a toy linear model whose output depends on x, t and the context."""
 
+import argparse
+
 import pytest
 import torch
 
-from diffusion.guidance import cfg_denoiser, rescale_guided
+from diffusion.guidance import cfg_denoiser, check_guidance_interval, guidance_scale_table, rescale_guided
 from diffusion.samplers import sample_ddim
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 
@@ -115,3 +117,45 @@ def test_denoiser_applies_the_rescale_only_when_asked(inputs):
     expected = rescale_guided(pred_uncond + 5.0 * (pred_cond - pred_uncond), pred_cond, 0.7)
     assert torch.allclose(rescaled, schedule.to_x0_eps(expected, x_t, t, "v_prediction")[0], atol=1e-5)
     assert not torch.allclose(rescaled, plain)
+
+
+def test_guidance_scale_table_guides_only_inside_the_sigma_interval():
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    ab = schedule.alphas_cumprod
+    sigma = ((1 - ab) / ab).sqrt()  # inf at the last step (alpha_bar = 0)
+    table = guidance_scale_table(schedule, 4.0, (0.5, 5.0))
+    inside = (sigma > 0.5) & (sigma <= 5.0)
+    assert 0 < int(inside.sum()) < schedule.num_steps
+    assert torch.equal(table, torch.where(inside, 4.0, 1.0).float())
+    assert table[-1] == 1.0 and table[0] == 1.0  # pure noise and the cleanest level stay unguided
+    assert torch.equal(guidance_scale_table(schedule, 4.0, (0.0, float("inf"))), torch.full_like(table, 4.0))
+    assert torch.equal(guidance_scale_table(schedule, 4.0, None), torch.full_like(table, 4.0))
+
+
+@pytest.mark.parametrize("interval", [(5.0, 0.5), (-1.0, 2.0), (1.0, 1.0)])
+def test_bad_guidance_interval_is_refused(interval):
+    with pytest.raises(ValueError, match="sigma_lo < sigma_hi"):
+        check_guidance_interval(interval)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_interval_guides_the_samples_whose_level_is_inside_and_leaves_the_rest_conditional(inputs, prediction_type):
+    x_t, t, cond, uncond = inputs  # t = 10, 500, 990: sigma about 0.1, 1.0 and 17 on the scaled-linear schedule
+    schedule = NoiseSchedule(ScheduleConfig())
+    sigma = ((1 - schedule.alphas_cumprod[t]) / schedule.alphas_cumprod[t]).sqrt()
+    interval = (float(sigma[0]) * 2, float(sigma[1]) * 2)  # only the middle sample's level
+    x0 = cfg_denoiser(ToyModel(), schedule, prediction_type, cond, uncond, 3.0, guidance_interval=interval)(x_t, t)
+    guided = guided_x0(schedule, x_t, t, cond, uncond, 3.0, prediction_type)
+    conditional = guided_x0(schedule, x_t, t, cond, uncond, 1.0, prediction_type)
+    torch.testing.assert_close(x0[1], guided[1])
+    torch.testing.assert_close(x0[[0, 2]], conditional[[0, 2]])
+    assert not torch.allclose(guided[[0, 2]], conditional[[0, 2]])  # the two answers differ there
+
+
+def test_sampling_sweep_reads_guidance_intervals():
+    from benchmarks.sampling_sweep import parse_interval
+
+    assert parse_interval("none") is None
+    assert parse_interval("0.28,5.42") == (0.28, 5.42)
+    with pytest.raises(argparse.ArgumentTypeError, match="'none' or 'SIGMA_LO,SIGMA_HI'"):
+        parse_interval("0.28")

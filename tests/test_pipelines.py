@@ -164,7 +164,8 @@ def test_generate_checks_its_inputs(run_a, tmp_path, capsys):
     cases = [(["--init-image", str(tmp_path)], "is a folder; pass one picture file"),
              (["--init-image", str(tmp_path / "notes.txt")], "is not a readable picture"),
              (["--init-image", str(tmp_path / "notes.txt"), "--strength", "1.5"], r"--strength must be in \(0, 1\]"),
-             (["--strength", "0.5"], "--strength applies to image-to-image only")]
+             (["--strength", "0.5"], "--strength applies to image-to-image only"),
+             (["--guidance-interval", "5", "0.3"], "sigma_lo < sigma_hi")]
     for extra, message in cases:
         with pytest.raises(UserError, match=message):
             generate_cli([*base, "--prompt", "a red circle", *extra])
@@ -287,6 +288,36 @@ def test_generation_is_deterministic_per_seed(run_a, sampler, eta):
         GenerationSettings(size=60)
     with pytest.raises(ValueError, match="guidance scale must be >= 0"):
         GenerationSettings(guidance_scale=-1.0)
+
+
+def test_guidance_interval_reaches_generation(run_a):  # which levels it guides: tests/test_guidance.py
+    stack = load_stack(run_a, device="cpu")
+    prompts, seeds = ["a red circle", "a blue square"], [0, 1]
+
+    def images(**settings):
+        return generate(stack, prompts, seeds, GenerationSettings(**{"size": 64, "steps": 4, "guidance_scale": 4.0,
+                                                                     **settings}))
+
+    guided_everywhere, unguided = images(guidance_interval=None), images(guidance_scale=1.0)
+    assert not torch.allclose(guided_everywhere, unguided, atol=1e-3)
+    # every level lies in (0, inf] (the first, pure-noise one too); none lies in (1e6, 1e7]
+    assert torch.allclose(images(guidance_interval=[0.0, float("inf")]), guided_everywhere, atol=1e-5)
+    assert torch.allclose(images(guidance_interval=(1e6, 1e7)), unguided, atol=1e-5)
+
+
+def test_sampling_options_choose_the_guidance_interval():
+    import argparse
+
+    from pipelines.text_to_image import add_sampling_arguments, sampling_settings
+
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    assert sampling_settings(parser.parse_args([])).guidance_interval == GenerationSettings().guidance_interval
+    assert GenerationSettings().guidance_interval is not None  # the default guides an interval
+    assert sampling_settings(parser.parse_args(["--guide-every-level"])).guidance_interval is None
+    assert sampling_settings(parser.parse_args(["--guidance-interval", "1", "2"])).guidance_interval == (1.0, 2.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--guide-every-level", "--guidance-interval", "1", "2"])
 
 
 def test_cuda_graph_setting_falls_back_to_eager_off_cuda(run_a):

@@ -103,21 +103,28 @@ def test_resume_skips_finished_variants_and_trains_a_new_one_concurrently(done, 
 
 
 def test_a_given_guidance_is_every_columns_and_is_recorded(base, done, tmp_path, monkeypatch):
-    scales, evaluate_run = [], study_module.evaluate_run
+    used, evaluate_run = [], study_module.evaluate_run
 
     def recording_evaluate_run(stack, data, judge, settings, **kwargs):
-        scales.append(settings.guidance_scale)
+        used.append((settings.guidance_scale, settings.guidance_interval))
         return evaluate_run(stack, data, judge, settings, **kwargs)
 
     monkeypatch.setattr(study_module, "evaluate_run", recording_evaluate_run)
     out, taken = tmp_path / "guided", f"taken: unet={done[0] / 'no_terms' / 'unet'}"  # a folder: nothing trains
-    study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "3", "--variant", taken])
-    assert scales == [3.0, 3.0]  # the base column and the variant, not the UNet configs' 5
-    assert "guidance 3," in (out / "report.md").read_text(encoding="utf-8")
+    study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "3", "--guidance-interval", "0.3", "8",
+           "--variant", taken])
+    assert used == [(3.0, (0.3, 8.0))] * 2  # the base column and the variant, not the UNet configs' 5 everywhere
+    assert "guidance 3 in the noise-level interval (0.3, 8]," in (out / "report.md").read_text(encoding="utf-8")
     with pytest.raises(UserError, match="guidance was 3.0, now 2.0"):  # a finished column is not re-judged silently
-        study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "2", "--variant", taken])
+        study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "2", "--guidance-interval", "0.3", "8",
+               "--variant", taken])
+    with pytest.raises(UserError, match="guidance_interval"):
+        study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "3", "--variant", taken])
     with pytest.raises(UserError, match="guidance scale must be >= 0"):
         study(["--base", str(base), "--out", str(tmp_path / "bad"), *FAST, "--guidance", "-1", "--variant", taken])
+    with pytest.raises(UserError, match="sigma_lo < sigma_hi"):
+        study(["--base", str(base), "--out", str(tmp_path / "bad"), *FAST, "--guidance-interval", "8", "0.3",
+               "--variant", taken])
     assert not (tmp_path / "bad").exists()
 
 

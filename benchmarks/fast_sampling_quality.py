@@ -62,5 +62,6 @@ def fast_sampling_quality(stack: StageStack, judge: CLIPModel | None, reference:
             row["judge_cosine"] = float(F.cosine_similarity(ref_features, features).mean())
         results[setting.label] = row
     return {"reference": reference.label, "num_images": num_images, "guidance_scale": guidance_scale,
-            "prompts": list(GRID_PROMPTS), "vs_reference": results,
+            "guidance_interval": GenerationSettings.guidance_interval, "prompts": list(GRID_PROMPTS),
+            "vs_reference": results,
             "scale": "latents: the UNet's scaled latents; pixels: [-1, 1] (RMS 2 = opposite colours everywhere)"}

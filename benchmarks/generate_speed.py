@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = generate_speed(stack, args.batch, args.repeats, [("ddim", 50), ("dpmpp_2m", args.fast_steps)],
                           args.guidance)
     result = {"cases": rows, "batch": args.batch, "size": stack.image_size, "guidance_scale": args.guidance,
+              "guidance_interval": GenerationSettings.guidance_interval,  # same UNet work with or without
               "device": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
               "torch": torch.__version__, "run": str(args.run),
               "command": "python -m benchmarks.generate_speed " + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
@@ -45,7 +44,7 @@ def guidance_scale_table(schedule: NoiseSchedule, guidance_scale: float,
     ab = schedule.alphas_cumprod
     if interval is None:
         return torch.full_like(ab, guidance_scale, dtype=torch.float32)
-    sigma = torch.where(ab > 0, ((1 - ab) / ab.clamp_min(1e-300)).sqrt(), torch.full_like(ab, math.inf))
+    sigma = ((1 - ab) / ab).sqrt()  # inf where alpha_bar = 0 (a zero-terminal-SNR schedule's last step)
     guided = (sigma > interval[0]) & (sigma <= interval[1])
     return torch.where(guided, guidance_scale, 1.0).float()
 
@@ -67,9 +66,8 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
                          "prompts to the same length and give uncond batch 1 or the batch of cond")
     # [uncond; cond] is built once here, not per step
     both_contexts = None if guidance_scale == 1 else torch.cat([uncond.expand_as(cond), cond])
-    # per-timestep scales, gathered on the device by t (no host sync; CUDA-graph safe)
-    scale_table = None if guidance_interval is None else guidance_scale_table(schedule, guidance_scale,
-                                                                              guidance_interval).to(cond.device)
+    # the scale per timestep, gathered on the device by t (no host sync; CUDA-graph safe)
+    scale_table = guidance_scale_table(schedule, guidance_scale, guidance_interval).to(cond.device)
 
     def denoise(x_t: Tensor, t: Tensor) -> Tensor:
         if x_t.shape[0] != cond.shape[0]:
@@ -79,11 +77,8 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
             pred = model(x_t, t, cond)
         else:
             pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_contexts).chunk(2)
-            if scale_table is None:
-                pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-            else:
-                scale = scale_table[t.to(scale_table.device)].view((-1,) + (1,) * (x_t.ndim - 1))
-                pred = pred_uncond + scale.to(pred_cond.dtype) * (pred_cond - pred_uncond)
+            scale = scale_table[t].view((-1,) + (1,) * (x_t.ndim - 1)).to(pred_cond.dtype)
+            pred = pred_uncond + scale * (pred_cond - pred_uncond)
             if guidance_rescale > 0:  # where the scale is 1, pred is pred_cond and the rescale leaves it
                 pred = rescale_guided(pred, pred_cond, guidance_rescale)
         x0, _ = schedule.to_x0_eps(pred, x_t, t, prediction_type)

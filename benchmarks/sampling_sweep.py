@@ -1,8 +1,9 @@
 """Choose the sampling defaults from measurements: one trained run, the picture-quality ruler of
-``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval and steps.
+``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval, steps and
+step noise (eta, for the ddim and dpmpp_2m samplers).
 
     python -m benchmarks.sampling_sweep --run runs/pokemon --data ../shared/pokemon --out runs/sweep.json \\
-        --guidance 2 3 4 --rescale 0.7 --steps 25 --interval none 0.28,7.5
+        --guidance 2 3 4 --rescale 0.7 --steps 25 --interval none 0.28,7.5 --eta 0 0.5
 
 The judge is the run's (``judge/``, or the one its ``stages.json`` names). Writes one JSON record per
 setting and prints a table.
@@ -53,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         default=[None, GenerationSettings.guidance_interval],
                         help="guidance intervals: 'none' (every level) or SIGMA_LO,SIGMA_HI (e.g. 0.28,7.5)")
     parser.add_argument("--sampler", default=GenerationSettings.sampler)
+    parser.add_argument("--eta", type=float, nargs="+", default=[GenerationSettings.eta],
+                        help="step noise: 0 deterministic, 1 as much as ancestral ddpm (ddim and dpmpp_2m)")
     args = parser.parse_args(argv)
     stack = load_stack(args.run)
     judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()
@@ -60,15 +63,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
     records = []
-    print("| guidance | rescale | interval | steps | " + " | ".join(SHOWN) + " |", flush=True)
-    for scale, rescale, interval, steps in itertools.product(args.guidance, args.rescale, args.interval, args.steps):
+    print("| guidance | rescale | interval | steps | eta | " + " | ".join(SHOWN) + " |", flush=True)
+    for scale, rescale, interval, steps, eta in itertools.product(args.guidance, args.rescale, args.interval,
+                                                                  args.steps, args.eta):
         settings = GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
-                                      steps=steps, sampler=args.sampler, size=stack.image_size)
+                                      steps=steps, sampler=args.sampler, eta=eta, size=stack.image_size)
         metrics = generation_metrics(stack, judge, train, val, settings, reference=reference)
         records.append({"guidance_scale": scale, "guidance_rescale": rescale, "guidance_interval": interval,
-                        "steps": steps, "metrics": metrics})
-        print(f"| {scale} | {rescale} | {interval} | {steps} | " + " | ".join(f"{metrics[k]:.3f}" for k in SHOWN)
-              + " |", flush=True)
+                        "steps": steps, "eta": eta, "metrics": metrics})
+        print(f"| {scale} | {rescale} | {interval} | {steps} | {eta} | "
+              + " | ".join(f"{metrics[k]:.3f}" for k in SHOWN) + " |", flush=True)
     write_json(args.out, {"run": str(args.run), "sampler": args.sampler,
                           "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
                           "command": "python -m benchmarks.sampling_sweep " + " ".join(

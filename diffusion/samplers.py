@@ -9,8 +9,8 @@ Python floats, so the loop makes no host syncs; ``timesteps`` is read to the hos
 
 Every sampler has one signature, ``sampler(denoiser, schedule, x, timesteps, *, noise=None, eta=0.0,
 callback=None)``: ``noise`` is where a stochastic step draws from (``diffusion.noise``; ``PerSampleNoise``
-makes each sample depend on its own seed only; ``None``: the global RNG), ``eta`` is DDIM's noise level and
-must stay 0 for the others.
+makes each sample depend on its own seed only; ``None``: the global RNG), ``eta`` is the step noise of ``ddim``
+and ``dpmpp_2m`` (0: deterministic, 1: as much as ancestral DDPM) and must stay 0 for ``ddpm``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,21 @@ def sample_ddpm(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timestep
 
 def _check_no_eta(name: str, eta: float) -> None:
     if eta != 0:
-        raise ValueError(f"eta={eta} applies to the ddim sampler only; use sampler ddim or leave eta at 0 for {name}")
+        raise ValueError(f"eta={eta} applies to the ddim and dpmpp_2m samplers only; leave eta at 0 for {name}")
+
+
+def _dpmpp_sde_step(ab_from: float, ab_to: float, eta: float) -> _Step:
+    """First-order DPM-Solver++ SDE step (Lu et al. 2022, the SDE form; k-diffusion's 2M SDE with its ``eta``):
+    with r = exp(-h) = (alpha_from sigma_to) / (sigma_from alpha_to),
+    ``x_to = (sigma_to / sigma_from) r^eta x + alpha_to (1 - r^(1 + eta)) x0_hat + sigma_to sqrt(1 - r^(2 eta)) z``.
+    eta = 0 is the DDIM step; eta = 1 is the DDPM posterior step. r is 0 to the clean level and from pure noise,
+    so on a zero-terminal-SNR schedule the first step is ancestral at any eta > 0 (the start noise is replaced).
+    """
+    alpha_from, sigma_from = math.sqrt(ab_from), math.sqrt(1 - ab_from)
+    alpha_to, sigma_to = math.sqrt(ab_to), math.sqrt(1 - ab_to)
+    r = alpha_from * sigma_to / (sigma_from * alpha_to)
+    return _Step(x_coef=sigma_to / sigma_from * r ** eta, x0_coef=alpha_to * (1 - r ** (1 + eta)),
+                 noise_std=sigma_to * math.sqrt(max(1 - r ** (2 * eta), 0.0)))
 
 
 def _half_log_snr(alpha_bar: float) -> float:
@@ -125,25 +139,35 @@ def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, time
                     callback: StepCallback | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep in lambda = log(alpha / sigma).
 
-    Each step is the first-order (DDIM) update with x0_hat replaced by the extrapolation
+    Each step is the first-order update with x0_hat replaced by the extrapolation
     ``(1 + w) x0_hat_i - w x0_hat_{i-1}``, ``w = h_i / (2 h_{i-1})``. The first step, the last step (to the
     clean level, h = inf) and a step after a pure-noise start (h_{i-1} = inf) stay first order (w = 0).
-    Deterministic: ``noise`` is never drawn from.
+    ``eta = 0`` (default) is the deterministic ODE solver and never draws from ``noise``; ``eta`` in (0, 1]
+    is its SDE form (:func:`_dpmpp_sde_step`; eta = 1 is diffusers' ``sde-dpmsolver++``), which injects fresh
+    noise at every step as ancestral sampling does, less of it at smaller eta.
     """
-    _check_no_eta("dpmpp_2m", eta)
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (0: the deterministic DPM-Solver++(2M), 1: its SDE form), got {eta}")
     levels = _alpha_bars(schedule, timesteps)
     lambdas = [_half_log_snr(a) for a in levels]
     h = [b - a for a, b in zip(lambdas[:-1], lambdas[1:])]
     weights = [0.0] + [h[i] / (2 * h[i - 1]) if math.isfinite(h[i]) and math.isfinite(h[i - 1]) else 0.0
                        for i in range(1, len(h))]
-    steps = [_ddim_step(a, b, eta=0.0) for a, b in zip(levels[:-1], levels[1:])]
+    if eta == 0:
+        steps = [_ddim_step(a, b, eta=0.0) for a, b in zip(levels[:-1], levels[1:])]
+    else:
+        steps = [_dpmpp_sde_step(a, b, eta) for a, b in zip(levels[:-1], levels[1:])]
 
+    noise = noise or generator_noise()
     t_device = timesteps.to(device=x.device, dtype=torch.long)
     previous_x0: Tensor | None = None
     for i, (step, w) in enumerate(zip(steps, weights)):
         x0_hat = denoiser(x, t_device[i].expand(x.shape[0])).to(x.dtype)
         x0_used = x0_hat if w == 0.0 or previous_x0 is None else (1 + w) * x0_hat - w * previous_x0
-        x = step.x_coef * x + step.x0_coef * x0_used
+        x_next = step.x_coef * x + step.x0_coef * x0_used
+        if step.noise_std > 0:
+            x_next = x_next + step.noise_std * noise(x)
+        x = x_next
         previous_x0 = x0_hat
         if callback is not None:
             callback(i, x, x0_hat)

@@ -68,7 +68,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (consecutive seeds)")
     parser.add_argument("--seed", type=int, default=0)
     add_sampling_arguments(parser)
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     parser.add_argument("--size", type=int, help="multiple of 8 (default: the UNet's training resolution)")
     parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture")
     parser.add_argument("--strength", type=float, help="image-to-image, in (0, 1]: near 0 keeps the init, 1 ignores it "
@@ -83,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
     check_prompts(args.prompt, stack.clip.tokenizer)
     size = args.size or stack.image_size
-    settings = sampling_settings(args, eta=args.eta, size=size, negative_prompt=args.negative_prompt,
+    settings = sampling_settings(args, size=size, negative_prompt=args.negative_prompt,
                                  cuda_graph=args.cuda_graph)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(prompts))]

@@ -36,7 +36,8 @@ class GenerationSettings:
     guidance_interval: tuple[float, float] | None = (0.28, 7.5)
     steps: int = 25
     sampler: str = "dpmpp_2m"  # "ddim" | "ddpm" | "dpmpp_2m"
-    eta: float = 0.0  # DDIM's step noise; the other samplers refuse eta > 0
+    # step noise of ddim and dpmpp_2m (0: deterministic; 1: as much as ancestral ddpm, which refuses eta > 0)
+    eta: float = 0.0
     size: int = 512
     negative_prompt: str = ""
     batch_size: int = 16  # prompts per UNet call (the guidance pass doubles it)
@@ -50,6 +51,9 @@ class GenerationSettings:
             raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, got {self.steps}")
+        if not 0 <= self.eta <= 1 or (self.eta and self.sampler == "ddpm"):
+            raise UserError(f"eta must be in [0, 1] with sampler ddim or dpmpp_2m (ddpm is ancestral already), "
+                            f"got eta={self.eta} with {self.sampler}")
         if self.guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0 (1: the prompt's prediction alone, 0: the empty prompt's), "
                             f"got {self.guidance_scale}")
@@ -66,6 +70,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GenerationSettings()
     parser.add_argument("--sampler", default=defaults.sampler, choices=sorted(SAMPLERS))
     parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--eta", type=float, default=defaults.eta,
+                        help="step noise of ddim and dpmpp_2m: 0 deterministic, 1 as much as ancestral ddpm")
     parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
     parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale,
                         help="0: plain classifier-free guidance; up to 1: the guided prediction keeps the "
@@ -81,7 +87,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettings:
     """GenerationSettings from the options of :func:`add_sampling_arguments`, plus ``more`` fields."""
-    return GenerationSettings(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
+    return GenerationSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance,
                               guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
                               **more)
 

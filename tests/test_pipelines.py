@@ -277,7 +277,8 @@ def test_img2img_with_tiny_strength_returns_the_input(run_a):
         generate(stack, ["x"], [0], settings, init_images=init[:1], strength=0.0)
 
 
-@pytest.mark.parametrize("sampler, eta", [("dpmpp_2m", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize("sampler, eta", [("dpmpp_2m", 0.0), ("dpmpp_2m", 0.5), ("ddim", 0.0), ("ddim", 1.0),
+                                          ("ddpm", 0.0)])
 def test_generation_is_deterministic_per_seed(run_a, sampler, eta):
     stack = load_stack(run_a, device="cpu")
     settings = GenerationSettings(size=64, steps=4, sampler=sampler, eta=eta)
@@ -288,6 +289,9 @@ def test_generation_is_deterministic_per_seed(run_a, sampler, eta):
         GenerationSettings(size=60)
     with pytest.raises(ValueError, match="guidance scale must be >= 0"):
         GenerationSettings(guidance_scale=-1.0)
+    for bad in ({"eta": 0.5, "sampler": "ddpm"}, {"eta": 1.5}, {"eta": -0.1, "sampler": "ddim"}):
+        with pytest.raises(ValueError, match="eta must be in \\[0, 1\\] with sampler ddim or dpmpp_2m"):
+            GenerationSettings(**bad)
 
 
 def test_guidance_interval_reaches_generation(run_a):  # which levels it guides: tests/test_guidance.py
@@ -316,6 +320,8 @@ def test_sampling_options_choose_the_guidance_interval():
     assert GenerationSettings().guidance_interval is not None  # the default guides an interval
     assert sampling_settings(parser.parse_args(["--guide-every-level"])).guidance_interval is None
     assert sampling_settings(parser.parse_args(["--guidance-interval", "1", "2"])).guidance_interval == (1.0, 2.0)
+    assert sampling_settings(parser.parse_args([])).eta == 0.0
+    assert sampling_settings(parser.parse_args(["--eta", "0.3"])).eta == 0.3
     with pytest.raises(SystemExit):
         parser.parse_args(["--guide-every-level", "--guidance-interval", "1", "2"])
 

@@ -91,6 +91,54 @@ def test_ddpm_reproduces_the_gaussian():
     assert var_error < 0.05  # ~1.5% bias at 400 steps + Monte-Carlo error
 
 
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_dpmpp_2m_sde_reproduces_the_gaussian(eta):
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    mean_error, var_error = run_sampler(schedule, sample_dpmpp_2m, 50, eta=eta,
+                                        noise=generator_noise(torch.Generator().manual_seed(9)))
+    _, ddpm_var_error = run_sampler(schedule, sample_ddpm, 50, noise=generator_noise(torch.Generator().manual_seed(9)))
+    assert mean_error < 0.04  # ~5 standard errors of the mean
+    assert var_error < 0.06  # ~1 % at 200 steps: Monte-Carlo error plus what is left of the discretisation's
+    assert ddpm_var_error > 2 * var_error  # second order beats the first-order ancestral sampler at equal steps
+
+
+def test_dpmpp_2m_sde_at_eta_one_is_ancestral_ddpm_when_the_estimate_does_not_move():
+    # with an x0 estimate that never changes the multistep correction vanishes, so only the first-order SDE step
+    # is left, and at eta = 1 that is the DDPM posterior step: the same noise gives the same samples
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    timesteps = schedule.sampling_timesteps(20)
+    x = start_noise(schedule, int(timesteps[0]))[:500]
+
+    def fixed_estimate(x_t, t):
+        return MU.expand_as(x_t)
+
+    def run(sampler, **kwargs):
+        return sampler(fixed_estimate, schedule, x, timesteps, noise=generator_noise(torch.Generator().manual_seed(4)),
+                       callback=lambda i, x_i, x0: steps.append(x_i), **kwargs)
+
+    steps = []
+    ddpm = run(sample_ddpm)
+    ddpm_steps, steps = steps, []
+    sde = run(sample_dpmpp_2m, eta=1.0)
+    for a, b in zip(ddpm_steps, steps, strict=True):  # every intermediate step, not only the end (which is MU)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    assert torch.equal(sde, ddpm)
+
+
+def test_dpmpp_2m_noise_grows_with_eta():
+    # the same noise stream, more of it at larger eta: the samples move away from the deterministic solver's.
+    # (Not on a zero-terminal-SNR schedule: from pure noise the first step is ancestral at any eta > 0.)
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=False))
+    timesteps = schedule.sampling_timesteps(10)
+    x = start_noise(schedule, int(timesteps[0]))[:200]
+    denoiser = gaussian_denoiser(schedule)
+    ode = sample_dpmpp_2m(denoiser, schedule, x, timesteps)
+    distance = [(sample_dpmpp_2m(denoiser, schedule, x, timesteps, eta=eta,
+                                 noise=generator_noise(torch.Generator().manual_seed(3))) - ode).abs().mean().item()
+                for eta in (0.0, 0.05, 0.25, 1.0)]
+    assert distance[0] == 0.0 and 0 < distance[1] < distance[2] < distance[3]
+
+
 def test_ddim_with_full_noise_reproduces_the_gaussian():
     schedule = NoiseSchedule(ScheduleConfig())
     generator = torch.Generator().manual_seed(6)
@@ -198,7 +246,8 @@ def test_bad_timesteps_raise_clear_errors(timesteps, message):
         sample_ddim(gaussian_denoiser(schedule), schedule, torch.zeros(2, 4, dtype=torch.float64), timesteps)
 
 
-@pytest.mark.parametrize("name, eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
+@pytest.mark.parametrize("name, eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0), ("dpmpp_2m", 0.0),
+                                       ("dpmpp_2m", 0.5)])
 def test_every_sampler_gives_a_seed_the_same_sample_alone_and_in_a_batch(name, eta):
     schedule = NoiseSchedule(ScheduleConfig())
     timesteps = schedule.sampling_timesteps(6)
@@ -216,9 +265,11 @@ def test_every_sampler_gives_a_seed_the_same_sample_alone_and_in_a_batch(name, e
     assert not torch.allclose(batch[0], batch[1])  # different seeds differ
 
 
-@pytest.mark.parametrize("name", ["ddpm", "dpmpp_2m"])
-def test_eta_is_refused_by_samplers_other_than_ddim(name):
+@pytest.mark.parametrize("name, eta, message", [("ddpm", 0.5, "eta=0.5 applies to the ddim and dpmpp_2m samplers only"),
+                                                 ("dpmpp_2m", 1.5, "eta must be in \\[0, 1\\]"),
+                                                 ("ddim", -0.1, "eta must be in \\[0, 1\\]")])
+def test_eta_out_of_its_range_is_refused(name, eta, message):
     schedule = NoiseSchedule(ScheduleConfig())
-    with pytest.raises(ValueError, match="eta=0.5 applies to the ddim sampler only"):
+    with pytest.raises(ValueError, match=message):
         SAMPLERS[name](gaussian_denoiser(schedule), schedule, torch.zeros(2, 4, dtype=torch.float64),
-                       schedule.sampling_timesteps(3), eta=0.5)
+                       schedule.sampling_timesteps(3), eta=eta)

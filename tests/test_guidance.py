@@ -152,6 +152,33 @@ def test_interval_guides_the_samples_whose_level_is_inside_and_leaves_the_rest_c
     assert not torch.allclose(guided[[0, 2]], conditional[[0, 2]])  # the two answers differ there
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_steps_outside_the_interval_skip_the_unconditional_pass(prediction_type):
+    # 10 trailing steps on the zero-terminal-SNR schedule; the interval leaves the first three and the last out
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 4, 8, 8, generator=generator)
+    cond = torch.randn(BATCH, LENGTH, WIDTH, generator=generator) + 1.0
+    uncond = torch.randn(1, LENGTH, WIDTH, generator=generator) - 1.0
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    timesteps = schedule.sampling_timesteps(10)
+    ab = schedule.alphas_cumprod[timesteps]
+    sigma = ((1 - ab) / ab).sqrt()
+    interval = (float(sigma[-2] + sigma[-1]) / 2, float(sigma[3] + sigma[2]) / 2)
+    inside = [interval[0] < float(s) <= interval[1] for s in sigma]
+    assert inside == [False] * 3 + [True] * 6 + [False]
+    model = ToyModel()
+    out = sample_ddim(cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0, guidance_interval=interval),
+                      schedule, x, timesteps)
+    assert model.batches == [2 * BATCH if guided else BATCH for guided in inside]
+
+    def reference(x_t, t):  # both passes at every step, the per-step scale applied to every sample
+        scale = guidance_scale_table(schedule, 3.0, interval)[t].view(-1, 1, 1, 1)
+        pred_cond, pred_uncond = ToyModel()(x_t, t, cond), ToyModel()(x_t, t, uncond.expand_as(cond))
+        return schedule.to_x0_eps(pred_uncond + scale * (pred_cond - pred_uncond), x_t, t, prediction_type)[0]
+
+    torch.testing.assert_close(out, sample_ddim(reference, schedule, x, timesteps))
+
+
 def test_sampling_sweep_reads_guidance_intervals():
     from benchmarks.sampling_sweep import parse_interval
 

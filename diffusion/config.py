@@ -43,6 +43,7 @@ class UNetTrainConfig:
         log_every=50, checkpoint_every_epochs=4, compile=False, low_precision_norms=True))
     # v-prediction on a zero-terminal-SNR schedule: with epsilon on scaled-linear the last step still holds
     # signal, so sampling from pure noise never learns the white page and fills the frame (issue 13)
+    # (schedule.snr_shift is the full-resolution phase's; the low-resolution phase trains unshifted)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(zero_terminal_snr=True))
     prediction_type: str = "v_prediction"  # or "epsilon" (then drop schedule.zero_terminal_snr)
     loss: DiffusionLossConfig = field(default_factory=lambda: DiffusionLossConfig(
@@ -91,10 +92,11 @@ class UNetTrainConfig:
 
     def lowres_phase(self) -> "UNetTrainConfig":
         """The config of the low-resolution phase: this one at ``lowres_resolution`` with the phase's epochs, batch
-        and grid interval, and no phase of its own."""
+        and grid interval, no phase of its own, and the schedule without ``snr_shift`` (the shift is what the
+        higher resolution needs to see each step's layout as the lower one saw it)."""
         return replace(self, resolution=self.lowres_resolution, sample_every_epochs=self.lowres_sample_every_epochs,
                        train=replace(self.train, epochs=self.lowres_epochs, batch_size=self.lowres_batch_size),
-                       lowres_epochs=0)
+                       schedule=replace(self.schedule, snr_shift=1.0), lowres_epochs=0)
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix, before anything is loaded."""

@@ -33,6 +33,11 @@ class ScheduleConfig:
     ``zero_terminal_snr`` rescales the schedule so the last step is pure noise (Lin et al. 2024, "Common
     Diffusion Noise Schedules and Sample Steps are Flawed"); pair it with ``v_prediction``, because an
     epsilon prediction says nothing about x0 when alpha_bar = 0.
+
+    ``snr_shift`` divides the SNR of every step by this factor (after the rescale; a zero-SNR end stays zero).
+    Averaging 2x2 pixels of an image halves the noise's standard deviation, so at twice the resolution a
+    step leaves the picture's layout four times as visible: a shift of 4 gives a 512-px image at every step the
+    layout SNR a 256-px image has unshifted (Hoogeboom et al. 2023, "simple diffusion"; SD3's resolution shift).
     """
 
     kind: str = "scaled_linear"
@@ -40,6 +45,7 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     zero_terminal_snr: bool = False
+    snr_shift: float = 1.0
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix."""
@@ -78,6 +84,9 @@ def _check_config(config: ScheduleConfig) -> None:
     if config.kind != "cosine" and not 0 < config.beta_start <= config.beta_end < 1:
         raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={config.beta_start}, "
                          f"beta_end={config.beta_end}")
+    if not 0 < config.snr_shift < math.inf:
+        raise ValueError(f"snr_shift must be a positive number (1: no shift, 4: the SNR a quarter), got "
+                         f"{config.snr_shift}")
 
 
 def check_prediction_type(prediction_type: str) -> None:
@@ -97,6 +106,9 @@ class NoiseSchedule:
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         if config.zero_terminal_snr:
             alphas_cumprod = _rescale_to_zero_terminal_snr(alphas_cumprod)
+        if config.snr_shift != 1:  # SNR / s: ab / (ab + s (1 - ab))
+            alphas_cumprod = alphas_cumprod / (alphas_cumprod + config.snr_shift * (1 - alphas_cumprod))
+        if config.zero_terminal_snr or config.snr_shift != 1:
             previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
             betas = 1 - alphas_cumprod / previous
         self.betas: Tensor = betas

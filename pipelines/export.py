@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from clip.model import TOKENIZER_FILE
-from diffusion.schedule import ScheduleConfig
+from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from engine.stage import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, write_json
 from unet.config import UNetConfig
 from vae.config import VAEConfig
@@ -135,13 +135,15 @@ def diffusers_unet_config(config: UNetConfig, sample_size: int, augment_as_class
 
 def diffusers_scheduler_config(schedule: ScheduleConfig, prediction_type: str) -> dict[str, Any]:
     """``DDIMScheduler`` arguments for our schedule: trailing timesteps (``NoiseSchedule.sampling_timesteps``),
-    the last step to alpha_bar = 1 as our samplers end, no clipping of x0."""
+    the last step to alpha_bar = 1 as our samplers end, no clipping of x0. diffusers has no SNR shift, so a
+    shifted schedule goes as its own betas (already rescaled; diffusers then keeps a zero-SNR end at exactly 0)."""
+    shifted = schedule.snr_shift != 1
     return {
         "num_train_timesteps": schedule.num_steps,
         "beta_start": schedule.beta_start,
         "beta_end": schedule.beta_end,
         "beta_schedule": BETA_SCHEDULES[schedule.kind],
-        "trained_betas": None,
+        "trained_betas": NoiseSchedule(schedule).betas.tolist() if shifted else None,
         "clip_sample": False,
         "set_alpha_to_one": True,
         # trailing spacing ignores it; StableDiffusionPipeline rewrites anything but 1 to 1, with a warning
@@ -149,7 +151,7 @@ def diffusers_scheduler_config(schedule: ScheduleConfig, prediction_type: str) -
         "prediction_type": prediction_type,
         "thresholding": False,
         "timestep_spacing": "trailing",
-        "rescale_betas_zero_snr": schedule.zero_terminal_snr,
+        "rescale_betas_zero_snr": schedule.zero_terminal_snr and not shifted,
     }
 
 

@@ -131,7 +131,8 @@ def tiny_config(**overrides) -> UNetTrainConfig:
 def test_tiny_end_to_end_run(stages, tmp_path):
     out = tmp_path / "unet"
     # augmentation is off by default; on here, so that its label's path through training is exercised
-    result = train(tiny_config(**{"augment.copies": 2}), DATA, stages / "vae", stages / "clip", out, device="cpu")
+    result = train(tiny_config(**{"augment.copies": 2, "schedule.snr_shift": 4.0}), DATA, stages / "vae",
+                   stages / "clip", out, device="cpu")
     assert result == out
     info = read_stage(out, "unet")
     # the preset trains progressively: a low-resolution phase (a stage folder of its own) that the stage starts from
@@ -146,6 +147,8 @@ def test_tiny_end_to_end_run(stages, tmp_path):
                                "init": lowres.fingerprint}
     assert info.training["lowres_epochs"] == 1 and info.training["init_from"] is None
     assert info.training["prediction_type"] == "v_prediction" and info.training["schedule"]["zero_terminal_snr"]
+    # the shift is the full-resolution phase's; the low-resolution phase trains on the unshifted schedule
+    assert (info.training["schedule"]["snr_shift"], lowres.training["schedule"]["snr_shift"]) == (4.0, 1.0)
     assert info.model["context_dim"] == 32  # taken from the CLIP stage
     assert info.model["augment_dim"] == AUGMENT_DIM  # augmentation labels condition the UNet
 
@@ -184,6 +187,14 @@ def test_finished_lowres_phase_is_reused_and_one_with_other_settings_is_an_error
         train(tiny_config(epochs=1), DATA, stages / "vae", tmp_path / "other_clip", out, device="cpu")
     with pytest.raises(StageError, match="lowres holds a finished low-resolution phase that differs from what is asked .train.batch_size was 16, now 8"):
         train(tiny_config(epochs=1, lowres_batch_size=8), DATA, stages / "vae", stages / "clip", out, device="cpu")
+
+
+def test_the_snr_shift_is_the_full_resolution_phases_and_refused_before_anything_trains():
+    cfg = tiny_config(**{"schedule.snr_shift": 4.0})
+    assert cfg.schedule.snr_shift == 4.0 and cfg.lowres_phase().schedule.snr_shift == 1.0
+    assert cfg.lowres_phase().schedule.zero_terminal_snr == cfg.schedule.zero_terminal_snr
+    with pytest.raises(ConfigError, match="schedule: snr_shift must be a positive number"):
+        tiny_config(**{"schedule.snr_shift": -1.0})
 
 
 def test_lowres_settings_are_checked_before_anything_trains():

@@ -106,6 +106,18 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_a_shifted_schedule_exports_as_its_own_betas(zero_terminal_snr):
+    from diffusion.schedule import NoiseSchedule
+    from pipelines.export import diffusers_scheduler_config
+
+    schedule = ScheduleConfig(zero_terminal_snr=zero_terminal_snr, snr_shift=4.0)
+    ddim = diffusers.DDIMScheduler(**diffusers_scheduler_config(schedule, "v_prediction"))
+    ours = NoiseSchedule(schedule).alphas_cumprod
+    assert torch.allclose(ddim.alphas_cumprod.double(), ours, atol=1e-6)
+    assert (ddim.alphas_cumprod[-1].item() == 0.0) == zero_terminal_snr  # not clipped to 2^-24
+
+
 def test_export_loads_offline_and_the_pipeline_draws_what_generate_draws(tiny_run, tmp_path, monkeypatch):
     pytest.importorskip("transformers", reason="StableDiffusionPipeline needs transformers: "
                                                "pip install -e '.[diffusers]'")

@@ -68,7 +68,27 @@ def test_zero_terminal_snr_ends_at_pure_noise_and_keeps_the_start(kind):
     assert rescaled.snr(_t(T - 1)).item() == 0.0
 
 
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_snr_shift_divides_every_steps_snr_and_keeps_the_zero_snr_end(zero_terminal_snr):
+    plain = NoiseSchedule(ScheduleConfig(zero_terminal_snr=zero_terminal_snr))
+    shifted = NoiseSchedule(ScheduleConfig(zero_terminal_snr=zero_terminal_snr, snr_shift=4.0))
+    t = torch.arange(T)
+    torch.testing.assert_close(shifted.snr(t).double(), plain.snr(t).double() / 4, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.cumprod(1 - shifted.betas, 0), shifted.alphas_cumprod)
+    noisy = slice(None, -1) if zero_terminal_snr else slice(None)  # the zero-SNR end cannot get noisier
+    assert (shifted.alphas_cumprod[noisy] < plain.alphas_cumprod[noisy]).all()
+    assert (shifted.alphas_cumprod.diff() < 0).all()
+    assert (shifted.alphas_cumprod[-1].item() == 0.0) == zero_terminal_snr
+    # sigma = sqrt((1 - ab) / ab) doubles at every step: the guidance interval's units see the shift
+    sigma = lambda ab: ((1 - ab[:-1]) / ab[:-1]).sqrt()  # noqa: E731
+    torch.testing.assert_close(sigma(shifted.alphas_cumprod), 2 * sigma(plain.alphas_cumprod))
+    unshifted = NoiseSchedule(ScheduleConfig(zero_terminal_snr=zero_terminal_snr, snr_shift=1.0))
+    assert torch.equal(unshifted.alphas_cumprod, plain.alphas_cumprod) and torch.equal(unshifted.betas, plain.betas)
+
+
 @pytest.mark.parametrize("config, message", [
+    (ScheduleConfig(snr_shift=0.0), "snr_shift must be a positive number"),
+    (ScheduleConfig(snr_shift=float("inf")), "snr_shift must be a positive number"),
     (ScheduleConfig(kind="quadratic"), "unknown noise schedule kind"),
     (ScheduleConfig(num_steps=1), "num_steps"),
     (ScheduleConfig(beta_start=0.02, beta_end=0.01), "beta_start <= beta_end"),

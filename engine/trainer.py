@@ -30,6 +30,10 @@ from .stage import StageError, StageModel, atomic_write
 from .tensorboard import TensorBoardLog
 
 CHECKPOINT_NAME = "latest.pt"
+# A log interval whose mean gradient norm is this many times the median of the previous ones is reported as a
+# loss spike (a run of the UNet stage's 256-px phase spiked at its warm-up's end and never recovered)
+SPIKE_FACTOR = 2.5
+SPIKE_HISTORY = 5  # log intervals the median is taken over
 MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
 EpochCallback = Callable[[int, "Trainer"], "Mapping[str, Any] | None"]
 
@@ -84,6 +88,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.checkpoint_path = checkpoint_path(self.out_dir)
         self.log_path = self.out_dir / "log.jsonl"
+        self._grad_norm_levels: list[float] = []  # the last SPIKE_HISTORY log intervals' mean gradient norms
 
         per_step = self.env.world_size * cfg.grad_accum
         if cfg.batch_size % per_step:
@@ -215,6 +220,7 @@ class Trainer:
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
                         desc=self.out_dir.name, dynamic_ncols=True, smoothing=0.05)
         sums: dict[str, torch.Tensor] = {}
+        grad_peak: torch.Tensor | None = None  # the largest gradient norm of the log interval, kept on the device
         count = 0
         t_last = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
@@ -226,13 +232,15 @@ class Trainer:
                 logs = self._train_step(make_batch, indices[step_in_epoch])
                 for key, value in logs.items():
                     sums[key] = sums.get(key, 0.0) + value
+                if "grad_norm" in logs:
+                    grad_peak = logs["grad_norm"] if grad_peak is None else torch.maximum(grad_peak, logs["grad_norm"])
                 count += 1
                 progress.update(1)
                 if self.step % cfg.log_every == 0 or step_in_epoch == self.steps_per_epoch - 1:
                     now = time.perf_counter()
-                    record = self._log_train(sums, count, now - t_last)
+                    record = self._log_train(sums, count, now - t_last, grad_peak)
                     progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['lr']:.2e}")
-                    sums, count, t_last = {}, 0, now
+                    sums, grad_peak, count, t_last = {}, None, 0, now
                 if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
                         and step_in_epoch < self.steps_per_epoch - 1:
                     self.save_checkpoint()
@@ -277,10 +285,14 @@ class Trainer:
         self.step += 1
         return logs_sum
 
-    def _log_train(self, sums: dict[str, torch.Tensor], count: int, seconds: float) -> dict[str, Any]:
-        """One host sync per ``log_every`` steps: average the accumulated device scalars and append them."""
+    def _log_train(self, sums: dict[str, torch.Tensor], count: int, seconds: float,
+                   grad_peak: torch.Tensor | None) -> dict[str, Any]:
+        """One host sync per ``log_every`` steps: average the accumulated device scalars and append them, with
+        the interval's largest gradient norm; say so when the interval looks like a loss spike."""
         keys = sorted(sums)
         values = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in keys]) / max(count, 1)
+        if grad_peak is not None:  # every rank clips the same all-reduced gradients: the mean is that peak
+            keys, values = keys + ["grad_norm_max"], torch.cat([values, grad_peak.float().view(1)])
         values = distributed.all_reduce_mean(values).tolist()
         record = {"kind": "train", "step": self.step, "epoch": self.epoch,
                   "lr": self.scheduler.get_last_lr()[0],
@@ -289,7 +301,20 @@ class Trainer:
         if self.env.is_main:
             runlog.append_record(self.log_path, record)
             self.tensorboard.scalars(record, self.step)
+            if "train/grad_norm" in record:
+                self._check_spike(record["train/grad_norm"], count)
         return record
+
+    def _check_spike(self, grad_norm: float, count: int) -> None:
+        levels = self._grad_norm_levels
+        if len(levels) >= 3:
+            level = sorted(levels)[len(levels) // 2]
+            if grad_norm > SPIKE_FACTOR * level:
+                tqdm.write(f"{self.out_dir.name}: loss spike? the gradient norm averaged {grad_norm:.3g} over steps "
+                           f"{self.step - count + 1}-{self.step}, {grad_norm / level:.1f}x its level before; if "
+                           "train/loss stays up from here, the run is damaged: train the stage again (a lower lr "
+                           "or longer warmup_steps make it rarer)")
+        self._grad_norm_levels = (levels + [grad_norm])[-SPIKE_HISTORY:]
 
     def _end_epoch(self, on_epoch_end: EpochCallback | None) -> None:
         metrics: dict[str, Any] = {}

@@ -179,6 +179,29 @@ def test_loss_decreases(tmp_path):
     assert sum(r["kind"] == "epoch" for r in records) == 6
 
 
+def test_each_log_interval_records_its_largest_gradient_norm_and_a_spike_is_reported(tmp_path, capsys):
+    def records(out):
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+    train(tmp_path / "smooth", epochs=6)
+    smooth = [r for r in records(tmp_path / "smooth") if r["kind"] == "train"]
+    assert all(r["train/grad_norm_max"] >= r["train/grad_norm"] > 0 for r in smooth)
+    assert any(r["train/grad_norm_max"] > 1.01 * r["train/grad_norm"] for r in smooth)  # a peak, not the mean
+    assert "loss spike" not in capsys.readouterr().out
+
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2)
+    trainer = Trainer(ToyModule(), cfg, tmp_path / "spiky", num_train_items=len(DATA_X), device="cpu")
+
+    def batches(indices, generator):  # two steps of targets far off: the gradient jumps there
+        x, y = make_batch(indices, generator)
+        return (x, 100 * y) if trainer.step in (30, 31) else (x, y)
+
+    trainer.fit(batches)
+    norms = {r["step"]: r["train/grad_norm_max"] for r in records(tmp_path / "spiky") if r["kind"] == "train"}
+    assert norms[32] > 20 * max(norms[30], norms[34])  # the interval of steps 31-32 holds the peak
+    assert "spiky: loss spike? the gradient norm averaged" in capsys.readouterr().out
+
+
 def test_resume_at_epoch_boundary_is_exact(tmp_path):
     straight = train(tmp_path / "a", epochs=4)
     with pytest.raises(KeyboardInterrupt):

@@ -37,6 +37,10 @@ class _Step:
     x0_coef: float
     noise_std: float
 
+    def apply(self, x: Tensor, x0_hat: Tensor, noise: NoiseSource) -> Tensor:
+        x_next = self.x_coef * x + self.x0_coef * x0_hat
+        return x_next + self.noise_std * noise(x) if self.noise_std > 0 else x_next
+
 
 def _alpha_bars(schedule: NoiseSchedule, timesteps: Tensor) -> list[float]:
     """alpha_bar at each timestep followed by 1.0 (the clean level every sampler ends at)."""
@@ -78,10 +82,7 @@ def _run_steps(denoiser: Denoiser, x: Tensor, timesteps: Tensor, steps: list[_St
     t_device = timesteps.to(device=x.device, dtype=torch.long)
     for i, step in enumerate(steps):
         x0_hat = denoiser(x, t_device[i].expand(x.shape[0])).to(x.dtype)
-        x_next = step.x_coef * x + step.x0_coef * x0_hat
-        if step.noise_std > 0:
-            x_next = x_next + step.noise_std * noise(x)
-        x = x_next
+        x = step.apply(x, x0_hat, noise)
         if callback is not None:
             callback(i, x, x0_hat)
     return x
@@ -90,8 +91,7 @@ def _run_steps(denoiser: Denoiser, x: Tensor, timesteps: Tensor, steps: list[_St
 def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
                 noise: NoiseSource | None = None, eta: float = 0.0, callback: StepCallback | None = None) -> Tensor:
     """DDIM; ``eta=0`` is the deterministic probability-flow sampler, ``eta=1`` matches ancestral DDPM."""
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+    check_eta("ddim", eta)
     levels = _alpha_bars(schedule, timesteps)
     steps = [_ddim_step(a, b, eta) for a, b in zip(levels[:-1], levels[1:])]
     return _run_steps(denoiser, x, timesteps, steps, noise, callback)
@@ -100,15 +100,20 @@ def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timestep
 def sample_ddpm(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
                 noise: NoiseSource | None = None, eta: float = 0.0, callback: StepCallback | None = None) -> Tensor:
     """Ancestral sampling from the posterior q(x_{t'} | x_t, x0_hat) between consecutive timesteps."""
-    _check_no_eta("ddpm", eta)
+    check_eta("ddpm", eta)
     levels = _alpha_bars(schedule, timesteps)
     steps = [_posterior_step(a, b) for a, b in zip(levels[:-1], levels[1:])]
     return _run_steps(denoiser, x, timesteps, steps, noise, callback)
 
 
-def _check_no_eta(name: str, eta: float) -> None:
-    if eta != 0:
-        raise ValueError(f"eta={eta} applies to the ddim and dpmpp_2m samplers only; leave eta at 0 for {name}")
+def check_eta(sampler: str, eta: float) -> None:
+    """Raise ``ValueError`` unless ``eta`` suits ``sampler``: in [0, 1] for ddim and dpmpp_2m, 0 for ddpm (ancestral
+    already)."""
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError(f"eta={eta} applies to the ddim and dpmpp_2m samplers only; leave eta at 0 for ddpm "
+                         "(ancestral already)")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic, 1: as much noise as ancestral ddpm), got {eta}")
 
 
 def _dpmpp_sde_step(ab_from: float, ab_to: float, eta: float) -> _Step:
@@ -146,17 +151,13 @@ def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, time
     is its SDE form (:func:`_dpmpp_sde_step`; eta = 1 is diffusers' ``sde-dpmsolver++``), which injects fresh
     noise at every step as ancestral sampling does, less of it at smaller eta.
     """
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta must be in [0, 1] (0: the deterministic DPM-Solver++(2M), 1: its SDE form), got {eta}")
+    check_eta("dpmpp_2m", eta)
     levels = _alpha_bars(schedule, timesteps)
     lambdas = [_half_log_snr(a) for a in levels]
     h = [b - a for a, b in zip(lambdas[:-1], lambdas[1:])]
     weights = [0.0] + [h[i] / (2 * h[i - 1]) if math.isfinite(h[i]) and math.isfinite(h[i - 1]) else 0.0
                        for i in range(1, len(h))]
-    if eta == 0:
-        steps = [_ddim_step(a, b, eta=0.0) for a, b in zip(levels[:-1], levels[1:])]
-    else:
-        steps = [_dpmpp_sde_step(a, b, eta) for a, b in zip(levels[:-1], levels[1:])]
+    steps = [_dpmpp_sde_step(a, b, eta) for a, b in zip(levels[:-1], levels[1:])]
 
     noise = noise or generator_noise()
     t_device = timesteps.to(device=x.device, dtype=torch.long)
@@ -164,10 +165,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, time
     for i, (step, w) in enumerate(zip(steps, weights)):
         x0_hat = denoiser(x, t_device[i].expand(x.shape[0])).to(x.dtype)
         x0_used = x0_hat if w == 0.0 or previous_x0 is None else (1 + w) * x0_hat - w * previous_x0
-        x_next = step.x_coef * x + step.x0_coef * x0_used
-        if step.noise_std > 0:
-            x_next = x_next + step.noise_std * noise(x)
-        x = x_next
+        x = step.apply(x, x0_used, noise)
         previous_x0 = x0_hat
         if callback is not None:
             callback(i, x, x0_hat)

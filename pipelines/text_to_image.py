@@ -14,7 +14,7 @@ from data.augment import resize, to_float
 from data.captions import square_resize
 from diffusion.guidance import check_guidance_interval, guided_sample_and_decode
 from diffusion.noise import PerSampleNoise
-from diffusion.samplers import SAMPLERS
+from diffusion.samplers import SAMPLERS, check_eta
 from engine.errors import UserError
 from engine.images import save_grid
 from engine.precision import inference_autocast
@@ -51,18 +51,16 @@ class GenerationSettings:
             raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, got {self.steps}")
-        if not 0 <= self.eta <= 1 or (self.eta and self.sampler == "ddpm"):
-            raise UserError(f"eta must be in [0, 1] with sampler ddim or dpmpp_2m (ddpm is ancestral already), "
-                            f"got eta={self.eta} with {self.sampler}")
         if self.guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0 (1: the prompt's prediction alone, 0: the empty prompt's), "
                             f"got {self.guidance_scale}")
         if self.guidance_interval is not None:
             self.guidance_interval = tuple(float(v) for v in self.guidance_interval)  # a JSON list reads back
-            try:
-                check_guidance_interval(self.guidance_interval)
-            except ValueError as err:
-                raise UserError(str(err)) from None
+        try:  # the samplers' and the guidance's own rules, before any model is loaded
+            check_eta(self.sampler, self.eta)
+            check_guidance_interval(self.guidance_interval)
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -289,8 +289,10 @@ def test_generation_is_deterministic_per_seed(run_a, sampler, eta):
         GenerationSettings(size=60)
     with pytest.raises(ValueError, match="guidance scale must be >= 0"):
         GenerationSettings(guidance_scale=-1.0)
-    for bad in ({"eta": 0.5, "sampler": "ddpm"}, {"eta": 1.5}, {"eta": -0.1, "sampler": "ddim"}):
-        with pytest.raises(ValueError, match="eta must be in \\[0, 1\\] with sampler ddim or dpmpp_2m"):
+    for bad, message in (({"eta": 0.5, "sampler": "ddpm"}, "eta=0.5 applies to the ddim and dpmpp_2m samplers only"),
+                         ({"eta": 1.5}, "eta must be in \\[0, 1\\]"),
+                         ({"eta": -0.1, "sampler": "ddim"}, "eta must be in \\[0, 1\\]")):
+        with pytest.raises(UserError, match=message):  # refused as settings, before any model is loaded
             GenerationSettings(**bad)
 
 

@@ -58,37 +58,32 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
 
     ``cond``/``uncond`` are text states [B, L, D]; ``uncond`` (empty or negative prompt) may have batch 1 and is
     then shared by every sample. The two branches run as one forward on the batch ``[uncond; cond]``; at scale 1
-    the guided prediction is the conditional one, so the unconditional pass is skipped wherever the scale table
-    says 1: at every call when no level is guided (``guidance_scale=1``), and, when the table mixes guided and
-    unguided levels (an interval), at each call whose samples all lie outside it (deciding that reads the
-    scales to the host: one sync per call, only for a mixed table).
+    the guided prediction is the conditional one, so a step whose level the table leaves at 1 (outside the
+    interval, or every step at ``guidance_scale=1``) runs the conditional batch alone. The table is read on the
+    host at the sampler's host timestep, so the choice costs no sync.
     """
     check_prediction_type(prediction_type)
     if uncond.shape[1:] != cond.shape[1:] or uncond.shape[0] not in (1, cond.shape[0]):
         raise ValueError(f"uncond has shape {tuple(uncond.shape)} but cond has {tuple(cond.shape)}; encode both "
                          "prompts to the same length and give uncond batch 1 or the batch of cond")
-    # the scale per timestep, gathered on the device by t (CUDA-graph safe: the model call is what is captured)
-    scale_table = guidance_scale_table(schedule, guidance_scale, guidance_interval)
-    guided_anywhere, guided_everywhere = bool((scale_table != 1).any()), bool((scale_table != 1).all())  # CPU table
-    mixed = guided_anywhere and not guided_everywhere
-    scale_table = scale_table.to(cond.device)
+    scales = guidance_scale_table(schedule, guidance_scale, guidance_interval).tolist()
     # [uncond; cond] is built once here, not per step
-    both_contexts = torch.cat([uncond.expand_as(cond), cond]) if guided_anywhere else None
+    both_contexts = torch.cat([uncond.expand_as(cond), cond]) if any(s != 1 for s in scales) else None
 
-    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+    def denoise(x_t: Tensor, t: int) -> Tensor:
         if x_t.shape[0] != cond.shape[0]:
             raise ValueError(f"x_t has batch {x_t.shape[0]} but cond has batch {cond.shape[0]}; "
                              "encode one prompt per sample")
-        scale = scale_table[t]
-        if both_contexts is None or (mixed and not bool((scale != 1).any())):
-            pred = model(x_t, t, cond)
+        scale = scales[t]
+        t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        if scale == 1:
+            pred = model(x_t, t_batch, cond)
         else:
-            pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_contexts).chunk(2)
-            scale = scale.view((-1,) + (1,) * (x_t.ndim - 1)).to(pred_cond.dtype)
+            pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), t_batch.repeat(2), both_contexts).chunk(2)
             pred = pred_uncond + scale * (pred_cond - pred_uncond)
-            if guidance_rescale > 0:  # where the scale is 1, pred is pred_cond and the rescale leaves it
+            if guidance_rescale > 0:
                 pred = rescale_guided(pred, pred_cond, guidance_rescale)
-        x0, _ = schedule.to_x0_eps(pred, x_t, t, prediction_type)
+        x0, _ = schedule.to_x0_eps(pred, x_t, t_batch, prediction_type)
         return x0
 
     return denoise

@@ -1,8 +1,10 @@
 """Samplers as plain functions of a denoiser (k-diffusion style), in discrete-timestep VP form.
 
-A denoiser maps ``(x_t [B, ...], t LongTensor [B]) -> x0_hat``. ``x`` passed to a sampler is the noisy latent at
-level ``timesteps[0]``; each step moves to the next timestep and the last step moves to the clean level
-(alpha_bar = 1), so the result is the final x0 estimate.
+A denoiser maps ``(x_t [B, ...], t) -> x0_hat``, ``t`` the step's timestep as a Python int: every sampler steps
+the whole batch together, and a host int lets a denoiser decide per step without reading the device (the
+guidance interval's skipped unconditional pass); it builds the timestep tensor its model takes. ``x`` passed to a
+sampler is the noisy latent at level ``timesteps[0]``; each step moves to the next timestep and the last step
+moves to the clean level (alpha_bar = 1), so the result is the final x0 estimate.
 
 All step coefficients are computed up front on the CPU in float64 from the schedule table and kept as
 Python floats, so the loop makes no host syncs; ``timesteps`` is read to the host once, before it.
@@ -25,7 +27,7 @@ from torch import Tensor
 from diffusion.noise import NoiseSource, generator_noise
 from diffusion.schedule import NoiseSchedule
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
+Denoiser = Callable[[Tensor, int], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor], None]  # (step index, x after the step, x0_hat of the step)
 
 
@@ -42,8 +44,8 @@ class _Step:
         return x_next + self.noise_std * noise(x) if self.noise_std > 0 else x_next
 
 
-def _alpha_bars(schedule: NoiseSchedule, timesteps: Tensor) -> list[float]:
-    """alpha_bar at each timestep followed by 1.0 (the clean level every sampler ends at)."""
+def _levels(schedule: NoiseSchedule, timesteps: Tensor) -> tuple[list[int], list[float]]:
+    """The timesteps as host ints, and alpha_bar at each followed by 1.0 (the clean level every sampler ends at)."""
     if timesteps.ndim != 1 or timesteps.dtype not in (torch.int64, torch.int32) or len(timesteps) == 0:
         raise ValueError(f"timesteps must be a non-empty 1-D integer tensor, got dtype={timesteps.dtype} "
                          f"shape={tuple(timesteps.shape)}; use schedule.sampling_timesteps(steps)")
@@ -52,7 +54,7 @@ def _alpha_bars(schedule: NoiseSchedule, timesteps: Tensor) -> list[float]:
         raise ValueError(f"timesteps must lie in [0, {schedule.num_steps - 1}], got {steps.tolist()}")
     if len(steps) > 1 and not bool((steps[1:] < steps[:-1]).all()):
         raise ValueError(f"timesteps must be strictly descending, got {steps.tolist()}")
-    return schedule.alphas_cumprod[steps].tolist() + [1.0]
+    return steps.tolist(), schedule.alphas_cumprod[steps].tolist() + [1.0]
 
 
 def _ddim_step(ab_from: float, ab_to: float, eta: float) -> _Step:
@@ -76,12 +78,11 @@ def _posterior_step(ab_t: float, ab_s: float) -> _Step:
                  noise_std=math.sqrt(beta_ts * (1 - ab_s) / (1 - ab_t)))
 
 
-def _run_steps(denoiser: Denoiser, x: Tensor, timesteps: Tensor, steps: list[_Step],
+def _run_steps(denoiser: Denoiser, x: Tensor, timesteps: list[int], steps: list[_Step],
                noise: NoiseSource | None, callback: StepCallback | None) -> Tensor:
     noise = noise or generator_noise()
-    t_device = timesteps.to(device=x.device, dtype=torch.long)
-    for i, step in enumerate(steps):
-        x0_hat = denoiser(x, t_device[i].expand(x.shape[0])).to(x.dtype)
+    for i, (t, step) in enumerate(zip(timesteps, steps)):
+        x0_hat = denoiser(x, t).to(x.dtype)
         x = step.apply(x, x0_hat, noise)
         if callback is not None:
             callback(i, x, x0_hat)
@@ -92,18 +93,18 @@ def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timestep
                 noise: NoiseSource | None = None, eta: float = 0.0, callback: StepCallback | None = None) -> Tensor:
     """DDIM; ``eta=0`` is the deterministic probability-flow sampler, ``eta=1`` matches ancestral DDPM."""
     check_eta("ddim", eta)
-    levels = _alpha_bars(schedule, timesteps)
+    ts, levels = _levels(schedule, timesteps)
     steps = [_ddim_step(a, b, eta) for a, b in zip(levels[:-1], levels[1:])]
-    return _run_steps(denoiser, x, timesteps, steps, noise, callback)
+    return _run_steps(denoiser, x, ts, steps, noise, callback)
 
 
 def sample_ddpm(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
                 noise: NoiseSource | None = None, eta: float = 0.0, callback: StepCallback | None = None) -> Tensor:
     """Ancestral sampling from the posterior q(x_{t'} | x_t, x0_hat) between consecutive timesteps."""
     check_eta("ddpm", eta)
-    levels = _alpha_bars(schedule, timesteps)
+    ts, levels = _levels(schedule, timesteps)
     steps = [_posterior_step(a, b) for a, b in zip(levels[:-1], levels[1:])]
-    return _run_steps(denoiser, x, timesteps, steps, noise, callback)
+    return _run_steps(denoiser, x, ts, steps, noise, callback)
 
 
 def check_eta(sampler: str, eta: float) -> None:
@@ -152,7 +153,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, time
     noise at every step as ancestral sampling does, less of it at smaller eta.
     """
     check_eta("dpmpp_2m", eta)
-    levels = _alpha_bars(schedule, timesteps)
+    ts, levels = _levels(schedule, timesteps)
     lambdas = [_half_log_snr(a) for a in levels]
     h = [b - a for a, b in zip(lambdas[:-1], lambdas[1:])]
     weights = [0.0] + [h[i] / (2 * h[i - 1]) if math.isfinite(h[i]) and math.isfinite(h[i - 1]) else 0.0
@@ -160,10 +161,9 @@ def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, time
     steps = [_dpmpp_sde_step(a, b, eta) for a, b in zip(levels[:-1], levels[1:])]
 
     noise = noise or generator_noise()
-    t_device = timesteps.to(device=x.device, dtype=torch.long)
     previous_x0: Tensor | None = None
-    for i, (step, w) in enumerate(zip(steps, weights)):
-        x0_hat = denoiser(x, t_device[i].expand(x.shape[0])).to(x.dtype)
+    for i, (t, step, w) in enumerate(zip(ts, steps, weights)):
+        x0_hat = denoiser(x, t).to(x.dtype)
         x0_used = x0_hat if w == 0.0 or previous_x0 is None else (1 + w) * x0_hat - w * previous_x0
         x = step.apply(x, x0_used, noise)
         previous_x0 = x0_hat
@@ -184,11 +184,10 @@ def ddim_invert(denoiser: Denoiser, schedule: NoiseSchedule, x0: Tensor, timeste
     order in the step size, as is standing the clean input in for the latent at ``timesteps[-1]``, so the
     round trip is close when the steps are small.
     """
-    levels = _alpha_bars(schedule, timesteps)[:-1]
-    t_device = timesteps.to(device=x0.device, dtype=torch.long)
+    ts, levels = _levels(schedule, timesteps)
     x = x0
-    for i in range(len(levels) - 1, 0, -1):
+    for i in range(len(ts) - 1, 0, -1):
         step = _ddim_step(levels[i], levels[i - 1], eta=0.0)
-        x0_hat = denoiser(x, t_device[i - 1].expand(x.shape[0])).to(x.dtype)
+        x0_hat = denoiser(x, ts[i - 1]).to(x.dtype)
         x = step.x_coef * x + step.x0_coef * x0_hat
     return x

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion.guidance import cfg_denoiser, check_guidance_interval, guidance_scale_table, rescale_guided
-from diffusion.samplers import sample_ddim
+from diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 BATCH, LENGTH, WIDTH = 3, 5, 4
@@ -25,11 +25,15 @@ class ToyModel:
         return 0.9 * x_t + per_sample.view(-1, 1, 1, 1)
 
 
+def batch_of(t: int) -> torch.Tensor:
+    return torch.full((BATCH,), t)
+
+
 @pytest.fixture
 def inputs():
     generator = torch.Generator().manual_seed(0)
     x_t = torch.randn(BATCH, 4, 8, 8, generator=generator)
-    t = torch.tensor([10, 500, 990])
+    t = 500  # the samplers call a denoiser with the step's timestep as a host int
     cond = torch.randn(BATCH, LENGTH, WIDTH, generator=generator) + 1.0
     uncond = torch.randn(BATCH, LENGTH, WIDTH, generator=generator) - 1.0
     return x_t, t, cond, uncond
@@ -37,6 +41,7 @@ def inputs():
 
 def guided_x0(schedule, x_t, t, cond, uncond, scale, prediction_type):
     """The closed form: x0 implied by uncond + scale * (cond - uncond) of the toy model's predictions."""
+    t = batch_of(t)
     pred_cond, pred_uncond = ToyModel()(x_t, t, cond), ToyModel()(x_t, t, uncond.expand_as(cond))
     return schedule.to_x0_eps(pred_uncond + scale * (pred_cond - pred_uncond), x_t, t, prediction_type)[0]
 
@@ -47,7 +52,7 @@ def test_scale_one_is_the_conditional_prediction_in_one_unguided_pass(inputs, pr
     schedule = NoiseSchedule(ScheduleConfig())
     model = ToyModel()
     x0 = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 1.0)(x_t, t)
-    expected, _ = schedule.to_x0_eps(ToyModel()(x_t, t, cond), x_t, t, prediction_type)
+    expected, _ = schedule.to_x0_eps(ToyModel()(x_t, batch_of(t), cond), x_t, batch_of(t), prediction_type)
     assert torch.equal(x0, expected)
     assert model.batches == [BATCH]
 
@@ -88,7 +93,7 @@ def test_mismatched_inputs_raise_clear_errors(inputs):
         cfg_denoiser(ToyModel(), schedule, "x0", cond, uncond, 2.0)
     denoiser = cfg_denoiser(ToyModel(), schedule, "epsilon", cond, uncond, 2.0)
     with pytest.raises(ValueError, match="batch"):
-        denoiser(x_t[:2], t[:2])
+        denoiser(x_t[:2], t)
 
 
 def test_guidance_rescale_matches_the_conditional_spread():
@@ -112,10 +117,9 @@ def test_denoiser_applies_the_rescale_only_when_asked(inputs):
 
     plain = cfg_denoiser(model, schedule, "v_prediction", cond, uncond, 5.0)(x_t, t)
     rescaled = cfg_denoiser(model, schedule, "v_prediction", cond, uncond, 5.0, guidance_rescale=0.7)(x_t, t)
-    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond.expand_as(cond), cond]))
-    pred_uncond, pred_cond = both.chunk(2)
+    pred_uncond, pred_cond = model(x_t, batch_of(t), uncond), model(x_t, batch_of(t), cond)
     expected = rescale_guided(pred_uncond + 5.0 * (pred_cond - pred_uncond), pred_cond, 0.7)
-    assert torch.allclose(rescaled, schedule.to_x0_eps(expected, x_t, t, "v_prediction")[0], atol=1e-5)
+    assert torch.allclose(rescaled, schedule.to_x0_eps(expected, x_t, batch_of(t), "v_prediction")[0], atol=1e-5)
     assert not torch.allclose(rescaled, plain)
 
 
@@ -139,17 +143,20 @@ def test_bad_guidance_interval_is_refused(interval):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_interval_guides_the_samples_whose_level_is_inside_and_leaves_the_rest_conditional(inputs, prediction_type):
-    x_t, t, cond, uncond = inputs  # t = 10, 500, 990: sigma about 0.1, 1.0 and 17 on the scaled-linear schedule
+def test_interval_guides_the_levels_inside_it_and_leaves_the_rest_conditional(inputs, prediction_type):
+    x_t, _, cond, uncond = inputs
     schedule = NoiseSchedule(ScheduleConfig())
-    sigma = ((1 - schedule.alphas_cumprod[t]) / schedule.alphas_cumprod[t]).sqrt()
-    interval = (float(sigma[0]) * 2, float(sigma[1]) * 2)  # only the middle sample's level
-    x0 = cfg_denoiser(ToyModel(), schedule, prediction_type, cond, uncond, 3.0, guidance_interval=interval)(x_t, t)
-    guided = guided_x0(schedule, x_t, t, cond, uncond, 3.0, prediction_type)
-    conditional = guided_x0(schedule, x_t, t, cond, uncond, 1.0, prediction_type)
-    torch.testing.assert_close(x0[1], guided[1])
-    torch.testing.assert_close(x0[[0, 2]], conditional[[0, 2]])
-    assert not torch.allclose(guided[[0, 2]], conditional[[0, 2]])  # the two answers differ there
+    levels = [10, 500, 990]  # sigma about 0.1, 1.0 and 17 on the scaled-linear schedule
+    sigma = ((1 - schedule.alphas_cumprod[levels]) / schedule.alphas_cumprod[levels]).sqrt()
+    interval = (float(sigma[0]) * 2, float(sigma[1]) * 2)  # only the middle level
+    model = ToyModel()
+    denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0, guidance_interval=interval)
+    for t in levels:
+        guided = guided_x0(schedule, x_t, t, cond, uncond, 3.0, prediction_type)
+        conditional = guided_x0(schedule, x_t, t, cond, uncond, 1.0, prediction_type)
+        assert not torch.allclose(guided, conditional)  # the two answers differ at every level
+        torch.testing.assert_close(denoiser(x_t, t), guided if t == 500 else conditional)
+    assert model.batches == [BATCH, 2 * BATCH, BATCH]  # outside the interval: the conditional batch alone
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -171,8 +178,9 @@ def test_steps_outside_the_interval_skip_the_unconditional_pass(prediction_type)
                       schedule, x, timesteps)
     assert model.batches == [2 * BATCH if guided else BATCH for guided in inside]
 
-    def reference(x_t, t):  # both passes at every step, the per-step scale applied to every sample
-        scale = guidance_scale_table(schedule, 3.0, interval)[t].view(-1, 1, 1, 1)
+    def reference(x_t, t):  # both passes at every step, the step's scale applied to every sample
+        scale = guidance_scale_table(schedule, 3.0, interval)[t]
+        t = batch_of(t)
         pred_cond, pred_uncond = ToyModel()(x_t, t, cond), ToyModel()(x_t, t, uncond.expand_as(cond))
         return schedule.to_x0_eps(pred_uncond + scale * (pred_cond - pred_uncond), x_t, t, prediction_type)[0]
 
@@ -186,3 +194,22 @@ def test_sampling_sweep_reads_guidance_intervals():
     assert parse_interval("0.28,5.42") == (0.28, 5.42)
     with pytest.raises(argparse.ArgumentTypeError, match="'none' or 'SIGMA_LO,SIGMA_HI'"):
         parse_interval("0.28")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
+def test_sampling_with_an_interval_reads_nothing_back_from_the_device():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(BATCH, 4, 8, 8, generator=generator).cuda()
+    cond = torch.randn(BATCH, LENGTH, WIDTH, generator=generator).cuda()
+    uncond = torch.randn(1, LENGTH, WIDTH, generator=generator).cuda()
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    model = ToyModel()
+    denoiser = cfg_denoiser(model, schedule, "v_prediction", cond, uncond, 3.0, guidance_rescale=0.7,
+                            guidance_interval=(0.3, 7.0))
+    timesteps = schedule.sampling_timesteps(10)
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host read in the loop raises
+    try:
+        out = sample_dpmpp_2m(denoiser, schedule, x, timesteps, eta=0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert BATCH in model.batches and 2 * BATCH in model.batches and torch.isfinite(out).all()

@@ -352,11 +352,13 @@ def test_cuda_graph_setting_falls_back_to_eager_off_cuda(run_a):
 def test_cuda_graph_generation_matches_eager_and_recaptures_after_a_move(run_a):
     stack = load_stack(run_a, device="cuda")
     prompts, seeds = ["a red circle", "a blue square", "a green circle"], [0, 1, 2]
-    settings = dict(size=64, steps=6, batch_size=2)  # batches of 2 and 1: two graphs
+    # prompt batches of 2 and 1; a step inside the guidance interval runs its batch doubled ([uncond; cond]), one
+    # outside runs it alone: UNet batches of 4, 2 and 1, one graph each
+    settings = dict(size=64, steps=6, batch_size=2)
     graphed = generate(stack, prompts, seeds, GenerationSettings(**settings, cuda_graph=True))
     eager = generate(stack, prompts, seeds, GenerationSettings(**settings, cuda_graph=False))
     assert (graphed - eager).abs().max() < 0.05  # bf16 kernels may differ slightly between capture and eager
-    assert len(stack.unet_call(True).graphs) == 2
+    assert sorted(key[0][0][0] for key in stack.unet_call(True).graphs) == [1, 2, 4]
     stack.unet.to(torch.float64).to(torch.float32)  # new parameter storage: the old graphs would read freed memory
     assert len(stack.unet_call(True).graphs) == 0
     again = generate(stack, prompts, seeds, GenerationSettings(**settings, cuda_graph=True))

@@ -33,6 +33,7 @@ from engine import distributed
 from engine.config import choose_preset, config_to_dict, parse_overrides, preset_reason
 from engine.errors import run_cli
 from engine.images import save_grid
+from engine.runlog import loss_spikes
 from engine.stage import CONFIG_FILE, record_preset, remove_empty_folders, write_json
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import evaluate_to_folder, markdown_table
@@ -203,9 +204,39 @@ def final_samples(run: Path, stack: StageStack) -> None:
     save_grid(torch.cat(rows), run / "guidance_colours.png", nrow=len(colours), max_side=128)
 
 
+def stage_spikes(stage_dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
+    """The loss spikes in each stage's training log (the UNet's low-resolution phase as ``unet/lowres``), by the
+    rule the trainer warns with; only phases that have some."""
+    phases = list(stage_dirs.items())
+    if "unet" in stage_dirs:
+        phases.append(("unet/lowres", lowres_folder(stage_dirs["unet"])))
+    found = {name: loss_spikes(folder / "log.jsonl") for name, folder in phases}
+    return {name: spikes for name, spikes in found.items() if spikes}
+
+
+def spike_lines(spikes: dict[str, list[dict[str, Any]]], stage_dirs: dict[str, Path], data: str) -> list[str]:
+    """The report's warning for stages whose training spiked, with the command that trains the UNet again."""
+    if not spikes:
+        return []
+    lines = ["## Loss spikes", ""]
+    for name, found in spikes.items():
+        where = ", ".join(f"steps {s['first_step']}-{s['last_step']} ({s['ratio']:.1f}x)" for s in found)
+        lines.append(f"- **{name}**: the mean gradient norm jumped at {where} against its level before.")
+    lines += ["", "If `train/loss` stayed up after a spike (the stage's `loss.png`), that stage is damaged and draws "
+              "worse than a clean run. GPU kernels are not deterministic, so training it again takes another path."]
+    if any(name.startswith("unet") for name in spikes) and {"vae", "clip"} <= stage_dirs.keys():
+        reuse = f"--reuse vae={stage_dirs['vae']} --reuse clip={stage_dirs['clip']}"
+        if "judge" in stage_dirs:
+            reuse += f" --judge {stage_dirs['judge']}"
+        lines += ["The UNet alone, on the same VAE and CLIP (add the run's `--unet.*` settings):", "",
+                  f"    python train_all.py --data {data} --run NEW_RUN {reuse}"]
+    return lines + [""]
+
+
 def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any] | None, progress: RunProgress,
-                 command: str, pictures: dict[str, Path], preset: dict[str, str]) -> None:
-    """``report.md``: what ran, the metrics table and the pictures, with paths relative to the run."""
+                 command: str, pictures: dict[str, Path], preset: dict[str, str], warnings: list[str]) -> None:
+    """``report.md``: what ran, ``warnings`` (markdown lines), the metrics table and the pictures, with paths
+    relative to the run."""
 
     def rel(path: Path) -> str:
         try:
@@ -224,6 +255,7 @@ def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any]
         folder = rel(stage_dirs[step]) if step in stage_dirs else "—"
         lines.append(f"| {step} | {folder} | {progress.minutes.get(step, 0.0):.2f} |")
     lines += [f"| **total** | | {progress.total_minutes:.2f} |", ""]
+    lines += warnings
     if results is not None:
         lines += ["## Metrics", "", markdown_table(results), ""]
     lines += ["## Pictures", ""]
@@ -331,17 +363,22 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
         for name in stage_dirs:
             if (stage_dirs[name] / "loss.png").is_file():
                 pictures[f"{name} loss"] = stage_dirs[name] / "loss.png"
-        write_report(run, stage_dirs, results, progress, command, pictures, preset)
+        spikes = stage_spikes(stage_dirs)
+        write_report(run, stage_dirs, results, progress, command, pictures, preset,
+                     spike_lines(spikes, stage_dirs, args.data))
         summary = {"minutes": progress.total_minutes,
                    "stage_minutes": progress.minutes,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    "world_size": env.world_size,
                    "command": command,
                    "preset": preset,
-                   "stages": {k: str(v) for k, v in stage_dirs.items()}}
+                   "stages": {k: str(v) for k, v in stage_dirs.items()},
+                   "loss_spikes": spikes}
         if results is not None:
             summary["evaluation"] = {k: results[k] for k in ("vae", "clip", "generation")}
         write_json(run / "summary.json", summary)
+        if spikes:
+            print(f"\nwarning: loss spikes in {', '.join(spikes)}: see the report's 'Loss spikes'", flush=True)
         print(f"\nDone in {progress.total_minutes:.1f} min: {run / 'report.md'}", flush=True)
     return {"minutes": progress.total_minutes, "results": results}
 

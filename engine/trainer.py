@@ -30,10 +30,6 @@ from .stage import StageError, StageModel, atomic_write
 from .tensorboard import TensorBoardLog
 
 CHECKPOINT_NAME = "latest.pt"
-# A log interval whose mean gradient norm is this many times the median of the previous ones is reported as a
-# loss spike (a run of the UNet stage's 256-px phase spiked at its warm-up's end and never recovered)
-SPIKE_FACTOR = 2.5
-SPIKE_HISTORY = 5  # log intervals the median is taken over
 MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
 EpochCallback = Callable[[int, "Trainer"], "Mapping[str, Any] | None"]
 
@@ -88,7 +84,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.checkpoint_path = checkpoint_path(self.out_dir)
         self.log_path = self.out_dir / "log.jsonl"
-        self._grad_norm_levels: list[float] = []  # the last SPIKE_HISTORY log intervals' mean gradient norms
+        self._grad_norm_levels: list[float] = []  # the last log intervals' mean gradient norms (spike warning)
 
         per_step = self.env.world_size * cfg.grad_accum
         if cfg.batch_size % per_step:
@@ -306,15 +302,12 @@ class Trainer:
         return record
 
     def _check_spike(self, grad_norm: float, count: int) -> None:
-        levels = self._grad_norm_levels
-        if len(levels) >= 3:
-            level = sorted(levels)[len(levels) // 2]
-            if grad_norm > SPIKE_FACTOR * level:
-                tqdm.write(f"{self.out_dir.name}: loss spike? the gradient norm averaged {grad_norm:.3g} over steps "
-                           f"{self.step - count + 1}-{self.step}, {grad_norm / level:.1f}x its level before; if "
-                           "train/loss stays up from here, the run is damaged: train the stage again (a lower lr "
-                           "or longer warmup_steps make it rarer)")
-        self._grad_norm_levels = (levels + [grad_norm])[-SPIKE_HISTORY:]
+        ratio = runlog.spike_ratio(self._grad_norm_levels, grad_norm)
+        if ratio is not None:
+            tqdm.write(f"{self.out_dir.name}: loss spike? the gradient norm averaged {grad_norm:.3g} over steps "
+                       f"{self.step - count + 1}-{self.step}, {ratio:.1f}x its level before; if train/loss stays "
+                       "up from here, the run is damaged: train the stage again")
+        self._grad_norm_levels = (self._grad_norm_levels + [grad_norm])[-runlog.SPIKE_HISTORY:]
 
     def _end_epoch(self, on_epoch_end: EpochCallback | None) -> None:
         metrics: dict[str, Any] = {}

@@ -8,6 +8,7 @@ from torch import nn
 from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
 from engine.config import config_from_dict, config_to_dict, parse_overrides
 from engine.ema import EMA, power_profile_exponent, power_profile_std
+from engine.runlog import loss_spikes
 from engine.stage import StageError, load_weights
 from engine.trainer import lr_factor
 
@@ -200,6 +201,10 @@ def test_each_log_interval_records_its_largest_gradient_norm_and_a_spike_is_repo
     norms = {r["step"]: r["train/grad_norm_max"] for r in records(tmp_path / "spiky") if r["kind"] == "train"}
     assert norms[32] > 20 * max(norms[30], norms[34])  # the interval of steps 31-32 holds the peak
     assert "spiky: loss spike? the gradient norm averaged" in capsys.readouterr().out
+    # the log read back afterwards finds the same interval by the same rule, and none in the smooth run
+    [spike] = loss_spikes(tmp_path / "spiky" / "log.jsonl")
+    assert (spike["first_step"], spike["last_step"]) == (31, 32) and spike["ratio"] > 2.5
+    assert loss_spikes(tmp_path / "smooth" / "log.jsonl") == []
 
 
 def test_resume_at_epoch_boundary_is_exact(tmp_path):

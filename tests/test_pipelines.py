@@ -340,6 +340,26 @@ def test_sampling_options_choose_the_guidance_interval():
         parser.parse_args(["--guide-every-level", "--guidance-interval", "1", "2"])
 
 
+def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains_it_again(run_a, tmp_path):
+    assert json.loads((run_a / "summary.json").read_text())["loss_spikes"] == {}  # the tiny run is smooth
+    assert "## Loss spikes" not in (run_a / "report.md").read_text(encoding="utf-8")
+    stage_dirs = {name: tmp_path / name for name in ("vae", "clip", "judge", "unet")}
+    lowres = tmp_path / "unet" / "lowres"
+    lowres.mkdir(parents=True)
+    norms = [0.2, 0.18, 0.17, 0.16, 0.6, 0.15]  # the fifth interval (steps 41-50): 0.6 / 0.18 (the median) = 3.3x
+    (lowres / "log.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "step": 10 * (i + 1), "train/grad_norm": g}) + "\n" for i, g in enumerate(norms)))
+    spikes = train_all.stage_spikes(stage_dirs)
+    assert list(spikes) == ["unet/lowres"]
+    [spike] = spikes["unet/lowres"]
+    assert (spike["first_step"], spike["last_step"]) == (41, 50) and spike["ratio"] == pytest.approx(0.6 / 0.18)
+    report = "\n".join(train_all.spike_lines(spikes, stage_dirs, "data/pokemon"))
+    assert "**unet/lowres**" in report and "steps 41-50 (3.3x)" in report
+    assert (f"python train_all.py --data data/pokemon --run NEW_RUN --reuse vae={stage_dirs['vae']} "
+            f"--reuse clip={stage_dirs['clip']} --judge {stage_dirs['judge']}") in report
+    assert train_all.spike_lines({}, stage_dirs, "data/pokemon") == []
+
+
 def test_cuda_graph_setting_falls_back_to_eager_off_cuda(run_a):
     stack = load_stack(run_a, device="cpu")
     settings = dict(size=64, steps=3)

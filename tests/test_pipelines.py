@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_all
+from benchmarks import spike_screen
 from data import DataError
 from engine import ConfigError, StageError, read_stage
 from engine.errors import UserError
@@ -358,6 +359,37 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     assert (f"python train_all.py --data data/pokemon --run NEW_RUN --reuse vae={stage_dirs['vae']} "
             f"--reuse clip={stage_dirs['clip']} --judge {stage_dirs['judge']}") in report
     assert train_all.spike_lines({}, stage_dirs, "data/pokemon") == []
+
+
+def test_spike_screen_stops_each_probe_at_its_step_and_tabulates_every_setting(run_a, tmp_path):
+    out = tmp_path / "screen"
+    # 12 low-resolution epochs: a phase of ~70 steps, so a probe is stopped long before it would end
+    result = spike_screen.main(["--data", DATA, "--vae", str(run_a / "vae"), "--clip", str(run_a / "clip"),
+                                "--out", str(out), "--steps", "10", "--seeds", "1", "--concurrent", "2",
+                                "--preset", "tiny", "--common=--lr=6e-4 --lowres_epochs=12", "--setting", "plain:",
+                                "--setting", "adam_099: --beta2=0.99"])
+    plain, adam_099 = result["records"]
+    assert (plain["setting"], adam_099["setting"]) == ("plain", "adam_099")
+    assert adam_099["overrides"] == ["--lr=6e-4", "--lowres_epochs=12", "--beta2=0.99", "--train.seed=1"]
+    for record in (plain, adam_099):
+        assert record["steps"] == 10 and record["spikes"] == [] and record["grad_norm_max"] > 0
+        folder = train_all.lowres_folder(out / f"{record['setting']}_s1")
+        assert not (folder / "model.safetensors").exists()  # stopped, not finished
+        assert spike_screen.last_step(out / f"{record['setting']}_s1") < 60
+    assert plain["train_loss_tail"] != adam_099["train_loss_tail"]  # the setting reaches the stage
+    assert json.loads((out / "screen.json").read_text())["records"] == result["records"]
+
+
+@pytest.mark.parametrize("setting, error, message", [
+    ("plain: --seed=1", ConfigError, "ambiguous"),
+    ("two words: --beta2=0.99", UserError, "NAME a plain word"),
+    ("no_lowres: --lowres_epochs=0", UserError, "no low-resolution phase"),
+])
+def test_spike_screen_refuses_a_bad_setting_before_anything_runs(run_a, tmp_path, setting, error, message):
+    with pytest.raises(error, match=message):
+        spike_screen.main(["--data", DATA, "--vae", str(run_a / "vae"), "--clip", str(run_a / "clip"),
+                           "--out", str(tmp_path / "screen"), "--preset", "tiny", "--setting", setting])
+    assert not (tmp_path / "screen").exists()
 
 
 def test_cuda_graph_setting_falls_back_to_eager_off_cuda(run_a):

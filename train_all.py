@@ -214,14 +214,18 @@ def stage_spikes(stage_dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]
     return {name: spikes for name, spikes in found.items() if spikes}
 
 
+def spike_steps(spikes: list[dict[str, Any]]) -> str:
+    """``steps 175-200 (2.8x)``, for each spike of one phase."""
+    return ", ".join(f"steps {s['first_step']}-{s['last_step']} ({s['ratio']:.1f}x)" for s in spikes)
+
+
 def spike_lines(spikes: dict[str, list[dict[str, Any]]], stage_dirs: dict[str, Path], data: str) -> list[str]:
     """The report's warning for stages whose training spiked, with the command that trains the UNet again."""
     if not spikes:
         return []
     lines = ["## Loss spikes", ""]
-    for name, found in spikes.items():
-        where = ", ".join(f"steps {s['first_step']}-{s['last_step']} ({s['ratio']:.1f}x)" for s in found)
-        lines.append(f"- **{name}**: the mean gradient norm jumped at {where} against its level before.")
+    lines += [f"- **{name}**: the mean gradient norm jumped at {spike_steps(found)} against its level before."
+              for name, found in spikes.items()]
     lines += ["", "If `train/loss` stayed up after a spike (the stage's `loss.png`), that stage is damaged and draws "
               "worse than a clean run. GPU kernels are not deterministic, so training it again takes another path."]
     if any(name.startswith("unet") for name in spikes) and {"vae", "clip"} <= stage_dirs.keys():

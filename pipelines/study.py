@@ -54,7 +54,7 @@ from engine import distributed
 from engine.config import choose_preset, setting_differences
 from engine.errors import UserError, run_cli
 from engine.images import save_grid
-from engine.runlog import read_records
+from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, is_complete, read_stage, \
     record_preset, write_json
 from pipelines.evaluate import RealReference, evaluate_run, generation_metrics, real_reference
@@ -555,6 +555,16 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
         lines += ["**This is a smoke study** on the tiny preset: it shows that the study runs end to end; its "
                   "numbers say nothing about the full models.", ""]
     lines += ["## What each variant changed", ""] + [f"- {sentences[p.name][0]}" for p in variants] + [""]
+    spikes = {p.name: train_all.stage_spikes({s: p.stages[s] for s in STUDY_STAGES}) for p in plans}
+    spikes = {name: found for name, found in spikes.items() if found}
+    if spikes:
+        lines += ["## Loss spikes", "", "These columns' training spiked (the trainer's rule: a log interval's mean "
+                  f"gradient norm {SPIKE_FACTOR:g}x its level before). A stage that did not recover draws worse than a clean run "
+                  "of the same settings, so its difference from the base may be the spike's, not the variant's.", ""]
+        lines += [f"- **{name}**: " + "; ".join(f"{phase} at {train_all.spike_steps(found)}"
+                                                for phase, found in phases.items())
+                  for name, phases in spikes.items()]
+        lines.append("")
     lines += ["## Columns", "", "| column | variant | vae | clip | unet |", "|---|---|---|---|---|"]
     for plan in plans:
         cells = [f"trained ({plan.stages[s].name})" if plan.sources[s] == "trained" else
@@ -575,7 +585,7 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                "variants": {p.name: {"spec": p.spec, "sources": p.sources, "sentence": sentences[p.name][0]}
                             for p in variants},
                "compare_png": str(compare), "headline": "; ".join(sentences[p.name][1] for p in variants) + ".",
-               "command": command, "settings": settings,
+               "command": command, "settings": settings, "loss_spikes": spikes,
                "evaluations": {name: {k: evaluations[name].get(k) for k in ("vae", "clip", "generation",
                                                                             "generation_sd", "train_minutes")}
                                for name in evaluations}}

@@ -102,6 +102,21 @@ def test_resume_skips_finished_variants_and_trains_a_new_one_concurrently(done, 
     assert "| fast_lr |" in (copy / "report.md").read_text(encoding="utf-8")
 
 
+def test_a_column_whose_training_spiked_is_named_in_the_report(done, tmp_path):
+    out, args, _ = done
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    args = [copy.as_posix() if a == str(out) else a for a in args]
+    assert "## Loss spikes" not in (copy / "report.md").read_text(encoding="utf-8")  # the tiny runs are smooth
+    norms = [0.2, 0.18, 0.17, 0.16, 0.6]  # steps 41-50: 0.6 over the median 0.18
+    (copy / "no_terms" / "unet" / "lowres" / "log.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "step": 10 * (i + 1), "train/grad_norm": g}) + "\n" for i, g in enumerate(norms)))
+    result = study(args)  # every column finished: only the report is written again
+    report = (copy / "report.md").read_text(encoding="utf-8")
+    assert "## Loss spikes" in report and "- **no_terms**: unet/lowres at steps 41-50 (3.3x)" in report
+    assert list(result["summary"]["loss_spikes"]) == ["no_terms"]
+
+
 def test_a_given_guidance_is_every_columns_and_is_recorded(base, done, tmp_path, monkeypatch):
     used, evaluate_run = [], study_module.evaluate_run
 

@@ -17,6 +17,7 @@ Writes ``OUT/screen.json`` and prints a table; each probe's stage folder and con
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -70,38 +71,53 @@ def plan_probes(settings: Sequence[tuple[str, list[str]]], common: list[str], se
 
 
 def last_step(folder: Path) -> int:
-    steps = [r["step"] for r in read_records(lowres_folder(folder) / "log.jsonl") if r.get("kind") == "train"]
-    return max(steps, default=0)
+    """The last training step a probe's low-resolution log holds; read while the probe writes it, so a line
+    still being written is skipped."""
+    path, step = lowres_folder(folder) / "log.jsonl", 0
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "train":
+            step = max(step, record["step"])
+    return step
 
 
 def run_probes(probes: Sequence[Probe], data: str, vae: Path, clip: Path, steps: int, concurrent: int,
                preset: str | None, device: str | None) -> None:
     """Run the probes ``concurrent`` at a time; stop each once its low-resolution log reaches ``steps``."""
     pending, running = list(probes), []
-    while pending or running:
-        while pending and len(running) < concurrent:
-            probe = pending.pop(0)
-            command = [sys.executable, "-m", "diffusion.train", "--data", data, "--vae", str(vae), "--clip",
-                       str(clip), "--out", str(probe.folder), "--log_every=10", *probe.args]
-            command += (["--preset", preset] if preset else []) + (["--device", device] if device else [])
-            probe.folder.parent.mkdir(parents=True, exist_ok=True)
-            log = open(probe.folder.with_suffix(".log"), "w", encoding="utf-8")
-            running.append((probe, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
-            print(f"probe {probe.folder.name}: started", flush=True)
-        time.sleep(POLL_SECONDS)
-        for entry in list(running):
-            probe, process, log = entry
-            reached = last_step(probe.folder) >= steps
-            if reached and process.poll() is None:
-                process.terminate()
-            if reached or process.poll() is not None:
-                code = process.wait()
-                log.close()
-                running.remove(entry)
-                if not reached and code != 0:
-                    raise RuntimeError(f"probe {probe.folder.name} failed (exit {code}) before step {steps}; see "
-                                       f"{probe.folder.with_suffix('.log')}")
-                print(f"probe {probe.folder.name}: stopped at step {last_step(probe.folder)}", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < concurrent:
+                probe = pending.pop(0)
+                command = [sys.executable, "-m", "diffusion.train", "--data", data, "--vae", str(vae), "--clip",
+                           str(clip), "--out", str(probe.folder), "--log_every=10", *probe.args]
+                command += (["--preset", preset] if preset else []) + (["--device", device] if device else [])
+                probe.folder.parent.mkdir(parents=True, exist_ok=True)
+                log = open(probe.folder.with_suffix(".log"), "w", encoding="utf-8")
+                running.append((probe, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+                print(f"probe {probe.folder.name}: started", flush=True)
+            time.sleep(POLL_SECONDS)
+            for entry in list(running):
+                probe, process, log = entry
+                reached = last_step(probe.folder) >= steps
+                if reached and process.poll() is None:
+                    process.terminate()
+                if reached or process.poll() is not None:
+                    code = process.wait()
+                    log.close()
+                    running.remove(entry)
+                    if not reached and code != 0:
+                        raise RuntimeError(f"probe {probe.folder.name} failed (exit {code}) before step {steps}; "
+                                           f"see {probe.folder.with_suffix('.log')}")
+                    print(f"probe {probe.folder.name}: stopped at step {last_step(probe.folder)}", flush=True)
+    finally:  # a failed probe or Ctrl-C leaves no probe training on
+        for _, process, log in running:
+            process.kill()
+            process.wait()
+            log.close()
 
 
 def probe_record(probe: Probe, steps: int) -> dict[str, Any]:

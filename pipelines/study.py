@@ -559,8 +559,9 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
     spikes = {name: found for name, found in spikes.items() if found}
     if spikes:
         lines += ["## Loss spikes", "", "These columns' training spiked (the trainer's rule: a log interval's mean "
-                  f"gradient norm {SPIKE_FACTOR:g}x its level before). A stage that did not recover draws worse than a clean run "
-                  "of the same settings, so its difference from the base may be the spike's, not the variant's.", ""]
+                  f"gradient norm {SPIKE_FACTOR:g}x its level before). A stage that did not recover draws worse "
+                  "than a clean run of the same settings, so its difference from the base may be the spike's, not "
+                  "the variant's.", ""]
         lines += [f"- **{name}**: " + "; ".join(f"{phase} at {train_all.spike_steps(found)}"
                                                 for phase, found in phases.items())
                   for name, phases in spikes.items()]

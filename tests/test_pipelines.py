@@ -380,6 +380,14 @@ def test_spike_screen_stops_each_probe_at_its_step_and_tabulates_every_setting(r
     assert json.loads((out / "screen.json").read_text())["records"] == result["records"]
 
 
+def test_spike_screen_names_the_log_of_a_probe_that_failed(run_a, tmp_path):
+    with pytest.raises(RuntimeError, match=r"probe plain_s1 failed \(exit 2\) before step 10; see .*plain_s1.log"):
+        spike_screen.main(["--data", str(tmp_path / "no_data"), "--vae", str(run_a / "vae"), "--clip",
+                           str(run_a / "clip"), "--out", str(tmp_path / "screen"), "--steps", "10", "--seeds", "1",
+                           "--preset", "tiny", "--setting", "plain:"])
+    assert "does not exist" in (tmp_path / "screen" / "plain_s1.log").read_text()
+
+
 @pytest.mark.parametrize("setting, error, message", [
     ("plain: --seed=1", ConfigError, "ambiguous"),
     ("two words: --beta2=0.99", UserError, "NAME a plain word"),

@@ -203,6 +203,7 @@ def test_sampling_with_an_interval_reads_nothing_back_from_the_device():
     cond = torch.randn(BATCH, LENGTH, WIDTH, generator=generator).cuda()
     uncond = torch.randn(1, LENGTH, WIDTH, generator=generator).cuda()
     schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    schedule.cache_tables(x.device)  # as the pipelines do: the tables move to the GPU once, before the loop
     model = ToyModel()
     denoiser = cfg_denoiser(model, schedule, "v_prediction", cond, uncond, 3.0, guidance_rescale=0.7,
                             guidance_interval=(0.3, 7.0))

@@ -143,7 +143,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
 
         images, latents = guided_sample_and_decode(
             model, stack.vae, stack.schedule, stack.prediction_type, cond.float(), uncond, settings.guidance_scale, x,
-            timesteps.to(device), settings.sampler, per_sample, settings.eta, decode_context=autocast,
+            timesteps, settings.sampler, per_sample, settings.eta, decode_context=autocast,
             guidance_rescale=settings.guidance_rescale,
             guidance_interval=settings.guidance_interval)
         outputs.append(images.clamp(-1, 1))

@@ -17,7 +17,6 @@ Writes ``OUT/screen.json`` and prints a table; each probe's stage folder and con
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from engine.config import parse_overrides
 from engine.errors import UserError, run_cli
 from engine.runlog import loss_spikes, read_records
 from engine.stage import write_json
+from pipelines.study import split_named
 
 POLL_SECONDS = 2.0
 
@@ -42,16 +42,6 @@ class Probe:
     seed: int
     folder: Path
     args: list[str]  # the stage's overrides, as passed
-
-
-def parse_setting(text: str) -> tuple[str, list[str]]:
-    """``NAME: --key=value ...`` -> (name, overrides); a bad one is a one-line ``UserError``."""
-    name, sep, rest = text.partition(":")
-    name = name.strip()
-    if not sep or not (name.isidentifier() and name.isascii()):
-        raise UserError(f"--setting takes 'NAME: --key=value ...' with NAME a plain word, e.g. \"adam_099: "
-                        f"--beta2=0.99\", got {text!r}")
-    return name, rest.split()
 
 
 def plan_probes(settings: Sequence[tuple[str, list[str]]], common: list[str], seeds: Sequence[int], out: Path,
@@ -71,17 +61,9 @@ def plan_probes(settings: Sequence[tuple[str, list[str]]], common: list[str], se
 
 
 def last_step(folder: Path) -> int:
-    """The last training step a probe's low-resolution log holds; read while the probe writes it, so a line
-    still being written is skipped."""
-    path, step = lowres_folder(folder) / "log.jsonl", 0
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("kind") == "train":
-            step = max(step, record["step"])
-    return step
+    """The last training step a probe's low-resolution log holds (read while the probe writes it)."""
+    return max((r["step"] for r in read_records(lowres_folder(folder) / "log.jsonl") if r.get("kind") == "train"),
+               default=0)
 
 
 def run_probes(probes: Sequence[Probe], data: str, vae: Path, clip: Path, steps: int, concurrent: int,
@@ -165,8 +147,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError(f"{args.out} exists; the screen writes a new folder: pass another --out or remove it")
     for folder, kind in ((args.vae, "vae"), (args.clip, "clip")):
         read_stage(folder, kind)  # a missing or unfinished stage is named before anything runs
-    probes = plan_probes([parse_setting(s) for s in args.setting], args.common.split(), args.seeds, args.out,
-                         args.preset)
+    settings = [split_named(s, "--setting", "adam_099: --beta2=0.99") for s in args.setting]
+    probes = plan_probes(settings, args.common.split(), args.seeds, args.out, args.preset)
     run_probes(probes, args.data, args.vae, args.clip, args.steps, args.concurrent, args.preset, args.device)
     records = [probe_record(p, args.steps) for p in probes]
     result = {"command": "python -m benchmarks.spike_screen " + " ".join(sys.argv[1:] if argv is None else argv),

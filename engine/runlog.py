@@ -25,10 +25,20 @@ def append_record(path: str | Path, record: Mapping[str, Any]) -> None:
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a log; a last line cut short (a run killed, or a log read, while it was written) is left
+    out, a damaged line before it is an error."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+    return records
 
 
 def truncate_after(path: str | Path, step: int) -> None:

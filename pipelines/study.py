@@ -108,18 +108,24 @@ class Variant:
     spec: str  # the items, as written
 
 
-def parse_variant(text: str) -> Variant:
-    """``NAME: --STAGE.key=value STAGE=FOLDER ...`` -> ``Variant``; every mistake is a one-line ``UserError``."""
+def split_named(text: str, option: str, example: str) -> tuple[str, list[str]]:
+    """``NAME: ITEMS`` (an option's value naming a column or setting) -> ``(NAME, [ITEM, ...])``; NAME must be a
+    plain word (it names a folder)."""
     name, sep, rest = text.partition(":")
     name = name.strip()
     if not sep or not (name.isidentifier() and name.isascii()):
-        raise UserError(f"--variant takes 'NAME: ITEMS' with NAME a plain word, e.g. \"no_terms: "
-                        f"--unet.div_weight=0\", got {text!r}")
+        raise UserError(f"{option} takes 'NAME: ITEMS' with NAME a plain word, e.g. \"{example}\", got {text!r}")
+    return name, rest.split()
+
+
+def parse_variant(text: str) -> Variant:
+    """``NAME: --STAGE.key=value STAGE=FOLDER ...`` -> ``Variant``; every mistake is a one-line ``UserError``."""
+    name, items = split_named(text, "--variant", "no_terms: --unet.div_weight=0")
     if name == BASE:
         raise UserError(f"a variant cannot be named '{BASE}': that is the base run's column; pick another name")
     overrides: dict[str, dict[str, str]] = {stage: {} for stage in STUDY_STAGES}
     folders: dict[str, Path] = {}
-    for item in rest.split():
+    for item in items:
         if item.startswith("--"):
             key, eq, value = item[2:].partition("=")
             stage, _, field = key.partition(".")
@@ -143,7 +149,7 @@ def parse_variant(text: str) -> Variant:
                         "is taken as it is, so drop one of them")
     if not folders and not any(overrides.values()):
         raise UserError(f"variant {name} changes nothing; add --STAGE.key=value overrides or STAGE=FOLDER items")
-    return Variant(name=name, overrides=overrides, folders=folders, spec=" ".join(rest.split()))
+    return Variant(name=name, overrides=overrides, folders=folders, spec=" ".join(items))
 
 
 @dataclass

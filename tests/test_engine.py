@@ -8,7 +8,7 @@ from torch import nn
 from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
 from engine.config import config_from_dict, config_to_dict, parse_overrides
 from engine.ema import EMA, power_profile_exponent, power_profile_std
-from engine.runlog import loss_spikes
+from engine.runlog import loss_spikes, read_records
 from engine.stage import StageError, load_weights
 from engine.trainer import lr_factor
 
@@ -205,6 +205,16 @@ def test_each_log_interval_records_its_largest_gradient_norm_and_a_spike_is_repo
     [spike] = loss_spikes(tmp_path / "spiky" / "log.jsonl")
     assert (spike["first_step"], spike["last_step"]) == (31, 32) and spike["ratio"] > 2.5
     assert loss_spikes(tmp_path / "smooth" / "log.jsonl") == []
+
+
+def test_a_log_cut_short_in_its_last_line_reads_back_whole_records_and_a_damaged_middle_line_is_an_error(tmp_path):
+    log = tmp_path / "log.jsonl"
+    whole = [{"kind": "train", "step": 10, "train/loss": 0.5}, {"kind": "train", "step": 20, "train/loss": 0.4}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in whole) + '{"kind": "train", "st')  # killed mid-write
+    assert read_records(log) == whole
+    log.write_text(json.dumps(whole[0]) + '\n{"kind": "tr\n' + json.dumps(whole[1]) + "\n")
+    with pytest.raises(json.JSONDecodeError):
+        read_records(log)
 
 
 def test_resume_at_epoch_boundary_is_exact(tmp_path):

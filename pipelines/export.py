@@ -98,6 +98,9 @@ def diffusers_unet_config(config: UNetConfig, sample_size: int, augment_as_class
         raise ExportError(f"UNet channel_mult starts with {config.channel_mult[0]}: diffusers sizes the timestep "
                           "features by the first level's width, ours by base_channels; only channel_mult[0] = 1 "
                           "exports (retrain with channel_mult starting at 1)")
+    if config.qk_norm:
+        raise ExportError("the UNet normalises its attention queries and keys (qk_norm=true), which "
+                          "UNet2DConditionModel cannot express; only a UNet trained with qk_norm=false exports")
     widths = [config.base_channels * mult for mult in config.channel_mult]
     augment = augment_as_class_embedding and config.augment_dim > 0
     return {

@@ -90,6 +90,12 @@ def test_unet_whose_first_level_is_wider_than_base_is_refused():
                                          context_dim=8), 8)
 
 
+def test_unet_with_normalised_queries_and_keys_is_refused():
+    with pytest.raises(ValueError, match="qk_norm"):
+        diffusers_unet_config(UNetConfig(base_channels=16, channel_mult=(1, 2), head_dim=8, norm_groups=8,
+                                         context_dim=8, qk_norm=True), 8)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run folder of random-weight stages: v-prediction on a zero-terminal-SNR cosine schedule."""

@@ -1,10 +1,13 @@
 """The conditional latent UNet: shapes, zero init, input errors, conditioning, checkpointing, save/load."""
 
+import json
+
 import pytest
 import torch
 
 from engine.config import ConfigError
 from unet import UNet, UNetConfig
+from unet.blocks import CrossAttention, HeadRMSNorm, SelfAttention
 
 
 def tiny_config(**overrides) -> UNetConfig:
@@ -37,6 +40,7 @@ def inputs(cfg: UNetConfig, batch: int = 2, size: tuple[int, int] = (8, 8), toke
     ({"channel_mult": (1, 2, 2), "num_res_blocks": 2}, (8, 16)),
     ({"in_channels": 3, "out_channels": 6, "transformer_depth": 2}, (4, 4)),
     ({"channel_mult": (1,)}, (3, 5)),
+    ({"qk_norm": True}, (8, 8)),
 ])
 def test_output_shape(overrides, size):
     cfg = tiny_config(**overrides)
@@ -118,3 +122,53 @@ def test_save_load_round_trip(tmp_path):
     x, t, context = inputs(cfg)
     assert torch.equal(model(x, t, context), loaded(x, t, context))
     assert len(fingerprint) == 16
+
+
+def test_head_rms_norm_gives_each_head_unit_rms_times_its_gain():
+    norm = HeadRMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 9.0))
+    x = 5 * torch.randn(2, 3, 4, 8)  # [B, heads, tokens, head_dim]
+    out = norm(x)
+    expected = x / x.square().mean(-1, keepdim=True).sqrt() * torch.arange(1.0, 9.0)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert norm(x.bfloat16()).dtype == torch.bfloat16  # q, k and v reach attention in one dtype
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm):
+    """Growing query/key weights sharpen attention without QK-norm; with it the logits stay bounded."""
+    torch.manual_seed(0)
+    dim, head_dim = 16, 8
+    self_attn, cross_attn = SelfAttention(dim, head_dim, qk_norm), CrossAttention(dim, 12, head_dim, qk_norm)
+    x, context = torch.randn(2, 6, dim), torch.randn(2, 5, 12)
+    before = self_attn(x), cross_attn(x, context)
+    with torch.no_grad():
+        self_attn.qkv.weight[: 2 * dim] *= 10  # the query and key rows of the fused projection
+        cross_attn.q.weight *= 10
+        cross_attn.kv.weight[:dim] *= 10  # the key rows
+    after = self_attn(x), cross_attn(x, context)
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, atol=1e-5) == qk_norm
+
+
+def test_qk_norm_round_trips_and_a_folder_saved_before_it_loads_without_it(tmp_path):
+    cfg = tiny_config(qk_norm=True)
+    model = wake_up(UNet(cfg)).eval()
+    with torch.no_grad():  # gains away from their initial ones, so loading them is checked
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 2.0)
+    model.save(tmp_path / "qk", training={}, trained_on={})
+    loaded = UNet.load(tmp_path / "qk")
+    x, t, context = inputs(cfg)
+    assert loaded.config.qk_norm and torch.equal(model(x, t, context), loaded(x, t, context))
+
+    old = wake_up(UNet(tiny_config())).eval()
+    old.save(tmp_path / "old", training={}, trained_on={})
+    config_file = tmp_path / "old" / "config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved["model"].pop("qk_norm") is False
+    config_file.write_text(json.dumps(saved))
+    loaded = UNet.load(tmp_path / "old")
+    assert not loaded.config.qk_norm and torch.equal(old(x, t, context), loaded(x, t, context))

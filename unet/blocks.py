@@ -81,34 +81,60 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
+class HeadRMSNorm(nn.Module):
+    """RMS-normalises each head's query or key features, with a learned gain (QK-norm, as in SD3 and ViT-22B).
+
+    Bounds the attention logits, whose unchecked growth is a known cause of loss spikes at high learning rates.
+    Computed in fp32 and returned in the input's dtype, so q, k and v reach SDPA in one dtype.
+    """
+
+    def __init__(self, head_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+def _qk_norms(head_dim: int, enabled: bool) -> tuple[nn.Module, nn.Module]:
+    if not enabled:
+        return nn.Identity(), nn.Identity()
+    return HeadRMSNorm(head_dim), HeadRMSNorm(head_dim)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection."""
 
-    def __init__(self, dim: int, head_dim: int):
+    def __init__(self, dim: int, head_dim: int, qk_norm: bool = False):
         super().__init__()
         self.head_dim = head_dim
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm, self.k_norm = _qk_norms(head_dim, qk_norm)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (_heads(part, self.head_dim) for part in self.qkv(x).chunk(3, dim=-1))
-        return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.out(_merge_heads(out))
 
 
 class CrossAttention(nn.Module):
     """Multi-head attention from image tokens (queries) to text states (fused key/value projection)."""
 
-    def __init__(self, dim: int, context_dim: int, head_dim: int):
+    def __init__(self, dim: int, context_dim: int, head_dim: int, qk_norm: bool = False):
         super().__init__()
         self.head_dim = head_dim
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.q_norm, self.k_norm = _qk_norms(head_dim, qk_norm)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         q = _heads(self.q(x), self.head_dim)
         k, v = (_heads(part, self.head_dim) for part in self.kv(context).chunk(2, dim=-1))
-        return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.out(_merge_heads(out))
 
 
 class GEGLUFeedForward(nn.Module):
@@ -127,12 +153,12 @@ class GEGLUFeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm ``self-attention -> cross-attention -> GEGLU`` with a residual around each."""
 
-    def __init__(self, dim: int, context_dim: int, head_dim: int):
+    def __init__(self, dim: int, context_dim: int, head_dim: int, qk_norm: bool = False):
         super().__init__()
         self.norm1 = LayerNorm(dim)
-        self.self_attn = SelfAttention(dim, head_dim)
+        self.self_attn = SelfAttention(dim, head_dim, qk_norm)
         self.norm2 = LayerNorm(dim)
-        self.cross_attn = CrossAttention(dim, context_dim, head_dim)
+        self.cross_attn = CrossAttention(dim, context_dim, head_dim, qk_norm)
         self.norm3 = LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
@@ -145,11 +171,13 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, conditioned on text; starts as the identity."""
 
-    def __init__(self, channels: int, context_dim: int, head_dim: int, depth: int, groups: int):
+    def __init__(self, channels: int, context_dim: int, head_dim: int, depth: int, groups: int,
+                 qk_norm: bool = False):
         super().__init__()
         self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
-        self.blocks = nn.ModuleList(TransformerBlock(channels, context_dim, head_dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(channels, context_dim, head_dim, qk_norm)
+                                    for _ in range(depth))
         self.proj_out = zero_init(nn.Linear(channels, channels))
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:

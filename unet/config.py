@@ -21,6 +21,8 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 3, 4)
     num_res_blocks: int = 2
     head_dim: int = 64  # attention heads per level = channels // head_dim
+    # RMS-normalise each head's queries and keys (unet.blocks.HeadRMSNorm) in every attention
+    qk_norm: bool = False
     transformer_depth: int = 1
     context_dim: int | None = None  # width of the text states; None: the UNet trainer takes the CLIP stage's
     # width of the augmentation label added to the timestep embedding (0: none). Sampling passes zeros.

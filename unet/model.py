@@ -25,7 +25,7 @@ class ResTransformerLayer(nn.Module):
         super().__init__()
         self.res = ResBlock(in_channels, out_channels, time_dim, config.norm_groups, config.dropout)
         self.transformer = SpatialTransformer(out_channels, config.context_dim, config.head_dim,
-                                              config.transformer_depth, config.norm_groups)
+                                              config.transformer_depth, config.norm_groups, config.qk_norm)
 
     def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
         return self.transformer(self.res(x, temb), context)

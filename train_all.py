@@ -33,7 +33,7 @@ from engine import distributed
 from engine.config import choose_preset, config_to_dict, parse_overrides, preset_reason
 from engine.errors import run_cli
 from engine.images import save_grid
-from engine.runlog import loss_spikes
+from engine.runlog import loss_spikes, rollbacks
 from engine.stage import CONFIG_FILE, record_preset, remove_empty_folders, write_json
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import evaluate_to_folder, markdown_table
@@ -204,14 +204,25 @@ def final_samples(run: Path, stack: StageStack) -> None:
     save_grid(torch.cat(rows), run / "guidance_colours.png", nrow=len(colours), max_side=128)
 
 
-def stage_spikes(stage_dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
-    """The loss spikes in each stage's training log (the UNet's low-resolution phase as ``unet/lowres``), by the
-    rule the trainer warns with; only phases that have some."""
+def _logged_phases(stage_dirs: dict[str, Path]) -> list[tuple[str, Path]]:
+    """Each stage's training folder, the UNet's low-resolution phase as ``unet/lowres``."""
     phases = list(stage_dirs.items())
     if "unet" in stage_dirs:
         phases.append(("unet/lowres", lowres_folder(stage_dirs["unet"])))
-    found = {name: loss_spikes(folder / "log.jsonl") for name, folder in phases}
+    return phases
+
+
+def stage_spikes(stage_dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
+    """The loss spikes left in each stage's training log, by the rule the trainer warns with; only phases that have
+    some. A spike the trainer rolled back is not among them (``stage_rollbacks``)."""
+    found = {name: loss_spikes(folder / "log.jsonl") for name, folder in _logged_phases(stage_dirs)}
     return {name: spikes for name, spikes in found.items() if spikes}
+
+
+def stage_rollbacks(stage_dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
+    """The spikes each stage's trainer rolled back (``engine.runlog.rollbacks``); only phases that have some."""
+    found = {name: rollbacks(folder / "log.jsonl") for name, folder in _logged_phases(stage_dirs)}
+    return {name: records for name, records in found.items() if records}
 
 
 def spike_steps(spikes: list[dict[str, Any]]) -> str:
@@ -219,13 +230,20 @@ def spike_steps(spikes: list[dict[str, Any]]) -> str:
     return ", ".join(f"steps {s['first_step']}-{s['last_step']} ({s['ratio']:.1f}x)" for s in spikes)
 
 
-def spike_lines(spikes: dict[str, list[dict[str, Any]]], stage_dirs: dict[str, Path], data: str) -> list[str]:
-    """The report's warning for stages whose training spiked, with the command that trains the UNet again."""
-    if not spikes:
+def spike_lines(spikes: dict[str, list[dict[str, Any]]], rolled_back: dict[str, list[dict[str, Any]]],
+                stage_dirs: dict[str, Path], data: str) -> list[str]:
+    """The report's section on spikes: those rolled back, and a warning for those left, with the command that
+    trains the UNet again."""
+    if not spikes and not rolled_back:
         return []
     lines = ["## Loss spikes", ""]
+    lines += [f"- **{name}**: a spike at {spike_steps([r])} was rolled back: training went back to step {r['step']} "
+              f"and went on with the learning rate x{r['lr_scale']:.3g}." for name, found in rolled_back.items()
+              for r in found]
     lines += [f"- **{name}**: the mean gradient norm jumped at {spike_steps(found)} against its level before."
               for name, found in spikes.items()]
+    if not spikes:
+        return lines + [""]
     lines += ["", "If `train/loss` stayed up after a spike (the stage's `loss.png`), that stage is damaged and draws "
               "worse than a clean run. GPU kernels are not deterministic, so training it again takes another path."]
     if any(name.startswith("unet") for name in spikes) and {"vae", "clip"} <= stage_dirs.keys():
@@ -367,9 +385,9 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
         for name in stage_dirs:
             if (stage_dirs[name] / "loss.png").is_file():
                 pictures[f"{name} loss"] = stage_dirs[name] / "loss.png"
-        spikes = stage_spikes(stage_dirs)
+        spikes, rolled_back = stage_spikes(stage_dirs), stage_rollbacks(stage_dirs)
         write_report(run, stage_dirs, results, progress, command, pictures, preset,
-                     spike_lines(spikes, stage_dirs, args.data))
+                     spike_lines(spikes, rolled_back, stage_dirs, args.data))
         summary = {"minutes": progress.total_minutes,
                    "stage_minutes": progress.minutes,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -377,7 +395,8 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
                    "command": command,
                    "preset": preset,
                    "stages": {k: str(v) for k, v in stage_dirs.items()},
-                   "loss_spikes": spikes}
+                   "loss_spikes": spikes,
+                   "spike_rollbacks": rolled_back}
         if results is not None:
             summary["evaluation"] = {k: results[k] for k in ("vae", "clip", "generation")}
         write_json(run / "summary.json", summary)

@@ -5,7 +5,9 @@ low-resolution phase has logged ``--steps`` steps. The learning-rate schedule is
 step up to there is the step a full run takes. Probes run ``--concurrent`` at a time on one GPU (the default's
 256-px phase peaks at 28 GB: four fit on an H200). Per probe it reports the spikes by the trainer's own rule
 (``engine.runlog.loss_spikes``), the largest gradient norm and the mean training loss over the last tenth of
-the steps; per setting, how many of its seeds spiked.
+the steps; per setting, how many of its seeds spiked. Probes run with the stage's spike rollback off
+(``--train.spike_rollbacks=0``: the screen measures how often a setting spikes, not how the stage recovers); a
+setting may turn it back on, and a rolled-back spike is then reported as one.
 
     python -m benchmarks.spike_screen --data ../shared/pokemon --vae runs/A/vae --clip runs/A/clip \\
         --out runs/spike --steps 300 --seeds 1 2 3 4 --concurrent 4 --common=--lr=6e-4 \\
@@ -29,11 +31,12 @@ from diffusion.train import lowres_folder
 from engine import build_config, read_stage
 from engine.config import parse_overrides
 from engine.errors import UserError, run_cli
-from engine.runlog import loss_spikes, read_records
+from engine.runlog import loss_spikes, read_records, rollbacks
 from engine.stage import write_json
 from pipelines.study import split_named
 
 POLL_SECONDS = 2.0
+ROLLBACK_OFF = "--train.spike_rollbacks=0"  # before a setting's own overrides, which may turn it back on
 
 
 @dataclass
@@ -56,7 +59,8 @@ def plan_probes(settings: Sequence[tuple[str, list[str]]], common: list[str], se
         if cfg.lowres_epochs == 0:
             raise UserError(f"setting {name} trains no low-resolution phase (lowres_epochs=0): the screen watches "
                             "that phase; drop the override")
-    return [Probe(name, seed, out / f"{name}_s{seed}", common + overrides + [f"--train.seed={seed}"])
+    return [Probe(name, seed, out / f"{name}_s{seed}",
+                  [ROLLBACK_OFF] + common + overrides + [f"--train.seed={seed}"])
             for seed in seeds for name, overrides in settings]
 
 
@@ -109,6 +113,7 @@ def probe_record(probe: Probe, steps: int) -> dict[str, Any]:
     return {"setting": probe.setting, "seed": probe.seed, "overrides": probe.args,
             "steps": train[-1]["step"] if train else 0,
             "spikes": [s for s in loss_spikes(log) if s["last_step"] <= steps],
+            "rollbacks": [r for r in rollbacks(log) if r["last_step"] <= steps],
             "grad_norm_max": max((r.get("train/grad_norm_max", r["train/grad_norm"]) for r in train), default=None),
             "train_loss_tail": sum(tail) / len(tail) if tail else None}
 
@@ -117,13 +122,16 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["| setting | seed | spikes (steps, x its level) | largest gradient norm | train loss, last tenth |",
              "|---|---|---|---|---|"]
     for r in records:
-        spikes = ", ".join(f"{s['first_step']}-{s['last_step']} ({s['ratio']:.1f}x)" for s in r["spikes"]) or "none"
+        spikes = ", ".join([f"{s['first_step']}-{s['last_step']} ({s['ratio']:.1f}x)" for s in r["spikes"]]
+                           + [f"{s['first_step']}-{s['last_step']} ({s['ratio']:.1f}x, rolled back to {s['step']})"
+                              for s in r["rollbacks"]]) or "none"
         lines.append(f"| {r['setting']} | {r['seed']} | {spikes} | {r['grad_norm_max'] or float('nan'):.3f} | "
                      f"{r['train_loss_tail'] or float('nan'):.4f} |")
     lines.append("")
     for setting in dict.fromkeys(r["setting"] for r in records):
         mine = [r for r in records if r["setting"] == setting]
-        lines.append(f"{setting}: {sum(bool(r['spikes']) for r in mine)} of {len(mine)} seeds spiked")
+        lines.append(f"{setting}: {sum(bool(r['spikes'] or r['rollbacks']) for r in mine)} of {len(mine)} seeds "
+                     "spiked")
     return lines
 
 

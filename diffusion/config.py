@@ -31,16 +31,18 @@ class UNetTrainConfig:
     compiling costs minutes per resolution, more than it saves in phases this short (``train.compile`` for
     longer runs). Latent caching takes seconds per phase; a sample grid plus the validation loss ~3 s each.
     Activations are ~0.35 GiB per sample at 512 px in bf16, so batch 64 (or 256 at 256 px) needs ~25 GiB with
-    the weights, EMA and AdamW state.
+    the weights, EMA and AdamW state, and ~4.4 GiB more for the two snapshots a spike rolls back to.
     """
 
     # Learning rate 4e-4 without dropout or augmentation: at the default's 2.5 k steps it learns faster than 2e-4
     # with dropout 0.1 and augmentation, and at the generation default's guidance its near-copies stay within the
     # bars (docs/results/quality). Norms in bf16 (engine.precision): ~10 % more samples/s, same validation loss.
     model: UNetConfig = field(default_factory=UNetConfig)
+    # A spike rolls back (engine.trainer): two of six runs of this recipe spiked at the 256-px warm-up's end and
+    # drew visibly worse after (docs/results/quality/snr_shift_run/).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=6, passes_per_epoch=10, batch_size=64, lr=4e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999,
-        log_every=50, checkpoint_every_epochs=4, compile=False, low_precision_norms=True))
+        log_every=50, checkpoint_every_epochs=4, compile=False, low_precision_norms=True, spike_rollbacks=2))
     # v-prediction on a zero-terminal-SNR schedule: with epsilon on scaled-linear the last step still holds
     # signal, so sampling from pure noise never learns the white page and fills the frame (issue 13)
     # (schedule.snr_shift is the full-resolution phase's; the low-resolution phase trains unshifted)

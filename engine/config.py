@@ -46,6 +46,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # On a loss spike (engine.runlog's rule on each log interval's mean gradient norm): go back to the state of
+    # two log intervals before, scale the learning rate by spike_lr_backoff for the rest of the run, and go on;
+    # at most spike_rollbacks times (0: only warn). Needs grad_clip > 0 (clipping measures the norm).
+    spike_rollbacks: int = 0
+    spike_lr_backoff: float = 0.7
     grad_accum: int = 1
     ema_decay: float = 0.0  # 0 disables EMA (unless ema_std is set)
     # > 0: EDM2's power-function EMA instead, its window this share of the steps so far (engine.ema.EMA)
@@ -74,6 +79,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got '{self.precision}'")
+        if self.spike_rollbacks < 0:
+            raise ConfigError(f"spike_rollbacks must be >= 0 (0: only warn of a spike), got {self.spike_rollbacks}")
+        if not 0.0 < self.spike_lr_backoff <= 1.0:
+            raise ConfigError(f"spike_lr_backoff must be in (0, 1] (the learning rate's scale after a rollback), got "
+                              f"{self.spike_lr_backoff}")
+        if self.spike_rollbacks and self.grad_clip <= 0:
+            raise ConfigError(f"spike_rollbacks={self.spike_rollbacks} watches the gradient norm, which is measured "
+                              "when clipping: set grad_clip > 0, or spike_rollbacks=0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
         if self.ema_decay > 0 and self.ema_std > 0:
@@ -99,8 +112,10 @@ def validate_config(cfg: Any) -> Any:
 
 
 # TrainConfig fields of how a training runs, not of what it learns: a checkpoint or a finished stage that differs
-# only in these is the same training (a --concurrent study, for one, trains its variants eagerly).
-HOW_IT_RUNS = ("compile", "log_every", "checkpoint_every_epochs", "checkpoint_every_steps")
+# only in these is the same training (a --concurrent study, for one, trains its variants eagerly). The spike
+# rollback is a policy for a run gone wrong: a run that never spikes learns the same with or without it.
+HOW_IT_RUNS = ("compile", "log_every", "checkpoint_every_epochs", "checkpoint_every_steps", "spike_rollbacks",
+               "spike_lr_backoff")
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

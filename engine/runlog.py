@@ -48,8 +48,10 @@ def truncate_after(path: str | Path, step: int) -> None:
 
 
 def plot_losses(log_path: str | Path, png_path: str | Path, title: str = "") -> None:
-    """Plot every ``train/*`` series of the log against the step, one panel each, plus ``val/*`` points."""
+    """Plot every ``train/*`` series of the log against the step, one panel each, plus ``val/*`` points; a dotted
+    line where a loss spike was rolled back to."""
     records = read_records(log_path)
+    rollback_steps = [r["step"] for r in records if r.get("kind") == "rollback"]
     train_keys = sorted({k for r in records if r.get("kind") == "train" for k in r if k.startswith("train/")})
     val_keys = sorted({k for r in records if r.get("kind") == "epoch" for k in r
                        if k.startswith("val/") and isinstance(r[k], (int, float))})
@@ -64,6 +66,8 @@ def plot_losses(log_path: str | Path, png_path: str | Path, title: str = "") -> 
         points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r]
         steps, values = zip(*points)
         ax.plot(steps, values, marker="o" if kind == "epoch" else None, markersize=3, linewidth=1)
+        for step in rollback_steps:
+            ax.axvline(step, color="tab:red", linestyle=":", linewidth=1)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -86,6 +90,12 @@ def spike_ratio(previous: Sequence[float], grad_norm: float) -> float | None:
         return None
     ratio = grad_norm / levels[len(levels) // 2]
     return ratio if ratio > SPIKE_FACTOR else None
+
+
+def rollbacks(log_path: str | Path) -> list[dict[str, Any]]:
+    """The spikes the trainer rolled back (``TrainConfig.spike_rollbacks``): ``{"step"`` (where training went
+    back to), ``"first_step", "last_step", "grad_norm", "ratio"`` (the spike), ``"lr_scale"}`` (from then on)."""
+    return [{k: v for k, v in r.items() if k != "kind"} for r in read_records(log_path) if r.get("kind") == "rollback"]
 
 
 def loss_spikes(log_path: str | Path) -> list[dict[str, Any]]:

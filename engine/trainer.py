@@ -4,14 +4,17 @@ A stage hands over a *training module* (its model plus its loss, so DDP sees a s
 the number of training items and a ``make_batch(indices, generator)`` function; the engine does the
 rest: batch indices (deterministic, sharded per rank), bf16 autocast, fused AdamW, warm-up + cosine
 learning rate, gradient accumulation and clipping, EMA, atomic checkpoints, exact resume, progress,
-a JSONL log and a loss plot, and a per-epoch callback for the stage's pictures and metrics.
+a JSONL log and a loss plot, a per-epoch callback for the stage's pictures and metrics, and a rollback of
+loss spikes when asked for (``TrainConfig.spike_rollbacks``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
+from collections import deque
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -84,7 +87,12 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.checkpoint_path = checkpoint_path(self.out_dir)
         self.log_path = self.out_dir / "log.jsonl"
-        self._grad_norm_levels: list[float] = []  # the last log intervals' mean gradient norms (spike warning)
+        self._grad_norm_levels: list[float] = []  # the last log intervals' mean gradient norms (spike rule)
+        # the training state at the last two log intervals' ends that passed the spike rule (in memory, on the
+        # device): a spike rolls back to the older one
+        self._snapshots: deque[dict[str, Any]] = deque(maxlen=2)
+        self.lr_scale = 1.0  # times spike_lr_backoff per rollback
+        self.spike_rollbacks_used = 0
 
         per_step = self.env.world_size * cfg.grad_accum
         if cfg.batch_size % per_step:
@@ -116,8 +124,9 @@ class Trainer:
         self.ema = EMA(averaged, cfg.ema_decay, std=cfg.ema_std) if cfg.ema_decay > 0 or cfg.ema_std > 0 else None
         self.ema_probes = {std: EMA(averaged, std=std) for std in cfg.ema_probe_stds}
         self.optimizer = self._make_optimizer(param_groups)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # lr_scale read at each step: a rollback lowers it
+            self.optimizer,
+            lambda s: self.lr_scale * lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
 
         self.run_config = dict(run_config) if run_config is not None else config_to_dict(cfg)
         self.step = 0
@@ -210,11 +219,20 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self, make_batch: MakeBatch, on_epoch_end: EpochCallback | None = None) -> None:
         """Train for the configured epochs (from where a resumed checkpoint stopped)."""
-        cfg = self.cfg
-        start_epoch = self.epoch
-        skip_steps = self.step - start_epoch * self.steps_per_epoch  # > 0 after a mid-epoch checkpoint
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
                         desc=self.out_dir.name, dynamic_ncols=True, smoothing=0.05)
+        while not self._run_epochs(make_batch, on_epoch_end, progress):  # False: a spike was rolled back
+            progress.n = self.step
+            progress.refresh()
+        progress.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    def _run_epochs(self, make_batch: MakeBatch, on_epoch_end: EpochCallback | None, progress: tqdm) -> bool:
+        """The epochs from ``self.step`` on; False when a loss spike was rolled back (``self.step`` went back)."""
+        cfg = self.cfg
+        start_epoch = self.epoch
+        skip_steps = self.step - start_epoch * self.steps_per_epoch  # > 0 after a mid-epoch checkpoint or rollback
         sums: dict[str, torch.Tensor] = {}
         grad_peak: torch.Tensor | None = None  # the largest gradient norm of the log interval, kept on the device
         count = 0
@@ -232,21 +250,25 @@ class Trainer:
                     grad_peak = logs["grad_norm"] if grad_peak is None else torch.maximum(grad_peak, logs["grad_norm"])
                 count += 1
                 progress.update(1)
-                if self.step % cfg.log_every == 0 or step_in_epoch == self.steps_per_epoch - 1:
+                last_in_epoch = step_in_epoch == self.steps_per_epoch - 1
+                if self.step % cfg.log_every == 0 or last_in_epoch:
                     now = time.perf_counter()
                     record = self._log_train(sums, count, now - t_last, grad_peak)
                     progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    spike = self._check_spike(record, count)
+                    if spike is not None and self._roll_back(spike):
+                        return False
+                    if not last_in_epoch:  # at an epoch's end the snapshot is taken after the epoch's work
+                        self._snapshot()
                     sums, grad_peak, count, t_last = {}, None, 0, now
-                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
-                        and step_in_epoch < self.steps_per_epoch - 1:
+                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and not last_in_epoch:
                     self.save_checkpoint()
             skip_steps = 0
             self.epoch = epoch + 1
             self._end_epoch(on_epoch_end)
+            self._snapshot()
             t_last = time.perf_counter()  # throughput counts training steps, not the epoch-end work
-        progress.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        return True
 
     def _step_is_dynamic(self) -> AbstractContextManager:
         """Under torch.compile, trace ``step`` as a symbolic int from the first compile.
@@ -297,17 +319,61 @@ class Trainer:
         if self.env.is_main:
             runlog.append_record(self.log_path, record)
             self.tensorboard.scalars(record, self.step)
-            if "train/grad_norm" in record:
-                self._check_spike(record["train/grad_norm"], count)
         return record
 
-    def _check_spike(self, grad_norm: float, count: int) -> None:
+    def _check_spike(self, record: Mapping[str, Any], count: int) -> dict[str, Any] | None:
+        """The spike rule on this log interval (every rank reads the same all-reduced norm, so all decide alike):
+        the spike as ``runlog.loss_spikes`` reports one, or None."""
+        if "train/grad_norm" not in record:
+            return None
+        grad_norm = record["train/grad_norm"]
         ratio = runlog.spike_ratio(self._grad_norm_levels, grad_norm)
-        if ratio is not None:
-            tqdm.write(f"{self.out_dir.name}: loss spike? the gradient norm averaged {grad_norm:.3g} over steps "
-                       f"{self.step - count + 1}-{self.step}, {ratio:.1f}x its level before; if train/loss stays "
-                       "up from here, the run is damaged: train the stage again")
         self._grad_norm_levels = (self._grad_norm_levels + [grad_norm])[-runlog.SPIKE_HISTORY:]
+        if ratio is None:
+            return None
+        spike = {"first_step": self.step - count + 1, "last_step": self.step, "grad_norm": grad_norm, "ratio": ratio}
+        if self.env.is_main:
+            tqdm.write(f"{self.out_dir.name}: loss spike? the gradient norm averaged {grad_norm:.3g} over steps "
+                       f"{spike['first_step']}-{self.step}, {ratio:.1f}x its level before"
+                       + ("" if self._can_roll_back() else "; if train/loss stays up from here, the run is damaged: "
+                          "train the stage again"))
+        return spike
+
+    # ------------------------------------------------------------------ spike rollback
+    def _can_roll_back(self) -> bool:
+        return self.spike_rollbacks_used < self.cfg.spike_rollbacks and bool(self._snapshots)
+
+    def _snapshot(self) -> None:
+        """Keep this moment's training state in memory while rollbacks are left (a copy on the device: ~4x the
+        weights' size with AdamW and an EMA)."""
+        if self.spike_rollbacks_used < self.cfg.spike_rollbacks:
+            if len(self._snapshots) == self._snapshots.maxlen:
+                self._snapshots.popleft()  # before copying: never three copies at once
+            self._snapshots.append(copy.deepcopy({**self._training_state(), "rng": self._rng_state()}))
+
+    def _roll_back(self, spike: Mapping[str, Any]) -> bool:
+        """Go back to the older snapshot, lower the learning rate, and leave a record of it in the log; False when
+        no rollback is left (the spike stays, as a warning)."""
+        if not self._can_roll_back():
+            return False
+        target, spiked_at = self._snapshots[0], self.step
+        self._snapshots = deque([target], maxlen=2)  # the newer one goes first: at most two copies at once
+        self._load_training_state(copy.deepcopy(target))  # a copy: the optimizer keeps the tensors it is given
+        self._set_rng_state(target["rng"])
+        self.spike_rollbacks_used += 1
+        self.lr_scale *= self.cfg.spike_lr_backoff
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
+        if self.env.is_main:
+            runlog.truncate_after(self.log_path, self.step)  # the spiked steps are trained again
+            runlog.append_record(self.log_path, {"kind": "rollback", "step": self.step, **dict(spike),
+                                                 "lr_scale": self.lr_scale})
+            tqdm.write(f"{self.out_dir.name}: rolled back from step {spiked_at} to step {self.step}; the learning "
+                       f"rate is x{self.lr_scale:.3g} from here ({self.spike_rollbacks_used} of "
+                       f"{self.cfg.spike_rollbacks} rollbacks used)")
+        self.save_checkpoint()  # a checkpoint written on the spiked path must not be what a resume finds
+        return True
 
     def _end_epoch(self, on_epoch_end: EpochCallback | None) -> None:
         metrics: dict[str, Any] = {}
@@ -382,13 +448,9 @@ class Trainer:
             dist.all_gather_object(rng, self._rng_state())
         if self.env.is_main:
             state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "module": self.module.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "ema_probes": {std: ema.state_dict() for std, ema in self.ema_probes.items()},
+                **self._training_state(),
+                "lr_scale": self.lr_scale,
+                "spike_rollbacks_used": self.spike_rollbacks_used,
                 "rng": rng,
                 "train_config": config_to_dict(self.cfg),
                 "run_config": flatten_config(self.run_config),
@@ -396,6 +458,30 @@ class Trainer:
             }
             atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
         distributed.barrier()
+
+    def _training_state(self) -> dict[str, Any]:
+        """What a checkpoint and a spike snapshot both hold (references to the live tensors, not copies)."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_probes": {std: ema.state_dict() for std, ema in self.ema_probes.items()},
+            "grad_norm_levels": list(self._grad_norm_levels),
+        }
+
+    def _load_training_state(self, state: Mapping[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        for std, ema in self.ema_probes.items():  # the probes are in the run config: a checkpoint has them all
+            ema.load_state_dict(state["ema_probes"][std])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self._grad_norm_levels = list(state.get("grad_norm_levels", []))  # absent in older checkpoints
 
     def _load_checkpoint(self) -> None:
         try:
@@ -415,14 +501,9 @@ class Trainer:
             raise ConfigError(f"cannot resume {self.checkpoint_path}: it was trained with other settings "
                               f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); use the "
                               "same settings or start a fresh output folder")
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        for std, ema in self.ema_probes.items():  # the probes are in the run config: a checkpoint has them all
-            ema.load_state_dict(state["ema_probes"][std])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self._load_training_state(state)
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.spike_rollbacks_used = int(state.get("spike_rollbacks_used", 0))
         rng = state["rng"]
         if len(rng) == self.env.world_size:
             self._set_rng_state(rng[self.env.rank])

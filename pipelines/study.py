@@ -572,6 +572,16 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                                                 for phase, found in phases.items())
                   for name, phases in spikes.items()]
         lines.append("")
+    rolled_back = {p.name: train_all.stage_rollbacks({s: p.stages[s] for s in STUDY_STAGES}) for p in plans}
+    rolled_back = {name: found for name, found in rolled_back.items() if found}
+    if rolled_back:
+        lines += ["## Spikes rolled back", "", "These columns' trainers went back past a spike and trained on at a "
+                  "lower learning rate: a difference from the base may come from that lower rate.", ""]
+        lines += [f"- **{name}**: " + "; ".join(f"{phase} at {train_all.spike_steps([r])}, back to step {r['step']}, "
+                                                f"learning rate x{r['lr_scale']:.3g} after" for phase, found in
+                                                phases.items() for r in found)
+                  for name, phases in rolled_back.items()]
+        lines.append("")
     lines += ["## Columns", "", "| column | variant | vae | clip | unet |", "|---|---|---|---|---|"]
     for plan in plans:
         cells = [f"trained ({plan.stages[s].name})" if plan.sources[s] == "trained" else
@@ -592,7 +602,7 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                "variants": {p.name: {"spec": p.spec, "sources": p.sources, "sentence": sentences[p.name][0]}
                             for p in variants},
                "compare_png": str(compare), "headline": "; ".join(sentences[p.name][1] for p in variants) + ".",
-               "command": command, "settings": settings, "loss_spikes": spikes,
+               "command": command, "settings": settings, "loss_spikes": spikes, "spike_rollbacks": rolled_back,
                "evaluations": {name: {k: evaluations[name].get(k) for k in ("vae", "clip", "generation",
                                                                             "generation_sd", "train_minutes")}
                                for name in evaluations}}

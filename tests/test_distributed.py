@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from engine import Trainer, TrainConfig
+from engine.runlog import rollbacks
 
 DATA_X = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
 DATA_Y = DATA_X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
@@ -29,9 +30,20 @@ class Regression(nn.Module):
 
 
 def _train(out: str) -> Trainer:
-    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=2, ema_decay=0.9, log_every=4)
+    """Three epochs of 8 steps; step 17's targets are 100x off, once: a spike every rank sees in the all-reduced
+    gradient norm of steps 17-20, rolled back to step 12 by all of them."""
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=2, ema_decay=0.9, log_every=4, spike_rollbacks=1)
     trainer = Trainer(Regression(), cfg, out, num_train_items=len(DATA_X), device="cpu")
-    trainer.fit(lambda indices, generator: (DATA_X[indices], DATA_Y[indices]))
+    spike_left = [True]
+
+    def make_batch(indices, generator):
+        if trainer.step == 16 and spike_left[0]:
+            spike_left[0] = False
+            return DATA_X[indices], 100 * DATA_Y[indices]
+        return DATA_X[indices], DATA_Y[indices]
+
+    trainer.fit(make_batch)
+    assert trainer.spike_rollbacks_used == 1 and trainer.step == 24
     return trainer
 
 
@@ -54,7 +66,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+def test_two_gloo_processes_match_one_process_a_rolled_back_spike_included(tmp_path):
     single = _train(str(tmp_path / "single"))
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
@@ -65,6 +77,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         "final.pt"}
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "latest.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2  # every rank's RNG state is kept
+    assert [r["step"] for r in rollbacks(tmp_path / "ddp" / "log.jsonl")] == [12]
 
 
 def _embeddings():

@@ -8,7 +8,7 @@ from torch import nn
 from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
 from engine.config import config_from_dict, config_to_dict, parse_overrides
 from engine.ema import EMA, power_profile_exponent, power_profile_std
-from engine.runlog import loss_spikes, read_records
+from engine.runlog import loss_spikes, read_records, rollbacks
 from engine.stage import StageError, load_weights
 from engine.trainer import lr_factor
 
@@ -205,6 +205,101 @@ def test_each_log_interval_records_its_largest_gradient_norm_and_a_spike_is_repo
     [spike] = loss_spikes(tmp_path / "spiky" / "log.jsonl")
     assert (spike["first_step"], spike["last_step"]) == (31, 32) and spike["ratio"] > 2.5
     assert loss_spikes(tmp_path / "smooth" / "log.jsonl") == []
+
+
+def spiky_train(out, epochs, spike_at=(30,), crash_at=None, resume=False, **overrides):
+    """``train`` with targets 100x off for two steps from each of ``spike_at``, once: a step trained again after a
+    rollback gets the true targets (as a retried step does not meet the same accident). ``crash_at``: killed
+    there after a rollback."""
+    cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, **overrides)
+    trainer = Trainer(ToyModule(), cfg, out, num_train_items=len(DATA_X), resume=resume, device="cpu")
+    pending = {step + k for step in spike_at for k in (0, 1)}
+    trainer.lr_used = {}  # step -> the learning rate its update used (the last pass's, for a replayed step)
+
+    def batches(indices, generator):
+        if crash_at is not None and trainer.step == crash_at and trainer.spike_rollbacks_used:
+            raise KeyboardInterrupt
+        trainer.lr_used[trainer.step] = trainer.optimizer.param_groups[0]["lr"]
+        x, y = make_batch(indices, generator)
+        if trainer.step in pending:
+            pending.discard(trainer.step)
+            return x, 100 * y
+        return x, y
+
+    trainer.fit(batches, on_epoch_end=lambda epoch, t: {"val/probe": float(torch.rand(()))})
+    return trainer
+
+
+def train_records(out):
+    return [r for r in read_records(out / "log.jsonl") if r["kind"] == "train"]
+
+
+# log every 2 steps, epochs of 8: a spike in steps 31-32 goes back to the snapshot of step 28 (mid-epoch), one in
+# steps 35-36 to that of step 32, taken after the epoch's end (its callback, its record, its checkpoint)
+@pytest.mark.parametrize("spike_at, back_to", [(30, 28), (34, 32)])
+def test_a_rolled_back_spike_leaves_no_trace_and_the_rollback_is_inert_without_one(tmp_path, capsys, spike_at,
+                                                                                    back_to):
+    smooth = train(tmp_path / "smooth", epochs=6)
+    watched = train(tmp_path / "watched", epochs=6, spike_rollbacks=2)  # snapshots taken, none used
+    _same_state(smooth, watched)
+    damaged = spiky_train(tmp_path / "damaged", epochs=6, spike_at=(spike_at,))
+    assert "train the stage again" in capsys.readouterr().out
+    # backoff 1: the replay from the snapshot is the smooth run itself, bit for bit
+    rolled = spiky_train(tmp_path / "rolled", epochs=6, spike_at=(spike_at,), spike_rollbacks=1,
+                         spike_lr_backoff=1.0)
+    _same_state(smooth, rolled)
+    assert not torch.equal(damaged.module.net[0].weight, smooth.module.net[0].weight)
+    out = capsys.readouterr().out
+    assert f"rolled: rolled back from step {spike_at + 2} to step {back_to}" in out
+    assert "train the stage again" not in out and rolled.spike_rollbacks_used == 1
+    # the log: the spike's record, where training went back to, and the replayed steps in place of the spiked ones
+    [rollback] = rollbacks(tmp_path / "rolled" / "log.jsonl")
+    assert (rollback["step"], rollback["first_step"], rollback["last_step"]) == (back_to, spike_at + 1, spike_at + 2)
+    assert rollback["ratio"] > 2.5 and rollback["lr_scale"] == 1.0
+    assert loss_spikes(tmp_path / "rolled" / "log.jsonl") == []
+    same = ("step", "train/loss", "train/grad_norm", "lr")
+    assert [[r[k] for k in same] for r in train_records(tmp_path / "rolled")] == \
+        [[r[k] for k in same] for r in train_records(tmp_path / "smooth")]
+    epochs = [r["epoch"] for r in read_records(tmp_path / "rolled" / "log.jsonl") if r["kind"] == "epoch"]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+
+
+def test_after_a_rollback_the_learning_rate_is_scaled_by_the_backoff_and_a_resume_keeps_it(tmp_path):
+    # the spike (steps 33-34) passes a checkpoint (step 33) before it is seen: the rollback to step 30 must
+    # replace that checkpoint, or a resume would continue the damaged run
+    smooth = {r["step"]: r["lr"] for r in train_records(train(tmp_path / "smooth", epochs=6).out_dir)}
+    straight = spiky_train(tmp_path / "a", epochs=6, spike_at=(32,), spike_rollbacks=1, spike_lr_backoff=0.5,
+                           checkpoint_every_steps=3)
+    after = {r["step"]: r["lr"] for r in train_records(tmp_path / "a")}  # the next step's, as logged then
+    assert [r["step"] for r in rollbacks(tmp_path / "a" / "log.jsonl")] == [30]
+    assert all(after[s] == pytest.approx(smooth[s]) for s in after if s <= 30)
+    assert all(after[s] == pytest.approx(0.5 * smooth[s]) for s in after if s > 30)
+    assert straight.lr_used[30] == pytest.approx(0.5 * smooth[30])  # from the first step after going back
+    with pytest.raises(KeyboardInterrupt):  # killed in the replay's first steps, before any new checkpoint
+        spiky_train(tmp_path / "b", epochs=6, spike_at=(32,), spike_rollbacks=1, spike_lr_backoff=0.5,
+                    checkpoint_every_steps=3, crash_at=31)
+    resumed = spiky_train(tmp_path / "b", epochs=6, spike_at=(), resume=True, spike_rollbacks=1,
+                          spike_lr_backoff=0.5, checkpoint_every_steps=3)
+    assert resumed.lr_scale == 0.5 and resumed.spike_rollbacks_used == 1
+    _same_state(straight, resumed)
+    assert len(rollbacks(tmp_path / "b" / "log.jsonl")) == 1
+
+
+def test_a_spike_past_the_last_rollback_is_warned_of_and_stays_in_the_log(tmp_path, capsys):
+    spiky_train(tmp_path / "run", epochs=8, spike_at=(30, 50), spike_rollbacks=1)
+    out = capsys.readouterr().out
+    assert out.count("rolled back from step") == 1 and "train the stage again" in out
+    assert [r["last_step"] for r in rollbacks(tmp_path / "run" / "log.jsonl")] == [32]
+    assert [s["last_step"] for s in loss_spikes(tmp_path / "run" / "log.jsonl")] == [52]
+
+
+def test_spike_rollback_settings_are_checked_with_the_fix_named():
+    with pytest.raises(ConfigError, match="grad_clip > 0, or spike_rollbacks=0"):
+        TrainConfig(spike_rollbacks=1, grad_clip=0.0).validate()
+    with pytest.raises(ConfigError, match=r"spike_lr_backoff must be in \(0, 1\]"):
+        TrainConfig(spike_rollbacks=1, spike_lr_backoff=1.5).validate()
+    with pytest.raises(ConfigError, match="spike_rollbacks must be >= 0"):
+        TrainConfig(spike_rollbacks=-1).validate()
 
 
 def test_a_log_cut_short_in_its_last_line_reads_back_whole_records_and_a_damaged_middle_line_is_an_error(tmp_path):

@@ -342,7 +342,8 @@ def test_sampling_options_choose_the_guidance_interval():
 
 
 def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains_it_again(run_a, tmp_path):
-    assert json.loads((run_a / "summary.json").read_text())["loss_spikes"] == {}  # the tiny run is smooth
+    summary = json.loads((run_a / "summary.json").read_text())
+    assert summary["loss_spikes"] == {} and summary["spike_rollbacks"] == {}  # the tiny run is smooth
     assert "## Loss spikes" not in (run_a / "report.md").read_text(encoding="utf-8")
     stage_dirs = {name: tmp_path / name for name in ("vae", "clip", "judge", "unet")}
     lowres = tmp_path / "unet" / "lowres"
@@ -354,11 +355,23 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     assert list(spikes) == ["unet/lowres"]
     [spike] = spikes["unet/lowres"]
     assert (spike["first_step"], spike["last_step"]) == (41, 50) and spike["ratio"] == pytest.approx(0.6 / 0.18)
-    report = "\n".join(train_all.spike_lines(spikes, stage_dirs, "data/pokemon"))
+    report = "\n".join(train_all.spike_lines(spikes, {}, stage_dirs, "data/pokemon"))
     assert "**unet/lowres**" in report and "steps 41-50 (3.3x)" in report
     assert (f"python train_all.py --data data/pokemon --run NEW_RUN --reuse vae={stage_dirs['vae']} "
             f"--reuse clip={stage_dirs['clip']} --judge {stage_dirs['judge']}") in report
-    assert train_all.spike_lines({}, stage_dirs, "data/pokemon") == []
+    assert train_all.spike_lines({}, {}, stage_dirs, "data/pokemon") == []
+    # a spike the trainer rolled back (its log keeps the record, not the spiked steps) is reported, not warned of
+    (lowres / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "train", "step": 10, "train/grad_norm": 0.2},
+        {"kind": "rollback", "step": 10, "first_step": 21, "last_step": 30, "grad_norm": 0.6, "ratio": 3.0,
+         "lr_scale": 0.7}]))
+    assert train_all.stage_spikes(stage_dirs) == {}
+    rolled_back = train_all.stage_rollbacks(stage_dirs)
+    assert [r["step"] for r in rolled_back["unet/lowres"]] == [10]
+    report = "\n".join(train_all.spike_lines({}, rolled_back, stage_dirs, "data/pokemon"))
+    assert ("- **unet/lowres**: a spike at steps 21-30 (3.0x) was rolled back: training went back to step 10 and went "
+            "on with the learning rate x0.7.") in report
+    assert "NEW_RUN" not in report and "damaged" not in report
 
 
 def test_spike_screen_stops_each_probe_at_its_step_and_tabulates_every_setting(run_a, tmp_path):
@@ -370,9 +383,10 @@ def test_spike_screen_stops_each_probe_at_its_step_and_tabulates_every_setting(r
                                 "--setting", "adam_099: --beta2=0.99"])
     plain, adam_099 = result["records"]
     assert (plain["setting"], adam_099["setting"]) == ("plain", "adam_099")
-    assert adam_099["overrides"] == ["--lr=6e-4", "--lowres_epochs=12", "--beta2=0.99", "--train.seed=1"]
+    assert adam_099["overrides"] == ["--train.spike_rollbacks=0", "--lr=6e-4", "--lowres_epochs=12", "--beta2=0.99",
+                                     "--train.seed=1"]
     for record in (plain, adam_099):
-        assert record["steps"] == 10 and record["spikes"] == [] and record["grad_norm_max"] > 0
+        assert record["steps"] == 10 and record["spikes"] == record["rollbacks"] == [] and record["grad_norm_max"] > 0
         folder = train_all.lowres_folder(out / f"{record['setting']}_s1")
         assert not (folder / "model.safetensors").exists()  # stopped, not finished
         assert spike_screen.last_step(out / f"{record['setting']}_s1") < 60

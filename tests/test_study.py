@@ -114,7 +114,15 @@ def test_a_column_whose_training_spiked_is_named_in_the_report(done, tmp_path):
     result = study(args)  # every column finished: only the report is written again
     report = (copy / "report.md").read_text(encoding="utf-8")
     assert "## Loss spikes" in report and "- **no_terms**: unet/lowres at steps 41-50 (3.3x)" in report
-    assert list(result["summary"]["loss_spikes"]) == ["no_terms"]
+    assert list(result["summary"]["loss_spikes"]) == ["no_terms"] and result["summary"]["spike_rollbacks"] == {}
+    (copy / "no_terms" / "unet" / "lowres" / "log.jsonl").write_text(json.dumps(
+        {"kind": "rollback", "step": 10, "first_step": 21, "last_step": 30, "grad_norm": 0.6, "ratio": 3.0,
+         "lr_scale": 0.7}) + "\n")
+    result = study(args)
+    report = (copy / "report.md").read_text(encoding="utf-8")
+    assert "## Loss spikes" not in report and "## Spikes rolled back" in report
+    assert "- **no_terms**: unet/lowres at steps 21-30 (3.0x), back to step 10, learning rate x0.7 after" in report
+    assert list(result["summary"]["spike_rollbacks"]) == ["no_terms"]
 
 
 def test_a_given_guidance_is_every_columns_and_is_recorded(base, done, tmp_path, monkeypatch):

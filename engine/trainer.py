@@ -367,6 +367,7 @@ class Trainer:
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         if self.env.is_main:
             runlog.truncate_after(self.log_path, self.step)  # the spiked steps are trained again
+            self.tensorboard.purge_after(self.step)
             runlog.append_record(self.log_path, {"kind": "rollback", "step": self.step, **dict(spike),
                                                  "lr_scale": self.lr_scale})
             tqdm.write(f"{self.out_dir.name}: rolled back from step {spiked_at} to step {self.step}; the learning "

@@ -62,6 +62,26 @@ def test_event_file_holds_the_logged_scalars_grids_and_config(tmp_path):
     assert [e.value for e in tb.Scalars("val/loss")] == pytest.approx([0.5, 0.25])
 
 
+def test_a_rolled_back_spike_shows_the_steps_trained_again_not_the_spiked_ones(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, warmup_steps=1, log_every=2, spike_rollbacks=1)
+    trainer = Trainer(Line(), cfg, tmp_path / "run", num_train_items=len(X), device="cpu")
+    spike_left = [True]
+
+    def make_batch(rows, generator):  # step 7's inputs 100x larger, once: a spike in steps 7-8, back to step 4
+        if trainer.step == 6 and spike_left[0]:
+            spike_left[0] = False
+            return 100 * X[rows]
+        return X[rows]
+
+    trainer.fit(make_batch)
+    assert trainer.spike_rollbacks_used == 1
+    logged = [(r["step"], r["train/loss"]) for r in read_records(tmp_path / "run" / "log.jsonl")
+              if r["kind"] == "train"]
+    shown = [(e.step, e.value) for e in events(tmp_path / "run" / "tb").Scalars("train/loss")]
+    assert [s for s, _ in shown] == [s for s, _ in logged] == [2, 4, 6, 8]
+    assert all(v == pytest.approx(w, rel=1e-6) for (_, v), (_, w) in zip(shown, logged))
+
+
 def test_a_fresh_run_replaces_the_old_events(tmp_path):
     train(tmp_path / "run", epochs=1)
     train(tmp_path / "run", epochs=1)

@@ -402,6 +402,9 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
         write_json(run / "summary.json", summary)
         if spikes:
             print(f"\nwarning: loss spikes in {', '.join(spikes)}: see the report's 'Loss spikes'", flush=True)
+        if rolled_back:
+            print(f"\nnote: loss spikes rolled back in {', '.join(rolled_back)} (trained on at a lower learning rate): "
+                  "see the report's 'Loss spikes'", flush=True)
         print(f"\nDone in {progress.total_minutes:.1f} min: {run / 'report.md'}", flush=True)
     return {"minutes": progress.total_minutes, "results": results}
 

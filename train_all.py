@@ -204,25 +204,23 @@ def final_samples(run: Path, stack: StageStack) -> None:
     save_grid(torch.cat(rows), run / "guidance_colours.png", nrow=len(colours), max_side=128)
 
 
-def _logged_phases(stage_dirs: dict[str, Path]) -> list[tuple[str, Path]]:
-    """Each stage's training folder, the UNet's low-resolution phase as ``unet/lowres``."""
+SpikesByPhase = dict[str, list[dict[str, Any]]]
+
+
+def stage_spikes(stage_dirs: dict[str, Path]) -> tuple[SpikesByPhase, SpikesByPhase]:
+    """The loss spikes left in each stage's training log (by the rule the trainer warns with) and those its trainer
+    rolled back (``engine.runlog.rollbacks``), the UNet's low-resolution phase as ``unet/lowres``; only phases
+    that have some."""
     phases = list(stage_dirs.items())
     if "unet" in stage_dirs:
         phases.append(("unet/lowres", lowres_folder(stage_dirs["unet"])))
-    return phases
-
-
-def stage_spikes(stage_dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
-    """The loss spikes left in each stage's training log, by the rule the trainer warns with; only phases that have
-    some. A spike the trainer rolled back is not among them (``stage_rollbacks``)."""
-    found = {name: loss_spikes(folder / "log.jsonl") for name, folder in _logged_phases(stage_dirs)}
-    return {name: spikes for name, spikes in found.items() if spikes}
-
-
-def stage_rollbacks(stage_dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
-    """The spikes each stage's trainer rolled back (``engine.runlog.rollbacks``); only phases that have some."""
-    found = {name: rollbacks(folder / "log.jsonl") for name, folder in _logged_phases(stage_dirs)}
-    return {name: records for name, records in found.items() if records}
+    left, rolled_back = {}, {}
+    for name, folder in phases:
+        if found := loss_spikes(folder / "log.jsonl"):
+            left[name] = found
+        if found := rollbacks(folder / "log.jsonl"):
+            rolled_back[name] = found
+    return left, rolled_back
 
 
 def spike_steps(spikes: list[dict[str, Any]]) -> str:
@@ -230,8 +228,8 @@ def spike_steps(spikes: list[dict[str, Any]]) -> str:
     return ", ".join(f"steps {s['first_step']}-{s['last_step']} ({s['ratio']:.1f}x)" for s in spikes)
 
 
-def spike_lines(spikes: dict[str, list[dict[str, Any]]], rolled_back: dict[str, list[dict[str, Any]]],
-                stage_dirs: dict[str, Path], data: str) -> list[str]:
+def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, stage_dirs: dict[str, Path],
+                data: str) -> list[str]:
     """The report's section on spikes: those rolled back, and a warning for those left, with the command that
     trains the UNet again."""
     if not spikes and not rolled_back:
@@ -385,7 +383,7 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
         for name in stage_dirs:
             if (stage_dirs[name] / "loss.png").is_file():
                 pictures[f"{name} loss"] = stage_dirs[name] / "loss.png"
-        spikes, rolled_back = stage_spikes(stage_dirs), stage_rollbacks(stage_dirs)
+        spikes, rolled_back = stage_spikes(stage_dirs)
         write_report(run, stage_dirs, results, progress, command, pictures, preset,
                      spike_lines(spikes, rolled_back, stage_dirs, args.data))
         summary = {"minutes": progress.total_minutes,

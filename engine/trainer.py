@@ -340,13 +340,16 @@ class Trainer:
         return spike
 
     # ------------------------------------------------------------------ spike rollback
+    def _rollbacks_left(self) -> bool:
+        return self.spike_rollbacks_used < self.cfg.spike_rollbacks
+
     def _can_roll_back(self) -> bool:
-        return self.spike_rollbacks_used < self.cfg.spike_rollbacks and bool(self._snapshots)
+        return self._rollbacks_left() and bool(self._snapshots)
 
     def _snapshot(self) -> None:
         """Keep this moment's training state in memory while rollbacks are left (a copy on the device: ~4x the
         weights' size with AdamW and an EMA)."""
-        if self.spike_rollbacks_used < self.cfg.spike_rollbacks:
+        if self._rollbacks_left():
             if len(self._snapshots) == self._snapshots.maxlen:
                 self._snapshots.popleft()  # before copying: never three copies at once
             self._snapshots.append(copy.deepcopy({**self._training_state(), "rng": self._rng_state()}))

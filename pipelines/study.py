@@ -561,8 +561,9 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
         lines += ["**This is a smoke study** on the tiny preset: it shows that the study runs end to end; its "
                   "numbers say nothing about the full models.", ""]
     lines += ["## What each variant changed", ""] + [f"- {sentences[p.name][0]}" for p in variants] + [""]
-    spikes = {p.name: train_all.stage_spikes({s: p.stages[s] for s in STUDY_STAGES}) for p in plans}
-    spikes = {name: found for name, found in spikes.items() if found}
+    histories = {p.name: train_all.stage_spikes({s: p.stages[s] for s in STUDY_STAGES}) for p in plans}
+    spikes = {name: left for name, (left, _) in histories.items() if left}
+    rolled_back = {name: rolled for name, (_, rolled) in histories.items() if rolled}
     if spikes:
         lines += ["## Loss spikes", "", "These columns' training spiked (the trainer's rule: a log interval's mean "
                   f"gradient norm {SPIKE_FACTOR:g}x its level before). A stage that did not recover draws worse "
@@ -572,8 +573,6 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                                                 for phase, found in phases.items())
                   for name, phases in spikes.items()]
         lines.append("")
-    rolled_back = {p.name: train_all.stage_rollbacks({s: p.stages[s] for s in STUDY_STAGES}) for p in plans}
-    rolled_back = {name: found for name, found in rolled_back.items() if found}
     if rolled_back:
         lines += ["## Spikes rolled back", "", "These columns' trainers went back past a spike and trained on at a "
                   "lower learning rate: a difference from the base may come from that lower rate.", ""]

@@ -351,7 +351,8 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     norms = [0.2, 0.18, 0.17, 0.16, 0.6, 0.15]  # the fifth interval (steps 41-50): 0.6 / 0.18 (the median) = 3.3x
     (lowres / "log.jsonl").write_text("".join(
         json.dumps({"kind": "train", "step": 10 * (i + 1), "train/grad_norm": g}) + "\n" for i, g in enumerate(norms)))
-    spikes = train_all.stage_spikes(stage_dirs)
+    spikes, rolled_back = train_all.stage_spikes(stage_dirs)
+    assert rolled_back == {}
     assert list(spikes) == ["unet/lowres"]
     [spike] = spikes["unet/lowres"]
     assert (spike["first_step"], spike["last_step"]) == (41, 50) and spike["ratio"] == pytest.approx(0.6 / 0.18)
@@ -365,8 +366,8 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
         {"kind": "train", "step": 10, "train/grad_norm": 0.2},
         {"kind": "rollback", "step": 10, "first_step": 21, "last_step": 30, "grad_norm": 0.6, "ratio": 3.0,
          "lr_scale": 0.7}]))
-    assert train_all.stage_spikes(stage_dirs) == {}
-    rolled_back = train_all.stage_rollbacks(stage_dirs)
+    spikes, rolled_back = train_all.stage_spikes(stage_dirs)
+    assert spikes == {}
     assert [r["step"] for r in rolled_back["unet/lowres"]] == [10]
     report = "\n".join(train_all.spike_lines({}, rolled_back, stage_dirs, "data/pokemon"))
     assert ("- **unet/lowres**: a spike at steps 21-30 (3.0x) was rolled back: training went back to step 10 and went "

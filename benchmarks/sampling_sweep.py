@@ -1,9 +1,9 @@
 """Choose the sampling defaults from measurements: one trained run, the picture-quality ruler of
 ``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval, steps and
-step noise (eta, for the ddim and dpmpp_2m samplers).
+step noise (eta, for the ddim and dpmpp_2m samplers, at every step or below a noise level).
 
     python -m benchmarks.sampling_sweep --run runs/pokemon --data ../shared/pokemon --out runs/sweep.json \\
-        --guidance 2 3 4 --rescale 0.7 --steps 25 --interval none 0.28,7.5 --eta 0 0.5
+        --guidance 2 3 4 --rescale 0.7 --steps 25 --interval none 0.28,7.5 --eta 0 0.5 --eta-sigma-max none 2
 
 The judge is the run's (``judge/``, or the one its ``stages.json`` names). Writes one JSON record per
 setting and prints a table.
@@ -42,6 +42,22 @@ def parse_interval(text: str) -> tuple[float, float] | None:
     return low, high
 
 
+def parse_sigma_max(text: str) -> float | None:
+    """``none`` (step noise at every step) or a noise level sigma."""
+    if text == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"eta sigma max must be 'none' or a noise level, got {text!r}") from None
+
+
+def noise_settings(etas: Sequence[float], sigma_maxes: Sequence[float | None]) -> list[tuple[float, float | None]]:
+    """Every (eta, eta_sigma_max) pair, with eta 0 once (it has no step noise to limit)."""
+    return list(dict.fromkeys((eta, sigma_max if eta > 0 else None)
+                              for eta, sigma_max in itertools.product(etas, sigma_maxes)))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sampling_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True)
@@ -56,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sampler", default=GenerationSettings.sampler)
     parser.add_argument("--eta", type=float, nargs="+", default=[GenerationSettings.eta],
                         help="step noise: 0 deterministic, 1 as much as ancestral ddpm (ddim and dpmpp_2m)")
+    parser.add_argument("--eta-sigma-max", type=parse_sigma_max, nargs="+", default=[GenerationSettings.eta_sigma_max],
+                        help="step noise only below these noise levels: 'none' (every step) or SIGMA; applied to "
+                             "the settings with eta > 0")
     args = parser.parse_args(argv)
     stack = load_stack(args.run)
     judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()
@@ -63,15 +82,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
     records = []
-    print("| guidance | rescale | interval | steps | eta | " + " | ".join(SHOWN) + " |", flush=True)
-    for scale, rescale, interval, steps, eta in itertools.product(args.guidance, args.rescale, args.interval,
-                                                                  args.steps, args.eta):
+    print("| guidance | rescale | interval | steps | eta | eta sigma max | " + " | ".join(SHOWN) + " |", flush=True)
+    for scale, rescale, interval, steps, (eta, sigma_max) in itertools.product(
+            args.guidance, args.rescale, args.interval, args.steps, noise_settings(args.eta, args.eta_sigma_max)):
         settings = GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
-                                      steps=steps, sampler=args.sampler, eta=eta, size=stack.image_size)
+                                      steps=steps, sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
+                                      size=stack.image_size)
         metrics = generation_metrics(stack, judge, train, val, settings, reference=reference)
         records.append({"guidance_scale": scale, "guidance_rescale": rescale, "guidance_interval": interval,
-                        "steps": steps, "eta": eta, "metrics": metrics})
-        print(f"| {scale} | {rescale} | {interval} | {steps} | {eta} | "
+                        "steps": steps, "eta": eta, "eta_sigma_max": sigma_max, "metrics": metrics})
+        print(f"| {scale} | {rescale} | {interval} | {steps} | {eta} | {sigma_max} | "
               + " | ".join(f"{metrics[k]:.3f}" for k in SHOWN) + " |", flush=True)
     write_json(args.out, {"run": str(args.run), "sampler": args.sampler,
                           "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",

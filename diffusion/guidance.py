@@ -92,7 +92,8 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
 @torch.no_grad()
 def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str,
                              cond: Tensor, uncond: Tensor, guidance_scale: float, x: Tensor, timesteps: Tensor,
-                             sampler: str, noise: PerSampleNoise, eta: float = 0.0, decode_batch: int | None = None,
+                             sampler: str, noise: PerSampleNoise, eta: float = 0.0,
+                             eta_sigma_max: float | None = None, decode_batch: int | None = None,
                              decode_context: AbstractContextManager | None = None,
                              guidance_rescale: float = 0.0,
                              guidance_interval: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
@@ -104,7 +105,7 @@ def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: Noise
     """
     denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
                             guidance_interval)
-    latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta)
+    latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max)
     with decode_context or nullcontext():
         images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()
                             for z in latents.split(decode_batch or len(latents))])

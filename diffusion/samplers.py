@@ -10,9 +10,11 @@ All step coefficients are computed up front on the CPU in float64 from the sched
 Python floats, so the loop makes no host syncs; ``timesteps`` is read to the host once, before it.
 
 Every sampler has one signature, ``sampler(denoiser, schedule, x, timesteps, *, noise=None, eta=0.0,
-callback=None)``: ``noise`` is where a stochastic step draws from (``diffusion.noise``; ``PerSampleNoise``
-makes each sample depend on its own seed only; ``None``: the global RNG), ``eta`` is the step noise of ``ddim``
-and ``dpmpp_2m`` (0: deterministic, 1: as much as ancestral DDPM) and must stay 0 for ``ddpm``.
+eta_sigma_max=None, callback=None)``: ``noise`` is where a stochastic step draws from (``diffusion.noise``;
+``PerSampleNoise`` makes each sample depend on its own seed only; ``None``: the global RNG), ``eta`` is the step
+noise of ``ddim`` and ``dpmpp_2m`` (0: deterministic, 1: as much as ancestral DDPM) and must stay 0 for ``ddpm``;
+``eta_sigma_max`` limits that noise to the steps that start at a noise level sigma <= it (EDM's S_tmax; None:
+every step).
 """
 
 from __future__ import annotations
@@ -90,31 +92,53 @@ def _run_steps(denoiser: Denoiser, x: Tensor, timesteps: list[int], steps: list[
 
 
 def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
-                noise: NoiseSource | None = None, eta: float = 0.0, callback: StepCallback | None = None) -> Tensor:
+                noise: NoiseSource | None = None, eta: float = 0.0, eta_sigma_max: float | None = None,
+                callback: StepCallback | None = None) -> Tensor:
     """DDIM; ``eta=0`` is the deterministic probability-flow sampler, ``eta=1`` matches ancestral DDPM."""
-    check_eta("ddim", eta)
+    check_eta("ddim", eta, eta_sigma_max)
     ts, levels = _levels(schedule, timesteps)
-    steps = [_ddim_step(a, b, eta) for a, b in zip(levels[:-1], levels[1:])]
+    steps = [_ddim_step(a, b, step_eta) for a, b, step_eta in zip(levels[:-1], levels[1:],
+                                                                   _step_etas(levels, eta, eta_sigma_max))]
     return _run_steps(denoiser, x, ts, steps, noise, callback)
 
 
 def sample_ddpm(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
-                noise: NoiseSource | None = None, eta: float = 0.0, callback: StepCallback | None = None) -> Tensor:
+                noise: NoiseSource | None = None, eta: float = 0.0, eta_sigma_max: float | None = None,
+                callback: StepCallback | None = None) -> Tensor:
     """Ancestral sampling from the posterior q(x_{t'} | x_t, x0_hat) between consecutive timesteps."""
-    check_eta("ddpm", eta)
+    check_eta("ddpm", eta, eta_sigma_max)
     ts, levels = _levels(schedule, timesteps)
     steps = [_posterior_step(a, b) for a, b in zip(levels[:-1], levels[1:])]
     return _run_steps(denoiser, x, ts, steps, noise, callback)
 
 
-def check_eta(sampler: str, eta: float) -> None:
+def check_eta(sampler: str, eta: float, eta_sigma_max: float | None = None) -> None:
     """Raise ``ValueError`` unless ``eta`` suits ``sampler``: in [0, 1] for ddim and dpmpp_2m, 0 for ddpm (ancestral
-    already)."""
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError(f"eta={eta} applies to the ddim and dpmpp_2m samplers only; leave eta at 0 for ddpm "
-                         "(ancestral already)")
+    already); and unless ``eta_sigma_max`` is None or a positive noise level given with some eta to limit."""
+    if sampler == "ddpm" and (eta != 0 or eta_sigma_max is not None):
+        given = f"eta={eta}" if eta != 0 else f"eta_sigma_max={eta_sigma_max}"
+        raise ValueError(f"{given} applies to the ddim and dpmpp_2m samplers only; leave it unset for ddpm "
+                         "(ancestral at every step already)")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1] (0: deterministic, 1: as much noise as ancestral ddpm), got {eta}")
+    if eta_sigma_max is not None:
+        if not eta_sigma_max > 0:
+            raise ValueError(f"eta_sigma_max must be a noise level sigma > 0, got {eta_sigma_max}")
+        if eta == 0:
+            raise ValueError(f"eta_sigma_max={eta_sigma_max} limits the step noise, but eta is 0 (no step noise); "
+                             "give eta > 0 with it, or leave it unset")
+
+
+def _sigma(alpha_bar: float) -> float:
+    """sigma = sqrt((1 - alpha_bar) / alpha_bar), the noise level; inf at pure noise."""
+    return math.inf if alpha_bar <= 0 else math.sqrt((1 - alpha_bar) / alpha_bar)
+
+
+def _step_etas(levels: list[float], eta: float, eta_sigma_max: float | None) -> list[float]:
+    """``eta`` at each step that starts at a noise level sigma <= ``eta_sigma_max``, 0 before (EDM's S_tmax): the
+    deterministic high-noise steps set the layout, the stochastic low-noise ones can still repair details."""
+    limit = math.inf if eta_sigma_max is None else eta_sigma_max
+    return [eta if _sigma(a) <= limit else 0.0 for a in levels[:-1]]
 
 
 def _dpmpp_sde_step(ab_from: float, ab_to: float, eta: float) -> _Step:
@@ -141,7 +165,7 @@ def _half_log_snr(alpha_bar: float) -> float:
 
 
 def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
-                    noise: NoiseSource | None = None, eta: float = 0.0,
+                    noise: NoiseSource | None = None, eta: float = 0.0, eta_sigma_max: float | None = None,
                     callback: StepCallback | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep in lambda = log(alpha / sigma).
 
@@ -152,13 +176,14 @@ def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, time
     is its SDE form (:func:`_dpmpp_sde_step`; eta = 1 is diffusers' ``sde-dpmsolver++``), which injects fresh
     noise at every step as ancestral sampling does, less of it at smaller eta.
     """
-    check_eta("dpmpp_2m", eta)
+    check_eta("dpmpp_2m", eta, eta_sigma_max)
     ts, levels = _levels(schedule, timesteps)
     lambdas = [_half_log_snr(a) for a in levels]
     h = [b - a for a, b in zip(lambdas[:-1], lambdas[1:])]
     weights = [0.0] + [h[i] / (2 * h[i - 1]) if math.isfinite(h[i]) and math.isfinite(h[i - 1]) else 0.0
                        for i in range(1, len(h))]
-    steps = [_dpmpp_sde_step(a, b, eta) for a, b in zip(levels[:-1], levels[1:])]
+    steps = [_dpmpp_sde_step(a, b, step_eta) for a, b, step_eta in zip(levels[:-1], levels[1:],
+                                                                        _step_etas(levels, eta, eta_sigma_max))]
 
     noise = noise or generator_noise()
     previous_x0: Tensor | None = None

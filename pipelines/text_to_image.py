@@ -38,6 +38,7 @@ class GenerationSettings:
     sampler: str = "dpmpp_2m"  # "ddim" | "ddpm" | "dpmpp_2m"
     # step noise of ddim and dpmpp_2m (0: deterministic; 1: as much as ancestral ddpm, which refuses eta > 0)
     eta: float = 0.0
+    eta_sigma_max: float | None = None  # step noise only at steps starting at sigma <= this (None: every step)
     size: int = 512
     negative_prompt: str = ""
     batch_size: int = 16  # prompts per UNet call (the guidance pass doubles it)
@@ -57,7 +58,7 @@ class GenerationSettings:
         if self.guidance_interval is not None:
             self.guidance_interval = tuple(float(v) for v in self.guidance_interval)  # a JSON list reads back
         try:  # the samplers' and the guidance's own rules, before any model is loaded
-            check_eta(self.sampler, self.eta)
+            check_eta(self.sampler, self.eta, self.eta_sigma_max)
             check_guidance_interval(self.guidance_interval)
         except ValueError as err:
             raise UserError(str(err)) from None
@@ -70,6 +71,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--eta", type=float, default=defaults.eta,
                         help="step noise of ddim and dpmpp_2m: 0 deterministic, 1 as much as ancestral ddpm")
+    parser.add_argument("--eta-sigma-max", type=float, default=defaults.eta_sigma_max, metavar="SIGMA",
+                        help="step noise only at steps that start at a noise level sigma <= SIGMA (EDM's S_tmax; "
+                             "default: every step)")
     parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
     parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale,
                         help="0: plain classifier-free guidance; up to 1: the guided prediction keeps the "
@@ -85,7 +89,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettings:
     """GenerationSettings from the options of :func:`add_sampling_arguments`, plus ``more`` fields."""
-    return GenerationSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance,
+    return GenerationSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, eta_sigma_max=args.eta_sigma_max,
+                              guidance_scale=args.guidance,
                               guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
                               **more)
 
@@ -143,7 +148,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
 
         images, latents = guided_sample_and_decode(
             model, stack.vae, stack.schedule, stack.prediction_type, cond.float(), uncond, settings.guidance_scale, x,
-            timesteps, settings.sampler, per_sample, settings.eta, decode_context=autocast,
+            timesteps, settings.sampler, per_sample, settings.eta, settings.eta_sigma_max, decode_context=autocast,
             guidance_rescale=settings.guidance_rescale,
             guidance_interval=settings.guidance_interval)
         outputs.append(images.clamp(-1, 1))

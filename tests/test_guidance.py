@@ -196,6 +196,16 @@ def test_sampling_sweep_reads_guidance_intervals():
         parse_interval("0.28")
 
 
+def test_sampling_sweep_reads_step_noise_limits():
+    from benchmarks.sampling_sweep import noise_settings, parse_sigma_max
+
+    assert parse_sigma_max("none") is None and parse_sigma_max("2.5") == 2.5
+    with pytest.raises(argparse.ArgumentTypeError, match="'none' or a noise level"):
+        parse_sigma_max("low")
+    # eta 0 has no step noise to limit: swept once, not once per limit
+    assert noise_settings([0.0, 1.0], [None, 2.5]) == [(0.0, None), (1.0, None), (1.0, 2.5)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
 def test_sampling_with_an_interval_reads_nothing_back_from_the_device():
     generator = torch.Generator().manual_seed(2)

@@ -312,6 +312,20 @@ def test_guidance_interval_reaches_generation(run_a):  # which levels it guides:
     assert torch.allclose(images(guidance_interval=(1e6, 1e7)), unguided, atol=1e-5)
 
 
+def test_step_noise_limit_reaches_generation(run_a):  # which steps it makes stochastic: tests/test_samplers.py
+    stack = load_stack(run_a, device="cpu")
+
+    def images(**settings):
+        return generate(stack, ["a red circle", "a blue square"], [0, 1],
+                        GenerationSettings(**{"size": 64, "steps": 4, **settings}))
+
+    deterministic, stochastic = images(), images(eta=1.0)
+    assert not torch.allclose(deterministic, stochastic, atol=1e-3)
+    assert torch.equal(images(eta=1.0, eta_sigma_max=1e-6), deterministic)  # no level is below it
+    windowed = images(eta=1.0, eta_sigma_max=1e6)  # every level but the pure-noise start
+    assert not torch.allclose(windowed, deterministic, atol=1e-3)
+
+
 def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
     from benchmarks.generate_speed import generate_speed
 
@@ -337,6 +351,11 @@ def test_sampling_options_choose_the_guidance_interval():
     assert sampling_settings(parser.parse_args(["--guidance-interval", "1", "2"])).guidance_interval == (1.0, 2.0)
     assert sampling_settings(parser.parse_args([])).eta == 0.0
     assert sampling_settings(parser.parse_args(["--eta", "0.3"])).eta == 0.3
+    windowed = sampling_settings(parser.parse_args(["--eta", "1", "--eta-sigma-max", "2.5"]))
+    assert (windowed.eta, windowed.eta_sigma_max) == (1.0, 2.5)
+    assert sampling_settings(parser.parse_args([])).eta_sigma_max is None
+    with pytest.raises(UserError, match="eta is 0"):  # a limit on no step noise is refused, not ignored
+        sampling_settings(parser.parse_args(["--eta-sigma-max", "2.5"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--guide-every-level", "--guidance-interval", "1", "2"])
 

@@ -139,6 +139,72 @@ def test_dpmpp_2m_noise_grows_with_eta():
     assert distance[0] == 0.0 and 0 < distance[1] < distance[2] < distance[3]
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+def test_step_noise_only_below_eta_sigma_max(name):
+    # the steps that start above the limit are the deterministic sampler's, bit for bit; the noise is drawn once
+    # per step at or below it (but the last, to the clean level, which has none), and from there on the path
+    # leaves the deterministic one
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    timesteps = schedule.sampling_timesteps(10)
+    ab = schedule.alphas_cumprod[timesteps]
+    sigmas = ((1 - ab) / ab).sqrt().tolist()  # inf first (pure noise), then falling
+    limit = (sigmas[4] + sigmas[5]) / 2  # steps 0-4 above, 5-9 below
+    x = start_noise(schedule, int(timesteps[0]))[:200]
+    draws = []
+
+    def counted_noise(like):
+        draws.append(1)
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype)
+
+    def run(**kwargs):
+        path = []
+        out = SAMPLERS[name](gaussian_denoiser(schedule), schedule, x, timesteps, noise=counted_noise,
+                             callback=lambda i, x_i, x0: path.append(x_i), **kwargs)
+        return out, path
+
+    generator = torch.Generator().manual_seed(2)
+    _, deterministic = run()
+    windowed_out, windowed = run(eta=1.0, eta_sigma_max=limit)
+    assert len(draws) == 4
+    for i in range(5):
+        assert torch.equal(windowed[i], deterministic[i])
+    assert all((windowed[i] - deterministic[i]).abs().mean() > 1e-3 for i in range(5, 9))
+
+    generator = torch.Generator().manual_seed(2)
+    everywhere_out, _ = run(eta=1.0)  # a limit above every finite level but not inf: all but the pure-noise step
+    generator = torch.Generator().manual_seed(2)
+    draws.clear()
+    above_all_out, _ = run(eta=1.0, eta_sigma_max=2 * sigmas[1])
+    assert len(draws) == 8 and not torch.equal(above_all_out, everywhere_out)
+    # a limit below every level: the deterministic sampler, and no draw at all
+    draws.clear()
+    assert torch.equal(run(eta=1.0, eta_sigma_max=1e-6)[0], run()[0]) and not draws
+
+
+def test_step_noise_limit_at_inf_is_every_step():
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=False))
+    timesteps = schedule.sampling_timesteps(8)
+    x = start_noise(schedule, int(timesteps[0]))[:100]
+
+    def run(**kwargs):
+        return sample_dpmpp_2m(gaussian_denoiser(schedule), schedule, x, timesteps, eta=0.5,
+                               noise=generator_noise(torch.Generator().manual_seed(1)), **kwargs)
+
+    assert torch.equal(run(eta_sigma_max=float("inf")), run())
+
+
+@pytest.mark.parametrize("name, eta, sigma_max, message", [
+    ("ddpm", 0.0, 2.0, "eta_sigma_max=2.0 applies to the ddim and dpmpp_2m samplers only"),
+    ("dpmpp_2m", 0.0, 2.0, "eta is 0"),
+    ("ddim", 1.0, 0.0, "eta_sigma_max must be a noise level sigma > 0"),
+    ("ddim", 1.0, float("nan"), "eta_sigma_max must be a noise level sigma > 0")])
+def test_bad_eta_sigma_max_is_refused(name, eta, sigma_max, message):
+    schedule = NoiseSchedule(ScheduleConfig())
+    with pytest.raises(ValueError, match=message):
+        SAMPLERS[name](gaussian_denoiser(schedule), schedule, torch.zeros(2, 4, dtype=torch.float64),
+                       schedule.sampling_timesteps(3), eta=eta, eta_sigma_max=sigma_max)
+
+
 def test_ddim_with_full_noise_reproduces_the_gaussian():
     schedule = NoiseSchedule(ScheduleConfig())
     generator = torch.Generator().manual_seed(6)

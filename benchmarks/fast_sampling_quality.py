@@ -33,8 +33,9 @@ def sample_latents_and_images(stack: StageStack, setting: SamplerSetting, prompt
                               guidance_scale: float, batch_size: int) -> tuple[Tensor, Tensor]:
     """Latents [N, C, h, w] and images in [-1, 1] (float32, CPU) for one prompt and seed per row, through
     ``pipelines.generate`` at the UNet's training resolution."""
+    # deterministic (eta 0): the difference to the reference is the solver's, not fresh step noise's
     settings = GenerationSettings(guidance_scale=guidance_scale, steps=setting.steps, sampler=setting.sampler,
-                                  size=stack.infos["unet"].training["resolution"], batch_size=batch_size)
+                                  eta=0.0, size=stack.infos["unet"].training["resolution"], batch_size=batch_size)
     images, latents = generate_with_latents(stack, prompts, seeds, settings)
     return latents.cpu(), images.cpu()
 

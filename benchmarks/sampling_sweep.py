@@ -24,7 +24,7 @@ from data import load_captions
 from engine.stage import write_json
 from pipelines.evaluate import generation_metrics, real_reference
 from pipelines.stages import judge_path, load_stack
-from pipelines.text_to_image import GenerationSettings
+from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings
 
 SHOWN = ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
          "near_copy_share_pixel_relative", "near_copy_share_judge", "colour_adherence", "fd_en", "fd_zh",
@@ -70,9 +70,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         default=[None, GenerationSettings.guidance_interval],
                         help="guidance intervals: 'none' (every level) or SIGMA_LO,SIGMA_HI (e.g. 0.28,7.5)")
     parser.add_argument("--sampler", default=GenerationSettings.sampler)
-    parser.add_argument("--eta", type=float, nargs="+", default=[GenerationSettings.eta],
+    parser.add_argument("--eta", type=float, nargs="+", default=[DEFAULT_STEP_NOISE[0]],
                         help="step noise: 0 deterministic, 1 as much as ancestral ddpm (ddim and dpmpp_2m)")
-    parser.add_argument("--eta-sigma-max", type=parse_sigma_max, nargs="+", default=[GenerationSettings.eta_sigma_max],
+    parser.add_argument("--eta-sigma-max", type=parse_sigma_max, nargs="+", default=[DEFAULT_STEP_NOISE[1]],
                         help="step noise only below these noise levels: 'none' (every step) or SIGMA; applied to "
                              "the settings with eta > 0")
     args = parser.parse_args(argv)

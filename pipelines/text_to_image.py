@@ -22,6 +22,12 @@ from engine.precision import inference_autocast
 from .stages import StageStack
 
 
+# (eta, eta_sigma_max) when no eta is given: deterministic down to sigma 3, where the layout is set, then as much
+# fresh noise per step as ancestral sampling, which repairs loose fragments without the copies that noise at the
+# high levels brings (docs/results/quality)
+DEFAULT_STEP_NOISE = (1.0, 3.0)
+
+
 @dataclass
 class GenerationSettings:
     """How to sample; the defaults are the project's recommended fast setting."""
@@ -36,9 +42,11 @@ class GenerationSettings:
     guidance_interval: tuple[float, float] | None = (0.28, 7.5)
     steps: int = 25
     sampler: str = "dpmpp_2m"  # "ddim" | "ddpm" | "dpmpp_2m"
-    # step noise of ddim and dpmpp_2m (0: deterministic; 1: as much as ancestral ddpm, which refuses eta > 0)
-    eta: float = 0.0
-    eta_sigma_max: float | None = None  # step noise only at steps starting at sigma <= this (None: every step)
+    # Step noise of ddim and dpmpp_2m (0: deterministic; 1: as much as ancestral ddpm, which refuses eta > 0), only
+    # at the steps that start at sigma <= eta_sigma_max (None: every step). eta None is the recommended noise:
+    # DEFAULT_STEP_NOISE for ddim and dpmpp_2m, none for ddpm (ancestral already).
+    eta: float | None = None
+    eta_sigma_max: float | None = None
     size: int = 512
     negative_prompt: str = ""
     batch_size: int = 16  # prompts per UNet call (the guidance pass doubles it)
@@ -48,6 +56,12 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{self.sampler}'; choose one of {sorted(SAMPLERS)}")
+        if self.eta is None:
+            if self.sampler == "ddpm":
+                self.eta = 0.0
+            else:
+                self.eta = DEFAULT_STEP_NOISE[0]
+                self.eta_sigma_max = DEFAULT_STEP_NOISE[1] if self.eta_sigma_max is None else self.eta_sigma_max
         if self.size % 8:
             raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
         if self.steps < 1:
@@ -69,11 +83,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GenerationSettings()
     parser.add_argument("--sampler", default=defaults.sampler, choices=sorted(SAMPLERS))
     parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--eta", type=float, default=defaults.eta,
-                        help="step noise of ddim and dpmpp_2m: 0 deterministic, 1 as much as ancestral ddpm")
-    parser.add_argument("--eta-sigma-max", type=float, default=defaults.eta_sigma_max, metavar="SIGMA",
+    parser.add_argument("--eta", type=float,
+                        help="step noise of ddim and dpmpp_2m: 0 deterministic, 1 as much as ancestral ddpm "
+                             f"(default: {DEFAULT_STEP_NOISE[0]:g} below sigma {DEFAULT_STEP_NOISE[1]:g}; "
+                             "none for ddpm)")
+    parser.add_argument("--eta-sigma-max", type=float, metavar="SIGMA",
                         help="step noise only at steps that start at a noise level sigma <= SIGMA (EDM's S_tmax; "
-                             "default: every step)")
+                             f"default: {DEFAULT_STEP_NOISE[1]:g} with the default eta, every step with a given one)")
     parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
     parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale,
                         help="0: plain classifier-free guidance; up to 1: the guided prediction keeps the "

@@ -19,7 +19,7 @@ from engine import ConfigError, StageError, read_stage
 from engine.errors import UserError
 from engine.stage import file_fingerprint, load_weights
 from pipelines.stages import LineageWarning, load_stack
-from pipelines.text_to_image import GenerationSettings, generate
+from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, generate
 
 DATA = "shapes:60"
 
@@ -319,11 +319,12 @@ def test_step_noise_limit_reaches_generation(run_a):  # which steps it makes sto
         return generate(stack, ["a red circle", "a blue square"], [0, 1],
                         GenerationSettings(**{"size": 64, "steps": 4, **settings}))
 
-    deterministic, stochastic = images(), images(eta=1.0)
+    deterministic, stochastic = images(eta=0.0), images(eta=1.0)
     assert not torch.allclose(deterministic, stochastic, atol=1e-3)
     assert torch.equal(images(eta=1.0, eta_sigma_max=1e-6), deterministic)  # no level is below it
     windowed = images(eta=1.0, eta_sigma_max=1e6)  # every level but the pure-noise start
     assert not torch.allclose(windowed, deterministic, atol=1e-3)
+    assert torch.equal(images(), images(eta=DEFAULT_STEP_NOISE[0], eta_sigma_max=DEFAULT_STEP_NOISE[1]))
 
 
 def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
@@ -349,13 +350,20 @@ def test_sampling_options_choose_the_guidance_interval():
     assert GenerationSettings().guidance_interval is not None  # the default guides an interval
     assert sampling_settings(parser.parse_args(["--guide-every-level"])).guidance_interval is None
     assert sampling_settings(parser.parse_args(["--guidance-interval", "1", "2"])).guidance_interval == (1.0, 2.0)
-    assert sampling_settings(parser.parse_args([])).eta == 0.0
-    assert sampling_settings(parser.parse_args(["--eta", "0.3"])).eta == 0.3
-    windowed = sampling_settings(parser.parse_args(["--eta", "1", "--eta-sigma-max", "2.5"]))
-    assert (windowed.eta, windowed.eta_sigma_max) == (1.0, 2.5)
-    assert sampling_settings(parser.parse_args([])).eta_sigma_max is None
+    def noise(*options):
+        settings = sampling_settings(parser.parse_args(list(options)))
+        return settings.eta, settings.eta_sigma_max
+
+    assert noise() == DEFAULT_STEP_NOISE and DEFAULT_STEP_NOISE[0] > 0  # the default: some noise, below a level
+    assert noise("--eta", "0.3") == (0.3, None)  # a given eta: at every step unless limited
+    assert noise("--eta", "0") == (0.0, None)
+    assert noise("--eta-sigma-max", "2.5") == (DEFAULT_STEP_NOISE[0], 2.5)
+    assert noise("--eta", "0.5", "--eta-sigma-max", "2.5") == (0.5, 2.5)
+    assert noise("--sampler", "ddpm") == (0.0, None)  # ancestral already: no step noise to add
     with pytest.raises(UserError, match="eta is 0"):  # a limit on no step noise is refused, not ignored
-        sampling_settings(parser.parse_args(["--eta-sigma-max", "2.5"]))
+        noise("--eta", "0", "--eta-sigma-max", "2.5")
+    with pytest.raises(UserError, match="eta_sigma_max=2.5 applies to the ddim and dpmpp_2m samplers only"):
+        noise("--sampler", "ddpm", "--eta-sigma-max", "2.5")
     with pytest.raises(SystemExit):
         parser.parse_args(["--guide-every-level", "--guidance-interval", "1", "2"])
 

@@ -30,8 +30,11 @@ class PerSampleNoise:
     def __call__(self, like: Tensor) -> Tensor:
         if like.shape[0] != len(self.generators):
             raise ValueError(f"noise for a batch of {like.shape[0]} asked of {len(self.generators)} per-sample seeds")
-        draws = [torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in self.generators]
-        return torch.stack(draws).to(like.device)
+        draws = torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in self.generators])
+        if like.device.type == "cuda":
+            # pinned and non-blocking: a pageable copy would wait for the GPU to drain at every noisy step
+            return draws.pin_memory().to(like.device, non_blocking=True)
+        return draws.to(like.device)
 
 
 def generator_noise(generator: torch.Generator | None = None) -> NoiseSource:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusion.guidance import cfg_denoiser, check_guidance_interval, guidance_scale_table, rescale_guided
+from diffusion.noise import PerSampleNoise
 from diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 
@@ -218,9 +219,12 @@ def test_sampling_with_an_interval_reads_nothing_back_from_the_device():
     denoiser = cfg_denoiser(model, schedule, "v_prediction", cond, uncond, 3.0, guidance_rescale=0.7,
                             guidance_interval=(0.3, 7.0))
     timesteps = schedule.sampling_timesteps(10)
-    torch.cuda.set_sync_debug_mode("error")  # any device-to-host read in the loop raises
+    per_sample = PerSampleNoise(range(BATCH))  # the pipelines' step noise: drawn on the CPU, copied over
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host read or stream sync in the loop raises
     try:
         out = sample_dpmpp_2m(denoiser, schedule, x, timesteps, eta=0.5)
+        windowed = sample_dpmpp_2m(denoiser, schedule, x, timesteps, eta=1.0, eta_sigma_max=3.0, noise=per_sample)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert BATCH in model.batches and 2 * BATCH in model.batches and torch.isfinite(out).all()
+    assert torch.isfinite(windowed).all()

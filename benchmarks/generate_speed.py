@@ -4,10 +4,11 @@
 
 Times ``pipelines.text_to_image.generate`` end to end (text encoding, the sampling loop with guidance, VAE
 decode, clamping) for one batch of prompts, with the UNet eager and replayed from a CUDA graph, for 50-step
-DDIM and the default fast sampler, both guided in the default noise-level interval, and the fast sampler
-guided at every level too (outside the interval a step runs the conditional batch alone, so the two differ by
-exactly that saved work). One untimed call per case first captures the graph (its time is reported as
-``first_call_s``). The images of the two UNet paths are compared too: replay must not change them.
+DDIM and the default fast sampler, both guided in the default noise-level interval at the default step noise,
+the fast sampler guided at every level too (outside the interval a step runs the conditional batch alone, so
+the two differ by exactly that saved work), and the fast sampler without step noise (what drawing it costs).
+One untimed call per case first captures the graph (its time is reported as ``first_call_s``). The images of
+the two UNet paths are compared too: replay must not change them.
 """
 
 from __future__ import annotations
@@ -37,24 +38,27 @@ def _timed(call, device: torch.device) -> tuple[Any, float]:
 
 
 Interval = tuple[float, float] | None
+Case = tuple[str, int, Interval, float | None]  # sampler, steps, guidance interval, eta (None: the default noise)
 
 
-def generate_speed(stack: StageStack, batch: int, repeats: int, cases: Sequence[tuple[str, int, Interval]],
+def generate_speed(stack: StageStack, batch: int, repeats: int, cases: Sequence[Case],
                    guidance_scale: float) -> list[dict[str, Any]]:
-    """One row per (sampler, steps, guidance interval) case and UNet path (eager, CUDA graph)."""
+    """One row per (sampler, steps, guidance interval, eta) case and UNet path (eager, CUDA graph); eta None is
+    the default step noise."""
     prompts = [GRID_PROMPTS[i % len(GRID_PROMPTS)] for i in range(batch)]
     seeds = list(range(batch))
     rows = []
-    for sampler, steps, interval in cases:
+    for sampler, steps, interval, eta in cases:
         images = {}
         for cuda_graph in (False, True):
-            settings = GenerationSettings(guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+            settings = GenerationSettings(guidance_scale=guidance_scale, steps=steps, sampler=sampler, eta=eta,
                                           guidance_interval=interval, size=stack.image_size, batch_size=batch,
                                           cuda_graph=cuda_graph)
             images[cuda_graph], first_s = _timed(lambda: generate(stack, prompts, seeds, settings), stack.device)
             seconds = [_timed(lambda: generate(stack, prompts, seeds, settings), stack.device)[1]
                        for _ in range(repeats)]
-            rows.append({"sampler": f"{sampler}-{steps}", "guidance_interval": interval, "cuda_graph": cuda_graph,
+            rows.append({"sampler": f"{sampler}-{steps}", "guidance_interval": interval, "eta": settings.eta,
+                         "eta_sigma_max": settings.eta_sigma_max, "cuda_graph": cuda_graph,
                          "images_per_s": batch / (sum(seconds) / len(seconds)), "first_call_s": first_s,
                          "seconds_per_call": seconds})
         rows[-1]["max_abs_diff_vs_eager"] = float((images[True] - images[False]).abs().max())
@@ -80,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stack = load_stack(args.run, device=args.device)
     torch.backends.cudnn.benchmark = True
     interval = GenerationSettings.guidance_interval
-    cases = [("ddim", 50, interval), ("dpmpp_2m", args.fast_steps, interval), ("dpmpp_2m", args.fast_steps, None)]
+    cases = [("ddim", 50, interval, None), ("dpmpp_2m", args.fast_steps, interval, None),
+             ("dpmpp_2m", args.fast_steps, None, None), ("dpmpp_2m", args.fast_steps, interval, 0.0)]
     rows = generate_speed(stack, args.batch, args.repeats, cases, args.guidance)
     result = {"cases": rows, "batch": args.batch, "size": stack.image_size, "guidance_scale": args.guidance,
               "device": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
@@ -90,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         extra = f", {row['speedup_vs_eager']:.2f}x, max |diff| {row['max_abs_diff_vs_eager']:.3g}" \
             if "speedup_vs_eager" in row else ""
         where = "every level" if row["guidance_interval"] is None else f"sigma in {row['guidance_interval']}"
-        print(f"{row['sampler']:>12}  {where:>24}  cuda_graph={row['cuda_graph']!s:5}  "
+        noise = f"eta {row['eta']:g}" + ("" if row["eta_sigma_max"] is None else f" below {row['eta_sigma_max']:g}")
+        print(f"{row['sampler']:>12}  {where:>24}  {noise:>16}  cuda_graph={row['cuda_graph']!s:5}  "
               f"{row['images_per_s']:6.2f} img/s{extra}")
     if args.out:
         write_json(args.out, result)

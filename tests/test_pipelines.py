@@ -331,10 +331,11 @@ def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
     from benchmarks.generate_speed import generate_speed
 
     stack = load_stack(run_a, device="cpu")
-    rows = generate_speed(stack, batch=2, repeats=1, cases=[("dpmpp_2m", 3, (0.5, 5.0)), ("dpmpp_2m", 3, None)],
-                          guidance_scale=4.0)
+    rows = generate_speed(stack, batch=2, repeats=1, guidance_scale=4.0,
+                          cases=[("dpmpp_2m", 3, (0.5, 5.0), None), ("dpmpp_2m", 3, None, 0.0)])
     assert [(r["guidance_interval"], r["cuda_graph"]) for r in rows] == [((0.5, 5.0), False), ((0.5, 5.0), True),
                                                                          (None, False), (None, True)]
+    assert [(r["eta"], r["eta_sigma_max"]) for r in rows[::2]] == [DEFAULT_STEP_NOISE, (0.0, None)]
     assert all(r["images_per_s"] > 0 for r in rows)
     assert rows[1]["max_abs_diff_vs_eager"] == 0.0  # on the CPU both paths are eager: the same images
 

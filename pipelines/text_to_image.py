@@ -56,12 +56,12 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{self.sampler}'; choose one of {sorted(SAMPLERS)}")
-        if self.eta is None:
-            if self.sampler == "ddpm":
-                self.eta = 0.0
-            else:
-                self.eta = DEFAULT_STEP_NOISE[0]
-                self.eta_sigma_max = DEFAULT_STEP_NOISE[1] if self.eta_sigma_max is None else self.eta_sigma_max
+        if self.eta is None and self.sampler == "ddpm":
+            self.eta = 0.0
+        elif self.eta is None:  # the recommended noise, below the given limit or the recommended one
+            self.eta = DEFAULT_STEP_NOISE[0]
+            if self.eta_sigma_max is None:
+                self.eta_sigma_max = DEFAULT_STEP_NOISE[1]
         if self.size % 8:
             raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
         if self.steps < 1:

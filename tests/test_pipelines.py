@@ -351,6 +351,7 @@ def test_sampling_options_choose_the_guidance_interval():
     assert GenerationSettings().guidance_interval is not None  # the default guides an interval
     assert sampling_settings(parser.parse_args(["--guide-every-level"])).guidance_interval is None
     assert sampling_settings(parser.parse_args(["--guidance-interval", "1", "2"])).guidance_interval == (1.0, 2.0)
+
     def noise(*options):
         settings = sampling_settings(parser.parse_args(list(options)))
         return settings.eta, settings.eta_sigma_max

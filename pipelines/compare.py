@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +22,7 @@ from engine.images import save_grid
 from .evaluate import metrics_table
 from .prompts import SHOWCASE_PROMPTS
 from .stages import load_stack
-from .text_to_image import GenerationSettings, generate
+from .text_to_image import add_sampling_arguments, generate, sampling_settings
 
 
 def compare_table(runs: Sequence[Path]) -> str:
@@ -40,12 +41,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--prompt", action="append", help="default: a fixed English + Chinese set")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=GenerationSettings.steps)
-    parser.add_argument("--guidance", type=float, default=GenerationSettings.guidance_scale)
+    add_sampling_arguments(parser)
     parser.add_argument("--size", type=int, help="default: the first run's VAE resolution")
     parser.add_argument("--tile", type=int, default=128, help="tile size in the committed grid")
     parser.add_argument("--device")
     args = parser.parse_args(argv)
+    settings = sampling_settings(args, size=args.size or 8)  # checked before any run loads; the size comes later
 
     prompts = args.prompt or list(SHOWCASE_PROMPTS)
     rows = []
@@ -53,13 +54,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for run in args.runs:
         stack = load_stack(run, device=args.device)
         size = size or stack.image_size
-        settings = GenerationSettings(guidance_scale=args.guidance, steps=args.steps, size=size)
-        rows.append(generate(stack, prompts, [args.seed] * len(prompts), settings).cpu())
+        rows.append(generate(stack, prompts, [args.seed] * len(prompts), replace(settings, size=size)).cpu())
         del stack
     args.out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(torch.cat(rows), args.out / "compare.png", nrow=len(prompts), max_side=args.tile)
     lines = ["# Comparison", "", f"Rows (top to bottom): {', '.join(str(r) for r in args.runs)}.", "",
              "Columns (prompts, seed " + str(args.seed) + "): " + "; ".join(f"`{p}`" for p in prompts), "",
+             f"Sampling: {replace(settings, size=size).describe()}.", "",
              "![compare](compare.png)", "", compare_table(args.runs)]
     (args.out / "compare.md").write_text("\n".join(lines), encoding="utf-8")
     print(grid)

@@ -77,6 +77,15 @@ class GenerationSettings:
         except ValueError as err:
             raise UserError(str(err)) from None
 
+    def describe(self) -> str:
+        """One line for a report: sampler, steps, guidance and its levels, step noise, size."""
+        levels = "at every level" if self.guidance_interval is None else \
+            "in sigma ({:g}, {:g}]".format(*self.guidance_interval)
+        noise = "no step noise" if self.eta == 0 else f"step noise eta {self.eta:g}" + (
+            "" if self.eta_sigma_max is None else f" below sigma {self.eta_sigma_max:g}")
+        return (f"{self.sampler}, {self.steps} steps, guidance {self.guidance_scale:g} {levels} (rescale "
+                f"{self.guidance_rescale:g}), {noise}, {self.size} px")
+
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The sampler, steps and guidance options of every command that samples, defaulting to GenerationSettings'."""

@@ -467,3 +467,20 @@ def test_cuda_graph_generation_matches_eager_and_recaptures_after_a_move(run_a):
     assert len(stack.unet_call(True).graphs) == 0
     again = generate(stack, prompts, seeds, GenerationSettings(**settings, cuda_graph=True))
     assert (again - eager).abs().max() < 0.05
+
+
+def test_compare_draws_every_run_with_the_same_sampling_and_says_which(run_a, tmp_path):
+    from pipelines import compare
+
+    from PIL import Image
+
+    prompts = ["--prompt", "a red circle", "--prompt", "a blue square", "--prompt", "a green star"]
+    grid = compare.main([str(run_a), str(run_a), "--out", str(tmp_path), *prompts, "--steps", "2", "--size", "32",
+                         "--eta-sigma-max", "2", "--tile", "32"])
+    assert grid == tmp_path / "compare.png"
+    with Image.open(grid) as picture:  # rows: the two runs, columns: the three prompts
+        assert abs(picture.size[0] / picture.size[1] - 1.5) < 0.1
+    report = (tmp_path / "compare.md").read_text(encoding="utf-8")
+    assert "2 steps" in report and "step noise eta 1 below sigma 2" in report and "32 px" in report
+    with pytest.raises(UserError, match="eta is 0"):  # a bad sampling option stops it before any run loads
+        compare.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--eta", "0", "--eta-sigma-max", "2"])

@@ -62,7 +62,7 @@ from pipelines.metrics import PROMPT_COLOURS
 from pipelines.prompts import SHOWCASE_PROMPTS
 from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, stage_kind,
                               stage_paths, stage_settings)
-from pipelines.text_to_image import GenerationSettings, generate
+from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, generate
 
 STUDY_STAGES = ("vae", "clip", "unet")  # the judge is the study's ruler: the base run's, for every column
 # A UNet trained on another VAE's latents or another CLIP's text states is another model: retrain it.
@@ -556,7 +556,8 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                                            "with the guidance scale of its UNet's config") +
              (" in the noise-level interval ({:g}, {:g}]".format(*settings["guidance_interval"])
               if "guidance_interval" in settings else " at every noise level") +
-             ", with the guidance rescale of its UNet's config.", ""]
+             ", with the guidance rescale of its UNet's config and generation's default step noise (eta {:g} at the "
+             "levels sigma <= {:g}).".format(*DEFAULT_STEP_NOISE), ""]
     if "tiny" in preset:
         lines += ["**This is a smoke study** on the tiny preset: it shows that the study runs end to end; its "
                   "numbers say nothing about the full models.", ""]

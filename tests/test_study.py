@@ -76,6 +76,7 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
     for name in ("no_terms", "strong_kl"):
         assert f"- **{name}** (retrained" in report and name in result["summary"]["headline"]
     assert "| VAE PSNR at the sampling size (dB) |" in report
+    assert "default step noise (eta 1 at the levels sigma <= 3)" in report  # how every column sampled
     assert "| near-copies (pixel) |" in report and "→" in report
     assert all(f"| colour adherence ({colour}) |" in report for colour in ("red", "blue", "purple"))
     for picture in ("compare.png", "losses.png", "metrics.png"):

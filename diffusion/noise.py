@@ -25,16 +25,19 @@ class PerSampleNoise:
 
     def initial(self, shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
         """The starting noise, ``[len(seeds), *shape]`` in float32."""
-        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators]).to(device)
+        return self._draw(tuple(shape), torch.float32, torch.device(device))
 
     def __call__(self, like: Tensor) -> Tensor:
         if like.shape[0] != len(self.generators):
             raise ValueError(f"noise for a batch of {like.shape[0]} asked of {len(self.generators)} per-sample seeds")
-        draws = torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in self.generators])
-        if like.device.type == "cuda":
-            # pinned and non-blocking: a pageable copy would wait for the GPU to drain at every noisy step
-            return draws.pin_memory().to(like.device, non_blocking=True)
-        return draws.to(like.device)
+        return self._draw(like.shape[1:], like.dtype, like.device)
+
+    def _draw(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        draws = torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in self.generators])
+        if device.type == "cuda":
+            # pinned and non-blocking: a pageable copy would wait for the GPU to drain (a host sync per draw)
+            return draws.pin_memory().to(device, non_blocking=True)
+        return draws.to(device)
 
 
 def generator_noise(generator: torch.Generator | None = None) -> NoiseSource:

@@ -38,7 +38,6 @@ class TensorBoardLog:
             for old in folder.glob("events.out.tfevents.*"):
                 old.unlink()
         self.writer = SummaryWriter(str(folder), purge_step=resume_step)
-        self._writer_class = SummaryWriter
 
     def purge_after(self, step: int) -> None:
         """Hide the events past ``step`` (training went back there after a loss spike): the steps trained again
@@ -47,7 +46,7 @@ class TensorBoardLog:
             return
         folder = self.writer.log_dir
         self.writer.close()
-        self.writer = self._writer_class(folder, purge_step=step + 1)
+        self.writer = type(self.writer)(folder, purge_step=step + 1)
 
     def scalars(self, record: Mapping[str, Any], step: int) -> None:
         """Every number of a log record except its bookkeeping (``step``, ``epoch``), tagged by its key."""

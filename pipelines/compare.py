@@ -22,7 +22,7 @@ from engine.images import save_grid
 from .evaluate import metrics_table
 from .prompts import SHOWCASE_PROMPTS
 from .stages import load_stack
-from .text_to_image import add_sampling_arguments, generate, sampling_settings
+from .text_to_image import GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
 
 def compare_table(runs: Sequence[Path]) -> str:
@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--tile", type=int, default=128, help="tile size in the committed grid")
     parser.add_argument("--device")
     args = parser.parse_args(argv)
-    settings = sampling_settings(args, size=args.size or 8)  # checked before any run loads; the size comes later
+    settings = sampling_settings(args, size=args.size or GenerationSettings.size)  # checked before any run loads
 
     prompts = args.prompt or list(SHOWCASE_PROMPTS)
     rows = []

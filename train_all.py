@@ -13,7 +13,7 @@ one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in
 ``vae/``, ``clip/``, ``judge/`` (a second CLIP stage with its own seed: the evaluation's ruler, never used for
 guidance; ``--judge FOLDER`` takes one from elsewhere) and ``unet/`` stage folders (each with its log, loss plot
 and sample grids; the UNet's low-resolution phase in ``unet/lowres/``), ``evaluation.json``,
-``final_samples.png``, ``nearest_pairs.png``, ``report.md`` and ``summary.json``.
+``final_samples.png``, ``nearest_pairs.png``, ``judge_pairs.png``, ``report.md`` and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from engine.images import save_grid
 from engine.runlog import loss_spikes, rollbacks
 from engine.stage import CONFIG_FILE, record_preset, remove_empty_folders, write_json
 from engine.trainer import checkpoint_path
-from pipelines.evaluate import evaluate_to_folder, markdown_table
+from pipelines.evaluate import JUDGE_PAIRS, evaluate_to_folder, markdown_table
 from pipelines.prompts import COLOUR_PROMPTS, SHOWCASE_PROMPTS
 from pipelines.stages import StageStack, finished_stage_differences, load_stack, stage_kind
 from pipelines.text_to_image import GenerationSettings, generate
@@ -376,7 +376,9 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
                          "Guidance 1 / 3 / 7 (rows), same seed, colour prompts": run / "guidance_colours.png",
                          "Validation images (top) and samples from their captions (bottom)": run / "eval_samples.png",
                          "Colour-prompt samples (odd rows) and their nearest training images (even rows)":
-                             run / "nearest_pairs.png"})
+                             run / "nearest_pairs.png",
+                         f"The {JUDGE_PAIRS} samples nearest a training image in the judge's space, nearest first "
+                         "(odd rows), and those images (even rows)": run / "judge_pairs.png"})
         progress.end("evaluate")
     distributed.barrier()
     if env.is_main:

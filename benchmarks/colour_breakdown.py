@@ -39,7 +39,7 @@ BODY_NOUNS = frozenset("body fur skin feathers scales shell pokémon creature bi
 
 
 def pair_samples(path: str | Path, count: int, columns: int = PAIRS_COLUMNS, tile: int = PAIRS_TILE) -> torch.Tensor:
-    """The first ``count`` samples of a ``save_nearest_pairs`` picture as [-1, 1] images ``[count, 3, tile, tile]``
+    """The first ``count`` samples of a ``save_pairs`` picture as [-1, 1] images ``[count, 3, tile, tile]``
     (sample rows alternate with rows of their nearest training images)."""
     if not Path(path).is_file():
         raise UserError(f"no picture at {path}; pass the nearest_pairs.png an evaluation wrote")

@@ -32,7 +32,7 @@ from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, adherence_by_colour, colour_hits, colour_prompts, composition,
+from .metrics import (COPY_NEIGHBOURS, adherence_by_colour, colour_hits, colour_prompts, composition, cosine_nearest,
                       first_named_colours, frechet_distance, kernel_distance, near_copies, nearest_indices,
                       seed_diversity, sharpness, thumbnails, unit_pixels)
 from .stages import StageStack, judge_path, load_stack, stage_paths
@@ -162,6 +162,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
                 "nn_dist_samples": pixel["sample_nn"],
                 "nn_dist_real_val": pixel["val_nn"], "near_copy_share_judge": in_judge["share"],
                 "nn_judge_dist_samples": in_judge["sample_nn"], "nn_judge_dist_real_val": in_judge["val_nn"]})
+    sources = {"captions_en": len(feats[0]), "captions_zh": len(feats[1]), "colour_prompts": len(feats[2])}
+    out.update(judge_copies_by_source(every_feature, reference.judge_bank, real_feats, sources))
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]
@@ -171,22 +173,43 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         shown = min(8, len(val))
         save_grid(torch.cat([real[:shown], samples[0][:shown]]), out_dir / "eval_samples.png", nrow=shown,
                   max_side=128)
-        save_nearest_pairs(colour_samples, bank, out_dir / "nearest_pairs.png")
+        save_pairs(colour_samples, bank[nearest_indices(thumbnails(colour_samples), thumbnails(bank))],
+                   out_dir / "nearest_pairs.png")
+        distance, nearest = cosine_nearest(every_feature, reference.judge_bank)
+        closest = distance.argsort()[:JUDGE_PAIRS]
+        save_pairs(every_sample[closest], bank[nearest[closest]], out_dir / "judge_pairs.png")
     return {**out, **reference.figures}
 
 
-PAIRS_COLUMNS, PAIRS_TILE = 12, 96  # nearest_pairs.png: samples per row, and their size (≤ 128 px: it shows the data)
+def judge_copies_by_source(features: torch.Tensor, judge_bank: torch.Tensor, val_features: torch.Tensor,
+                           sources: dict[str, int]) -> dict[str, float]:
+    """``near_copy_share_judge_<source>``: the judge-space near-copy share of each consecutive block of
+    ``features`` (``sources``: name -> rows, in order), under the one threshold the whole set is judged by (it
+    depends on the validation images only): whether copies come from the captions or from the short colour
+    prompts."""
+    if sum(sources.values()) != len(features):
+        raise ValueError(f"sources cover {sum(sources.values())} rows but there are {len(features)} samples")
+    out, start = {}, 0
+    for name, rows in sources.items():
+        out[f"near_copy_share_judge_{name}"] = near_copies(features[start:start + rows], judge_bank, val_features,
+                                                           cosine=True)["share"]
+        start += rows
+    return out
 
 
-def save_nearest_pairs(samples: torch.Tensor, bank: torch.Tensor, path: Path, columns: int = PAIRS_COLUMNS,
-                       tile: int = PAIRS_TILE) -> None:
-    """Rows of samples, each row followed by the nearest training image (or mirror) of every sample in it, at
-    ``tile`` px: the picture that shows whether samples copy the data."""
-    nearest = nearest_indices(thumbnails(samples), thumbnails(bank))
+PAIRS_COLUMNS, PAIRS_TILE = 12, 96  # pair pictures: samples per row, and their size (≤ 128 px: they show the data)
+JUDGE_PAIRS = 24  # judge_pairs.png: the samples the judge finds closest to a training image
+
+
+def save_pairs(samples: torch.Tensor, partners: torch.Tensor, path: Path, columns: int = PAIRS_COLUMNS,
+               tile: int = PAIRS_TILE) -> None:
+    """Rows of samples, each row followed by the row of their ``partners`` (the training images or mirrors
+    nearest to them), at ``tile`` px: the pictures that show whether samples copy the data
+    (``nearest_pairs.png``: every colour-prompt sample and its nearest in pixels; ``judge_pairs.png``: the
+    ``JUDGE_PAIRS`` samples nearest a training image in judge space, nearest first)."""
     rows = []
     for start in range(0, len(samples), columns):
-        chunk = samples[start:start + columns]
-        rows += [chunk, bank[nearest[start:start + columns]]]
+        rows += [samples[start:start + columns], partners[start:start + columns]]
     save_grid(torch.cat(rows), path, nrow=columns, max_side=tile)
 
 

@@ -262,9 +262,7 @@ def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val
     if cosine:
         if relative_to:
             raise ValueError("relative_to applies to pixel distances only")
-        bank = F.normalize(train_features.double(), dim=-1)
-        sample_k, val_k = (1 - (F.normalize(q.double(), dim=-1) @ bank.T).max(dim=1, keepdim=True).values
-                           for q in (sample_features, val_features))
+        sample_k, val_k = (cosine_nearest(q, train_features)[0][:, None] for q in (sample_features, val_features))
     else:
         sample_k, val_k = (nearest_distances(q, train_features, max(1, relative_to))
                            for q in (sample_features, val_features))
@@ -274,6 +272,12 @@ def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val
         ratio = lambda d: d[:, 0] / d.mean(dim=1).clamp_min(1e-12)  # noqa: E731
         out["share_relative"] = share(ratio(sample_k), ratio(val_k))
     return out
+
+
+def cosine_nearest(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query row's cosine distance (1 - cosine similarity, float64) to its nearest bank row, and that row."""
+    similarity, index = (F.normalize(queries.double(), dim=-1) @ F.normalize(bank.double(), dim=-1).T).max(dim=1)
+    return 1 - similarity, index
 
 
 def nearest_indices(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

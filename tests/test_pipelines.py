@@ -43,9 +43,11 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     generation = summary["evaluation"]["generation"]
     assert 0 <= generation["near_copy_share_pixel"] <= 1 and generation["fd_en"] >= 0
     for key in ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_judge",
-                "near_copy_share_pixel_relative", "colour_adherence"):
+                "near_copy_share_pixel_relative", "colour_adherence", "near_copy_share_judge_captions_en",
+                "near_copy_share_judge_captions_zh", "near_copy_share_judge_colour_prompts"):
         assert key in generation and f"{key}_real" in generation or key.startswith("near_copy")
-    assert "foreground share" in report and "nearest_pairs.png" in report
+    assert "foreground share" in report and "nearest_pairs.png" in report and "judge_pairs.png" in report
+    assert (run_a / "judge_pairs.png").is_file()
     assert {f"colour_adherence_{c}" for c in ("red", "blue", "green", "yellow", "purple", "pink")} <= set(generation)
     assert "low-resolution phase" in report and "unet/lowres/samples/epoch_0001.png" in report
     # the judge is a CLIP stage of its own seed, not the run's CLIP, with its recipe frozen where the CLIP's moved

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipelines.evaluate import quality_table
+from pipelines.evaluate import judge_copies_by_source, quality_table
 from pipelines.metrics import (adherence_by_colour, colour_hits, colour_prompts, colours_named, composition,
                                count_parts, foreground_mask, hue_family_shares, near_copies, sharpness, thumbnails)
 
@@ -87,6 +87,20 @@ def test_colour_prompts_and_named_colours():
     assert colours_named("a reddish, bluey thing") == []
 
 
+def test_judge_copies_are_counted_per_source_under_one_threshold():
+    g = torch.Generator().manual_seed(5)
+    bank, val = torch.randn(30, 16, generator=g), torch.randn(20, 16, generator=g)
+    copies, fresh = 3 * bank[:4], torch.randn(6, 16, generator=g)  # scaled copies: cosine distance 0
+    shares = judge_copies_by_source(torch.cat([fresh, copies, fresh[:2]]), bank, val,
+                                    {"captions_en": 6, "captions_zh": 4, "colour_prompts": 2})
+    whole = near_copies(torch.cat([fresh, copies, fresh[:2]]), bank, val, cosine=True)["share"]
+    assert shares["near_copy_share_judge_captions_zh"] == 1
+    assert shares["near_copy_share_judge_captions_en"] == shares["near_copy_share_judge_colour_prompts"] == 0
+    assert whole == 4 / 12  # the blocks' shares weigh up to the whole set's
+    with pytest.raises(ValueError, match="sources cover 11 rows but there are 12 samples"):
+        judge_copies_by_source(torch.cat([fresh, copies, fresh[:2]]), bank, val, {"a": 6, "b": 5})
+
+
 def test_copies_and_mirrored_copies_are_near_copies():
     g = torch.Generator().manual_seed(0)
     train = torch.rand(40, 3, 64, 64, generator=g) * 2 - 1
@@ -157,7 +171,7 @@ def test_copy_rule_check_counts_every_exact_copy_under_both_rules(tmp_path):
 def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tmp_path):
     from benchmarks.colour_breakdown import pair_samples
     from engine.errors import UserError
-    from pipelines.evaluate import save_nearest_pairs
+    from pipelines.evaluate import save_pairs
 
     rgb = {"red": (0.9, -0.9, -0.9), "blue": (-0.9, -0.6, 0.9), "green": (-0.9, 0.8, -0.9),
            "yellow": (0.9, 0.8, -0.9), "purple": (0.2, -0.9, 0.9), "pink": (0.9, -0.9, 0.2)}
@@ -165,7 +179,7 @@ def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tm
     drawn = ["blue" if colour == "red" else colour for colour in named]  # every red prompt drew a blue body
     samples = torch.cat([paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=rgb[colour]) for colour in drawn])
     path = tmp_path / "nearest_pairs.png"
-    save_nearest_pairs(samples, -samples, path)  # the bank rows (inverted colours) must not be read as samples
+    save_pairs(samples, -samples, path)  # the partner rows (inverted colours) must not be read as samples
     tiles = pair_samples(path, len(named))
     assert tiles.shape == (96, 3, 96, 96)
     assert adherence_by_colour(colour_hits(tiles, named), named) == {

@@ -1,9 +1,11 @@
 """Choose the sampling defaults from measurements: one trained run, the picture-quality ruler of
 ``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval, steps and
-step noise (eta, for the ddim and dpmpp_2m samplers, at every step or below a noise level).
+step noise (eta, for the ddim and dpmpp_2m samplers, at every step or below a noise level) and condition noise
+(CADS: the prompt annealed with noise at the high noise levels).
 
     python -m benchmarks.sampling_sweep --run runs/pokemon --data ../shared/pokemon --out runs/sweep.json \\
-        --guidance 2 3 4 --rescale 0.7 --steps 25 --interval none 0.28,7.5 --eta 0 0.5 --eta-sigma-max none 2
+        --guidance 2 3 4 --rescale 0.7 --steps 25 --interval none 0.28,7.5 --eta 0 0.5 --eta-sigma-max none 2 \\
+        --condition-noise none 0.25,3,15
 
 The judge is the run's (``judge/``, or the one its ``stages.json`` names). Writes one JSON record per
 setting and prints a table.
@@ -12,6 +14,7 @@ setting and prints a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch
 
 from clip.model import CLIPModel
 from data import load_captions
+from engine.errors import run_cli
 from engine.stage import write_json
 from pipelines.evaluate import generation_metrics, real_reference
 from pipelines.stages import judge_path, load_stack
@@ -52,6 +56,18 @@ def parse_sigma_max(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"eta sigma max must be 'none' or a noise level, got {text!r}") from None
 
 
+def parse_condition_noise(text: str) -> tuple[float, float, float] | None:
+    """``none`` (the prompt at every level) or ``SCALE,SIGMA_LO,SIGMA_HI``."""
+    if text == "none":
+        return None
+    try:
+        scale, low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"condition noise must be 'none' or 'SCALE,SIGMA_LO,SIGMA_HI', "
+                                         f"got {text!r}") from None
+    return scale, low, high
+
+
 def noise_settings(etas: Sequence[float], sigma_maxes: Sequence[float | None]) -> list[tuple[float, float | None]]:
     """Every (eta, eta_sigma_max) pair, with eta 0 once (it has no step noise to limit)."""
     return list(dict.fromkeys((eta, sigma_max if eta > 0 else None)
@@ -75,23 +91,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eta-sigma-max", type=parse_sigma_max, nargs="+", default=[DEFAULT_STEP_NOISE[1]],
                         help="step noise only below these noise levels: 'none' (every step) or SIGMA; applied to "
                              "the settings with eta > 0")
+    parser.add_argument("--condition-noise", type=parse_condition_noise, nargs="+", default=[None],
+                        help="prompt annealing (CADS): 'none' or SCALE,SIGMA_LO,SIGMA_HI (e.g. 0.25,3,15)")
     args = parser.parse_args(argv)
+    settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
+                                        steps=steps, sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
+                                        condition_noise=condition_noise)
+                     for scale, rescale, interval, steps, (eta, sigma_max), condition_noise in itertools.product(
+                         args.guidance, args.rescale, args.interval, args.steps,
+                         noise_settings(args.eta, args.eta_sigma_max), args.condition_noise)]  # checked before loading
     stack = load_stack(args.run)
     judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()
     data = load_captions(args.data, resolution=stack.image_size)
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
     records = []
-    print("| guidance | rescale | interval | steps | eta | eta sigma max | " + " | ".join(SHOWN) + " |", flush=True)
-    for scale, rescale, interval, steps, (eta, sigma_max) in itertools.product(
-            args.guidance, args.rescale, args.interval, args.steps, noise_settings(args.eta, args.eta_sigma_max)):
-        settings = GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
-                                      steps=steps, sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
-                                      size=stack.image_size)
+    print("| guidance | rescale | interval | steps | eta | eta sigma max | condition noise | " + " | ".join(SHOWN)
+          + " |", flush=True)
+    for settings in settings_grid:
+        settings = dataclasses.replace(settings, size=stack.image_size)
         metrics = generation_metrics(stack, judge, train, val, settings, reference=reference)
-        records.append({"guidance_scale": scale, "guidance_rescale": rescale, "guidance_interval": interval,
-                        "steps": steps, "eta": eta, "eta_sigma_max": sigma_max, "metrics": metrics})
-        print(f"| {scale} | {rescale} | {interval} | {steps} | {eta} | {sigma_max} | "
+        record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
+                                                          "steps", "eta", "eta_sigma_max", "condition_noise")}
+        records.append({**record, "metrics": metrics})
+        print("| " + " | ".join(str(value) for value in record.values()) + " | "
               + " | ".join(f"{metrics[k]:.3f}" for k in SHOWN) + " |", flush=True)
     write_json(args.out, {"run": str(args.run), "sampler": args.sampler,
                           "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
@@ -100,4 +123,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

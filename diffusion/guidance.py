@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from diffusion.noise import PerSampleNoise
+from diffusion.noise import NoiseSource, PerSampleNoise
 from diffusion.samplers import SAMPLERS, Denoiser
 from diffusion.schedule import NoiseSchedule, check_prediction_type
 
@@ -49,9 +50,43 @@ def guidance_scale_table(schedule: NoiseSchedule, guidance_scale: float,
     return torch.where(guided, guidance_scale, 1.0).float()
 
 
+def check_condition_noise(condition_noise: tuple[float, float, float] | None) -> None:
+    """Raise ``ValueError`` unless ``condition_noise`` is None or ``(scale, sigma_lo, sigma_hi)`` with
+    ``scale > 0`` and ``0 < sigma_lo < sigma_hi < inf``."""
+    if condition_noise is None:
+        return
+    if len(condition_noise) != 3 or not (condition_noise[0] > 0 and 0 < condition_noise[1] < condition_noise[2]
+                                         and math.isfinite(condition_noise[2])):
+        raise ValueError(f"condition noise must be (scale, sigma_lo, sigma_hi) with scale > 0 and 0 < sigma_lo < "
+                         f"sigma_hi < inf (the prompt is whole below sigma_lo, pure noise above sigma_hi), "
+                         f"got {condition_noise}")
+
+
+def condition_noise_table(schedule: NoiseSchedule, sigma_lo: float, sigma_hi: float) -> Tensor:
+    """How much of the prompt the condition keeps at every timestep, float64 [T]: 1 at noise levels
+    ``sigma <= sigma_lo``, 0 at ``sigma >= sigma_hi`` (the zero-terminal-SNR level, inf, too), linear in
+    log sigma between (the annealing of Sadat et al. 2024, CADS, given in noise levels like the guidance
+    interval; the paper ramps linearly in t)."""
+    ab = schedule.alphas_cumprod.double()
+    log_sigma = 0.5 * ((1 - ab) / ab).log()
+    return ((math.log(sigma_hi) - log_sigma) / (math.log(sigma_hi) - math.log(sigma_lo))).clamp(0, 1)
+
+
+def anneal_condition(cond: Tensor, keep: float, scale: float, noise: Tensor) -> Tensor:
+    """CADS's noised condition: ``sqrt(keep) * cond + scale * sqrt(1 - keep) * noise``, shifted and scaled back
+    to each sample's own mean and standard deviation of ``cond`` (the paper's rescale, psi = 1), so the network
+    sees text states of the usual size at every level, however little of the prompt is left in them."""
+    dims = tuple(range(1, cond.ndim))
+    noised = keep ** 0.5 * cond + scale * (1 - keep) ** 0.5 * noise
+    standardised = (noised - noised.mean(dim=dims, keepdim=True)) / noised.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    return standardised * cond.std(dim=dims, keepdim=True) + cond.mean(dim=dims, keepdim=True)
+
+
 def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, cond: Tensor, uncond: Tensor,
                  guidance_scale: float, guidance_rescale: float = 0.0,
-                 guidance_interval: tuple[float, float] | None = None) -> Denoiser:
+                 guidance_interval: tuple[float, float] | None = None,
+                 condition_noise: tuple[float, float, float] | None = None,
+                 noise: NoiseSource | None = None) -> Denoiser:
     """Denoiser returning x0 from the guided prediction ``uncond + scale * (cond - uncond)`` (rescaled by
     :func:`rescale_guided` when ``guidance_rescale > 0``). With ``guidance_interval`` the scale is
     ``guidance_scale`` only at noise levels inside it and 1 elsewhere (:func:`guidance_scale_table`).
@@ -61,25 +96,42 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
     the guided prediction is the conditional one, so a step whose level the table leaves at 1 (outside the
     interval, or every step at ``guidance_scale=1``) runs the conditional batch alone. The table is read on the
     host at the sampler's host timestep, so the choice costs no sync.
+
+    ``condition_noise = (scale, sigma_lo, sigma_hi)`` anneals the prompt (CADS, Sadat et al. 2024): at a step
+    above ``sigma_lo`` the conditional branch sees :func:`anneal_condition` of ``cond`` with fresh ``noise`` (drawn
+    like ``cond``, so per-sample streams stay per sample), keeping the share :func:`condition_noise_table` gives;
+    ``uncond`` stays as it is. The high levels, where guidance pulls one prompt's seeds onto one layout, then
+    see a blurred prompt (the paper's aim: variety under strong guidance; what it does to copies of training
+    images here is for the sampling sweep to say).
     """
     check_prediction_type(prediction_type)
+    check_condition_noise(condition_noise)
+    if condition_noise is not None and noise is None:
+        raise ValueError("condition noise needs a noise source: pass noise= (e.g. the sampler's PerSampleNoise)")
     if uncond.shape[1:] != cond.shape[1:] or uncond.shape[0] not in (1, cond.shape[0]):
         raise ValueError(f"uncond has shape {tuple(uncond.shape)} but cond has {tuple(cond.shape)}; encode both "
                          "prompts to the same length and give uncond batch 1 or the batch of cond")
     scales = guidance_scale_table(schedule, guidance_scale, guidance_interval).tolist()
-    # [uncond; cond] is built once here, not per step
-    both_contexts = torch.cat([uncond.expand_as(cond), cond]) if any(s != 1 for s in scales) else None
+    keeps = [1.0] * len(scales) if condition_noise is None else \
+        condition_noise_table(schedule, *condition_noise[1:]).tolist()
+    # [uncond; cond] is built once here, not per step (only an annealed step builds its own)
+    uncond = uncond.expand_as(cond)
+    both_contexts = torch.cat([uncond, cond]) if any(s != 1 for s in scales) else None
 
     def denoise(x_t: Tensor, t: int) -> Tensor:
         if x_t.shape[0] != cond.shape[0]:
             raise ValueError(f"x_t has batch {x_t.shape[0]} but cond has batch {cond.shape[0]}; "
                              "encode one prompt per sample")
-        scale = scales[t]
+        scale, keep = scales[t], keeps[t]
         t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        context, contexts = cond, both_contexts
+        if keep < 1:
+            context = anneal_condition(cond, keep, condition_noise[0], noise(cond))
+            contexts = None if scale == 1 else torch.cat([uncond, context])
         if scale == 1:
-            pred = model(x_t, t_batch, cond)
+            pred = model(x_t, t_batch, context)
         else:
-            pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), t_batch.repeat(2), both_contexts).chunk(2)
+            pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), t_batch.repeat(2), contexts).chunk(2)
             pred = pred_uncond + scale * (pred_cond - pred_uncond)
             if guidance_rescale > 0:
                 pred = rescale_guided(pred, pred_cond, guidance_rescale)
@@ -96,15 +148,16 @@ def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: Noise
                              eta_sigma_max: float | None = None, decode_batch: int | None = None,
                              decode_context: AbstractContextManager | None = None,
                              guidance_rescale: float = 0.0,
-                             guidance_interval: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+                             guidance_interval: tuple[float, float] | None = None,
+                             condition_noise: tuple[float, float, float] | None = None) -> tuple[Tensor, Tensor]:
     """Sample ``x`` (noisy scaled latents at ``timesteps[0]``) with guidance, then decode with the VAE.
 
     The one sampling path of ``pipelines.generate`` and the UNet stage's per-epoch grid. Returns the float32
     images (not clamped) and the scaled latents. ``decode_batch`` bounds the VAE batch; ``decode_context``
-    (e.g. an autocast) wraps the decoding only.
+    (e.g. an autocast) wraps the decoding only. ``noise`` also draws the condition noise (``cfg_denoiser``).
     """
     denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
-                            guidance_interval)
+                            guidance_interval, condition_noise, noise)
     latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max)
     with decode_context or nullcontext():
         images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()

@@ -316,7 +316,8 @@ def evaluate_to_folder(stack: StageStack, data_source: str, out_dir: Path, judge
     results = evaluate_run(stack, data, judge, settings, out_dir=out_dir,
                            judge_name=f"{judge_dir} ({file_fingerprint(judge_dir / 'model.safetensors')})")
     write_json(out_dir / "evaluation.json", results)
-    (out_dir / "evaluation.md").write_text(markdown_table(results), encoding="utf-8")
+    header = f"Sampled with {settings.describe()}; judged by {results['judge']}.\n\n"
+    (out_dir / "evaluation.md").write_text(header + markdown_table(results), encoding="utf-8")
     return results
 
 

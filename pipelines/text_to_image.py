@@ -12,7 +12,7 @@ from PIL import Image
 
 from data.augment import resize, to_float
 from data.captions import square_resize
-from diffusion.guidance import check_guidance_interval, guided_sample_and_decode
+from diffusion.guidance import check_condition_noise, check_guidance_interval, guided_sample_and_decode
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import SAMPLERS, check_eta
 from engine.errors import UserError
@@ -47,6 +47,9 @@ class GenerationSettings:
     # DEFAULT_STEP_NOISE for ddim and dpmpp_2m, none for ddpm (ancestral already).
     eta: float | None = None
     eta_sigma_max: float | None = None
+    # (scale, sigma_lo, sigma_hi): anneal the prompt with noise above sigma_lo, wholly noise from sigma_hi up (CADS;
+    # diffusion.guidance.cfg_denoiser); None keeps the prompt at every level
+    condition_noise: tuple[float, float, float] | None = None
     size: int = 512
     negative_prompt: str = ""
     batch_size: int = 16  # prompts per UNet call (the guidance pass doubles it)
@@ -71,20 +74,25 @@ class GenerationSettings:
                             f"got {self.guidance_scale}")
         if self.guidance_interval is not None:
             self.guidance_interval = tuple(float(v) for v in self.guidance_interval)  # a JSON list reads back
+        if self.condition_noise is not None:
+            self.condition_noise = tuple(float(v) for v in self.condition_noise)
         try:  # the samplers' and the guidance's own rules, before any model is loaded
             check_eta(self.sampler, self.eta, self.eta_sigma_max)
             check_guidance_interval(self.guidance_interval)
+            check_condition_noise(self.condition_noise)
         except ValueError as err:
             raise UserError(str(err)) from None
 
     def describe(self) -> str:
-        """One line for a report: sampler, steps, guidance and its levels, step noise, size."""
+        """One line for a report: sampler, steps, guidance and its levels, step noise, condition noise, size."""
         levels = "at every level" if self.guidance_interval is None else \
             "in sigma ({:g}, {:g}]".format(*self.guidance_interval)
         noise = "no step noise" if self.eta == 0 else f"step noise eta {self.eta:g}" + (
             "" if self.eta_sigma_max is None else f" below sigma {self.eta_sigma_max:g}")
+        annealed = "" if self.condition_noise is None else \
+            ", condition noise {:g} from sigma {:g} (all noise from {:g})".format(*self.condition_noise)
         return (f"{self.sampler}, {self.steps} steps, guidance {self.guidance_scale:g} {levels} (rescale "
-                f"{self.guidance_rescale:g}), {noise}, {self.size} px")
+                f"{self.guidance_rescale:g}), {noise}{annealed}, {self.size} px")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,14 +118,16 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                                "2024), the prompt's prediction alone elsewhere (default: %(default)s)")
     interval.add_argument("--guide-every-level", dest="guidance_interval", action="store_const", const=None,
                           help="plain classifier-free guidance at every noise level (no interval)")
+    parser.add_argument("--condition-noise", type=float, nargs=3, metavar=("SCALE", "SIGMA_LO", "SIGMA_HI"),
+                        help="anneal the prompt (CADS, Sadat et al. 2024): noise of SCALE mixed into the text states "
+                             "above SIGMA_LO, the states wholly noise from SIGMA_HI up (default: none)")
 
 
 def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettings:
     """GenerationSettings from the options of :func:`add_sampling_arguments`, plus ``more`` fields."""
     return GenerationSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, eta_sigma_max=args.eta_sigma_max,
-                              guidance_scale=args.guidance,
-                              guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
-                              **more)
+                              guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
+                              guidance_interval=args.guidance_interval, condition_noise=args.condition_noise, **more)
 
 
 def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], settings: GenerationSettings | None = None,
@@ -174,8 +184,8 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
         images, latents = guided_sample_and_decode(
             model, stack.vae, stack.schedule, stack.prediction_type, cond.float(), uncond, settings.guidance_scale, x,
             timesteps, settings.sampler, per_sample, settings.eta, settings.eta_sigma_max, decode_context=autocast,
-            guidance_rescale=settings.guidance_rescale,
-            guidance_interval=settings.guidance_interval)
+            guidance_rescale=settings.guidance_rescale, guidance_interval=settings.guidance_interval,
+            condition_noise=settings.condition_noise)
         outputs.append(images.clamp(-1, 1))
         all_latents.append(latents)
     return torch.cat(outputs), torch.cat(all_latents)

@@ -5,7 +5,8 @@ import argparse
 import pytest
 import torch
 
-from diffusion.guidance import cfg_denoiser, check_guidance_interval, guidance_scale_table, rescale_guided
+from diffusion.guidance import (anneal_condition, cfg_denoiser, check_condition_noise, check_guidance_interval,
+                                condition_noise_table, guidance_scale_table, rescale_guided)
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -207,6 +208,127 @@ def test_sampling_sweep_reads_step_noise_limits():
     assert noise_settings([0.0, 1.0], [None, 2.5]) == [(0.0, None), (1.0, None), (1.0, 2.5)]
 
 
+class ContextModel:
+    """pred = 0.9 x + (the first token's first feature, per sample): unlike ToyModel's context mean, which the
+    condition noise's rescale keeps, this sees the noise. Records every call's context."""
+
+    def __init__(self) -> None:
+        self.contexts: list[torch.Tensor] = []
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        self.contexts.append(context.clone())
+        return 0.9 * x_t + context[:, 0, 0].view(-1, 1, 1, 1)
+
+
+def test_condition_noise_table_keeps_the_prompt_below_sigma_lo_and_none_of_it_above_sigma_hi():
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    ab = schedule.alphas_cumprod.double()
+    sigma = ((1 - ab) / ab).sqrt()  # inf at the last step
+    keep = condition_noise_table(schedule, 1.0, 10.0)
+    assert torch.all(keep[sigma <= 1.0] == 1) and torch.all(keep[sigma >= 10.0] == 0) and keep[-1] == 0
+    between = (sigma > 1.0) & (sigma < 10.0)
+    assert int(between.sum()) > 10
+    torch.testing.assert_close(keep[between], (10.0 / sigma[between]).log10())  # linear in log sigma from 1 to 0
+    assert torch.all(keep[1:] <= keep[:-1])  # less of the prompt the noisier the level
+
+
+def test_annealed_condition_keeps_each_samples_mean_and_spread():
+    generator = torch.Generator().manual_seed(3)
+    cond = torch.randn(BATCH, LENGTH, WIDTH, generator=generator) * torch.tensor([0.5, 1.0, 3.0]).view(-1, 1, 1) + 2
+    noise = torch.randn(BATCH, LENGTH, WIDTH, generator=generator)
+
+    def stats(states):
+        return states.mean(dim=(1, 2)), states.std(dim=(1, 2))
+
+    for keep in (0.0, 0.3, 0.9):
+        out = anneal_condition(cond, keep, 0.25, noise)
+        for got, want in zip(stats(out), stats(cond)):
+            torch.testing.assert_close(got, want)
+        mixed = keep ** 0.5 * cond + 0.25 * (1 - keep) ** 0.5 * noise  # the paper's mix, before the rescale
+        torch.testing.assert_close(out, (mixed - stats(mixed)[0].view(-1, 1, 1)) / stats(mixed)[1].view(-1, 1, 1)
+                                   * stats(cond)[1].view(-1, 1, 1) + stats(cond)[0].view(-1, 1, 1))
+    torch.testing.assert_close(anneal_condition(cond, 1.0, 0.25, noise), cond)
+    # none of the prompt kept: the noise alone, at the prompt's mean and spread (the same for a shuffled prompt)
+    shuffled = cond.flatten(1)[:, torch.randperm(LENGTH * WIDTH, generator=generator)].view_as(cond)
+    torch.testing.assert_close(anneal_condition(shuffled, 0.0, 0.25, noise), anneal_condition(cond, 0.0, 0.25, noise))
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_condition_noise_reaches_the_prompt_branch_above_sigma_lo_only(inputs, guidance_scale):
+    x_t, _, cond, uncond = inputs
+    schedule = NoiseSchedule(ScheduleConfig())
+    levels = [10, 500, 990]  # sigma about 0.1, 1.0 and 17 on the scaled-linear schedule
+    sigma = ((1 - schedule.alphas_cumprod[levels]) / schedule.alphas_cumprod[levels]).sqrt()
+    annealing = (0.25, float(sigma[0]) * 2, float(sigma[2]) * 2)  # the lowest level keeps the whole prompt
+    draws = []
+
+    def noise(like):
+        draws.append(like.shape)
+        return torch.randn(like.shape, generator=torch.Generator().manual_seed(len(draws)))
+
+    model, plain_model = ContextModel(), ContextModel()
+    denoiser = cfg_denoiser(model, schedule, "v_prediction", cond, uncond, guidance_scale,
+                            condition_noise=annealing, noise=noise)
+    plain = cfg_denoiser(plain_model, schedule, "v_prediction", cond, uncond, guidance_scale)
+    for t in levels:
+        if t == 10:
+            assert torch.equal(denoiser(x_t, t), plain(x_t, t))  # below sigma_lo: the plain denoiser, no draw
+        else:
+            assert not torch.allclose(denoiser(x_t, t), plain(x_t, t))
+    assert draws == [cond.shape, cond.shape]  # one draw per annealed step
+    for context, plain_context in zip(model.contexts, plain_model.contexts):
+        prompt, plain_prompt = context[-BATCH:], plain_context[-BATCH:]
+        if guidance_scale != 1:  # the empty prompt's branch is never noised
+            assert torch.equal(context[:BATCH], uncond) and torch.equal(plain_context[:BATCH], uncond)
+        assert torch.equal(prompt, plain_prompt) == (context is model.contexts[0])
+
+
+def test_condition_noise_keeps_each_sample_to_its_own_seed():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    cond = torch.randn(2, LENGTH, WIDTH, generator=generator)
+    uncond = torch.zeros(1, LENGTH, WIDTH)
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    timesteps = schedule.sampling_timesteps(6)
+
+    def sample(rows, seeds, condition_noise=(0.5, 1.0, 20.0)):
+        denoiser = cfg_denoiser(ContextModel(), schedule, "v_prediction", cond[rows], uncond, 3.0,
+                                condition_noise=condition_noise, noise=PerSampleNoise(seeds))
+        return sample_dpmpp_2m(denoiser, schedule, x[rows], timesteps)
+
+    pair = sample([0, 1], [7, 8])
+    torch.testing.assert_close(sample([1], [8])[0], pair[1])  # sample 1 alone: the same image
+    assert not torch.allclose(sample([0, 1], [7, 9])[1], pair[1])  # its seed draws its condition noise
+    assert not torch.allclose(sample([0, 1], [7, 8], None), pair)
+
+
+@pytest.mark.parametrize("condition_noise", [(0.0, 1.0, 10.0), (0.25, 10.0, 1.0), (0.25, 0.0, 10.0),
+                                             (0.25, 1.0, float("inf")), (0.25, 1.0)])
+def test_bad_condition_noise_is_refused(condition_noise):
+    with pytest.raises(ValueError, match="condition noise must be \\(scale, sigma_lo, sigma_hi\\)"):
+        check_condition_noise(condition_noise)
+
+
+def test_condition_noise_needs_a_noise_source(inputs):
+    _, _, cond, uncond = inputs
+    with pytest.raises(ValueError, match="condition noise needs a noise source"):
+        cfg_denoiser(ToyModel(), NoiseSchedule(ScheduleConfig()), "epsilon", cond, uncond, 3.0,
+                     condition_noise=(0.25, 1.0, 10.0))
+
+
+def test_sampling_sweep_reads_condition_noise(tmp_path):
+    from benchmarks.sampling_sweep import main, parse_condition_noise
+    from engine.errors import UserError
+
+    assert parse_condition_noise("none") is None
+    assert parse_condition_noise("0.25,3,15") == (0.25, 3.0, 15.0)
+    with pytest.raises(argparse.ArgumentTypeError, match="'none' or 'SCALE,SIGMA_LO,SIGMA_HI'"):
+        parse_condition_noise("0.25,3")
+    with pytest.raises(UserError, match="condition noise must be"):  # refused before the run is looked for
+        main(["--run", str(tmp_path / "missing"), "--data", str(tmp_path), "--out", str(tmp_path / "sweep.json"),
+              "--condition-noise", "none", "0.25,15,3"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
 def test_sampling_with_an_interval_reads_nothing_back_from_the_device():
     generator = torch.Generator().manual_seed(2)
@@ -220,11 +342,15 @@ def test_sampling_with_an_interval_reads_nothing_back_from_the_device():
                             guidance_interval=(0.3, 7.0))
     timesteps = schedule.sampling_timesteps(10)
     per_sample = PerSampleNoise(range(BATCH))  # the pipelines' step noise: drawn on the CPU, copied over
+    annealed = cfg_denoiser(model, schedule, "v_prediction", cond, uncond, 3.0, guidance_rescale=0.7,
+                            guidance_interval=(0.3, 7.0), condition_noise=(0.25, 3.0, 15.0), noise=per_sample)
     torch.cuda.set_sync_debug_mode("error")  # any device-to-host read or stream sync in the loop raises
     try:
         out = sample_dpmpp_2m(denoiser, schedule, x, timesteps, eta=0.5)
         windowed = sample_dpmpp_2m(denoiser, schedule, x, timesteps, eta=1.0, eta_sigma_max=3.0, noise=per_sample)
+        with_condition_noise = sample_dpmpp_2m(annealed, schedule, x, timesteps, eta=1.0, eta_sigma_max=3.0,
+                                               noise=per_sample)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert BATCH in model.batches and 2 * BATCH in model.batches and torch.isfinite(out).all()
-    assert torch.isfinite(windowed).all()
+    assert torch.isfinite(windowed).all() and torch.isfinite(with_condition_noise).all()

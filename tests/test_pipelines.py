@@ -48,6 +48,9 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
         assert key in generation and f"{key}_real" in generation or key.startswith("near_copy")
     assert "foreground share" in report and "nearest_pairs.png" in report and "judge_pairs.png" in report
     assert (run_a / "judge_pairs.png").is_file()
+    evaluation_md = (run_a / "evaluation.md").read_text(encoding="utf-8")
+    sampled = GenerationSettings(size=64).describe()  # the tiny preset's size, at the generation defaults
+    assert evaluation_md.startswith(f"Sampled with {sampled}; judged by {run_a / 'judge'} (")
     assert {f"colour_adherence_{c}" for c in ("red", "blue", "green", "yellow", "purple", "pink")} <= set(generation)
     assert "low-resolution phase" in report and "unet/lowres/samples/epoch_0001.png" in report
     # the judge is a CLIP stage of its own seed, not the run's CLIP, with its recipe frozen where the CLIP's moved
@@ -329,6 +332,18 @@ def test_step_noise_limit_reaches_generation(run_a):  # which steps it makes sto
     assert torch.equal(images(), images(eta=DEFAULT_STEP_NOISE[0], eta_sigma_max=DEFAULT_STEP_NOISE[1]))
 
 
+def test_condition_noise_reaches_generation(run_a):  # which levels it anneals: tests/test_guidance.py
+    stack = load_stack(run_a, device="cpu")
+
+    def images(**settings):
+        return generate(stack, ["a red circle", "a blue square"], [0, 1],
+                        GenerationSettings(**{"size": 64, "steps": 4, "eta": 0.0, **settings}))
+
+    annealed = images(condition_noise=(0.5, 0.5, 50.0))
+    assert not torch.allclose(annealed, images(), atol=1e-3)
+    assert torch.equal(annealed, images(condition_noise=[0.5, 0.5, 50.0]))  # its noise comes from the seeds
+
+
 def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
     from benchmarks.generate_speed import generate_speed
 
@@ -370,6 +385,14 @@ def test_sampling_options_choose_the_guidance_interval():
         noise("--sampler", "ddpm", "--eta-sigma-max", "2.5")
     with pytest.raises(SystemExit):
         parser.parse_args(["--guide-every-level", "--guidance-interval", "1", "2"])
+
+    assert sampling_settings(parser.parse_args([])).condition_noise is None  # off unless asked
+    annealed = sampling_settings(parser.parse_args(["--condition-noise", "0.25", "3", "15"]))
+    assert annealed.condition_noise == (0.25, 3.0, 15.0)
+    assert "condition noise 0.25 from sigma 3 (all noise from 15)" in annealed.describe()
+    assert "condition noise" not in GenerationSettings().describe()
+    with pytest.raises(UserError, match="condition noise must be \\(scale, sigma_lo, sigma_hi\\)"):
+        sampling_settings(parser.parse_args(["--condition-noise", "0.25", "15", "3"]))
 
 
 def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains_it_again(run_a, tmp_path):

@@ -155,6 +155,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
 
     out.update(composition(every_sample))
     out["sharpness"] = sharpness(every_sample)
+    out["samples"], out["colour_samples"] = len(every_sample), len(colour_samples)  # for the shares' error bars
 
     pixel = near_copies(thumbnails(every_sample), thumbnails(bank), thumbnails(real), relative_to=COPY_NEIGHBOURS)
     in_judge = near_copies(every_feature, reference.judge_bank, real_feats, cosine=True)
@@ -271,15 +272,30 @@ QUALITY_ROWS = (
 )
 
 
+# The share rows of QUALITY_ROWS and the count of samples each share is taken over (generation_metrics' keys).
+SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samples", "near_copy_share_judge": "samples",
+                "near_copy_share_pixel_relative": "samples", "colour_adherence": "colour_samples"}
+
+
 def quality_table(generation: dict[str, Any]) -> str:
-    """Markdown table of the picture-quality metrics: samples, real images, target."""
+    """Markdown table of the picture-quality metrics: samples, real images, target. A share taken over a known
+    number of samples n carries its binomial standard error, sqrt(p (1 - p) / n): the noise of one seed set."""
     lines = ["| metric | samples | real images | target |", "|---|---|---|---|"]
+    with_error = False
     for key, description, target in QUALITY_ROWS:
         if key not in generation:
             continue
         real = generation.get(f"{key}_real", 0.05 if key.startswith("near_copy") else None)
         real_text = "—" if real is None else f"{real:.3f}"
-        lines.append(f"| {description} | {generation[key]:.3f} | {real_text} | {target} |")
+        value, count = generation[key], generation.get(SHARE_COUNTS.get(key, ""))
+        sample_text = f"{value:.3f}"
+        if count:
+            sample_text += f" ± {(value * (1 - value) / count) ** 0.5:.3f}"
+            with_error = True
+        lines.append(f"| {description} | {sample_text} | {real_text} | {target} |")
+    if with_error:
+        lines += ["", "± one binomial standard error over the samples drawn (one seed set); two such shares that differ "
+                  "by less than about three of them are within noise."]
     return "\n".join(lines) + "\n"
 
 

@@ -149,6 +149,16 @@ def test_quality_table_shows_the_real_value_beside_each_figure():
     table = quality_table({"fg_share": 0.5, "fg_share_real": 0.4, "near_copy_share_pixel": 0.1})
     assert "| 0.500 | 0.400 | real ± 0.06 |" in table
     assert "| 0.100 | 0.050 | ≤ 0.05 |" in table  # unseen real images: 0.05 by construction
+    assert "standard error" not in table  # no sample count given: no error bar
+
+
+def test_quality_table_gives_each_share_its_binomial_standard_error():
+    table = quality_table({"fg_share": 0.5, "near_copy_share_judge": 0.1, "colour_adherence": 0.8, "samples": 100,
+                           "colour_samples": 25})
+    assert "| 0.100 ± 0.030 | 0.050 | ≤ 0.05 |" in table  # sqrt(0.1 * 0.9 / 100)
+    assert "| 0.800 ± 0.080 | — | ≥ 0.75 |" in table  # over the colour prompts' 25: sqrt(0.8 * 0.2 / 25)
+    assert "| 0.500 | — |" in table  # a mean, not a share: no binomial error
+    assert "one binomial standard error" in table
 
 
 def test_sharpness_drops_when_an_image_is_blurred():

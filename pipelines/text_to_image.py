@@ -23,8 +23,8 @@ from .stages import StageStack
 
 
 # (eta, eta_sigma_max) when no eta is given: deterministic down to sigma 3, where the layout is set, then as much
-# fresh noise per step as ancestral sampling, which repairs loose fragments without the copies that noise at the
-# high levels brings (docs/results/quality)
+# fresh noise per step as ancestral sampling, which repairs loose fragments with fewer of the copies that noise at
+# the high levels brings (docs/results/quality)
 DEFAULT_STEP_NOISE = (1.0, 3.0)
 
 

@@ -7,8 +7,9 @@ step noise (eta, for the ddim and dpmpp_2m samplers, at every step or below a no
         --guidance 2 3 4 --rescale 0.7 --steps 25 --interval none 0.28,7.5 --eta 0 0.5 --eta-sigma-max none 2 \\
         --condition-noise none 0.25,3,15
 
-The judge is the run's (``judge/``, or the one its ``stages.json`` names). Writes one JSON record per
-setting and prints a table.
+The judge is the run's (``judge/``, or the one its ``stages.json`` names). ``--seed-sets N`` draws each setting N
+times with disjoint seeds (the study's seed sets): a record's ``metrics`` are their mean, ``metrics_sd`` the spread
+over the sets. Writes one JSON record per setting and prints a table.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch
 
 from clip.model import CLIPModel
 from data import load_captions
-from engine.errors import run_cli
+from engine.errors import UserError, run_cli
 from engine.stage import write_json
-from pipelines.evaluate import generation_metrics, real_reference
+from pipelines.evaluate import SEED_SET_STRIDE, generation_metrics, over_seed_sets, real_reference
 from pipelines.stages import judge_path, load_stack
 from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings
 
@@ -93,7 +94,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "the settings with eta > 0")
     parser.add_argument("--condition-noise", type=parse_condition_noise, nargs="+", default=[None],
                         help="prompt annealing (CADS): 'none' or SCALE,SIGMA_LO,SIGMA_HI (e.g. 0.25,3,15)")
+    parser.add_argument("--seed-sets", type=int, default=1,
+                        help="draws of every setting with disjoint seeds; from 2 up each figure gets its spread")
     args = parser.parse_args(argv)
+    if args.seed_sets < 1:
+        raise UserError(f"--seed-sets must be at least 1, got {args.seed_sets}")
     settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
                                         steps=steps, sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
                                         condition_noise=condition_noise)
@@ -110,13 +115,17 @@ def main(argv: Sequence[str] | None = None) -> None:
           + " |", flush=True)
     for settings in settings_grid:
         settings = dataclasses.replace(settings, size=stack.image_size)
-        metrics = generation_metrics(stack, judge, train, val, settings, reference=reference)
+        summary = over_seed_sets([generation_metrics(stack, judge, train, val, settings, reference=reference,
+                                                     seed_offset=k * SEED_SET_STRIDE) for k in range(args.seed_sets)])
+        metrics = summary["mean"]
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
                                                           "steps", "eta", "eta_sigma_max", "condition_noise")}
-        records.append({**record, "metrics": metrics})
+        records.append({**record, "metrics": metrics, **({"metrics_sd": summary["sd"]} if "sd" in summary else {})})
+        spread = summary.get("sd", {})
         print("| " + " | ".join(str(value) for value in record.values()) + " | "
-              + " | ".join(f"{metrics[k]:.3f}" for k in SHOWN) + " |", flush=True)
-    write_json(args.out, {"run": str(args.run), "sampler": args.sampler,
+              + " | ".join(f"{metrics[k]:.3f}" + (f" ± {spread[k]:.3f}" if spread else "") for k in SHOWN) + " |",
+              flush=True)
+    write_json(args.out, {"run": str(args.run), "sampler": args.sampler, "seed_sets": args.seed_sets,
                           "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
                           "command": "python -m benchmarks.sampling_sweep " + " ".join(
                               sys.argv[1:] if argv is None else argv), "records": records})

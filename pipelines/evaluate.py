@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -180,6 +181,23 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         closest = distance.argsort()[:JUDGE_PAIRS]
         save_pairs(every_sample[closest], bank[nearest[closest]], out_dir / "judge_pairs.png")
     return {**out, **reference.figures}
+
+
+SEED_SET_STRIDE = 10_000  # seed offset between an evaluation's seed sets: no sample seed is shared
+
+
+SAMPLE_COUNTS = ("samples", "colour_samples")  # generation_metrics' counts, which add up over seed sets
+
+
+def over_seed_sets(draws: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``generation_metrics`` draws of one setting (seed sets ``seed_offset = k * SEED_SET_STRIDE``) summarised:
+    ``mean`` of each figure (the sample counts summed: a share's error bar is over every sample drawn) and, from
+    two draws up, ``sd``, its standard deviation over the sets."""
+    summary = {"mean": {key: (sum if key in SAMPLE_COUNTS else statistics.fmean)(d[key] for d in draws)
+                        for key in draws[0]}}
+    if len(draws) > 1:
+        summary["sd"] = {key: statistics.stdev(d[key] for d in draws) for key in draws[0]}
+    return summary
 
 
 def judge_copies_by_source(features: torch.Tensor, judge_bank: torch.Tensor, val_features: torch.Tensor,

@@ -36,7 +36,6 @@ import contextlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -57,7 +56,8 @@ from engine.images import save_grid
 from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, is_complete, read_stage, \
     record_preset, write_json
-from pipelines.evaluate import RealReference, evaluate_run, generation_metrics, real_reference
+from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, evaluate_run, generation_metrics, over_seed_sets,
+                                real_reference)
 from pipelines.metrics import PROMPT_COLOURS
 from pipelines.prompts import SHOWCASE_PROMPTS
 from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, stage_kind,
@@ -68,7 +68,6 @@ STUDY_STAGES = ("vae", "clip", "unet")  # the judge is the study's ruler: the ba
 # A UNet trained on another VAE's latents or another CLIP's text states is another model: retrain it.
 DOWNSTREAM = {"vae": ("unet",), "clip": ("unet",), "unet": ()}
 BASE = "base"  # the column of the base run itself
-SEED_SET_STRIDE = 10_000  # seed offset between the evaluation's seed sets: no sample seed is shared
 GRID_SEEDS = 2  # seeds per prompt in each column's block of the side-by-side grid
 VARIANT_FILE = "variant.json"
 EVALUATION_FILE = "evaluation.json"
@@ -366,9 +365,10 @@ def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data: CaptionSet, refere
     draws = [results["generation"]] + [
         generation_metrics(stack, judge, data.subset("train"), data.subset("val"), settings,
                            seed_offset=k * SEED_SET_STRIDE, reference=reference) for k in range(1, eval_seeds)]
-    results["generation"] = {key: statistics.fmean(d[key] for d in draws) for key in draws[0]}
-    if eval_seeds > 1:
-        results["generation_sd"] = {key: statistics.stdev(d[key] for d in draws) for key in draws[0]}
+    summary = over_seed_sets(draws)
+    results["generation"] = summary["mean"]
+    if "sd" in summary:
+        results["generation_sd"] = summary["sd"]
     results["generation_draws"] = draws
     results["train_minutes"] = {stage: _stage_minutes(plan.stages[stage]) for stage in STUDY_STAGES}
     prompts = [p for p in SHOWCASE_PROMPTS for _ in range(GRID_SEEDS)]

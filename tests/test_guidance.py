@@ -324,9 +324,11 @@ def test_sampling_sweep_reads_condition_noise(tmp_path):
     assert parse_condition_noise("0.25,3,15") == (0.25, 3.0, 15.0)
     with pytest.raises(argparse.ArgumentTypeError, match="'none' or 'SCALE,SIGMA_LO,SIGMA_HI'"):
         parse_condition_noise("0.25,3")
+    sweep = ["--run", str(tmp_path / "missing"), "--data", str(tmp_path), "--out", str(tmp_path / "sweep.json")]
     with pytest.raises(UserError, match="condition noise must be"):  # refused before the run is looked for
-        main(["--run", str(tmp_path / "missing"), "--data", str(tmp_path), "--out", str(tmp_path / "sweep.json"),
-              "--condition-noise", "none", "0.25,15,3"])
+        main(sweep + ["--condition-noise", "none", "0.25,15,3"])
+    with pytest.raises(UserError, match="--seed-sets must be at least 1, got 0"):
+        main(sweep + ["--seed-sets", "0"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")

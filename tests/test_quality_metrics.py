@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipelines.evaluate import judge_copies_by_source, quality_table
+from pipelines.evaluate import judge_copies_by_source, over_seed_sets, quality_table
 from pipelines.metrics import (adherence_by_colour, colour_hits, colour_prompts, colours_named, composition,
                                count_parts, foreground_mask, hue_family_shares, near_copies, sharpness, thumbnails)
 
@@ -99,6 +99,17 @@ def test_judge_copies_are_counted_per_source_under_one_threshold():
     assert whole == 4 / 12  # the blocks' shares weigh up to the whole set's
     with pytest.raises(ValueError, match="sources cover 11 rows but there are 12 samples"):
         judge_copies_by_source(torch.cat([fresh, copies, fresh[:2]]), bank, val, {"a": 6, "b": 5})
+
+
+def test_seed_sets_average_each_figure_and_add_up_the_sample_counts():
+    draws = [{"near_copy_share_judge": 0.04, "parts_mean": 1.1, "samples": 262, "colour_samples": 96},
+             {"near_copy_share_judge": 0.08, "parts_mean": 1.2, "samples": 262, "colour_samples": 96}]
+    summary = over_seed_sets(draws)
+    assert summary["mean"]["near_copy_share_judge"] == pytest.approx(0.06)
+    assert summary["mean"]["parts_mean"] == pytest.approx(1.15)
+    assert summary["mean"]["samples"] == 524 and summary["mean"]["colour_samples"] == 192  # the error bar's n
+    assert summary["sd"]["near_copy_share_judge"] == pytest.approx(0.04 / 2 ** 0.5)  # sample sd of two draws
+    assert "sd" not in over_seed_sets(draws[:1]) and over_seed_sets(draws[:1])["mean"] == draws[0]
 
 
 def test_copies_and_mirrored_copies_are_near_copies():

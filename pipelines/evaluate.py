@@ -291,13 +291,14 @@ QUALITY_ROWS = (
 
 
 # The share rows of QUALITY_ROWS and the count of samples each share is taken over (generation_metrics' keys).
-SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samples", "near_copy_share_judge": "samples",
-                "near_copy_share_pixel_relative": "samples", "colour_adherence": "colour_samples"}
+SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samples",
+                "near_copy_share_judge": "samples", "near_copy_share_pixel_relative": "samples",
+                "colour_adherence": "colour_samples"}
 
 
 def quality_table(generation: dict[str, Any]) -> str:
     """Markdown table of the picture-quality metrics: samples, real images, target. A share taken over a known
-    number of samples n carries its binomial standard error, sqrt(p (1 - p) / n): the noise of one seed set."""
+    number of samples n carries its binomial standard error, sqrt(p (1 - p) / n): the noise of the seeds drawn."""
     lines = ["| metric | samples | real images | target |", "|---|---|---|---|"]
     with_error = False
     for key, description, target in QUALITY_ROWS:
@@ -312,7 +313,7 @@ def quality_table(generation: dict[str, Any]) -> str:
             with_error = True
         lines.append(f"| {description} | {sample_text} | {real_text} | {target} |")
     if with_error:
-        lines += ["", "± one binomial standard error over the samples drawn (one seed set); two such shares that differ "
+        lines += ["", "± one binomial standard error over the samples drawn; two such shares that differ "
                   "by less than about three of them are within noise."]
     return "\n".join(lines) + "\n"
 

@@ -42,10 +42,9 @@ def guidance_scale_table(schedule: NoiseSchedule, guidance_scale: float,
     levels pulls the seeds of one prompt onto one layout (less variety, more copies of a training image), and
     at the lowest it only sharpens what is already there."""
     check_guidance_interval(interval)
-    ab = schedule.alphas_cumprod
+    sigma = schedule.sigmas
     if interval is None:
-        return torch.full_like(ab, guidance_scale, dtype=torch.float32)
-    sigma = ((1 - ab) / ab).sqrt()  # inf where alpha_bar = 0 (a zero-terminal-SNR schedule's last step)
+        return torch.full_like(sigma, guidance_scale, dtype=torch.float32)
     guided = (sigma > interval[0]) & (sigma <= interval[1])
     return torch.where(guided, guidance_scale, 1.0).float()
 
@@ -67,8 +66,7 @@ def condition_noise_table(schedule: NoiseSchedule, sigma_lo: float, sigma_hi: fl
     ``sigma <= sigma_lo``, 0 at ``sigma >= sigma_hi`` (the zero-terminal-SNR level, inf, too), linear in
     log sigma between (the annealing of Sadat et al. 2024, CADS, given in noise levels like the guidance
     interval; the paper ramps linearly in t)."""
-    ab = schedule.alphas_cumprod.double()
-    log_sigma = 0.5 * ((1 - ab) / ab).log()
+    log_sigma = schedule.sigmas.double().log()
     return ((math.log(sigma_hi) - log_sigma) / (math.log(sigma_hi) - math.log(sigma_lo))).clamp(0, 1)
 
 

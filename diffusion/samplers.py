@@ -98,7 +98,7 @@ def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timestep
     check_eta("ddim", eta, eta_sigma_max)
     ts, levels = _levels(schedule, timesteps)
     steps = [_ddim_step(a, b, step_eta) for a, b, step_eta in zip(levels[:-1], levels[1:],
-                                                                   _step_etas(levels, eta, eta_sigma_max))]
+                                                                   _step_etas(schedule, ts, eta, eta_sigma_max))]
     return _run_steps(denoiser, x, ts, steps, noise, callback)
 
 
@@ -129,16 +129,11 @@ def check_eta(sampler: str, eta: float, eta_sigma_max: float | None = None) -> N
                              "give eta > 0 with it, or leave it unset")
 
 
-def _sigma(alpha_bar: float) -> float:
-    """sigma = sqrt((1 - alpha_bar) / alpha_bar), the noise level; inf at pure noise."""
-    return math.inf if alpha_bar <= 0 else math.sqrt((1 - alpha_bar) / alpha_bar)
-
-
-def _step_etas(levels: list[float], eta: float, eta_sigma_max: float | None) -> list[float]:
+def _step_etas(schedule: NoiseSchedule, timesteps: list[int], eta: float, eta_sigma_max: float | None) -> list[float]:
     """``eta`` at each step that starts at a noise level sigma <= ``eta_sigma_max``, 0 before (EDM's S_tmax): the
     deterministic high-noise steps set the layout, the stochastic low-noise ones can still repair details."""
     limit = math.inf if eta_sigma_max is None else eta_sigma_max
-    return [eta if _sigma(a) <= limit else 0.0 for a in levels[:-1]]
+    return [eta if sigma <= limit else 0.0 for sigma in schedule.sigmas[timesteps].tolist()]
 
 
 def _dpmpp_sde_step(ab_from: float, ab_to: float, eta: float) -> _Step:
@@ -183,7 +178,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, time
     weights = [0.0] + [h[i] / (2 * h[i - 1]) if math.isfinite(h[i]) and math.isfinite(h[i - 1]) else 0.0
                        for i in range(1, len(h))]
     steps = [_dpmpp_sde_step(a, b, step_eta) for a, b, step_eta in zip(levels[:-1], levels[1:],
-                                                                        _step_etas(levels, eta, eta_sigma_max))]
+                                                                        _step_etas(schedule, ts, eta, eta_sigma_max))]
 
     noise = noise or generator_noise()
     previous_x0: Tensor | None = None

@@ -113,6 +113,9 @@ class NoiseSchedule:
             betas = 1 - alphas_cumprod / previous
         self.betas: Tensor = betas
         self.alphas_cumprod: Tensor = alphas_cumprod
+        # the noise level sigma_t = sqrt((1 - ab_t) / ab_t) (inf at a zero-terminal-SNR end): the unit in which the
+        # guidance interval, the step-noise window and the condition noise are given
+        self.sigmas: Tensor = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
         # float64 CPU tables gathered per call; copies per (device, dtype) are made on first use
         self._tables = {
             "sqrt_ab": alphas_cumprod.sqrt(),

@@ -158,7 +158,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out["sharpness"] = sharpness(every_sample)
     out["samples"], out["colour_samples"] = len(every_sample), len(colour_samples)  # for the shares' error bars
 
-    pixel = near_copies(thumbnails(every_sample), thumbnails(bank), thumbnails(real), relative_to=COPY_NEIGHBOURS)
+    bank_thumbs = thumbnails(bank)
+    pixel = near_copies(thumbnails(every_sample), bank_thumbs, thumbnails(real), relative_to=COPY_NEIGHBOURS)
     in_judge = near_copies(every_feature, reference.judge_bank, real_feats, cosine=True)
     out.update({"near_copy_share_pixel": pixel["share"], "near_copy_share_pixel_relative": pixel["share_relative"],
                 "nn_dist_samples": pixel["sample_nn"],
@@ -175,7 +176,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         shown = min(8, len(val))
         save_grid(torch.cat([real[:shown], samples[0][:shown]]), out_dir / "eval_samples.png", nrow=shown,
                   max_side=128)
-        save_pairs(colour_samples, bank[nearest_indices(thumbnails(colour_samples), thumbnails(bank))],
+        save_pairs(colour_samples, bank[nearest_indices(thumbnails(colour_samples), bank_thumbs)],
                    out_dir / "nearest_pairs.png")
         distance, nearest = cosine_nearest(every_feature, reference.judge_bank)
         closest = distance.argsort()[:JUDGE_PAIRS]

@@ -136,6 +136,16 @@ def test_snr_and_velocity_closed_forms():
     torch.testing.assert_close(x_t ** 2 + v ** 2, x0 ** 2 + noise ** 2)
 
 
+def test_noise_levels_are_sqrt_of_the_inverse_snr_and_infinite_at_a_zero_snr_end():
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    ab = schedule.alphas_cumprod
+    assert schedule.sigmas[-1] == math.inf
+    torch.testing.assert_close(schedule.sigmas[:-1], (1 / schedule.snr(torch.arange(999)).double()).sqrt(),
+                               rtol=1e-5, atol=0)  # snr is float32
+    assert schedule.sigmas[500] == pytest.approx(math.sqrt((1 - float(ab[500])) / float(ab[500])))
+    assert torch.all(schedule.sigmas[1:] > schedule.sigmas[:-1])  # noisier with every timestep
+
+
 @pytest.mark.parametrize("zero_terminal_snr", [False, True])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_to_x0_eps_inverts_prediction_target(prediction_type, zero_terminal_snr):

@@ -9,11 +9,16 @@ the fast sampler guided at every level too (outside the interval a step runs the
 the two differ by exactly that saved work), and the fast sampler without step noise (what drawing it costs).
 One untimed call per case first captures the graph (its time is reported as ``first_call_s``). The images of
 the two UNet paths are compared too: replay must not change them.
+
+Then the default case three ways, all replayed from the graph: the stack as loaded (norms in the precision each
+model trained them in), the UNet compiled (``--compile``; the first call holds the compile), and every norm in
+autocast's fp32; and where its seconds go (text encoding, sampling loop, VAE decode).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,9 +26,10 @@ from typing import Any, Sequence
 
 import torch
 
+from engine.precision import inference_autocast, set_low_precision_norms
 from engine.stage import write_json
 from pipelines.prompts import GRID_PROMPTS
-from pipelines.stages import StageStack, load_stack
+from pipelines.stages import StageStack, load_stack, norms_as_trained
 from pipelines.text_to_image import GenerationSettings, generate
 
 
@@ -66,6 +72,51 @@ def generate_speed(stack: StageStack, batch: int, repeats: int, cases: Sequence[
     return rows
 
 
+def default_case_variants(stack: StageStack, batch: int, repeats: int, guidance_scale: float
+                          ) -> list[dict[str, Any]]:
+    """The default setting (CUDA graph on CUDA) with the stack as loaded, with the UNet compiled, and with every
+    norm in fp32; each row's images are compared with the first's. The stack's norms end as loaded."""
+    prompts = [GRID_PROMPTS[i % len(GRID_PROMPTS)] for i in range(batch)]
+    seeds = list(range(batch))
+    rows, reference = [], None
+    for variant in ("as loaded", "compiled", "fp32 norms"):
+        if variant == "fp32 norms":
+            set_low_precision_norms(stack.unet, False)
+            set_low_precision_norms(stack.vae, False)
+        compiled = variant == "compiled"
+        fresh = dataclasses.replace(stack)  # no graphs captured with other norms
+        settings = GenerationSettings(guidance_scale=guidance_scale, size=stack.image_size, batch_size=batch,
+                                      compile_unet=compiled)
+        images, first_s = _timed(lambda: generate(fresh, prompts, seeds, settings), stack.device)
+        seconds = [_timed(lambda: generate(fresh, prompts, seeds, settings), stack.device)[1] for _ in range(repeats)]
+        reference = images if reference is None else reference
+        rows.append({"variant": variant, "images_per_s": batch / (sum(seconds) / len(seconds)),
+                     "first_call_s": first_s, "seconds_per_call": seconds,
+                     "max_abs_diff_vs_as_loaded": float((images - reference).abs().max())})
+    norms_as_trained(stack.unet, stack.infos["unet"])
+    norms_as_trained(stack.vae, stack.infos["vae"])
+    return rows
+
+
+def where_the_seconds_go(stack: StageStack, batch: int, repeats: int, guidance_scale: float) -> dict[str, float]:
+    """Seconds per default ``generate`` call of ``batch`` images: its text encoding and VAE decode timed alone,
+    the sampling loop as the rest."""
+    prompts = [GRID_PROMPTS[i % len(GRID_PROMPTS)] for i in range(batch)]
+    settings = GenerationSettings(guidance_scale=guidance_scale, size=stack.image_size, batch_size=batch)
+    latent = stack.image_size // stack.vae.downsample_factor
+    latents = torch.randn(batch, stack.vae.latent_channels, latent, latent, device=stack.device)
+
+    def mean_seconds(call) -> float:
+        _timed(call, stack.device)
+        return sum(_timed(call, stack.device)[1] for _ in range(repeats)) / repeats
+
+    with torch.no_grad(), inference_autocast(stack.device):
+        text = mean_seconds(lambda: stack.clip.text_states(prompts))
+        decode = mean_seconds(lambda: stack.vae.decode(latents))
+    total = mean_seconds(lambda: generate(stack, prompts, list(range(batch)), settings))
+    return {"total_s": total, "text_encoding_s": text, "vae_decode_s": decode, "sampling_s": total - text - decode}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.generate_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,7 +138,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cases = [("ddim", 50, interval, None), ("dpmpp_2m", args.fast_steps, interval, None),
              ("dpmpp_2m", args.fast_steps, None, None), ("dpmpp_2m", args.fast_steps, interval, 0.0)]
     rows = generate_speed(stack, args.batch, args.repeats, cases, args.guidance)
-    result = {"cases": rows, "batch": args.batch, "size": stack.image_size, "guidance_scale": args.guidance,
+    variants = default_case_variants(stack, args.batch, args.repeats, args.guidance)
+    split = where_the_seconds_go(stack, args.batch, args.repeats, args.guidance)
+    result = {"cases": rows, "default_case_variants": variants, "default_case_seconds": split, "batch": args.batch,
+              "size": stack.image_size, "guidance_scale": args.guidance,
               "device": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
               "torch": torch.__version__, "run": str(args.run),
               "command": "python -m benchmarks.generate_speed " + " ".join(sys.argv[1:] if argv is None else argv)}
@@ -98,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         noise = f"eta {row['eta']:g}" + ("" if row["eta_sigma_max"] is None else f" below {row['eta_sigma_max']:g}")
         print(f"{row['sampler']:>12}  {where:>24}  {noise:>16}  cuda_graph={row['cuda_graph']!s:5}  "
               f"{row['images_per_s']:6.2f} img/s{extra}")
+    for row in variants:
+        print(f"default case, {row['variant']:>10}: {row['images_per_s']:6.2f} img/s (first call "
+              f"{row['first_call_s']:.1f} s), max |diff| vs as loaded {row['max_abs_diff_vs_as_loaded']:.3g}")
+    print("default case, seconds per call: " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
     if args.out:
         write_json(args.out, result)
     return result

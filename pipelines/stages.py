@@ -22,7 +22,7 @@ from diffusion.cuda_graph import CudaGraphCall
 from diffusion.fit import check_fit
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from engine.config import config_from_dict, flatten_config, setting_differences
-from engine.precision import inference_autocast
+from engine.precision import inference_autocast, set_low_precision_norms
 from engine.stage import StageError, StageInfo, file_fingerprint, read_stage
 from unet.model import UNet
 from vae.model import AutoencoderKL
@@ -76,26 +76,36 @@ class StageStack:
     prediction_type: str
     infos: dict[str, StageInfo]
     device: torch.device
-    # the UNet's CUDA-graph call and the parameter addresses it was captured with (see unet_call)
-    _graphed_unet: tuple[tuple[int, ...], CudaGraphCall] | None = field(default=None, init=False, repr=False)
+    # the UNet's CUDA-graph call and what it was captured from: (compiled?, parameter addresses); see unet_call
+    _graphed_unet: tuple[tuple[bool, tuple[int, ...]], CudaGraphCall] | None = field(default=None, init=False,
+                                                                                      repr=False)
+    _compiled_unet: tuple[UNet, Callable[..., torch.Tensor]] | None = field(default=None, init=False, repr=False)
 
-    def unet_call(self, cuda_graph: bool = True) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def unet_call(self, cuda_graph: bool = True, compile_unet: bool = False
+                  ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """The UNet as ``model(x_t, t, context) -> float32 prediction`` for sampling, under the stack's autocast.
 
         On CUDA with ``cuda_graph`` its calls are replayed from CUDA graphs (one per batch shape, kept across
         calls). The graphs are captured again when the UNet is replaced or its weights move (``.to(...)``).
+        ``compile_unet`` runs it through ``torch.compile`` (kept for the stack's UNet; compiled on the first
+        call of each batch shape, before any graph capture).
         """
         unet = self.unet
+        forward: Callable[..., torch.Tensor] = unet
+        if compile_unet:
+            if self._compiled_unet is None or self._compiled_unet[0] is not unet:
+                self._compiled_unet = (unet, torch.compile(unet))
+            forward = self._compiled_unet[1]
         if cuda_graph and self.device.type == "cuda":
-            addresses = tuple(p.data_ptr() for p in unet.parameters())
-            if self._graphed_unet is None or self._graphed_unet[0] != addresses:
-                call = CudaGraphCall(lambda x_t, t, context: unet(x_t, t, context).float(), bf16_autocast=True)
-                self._graphed_unet = (addresses, call)
+            key = (compile_unet, tuple(p.data_ptr() for p in unet.parameters()))
+            if self._graphed_unet is None or self._graphed_unet[0] != key:
+                call = CudaGraphCall(lambda x_t, t, context: forward(x_t, t, context).float(), bf16_autocast=True)
+                self._graphed_unet = (key, call)
             return self._graphed_unet[1]
 
         def eager(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             with inference_autocast(self.device):
-                return unet(x_t, t, context).float()
+                return forward(x_t, t, context).float()
 
         return eager
 
@@ -167,6 +177,12 @@ def lineage_mismatches(vae_info: StageInfo, clip_info: StageInfo, unet_info: Sta
     return mismatched
 
 
+def norms_as_trained(model: torch.nn.Module, info: StageInfo) -> None:
+    """Run the model's norms in the precision its stage trained them in (``train.low_precision_norms``; see
+    engine.precision): the numbers its weights were fitted to, and on CUDA fewer memory passes per call."""
+    set_low_precision_norms(model, bool(info.training.get("train", {}).get("low_precision_norms")))
+
+
 def load_stack(run: str | Path | None = None, *, vae: str | Path | None = None, clip: str | Path | None = None,
                unet: str | Path | None = None, device: str | torch.device | None = None) -> StageStack:
     """Load the three stages (``run/{vae,clip,unet}`` or the folders given) onto ``device``."""
@@ -184,10 +200,13 @@ def load_stack(run: str | Path | None = None, *, vae: str | Path | None = None, 
             "loads, but expect different images.", LineageWarning, stacklevel=2)
     training = infos["unet"].training
     schedule = NoiseSchedule(config_from_dict(ScheduleConfig, training["schedule"]))
+    models = {"vae": AutoencoderKL.load(paths["vae"], device=device).eval(),
+              "clip": CLIPModel.load(paths["clip"], device=device).eval(),
+              "unet": UNet.load(paths["unet"], device=device).eval()}
+    for name, model in models.items():
+        norms_as_trained(model, infos[name])
     return StageStack(
-        vae=AutoencoderKL.load(paths["vae"], device=device).eval(),
-        clip=CLIPModel.load(paths["clip"], device=device).eval(),
-        unet=UNet.load(paths["unet"], device=device).eval(),
+        **models,
         schedule=schedule,
         prediction_type=training["prediction_type"],
         infos=infos,

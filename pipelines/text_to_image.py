@@ -55,6 +55,9 @@ class GenerationSettings:
     batch_size: int = 16  # prompts per UNet call (the guidance pass doubles it)
     # On CUDA, replay the UNet from a CUDA graph per batch shape (1.45x on 50-step DDIM, H100); off to debug or compare
     cuda_graph: bool = True
+    # torch.compile the UNet (fuses its norm and pointwise passes): faster steps after about a minute of
+    # compiling per batch shape, once per stack (docs/BENCHMARKS.md): for servers, not for one grid
+    compile_unet: bool = False
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -159,7 +162,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
     steps = max(1, min(settings.steps, round(strength * stack.schedule.num_steps)))
     timesteps = stack.schedule.sampling_timesteps(steps, strength)
     autocast = inference_autocast(device)
-    model = stack.unet_call(settings.cuda_graph)
+    model = stack.unet_call(settings.cuda_graph, settings.compile_unet)
     with autocast:  # one negative prompt for every sample: encoded once, broadcast by the guidance
         uncond = stack.clip.text_states([settings.negative_prompt]).float()
 

@@ -357,6 +357,56 @@ def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
     assert rows[1]["max_abs_diff_vs_eager"] == 0.0  # on the CPU both paths are eager: the same images
 
 
+def _norm_precisions(model: torch.nn.Module) -> set[bool]:
+    from engine.precision import GroupNorm, LayerNorm
+
+    return {m.low_precision for m in model.modules() if isinstance(m, (GroupNorm, LayerNorm))}
+
+
+def test_a_loaded_stack_runs_each_models_norms_in_the_precision_it_trained_them_in(run_a, tmp_path):
+    stack = load_stack(run_a, device="cpu")  # the tiny preset trains the VAE and UNet with bf16 norms, CLIP without
+    assert (_norm_precisions(stack.vae), _norm_precisions(stack.unet), _norm_precisions(stack.clip)) == \
+        ({True}, {True}, {False})
+    unet = tmp_path / "unet"
+    shutil.copytree(run_a / "unet", unet)
+    config = json.loads((unet / "config.json").read_text())
+    config["training"]["train"]["low_precision_norms"] = False
+    (unet / "config.json").write_text(json.dumps(config))
+    assert _norm_precisions(load_stack(run_a, unet=unet, device="cpu").unet) == {False}
+
+
+def test_compile_unet_compiles_the_stacks_unet_once_and_samples_through_it(run_a, monkeypatch):
+    compiled, calls = [], []
+
+    def compile_spy(module):  # torch.compile itself takes minutes on the CPU; what matters is that it is used
+        compiled.append(module)
+        return lambda *args: calls.append(1) or module(*args)
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    stack = load_stack(run_a, device="cpu")
+    settings = dict(size=64, steps=3, eta=0.0)
+    plain = generate(stack, ["a red circle"], [5], GenerationSettings(**settings))
+    assert compiled == [] and calls == []
+    first = generate(stack, ["a red circle"], [5], GenerationSettings(**settings, compile_unet=True))
+    again = generate(stack, ["a red circle"], [5], GenerationSettings(**settings, compile_unet=True))
+    assert compiled == [stack.unet] and len(calls) > 0  # compiled once for the stack, then reused
+    assert torch.equal(first, plain) and torch.equal(again, plain)
+
+
+def test_generate_speed_times_the_default_case_three_ways_and_leaves_the_norms_as_loaded(run_a, monkeypatch):
+    from benchmarks.generate_speed import default_case_variants, where_the_seconds_go
+
+    monkeypatch.setattr(torch, "compile", lambda module: module)
+    stack = load_stack(run_a, device="cpu")
+    rows = default_case_variants(stack, batch=2, repeats=1, guidance_scale=4.0)
+    assert [r["variant"] for r in rows] == ["as loaded", "compiled", "fp32 norms"]
+    assert all(r["images_per_s"] > 0 and r["max_abs_diff_vs_as_loaded"] == 0.0 for r in rows)  # CPU: no autocast
+    assert _norm_precisions(stack.unet) == _norm_precisions(stack.vae) == {True}
+    split = where_the_seconds_go(stack, batch=2, repeats=1, guidance_scale=4.0)
+    assert split["total_s"] == pytest.approx(split["text_encoding_s"] + split["vae_decode_s"] + split["sampling_s"])
+    assert min(split.values()) > 0
+
+
 def test_sampling_options_choose_the_guidance_interval():
     import argparse
 

@@ -64,13 +64,16 @@ class Setting:
     math_attention: bool = False  # sampling: SDPA's math kernel instead of flash (what flash saves)
     host_sync: bool = False  # sampling: read a value to the host every step (what a sync costs)
     fused_qkv: bool = False  # diffusers sampling: its experimental fuse_qkv_projections()
+    # ours: GroupNorm/LayerNorm in bf16 under autocast (engine.precision), as our VAE and UNet stages train and
+    # generate; diffusers' norms run in the fp32 that autocast gives them
+    low_precision_norms: bool = False
 
     @property
     def label(self) -> str:
         parts = [f"compiled ({self.compile_mode})" if self.compile_mode else "eager",
                  "channels_last" if self.channels_last else "NCHW"]
         flags = {"cuda_graph": "CUDA graph", "math_attention": "math attention (no flash)",
-                 "host_sync": "host sync every step", "fused_qkv": "fused QKV"}
+                 "host_sync": "host sync every step", "fused_qkv": "fused QKV", "low_precision_norms": "bf16 norms"}
         parts += [text for name, text in flags.items() if getattr(self, name)]
         return ", ".join(parts)
 

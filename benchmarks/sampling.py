@@ -5,7 +5,7 @@ VAE decode of the same batch."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -20,6 +20,7 @@ from diffusion.cuda_graph import CudaGraphCall
 from diffusion.guidance import cfg_denoiser
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule
+from engine.precision import set_low_precision_norms
 from unet.model import UNet
 from vae.model import AutoencoderKL
 
@@ -47,12 +48,14 @@ def wrap_call(call: Callable[..., Tensor], setting: Setting, opts: Options) -> C
     return call
 
 
-def faster_settings(channels_last: bool, compile_mode: str | None, on_cuda: bool) -> list[Setting]:
+def faster_settings(channels_last: bool, compile_mode: str | None, on_cuda: bool,
+                    low_precision_norms: bool = False) -> list[Setting]:
     """CUDA graph alone, then compiled + CUDA graph (what mode="reduce-overhead" does); the pair isolates
     what compiling adds. Off CUDA: compiled alone. One compile per implementation keeps the run short."""
-    settings = [Setting(channels_last=channels_last, cuda_graph=True)] if on_cuda else []
+    base = Setting(channels_last=channels_last, low_precision_norms=low_precision_norms)
+    settings = [replace(base, cuda_graph=True)] if on_cuda else []
     if compile_mode:
-        settings.append(Setting(channels_last=channels_last, compile_mode=compile_mode, cuda_graph=on_cuda))
+        settings.append(replace(base, compile_mode=compile_mode, cuda_graph=on_cuda))
     return settings
 
 
@@ -91,6 +94,7 @@ def ours_sampling(sizes: Sizes, inputs: SamplingInputs, opts: Options, steps: in
 
     def measure_setting(setting: Setting, samplers: tuple[tuple[str, int], ...]) -> list[dict]:
         model.to(memory_format=memory_format(setting))
+        set_low_precision_norms(model, setting.low_precision_norms)  # before any compile or capture reads it
         noise = inputs.noise.contiguous(memory_format=memory_format(setting))
         call = wrap_call(model, setting, opts)  # shared by the samplers: compiled / captured once
         denoiser = cfg_denoiser(call, schedule, sizes.prediction_type, inputs.cond, inputs.uncond,
@@ -117,11 +121,17 @@ def ours_sampling(sizes: Sizes, inputs: SamplingInputs, opts: Options, steps: in
     rows = []
     for channels_last in (False, True):
         rows += measure_setting(Setting(channels_last=channels_last), both)
-    fmt = (fastest(rows, "ours", lambda r: r["sampler"].startswith("ddim")) or {"channels_last": True})["channels_last"]
+    def ddim(row: dict) -> bool:
+        return row["sampler"].startswith("ddim")
+
+    fmt = (fastest(rows, "ours", ddim) or {"channels_last": True})["channels_last"]
     # what flash attention and a sync-free loop are worth, against the eager row of the same format
     rows += measure_setting(Setting(channels_last=fmt, math_attention=True), reference_only)
     rows += measure_setting(Setting(channels_last=fmt, host_sync=True), reference_only)
-    for setting in faster_settings(fmt, compile_mode, on_cuda):
+    rows += measure_setting(Setting(channels_last=fmt, low_precision_norms=True), both)
+    norms = bool((fastest(rows, "ours", lambda r: ddim(r) and is_eager(r) and not r["math_attention"]
+                          and not r["host_sync"]) or {}).get("low_precision_norms"))
+    for setting in faster_settings(fmt, compile_mode, on_cuda, norms):
         rows += measure_setting(setting, both)
     return rows
 
@@ -165,15 +175,20 @@ def diffusers_sampling(sizes: Sizes, inputs: SamplingInputs, opts: Options, step
 
 
 def vae_decode_cases(sizes: Sizes, inputs: SamplingInputs, opts: Options) -> list[dict]:
-    """Latents -> images for one sampling batch, eager and channels_last for both (reported apart from sampling)."""
+    """Latents -> images for one sampling batch, eager and channels_last for both, ours also with bf16 norms
+    (reported apart from sampling)."""
     latents = inputs.noise.contiguous(memory_format=torch.channels_last)
-    builds = {"ours": (lambda: AutoencoderKL(sizes.vae), lambda m, z: m.decode(z)),
-              "diffusers": (lambda: diffusers_vae(sizes.vae), lambda m, z: m.decode(z, return_dict=False)[0])}
+    ours = (lambda: AutoencoderKL(sizes.vae), lambda m, z: m.decode(z))
+    theirs = (lambda: diffusers_vae(sizes.vae), lambda m, z: m.decode(z, return_dict=False)[0])
+    builds = [("ours", Setting(), *ours), ("ours", Setting(low_precision_norms=True), *ours),
+              ("diffusers", Setting(), *theirs)]
     rows = []
-    for impl, (build, decode) in builds.items():
-        def body(build: Callable[[], nn.Module] = build, decode: Callable = decode) -> dict[str, Any]:
+    for impl, setting, build, decode in builds:
+        def body(build: Callable[[], nn.Module] = build, decode: Callable = decode, setting: Setting = setting
+                 ) -> dict[str, Any]:
             torch.manual_seed(0)
             model = build().to(opts.device).eval().to(memory_format=torch.channels_last)
+            set_low_precision_norms(model, setting.low_precision_norms)
 
             def run() -> Tensor:
                 with torch.no_grad(), opts.autocast():
@@ -182,7 +197,7 @@ def vae_decode_cases(sizes: Sizes, inputs: SamplingInputs, opts: Options) -> lis
             m = measure(run, 1, opts.sample_repeats, opts.device)
             return {"images_per_s": len(latents) / m.seconds_per_iter, "ms_per_iter": 1e3 * m.seconds_per_iter,
                     "peak_mem_gb": m.peak_mem_gb, "first_call_s": m.first_call_s}
-        rows.append(run_case(impl, Setting(), body))
+        rows.append(run_case(impl, setting, body))
         release_memory(opts.device)
     return rows
 
@@ -229,7 +244,7 @@ def sample_section(sizes: Sizes, opts: Options, steps: int, fast_steps: int, com
                          # ours at its best against diffusers' loop as shipped (eager, no CUDA graph)
                          "best_vs_diffusers_eager": speed_ratio(rows, reference,
                                                                lambda r: reference(r) and is_eager(r))}}
-    decode_rate = {row["impl"]: row.get("images_per_s") for row in decode}
+    decode_rate = {impl: (fastest(decode, impl) or {}).get("images_per_s") for impl in IMPLS}
     if best and all(decode_rate.values()):
         with_decode = {impl: 1 / (1 / best[f"{impl}_images_per_s"] + 1 / decode_rate[impl]) for impl in IMPLS}
         result["ratios"]["best_with_decode"] = {**{f"{k}_images_per_s": v for k, v in with_decode.items()},

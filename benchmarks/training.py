@@ -14,6 +14,7 @@ from benchmarks.cases import (LR, Options, Setting, Sizes, fastest, in_format, i
                               run_case, speed_ratio)
 from benchmarks.measure import count_flops, measure, release_memory
 from benchmarks.twins import diffusers_unet, diffusers_vae
+from engine.precision import set_low_precision_norms
 from unet.model import UNet
 from vae.model import AutoencoderKL
 
@@ -86,8 +87,9 @@ def train_flops(task: TrainTask, model: nn.Module, opts: Options) -> int:
 
 
 def implementation_cases(task: TrainTask, compile_modes: list[str], opts: Options) -> tuple[list[dict], int]:
-    """Eager in both memory formats, then each compile mode in the faster format; one model instance, so
-    only this implementation is on the GPU. Returns the rows and the FLOPs of one step."""
+    """Eager in both memory formats (ours also with bf16 norms in the faster one), then each compile mode at the
+    fastest eager setting; one model instance, so only this implementation is on the GPU. Returns the rows and
+    the FLOPs of one step."""
     torch.manual_seed(0)
     model = task.build().to(opts.device).train()
     flops = train_flops(task, model, opts)
@@ -95,6 +97,7 @@ def implementation_cases(task: TrainTask, compile_modes: list[str], opts: Option
     def case(setting: Setting) -> dict:
         def body() -> dict[str, Any]:
             model.to(memory_format=memory_format(setting))
+            set_low_precision_norms(model, setting.low_precision_norms)
             m = measure(train_step_fn(task, model, setting, opts), opts.warmup, opts.iters, opts.device)
             model.zero_grad(set_to_none=True)
             return {"images_per_s": task.batch_size / m.seconds_per_iter, "ms_per_iter": 1e3 * m.seconds_per_iter,
@@ -106,7 +109,11 @@ def implementation_cases(task: TrainTask, compile_modes: list[str], opts: Option
 
     rows = [case(Setting(channels_last=False)), case(Setting(channels_last=True))]
     channels_last = (fastest(rows, task.impl) or {"channels_last": True})["channels_last"]
-    rows += [case(Setting(channels_last=channels_last, compile_mode=mode)) for mode in compile_modes]
+    if task.impl == "ours":
+        rows.append(case(Setting(channels_last=channels_last, low_precision_norms=True)))
+    eager = fastest(rows, task.impl) or {"channels_last": channels_last, "low_precision_norms": False}
+    rows += [case(Setting(channels_last=eager["channels_last"], low_precision_norms=eager["low_precision_norms"],
+                          compile_mode=mode)) for mode in compile_modes]
     return rows, flops
 
 

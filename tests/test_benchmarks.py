@@ -14,6 +14,7 @@ from data import load_captions  # noqa: E402
 from diffusion.config import PRESETS, UNetTrainConfig  # noqa: E402
 from engine import build_config  # noqa: E402
 from engine.config import config_to_dict  # noqa: E402
+from engine.precision import set_low_precision_norms  # noqa: E402
 from unet import UNet  # noqa: E402
 from vae import AutoencoderKL, VAEConfig  # noqa: E402
 
@@ -36,7 +37,19 @@ def tiny_run(root):
     return root
 
 
-def test_tiny_benchmark_writes_every_comparison(tmp_path):
+def test_tiny_benchmark_writes_every_comparison(tmp_path, monkeypatch):
+    from benchmarks import sampling, training
+
+    switched = []  # (section module, model class, norms on?, how many norms) for every case that sets them
+
+    def recording(where):
+        def switch(module, enabled):
+            switched.append((where, type(module).__name__, enabled, set_low_precision_norms(module, enabled)))
+            return switched[-1][-1]
+        return switch
+
+    monkeypatch.setattr(training, "set_low_precision_norms", recording("training"))
+    monkeypatch.setattr(sampling, "set_low_precision_norms", recording("sampling"))
     run = tiny_run(tmp_path / "run")
     out = tmp_path / "bench" / "summary.json"
     main(["--tiny", "--out", str(out), "--run", str(run), "--judge", str(run / "clip"),
@@ -52,6 +65,13 @@ def test_tiny_benchmark_writes_every_comparison(tmp_path):
         assert [r for r in rows if "error" in r] == []
         assert {r["impl"] for r in rows} == {"ours", "diffusers"}
         assert all(r["images_per_s"] > 0 and r["ms_per_iter"] > 0 for r in rows)
+        # ours is timed with its norms in bf16 too (as its stages train and generate); diffusers' stay as shipped
+        assert any(r["low_precision_norms"] for r in rows if r["impl"] == "ours")
+        assert not any(r["low_precision_norms"] for r in rows if r["impl"] == "diffusers")
+    assert any(r["low_precision_norms"] for r in summary["sample"]["vae_decode"] if r["impl"] == "ours")
+    assert {entry[:3] for entry in switched if entry[3]} == {
+        (where, model, enabled) for where in ("training", "sampling") for model in ("UNet", "AutoencoderKL")
+        for enabled in (False, True)}
     for key in ("unet_train_speedup", "vae_train_speedup", "sample_speedup", "fast_sample_speedup",
                 "unet_train_speedup_equal_treatment", "vae_train_speedup_equal_treatment",
                 "sample_speedup_equal_treatment"):

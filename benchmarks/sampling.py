@@ -121,6 +121,7 @@ def ours_sampling(sizes: Sizes, inputs: SamplingInputs, opts: Options, steps: in
     rows = []
     for channels_last in (False, True):
         rows += measure_setting(Setting(channels_last=channels_last), both)
+
     def ddim(row: dict) -> bool:
         return row["sampler"].startswith("ddim")
 

@@ -166,7 +166,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
                 "nn_dist_real_val": pixel["val_nn"], "near_copy_share_judge": in_judge["share"],
                 "nn_judge_dist_samples": in_judge["sample_nn"], "nn_judge_dist_real_val": in_judge["val_nn"]})
     sources = {"captions_en": len(feats[0]), "captions_zh": len(feats[1]), "colour_prompts": len(feats[2])}
-    out.update(judge_copies_by_source(every_feature, reference.judge_bank, real_feats, sources))
+    out.update(judge_copies_by_source(in_judge["copied"], sources))
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]
@@ -201,18 +201,15 @@ def over_seed_sets(draws: Sequence[dict[str, float]]) -> dict[str, dict[str, flo
     return summary
 
 
-def judge_copies_by_source(features: torch.Tensor, judge_bank: torch.Tensor, val_features: torch.Tensor,
-                           sources: dict[str, int]) -> dict[str, float]:
-    """``near_copy_share_judge_<source>``: the judge-space near-copy share of each consecutive block of
-    ``features`` (``sources``: name -> rows, in order), under the one threshold the whole set is judged by (it
-    depends on the validation images only): whether copies come from the captions or from the short colour
-    prompts."""
-    if sum(sources.values()) != len(features):
-        raise ValueError(f"sources cover {sum(sources.values())} rows but there are {len(features)} samples")
+def judge_copies_by_source(copied: torch.Tensor, sources: dict[str, int]) -> dict[str, float]:
+    """``near_copy_share_judge_<source>``: the judge-space near-copy share of each consecutive block of samples
+    (``copied``: ``near_copies``' flag per sample, so one threshold judges every block; ``sources``: name -> rows,
+    in order): whether copies come from the captions or from the short colour prompts."""
+    if sum(sources.values()) != len(copied):
+        raise ValueError(f"sources cover {sum(sources.values())} rows but there are {len(copied)} samples")
     out, start = {}, 0
     for name, rows in sources.items():
-        out[f"near_copy_share_judge_{name}"] = near_copies(features[start:start + rows], judge_bank, val_features,
-                                                           cosine=True)["share"]
+        out[f"near_copy_share_judge_{name}"] = float(copied[start:start + rows].double().mean())
         start += rows
     return out
 

@@ -9,7 +9,7 @@ is still measured with the same ruler.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -244,8 +244,9 @@ COPY_NEIGHBOURS = 50
 
 
 def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val_features: torch.Tensor,
-                cosine: bool = False, relative_to: int = 0) -> dict[str, float]:
-    """Share of samples closer to their nearest training item than 95 % of validation images are to theirs.
+                cosine: bool = False, relative_to: int = 0) -> dict[str, Any]:
+    """Share of samples closer to their nearest training item than 95 % of validation images are to theirs
+    (``share``; ``copied``, a bool per sample, says which).
 
     Features are pixel thumbnails (RMS distance) or judge embeddings (``cosine``: 1 - cosine similarity). Put
     the training images' mirrors in ``train_features``: a mirrored copy is still a copy. Unseen real images
@@ -256,8 +257,8 @@ def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val
     copy lies far closer to one training image than to the others, whereas a plain, pale picture lies about as
     close to every pale drawing, and the absolute rule counts it too.
     """
-    def share(sample_d: torch.Tensor, val_d: torch.Tensor) -> float:
-        return float((sample_d < torch.quantile(val_d, 0.05)).double().mean())
+    def copied(sample_d: torch.Tensor, val_d: torch.Tensor) -> torch.Tensor:
+        return sample_d < torch.quantile(val_d, 0.05)
 
     if cosine:
         if relative_to:
@@ -266,11 +267,12 @@ def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val
     else:
         sample_k, val_k = (nearest_distances(q, train_features, max(1, relative_to))
                            for q in (sample_features, val_features))
-    out = {"share": share(sample_k[:, 0], val_k[:, 0]), "sample_nn": float(sample_k[:, 0].mean()),
+    flags = copied(sample_k[:, 0], val_k[:, 0])
+    out = {"share": float(flags.double().mean()), "copied": flags, "sample_nn": float(sample_k[:, 0].mean()),
            "val_nn": float(val_k[:, 0].mean())}
     if relative_to:
         ratio = lambda d: d[:, 0] / d.mean(dim=1).clamp_min(1e-12)  # noqa: E731
-        out["share_relative"] = share(ratio(sample_k), ratio(val_k))
+        out["share_relative"] = float(copied(ratio(sample_k), ratio(val_k)).double().mean())
     return out
 
 

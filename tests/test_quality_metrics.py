@@ -91,14 +91,14 @@ def test_judge_copies_are_counted_per_source_under_one_threshold():
     g = torch.Generator().manual_seed(5)
     bank, val = torch.randn(30, 16, generator=g), torch.randn(20, 16, generator=g)
     copies, fresh = 3 * bank[:4], torch.randn(6, 16, generator=g)  # scaled copies: cosine distance 0
-    shares = judge_copies_by_source(torch.cat([fresh, copies, fresh[:2]]), bank, val,
-                                    {"captions_en": 6, "captions_zh": 4, "colour_prompts": 2})
-    whole = near_copies(torch.cat([fresh, copies, fresh[:2]]), bank, val, cosine=True)["share"]
+    judged = near_copies(torch.cat([fresh, copies, fresh[:2]]), bank, val, cosine=True)
+    shares = judge_copies_by_source(judged["copied"], {"captions_en": 6, "captions_zh": 4, "colour_prompts": 2})
+    whole = judged["share"]
     assert shares["near_copy_share_judge_captions_zh"] == 1
     assert shares["near_copy_share_judge_captions_en"] == shares["near_copy_share_judge_colour_prompts"] == 0
     assert whole == 4 / 12  # the blocks' shares weigh up to the whole set's
     with pytest.raises(ValueError, match="sources cover 11 rows but there are 12 samples"):
-        judge_copies_by_source(torch.cat([fresh, copies, fresh[:2]]), bank, val, {"a": 6, "b": 5})
+        judge_copies_by_source(judged["copied"], {"a": 6, "b": 5})
 
 
 def test_seed_sets_average_each_figure_and_add_up_the_sample_counts():

@@ -52,10 +52,13 @@ class LayerNorm(_LowPrecisionNorm, nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
+LOW_PRECISION_NORMS = (GroupNorm, LayerNorm)  # the norms with the switch (``.low_precision``)
+
+
 def set_low_precision_norms(module: nn.Module, enabled: bool) -> int:
     """Switch every ``GroupNorm``/``LayerNorm`` of this module in or out of low precision; returns how many there
     are (plain ``nn`` norms are not switched: a model opts in by building its norms from this module)."""
-    norms = [m for m in module.modules() if isinstance(m, _LowPrecisionNorm)]
+    norms = [m for m in module.modules() if isinstance(m, LOW_PRECISION_NORMS)]
     for norm in norms:
         norm.low_precision = enabled
     return len(norms)

@@ -22,7 +22,7 @@ from diffusion.cuda_graph import CudaGraphCall
 from diffusion.fit import check_fit
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from engine.config import config_from_dict, flatten_config, setting_differences
-from engine.precision import inference_autocast, set_low_precision_norms
+from engine.precision import LOW_PRECISION_NORMS, inference_autocast, set_low_precision_norms
 from engine.stage import StageError, StageInfo, file_fingerprint, read_stage
 from unet.model import UNet
 from vae.model import AutoencoderKL
@@ -76,9 +76,8 @@ class StageStack:
     prediction_type: str
     infos: dict[str, StageInfo]
     device: torch.device
-    # the UNet's CUDA-graph call and what it was captured from: (compiled?, parameter addresses); see unet_call
-    _graphed_unet: tuple[tuple[bool, tuple[int, ...]], CudaGraphCall] | None = field(default=None, init=False,
-                                                                                      repr=False)
+    # the UNet's CUDA-graph call and what it was captured from (see unet_call)
+    _graphed_unet: tuple[tuple, CudaGraphCall] | None = field(default=None, init=False, repr=False)
     _compiled_unet: tuple[UNet, Callable[..., torch.Tensor]] | None = field(default=None, init=False, repr=False)
 
     def unet_call(self, cuda_graph: bool = True, compile_unet: bool = False
@@ -86,7 +85,8 @@ class StageStack:
         """The UNet as ``model(x_t, t, context) -> float32 prediction`` for sampling, under the stack's autocast.
 
         On CUDA with ``cuda_graph`` its calls are replayed from CUDA graphs (one per batch shape, kept across
-        calls). The graphs are captured again when the UNet is replaced or its weights move (``.to(...)``).
+        calls). The graphs are captured again when the UNet is replaced, its weights move (``.to(...)``) or its
+        norms' precision is switched (``engine.precision``), since a graph replays what it captured.
         ``compile_unet`` runs it through ``torch.compile`` (kept for the stack's UNet; compiled on the first
         call of each batch shape, before any graph capture).
         """
@@ -97,7 +97,8 @@ class StageStack:
                 self._compiled_unet = (unet, torch.compile(unet))
             forward = self._compiled_unet[1]
         if cuda_graph and self.device.type == "cuda":
-            key = (compile_unet, tuple(p.data_ptr() for p in unet.parameters()))
+            key = (compile_unet, tuple(p.data_ptr() for p in unet.parameters()),
+                   tuple(m.low_precision for m in unet.modules() if isinstance(m, LOW_PRECISION_NORMS)))
             if self._graphed_unet is None or self._graphed_unet[0] != key:
                 call = CudaGraphCall(lambda x_t, t, context: forward(x_t, t, context).float(), bf16_autocast=True)
                 self._graphed_unet = (key, call)

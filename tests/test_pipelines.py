@@ -17,6 +17,7 @@ from benchmarks import spike_screen
 from data import DataError
 from engine import ConfigError, StageError, read_stage
 from engine.errors import UserError
+from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
 from engine.stage import file_fingerprint, load_weights
 from pipelines.stages import LineageWarning, load_stack
 from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, generate
@@ -358,9 +359,7 @@ def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
 
 
 def _norm_precisions(model: torch.nn.Module) -> set[bool]:
-    from engine.precision import GroupNorm, LayerNorm
-
-    return {m.low_precision for m in model.modules() if isinstance(m, (GroupNorm, LayerNorm))}
+    return {m.low_precision for m in model.modules() if isinstance(m, LOW_PRECISION_NORMS)}
 
 
 def test_a_loaded_stack_runs_each_models_norms_in_the_precision_it_trained_them_in(run_a, tmp_path):
@@ -552,6 +551,8 @@ def test_compiled_generation_under_the_cuda_graph_matches_eager(run_a):
     compiled = generate(stack, prompts, seeds, GenerationSettings(**settings, compile_unet=True))
     assert (compiled - eager).abs().max() < 0.05  # bf16 kernels of another shape: close, not equal
     assert stack._compiled_unet is not None and stack._graphed_unet[0][0] is True  # graphs of the compiled UNet
+    set_low_precision_norms(stack.unet, False)  # a graph replays what it captured: switched norms capture anew
+    assert len(stack.unet_call(True, compile_unet=True).graphs) == 0
 
 
 def test_compare_draws_every_run_with_the_same_sampling_and_says_which(run_a, tmp_path):

@@ -26,10 +26,11 @@ class UNetTrainConfig:
     of it is the 4096-token self-attention of the top level), ~465 GFLOP per training sample with the
     backward, ~85 at 256 px. An epoch walks the 1,500 cached latents (750 training images and their mirrors;
     with ``augment.copies`` > 0 each draw is swapped for one of the image's augmented encodings with
-    ``augment.prob``) ``passes_per_epoch`` = 10 times: 15 k samples. The stage trains 20 epochs at 256 px in
-    batches of 256 (1,160 steps), then 6 at 512 px in batches of 64 (1,404 steps). Both phases run eager:
-    compiling costs minutes per resolution, more than it saves in phases this short (``train.compile`` for
-    longer runs). Latent caching takes seconds per phase; a sample grid plus the validation loss ~3 s each.
+    ``augment.prob``) ``passes_per_epoch`` = 10 times: 15 k samples. The stage trains ``lowres_epochs`` = 36 at
+    256 px in batches of 256 (2,088 steps), then 6 at 512 px in batches of 64 (1,404 steps). Both phases run
+    eager: compiling costs minutes per resolution, about what it saves in phases this short (docs/BENCHMARKS.md;
+    ``train.compile`` for longer runs). Latent caching takes seconds per phase; a sample grid plus the
+    validation loss ~3 s each.
     Activations are ~0.35 GiB per sample at 512 px in bf16, so batch 64 (or 256 at 256 px) needs ~25 GiB with
     the weights, EMA and AdamW state, and ~4.4 GiB more for the two snapshots a spike rolls back to.
     """

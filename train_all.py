@@ -37,9 +37,9 @@ from engine.runlog import loss_spikes, rollbacks
 from engine.stage import CONFIG_FILE, record_preset, remove_empty_folders, write_json
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import JUDGE_PAIRS, evaluate_to_folder, markdown_table
-from pipelines.prompts import COLOUR_PROMPTS, SHOWCASE_PROMPTS
+from pipelines.prompts import COLOUR_PROMPTS
 from pipelines.stages import StageStack, finished_stage_differences, load_stack, stage_kind
-from pipelines.text_to_image import GenerationSettings, generate
+from pipelines.text_to_image import GenerationSettings, draw_showcase, generate
 
 # "judge" is a second CLIP stage with its own seed: the evaluation's fixed ruler, which guidance never optimised.
 STAGES = ("vae", "clip", "judge", "unet")
@@ -190,13 +190,10 @@ def check_finished_stages(run: Path, configs: dict[str, Any], data: str, reuse: 
 
 
 def final_samples(run: Path, stack: StageStack) -> None:
-    """Fixed prompts x 4 seeds, and the same seed with 'red' vs 'blue' prompts, as committed pictures."""
+    """The showcase prompts x 4 seeds, and one seed of each colour prompt at guidance 1 / 3 / 7, as committed
+    pictures."""
     size = stack.image_size
-    settings = GenerationSettings(size=size)
-    seeds = 4
-    prompts = [p for p in SHOWCASE_PROMPTS for _ in range(seeds)]
-    images = generate(stack, prompts, [i % seeds for i in range(len(prompts))], settings)
-    save_grid(images, run / "final_samples.png", nrow=seeds, max_side=128)
+    draw_showcase(stack, GenerationSettings(size=size), run / "final_samples.png")
     colours = list(COLOUR_PROMPTS)
     rows = []
     for scale in (1.0, 3.0, 7.0):

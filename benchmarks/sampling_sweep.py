@@ -9,7 +9,9 @@ step noise (eta, for the ddim and dpmpp_2m samplers, at every step or below a no
 
 The judge is the run's (``judge/``, or the one its ``stages.json`` names). ``--seed-sets N`` draws each setting N
 times with disjoint seeds (the study's seed sets): a record's ``metrics`` are their mean, ``metrics_sd`` the spread
-over the sets. Writes one JSON record per setting and prints a table.
+over the sets. Writes one JSON record per setting and prints a table; ``--showcase DIR`` also draws each setting's
+picture, the showcase prompts x 4 seeds as in a run's ``final_samples.png`` (``DIR/setting_NN.png``, listed with
+their settings in ``DIR/showcase.md``), so that a setting is judged by eye as well as by its figures.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from data import load_captions
 from engine.errors import UserError, run_cli
 from engine.stage import write_json
 from pipelines.evaluate import SEED_SET_STRIDE, generation_metrics, over_seed_sets, real_reference
+from pipelines.prompts import SHOWCASE_PROMPTS, SHOWCASE_SEEDS
 from pipelines.stages import judge_path, load_stack
-from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings
+from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase
 
 SHOWN = ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
          "near_copy_share_pixel_relative", "near_copy_share_judge", "near_copy_share_judge_colour_prompts",
@@ -96,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="prompt annealing (CADS): 'none' or SCALE,SIGMA_LO,SIGMA_HI (e.g. 0.25,3,15)")
     parser.add_argument("--seed-sets", type=int, default=1,
                         help="draws of every setting with disjoint seeds; from 2 up each figure gets its spread")
+    parser.add_argument("--showcase", type=Path, metavar="DIR",
+                        help="also draw each setting's showcase picture (final_samples.png's prompts and seeds) here")
     args = parser.parse_args(argv)
     if args.seed_sets < 1:
         raise UserError(f"--seed-sets must be at least 1, got {args.seed_sets}")
@@ -113,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = []
     print("| guidance | rescale | interval | steps | eta | eta sigma max | condition noise | " + " | ".join(SHOWN)
           + " |", flush=True)
-    for settings in settings_grid:
+    showcase = []
+    for index, settings in enumerate(settings_grid):
         settings = dataclasses.replace(settings, size=stack.image_size)
         summary = over_seed_sets([generation_metrics(stack, judge, train, val, settings, reference=reference,
                                                      seed_offset=k * SEED_SET_STRIDE) for k in range(args.seed_sets)])
@@ -121,10 +127,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
                                                           "steps", "eta", "eta_sigma_max", "condition_noise")}
         records.append({**record, "metrics": metrics, **({"metrics_sd": summary["sd"]} if "sd" in summary else {})})
+        if args.showcase:
+            picture = draw_showcase(stack, settings, args.showcase / f"setting_{index:02d}.png")
+            records[-1]["showcase"] = str(picture)
+            showcase += [f"## setting {index:02d}: {settings.describe()}", "",
+                         f"![setting {index:02d}]({picture.name})", ""]
         spread = summary.get("sd", {})
         print("| " + " | ".join(str(value) for value in record.values()) + " | "
               + " | ".join(f"{metrics[k]:.3f}" + (f" ± {spread[k]:.3f}" if spread else "") for k in SHOWN) + " |",
               flush=True)
+    if args.showcase:
+        (args.showcase / "showcase.md").write_text("\n".join(
+            ["# The sweep's settings by eye", "", f"Run `{args.run}`; rows: the showcase prompts ("
+             + "; ".join(f"`{prompt}`" for prompt in SHOWCASE_PROMPTS) + f"), columns: seeds 0–{SHOWCASE_SEEDS - 1}, "
+             "as in the run's final_samples.png.", ""] + showcase), encoding="utf-8")
     write_json(args.out, {"run": str(args.run), "sampler": args.sampler, "seed_sets": args.seed_sets,
                           "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
                           "command": "python -m benchmarks.sampling_sweep " + " ".join(

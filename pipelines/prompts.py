@@ -21,6 +21,7 @@ SHOWCASE_PROMPTS = (
     "一只红色的火焰宝可梦",
     "一只蓝色的鸟宝可梦",
 )
+SHOWCASE_SEEDS = 4  # seeds 0..3 of every showcase prompt (pipelines.text_to_image.draw_showcase)
 
 # One prompt per colour, sampled from one seed at several guidance scales: does the colour follow the text?
 COLOUR_PROMPTS = ("a red pokemon", "a blue pokemon", "a green pokemon", "a yellow pokemon")

@@ -52,7 +52,6 @@ from diffusion.train import lowres_folder
 from engine import distributed
 from engine.config import choose_preset, setting_differences
 from engine.errors import UserError, run_cli
-from engine.images import save_grid
 from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, is_complete, read_stage, \
     record_preset, write_json
@@ -62,7 +61,7 @@ from pipelines.metrics import PROMPT_COLOURS
 from pipelines.prompts import SHOWCASE_PROMPTS
 from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, stage_kind,
                               stage_paths, stage_settings)
-from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, generate
+from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase
 
 STUDY_STAGES = ("vae", "clip", "unet")  # the judge is the study's ruler: the base run's, for every column
 # A UNet trained on another VAE's latents or another CLIP's text states is another model: retrain it.
@@ -371,9 +370,7 @@ def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data: CaptionSet, refere
         results["generation_sd"] = summary["sd"]
     results["generation_draws"] = draws
     results["train_minutes"] = {stage: _stage_minutes(plan.stages[stage]) for stage in STUDY_STAGES}
-    prompts = [p for p in SHOWCASE_PROMPTS for _ in range(GRID_SEEDS)]
-    images = generate(stack, prompts, [i % GRID_SEEDS for i in range(len(prompts))], settings)
-    save_grid(images, plan.folder / GRID_BLOCK_FILE, nrow=GRID_SEEDS, max_side=96)
+    draw_showcase(stack, settings, plan.folder / GRID_BLOCK_FILE, seeds=GRID_SEEDS, tile=96)
     write_json(plan.folder / EVALUATION_FILE, results)
     return results
 

@@ -19,6 +19,7 @@ from engine.errors import UserError
 from engine.images import save_grid
 from engine.precision import inference_autocast
 
+from .prompts import SHOWCASE_PROMPTS, SHOWCASE_SEEDS
 from .stages import StageStack
 
 
@@ -194,6 +195,16 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
     return torch.cat(outputs), torch.cat(all_latents)
 
 
+def draw_showcase(stack: StageStack, settings: GenerationSettings, path: str | Path, seeds: int = SHOWCASE_SEEDS,
+                  tile: int = 128) -> Path:
+    """The showcase prompts (rows) x seeds ``0..seeds-1`` (columns) at ``settings``, saved as a grid of ``tile``-px
+    tiles: a run's ``final_samples.png``, the sampling sweep's picture of each setting and a study's blocks, so
+    that pictures of one run at different settings, or of different runs, compare seed for seed."""
+    prompts = [prompt for prompt in SHOWCASE_PROMPTS for _ in range(seeds)]
+    return save_grid(generate(stack, prompts, [i % seeds for i in range(len(prompts))], settings), path, nrow=seeds,
+                     max_side=tile)
+
+
 def pil_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """A PIL image -> [-1, 1] float [3, size, size] (centre-cropped to a square)."""
     return to_float(square_resize(image.convert("RGB"), size))
@@ -210,5 +221,5 @@ def save_images(images: Sequence[Image.Image], folder: str | Path, stem: str = "
     return paths
 
 
-__all__ = ["GenerationSettings", "add_sampling_arguments", "generate", "generate_with_latents", "pil_to_tensor",
-           "sampling_settings", "save_grid", "save_images"]
+__all__ = ["GenerationSettings", "add_sampling_arguments", "draw_showcase", "generate", "generate_with_latents",
+           "pil_to_tensor", "sampling_settings", "save_grid", "save_images"]

@@ -570,3 +570,25 @@ def test_compare_draws_every_run_with_the_same_sampling_and_says_which(run_a, tm
     assert "2 steps" in report and "step noise eta 1 below sigma 2" in report and "32 px" in report
     with pytest.raises(UserError, match="eta is 0"):  # a bad sampling option stops it before any run loads
         compare.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--eta", "0", "--eta-sigma-max", "2"])
+
+
+def test_sampling_sweep_draws_each_setting_as_a_run_draws_its_final_samples(run_a, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import sampling_sweep
+    from pipelines.text_to_image import draw_showcase
+
+    out, showcase = tmp_path / "sweep.json", tmp_path / "showcase"
+    sampling_sweep.main(["--run", str(run_a), "--data", DATA, "--out", str(out), "--steps", "2", "--eta", "0",
+                         "--condition-noise", "none", "0.25,2.6,18", "--guidance", "4", "--rescale", "0.7",
+                         "--interval", "0.28,7.5", "--showcase", str(showcase)])
+    drawn = [np.asarray(Image.open(record["showcase"])) for record in json.loads(out.read_text())["records"]]
+    stack = load_stack(run_a)
+    for condition_noise, picture in zip((None, (0.25, 2.6, 18)), drawn):  # what train_all draws at that setting
+        settings = GenerationSettings(size=64, steps=2, eta=0, condition_noise=condition_noise)
+        assert np.array_equal(picture, np.asarray(Image.open(draw_showcase(stack, settings, tmp_path / "own.png"))))
+    assert not np.array_equal(*drawn)
+    index = (showcase / "showcase.md").read_text(encoding="utf-8")
+    annealed = GenerationSettings(size=64, steps=2, eta=0, condition_noise=(0.25, 2.6, 18))
+    assert f"## setting 01: {annealed.describe()}" in index and "(setting_01.png)" in index

@@ -70,6 +70,11 @@ class TrainConfig:
     # under bf16 autocast, run the model's GroupNorm/LayerNorm in bf16 rather than autocast's fp32 (statistics
     # still accumulate in fp32 in the kernel): fewer memory passes per step. Needs norms from engine.precision.
     low_precision_norms: bool = False
+    # Bit-reproducible training on CUDA (torch.use_deterministic_algorithms while the stage trains): two runs of one
+    # config then differ only by what they were told to do, so one pair of runs measures a lever. Costs speed
+    # (attention's backward leaves cuDNN for kernels with a deterministic backward); an op with no deterministic
+    # kernel stops the run with torch's error naming it. CPU training is deterministic either way.
+    deterministic: bool = False
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix."""
@@ -115,7 +120,7 @@ def validate_config(cfg: Any) -> Any:
 # only in these is the same training (a --concurrent study, for one, trains its variants eagerly). The spike
 # rollback is a policy for a run gone wrong: a run that never spikes learns the same with or without it.
 HOW_IT_RUNS = ("compile", "log_every", "checkpoint_every_epochs", "checkpoint_every_steps", "spike_rollbacks",
-               "spike_lr_backoff")
+               "spike_lr_backoff", "deterministic")
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

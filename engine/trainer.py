@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from collections import deque
@@ -35,6 +36,23 @@ from .tensorboard import TensorBoardLog
 CHECKPOINT_NAME = "latest.pt"
 MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
 EpochCallback = Callable[[int, "Trainer"], "Mapping[str, Any] | None"]
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """While it is open, torch runs only kernels that give the same bits every run (``TrainConfig.deterministic``);
+    the previous setting comes back after, so the stages and the generation around a training keep theirs."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    # cuBLAS refuses deterministic mode without a fixed workspace; its own value (or ":16:8") wins when set
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def checkpoint_path(out_dir: str | Path) -> Path:
@@ -221,9 +239,10 @@ class Trainer:
         """Train for the configured epochs (from where a resumed checkpoint stopped)."""
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
                         desc=self.out_dir.name, dynamic_ncols=True, smoothing=0.05)
-        while not self._run_epochs(make_batch, on_epoch_end, progress):  # False: a spike was rolled back
-            progress.n = self.step
-            progress.refresh()
+        with deterministic_algorithms(self.cfg.deterministic):
+            while not self._run_epochs(make_batch, on_epoch_end, progress):  # False: a spike was rolled back
+                progress.n = self.step
+                progress.refresh()
         progress.close()
         if self.tensorboard is not None:
             self.tensorboard.close()

@@ -362,6 +362,27 @@ def test_resume_refuses_other_learning_settings_but_not_other_running_ones(tmp_p
     assert resumed.resumed and resumed.step == 3 * 8
 
 
+def test_deterministic_training_holds_torch_to_deterministic_kernels_while_it_trains_and_learns_the_same(tmp_path):
+    seen = []
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, deterministic=True)
+    trainer = Trainer(ToyModule(), cfg, tmp_path / "det", num_train_items=len(DATA_X), device="cpu")
+
+    def batches(indices, generator):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return make_batch(indices, generator)
+
+    trainer.fit(batches, on_epoch_end=lambda epoch, t: seen.append(torch.are_deterministic_algorithms_enabled()) or {})
+    assert len(seen) == 2 * 8 + 2 and all(seen)  # every step and every epoch's callback
+    assert not torch.are_deterministic_algorithms_enabled()  # not left on for what runs after the stage
+    _same_state(train(tmp_path / "a", epochs=2, deterministic=True), train(tmp_path / "b", epochs=2))  # on a CPU
+    torch.use_deterministic_algorithms(True, warn_only=True)  # a caller's own setting comes back as it was
+    try:
+        train(tmp_path / "c", epochs=1, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_truncated_checkpoint_is_named_with_what_to_do(tmp_path):
     trainer = train(tmp_path / "a", epochs=1)
     path = trainer.checkpoint_path

@@ -70,10 +70,10 @@ class TrainConfig:
     # under bf16 autocast, run the model's GroupNorm/LayerNorm in bf16 rather than autocast's fp32 (statistics
     # still accumulate in fp32 in the kernel): fewer memory passes per step. Needs norms from engine.precision.
     low_precision_norms: bool = False
-    # Bit-reproducible training on CUDA (torch.use_deterministic_algorithms while the stage trains): two runs of one
-    # config then differ only by what they were told to do, so one pair of runs measures a lever. Costs speed
-    # (attention's backward leaves cuDNN for kernels with a deterministic backward); an op with no deterministic
-    # kernel stops the run with torch's error naming it. CPU training is deterministic either way.
+    # torch.use_deterministic_algorithms while the stage trains, so that two CUDA runs of one config differ only by
+    # what they were told to do and one pair of runs measures a lever (its effect and speed cost on the GPU: not yet
+    # measured). Attention's backward then leaves cuDNN for kernels with a deterministic backward; an op with no
+    # deterministic kernel stops the run with torch's error naming it. CPU training is deterministic either way.
     deterministic: bool = False
 
     def validate(self) -> None:

@@ -46,7 +46,7 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         yield
         return
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    # cuBLAS refuses deterministic mode without a fixed workspace; its own value (or ":16:8") wins when set
+    # torch refuses deterministic cuBLAS calls without a fixed workspace; a value the user set (":16:8") is kept
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     try:

@@ -30,9 +30,8 @@ from data import load_captions
 from engine.errors import UserError, run_cli
 from engine.stage import write_json
 from pipelines.evaluate import SEED_SET_STRIDE, generation_metrics, over_seed_sets, real_reference
-from pipelines.prompts import SHOWCASE_PROMPTS, SHOWCASE_SEEDS
 from pipelines.stages import judge_path, load_stack
-from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase
+from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase, showcase_layout
 
 SHOWN = ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
          "near_copy_share_pixel_relative", "near_copy_share_judge", "near_copy_share_judge_colour_prompts",
@@ -126,21 +125,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         metrics = summary["mean"]
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
                                                           "steps", "eta", "eta_sigma_max", "condition_noise")}
-        records.append({**record, "metrics": metrics, **({"metrics_sd": summary["sd"]} if "sd" in summary else {})})
+        pictures = {}
         if args.showcase:
             picture = draw_showcase(stack, settings, args.showcase / f"setting_{index:02d}.png")
-            records[-1]["showcase"] = str(picture)
+            pictures = {"showcase": str(picture)}
             showcase += [f"## setting {index:02d}: {settings.describe()}", "",
                          f"![setting {index:02d}]({picture.name})", ""]
+        records.append({**record, "metrics": metrics, **({"metrics_sd": summary["sd"]} if "sd" in summary else {}),
+                        **pictures})
         spread = summary.get("sd", {})
         print("| " + " | ".join(str(value) for value in record.values()) + " | "
               + " | ".join(f"{metrics[k]:.3f}" + (f" ± {spread[k]:.3f}" if spread else "") for k in SHOWN) + " |",
               flush=True)
     if args.showcase:
         (args.showcase / "showcase.md").write_text("\n".join(
-            ["# The sweep's settings by eye", "", f"Run `{args.run}`; rows: the showcase prompts ("
-             + "; ".join(f"`{prompt}`" for prompt in SHOWCASE_PROMPTS) + f"), columns: seeds 0–{SHOWCASE_SEEDS - 1}, "
-             "as in the run's final_samples.png.", ""] + showcase), encoding="utf-8")
+            ["# The sweep's settings by eye", "",
+             f"Run `{args.run}`, as in its final_samples.png: {showcase_layout()}.", ""] + showcase), encoding="utf-8")
     write_json(args.out, {"run": str(args.run), "sampler": args.sampler, "seed_sets": args.seed_sets,
                           "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
                           "command": "python -m benchmarks.sampling_sweep " + " ".join(

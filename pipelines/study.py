@@ -58,10 +58,9 @@ from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint
 from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, evaluate_run, generation_metrics, over_seed_sets,
                                 real_reference)
 from pipelines.metrics import PROMPT_COLOURS
-from pipelines.prompts import SHOWCASE_PROMPTS
 from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, stage_kind,
                               stage_paths, stage_settings)
-from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase
+from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase, showcase_layout
 
 STUDY_STAGES = ("vae", "clip", "unet")  # the judge is the study's ruler: the base run's, for every column
 # A UNet trained on another VAE's latents or another CLIP's text states is another model: retrain it.
@@ -586,8 +585,8 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
         lines.append(f"| {plan.name} | `{plan.spec or '(the base run)'}` | " + " | ".join(cells) + " |")
     lines += ["", "## Metrics", "", f"Differences in brackets are variant − base; {spread_note}. Real images: the "
               "data's own value where the metric has one.", "", metrics_markdown(plans, evaluations),
-              "## Samples", "", f"Column blocks, left to right: {', '.join(p.name for p in plans)}. Rows: "
-              + "; ".join(f"`{p}`" for p in SHOWCASE_PROMPTS) + f"; columns in a block: seeds 0–{GRID_SEEDS - 1}.",
+              "## Samples", "", f"Column blocks, left to right: {', '.join(p.name for p in plans)}; in each block, "
+              f"{showcase_layout(GRID_SEEDS)}.",
               "", "![compare](compare.png)", ""]
     if losses is not None:
         lines += ["## Loss curves", "", "Training loss of the stages that differ (a line shared by several "

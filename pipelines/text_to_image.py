@@ -205,6 +205,11 @@ def draw_showcase(stack: StageStack, settings: GenerationSettings, path: str | P
                      max_side=tile)
 
 
+def showcase_layout(seeds: int = SHOWCASE_SEEDS) -> str:
+    """How a :func:`draw_showcase` picture reads, for the reports that show one."""
+    return "rows: " + "; ".join(f"`{prompt}`" for prompt in SHOWCASE_PROMPTS) + f"; columns: seeds 0–{seeds - 1}"
+
+
 def pil_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """A PIL image -> [-1, 1] float [3, size, size] (centre-cropped to a square)."""
     return to_float(square_resize(image.convert("RGB"), size))
@@ -222,4 +227,4 @@ def save_images(images: Sequence[Image.Image], folder: str | Path, stem: str = "
 
 
 __all__ = ["GenerationSettings", "add_sampling_arguments", "draw_showcase", "generate", "generate_with_latents",
-           "pil_to_tensor", "sampling_settings", "save_grid", "save_images"]
+           "pil_to_tensor", "sampling_settings", "save_grid", "save_images", "showcase_layout"]

@@ -121,8 +121,9 @@ def check(run: str | Path, export_dir: str | Path, device: torch.device, pipelin
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LineageWarning)
         pipeline_stack = load_stack(run, device=pipeline_device)
-    settings = GenerationSettings(guidance_scale=guidance_scale, steps=steps, sampler="ddim", eta=0.0,
-                                  size=size, cuda_graph=False, guidance_interval=None)  # diffusers guides everywhere
+    # diffusers guides at every level and never anneals the prompt
+    settings = GenerationSettings(guidance_scale=guidance_scale, steps=steps, sampler="ddim", eta=0.0, size=size,
+                                  cuda_graph=False, guidance_interval=None, condition_noise=None)
     pixels = pipeline_difference(pipeline_stack, export_dir, PROMPTS, seed=0, settings=settings)
     return {"vae_max_abs_diff": max(vae_diff.values()), "vae_encode_max_abs_diff": vae_diff["encode"],
             "vae_decode_max_abs_diff": vae_diff["decode"], "unet_max_abs_diff": unet_diff,

@@ -31,7 +31,8 @@ from engine.errors import UserError, run_cli
 from engine.stage import write_json
 from pipelines.evaluate import SEED_SET_STRIDE, generation_metrics, over_seed_sets, real_reference
 from pipelines.stages import judge_path, load_stack
-from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase, showcase_layout
+from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase,
+                                     showcase_layout)
 
 SHOWN = ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
          "near_copy_share_pixel_relative", "near_copy_share_judge", "near_copy_share_judge_colour_prompts",
@@ -94,8 +95,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eta-sigma-max", type=parse_sigma_max, nargs="+", default=[DEFAULT_STEP_NOISE[1]],
                         help="step noise only below these noise levels: 'none' (every step) or SIGMA; applied to "
                              "the settings with eta > 0")
-    parser.add_argument("--condition-noise", type=parse_condition_noise, nargs="+", default=[None],
-                        help="prompt annealing (CADS): 'none' or SCALE,SIGMA_LO,SIGMA_HI (e.g. 0.25,3,15)")
+    parser.add_argument("--condition-noise", type=parse_condition_noise, nargs="+",
+                        default=[DEFAULT_CONDITION_NOISE],
+                        help="prompt annealing (CADS): 'none' or SCALE,SIGMA_LO,SIGMA_HI (default: generation's, "
+                             "{:g},{:g},{:g})".format(*DEFAULT_CONDITION_NOISE))
     parser.add_argument("--seed-sets", type=int, default=1,
                         help="draws of every setting with disjoint seeds; from 2 up each figure gets its spread")
     parser.add_argument("--showcase", type=Path, metavar="DIR",

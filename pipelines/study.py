@@ -21,12 +21,13 @@ Every column (the base and each variant) is evaluated the same way: ``pipelines.
 same prompts and seeds, ``--steps`` sampling steps at one size (``--size``; by default the base UNet's training
 resolution), at ``--guidance`` (by default each UNet config's scale: the training grids') with each UNet config's
 guidance rescale, at every noise level unless ``--guidance-interval`` is given (e.g. the generation default's
-``--guidance 4 --guidance-interval 0.28 7.5``); ``--eval-seeds K`` repeats the sampled metrics with K seed
-sets, for the spread that tells an effect from noise. ``--concurrent`` trains the variants as parallel processes
-(one GPU, eager: no compile), which pays when one small model alone leaves the GPU idle. Re-running skips finished
-columns. Writes ``OUT/report.md`` (sentences, plan, metrics table with differences, grid, loss curves, bar chart),
-``OUT/compare.png``, ``OUT/losses.png``, ``OUT/metrics.png``, ``OUT/study.json``, and per column ``OUT/NAME/`` (its
-trained stages, ``stages.json``, ``evaluation.json``).
+``--guidance 4 --guidance-interval 0.28 7.5``), with generation's default step and condition noise;
+``--eval-seeds K`` repeats the sampled metrics with K seed sets, for the spread that tells an effect from noise.
+``--concurrent`` trains the variants as parallel processes (one GPU, eager: no compile), which pays when one small
+model alone leaves the GPU idle. Re-running skips finished columns. Writes ``OUT/report.md`` (sentences, plan,
+metrics table with differences, grid, loss curves, bar chart), ``OUT/compare.png``, ``OUT/losses.png``,
+``OUT/metrics.png``, ``OUT/study.json``, and per column ``OUT/NAME/`` (its trained stages, ``stages.json``,
+``evaluation.json``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, evaluate_run, ge
 from pipelines.metrics import PROMPT_COLOURS
 from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, stage_kind,
                               stage_paths, stage_settings)
-from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase, showcase_layout
+from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase,
+                                     showcase_layout)
 
 STUDY_STAGES = ("vae", "clip", "unet")  # the judge is the study's ruler: the base run's, for every column
 # A UNet trained on another VAE's latents or another CLIP's text states is another model: retrain it.
@@ -553,7 +555,9 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
              (" in the noise-level interval ({:g}, {:g}]".format(*settings["guidance_interval"])
               if "guidance_interval" in settings else " at every noise level") +
              ", with the guidance rescale of its UNet's config and generation's default step noise (eta {:g} at the "
-             "levels sigma <= {:g}).".format(*DEFAULT_STEP_NOISE), ""]
+             "levels sigma <= {:g}) ".format(*DEFAULT_STEP_NOISE) +
+             ("and condition noise ({:g} from sigma {:g}, all noise from {:g}).".format(*settings["condition_noise"])
+              if settings.get("condition_noise") else "without condition noise."), ""]
     if "tiny" in preset:
         lines += ["**This is a smoke study** on the tiny preset: it shows that the study runs end to end; its "
                   "numbers say nothing about the full models.", ""]
@@ -678,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         settings["guidance"] = args.guidance
     if args.guidance_interval is not None:
         settings["guidance_interval"] = args.guidance_interval
+    # generation's default, recorded: a study resumed after that default moved stops instead of mixing columns
+    settings["condition_noise"] = list(DEFAULT_CONDITION_NOISE)
     for plan in plans:
         check_column_folder(plan, {"spec": plan.spec, **settings}, args.data)
     pending = {p.name for p in plans if not (p.folder / EVALUATION_FILE).is_file()}

@@ -27,6 +27,10 @@ from .stages import StageStack
 # fresh noise per step as ancestral sampling, which repairs loose fragments with fewer of the copies that noise at
 # the high levels brings (docs/results/quality)
 DEFAULT_STEP_NOISE = (1.0, 3.0)
+# (scale, sigma_lo, sigma_hi) of the prompt's annealing (CADS): against none, on the stages of two default runs, it
+# drew fewer pixel-space near-copies and a lower FD in the judge's space every time, the colour kept, parts per
+# sample a hair up and the pictures alike by eye (docs/results/quality)
+DEFAULT_CONDITION_NOISE = (0.25, 2.6, 18.0)
 
 
 @dataclass
@@ -50,7 +54,7 @@ class GenerationSettings:
     eta_sigma_max: float | None = None
     # (scale, sigma_lo, sigma_hi): anneal the prompt with noise above sigma_lo, wholly noise from sigma_hi up (CADS;
     # diffusion.guidance.cfg_denoiser); None keeps the prompt at every level
-    condition_noise: tuple[float, float, float] | None = None
+    condition_noise: tuple[float, float, float] | None = DEFAULT_CONDITION_NOISE
     size: int = 512
     negative_prompt: str = ""
     batch_size: int = 16  # prompts per UNet call (the guidance pass doubles it)
@@ -122,9 +126,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                                "2024), the prompt's prediction alone elsewhere (default: %(default)s)")
     interval.add_argument("--guide-every-level", dest="guidance_interval", action="store_const", const=None,
                           help="plain classifier-free guidance at every noise level (no interval)")
-    parser.add_argument("--condition-noise", type=float, nargs=3, metavar=("SCALE", "SIGMA_LO", "SIGMA_HI"),
-                        help="anneal the prompt (CADS, Sadat et al. 2024): noise of SCALE mixed into the text states "
-                             "above SIGMA_LO, the states wholly noise from SIGMA_HI up (default: none)")
+    annealing = parser.add_mutually_exclusive_group()
+    annealing.add_argument("--condition-noise", type=float, nargs=3, metavar=("SCALE", "SIGMA_LO", "SIGMA_HI"),
+                           default=defaults.condition_noise,
+                           help="anneal the prompt (CADS, Sadat et al. 2024): noise of SCALE mixed into the text "
+                                "states above SIGMA_LO, the states wholly noise from SIGMA_HI up "
+                                "(default: %(default)s)")
+    annealing.add_argument("--no-condition-noise", dest="condition_noise", action="store_const", const=None,
+                           help="keep the prompt at every noise level (no annealing)")
 
 
 def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettings:

@@ -146,5 +146,5 @@ def test_export_loads_offline_and_the_pipeline_draws_what_generate_draws(tiny_ru
     assert torch.allclose(ddim.alphas_cumprod.double(), stack.schedule.alphas_cumprod, atol=1e-6)
 
     settings = GenerationSettings(guidance_scale=4.0, steps=4, sampler="ddim", eta=0.0, size=32,
-                                  negative_prompt="a leaf", guidance_interval=None)
+                                  negative_prompt="a leaf", guidance_interval=None, condition_noise=None)
     assert pipeline_difference(stack, out, ["a red dragon", "一只蓝色的鸟"], seed=3, settings=settings) < 1e-4

@@ -20,7 +20,7 @@ from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
 from engine.stage import file_fingerprint, load_weights
 from pipelines.stages import LineageWarning, load_stack
-from pipelines.text_to_image import DEFAULT_STEP_NOISE, GenerationSettings, generate
+from pipelines.text_to_image import DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings, generate
 
 DATA = "shapes:60"
 
@@ -340,9 +340,12 @@ def test_condition_noise_reaches_generation(run_a):  # which levels it anneals: 
         return generate(stack, ["a red circle", "a blue square"], [0, 1],
                         GenerationSettings(**{"size": 64, "steps": 4, "eta": 0.0, **settings}))
 
-    annealed = images(condition_noise=(0.5, 0.5, 50.0))
-    assert not torch.allclose(annealed, images(), atol=1e-3)
+    plain, annealed = images(condition_noise=None), images(condition_noise=(0.5, 0.5, 50.0))
+    assert not torch.allclose(annealed, plain, atol=1e-3)
     assert torch.equal(annealed, images(condition_noise=[0.5, 0.5, 50.0]))  # its noise comes from the seeds
+    default = images()  # the generation default anneals too
+    assert torch.equal(default, images(condition_noise=DEFAULT_CONDITION_NOISE))
+    assert not torch.allclose(default, plain, atol=1e-3)
 
 
 def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
@@ -435,11 +438,16 @@ def test_sampling_options_choose_the_guidance_interval():
     with pytest.raises(SystemExit):
         parser.parse_args(["--guide-every-level", "--guidance-interval", "1", "2"])
 
-    assert sampling_settings(parser.parse_args([])).condition_noise is None  # off unless asked
+    assert sampling_settings(parser.parse_args([])).condition_noise == DEFAULT_CONDITION_NOISE  # on by default
+    assert GenerationSettings().condition_noise == DEFAULT_CONDITION_NOISE == (0.25, 2.6, 18.0)
+    assert "condition noise 0.25 from sigma 2.6 (all noise from 18)" in GenerationSettings().describe()
+    plain = sampling_settings(parser.parse_args(["--no-condition-noise"]))
+    assert plain.condition_noise is None and "condition noise" not in plain.describe()
     annealed = sampling_settings(parser.parse_args(["--condition-noise", "0.25", "3", "15"]))
     assert annealed.condition_noise == (0.25, 3.0, 15.0)
     assert "condition noise 0.25 from sigma 3 (all noise from 15)" in annealed.describe()
-    assert "condition noise" not in GenerationSettings().describe()
+    with pytest.raises(SystemExit):  # one or the other
+        parser.parse_args(["--no-condition-noise", "--condition-noise", "0.25", "3", "15"])
     with pytest.raises(UserError, match="condition noise must be \\(scale, sigma_lo, sigma_hi\\)"):
         sampling_settings(parser.parse_args(["--condition-noise", "0.25", "15", "3"]))
 

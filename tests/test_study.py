@@ -17,6 +17,7 @@ from engine.stage import StageError, file_fingerprint, is_complete, read_stage
 from pipelines.evaluate import default_judge
 from pipelines.stages import judge_path, load_stack
 from pipelines.study import main as study
+from pipelines.text_to_image import DEFAULT_CONDITION_NOISE
 
 DATA = "shapes:40"
 FAST = ["--data", DATA, "--steps", "1", "--device", "cpu"]
@@ -77,6 +78,7 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
         assert f"- **{name}** (retrained" in report and name in result["summary"]["headline"]
     assert "| VAE PSNR at the sampling size (dB) |" in report
     assert "default step noise (eta 1 at the levels sigma <= 3)" in report  # how every column sampled
+    assert "condition noise (0.25 from sigma 2.6, all noise from 18)" in report
     assert "| near-copies (pixel) |" in report and "→" in report
     assert all(f"| colour adherence ({colour}) |" in report for colour in ("red", "blue", "purple"))
     for picture in ("compare.png", "losses.png", "metrics.png"):
@@ -130,15 +132,23 @@ def test_a_given_guidance_is_every_columns_and_is_recorded(base, done, tmp_path,
     used, evaluate_run = [], study_module.evaluate_run
 
     def recording_evaluate_run(stack, data, judge, settings, **kwargs):
-        used.append((settings.guidance_scale, settings.guidance_interval))
+        used.append((settings.guidance_scale, settings.guidance_interval, settings.condition_noise))
         return evaluate_run(stack, data, judge, settings, **kwargs)
 
     monkeypatch.setattr(study_module, "evaluate_run", recording_evaluate_run)
     out, taken = tmp_path / "guided", f"taken: unet={done[0] / 'no_terms' / 'unet'}"  # a folder: nothing trains
     study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "3", "--guidance-interval", "0.3", "8",
            "--variant", taken])
-    assert used == [(3.0, (0.3, 8.0))] * 2  # the base column and the variant, not the UNet configs' 5 everywhere
+    # the base column and the variant, not the UNet configs' 5 everywhere; generation's default condition noise
+    assert used == [(3.0, (0.3, 8.0), DEFAULT_CONDITION_NOISE)] * 2
     assert "guidance 3 in the noise-level interval (0.3, 8]," in (out / "report.md").read_text(encoding="utf-8")
+    variant_file = out / "taken" / study_module.VARIANT_FILE  # as a column judged before condition noise was recorded
+    column = json.loads(variant_file.read_text(encoding="utf-8"))
+    del column["recorded_as"]["condition_noise"]
+    variant_file.write_text(json.dumps(column), encoding="utf-8")
+    with pytest.raises(UserError, match=r"condition_noise was None, now \[0.25, 2.6, 18.0\]"):
+        study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "3", "--guidance-interval", "0.3", "8",
+               "--variant", taken])
     with pytest.raises(UserError, match="guidance was 3.0, now 2.0"):  # a finished column is not re-judged silently
         study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "2", "--guidance-interval", "0.3", "8",
                "--variant", taken])

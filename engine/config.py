@@ -71,9 +71,10 @@ class TrainConfig:
     # still accumulate in fp32 in the kernel): fewer memory passes per step. Needs norms from engine.precision.
     low_precision_norms: bool = False
     # torch.use_deterministic_algorithms while the stage trains, so that two CUDA runs of one config differ only by
-    # what they were told to do and one pair of runs measures a lever (its effect and speed cost on the GPU: not yet
-    # measured). Attention's backward then leaves cuDNN for kernels with a deterministic backward; an op with no
-    # deterministic kernel stops the run with torch's error naming it. CPU training is deterministic either way.
+    # what they were told to do and one pair of runs measures a lever (the UNet then repeats on an H200; its speed
+    # cost is not isolated yet: docs/results/quality). Attention's backward then leaves cuDNN for kernels with a
+    # deterministic backward; an op with no deterministic kernel stops the run with torch's error naming it. CPU
+    # training is deterministic either way.
     deterministic: bool = False
 
     def validate(self) -> None:

@@ -84,10 +84,16 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
                  guidance_scale: float, guidance_rescale: float = 0.0,
                  guidance_interval: tuple[float, float] | None = None,
                  condition_noise: tuple[float, float, float] | None = None,
-                 noise: NoiseSource | None = None) -> Denoiser:
+                 noise: NoiseSource | None = None, guide_model: Model | None = None) -> Denoiser:
     """Denoiser returning x0 from the guided prediction ``uncond + scale * (cond - uncond)`` (rescaled by
     :func:`rescale_guided` when ``guidance_rescale > 0``). With ``guidance_interval`` the scale is
     ``guidance_scale`` only at noise levels inside it and 1 elsewhere (:func:`guidance_scale_table`).
+
+    ``guide_model`` is autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+    itself"): the branch guided away from is ``guide_model`` on the prompt, a weaker model of the same data,
+    instead of ``model`` on the empty prompt (``uncond`` is then unused). Guidance then pushes away from the
+    weaker model's errors rather than from the unconditional image, so it sharpens without pulling every seed
+    towards the prompt's prototype. Each guided step calls both models on the batch.
 
     ``cond``/``uncond`` are text states [B, L, D]; ``uncond`` (empty or negative prompt) may have batch 1 and is
     then shared by every sample. The two branches run as one forward on the batch ``[uncond; cond]``; at scale 1
@@ -114,7 +120,7 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
         condition_noise_table(schedule, *condition_noise[1:]).tolist()
     # [uncond; cond] is built once here, not per step (only an annealed step builds its own)
     uncond = uncond.expand_as(cond)
-    both_contexts = torch.cat([uncond, cond]) if any(s != 1 for s in scales) else None
+    both_contexts = torch.cat([uncond, cond]) if guide_model is None and any(s != 1 for s in scales) else None
 
     def denoise(x_t: Tensor, t: int) -> Tensor:
         if x_t.shape[0] != cond.shape[0]:
@@ -125,9 +131,14 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
         context, contexts = cond, both_contexts
         if keep < 1:
             context = anneal_condition(cond, keep, condition_noise[0], noise(cond))
-            contexts = None if scale == 1 else torch.cat([uncond, context])
+            contexts = None if scale == 1 or guide_model is not None else torch.cat([uncond, context])
         if scale == 1:
             pred = model(x_t, t_batch, context)
+        elif guide_model is not None:
+            pred_cond, pred_guide = model(x_t, t_batch, context), guide_model(x_t, t_batch, context)
+            pred = pred_guide + scale * (pred_cond - pred_guide)
+            if guidance_rescale > 0:
+                pred = rescale_guided(pred, pred_cond, guidance_rescale)
         else:
             pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), t_batch.repeat(2), contexts).chunk(2)
             pred = pred_uncond + scale * (pred_cond - pred_uncond)
@@ -147,15 +158,17 @@ def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: Noise
                              decode_context: AbstractContextManager | None = None,
                              guidance_rescale: float = 0.0,
                              guidance_interval: tuple[float, float] | None = None,
-                             condition_noise: tuple[float, float, float] | None = None) -> tuple[Tensor, Tensor]:
+                             condition_noise: tuple[float, float, float] | None = None,
+                             guide_model: Model | None = None) -> tuple[Tensor, Tensor]:
     """Sample ``x`` (noisy scaled latents at ``timesteps[0]``) with guidance, then decode with the VAE.
 
     The one sampling path of ``pipelines.generate`` and the UNet stage's per-epoch grid. Returns the float32
     images (not clamped) and the scaled latents. ``decode_batch`` bounds the VAE batch; ``decode_context``
-    (e.g. an autocast) wraps the decoding only. ``noise`` also draws the condition noise (``cfg_denoiser``).
+    (e.g. an autocast) wraps the decoding only. ``noise`` also draws the condition noise, and ``guide_model`` is
+    autoguidance's weaker model (both: ``cfg_denoiser``).
     """
     denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
-                            guidance_interval, condition_noise, noise)
+                            guidance_interval, condition_noise, noise, guide_model)
     latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max)
     with decode_context or nullcontext():
         images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()

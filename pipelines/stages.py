@@ -79,6 +79,9 @@ class StageStack:
     # the UNet's CUDA-graph call and what it was captured from (see unet_call)
     _graphed_unet: tuple[tuple, CudaGraphCall] | None = field(default=None, init=False, repr=False)
     _compiled_unet: tuple[UNet, Callable[..., torch.Tensor]] | None = field(default=None, init=False, repr=False)
+    # autoguidance's weaker UNet, the folder it came from, and its CUDA-graph call (see guide_call)
+    _guide: tuple[Path, UNet] | None = field(default=None, init=False, repr=False)
+    _graphed_guide: tuple[tuple, CudaGraphCall] | None = field(default=None, init=False, repr=False)
 
     def unet_call(self, cuda_graph: bool = True, compile_unet: bool = False
                   ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -96,13 +99,35 @@ class StageStack:
             if self._compiled_unet is None or self._compiled_unet[0] is not unet:
                 self._compiled_unet = (unet, torch.compile(unet))
             forward = self._compiled_unet[1]
+        return self._sampling_call(unet, forward, "_graphed_unet", cuda_graph, compile_unet)
+
+    def guide_call(self, folder: str | Path, cuda_graph: bool = True
+                   ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Autoguidance's weaker UNet (:func:`check_guide`: a UNet stage trained on this stack's VAE and CLIP with
+        its noise schedule, e.g. the run's ``unet/lowres``) as ``model(x_t, t, context)``, like :meth:`unet_call`
+        (eager or CUDA graphs, never compiled); loaded once per folder and kept."""
+        folder = Path(folder)
+        if self._guide is None or self._guide[0] != folder:
+            info = check_guide(folder, self.infos["unet"])
+            guide = UNet.load(folder, device=self.device).eval()
+            norms_as_trained(guide, info)
+            self._guide, self._graphed_guide = (folder, guide), None
+        guide = self._guide[1]
+        return self._sampling_call(guide, guide, "_graphed_guide", cuda_graph, False)
+
+    def _sampling_call(self, unet: UNet, forward: Callable[..., torch.Tensor], graph_slot: str, cuda_graph: bool,
+                       compiled: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``forward`` (``unet`` or its compiled form) as a float32 sampling call: replayed from CUDA graphs kept
+        in the attribute ``graph_slot`` on CUDA with ``cuda_graph``, else eager under the stack's autocast."""
         if cuda_graph and self.device.type == "cuda":
-            key = (compile_unet, tuple(p.data_ptr() for p in unet.parameters()),
+            key = (compiled, tuple(p.data_ptr() for p in unet.parameters()),
                    tuple(m.low_precision for m in unet.modules() if isinstance(m, LOW_PRECISION_NORMS)))
-            if self._graphed_unet is None or self._graphed_unet[0] != key:
-                call = CudaGraphCall(lambda x_t, t, context: forward(x_t, t, context).float(), bf16_autocast=True)
-                self._graphed_unet = (key, call)
-            return self._graphed_unet[1]
+            graphed = getattr(self, graph_slot)
+            if graphed is None or graphed[0] != key:
+                graphed = (key, CudaGraphCall(lambda x_t, t, context: forward(x_t, t, context).float(),
+                                              bf16_autocast=True))
+                setattr(self, graph_slot, graphed)
+            return graphed[1]
 
         def eager(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             with inference_autocast(self.device):
@@ -176,6 +201,21 @@ def lineage_mismatches(vae_info: StageInfo, clip_info: StageInfo, unet_info: Sta
     if expected_tokenizer and actual_tokenizer and expected_tokenizer != actual_tokenizer:
         mismatched.append("tokenizer")
     return mismatched
+
+
+def check_guide(folder: str | Path, unet_info: StageInfo) -> StageInfo:
+    """The stage info of an autoguidance UNet at ``folder``, after checking that it can guide the UNet of
+    ``unet_info``: a UNet stage trained on the same VAE and CLIP (the same latents and text states), with the
+    same noise schedule and prediction type (its prediction at a timestep means what the UNet's does)."""
+    info = read_stage(folder, "unet")
+    problems = [f"it was trained on another {stage.upper()}" for stage in ("vae", "clip")
+                if info.trained_on.get(stage) != unet_info.trained_on.get(stage)]
+    problems += [f"its {key.replace('_', ' ')} differs" for key in ("schedule", "prediction_type")
+                 if info.training.get(key) != unet_info.training.get(key)]
+    if problems:
+        raise StageError(f"the UNet at {folder} cannot guide the UNet at {unet_info.path}: {'; '.join(problems)}; "
+                         "guide with a UNet trained in the same run, e.g. its unet/lowres")
+    return info
 
 
 def norms_as_trained(model: torch.nn.Module, info: StageInfo) -> None:

@@ -18,6 +18,7 @@ from diffusion.samplers import SAMPLERS, check_eta
 from engine.errors import UserError
 from engine.images import save_grid
 from engine.precision import inference_autocast
+from engine.stage import read_stage
 
 from .prompts import SHOWCASE_PROMPTS, SHOWCASE_SEEDS
 from .stages import StageStack
@@ -55,6 +56,10 @@ class GenerationSettings:
     # (scale, sigma_lo, sigma_hi): anneal the prompt with noise above sigma_lo, wholly noise from sigma_hi up (CADS;
     # diffusion.guidance.cfg_denoiser); None keeps the prompt at every level
     condition_noise: tuple[float, float, float] | None = DEFAULT_CONDITION_NOISE
+    # Autoguidance (Karras et al. 2024; diffusion.guidance.cfg_denoiser): a UNet stage folder, a weaker model of the
+    # same run (e.g. its unet/lowres), guided away from on the prompt in place of the empty prompt; None: the
+    # empty (or negative) prompt, classifier-free guidance
+    guide_unet: str | None = None
     size: int = 512
     negative_prompt: str = ""
     batch_size: int = 16  # prompts per UNet call (the guidance pass doubles it)
@@ -84,6 +89,9 @@ class GenerationSettings:
             self.guidance_interval = tuple(float(v) for v in self.guidance_interval)  # a JSON list reads back
         if self.condition_noise is not None:
             self.condition_noise = tuple(float(v) for v in self.condition_noise)
+        if self.guide_unet is not None:
+            self.guide_unet = str(self.guide_unet)
+            read_stage(self.guide_unet, "unet")  # a missing or other folder stops here; check_guide says if it fits
         try:  # the samplers' and the guidance's own rules, before any model is loaded
             check_eta(self.sampler, self.eta, self.eta_sigma_max)
             check_guidance_interval(self.guidance_interval)
@@ -99,7 +107,8 @@ class GenerationSettings:
             "" if self.eta_sigma_max is None else f" below sigma {self.eta_sigma_max:g}")
         annealed = "" if self.condition_noise is None else \
             ", condition noise {:g} from sigma {:g} (all noise from {:g})".format(*self.condition_noise)
-        return (f"{self.sampler}, {self.steps} steps, guidance {self.guidance_scale:g} {levels} (rescale "
+        away_from = "" if self.guide_unet is None else f" away from the UNet at {self.guide_unet}"
+        return (f"{self.sampler}, {self.steps} steps, guidance {self.guidance_scale:g}{away_from} {levels} (rescale "
                 f"{self.guidance_rescale:g}), {noise}{annealed}, {self.size} px")
 
 
@@ -134,13 +143,17 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                                 "(default: %(default)s)")
     annealing.add_argument("--no-condition-noise", dest="condition_noise", action="store_const", const=None,
                            help="keep the prompt at every noise level (no annealing)")
+    parser.add_argument("--guide-unet", metavar="FOLDER",
+                        help="autoguidance (Karras et al. 2024): guide away from this weaker UNet of the same run on "
+                             "the prompt (e.g. RUN/unet/lowres), not from the empty prompt (default: the empty prompt)")
 
 
 def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettings:
     """GenerationSettings from the options of :func:`add_sampling_arguments`, plus ``more`` fields."""
     return GenerationSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, eta_sigma_max=args.eta_sigma_max,
                               guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
-                              guidance_interval=args.guidance_interval, condition_noise=args.condition_noise, **more)
+                              guidance_interval=args.guidance_interval, condition_noise=args.condition_noise,
+                              guide_unet=args.guide_unet, **more)
 
 
 def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], settings: GenerationSettings | None = None,
@@ -173,6 +186,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
     timesteps = stack.schedule.sampling_timesteps(steps, strength)
     autocast = inference_autocast(device)
     model = stack.unet_call(settings.cuda_graph, settings.compile_unet)
+    guide = None if settings.guide_unet is None else stack.guide_call(settings.guide_unet, settings.cuda_graph)
     with autocast:  # one negative prompt for every sample: encoded once, broadcast by the guidance
         uncond = stack.clip.text_states([settings.negative_prompt]).float()
 
@@ -198,7 +212,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
             model, stack.vae, stack.schedule, stack.prediction_type, cond.float(), uncond, settings.guidance_scale, x,
             timesteps, settings.sampler, per_sample, settings.eta, settings.eta_sigma_max, decode_context=autocast,
             guidance_rescale=settings.guidance_rescale, guidance_interval=settings.guidance_interval,
-            condition_noise=settings.condition_noise)
+            condition_noise=settings.condition_noise, guide_model=guide)
         outputs.append(images.clamp(-1, 1))
         all_latents.append(latents)
     return torch.cat(outputs), torch.cat(all_latents)

@@ -70,6 +70,33 @@ def test_guided_prediction_extrapolates_from_uncond_to_cond_in_one_batched_pass(
     assert model.batches == [2 * BATCH]
 
 
+class WeakerToyModel(ToyModel):
+    """A guide for autoguidance: the toy model's prediction, off by a context-dependent error."""
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return super().__call__(x_t, t, context) * 0.8 - context.std(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_autoguidance_extrapolates_from_the_guide_on_the_prompt_to_the_model(inputs, prediction_type):
+    x_t, t, cond, uncond = inputs
+    schedule = NoiseSchedule(ScheduleConfig())
+    model, guide = ToyModel(), WeakerToyModel()
+    x0 = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0, guide_model=guide)(x_t, t)
+    pred_cond, pred_guide = ToyModel()(x_t, batch_of(t), cond), WeakerToyModel()(x_t, batch_of(t), cond)
+    expected, _ = schedule.to_x0_eps(pred_guide + 3.0 * (pred_cond - pred_guide), x_t, batch_of(t), prediction_type)
+    torch.testing.assert_close(x0, expected)  # the guide sees the prompt, not uncond: far from this if it did
+    assert model.batches == [BATCH] and guide.batches == [BATCH]
+    # the model as its own guide adds nothing: the conditional prediction at any scale
+    torch.testing.assert_close(cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0, guide_model=model)(
+        x_t, t), cfg_denoiser(model, schedule, prediction_type, cond, uncond, 1.0)(x_t, t))
+    # outside the guidance interval the guide is not called
+    outside = WeakerToyModel()
+    cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0, guidance_interval=(1e6, 1e7),
+                 guide_model=outside)(x_t, t)
+    assert outside.batches == []
+
+
 def test_shared_negative_prompt_pairs_with_every_sample(inputs):
     x_t, t, cond, uncond = inputs
     schedule = NoiseSchedule(ScheduleConfig())

@@ -1,5 +1,6 @@
 """The whole stack end to end on the tiny preset: train_all, skip/resume, --reuse, lineage, img2img."""
 
+import argparse
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
 from engine.stage import file_fingerprint, load_weights
 from pipelines.stages import LineageWarning, load_stack
-from pipelines.text_to_image import DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings, generate
+from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings,
+                                     add_sampling_arguments, generate, sampling_settings)
 
 DATA = "shapes:60"
 
@@ -348,6 +350,40 @@ def test_condition_noise_reaches_generation(run_a):  # which levels it anneals: 
     assert not torch.allclose(default, plain, atol=1e-3)
 
 
+def test_autoguidance_reaches_generation_and_a_guide_that_cannot_guide_is_refused(run_a, tmp_path):
+    stack = load_stack(run_a, device="cpu")  # which branch it replaces: tests/test_guidance.py
+
+    def images(**settings):
+        return generate(stack, ["a red circle", "a blue square"], [0, 1], GenerationSettings(
+            **{"size": 64, "steps": 4, "eta": 0.0, "guidance_scale": 4.0, "guidance_interval": None, **settings}))
+
+    lowres = str(run_a / "unet" / "lowres")  # the run's 32-px phase: a weaker model of the same run
+    autoguided, classifier_free, unguided = images(guide_unet=lowres), images(), images(guidance_scale=1.0)
+    assert not torch.allclose(autoguided, classifier_free, atol=1e-3)
+    assert not torch.allclose(autoguided, unguided, atol=1e-3)
+    assert torch.equal(autoguided, images(guide_unet=lowres))
+    # the UNet as its own guide adds nothing to its conditional prediction
+    torch.testing.assert_close(images(guide_unet=str(run_a / "unet")), unguided, atol=1e-5, rtol=0)
+    assert f"guidance 4 away from the UNet at {lowres} at every level" in GenerationSettings(
+        guide_unet=lowres, guidance_interval=None).describe()
+
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    assert sampling_settings(parser.parse_args(["--guide-unet", lowres])).guide_unet == lowres
+    assert sampling_settings(parser.parse_args([])).guide_unet is None  # classifier-free unless asked
+    with pytest.raises(StageError, match="does not exist"):  # refused before any model loads
+        GenerationSettings(guide_unet=str(tmp_path / "missing"))
+    with pytest.raises(StageError, match="vae"):
+        GenerationSettings(guide_unet=str(run_a / "vae"))
+    other = tmp_path / "other_lineage"  # a UNet trained on another VAE: its latents mean something else
+    shutil.copytree(run_a / "unet" / "lowres", other)
+    config = json.loads((other / "config.json").read_text())
+    config["trained_on"]["vae"] = "0" * 16
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StageError, match="cannot guide the UNet at .*: it was trained on another VAE; guide with"):
+        images(guide_unet=str(other))
+
+
 def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
     from benchmarks.generate_speed import generate_speed
 
@@ -410,10 +446,6 @@ def test_generate_speed_times_the_default_case_three_ways_and_leaves_the_norms_a
 
 
 def test_sampling_options_choose_the_guidance_interval():
-    import argparse
-
-    from pipelines.text_to_image import add_sampling_arguments, sampling_settings
-
     parser = argparse.ArgumentParser()
     add_sampling_arguments(parser)
     assert sampling_settings(parser.parse_args([])).guidance_interval == GenerationSettings().guidance_interval

@@ -134,14 +134,12 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
             contexts = None if scale == 1 or guide_model is not None else torch.cat([uncond, context])
         if scale == 1:
             pred = model(x_t, t_batch, context)
-        elif guide_model is not None:
-            pred_cond, pred_guide = model(x_t, t_batch, context), guide_model(x_t, t_batch, context)
-            pred = pred_guide + scale * (pred_cond - pred_guide)
-            if guidance_rescale > 0:
-                pred = rescale_guided(pred, pred_cond, guidance_rescale)
-        else:
-            pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), t_batch.repeat(2), contexts).chunk(2)
-            pred = pred_uncond + scale * (pred_cond - pred_uncond)
+        else:  # extrapolate from the branch guided away from (the guide on the prompt, or the empty prompt)
+            if guide_model is not None:
+                pred_away, pred_cond = guide_model(x_t, t_batch, context), model(x_t, t_batch, context)
+            else:
+                pred_away, pred_cond = model(torch.cat([x_t, x_t]), t_batch.repeat(2), contexts).chunk(2)
+            pred = pred_away + scale * (pred_cond - pred_away)
             if guidance_rescale > 0:
                 pred = rescale_guided(pred, pred_cond, guidance_rescale)
         x0, _ = schedule.to_x0_eps(pred, x_t, t_batch, prediction_type)

@@ -349,16 +349,17 @@ def train_concurrently(plans: Sequence[ColumnPlan], data: str, device: str | Non
 
 def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data: CaptionSet, reference: RealReference, size: int,
                     steps: int, eval_seeds: int, device: str | None, guidance: float | None = None,
-                    guidance_interval: tuple[float, float] | None = None) -> dict[str, Any]:
+                    guidance_interval: tuple[float, float] | None = None,
+                    condition_noise: Sequence[float] | None = DEFAULT_CONDITION_NOISE) -> dict[str, Any]:
     """The column's evaluation (``eval_seeds`` draws of the sampled metrics: mean and spread) and grid block.
     ``data`` at ``size`` px and its ``reference`` are the study's, shared by every column. ``guidance``: the
     scale of every column; None takes the column's UNet config's (its grids' scale). ``guidance_interval``: the
-    noise levels guided (None: every level, as the grids)."""
+    noise levels guided (None: every level, as the grids). ``condition_noise``: the study's recorded one."""
     stack = load_stack(vae=plan.stages["vae"], clip=plan.stages["clip"], unet=plan.stages["unet"], device=device)
     training = stack.infos["unet"].training
     settings = GenerationSettings(size=size, steps=steps, guidance_rescale=training["guidance_rescale"],
                                   guidance_scale=training["guidance_scale"] if guidance is None else guidance,
-                                  guidance_interval=guidance_interval)
+                                  guidance_interval=guidance_interval, condition_noise=condition_noise)
     judge_name = f"{plan.stages['judge']} ({file_fingerprint(plan.stages['judge'] / 'model.safetensors')})"
     results = evaluate_run(stack, data, judge, settings, out_dir=plan.folder, judge_name=judge_name,
                            reference=reference)
@@ -730,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     print(f"\n=== {plan.name}: evaluating ===", flush=True)
                     evaluations[plan.name] = evaluate_column(plan, judge, data, reference, size, args.steps,
                                                              args.eval_seeds, str(env.device), args.guidance,
-                                                             args.guidance_interval)
+                                                             args.guidance_interval, settings["condition_noise"])
                 else:
                     evaluations[plan.name] = json.loads((plan.folder / EVALUATION_FILE).read_text(encoding="utf-8"))
             result["summary"] = write_report(args.out, plans, evaluations, settings, command)

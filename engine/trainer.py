@@ -457,11 +457,13 @@ class Trainer:
         return state
 
     def _set_rng_state(self, state: Mapping[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
+        # RNG states are CPU byte tensors whatever the generator's device; the checkpoint is loaded onto the
+        # training device, so they come back from there
+        torch.set_rng_state(state["torch"].cpu())
         random.setstate(state["python"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())
         if "cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], self.device)
+            torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
 
     def save_checkpoint(self) -> None:
         """Atomically write model, EMA, optimizer, schedule, step and every rank's RNG state."""

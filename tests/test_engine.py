@@ -145,13 +145,13 @@ DATA_Y = DATA_X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
 
 
 def make_batch(indices, generator):
-    sign = torch.where(torch.rand(len(indices), 1, generator=generator) < 0.5, -1.0, 1.0)
-    return DATA_X[indices] * sign, DATA_Y[indices] * sign
+    sign = torch.where(torch.rand(len(indices), 1, generator=generator, device=indices.device) < 0.5, -1.0, 1.0)
+    return DATA_X.to(indices.device)[indices] * sign, DATA_Y.to(indices.device)[indices] * sign
 
 
-def train(out, epochs, resume=False, crash_at=None, **overrides):
+def train(out, epochs, resume=False, crash_at=None, device="cpu", **overrides):
     cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, **overrides)
-    trainer = Trainer(ToyModule(), cfg, out, num_train_items=len(DATA_X), resume=resume, device="cpu")
+    trainer = Trainer(ToyModule(), cfg, out, num_train_items=len(DATA_X), resume=resume, device=device)
 
     def batches(indices, generator):
         if crash_at is not None and trainer.step == crash_at:
@@ -342,6 +342,17 @@ def test_killed_run_resumes_mid_epoch_exactly(tmp_path):
     assert not torch.equal(*(straight.ema_probes[std].shadow["net.0.weight"] for std in probes))
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # replayed steps were not logged twice
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the checkpoint is loaded onto it")
+def test_killed_run_resumes_exactly_on_the_gpu(tmp_path):
+    # the RNG states come back on the GPU with the rest of the checkpoint, and must be handed back on the CPU
+    straight = train(tmp_path / "a", epochs=3, checkpoint_every_steps=3, device="cuda")
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", epochs=3, checkpoint_every_steps=3, crash_at=13, device="cuda")
+    resumed = train(tmp_path / "b", epochs=3, resume=True, checkpoint_every_steps=3, device="cuda")
+    assert resumed.resumed
+    _same_state(straight, resumed)
 
 
 def test_resume_refuses_a_different_batch_size(tmp_path):

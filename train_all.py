@@ -19,6 +19,7 @@ and sample grids; the UNet's low-resolution phase in ``unet/lowres/``), ``evalua
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from engine.config import choose_preset, config_to_dict, parse_overrides, preset
 from engine.errors import run_cli
 from engine.images import save_grid
 from engine.runlog import loss_spikes, rollbacks
-from engine.stage import CONFIG_FILE, record_preset, remove_empty_folders, write_json
+from engine.stage import CONFIG_FILE, LOCK_FILE, folder_lock, record_preset, remove_empty_folders, write_json
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import JUDGE_PAIRS, evaluate_to_folder, markdown_table
 from pipelines.prompts import COLOUR_PROMPTS
@@ -321,12 +322,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     created = not run.exists()
     env = distributed.setup(args.device)
     try:
-        if env.is_main:
-            print(f"preset: {preset['name']} ({preset['reason']})", flush=True)
-        check_finished_stages(run, configs, args.data, reuse, args.overwrite)
-        return _train_and_report(args, run, configs, reuse, preset, command, env)
+        with folder_lock(run, command) if env.is_main else contextlib.nullcontext():
+            if env.is_main:
+                print(f"preset: {preset['name']} ({preset['reason']})", flush=True)
+            check_finished_stages(run, configs, args.data, reuse, args.overwrite)
+            return _train_and_report(args, run, configs, reuse, preset, command, env)
     except BaseException:
         if created and env.is_main:
+            (run / LOCK_FILE).unlink(missing_ok=True)
             remove_empty_folders(run)  # an early failure leaves no empty run folder
         raise
     finally:

@@ -7,13 +7,16 @@ complete; a half-written folder never looks finished.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterator, Mapping, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +29,7 @@ CODE_VERSION = "0.1.0"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
+LOCK_FILE = ".lock"
 
 
 class StageError(UserError):
@@ -130,6 +134,27 @@ def record_preset(folder: str | Path, name: str, reason: str) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     data["preset"] = {"name": name, "reason": reason}
     write_json(path, data)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, holder: str) -> Iterator[None]:
+    """Hold ``folder`` (created if missing) for one command while the block runs: a second command writing to it
+    stops at once with an error naming the holder, instead of training over the first one's files. The lock is
+    the operating system's (``flock`` on ``folder/.lock``), so a killed command leaves no stale lock behind."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise StageError(f"{folder} is in use by another command ({fh.read().strip() or 'holder unknown'}); "
+                             "wait for it to finish, or write to another folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{holder}, pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield  # closing the file releases the lock
 
 
 def remove_empty_folders(folder: str | Path) -> None:

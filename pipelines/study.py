@@ -54,8 +54,8 @@ from engine import distributed
 from engine.config import choose_preset, setting_differences
 from engine.errors import UserError, run_cli
 from engine.runlog import SPIKE_FACTOR, read_records
-from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, is_complete, read_stage, \
-    record_preset, write_json
+from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, folder_lock, is_complete, \
+    read_stage, record_preset, write_json
 from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, evaluate_run, generation_metrics, over_seed_sets,
                                 real_reference)
 from pipelines.metrics import PROMPT_COLOURS
@@ -699,46 +699,48 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               "estimate_minutes": {p.name: p.estimate_minutes for p in plans}, "settings": settings}
     if args.plan_only:
         return result
-    env = distributed.setup(args.device)
-    try:
-        to_train = [p for p in plans if p.name in pending and p.configs]
-        if env.is_main:
-            for plan in plans:
-                if plan.name in pending:
-                    write_json(plan.folder / VARIANT_FILE, {"recorded_as": {"spec": plan.spec, **settings},
-                                                            "sources": plan.sources})  # stages: stages.json
-                    write_json(plan.folder / "stages.json", {k: str(v) for k, v in plan.stages.items()})
-                else:
-                    print(f"{plan.name}: finished ({plan.folder / EVALUATION_FILE}), skipped", flush=True)
-        distributed.barrier()
-        started = time.perf_counter()
-        if args.concurrent:
-            train_concurrently(to_train, args.data, args.device)
-        else:
-            for plan in to_train:
-                if env.is_main:
-                    print(f"\n=== {plan.name}: training {', '.join(plan.configs)} ===", flush=True)
-                train_column(plan, args.data, args.device)
-        distributed.barrier()
-        result["train_minutes"] = (time.perf_counter() - started) / 60
-        if env.is_main:
-            judge = CLIPModel.load(base["judge"], device=env.device).eval()
-            data = load_captions(args.data, resolution=size)
-            reference = real_reference(judge, data.subset("train"), data.subset("val"), size) if pending else None
-            evaluations = {}
-            for plan in plans:
-                if plan.name in pending:
-                    print(f"\n=== {plan.name}: evaluating ===", flush=True)
-                    evaluations[plan.name] = evaluate_column(plan, judge, data, reference, size, args.steps,
-                                                             args.eval_seeds, str(env.device), args.guidance,
-                                                             args.guidance_interval, settings["condition_noise"])
-                else:
-                    evaluations[plan.name] = json.loads((plan.folder / EVALUATION_FILE).read_text(encoding="utf-8"))
-            result["summary"] = write_report(args.out, plans, evaluations, settings, command)
-            print(f"\nStudy written: {args.out / 'report.md'}", flush=True)
-        distributed.barrier()
-    finally:
-        distributed.cleanup()
+    # one study writes to a folder at a time: a second one would resume the first one's half-trained columns
+    with folder_lock(args.out, command) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        env = distributed.setup(args.device)
+        try:
+            to_train = [p for p in plans if p.name in pending and p.configs]
+            if env.is_main:
+                for plan in plans:
+                    if plan.name in pending:
+                        write_json(plan.folder / VARIANT_FILE, {"recorded_as": {"spec": plan.spec, **settings},
+                                                                "sources": plan.sources})  # stages: stages.json
+                        write_json(plan.folder / "stages.json", {k: str(v) for k, v in plan.stages.items()})
+                    else:
+                        print(f"{plan.name}: finished ({plan.folder / EVALUATION_FILE}), skipped", flush=True)
+            distributed.barrier()
+            started = time.perf_counter()
+            if args.concurrent:
+                train_concurrently(to_train, args.data, args.device)
+            else:
+                for plan in to_train:
+                    if env.is_main:
+                        print(f"\n=== {plan.name}: training {', '.join(plan.configs)} ===", flush=True)
+                    train_column(plan, args.data, args.device)
+            distributed.barrier()
+            result["train_minutes"] = (time.perf_counter() - started) / 60
+            if env.is_main:
+                judge = CLIPModel.load(base["judge"], device=env.device).eval()
+                data = load_captions(args.data, resolution=size)
+                reference = real_reference(judge, data.subset("train"), data.subset("val"), size) if pending else None
+                evaluations = {}
+                for plan in plans:
+                    if plan.name in pending:
+                        print(f"\n=== {plan.name}: evaluating ===", flush=True)
+                        evaluations[plan.name] = evaluate_column(plan, judge, data, reference, size, args.steps,
+                                                                 args.eval_seeds, str(env.device), args.guidance,
+                                                                 args.guidance_interval, settings["condition_noise"])
+                    else:
+                        evaluations[plan.name] = json.loads((plan.folder / EVALUATION_FILE).read_text(encoding="utf-8"))
+                result["summary"] = write_report(args.out, plans, evaluations, settings, command)
+                print(f"\nStudy written: {args.out / 'report.md'}", flush=True)
+            distributed.barrier()
+        finally:
+            distributed.cleanup()
     return result
 
 

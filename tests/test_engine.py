@@ -1,5 +1,8 @@
 import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_con
 from engine.config import config_from_dict, config_to_dict, parse_overrides
 from engine.ema import EMA, power_profile_exponent, power_profile_std
 from engine.runlog import loss_spikes, read_records, rollbacks
-from engine.stage import StageError, load_weights
+from engine.stage import StageError, folder_lock, load_weights
 from engine.trainer import lr_factor
 
 
@@ -122,6 +125,30 @@ def test_stage_folder_round_trip_and_errors(tmp_path):
     with pytest.raises(StageError, match="incomplete"):
         read_stage(tmp_path / "half")
     assert not list((tmp_path / "s").glob("*.tmp"))
+
+
+def test_a_held_folder_stops_a_second_command_with_the_holder_named_and_a_killed_holder_leaves_no_lock(tmp_path):
+    folder = tmp_path / "run"
+    with folder_lock(folder, "train_all.py --run a"):
+        with pytest.raises(StageError, match=r"run is in use by another command \(train_all.py --run a, pid \d+ on "):
+            with folder_lock(folder, "second"):
+                pass
+    with folder_lock(folder, "second"):  # released when the block ends
+        pass
+    script = (f"import time\nfrom engine.stage import folder_lock\nwith folder_lock({str(folder)!r}, 'killed'):\n"
+              "    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StageError, match=r"in use by another command \(killed, pid"):
+            with folder_lock(folder, "third"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(folder, "third"):  # the operating system dropped the killed process's lock
+        pass
 
 
 # ---------------------------------------------------------------- training engine

@@ -19,7 +19,7 @@ from data import DataError
 from engine import ConfigError, StageError, read_stage
 from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
-from engine.stage import file_fingerprint, load_weights
+from engine.stage import file_fingerprint, folder_lock, load_weights
 from pipelines.stages import LineageWarning, load_stack
 from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings,
                                      add_sampling_arguments, generate, sampling_settings)
@@ -239,6 +239,13 @@ def test_bad_stage_config_fails_before_anything_trains(tmp_path, bad):
         train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--preset", "tiny", "--device", "cpu", bad])
     assert time.perf_counter() - started < 10
     assert not (tmp_path / "r").exists()  # nothing trained, and no empty run folder left behind
+
+
+def test_a_run_folder_another_command_trains_into_is_refused_before_anything_trains(tmp_path):
+    with folder_lock(tmp_path / "r", "train_all.py --run r (the first)"):
+        with pytest.raises(StageError, match=r"r is in use by another command \(train_all.py --run r \(the first\)"):
+            train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--preset", "tiny", "--device", "cpu"])
+        assert [p.name for p in (tmp_path / "r").iterdir()] == [".lock"]
 
 
 def test_unet_init_from_is_checked_before_anything_trains(run_a, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import pipelines.study as study_module
 import train_all
 from engine.errors import UserError
-from engine.stage import StageError, file_fingerprint, is_complete, read_stage
+from engine.stage import StageError, file_fingerprint, folder_lock, is_complete, read_stage
 from pipelines.evaluate import default_judge
 from pipelines.stages import judge_path, load_stack
 from pipelines.study import main as study
@@ -167,6 +167,15 @@ def test_a_changed_variant_under_a_finished_name_is_refused(done):
     changed = [a.replace("--unet.cons_weight=0", "--unet.cons_weight=0.5") for a in args]
     with pytest.raises(UserError, match=r"holds column no_terms of another study \(spec was .*another name"):
         study(changed)
+
+
+def test_a_study_folder_another_command_writes_to_is_refused_before_anything_is_written(base, tmp_path):
+    out = tmp_path / "out"
+    with folder_lock(out, "python -m pipelines.study --out out (the first)"):
+        with pytest.raises(StageError, match=r"out is in use by another command \(python -m pipelines.study --out out "
+                                             r"\(the first\), pid"):
+            study(["--base", str(base), "--out", str(out), *FAST, "--variant", "no_terms: --unet.div_weight=0"])
+    assert [p.name for p in out.iterdir()] == [".lock"]  # no column folder, no variant file
 
 
 def test_a_mismatched_stage_folder_is_a_clear_error_before_anything_trains(base, tmp_path):

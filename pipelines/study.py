@@ -24,7 +24,9 @@ guidance rescale, at every noise level unless ``--guidance-interval`` is given (
 ``--guidance 4 --guidance-interval 0.28 7.5``), with generation's default step and condition noise;
 ``--eval-seeds K`` repeats the sampled metrics with K seed sets, for the spread that tells an effect from noise.
 ``--concurrent`` trains the variants as parallel processes (one GPU, eager: no compile), which pays when one small
-model alone leaves the GPU idle. Re-running skips finished columns. Writes ``OUT/report.md`` (sentences, plan,
+model alone leaves the GPU idle. Re-running skips finished columns. The report measures every column against the
+base; ``--reference NAME`` measures them against a variant instead (say, terms off against the regime they act
+in), and a finished study run again with it is re-read without training. Writes ``OUT/report.md`` (sentences, plan,
 metrics table with differences, grid, loss curves, bar chart), ``OUT/compare.png``, ``OUT/losses.png``,
 ``OUT/metrics.png``, ``OUT/study.json``, and per column ``OUT/NAME/`` (its trained stages, ``stages.json``,
 ``evaluation.json``).
@@ -397,11 +399,12 @@ def format_difference(difference: float, share: bool) -> str:
 
 
 def describe_column(plan: ColumnPlan, base: dict[str, Any], results: dict[str, Any]) -> tuple[str, str]:
-    """(one sentence of what the variant changed, from the numbers; its largest change, for the headline)."""
+    """(one sentence of what the column changed against ``base``, the reference column's results, from the
+    numbers; its largest change, for the headline)."""
     trained = [s for s in STUDY_STAGES if plan.sources[s] == "trained"]
     given = [s for s in STUDY_STAGES if plan.sources[s] == "given"]
     what = "; ".join(filter(None, [f"retrained {', '.join(trained)}" if trained else "",
-                                   f"took {', '.join(given)} from a folder" if given else ""]))
+                                   f"took {', '.join(given)} from a folder" if given else ""])) or "the base run"
     changes = []  # (beyond the seed spread, relative size, text)
     for section, key, label, share in KEY_METRICS:
         before, after = metric_value(base, section, key), metric_value(results, section, key)
@@ -428,8 +431,9 @@ def describe_column(plan: ColumnPlan, base: dict[str, Any], results: dict[str, A
     return f"**{plan.name}** ({what}): {', '.join(c[2] for c in moved[:3])}.", f"{plan.name}: {moved[0][2]}"
 
 
-def metrics_markdown(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, Any]]) -> str:
-    """Rows: key metrics and training minutes; columns: real images, the base, each variant with its difference."""
+def metrics_markdown(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, Any]], reference: str = BASE) -> str:
+    """Rows: key metrics and training minutes; columns: real images, then every column, each but ``reference``
+    with its difference from that column."""
     names = [p.name for p in plans]
     base = evaluations[BASE]
     lines = ["| metric | real images | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
@@ -447,8 +451,8 @@ def metrics_markdown(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[st
             spread = metric_spread(evaluations[name], section, key)
             if spread is not None:
                 text += f" ± {format_difference(spread, share).lstrip('+')}"
-            before = metric_value(base, section, key)
-            if name != BASE and before is not None:
+            before = metric_value(evaluations[reference], section, key)
+            if name != reference and before is not None:
                 text += f" ({format_difference(value - before, share)})"
             cells.append(text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -536,10 +540,12 @@ def plot_metrics(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, A
 
 
 def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, Any]],
-                 settings: dict[str, Any], command: str) -> dict[str, Any]:
-    """``OUT/report.md``, the pictures and ``OUT/study.json`` (with the fields of a studies summary entry)."""
+                 settings: dict[str, Any], command: str, reference: str = BASE) -> dict[str, Any]:
+    """``OUT/report.md``, the pictures and ``OUT/study.json`` (with the fields of a studies summary entry).
+    ``reference``: the column the others are measured against, in the sentences and the table (default: base)."""
     variants = [p for p in plans if p.name != BASE]
-    sentences = {p.name: describe_column(p, evaluations[BASE], evaluations[p.name]) for p in variants}
+    compared = [p for p in plans if p.name != reference]
+    sentences = {p.name: describe_column(p, evaluations[reference], evaluations[p.name]) for p in compared}
     compare = combined_grid(plans, out / "compare.png")
     losses = plot_losses(plans, out / "losses.png")
     bars = plot_metrics(plans, evaluations, out / "metrics.png")
@@ -562,7 +568,8 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
     if "tiny" in preset:
         lines += ["**This is a smoke study** on the tiny preset: it shows that the study runs end to end; its "
                   "numbers say nothing about the full models.", ""]
-    lines += ["## What each variant changed", ""] + [f"- {sentences[p.name][0]}" for p in variants] + [""]
+    heading = "What each variant changed" if reference == BASE else f"What each column changed against {reference}"
+    lines += [f"## {heading}", ""] + [f"- {sentences[p.name][0]}" for p in compared] + [""]
     histories = {p.name: train_all.stage_spikes({s: p.stages[s] for s in STUDY_STAGES}) for p in plans}
     spikes = {name: left for name, (left, _) in histories.items() if left}
     rolled_back = {name: rolled for name, (_, rolled) in histories.items() if rolled}
@@ -588,8 +595,8 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
         cells = [f"trained ({plan.stages[s].name})" if plan.sources[s] == "trained" else
                  f"given: `{plan.stages[s]}`" if plan.sources[s] == "given" else "base" for s in STUDY_STAGES]
         lines.append(f"| {plan.name} | `{plan.spec or '(the base run)'}` | " + " | ".join(cells) + " |")
-    lines += ["", "## Metrics", "", f"Differences in brackets are variant − base; {spread_note}. Real images: the "
-              "data's own value where the metric has one.", "", metrics_markdown(plans, evaluations),
+    lines += ["", "## Metrics", "", f"Differences in brackets are column − {reference}; {spread_note}. Real images: "
+              "the data's own value where the metric has one.", "", metrics_markdown(plans, evaluations, reference),
               "## Samples", "", f"Column blocks, left to right: {', '.join(p.name for p in plans)}; in each block, "
               f"{showcase_layout(GRID_SEEDS)}.",
               "", "![compare](compare.png)", ""]
@@ -600,9 +607,10 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
               f"![metrics]({bars.name})", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     summary = {"stage": ", ".join(dict.fromkeys(s for p in variants for s in p.changed)),
-               "variants": {p.name: {"spec": p.spec, "sources": p.sources, "sentence": sentences[p.name][0]}
+               "variants": {p.name: {"spec": p.spec, "sources": p.sources, "sentence": sentences.get(p.name, ("",))[0]}
                             for p in variants},
-               "compare_png": str(compare), "headline": "; ".join(sentences[p.name][1] for p in variants) + ".",
+               "reference": reference,
+               "compare_png": str(compare), "headline": "; ".join(sentences[p.name][1] for p in compared) + ".",
                "command": command, "settings": settings, "loss_spikes": spikes, "spike_rollbacks": rolled_back,
                "evaluations": {name: {k: evaluations[name].get(k) for k in ("vae", "clip", "generation",
                                                                             "generation_sd", "train_minutes")}
@@ -654,6 +662,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="guidance scale of every column (default: each UNet config's, the training grids' scale)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
                         help="guide only at noise levels in (SIGMA_LO, SIGMA_HI] (default: every level, as the grids)")
+    parser.add_argument("--reference", default=BASE, metavar="COLUMN",
+                        help="the column the report measures the others against (default: base); run a finished "
+                             "study again with another to re-read it without training")
     parser.add_argument("--concurrent", action="store_true", help="train the variants at once, one process each")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
     parser.add_argument("--device", default=None)
@@ -663,6 +674,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise UserError(f"variant names must differ, got {names}")
+    if args.reference not in [BASE, *names]:
+        raise UserError(f"--reference {args.reference} is no column of this study; pass {BASE} or a variant's name "
+                        f"({', '.join(names)})")
     if args.eval_seeds < 1:
         raise UserError(f"--eval-seeds must be at least 1, got {args.eval_seeds}")
     if args.concurrent and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -736,7 +750,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                                  args.guidance_interval, settings["condition_noise"])
                     else:
                         evaluations[plan.name] = json.loads((plan.folder / EVALUATION_FILE).read_text(encoding="utf-8"))
-                result["summary"] = write_report(args.out, plans, evaluations, settings, command)
+                result["summary"] = write_report(args.out, plans, evaluations, settings, command,
+                                                 args.reference)
                 print(f"\nStudy written: {args.out / 'report.md'}", flush=True)
             distributed.barrier()
         finally:

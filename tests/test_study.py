@@ -7,6 +7,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -103,6 +104,38 @@ def test_resume_skips_finished_variants_and_trains_a_new_one_concurrently(done, 
     assert is_complete(copy / "fast_lr" / "unet") and (copy / "fast_lr" / "train.log").is_file()
     assert read_stage(copy / "fast_lr" / "unet", "unet").training["train"]["compile"] is False
     assert "| fast_lr |" in (copy / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_finished_study_is_re_read_against_another_column_without_training(done, tmp_path):
+    out, args, _ = done
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    args = [copy.as_posix() if a == str(out) else a for a in args]
+    finished = {name: (copy / name / "evaluation.json").stat().st_mtime_ns
+                for name in ("base", "no_terms", "strong_kl")}
+    result = study([*args, "--reference", "no_terms"])
+    assert result["pending"] == [] and all((copy / name / "evaluation.json").stat().st_mtime_ns == mtime
+                                           for name, mtime in finished.items())
+    report = (copy / "report.md").read_text(encoding="utf-8")
+    assert "## What each column changed against no_terms" in report
+    assert "Differences in brackets are column − no_terms" in report
+    assert "- **base** (the base run)" in report and "- **strong_kl** (retrained vae, unet)" in report
+    assert "- **no_terms**" not in report
+    evaluations = {name: json.loads((copy / name / "evaluation.json").read_text()) for name in finished}
+    strong_kl = SimpleNamespace(name="strong_kl", sources={"vae": "trained", "clip": "base", "unet": "trained"})
+    sentence, _ = study_module.describe_column(strong_kl, evaluations["no_terms"], evaluations["strong_kl"])
+    assert f"- {sentence}\n" in report
+    section, key, label, share = next(m for m in study_module.KEY_METRICS if m[2].startswith("VAE PSNR"))
+    row = [cell.strip() for cell in next(line for line in report.splitlines()
+                                         if line.startswith(f"| {label} |")).strip("|").split("|")]
+    value = {name: study_module.metric_value(evaluations[name], section, key) for name in finished}
+    assert row[2].endswith(f"({study_module.format_difference(value['base'] - value['no_terms'], share)})")
+    assert "(" not in row[3]  # the reference column itself
+    assert row[4].endswith(f"({study_module.format_difference(value['strong_kl'] - value['no_terms'], share)})")
+    summary = json.loads((copy / "study.json").read_text())
+    assert summary["reference"] == "no_terms" and summary["variants"]["no_terms"]["sentence"] == ""
+    with pytest.raises(UserError, match=r"--reference nope is no column of this study; pass base or a variant's"):
+        study([*args, "--reference", "nope"])
 
 
 def test_a_column_whose_training_spiked_is_named_in_the_report(done, tmp_path):

@@ -74,6 +74,7 @@ GRID_SEEDS = 2  # seeds per prompt in each column's block of the side-by-side gr
 VARIANT_FILE = "variant.json"
 EVALUATION_FILE = "evaluation.json"
 GRID_BLOCK_FILE = "grid_block.png"
+SUMMARY_KEYS = ("vae", "clip", "generation", "generation_sd", "train_minutes", "train_steps")  # kept in study.json
 # (section of evaluation.json, key, label, is a share): the table's rows, the bar chart and the sentences.
 KEY_METRICS = (
     ("generation", "fd_en", "FD (en)", False),
@@ -185,15 +186,16 @@ def _recorded(folder: Path, stage: str) -> tuple[dict[str, Any], str]:
     return stage_settings(stage, data["training"]), data.get("preset", {}).get("name") or choose_preset(None)
 
 
-def _phase_minutes(folder: Path) -> float | None:
+def _phase_metric(folder: Path, key: str) -> float | None:
     path = folder / METRICS_FILE
-    return json.loads(path.read_text(encoding="utf-8")).get("minutes") if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")).get(key) if path.is_file() else None
 
 
-def _stage_minutes(folder: Path) -> float | None:
-    """A finished stage's training minutes; a progressive UNet's include its low-resolution phase's."""
-    minutes, lowres = _phase_minutes(folder), _phase_minutes(lowres_folder(folder))
-    return minutes if minutes is None or lowres is None else minutes + lowres
+def _stage_total(folder: Path, key: str) -> float | None:
+    """A finished stage's training ``minutes`` or ``steps``; a progressive UNet's include its low-resolution
+    phase's."""
+    total, lowres = _phase_metric(folder, key), _phase_metric(lowres_folder(folder), key)
+    return total if total is None or lowres is None else total + lowres
 
 
 def estimate_minutes(stage: str, base_folder: Path, recorded: dict[str, Any], cfg: Any) -> float | None:
@@ -204,7 +206,7 @@ def estimate_minutes(stage: str, base_folder: Path, recorded: dict[str, Any], cf
         phases.append((lowres_folder(base_folder), recorded.get("lowres_epochs"), cfg.lowres_epochs))
     total = 0.0
     for folder, base_epochs, epochs in phases:
-        minutes = _phase_minutes(folder)
+        minutes = _phase_metric(folder, "minutes")
         if minutes is None or not base_epochs:
             return None
         total += minutes * epochs / base_epochs
@@ -373,7 +375,8 @@ def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data: CaptionSet, refere
     if "sd" in summary:
         results["generation_sd"] = summary["sd"]
     results["generation_draws"] = draws
-    results["train_minutes"] = {stage: _stage_minutes(plan.stages[stage]) for stage in STUDY_STAGES}
+    results["train_minutes"] = {stage: _stage_total(plan.stages[stage], "minutes") for stage in STUDY_STAGES}
+    results["train_steps"] = {stage: _stage_total(plan.stages[stage], "steps") for stage in STUDY_STAGES}
     draw_showcase(stack, settings, plan.folder / GRID_BLOCK_FILE, seeds=GRID_SEEDS, tile=96)
     write_json(plan.folder / EVALUATION_FILE, results)
     return results
@@ -457,13 +460,14 @@ def metrics_markdown(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[st
             cells.append(text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for stage in STUDY_STAGES:
-        cells = []
-        for plan in plans:
-            minutes = evaluations[plan.name].get("train_minutes", {}).get(stage)
-            source = plan.sources[stage]
-            note = "" if source == "trained" else f" ({source})"
-            cells.append(("—" if minutes is None else f"{minutes:.1f}") + note)
-        lines.append(f"| {stage} training minutes | — | " + " | ".join(cells) + " |")
+        for record, unit, form in (("train_steps", "steps", "{:,.0f}"), ("train_minutes", "minutes", "{:.1f}")):
+            cells = []
+            for plan in plans:
+                value = evaluations[plan.name].get(record, {}).get(stage)  # steps: absent before they were kept
+                source = plan.sources[stage]
+                note = "" if source == "trained" else f" ({source})"
+                cells.append(("—" if value is None else form.format(value)) + note)
+            lines.append(f"| {stage} training {unit} | — | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -596,7 +600,9 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                  f"given: `{plan.stages[s]}`" if plan.sources[s] == "given" else "base" for s in STUDY_STAGES]
         lines.append(f"| {plan.name} | `{plan.spec or '(the base run)'}` | " + " | ".join(cells) + " |")
     lines += ["", "## Metrics", "", f"Differences in brackets are column − {reference}; {spread_note}. Real images: "
-              "the data's own value where the metric has one.", "", metrics_markdown(plans, evaluations, reference),
+              "the data's own value where the metric has one. Training minutes are wall-clock: columns trained at once "
+              "(`--concurrent`) or beside other work shared the GPU, so their steps compare budgets better.", "",
+              metrics_markdown(plans, evaluations, reference),
               "## Samples", "", f"Column blocks, left to right: {', '.join(p.name for p in plans)}; in each block, "
               f"{showcase_layout(GRID_SEEDS)}.",
               "", "![compare](compare.png)", ""]
@@ -612,9 +618,7 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                "reference": reference,
                "compare_png": str(compare), "headline": "; ".join(sentences[p.name][1] for p in compared) + ".",
                "command": command, "settings": settings, "loss_spikes": spikes, "spike_rollbacks": rolled_back,
-               "evaluations": {name: {k: evaluations[name].get(k) for k in ("vae", "clip", "generation",
-                                                                            "generation_sd", "train_minutes")}
-                               for name in evaluations}}
+               "evaluations": {name: {k: evaluations[name].get(k) for k in SUMMARY_KEYS} for name in evaluations}}
     write_json(out / "study.json", summary)
     return summary
 

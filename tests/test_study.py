@@ -78,6 +78,15 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
     for name in ("no_terms", "strong_kl"):
         assert f"- **{name}** (retrained" in report and name in result["summary"]["headline"]
     assert "| VAE PSNR at the sampling size (dB) |" in report
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in report.splitlines() if line.startswith("| "))}
+
+    def steps(*folders):  # a progressive UNet's steps are both phases'
+        return sum(json.loads((folder / "metrics.json").read_text())["steps"] for folder in folders)
+    base_vae, variant_vae = steps(base / "vae"), steps(out / "strong_kl" / "vae")
+    assert rows["vae training steps"] == ["—", f"{base_vae:,} (base)", f"{base_vae:,} (base)", f"{variant_vae:,}"]
+    unet = out / "no_terms" / "unet"
+    assert rows["unet training steps"][2] == f"{steps(unet, unet / 'lowres'):,}"
     assert "default step noise (eta 1 at the levels sigma <= 3)" in report  # how every column sampled
     assert "condition noise (0.25 from sigma 2.6, all noise from 18)" in report
     assert "| near-copies (pixel) |" in report and "→" in report

@@ -58,8 +58,8 @@ from engine.errors import UserError, run_cli
 from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, folder_lock, is_complete, \
     read_stage, record_preset, write_json
-from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, evaluate_run, generation_metrics, over_seed_sets,
-                                real_reference)
+from pipelines.evaluate import (SEED_SET_STRIDE, SHARE_COUNTS, RealReference, evaluate_run, generation_metrics,
+                                over_seed_sets, real_reference)
 from pipelines.metrics import PROMPT_COLOURS
 from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, stage_kind,
                               stage_paths, stage_settings)
@@ -393,6 +393,13 @@ def metric_spread(results: dict[str, Any], section: str, key: str) -> float | No
     return results.get("generation_sd", {}).get(key) if section == "generation" else None
 
 
+def share_error(results: dict[str, Any], key: str) -> float | None:
+    """The binomial standard error of a share taken over a known number of samples, sqrt(p (1 - p) / n): one
+    seed set's noise, had without drawing another (None for other metrics)."""
+    value, count = metric_value(results, "generation", key), results.get("generation", {}).get(SHARE_COUNTS.get(key))
+    return None if value is None or not count else math.sqrt(value * (1 - value) / count)
+
+
 def format_value(value: float, share: bool) -> str:
     return f"{100 * value:.0f} %" if share else f"{value:.3g}"
 
@@ -413,20 +420,25 @@ def describe_column(plan: ColumnPlan, base: dict[str, Any], results: dict[str, A
         before, after = metric_value(base, section, key), metric_value(results, section, key)
         if before is None or after is None or before == after:
             continue
+        text = f"{label} {format_value(before, share)} → {format_value(after, share)}"
         if section == "generation":
             spreads = [metric_spread(r, section, key) for r in (base, results)]
             beyond = None if None in spreads else abs(after - before) > 2 * max(spreads)
+            errors = [share_error(r, key) for r in (base, results)]
+            if beyond is None and None not in errors:  # one seed set, a share: its binomial noise decides
+                beyond = abs(after - before) > 2 * math.hypot(*errors)
+                text += "" if beyond else " (within binomial noise)"
         else:  # reconstruction and retrieval are not sampled: every change is the variant's
             beyond = True
         relative = abs(after - before) / max(abs(before), abs(after))
-        changes.append((beyond, relative, f"{label} {format_value(before, share)} → {format_value(after, share)}"))
+        changes.append((beyond, relative, text))
     if not changes:
         return f"**{plan.name}** ({what}): no key metric changed.", f"{plan.name}: no key metric changed"
     changes.sort(key=lambda c: -c[1])
     largest = changes[0][2]
-    if any(c[0] is None for c in changes):  # one seed set: no spread to test the sampled metrics against
-        return (f"**{plan.name}** ({what}): {', '.join(c[2] for c in changes[:3])} "
-                "(one seed set: the spread over seeds was not measured).", f"{plan.name}: {largest}")
+    if any(c[0] is None for c in changes):  # one seed set: only the shares have a noise to be tested against
+        return (f"**{plan.name}** ({what}): {', '.join(c[2] for c in changes[:3])} (one seed set: the spread "
+                "over seeds of the metrics other than shares was not measured).", f"{plan.name}: {largest}")
     moved = [c for c in changes if c[0]]
     if not moved:
         return (f"**{plan.name}** ({what}): no key metric moved by more than twice its spread over seeds (largest "
@@ -452,6 +464,8 @@ def metrics_markdown(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[st
                 continue
             text = format_value(value, share)
             spread = metric_spread(evaluations[name], section, key)
+            if spread is None:
+                spread = share_error(evaluations[name], key)
             if spread is not None:
                 text += f" ± {format_difference(spread, share).lstrip('+')}"
             before = metric_value(evaluations[reference], section, key)
@@ -557,7 +571,9 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
         json.loads((plans[0].stages["unet"] / CONFIG_FILE).read_text(encoding="utf-8")).get("preset", {}).get("name")}
     spread_note = (f"± is the standard deviation over {settings['eval_seeds']} seed sets; a change within twice "
                    "it is noise" if settings["eval_seeds"] > 1 else
-                   "one seed set: the spread over seeds was not measured (pass --eval-seeds 3 for it)")
+                   "one seed set: a share (near-copies, frame filling, colour adherence) carries ± one binomial "
+                   "standard error over the samples drawn, and a difference within twice the two combined is noise; "
+                   "the other metrics' spread over seeds was not measured (pass --eval-seeds 3 for it)")
     lines = [f"# Study: {out.name}", "", f"Command: `{command}`", "",
              f"Base run `{settings['base']}`; data `{settings['data']}`; judge `{settings['judge']}` (the base run's, "
              f"for every column). Every column samples the same prompts and seeds: {settings['steps']} steps at "

@@ -147,6 +147,22 @@ def test_a_finished_study_is_re_read_against_another_column_without_training(don
         study([*args, "--reference", "nope"])
 
 
+def test_with_one_seed_set_a_share_is_tested_against_its_binomial_noise():
+    def results(copies):  # a share over 262 samples, and a metric without a known noise
+        return {"generation": {"near_copy_share_pixel": copies, "samples": 262, "fd_en": 0.1 + copies}}
+    base = results(0.06)
+    base_column = SimpleNamespace(name="base", sources={"vae": "base", "clip": "base", "unet": "base"})
+    variant = SimpleNamespace(name="terms_off", sources={"vae": "base", "clip": "base", "unet": "trained"})
+    # 6 % and 10 % of 262 samples: standard errors 1.5 and 1.9 points, twice the combined 4.7 > 4
+    sentence, _ = study_module.describe_column(variant, base, results(0.10))
+    assert "near-copies (pixel) 6 % → 10 % (within binomial noise)" in sentence
+    sentence, _ = study_module.describe_column(variant, base, results(0.20))
+    assert "near-copies (pixel) 6 % → 20 %" in sentence and "within binomial noise" not in sentence
+    table = study_module.metrics_markdown([base_column, variant], {"base": base, "terms_off": results(0.10)})
+    assert "| near-copies (pixel) | — | 6 % ± 1 pts | 10 % ± 2 pts (+4 pts) |" in table
+    assert "| FD (en) | — | 0.16 | 0.2 (+0.04) |" in table  # no error bar where no noise is known
+
+
 def test_a_column_whose_training_spiked_is_named_in_the_report(done, tmp_path):
     out, args, _ = done
     copy = tmp_path / "out"

@@ -149,6 +149,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out["colour_adherence"] = float(hits.mean())
     chinese = torch.tensor([not text.isascii() for text in colour_texts])
     out["colour_adherence_en"], out["colour_adherence_zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
+    out["colour_samples_en"], out["colour_samples_zh"] = int((~chinese).sum()), int(chinese.sum())
     out.update({f"colour_adherence_{colour}": share for colour, share in adherence_by_colour(hits, named).items()})
     samples.append(colour_samples)
     feats.append(colour_feats)
@@ -187,7 +188,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
 SEED_SET_STRIDE = 10_000  # seed offset between an evaluation's seed sets: no sample seed is shared
 
 
-SAMPLE_COUNTS = ("samples", "colour_samples")  # generation_metrics' counts, which add up over seed sets
+# generation_metrics' counts, which add up over seed sets
+SAMPLE_COUNTS = ("samples", "colour_samples", "colour_samples_en", "colour_samples_zh")
 
 
 def over_seed_sets(draws: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -288,10 +290,11 @@ QUALITY_ROWS = (
 )
 
 
-# The share rows of QUALITY_ROWS and the count of samples each share is taken over (generation_metrics' keys).
+# Each share among generation_metrics' figures and the count of samples it is taken over (their error bars).
 SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samples",
                 "near_copy_share_judge": "samples", "near_copy_share_pixel_relative": "samples",
-                "colour_adherence": "colour_samples"}
+                "colour_adherence": "colour_samples", "colour_adherence_en": "colour_samples_en",
+                "colour_adherence_zh": "colour_samples_zh"}
 
 
 def quality_table(generation: dict[str, Any]) -> str:

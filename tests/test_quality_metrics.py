@@ -102,12 +102,15 @@ def test_judge_copies_are_counted_per_source_under_one_threshold():
 
 
 def test_seed_sets_average_each_figure_and_add_up_the_sample_counts():
-    draws = [{"near_copy_share_judge": 0.04, "parts_mean": 1.1, "samples": 262, "colour_samples": 96},
-             {"near_copy_share_judge": 0.08, "parts_mean": 1.2, "samples": 262, "colour_samples": 96}]
+    draws = [{"near_copy_share_judge": 0.04, "parts_mean": 1.1, "samples": 262, "colour_samples": 96,
+              "colour_samples_zh": 48},
+             {"near_copy_share_judge": 0.08, "parts_mean": 1.2, "samples": 262, "colour_samples": 96,
+              "colour_samples_zh": 48}]
     summary = over_seed_sets(draws)
     assert summary["mean"]["near_copy_share_judge"] == pytest.approx(0.06)
     assert summary["mean"]["parts_mean"] == pytest.approx(1.15)
     assert summary["mean"]["samples"] == 524 and summary["mean"]["colour_samples"] == 192  # the error bar's n
+    assert summary["mean"]["colour_samples_zh"] == 96
     assert summary["sd"]["near_copy_share_judge"] == pytest.approx(0.04 / 2 ** 0.5)  # sample sd of two draws
     assert "sd" not in over_seed_sets(draws[:1]) and over_seed_sets(draws[:1])["mean"] == draws[0]
 

@@ -74,6 +74,8 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
         assert evaluation["judge"].startswith(str(base / "judge"))
         assert evaluation["settings"]["steps"] == 1 and evaluation["settings"]["size"] == 64
         assert evaluation["vae"]["image_size"] == 64  # reconstructed at the sampling size, and says so
+        counts = evaluation["generation"]  # each language's colour prompts, the n of its adherence's error bar
+        assert counts["colour_samples_en"] == counts["colour_samples_zh"] == counts["colour_samples"] / 2
         assert f"| {name} |" in report
     for name in ("no_terms", "strong_kl"):
         assert f"- **{name}** (retrained" in report and name in result["summary"]["headline"]
@@ -148,8 +150,9 @@ def test_a_finished_study_is_re_read_against_another_column_without_training(don
 
 
 def test_with_one_seed_set_a_share_is_tested_against_its_binomial_noise():
-    def results(copies):  # a share over 262 samples, and a metric without a known noise
-        return {"generation": {"near_copy_share_pixel": copies, "samples": 262, "fd_en": 0.1 + copies}}
+    def results(copies, zh=0.71):  # shares over 262 and 48 samples, and a metric without a known noise
+        return {"generation": {"near_copy_share_pixel": copies, "samples": 262, "fd_en": 0.1 + copies,
+                               "colour_adherence_zh": zh, "colour_samples_zh": 48}}
     base = results(0.06)
     base_column = SimpleNamespace(name="base", sources={"vae": "base", "clip": "base", "unet": "base"})
     variant = SimpleNamespace(name="terms_off", sources={"vae": "base", "clip": "base", "unet": "trained"})
@@ -158,6 +161,8 @@ def test_with_one_seed_set_a_share_is_tested_against_its_binomial_noise():
     assert "near-copies (pixel) 6 % → 10 % (within binomial noise)" in sentence
     sentence, _ = study_module.describe_column(variant, base, results(0.20))
     assert "near-copies (pixel) 6 % → 20 %" in sentence and "within binomial noise" not in sentence
+    sentence, _ = study_module.describe_column(variant, base, results(0.06, zh=0.83))  # 48 prompts: ±6.5 and 5.4
+    assert "colour adherence (zh) 71 % → 83 % (within binomial noise)" in sentence
     table = study_module.metrics_markdown([base_column, variant], {"base": base, "terms_off": results(0.10)})
     assert "| near-copies (pixel) | — | 6 % ± 1 pts | 10 % ± 2 pts (+4 pts) |" in table
     assert "| FD (en) | — | 0.16 | 0.2 (+0.04) |" in table  # no error bar where no noise is known

@@ -297,6 +297,13 @@ SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samp
                 "colour_adherence_zh": "colour_samples_zh"}
 
 
+def share_error(generation: dict[str, Any], key: str) -> float | None:
+    """The binomial standard error sqrt(p (1 - p) / n) of a share taken over a known number of samples n (the
+    noise of the seeds drawn, had without drawing more); None for a figure that is no such share."""
+    value, count = generation.get(key), generation.get(SHARE_COUNTS.get(key, ""))
+    return None if value is None or not count else (value * (1 - value) / count) ** 0.5
+
+
 def quality_table(generation: dict[str, Any]) -> str:
     """Markdown table of the picture-quality metrics: samples, real images, target. A share taken over a known
     number of samples n carries its binomial standard error, sqrt(p (1 - p) / n): the noise of the seeds drawn."""
@@ -307,10 +314,9 @@ def quality_table(generation: dict[str, Any]) -> str:
             continue
         real = generation.get(f"{key}_real", 0.05 if key.startswith("near_copy") else None)
         real_text = "—" if real is None else f"{real:.3f}"
-        value, count = generation[key], generation.get(SHARE_COUNTS.get(key, ""))
-        sample_text = f"{value:.3f}"
-        if count:
-            sample_text += f" ± {(value * (1 - value) / count) ** 0.5:.3f}"
+        sample_text, error = f"{generation[key]:.3f}", share_error(generation, key)
+        if error is not None:
+            sample_text += f" ± {error:.3f}"
             with_error = True
         lines.append(f"| {description} | {sample_text} | {real_text} | {target} |")
     if with_error:

@@ -58,8 +58,8 @@ from engine.errors import UserError, run_cli
 from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, folder_lock, is_complete, \
     read_stage, record_preset, write_json
-from pipelines.evaluate import (SEED_SET_STRIDE, SHARE_COUNTS, RealReference, evaluate_run, generation_metrics,
-                                over_seed_sets, real_reference)
+from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, evaluate_run, generation_metrics, over_seed_sets,
+                                real_reference, share_error)
 from pipelines.metrics import PROMPT_COLOURS
 from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, stage_kind,
                               stage_paths, stage_settings)
@@ -393,11 +393,10 @@ def metric_spread(results: dict[str, Any], section: str, key: str) -> float | No
     return results.get("generation_sd", {}).get(key) if section == "generation" else None
 
 
-def share_error(results: dict[str, Any], key: str) -> float | None:
-    """The binomial standard error of a share taken over a known number of samples, sqrt(p (1 - p) / n): one
-    seed set's noise, had without drawing another (None for other metrics)."""
-    value, count = metric_value(results, "generation", key), results.get("generation", {}).get(SHARE_COUNTS.get(key))
-    return None if value is None or not count else math.sqrt(value * (1 - value) / count)
+def metric_error(results: dict[str, Any], section: str, key: str) -> float | None:
+    """A sampled metric's spread over seed sets, or, with one seed set, a share's binomial standard error."""
+    spread = metric_spread(results, section, key)
+    return spread if spread is not None or section != "generation" else share_error(results["generation"], key)
 
 
 def format_value(value: float, share: bool) -> str:
@@ -423,11 +422,14 @@ def describe_column(plan: ColumnPlan, base: dict[str, Any], results: dict[str, A
         text = f"{label} {format_value(before, share)} → {format_value(after, share)}"
         if section == "generation":
             spreads = [metric_spread(r, section, key) for r in (base, results)]
-            beyond = None if None in spreads else abs(after - before) > 2 * max(spreads)
-            errors = [share_error(r, key) for r in (base, results)]
-            if beyond is None and None not in errors:  # one seed set, a share: its binomial noise decides
+            if None not in spreads:
+                beyond = abs(after - before) > 2 * max(spreads)
+            elif None not in (errors := [share_error(r["generation"], key) for r in (base, results)]):
+                # one seed set, a share: its binomial noise decides
                 beyond = abs(after - before) > 2 * math.hypot(*errors)
                 text += "" if beyond else " (within binomial noise)"
+            else:
+                beyond = None
         else:  # reconstruction and retrieval are not sampled: every change is the variant's
             beyond = True
         relative = abs(after - before) / max(abs(before), abs(after))
@@ -463,9 +465,7 @@ def metrics_markdown(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[st
                 cells.append("—")
                 continue
             text = format_value(value, share)
-            spread = metric_spread(evaluations[name], section, key)
-            if spread is None:
-                spread = share_error(evaluations[name], key)
+            spread = metric_error(evaluations[name], section, key)
             if spread is not None:
                 text += f" ± {format_difference(spread, share).lstrip('+')}"
             before = metric_value(evaluations[reference], section, key)

@@ -42,6 +42,22 @@ def done(base, tmp_path_factory):
     return out, args, study(args)
 
 
+def copy_of_study(done, tmp_path):
+    """A copy of the finished tiny study, the arguments that name it, and its columns' evaluation times."""
+    out, args, _ = done
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    finished = {name: (copy / name / "evaluation.json").stat().st_mtime_ns
+                for name in ("base", "no_terms", "strong_kl")}
+    return copy, [copy.as_posix() if a == str(out) else a for a in args], finished
+
+
+def report_rows(report):
+    """The report's table rows: first cell -> the others, stripped."""
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in report.splitlines() if line.startswith("| "))}
+
+
 def test_a_unet_variant_retrains_only_the_unet(base, done):
     out, _, result = done
     assert result["sources"]["no_terms"] == {"vae": "base", "clip": "base", "unet": "trained"}
@@ -80,8 +96,7 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
     for name in ("no_terms", "strong_kl"):
         assert f"- **{name}** (retrained" in report and name in result["summary"]["headline"]
     assert "| VAE PSNR at the sampling size (dB) |" in report
-    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
-                                              for line in report.splitlines() if line.startswith("| "))}
+    rows = report_rows(report)
 
     def steps(*folders):  # a progressive UNet's steps are both phases'
         return sum(json.loads((folder / "metrics.json").read_text())["steps"] for folder in folders)
@@ -101,12 +116,7 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
 
 
 def test_resume_skips_finished_variants_and_trains_a_new_one_concurrently(done, tmp_path, capsys):
-    out, args, _ = done
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    args = [copy.as_posix() if a == str(out) else a for a in args]
-    finished = {name: (copy / name / "evaluation.json").stat().st_mtime_ns
-                for name in ("base", "no_terms", "strong_kl")}
+    copy, args, finished = copy_of_study(done, tmp_path)
     result = study([*args, "--concurrent", "--variant", "fast_lr: --unet.lr=3e-3"])
     printed = capsys.readouterr().out
     assert result["pending"] == ["fast_lr"]
@@ -118,12 +128,7 @@ def test_resume_skips_finished_variants_and_trains_a_new_one_concurrently(done, 
 
 
 def test_a_finished_study_is_re_read_against_another_column_without_training(done, tmp_path):
-    out, args, _ = done
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    args = [copy.as_posix() if a == str(out) else a for a in args]
-    finished = {name: (copy / name / "evaluation.json").stat().st_mtime_ns
-                for name in ("base", "no_terms", "strong_kl")}
+    copy, args, finished = copy_of_study(done, tmp_path)
     result = study([*args, "--reference", "no_terms"])
     assert result["pending"] == [] and all((copy / name / "evaluation.json").stat().st_mtime_ns == mtime
                                            for name, mtime in finished.items())
@@ -137,12 +142,11 @@ def test_a_finished_study_is_re_read_against_another_column_without_training(don
     sentence, _ = study_module.describe_column(strong_kl, evaluations["no_terms"], evaluations["strong_kl"])
     assert f"- {sentence}\n" in report
     section, key, label, share = next(m for m in study_module.KEY_METRICS if m[2].startswith("VAE PSNR"))
-    row = [cell.strip() for cell in next(line for line in report.splitlines()
-                                         if line.startswith(f"| {label} |")).strip("|").split("|")]
+    row = report_rows(report)[label]  # real images, base, no_terms, strong_kl
     value = {name: study_module.metric_value(evaluations[name], section, key) for name in finished}
-    assert row[2].endswith(f"({study_module.format_difference(value['base'] - value['no_terms'], share)})")
-    assert "(" not in row[3]  # the reference column itself
-    assert row[4].endswith(f"({study_module.format_difference(value['strong_kl'] - value['no_terms'], share)})")
+    assert row[1].endswith(f"({study_module.format_difference(value['base'] - value['no_terms'], share)})")
+    assert "(" not in row[2]  # the reference column itself
+    assert row[3].endswith(f"({study_module.format_difference(value['strong_kl'] - value['no_terms'], share)})")
     summary = json.loads((copy / "study.json").read_text())
     assert summary["reference"] == "no_terms" and summary["variants"]["no_terms"]["sentence"] == ""
     with pytest.raises(UserError, match=r"--reference nope is no column of this study; pass base or a variant's"):
@@ -169,10 +173,7 @@ def test_with_one_seed_set_a_share_is_tested_against_its_binomial_noise():
 
 
 def test_a_column_whose_training_spiked_is_named_in_the_report(done, tmp_path):
-    out, args, _ = done
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    args = [copy.as_posix() if a == str(out) else a for a in args]
+    copy, args, _ = copy_of_study(done, tmp_path)
     assert "## Loss spikes" not in (copy / "report.md").read_text(encoding="utf-8")  # the tiny runs are smooth
     norms = [0.2, 0.18, 0.17, 0.16, 0.6]  # steps 41-50: 0.6 over the median 0.18
     (copy / "no_terms" / "unet" / "lowres" / "log.jsonl").write_text("".join(

@@ -14,6 +14,7 @@ processes), so samples/s over all GPUs divided by the one-GPU figure is the scal
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 from engine import Trainer, build_config, distributed
 from engine.stage import write_json
+from engine.trainer import deterministic_algorithms
 
 
 def step_indices(trainer: Trainer) -> torch.Tensor:
@@ -33,8 +35,9 @@ def step_indices(trainer: Trainer) -> torch.Tensor:
 def run_steps(trainer: Trainer, make_batch: Callable, steps: int) -> None:
     """``steps`` of the engine's real optimizer step, then wait for the device."""
     indices = step_indices(trainer)
-    for _ in range(steps):
-        trainer._train_step(make_batch, indices)
+    with deterministic_algorithms(trainer.cfg.deterministic):  # as Trainer.fit runs its steps
+        for _ in range(steps):
+            trainer._train_step(make_batch, indices)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -116,7 +119,8 @@ VARIANTS = {
              ("fp32_norms", {"low_precision_norms": False}),
              ("lowres_fp32_norms", {"low_precision_norms": False, **LOWRES}),
              ("channels_last", {"channels_last": True}),
-             ("compile_channels_last", {"compile": True, "channels_last": True})],
+             ("compile_channels_last", {"compile": True, "channels_last": True}),
+             ("deterministic", {"deterministic": True}), ("lowres_deterministic", {"deterministic": True, **LOWRES})],
 }
 
 
@@ -133,6 +137,7 @@ def main() -> None:
     wanted = set(args.variants.split(",")) if args.variants else None
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "world_size": env.world_size,
+               "command": "python -m benchmarks.step_speed " + " ".join(sys.argv[1:]),
                "batch": "the preset's per GPU" if env.world_size > 1 else "the preset's"}
     for stage in args.stages.split(","):
         for name, overrides in VARIANTS[stage]:

@@ -40,13 +40,24 @@ class TensorBoardLog:
         self.writer = SummaryWriter(str(folder), purge_step=resume_step)
 
     def purge_after(self, step: int) -> None:
-        """Hide the events past ``step`` (training went back there after a loss spike): the steps trained again
-        take their place, as in the JSONL log."""
+        """Drop the events past ``step`` (training went back there after a loss spike): the steps trained again
+        take their place, as in the JSONL log. The kept events move to one fresh file and the old files go, rather
+        than a purge marker in a second file: TensorBoard reads a folder's files in name order, and two files
+        opened in the same second are ordered by a counter compared as text (``…10`` before ``…9``)."""
         if self.writer is None:
             return
-        folder = self.writer.log_dir
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+        folder = Path(self.writer.log_dir)
         self.writer.close()
-        self.writer = type(self.writer)(folder, purge_step=step + 1)
+        old_files = sorted(folder.glob("events.out.tfevents.*"))
+        kept = [event for path in old_files for event in LegacyEventFileLoader(str(path)).Load()
+                if not event.HasField("file_version") and event.step <= step]
+        self.writer = type(self.writer)(str(folder))
+        for event in kept:
+            self.writer.file_writer.add_event(event)
+        self.writer.flush()
+        for path in old_files:
+            path.unlink()
 
     def scalars(self, record: Mapping[str, Any], step: int) -> None:
         """Every number of a log record except its bookkeeping (``step``, ``epoch``), tagged by its key."""

@@ -1,6 +1,7 @@
 """TensorBoard logging through the engine: the event file holds the log's scalars, the grids and the config."""
 
 import builtins
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from engine.runlog import read_records
 
 pytest.importorskip("tensorboard", reason="tensorboard is not installed: pip install -e '.[tensorboard]'")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.summary.writer import event_file_writer  # noqa: E402
 
 X = torch.linspace(-1, 1, 32)[:, None]
 
@@ -62,7 +64,11 @@ def test_event_file_holds_the_logged_scalars_grids_and_config(tmp_path):
     assert [e.value for e in tb.Scalars("val/loss")] == pytest.approx([0.5, 0.25])
 
 
-def test_a_rolled_back_spike_shows_the_steps_trained_again_not_the_spiked_ones(tmp_path):
+def test_a_rolled_back_spike_shows_the_steps_trained_again_not_the_spiked_ones(tmp_path, monkeypatch):
+    # the worst case for TensorBoard's name order: both event files opened in one second, the writer's file
+    # counter crossing from 9 to 10
+    monkeypatch.setattr(event_file_writer, "time", SimpleNamespace(time=lambda: 1_800_000_000.0))
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
     cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, warmup_steps=1, log_every=2, spike_rollbacks=1)
     trainer = Trainer(Line(), cfg, tmp_path / "run", num_train_items=len(X), device="cpu")
     spike_left = [True]

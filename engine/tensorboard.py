@@ -25,34 +25,34 @@ class TensorBoardLog:
     """One stage's event files under ``folder``; every method is a no-op when tensorboard is not installed."""
 
     def __init__(self, folder: str | Path, resume_step: int | None = None) -> None:
-        """``resume_step``: the step a resumed run continues from; TensorBoard drops the older events past it,
-        as the JSONL log does. A fresh run removes the previous run's event files."""
+        """``resume_step``: the step a resumed run continues from; the events past it go, as in the JSONL log.
+        A fresh run removes the previous run's event files."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # torch's writer needs the tensorboard package
             _notice_missing()
             self.writer = None
             return
-        folder = Path(folder)
-        if resume_step is None:
-            for old in folder.glob("events.out.tfevents.*"):
-                old.unlink()
-        self.writer = SummaryWriter(str(folder), purge_step=resume_step)
+        self.folder = Path(folder)
+        self._start_keeping(SummaryWriter, resume_step)
 
     def purge_after(self, step: int) -> None:
         """Drop the events past ``step`` (training went back there after a loss spike): the steps trained again
-        take their place, as in the JSONL log. The kept events move to one fresh file and the old files go, rather
-        than a purge marker in a second file: TensorBoard reads a folder's files in name order, and two files
-        opened in the same second are ordered by a counter compared as text (``…10`` before ``…9``)."""
-        if self.writer is None:
-            return
+        take their place, as in the JSONL log."""
+        if self.writer is not None:
+            self.writer.close()
+            self._start_keeping(type(self.writer), step)
+
+    def _start_keeping(self, writer_class: type, step: int | None) -> None:
+        """A fresh event file holding the folder's events up to ``step`` (none when None); the old files go.
+        Rewritten rather than hidden behind a purge marker in a newer file: TensorBoard reads a folder's files in
+        name order, and two files opened in one second are ordered by a counter compared as text (…10 before …9)."""
         from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-        folder = Path(self.writer.log_dir)
-        self.writer.close()
-        old_files = sorted(folder.glob("events.out.tfevents.*"))
-        kept = [event for path in old_files for event in LegacyEventFileLoader(str(path)).Load()
-                if not event.HasField("file_version") and event.step <= step]
-        self.writer = type(self.writer)(str(folder))
+        old_files = sorted(self.folder.glob("events.out.tfevents.*"))
+        kept = [] if step is None else [
+            event for path in old_files for event in LegacyEventFileLoader(str(path)).Load()
+            if not event.HasField("file_version") and event.step <= step]
+        self.writer = writer_class(str(self.folder))
         for event in kept:
             self.writer.file_writer.add_event(event)
         self.writer.flush()

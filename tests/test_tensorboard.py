@@ -111,3 +111,31 @@ def test_without_tensorboard_the_run_trains_and_says_once_how_to_enable_it(tmp_p
     out = capsys.readouterr()
     assert (out.out + out.err).count("pip install -e '.[tensorboard]'") == 1
     assert not (tmp_path / "a" / "tb").exists() and (tmp_path / "a" / "log.jsonl").is_file()
+
+
+def test_a_resumed_run_shows_the_steps_of_its_log_the_checkpoints_kept_and_the_replayed_once(tmp_path):
+    class Killed(Exception):
+        pass
+
+    def run(resume):
+        cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, warmup_steps=1, log_every=2)
+        trainer = Trainer(Line(), cfg, tmp_path / "run", num_train_items=len(X), resume=resume, device="cpu")
+
+        def make_batch(rows, generator):  # killed in step 7, after step 6 was logged; the checkpoint is step 4's
+            if trainer.step == 6 and not resume:
+                raise Killed
+            return X[rows]
+
+        trainer.fit(make_batch, lambda epoch, t: {"val/loss": 0.5 / epoch})
+
+    with pytest.raises(Killed):
+        run(resume=False)
+    run(resume=True)
+    records = read_records(tmp_path / "run" / "log.jsonl")
+    tb = events(tmp_path / "run" / "tb")
+    for kind, tag in (("train", "train/loss"), ("epoch", "val/loss")):
+        logged = [(r["step"], r[tag]) for r in records if r["kind"] == kind]
+        shown = [(e.step, e.value) for e in tb.Scalars(tag)]
+        assert [s for s, _ in shown] == [s for s, _ in logged]
+        assert all(v == pytest.approx(w, rel=1e-6) for (_, v), (_, w) in zip(shown, logged))
+    assert [s for s, _ in shown] == [4, 8]

@@ -33,9 +33,9 @@ from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, adherence_by_colour, colour_hits, colour_prompts, composition, cosine_nearest,
-                      first_named_colours, frechet_distance, kernel_distance, near_copies, nearest_indices,
-                      seed_diversity, sharpness, thumbnails, unit_pixels)
+from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, adherence_by_colour, colour_hits, colour_prompts, composition,
+                      cosine_nearest, first_named_colours, frechet_distance, kernel_distance, near_copies,
+                      nearest_indices, seed_diversity, sharpness, thumbnails, unit_pixels)
 from .stages import StageStack, judge_path, load_stack, stage_paths
 from .text_to_image import GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
@@ -151,6 +151,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out["colour_adherence_en"], out["colour_adherence_zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
     out["colour_samples_en"], out["colour_samples_zh"] = int((~chinese).sum()), int(chinese.sum())
     out.update({f"colour_adherence_{colour}": share for colour, share in adherence_by_colour(hits, named).items()})
+    out.update({f"colour_samples_{colour}": named.count(colour) for colour in dict.fromkeys(named)})
     samples.append(colour_samples)
     feats.append(colour_feats)
     every_sample, every_feature = torch.cat(samples), torch.cat(feats)
@@ -189,7 +190,8 @@ SEED_SET_STRIDE = 10_000  # seed offset between an evaluation's seed sets: no sa
 
 
 # generation_metrics' counts, which add up over seed sets
-SAMPLE_COUNTS = ("samples", "colour_samples", "colour_samples_en", "colour_samples_zh")
+SAMPLE_COUNTS = ("samples", "colour_samples", "colour_samples_en", "colour_samples_zh",
+                 *(f"colour_samples_{colour}" for colour in PROMPT_COLOURS))
 
 
 def over_seed_sets(draws: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -294,7 +296,8 @@ QUALITY_ROWS = (
 SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samples",
                 "near_copy_share_judge": "samples", "near_copy_share_pixel_relative": "samples",
                 "colour_adherence": "colour_samples", "colour_adherence_en": "colour_samples_en",
-                "colour_adherence_zh": "colour_samples_zh"}
+                "colour_adherence_zh": "colour_samples_zh",
+                **{f"colour_adherence_{colour}": f"colour_samples_{colour}" for colour in PROMPT_COLOURS}}
 
 
 def share_error(generation: dict[str, Any], key: str) -> float | None:

@@ -92,6 +92,8 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
         assert evaluation["vae"]["image_size"] == 64  # reconstructed at the sampling size, and says so
         counts = evaluation["generation"]  # each language's colour prompts, the n of its adherence's error bar
         assert counts["colour_samples_en"] == counts["colour_samples_zh"] == counts["colour_samples"] / 2
+        per_colour = {k: v for k, v in counts.items() if k.startswith("colour_samples_") and k[-3:] not in ("_en", "_zh")}
+        assert per_colour and sum(per_colour.values()) == counts["colour_samples"]  # each colour's adherence's n
         assert f"| {name} |" in report
     for name in ("no_terms", "strong_kl"):
         assert f"- **{name}** (retrained" in report and name in result["summary"]["headline"]
@@ -154,9 +156,10 @@ def test_a_finished_study_is_re_read_against_another_column_without_training(don
 
 
 def test_with_one_seed_set_a_share_is_tested_against_its_binomial_noise():
-    def results(copies, zh=0.71):  # shares over 262 and 48 samples, and a metric without a known noise
+    def results(copies, zh=0.71, purple=0.625):  # shares over 262, 48 and 16 samples, and one without known noise
         return {"generation": {"near_copy_share_pixel": copies, "samples": 262, "fd_en": 0.1 + copies,
-                               "colour_adherence_zh": zh, "colour_samples_zh": 48}}
+                               "colour_adherence_zh": zh, "colour_samples_zh": 48,
+                               "colour_adherence_purple": purple, "colour_samples_purple": 16}}
     base = results(0.06)
     base_column = SimpleNamespace(name="base", sources={"vae": "base", "clip": "base", "unet": "base"})
     variant = SimpleNamespace(name="terms_off", sources={"vae": "base", "clip": "base", "unet": "trained"})
@@ -167,6 +170,11 @@ def test_with_one_seed_set_a_share_is_tested_against_its_binomial_noise():
     assert "near-copies (pixel) 6 % → 20 %" in sentence and "within binomial noise" not in sentence
     sentence, _ = study_module.describe_column(variant, base, results(0.06, zh=0.83))  # 48 prompts: ±6.5 and 5.4
     assert "colour adherence (zh) 71 % → 83 % (within binomial noise)" in sentence
+    # one colour's 16 prompts: 10 of 16 against 7 of 16 is noise (±12 points each); 16 of 16 against 1 is not
+    sentence, _ = study_module.describe_column(variant, base, results(0.06, purple=0.4375))
+    assert "colour adherence (purple) 62 % → 44 % (within binomial noise)" in sentence
+    sentence, _ = study_module.describe_column(variant, results(0.06, purple=1.0), results(0.06, purple=0.0625))
+    assert "colour adherence (purple) 100 % → 6 %" in sentence and "within binomial noise" not in sentence
     table = study_module.metrics_markdown([base_column, variant], {"base": base, "terms_off": results(0.10)})
     assert "| near-copies (pixel) | — | 6 % ± 1 pts | 10 % ± 2 pts (+4 pts) |" in table
     assert "| FD (en) | — | 0.16 | 0.2 (+0.04) |" in table  # no error bar where no noise is known

@@ -436,7 +436,7 @@ def describe_column(plan: ColumnPlan, base: dict[str, Any], results: dict[str, A
         changes.append((beyond, relative, text))
     if not changes:
         return f"**{plan.name}** ({what}): no key metric changed.", f"{plan.name}: no key metric changed"
-    changes.sort(key=lambda c: -c[1])
+    changes.sort(key=lambda c: (c[0] is False, -c[1]))  # largest first, a share's change within its noise last
     largest = changes[0][2]
     if any(c[0] is None for c in changes):  # one seed set: only the shares have a noise to be tested against
         return (f"**{plan.name}** ({what}): {', '.join(c[2] for c in changes[:3])} (one seed set: the spread "

@@ -173,6 +173,11 @@ def test_with_one_seed_set_a_share_is_tested_against_its_binomial_noise():
     # one colour's 16 prompts: 10 of 16 against 7 of 16 is noise (±12 points each); 16 of 16 against 1 is not
     sentence, _ = study_module.describe_column(variant, base, results(0.06, purple=0.4375))
     assert "colour adherence (purple) 62 % → 44 % (within binomial noise)" in sentence
+    # a change within its noise comes after the others, however large: 6 % -> 4 % of 262 is noise (a third less),
+    # FD's 0.16 -> 0.14 has no known noise (an eighth less)
+    sentence, headline = study_module.describe_column(variant, base, results(0.04))
+    assert sentence.index("FD (en)") < sentence.index("near-copies (pixel) 6 % → 4 % (within binomial noise)")
+    assert headline == "terms_off: FD (en) 0.16 → 0.14"
     sentence, _ = study_module.describe_column(variant, results(0.06, purple=1.0), results(0.06, purple=0.0625))
     assert "colour adherence (purple) 100 % → 6 %" in sentence and "within binomial noise" not in sentence
     table = study_module.metrics_markdown([base_column, variant], {"base": base, "terms_off": results(0.10)})

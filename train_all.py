@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ from diffusion.fit import check_fit
 from diffusion.train import check_init_architecture, lowres_folder
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
+from engine.cli import command_line
 from engine.config import choose_preset, config_to_dict, parse_overrides, preset_reason
 from engine.errors import run_cli
 from engine.images import save_grid
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     configs = {name: stage_config(name, args.preset, overrides[name]) for name in trained}
     check_planned_fit(configs, reuse, {name: f"at {reuse[name]}" if name in reuse else f"(--{name}.*)"
                                        for name in STAGES})
-    command = "python train_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("python train_all.py", argv)
     preset = {"name": choose_preset(args.preset), "reason": preset_reason(args.preset)}
     run: Path = args.run
     created = not run.exists()

@@ -12,7 +12,6 @@ A back-end that cannot run a shape on this machine is recorded with the reason i
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion.config import PRESETS, UNetTrainConfig
+from engine.cli import command_line
 from engine.config import build_config
 from engine.stage import write_json
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = attention_shapes(cfg, args.batch or cfg.train.batch_size)
-    command = " ".join(["python -m benchmarks.attention_backends", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("python -m benchmarks.attention_backends", argv)
     results = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
                "dtype": str(dtype), "preset": args.preset, "command": command,
                "records": measure(shapes, device, dtype, args.warmup, args.repeats)}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ from benchmarks.sampling import sample_section  # noqa: E402
 from benchmarks.training import train_section, unet_tasks, vae_tasks  # noqa: E402
 from benchmarks.twins import diffusers_unet, diffusers_vae, parameter_count  # noqa: E402
 from clip.model import CLIPModel  # noqa: E402
+from engine.cli import command_line  # noqa: E402
 from engine.stage import read_stage  # noqa: E402
 from pipelines.stages import load_stack, stage_paths  # noqa: E402
 from unet.model import UNet  # noqa: E402
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    sample_repeats=args.sample_repeats or (1 if args.tiny else 2), compile_modes=modes,
                    peak_flops=args.peak_tflops * 1e12 if on_cuda else None)
     summary: dict[str, Any] = {
-        "command": " ".join(["python -m benchmarks.bench_vs_diffusers", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("python -m benchmarks.bench_vs_diffusers", argv),
         "gpu": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
         "settings": {"preset": "tiny" if args.tiny else "full", "unet": asdict(sizes.unet), "vae": asdict(sizes.vae),

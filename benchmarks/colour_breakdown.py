@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +22,7 @@ import torch
 
 from data import load_captions
 from data.augment import to_float
+from engine.cli import command_line
 from engine.errors import UserError, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # the colour prompts say "pokemon"; the tokenizer neither lowercases nor strips accents
     result["captions_with_word"] = {word: sum(word in caption.lower() for caption in train.en + val.en)
                                     for word in ("pokemon", "pokémon")}  # any case
-    result["command"] = " ".join(["python -m benchmarks.colour_breakdown", *(sys.argv[1:] if argv is None else argv)])
+    result["command"] = command_line("python -m benchmarks.colour_breakdown", argv)
     for who in ("samples", "real"):
         figures = result[who]
         print(f"{who:8s} overall {figures['overall']:.3f} ({figures['count']})  " +

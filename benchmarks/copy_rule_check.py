@@ -8,7 +8,6 @@ drawings (bland pictures that copy none). CPU, about a minute; no learned weight
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +15,7 @@ import torch
 
 from data import load_captions
 from data.augment import to_float
+from engine.cli import command_line
 from engine.stage import write_json
 from pipelines.metrics import COPY_NEIGHBOURS, near_copies, thumbnails
 
@@ -53,8 +53,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       "relative": rules["share_relative"]}
         print(f"{name:22s} absolute {rows[name]['absolute']:.2f}  relative {rows[name]['relative']:.2f}  ({truth})")
     result = {"data": args.data, "train_images": len(train), "unseen_images": len(val), "relative_to": COPY_NEIGHBOURS,
-              "rows": rows, "command": " ".join(["python -m benchmarks.copy_rule_check",
-                                                 *(sys.argv[1:] if argv is None else argv)])}
+              "rows": rows, "command": command_line("python -m benchmarks.copy_rule_check", argv)}
     if args.out:
         write_json(args.out, result)
     return result

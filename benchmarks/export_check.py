@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ except ImportError:
     raise SystemExit("the export check needs diffusers and transformers: pip install -e '.[diffusers]'") from None
 
 from diffusion.noise import PerSampleNoise  # noqa: E402
+from engine.cli import command_line  # noqa: E402
 from engine.stage import write_json  # noqa: E402
 from pipelines.export import export_diffusers  # noqa: E402
 from pipelines.prompt_embeds import prompt_embeds  # noqa: E402
@@ -149,8 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        args.steps, args.guidance)
     summary = {**result, "diffusers_version": diffusers.__version__, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "command": " ".join(["python -m benchmarks.export_check",
-                                    *(argv if argv is not None else sys.argv[1:])])}
+               "command": command_line("python -m benchmarks.export_check", argv)}
     write_json(args.out, summary)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

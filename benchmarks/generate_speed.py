@@ -18,13 +18,13 @@ autocast's fp32; and where its seconds go (text encoding, sampling loop, VAE dec
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from engine.cli import command_line
 from engine.precision import inference_autocast, set_low_precision_norms
 from engine.stage import write_json
 from pipelines.prompts import GRID_PROMPTS
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "size": stack.image_size, "guidance_scale": args.guidance,
               "device": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
               "torch": torch.__version__, "run": str(args.run),
-              "command": "python -m benchmarks.generate_speed " + " ".join(sys.argv[1:] if argv is None else argv)}
+              "command": command_line("python -m benchmarks.generate_speed", argv)}
     for row in rows:
         extra = f", {row['speedup_vs_eager']:.2f}x, max |diff| {row['max_abs_diff_vs_eager']:.3g}" \
             if "speedup_vs_eager" in row else ""

@@ -13,7 +13,6 @@ measurement.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +21,7 @@ import torch
 from data import load_captions
 from data.augment import to_float
 from diffusion.train import GRID_TILE
+from engine.cli import command_line
 from engine.errors import run_cli
 from engine.images import read_grid
 from engine.stage import write_json
@@ -51,8 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rows[path] = measure(images, bank, unseen)
         print(f"{path}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[path].items() if k != "samples")
               + f" ({len(images)} samples)")
-    result = {"data": args.data, "grids": rows, "command": " ".join(["python -m benchmarks.grid_measure",
-                                                                     *(sys.argv[1:] if argv is None else argv)])}
+    result = {"data": args.data, "grids": rows, "command": command_line("python -m benchmarks.grid_measure", argv)}
     if args.out:
         write_json(args.out, result)
     return result

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +27,7 @@ import torch
 
 from clip.model import CLIPModel
 from data import load_captions
+from engine.cli import command_line
 from engine.errors import UserError, run_cli
 from engine.stage import write_json
 from pipelines.evaluate import SEED_SET_STRIDE, generation_metrics, over_seed_sets, real_reference
@@ -153,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              f"Run `{args.run}`, as in its final_samples.png: {showcase_layout()}.", ""] + showcase), encoding="utf-8")
     write_json(args.out, {"run": str(args.run), "sampler": args.sampler, "seed_sets": args.seed_sets,
                           "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
-                          "command": "python -m benchmarks.sampling_sweep " + " ".join(
-                              sys.argv[1:] if argv is None else argv), "records": records})
+                          "command": command_line("python -m benchmarks.sampling_sweep", argv), "records": records})
 
 
 if __name__ == "__main__":

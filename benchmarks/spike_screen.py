@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.train import lowres_folder
 from engine import build_config, read_stage
+from engine.cli import command_line
 from engine.config import parse_overrides
 from engine.errors import UserError, run_cli
 from engine.runlog import loss_spikes, read_records, rollbacks
@@ -159,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     probes = plan_probes(settings, args.common.split(), args.seeds, args.out, args.preset)
     run_probes(probes, args.data, args.vae, args.clip, args.steps, args.concurrent, args.preset, args.device)
     records = [probe_record(p, args.steps) for p in probes]
-    result = {"command": "python -m benchmarks.spike_screen " + " ".join(sys.argv[1:] if argv is None else argv),
+    result = {"command": command_line("python -m benchmarks.spike_screen", argv),
               "steps": args.steps, "records": records}
     write_json(args.out / "screen.json", result)
     print("\n".join(summarise(records)), flush=True)

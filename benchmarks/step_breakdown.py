@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.measure import count_flops
 from benchmarks.step_speed import run_steps, step_indices, timed_steps, unet_trainer
 from engine import Trainer
+from engine.cli import command_line
 from engine.config import parse_overrides
 from engine.stage import write_json
 
@@ -146,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        args.device)
     result.update({"gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "torch": torch.__version__,
                    "peak_tflops": args.peak_tflops if on_cuda else None,
-                   "command": " ".join(["python -m benchmarks.step_breakdown",
-                                        *(sys.argv[1:] if argv is None else argv)])})
+                   "command": command_line("python -m benchmarks.step_breakdown", argv)})
     print(format_table(result), flush=True)
     if args.out:
         write_json(args.out, result)

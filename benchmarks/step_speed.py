@@ -14,7 +14,6 @@ processes), so samples/s over all GPUs divided by the one-GPU figure is the scal
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from engine import Trainer, build_config, distributed
+from engine.cli import command_line
 from engine.stage import write_json
 from engine.trainer import deterministic_algorithms
 
@@ -137,7 +137,7 @@ def main() -> None:
     wanted = set(args.variants.split(",")) if args.variants else None
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "world_size": env.world_size,
-               "command": "python -m benchmarks.step_speed " + " ".join(sys.argv[1:]),
+               "command": command_line("python -m benchmarks.step_speed"),
                "batch": "the preset's per GPU" if env.world_size > 1 else "the preset's"}
     for stage in args.stages.split(","):
         for name, overrides in VARIANTS[stage]:

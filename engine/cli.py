@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import distributed
 from .config import build_config, choose_preset, parse_overrides, preset_reason
 from .stage import check_not_finished, record_preset, remove_empty_folders
+
+
+def command_line(program: str, argv: Sequence[str] | None = None) -> str:
+    """The command a result was made by, as a shell would take it back: ``program`` and its arguments (``argv``,
+    or the process's own), each quoted where it needs it."""
+    return " ".join([program, shlex.join(sys.argv[1:] if argv is None else argv)]).rstrip()
 
 
 def stage_parser(prog: str, description: str, stage: str,

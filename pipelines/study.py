@@ -39,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from diffusion.train import lowres_folder
 from engine import distributed
+from engine.cli import command_line
 from engine.config import choose_preset, setting_differences
 from engine.errors import UserError, run_cli
 from engine.runlog import SPIKE_FACTOR, read_records
@@ -725,8 +725,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base_summary = args.base / "summary.json"
     evaluate_minutes = json.loads(base_summary.read_text(encoding="utf-8")).get("stage_minutes", {}).get(
         "evaluate") if base_summary.is_file() else None
-    command = "python -m pipelines.study " + " ".join(
-        f"'{a}'" if " " in a else a for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("python -m pipelines.study", argv)
     if int(os.environ.get("RANK", "0")) == 0:  # the process group does not exist yet: torchrun's rank
         print_plan(plans, pending, settings, evaluate_minutes)
     result: dict[str, Any] = {"sources": {p.name: p.sources for p in plans}, "pending": sorted(pending),

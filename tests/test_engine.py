@@ -1,4 +1,5 @@
 import json
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
+from engine.cli import command_line
 from engine.config import config_from_dict, config_to_dict, parse_overrides
 from engine.ema import EMA, power_profile_exponent, power_profile_std
 from engine.runlog import loss_spikes, read_records, rollbacks
@@ -461,3 +463,12 @@ def test_compiled_training_traces_the_step_once(tmp_path, monkeypatch):
     trainer.fit(make_batch)
     assert trainer.step == 8
     assert counter.frame_count == 1  # the first step's value is not baked in: no second compile at step 1
+
+
+def test_a_recorded_command_splits_back_into_the_arguments_it_was_given(monkeypatch):
+    args = ["--run", "runs/a b", "--variant", "weak: --clip.epochs=1", "--note", "it's"]
+    line = command_line("python -m pipelines.study", args)
+    assert shlex.split(line) == ["python", "-m", "pipelines.study", *args]
+    monkeypatch.setattr(sys, "argv", ["study.py", "--steps", "3"])  # no argv given: the process's own
+    assert command_line("python -m pipelines.study") == "python -m pipelines.study --steps 3"
+    assert command_line("python train_all.py", []) == "python train_all.py"

@@ -102,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "{:g},{:g},{:g})".format(*DEFAULT_CONDITION_NOISE))
     parser.add_argument("--guide-unet", type=lambda text: None if text == "none" else text, nargs="+",
                         default=[None], metavar="FOLDER",
-                        help="autoguidance: 'none' (the empty prompt) or a weaker UNet of the run, e.g. "
-                             "RUN/unet/lowres")
+                        help="autoguidance: 'none' (the empty prompt) or a weaker UNet on the run's VAE and CLIP "
+                             "at its resolution")
     parser.add_argument("--seed-sets", type=int, default=1,
                         help="draws of every setting with disjoint seeds; from 2 up each figure gets its spread")
     parser.add_argument("--showcase", type=Path, metavar="DIR",

@@ -104,7 +104,7 @@ class StageStack:
     def guide_call(self, folder: str | Path, cuda_graph: bool = True
                    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """Autoguidance's weaker UNet (:func:`check_guide`: a UNet stage trained on this stack's VAE and CLIP with
-        its noise schedule, e.g. the run's ``unet/lowres``) as ``model(x_t, t, context)``, like :meth:`unet_call`
+        its noise schedule and resolution) as ``model(x_t, t, context)``, like :meth:`unet_call`
         (eager or CUDA graphs, never compiled); loaded once per folder and kept."""
         folder = Path(folder)
         if self._guide is None or self._guide[0] != folder:
@@ -206,15 +206,22 @@ def lineage_mismatches(vae_info: StageInfo, clip_info: StageInfo, unet_info: Sta
 def check_guide(folder: str | Path, unet_info: StageInfo) -> StageInfo:
     """The stage info of an autoguidance UNet at ``folder``, after checking that it can guide the UNet of
     ``unet_info``: a UNet stage trained on the same VAE and CLIP (the same latents and text states), with the
-    same noise schedule and prediction type (its prediction at a timestep means what the UNet's does)."""
+    same noise schedule and prediction type (its prediction at a timestep means what the UNet's does), at the same
+    resolution. A guide of another resolution is not a weaker version of the UNet at its size: the run's 256-px
+    phase guiding its 512-px UNet drew one picture per seed whatever the prompt (docs/results/quality)."""
     info = read_stage(folder, "unet")
     problems = [f"it was trained on another {stage.upper()}" for stage in ("vae", "clip")
                 if info.trained_on.get(stage) != unet_info.trained_on.get(stage)]
     problems += [f"its {key.replace('_', ' ')} differs" for key in ("schedule", "prediction_type")
                  if info.training.get(key) != unet_info.training.get(key)]
+    guide_px, unet_px = info.training.get("resolution"), unet_info.training.get("resolution")
+    if guide_px != unet_px:
+        problems.append(f"it was trained at {guide_px} px, the UNet at {unet_px} px")
     if problems:
         raise StageError(f"the UNet at {folder} cannot guide the UNet at {unet_info.path}: {'; '.join(problems)}; "
-                         "guide with a UNet trained in the same run, e.g. its unet/lowres")
+                         "guide with a shorter-trained or smaller UNet on the same VAE and CLIP at the UNet's "
+                         "resolution (pipelines.study trains one: --variant \"guide: --unet.lowres_epochs=4 "
+                         "--unet.epochs=1\")")
     return info
 
 

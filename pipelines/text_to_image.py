@@ -56,9 +56,9 @@ class GenerationSettings:
     # (scale, sigma_lo, sigma_hi): anneal the prompt with noise above sigma_lo, wholly noise from sigma_hi up (CADS;
     # diffusion.guidance.cfg_denoiser); None keeps the prompt at every level
     condition_noise: tuple[float, float, float] | None = DEFAULT_CONDITION_NOISE
-    # Autoguidance (Karras et al. 2024; diffusion.guidance.cfg_denoiser): a UNet stage folder, a weaker model of the
-    # same run (e.g. its unet/lowres), guided away from on the prompt in place of the empty prompt; None: the
-    # empty (or negative) prompt, classifier-free guidance
+    # Autoguidance (Karras et al. 2024; diffusion.guidance.cfg_denoiser): a UNet stage folder, a weaker model on the
+    # same VAE and CLIP at the same resolution (pipelines.stages.check_guide), guided away from on the prompt in
+    # place of the empty prompt; None: the empty (or negative) prompt, classifier-free guidance
     guide_unet: str | None = None
     size: int = 512
     negative_prompt: str = ""
@@ -144,8 +144,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     annealing.add_argument("--no-condition-noise", dest="condition_noise", action="store_const", const=None,
                            help="keep the prompt at every noise level (no annealing)")
     parser.add_argument("--guide-unet", metavar="FOLDER",
-                        help="autoguidance (Karras et al. 2024): guide away from this weaker UNet of the same run on "
-                             "the prompt (e.g. RUN/unet/lowres), not from the empty prompt (default: the empty prompt)")
+                        help="autoguidance (Karras et al. 2024): guide away from this weaker UNet on the prompt "
+                             "(trained on the same VAE and CLIP at the same resolution), not from the empty prompt "
+                             "(default: the empty prompt)")
 
 
 def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettings:

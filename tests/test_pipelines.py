@@ -34,6 +34,16 @@ def run_a(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def guide_a(run_a, tmp_path_factory):
+    """An autoguidance guide for run A's UNet: one epoch of a single phase at the UNet's resolution, on its VAE
+    and CLIP."""
+    from diffusion.train import train
+
+    config = train_all.stage_config("unet", "tiny", {"lowres_epochs": "0", "epochs": "1"})
+    return train(config, DATA, run_a / "vae", run_a / "clip", tmp_path_factory.mktemp("guide") / "unet", device="cpu")
+
+
 def test_train_all_writes_every_stage_and_a_report(run_a):
     for stage in ("vae", "clip", "unet"):
         assert (run_a / stage / "config.json").is_file() and (run_a / stage / "loss.png").is_file()
@@ -357,38 +367,42 @@ def test_condition_noise_reaches_generation(run_a):  # which levels it anneals: 
     assert not torch.allclose(default, plain, atol=1e-3)
 
 
-def test_autoguidance_reaches_generation_and_a_guide_that_cannot_guide_is_refused(run_a, tmp_path):
+def test_autoguidance_reaches_generation_and_a_guide_that_cannot_guide_is_refused(run_a, guide_a, tmp_path):
     stack = load_stack(run_a, device="cpu")  # which branch it replaces: tests/test_guidance.py
 
     def images(**settings):
         return generate(stack, ["a red circle", "a blue square"], [0, 1], GenerationSettings(
             **{"size": 64, "steps": 4, "eta": 0.0, "guidance_scale": 4.0, "guidance_interval": None, **settings}))
 
-    lowres = str(run_a / "unet" / "lowres")  # the run's 32-px phase: a weaker model of the same run
-    autoguided, classifier_free, unguided = images(guide_unet=lowres), images(), images(guidance_scale=1.0)
+    guide = str(guide_a)  # one epoch at the UNet's resolution: a weaker model on the same VAE and CLIP
+    autoguided, classifier_free, unguided = images(guide_unet=guide), images(), images(guidance_scale=1.0)
     assert not torch.allclose(autoguided, classifier_free, atol=1e-3)
     assert not torch.allclose(autoguided, unguided, atol=1e-3)
-    assert torch.equal(autoguided, images(guide_unet=lowres))
+    assert torch.equal(autoguided, images(guide_unet=guide))
     # the UNet as its own guide adds nothing to its conditional prediction
     torch.testing.assert_close(images(guide_unet=str(run_a / "unet")), unguided, atol=1e-5, rtol=0)
-    assert f"guidance 4 away from the UNet at {lowres} at every level" in GenerationSettings(
-        guide_unet=lowres, guidance_interval=None).describe()
+    assert f"guidance 4 away from the UNet at {guide} at every level" in GenerationSettings(
+        guide_unet=guide, guidance_interval=None).describe()
 
     parser = argparse.ArgumentParser()
     add_sampling_arguments(parser)
-    assert sampling_settings(parser.parse_args(["--guide-unet", lowres])).guide_unet == lowres
+    assert sampling_settings(parser.parse_args(["--guide-unet", guide])).guide_unet == guide
     assert sampling_settings(parser.parse_args([])).guide_unet is None  # classifier-free unless asked
     with pytest.raises(StageError, match="does not exist"):  # refused before any model loads
         GenerationSettings(guide_unet=str(tmp_path / "missing"))
     with pytest.raises(StageError, match="vae"):
         GenerationSettings(guide_unet=str(run_a / "vae"))
     other = tmp_path / "other_lineage"  # a UNet trained on another VAE: its latents mean something else
-    shutil.copytree(run_a / "unet" / "lowres", other)
+    shutil.copytree(guide_a, other)
     config = json.loads((other / "config.json").read_text())
     config["trained_on"]["vae"] = "0" * 16
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(StageError, match="cannot guide the UNet at .*: it was trained on another VAE; guide with"):
         images(guide_unet=str(other))
+    # the run's low-resolution phase: same VAE, CLIP and schedule, but its predictions are for 32-px images
+    with pytest.raises(StageError, match="cannot guide the UNet at .*: it was trained at 32 px, the UNet at 64 px; "
+                                         "guide with .* at the UNet's resolution"):
+        images(guide_unet=str(run_a / "unet" / "lowres"))
 
 
 def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
@@ -591,10 +605,10 @@ def test_cuda_graph_generation_matches_eager_and_recaptures_after_a_move(run_a):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_autoguided_generation_under_cuda_graphs_matches_eager(run_a):
+def test_autoguided_generation_under_cuda_graphs_matches_eager(run_a, guide_a):
     stack = load_stack(run_a, device="cuda")
     prompts, seeds = ["a red circle", "a blue square"], [0, 1]
-    settings = dict(size=64, steps=6, guide_unet=str(run_a / "unet" / "lowres"))
+    settings = dict(size=64, steps=6, guide_unet=str(guide_a))
     graphed = generate(stack, prompts, seeds, GenerationSettings(**settings, cuda_graph=True))
     eager = generate(stack, prompts, seeds, GenerationSettings(**settings, cuda_graph=False))
     assert (graphed - eager).abs().max() < 0.05  # bf16 kernels may differ slightly between capture and eager

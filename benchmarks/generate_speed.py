@@ -89,7 +89,9 @@ def default_case_variants(stack: StageStack, batch: int, repeats: int, guidance_
         reference = images if reference is None else reference
         rows.append({"variant": variant, "images_per_s": batch / (sum(seconds) / len(seconds)),
                      "first_call_s": first_s, "seconds_per_call": seconds,
-                     "max_abs_diff_vs_as_loaded": float((images - reference).abs().max())})
+                     "max_abs_diff_vs_as_loaded": float((images - reference).abs().max()),
+                     # one flipped pixel makes the max 2 on trained weights; the RMS says how much of the image moved
+                     "rms_diff_vs_as_loaded": float((images - reference).pow(2).mean().sqrt())})
     norms_as_trained(stack.unet, stack.infos["unet"])
     norms_as_trained(stack.vae, stack.infos["vae"])
     return rows
@@ -120,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--run", type=Path, required=True, help="a trained run folder (vae/, clip/, unet/)")
     parser.add_argument("--batch", type=int, default=16, help="prompts per generate() call")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case, after one untimed")
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=GenerationSettings.guidance_scale)
     parser.add_argument("--fast-steps", type=int, default=GenerationSettings.steps,
                         help="steps of the default fast sampler (dpmpp_2m)")
     parser.add_argument("--device")

@@ -1,8 +1,8 @@
 """Choose the sampling defaults from measurements: one trained run, the picture-quality ruler of
 ``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval, steps and
 step noise (eta, for the ddim and dpmpp_2m samplers, at every step or below a noise level), condition noise
-(CADS: the prompt annealed with noise at the high noise levels) and the model guided away from (``--guide-unet``:
-the empty prompt, or a weaker UNet of the run for autoguidance).
+(CADS: the prompt annealed with noise at the high noise levels) and autoguidance (``--guide-unet``, a weaker UNet
+on the run's VAE and CLIP, at each ``--autoguidance`` scale, beside classifier-free guidance).
 
     python -m benchmarks.sampling_sweep --run runs/pokemon --data ../shared/pokemon --out runs/sweep.json \\
         --guidance 2 3 4 --rescale 0.7 --steps 25 --interval none 0.28,7.5 --eta 0 0.5 --eta-sigma-max none 2 \\
@@ -102,8 +102,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "{:g},{:g},{:g})".format(*DEFAULT_CONDITION_NOISE))
     parser.add_argument("--guide-unet", type=lambda text: None if text == "none" else text, nargs="+",
                         default=[None], metavar="FOLDER",
-                        help="autoguidance: 'none' (the empty prompt) or a weaker UNet on the run's VAE and CLIP "
-                             "at its resolution")
+                        help="autoguidance: 'none' or a weaker UNet on the run's VAE and CLIP at its resolution, "
+                             "guided away from beside classifier-free guidance (--guidance 1: alone)")
+    parser.add_argument("--autoguidance", type=float, nargs="+", default=[GenerationSettings.autoguidance_scale],
+                        metavar="SCALE", help="autoguidance scales, for each --guide-unet folder")
     parser.add_argument("--seed-sets", type=int, default=1,
                         help="draws of every setting with disjoint seeds; from 2 up each figure gets its spread")
     parser.add_argument("--showcase", type=Path, metavar="DIR",
@@ -111,13 +113,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.seed_sets < 1:
         raise UserError(f"--seed-sets must be at least 1, got {args.seed_sets}")
+    guides = [(guide, auto) for guide in args.guide_unet  # an autoguidance scale without a guide means nothing
+              for auto in (args.autoguidance if guide is not None else [GenerationSettings.autoguidance_scale])]
     settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
                                         steps=steps, sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
-                                        condition_noise=condition_noise, guide_unet=guide)
-                     for scale, rescale, interval, steps, (eta, sigma_max), condition_noise, guide in itertools.product(
-                         args.guidance, args.rescale, args.interval, args.steps,
-                         noise_settings(args.eta, args.eta_sigma_max), args.condition_noise,
-                         args.guide_unet)]  # checked before loading
+                                        condition_noise=condition_noise, guide_unet=guide, autoguidance_scale=auto)
+                     for scale, rescale, interval, steps, (eta, sigma_max), condition_noise, (guide, auto)
+                     in itertools.product(args.guidance, args.rescale, args.interval, args.steps,
+                                          noise_settings(args.eta, args.eta_sigma_max), args.condition_noise,
+                                          guides)]  # checked before loading
     stack = load_stack(args.run)
     judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()
     data = load_captions(args.data, resolution=stack.image_size)
@@ -125,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
     records = []
     print("| guidance | rescale | interval | steps | eta | eta sigma max | condition noise | guide UNet | "
-          + " | ".join(SHOWN) + " |", flush=True)
+          "autoguidance | " + " | ".join(SHOWN) + " |", flush=True)
     showcase = []
     for index, settings in enumerate(settings_grid):
         settings = dataclasses.replace(settings, size=stack.image_size)
@@ -135,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
                                                           "steps", "eta", "eta_sigma_max", "condition_noise",
                                                           "guide_unet")}
+        record["autoguidance_scale"] = None if settings.guide_unet is None else settings.autoguidance_scale
         pictures = {}
         if args.showcase:
             picture = draw_showcase(stack, settings, args.showcase / f"setting_{index:02d}.png")

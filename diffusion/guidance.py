@@ -1,4 +1,5 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser for the samplers."""
+"""Classifier-free guidance (Ho & Salimans 2022) and autoguidance (Karras et al. 2024) as a denoiser for the
+samplers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from diffusion.samplers import SAMPLERS, Denoiser
 from diffusion.schedule import NoiseSchedule, check_prediction_type
 
 Model = Callable[[Tensor, Tensor, Tensor], Tensor]  # model(x_t, t, context) -> raw epsilon or v prediction
+DEFAULT_AUTOGUIDANCE_SCALE = 2.0  # about what Karras et al. 2024 chose for their autoguided ImageNet models
 
 
 def rescale_guided(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
@@ -84,16 +86,18 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
                  guidance_scale: float, guidance_rescale: float = 0.0,
                  guidance_interval: tuple[float, float] | None = None,
                  condition_noise: tuple[float, float, float] | None = None,
-                 noise: NoiseSource | None = None, guide_model: Model | None = None) -> Denoiser:
+                 noise: NoiseSource | None = None, guide_model: Model | None = None,
+                 autoguidance_scale: float = DEFAULT_AUTOGUIDANCE_SCALE) -> Denoiser:
     """Denoiser returning x0 from the guided prediction ``uncond + scale * (cond - uncond)`` (rescaled by
     :func:`rescale_guided` when ``guidance_rescale > 0``). With ``guidance_interval`` the scale is
     ``guidance_scale`` only at noise levels inside it and 1 elsewhere (:func:`guidance_scale_table`).
 
-    ``guide_model`` is autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
-    itself"): the branch guided away from is ``guide_model`` on the prompt, a weaker model of the same data,
-    instead of ``model`` on the empty prompt (``uncond`` is then unused). Guidance then pushes away from the
-    weaker model's errors rather than from the unconditional image, so it sharpens without pulling every seed
-    towards the prompt's prototype. Each guided step calls both models on the batch.
+    ``guide_model`` adds autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+    itself"): a second push, ``(autoguidance_scale - 1) * (cond - guide)``, away from ``guide_model`` on the same
+    prompt, a weaker model of the same data, in the same levels. It pushes away from the weaker model's errors
+    rather than from the unconditional image, so it sharpens without pulling every seed towards the prompt's
+    prototype; the push towards the prompt stays classifier-free guidance's. ``guidance_scale=1`` is autoguidance
+    alone, ``guide + autoguidance_scale * (cond - guide)``; a step with both runs the batched pass and the guide.
 
     ``cond``/``uncond`` are text states [B, L, D]; ``uncond`` (empty or negative prompt) may have batch 1 and is
     then shared by every sample. The two branches run as one forward on the batch ``[uncond; cond]``; at scale 1
@@ -116,32 +120,33 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
         raise ValueError(f"uncond has shape {tuple(uncond.shape)} but cond has {tuple(cond.shape)}; encode both "
                          "prompts to the same length and give uncond batch 1 or the batch of cond")
     scales = guidance_scale_table(schedule, guidance_scale, guidance_interval).tolist()
+    auto_scales = [1.0] * len(scales) if guide_model is None else \
+        guidance_scale_table(schedule, autoguidance_scale, guidance_interval).tolist()
     keeps = [1.0] * len(scales) if condition_noise is None else \
         condition_noise_table(schedule, *condition_noise[1:]).tolist()
     # [uncond; cond] is built once here, not per step (only an annealed step builds its own)
     uncond = uncond.expand_as(cond)
-    both_contexts = torch.cat([uncond, cond]) if guide_model is None and any(s != 1 for s in scales) else None
+    both_contexts = torch.cat([uncond, cond]) if any(s != 1 for s in scales) else None
 
     def denoise(x_t: Tensor, t: int) -> Tensor:
         if x_t.shape[0] != cond.shape[0]:
             raise ValueError(f"x_t has batch {x_t.shape[0]} but cond has batch {cond.shape[0]}; "
                              "encode one prompt per sample")
-        scale, keep = scales[t], keeps[t]
+        scale, auto_scale, keep = scales[t], auto_scales[t], keeps[t]
         t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
         context, contexts = cond, both_contexts
         if keep < 1:
             context = anneal_condition(cond, keep, condition_noise[0], noise(cond))
-            contexts = None if scale == 1 or guide_model is not None else torch.cat([uncond, context])
+            contexts = None if scale == 1 else torch.cat([uncond, context])
         if scale == 1:
-            pred = model(x_t, t_batch, context)
-        else:  # extrapolate from the branch guided away from (the guide on the prompt, or the empty prompt)
-            if guide_model is not None:
-                pred_away, pred_cond = guide_model(x_t, t_batch, context), model(x_t, t_batch, context)
-            else:
-                pred_away, pred_cond = model(torch.cat([x_t, x_t]), t_batch.repeat(2), contexts).chunk(2)
-            pred = pred_away + scale * (pred_cond - pred_away)
-            if guidance_rescale > 0:
-                pred = rescale_guided(pred, pred_cond, guidance_rescale)
+            pred = pred_cond = model(x_t, t_batch, context)
+        else:  # extrapolate from the empty prompt's prediction
+            pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), t_batch.repeat(2), contexts).chunk(2)
+            pred = pred_uncond + scale * (pred_cond - pred_uncond)
+        if auto_scale != 1:  # and from the weaker model's, on the same prompt
+            pred = pred + (auto_scale - 1) * (pred_cond - guide_model(x_t, t_batch, context))
+        if guidance_rescale > 0 and (scale != 1 or auto_scale != 1):
+            pred = rescale_guided(pred, pred_cond, guidance_rescale)
         x0, _ = schedule.to_x0_eps(pred, x_t, t_batch, prediction_type)
         return x0
 
@@ -157,16 +162,17 @@ def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: Noise
                              guidance_rescale: float = 0.0,
                              guidance_interval: tuple[float, float] | None = None,
                              condition_noise: tuple[float, float, float] | None = None,
-                             guide_model: Model | None = None) -> tuple[Tensor, Tensor]:
+                             guide_model: Model | None = None,
+                             autoguidance_scale: float = DEFAULT_AUTOGUIDANCE_SCALE) -> tuple[Tensor, Tensor]:
     """Sample ``x`` (noisy scaled latents at ``timesteps[0]``) with guidance, then decode with the VAE.
 
     The one sampling path of ``pipelines.generate`` and the UNet stage's per-epoch grid. Returns the float32
     images (not clamped) and the scaled latents. ``decode_batch`` bounds the VAE batch; ``decode_context``
     (e.g. an autocast) wraps the decoding only. ``noise`` also draws the condition noise, and ``guide_model`` is
-    autoguidance's weaker model (both: ``cfg_denoiser``).
+    autoguidance's weaker model, at ``autoguidance_scale`` (all: ``cfg_denoiser``).
     """
     denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
-                            guidance_interval, condition_noise, noise, guide_model)
+                            guidance_interval, condition_noise, noise, guide_model, autoguidance_scale)
     latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max)
     with decode_context or nullcontext():
         images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()

@@ -12,7 +12,8 @@ from PIL import Image
 
 from data.augment import resize, to_float
 from data.captions import square_resize
-from diffusion.guidance import check_condition_noise, check_guidance_interval, guided_sample_and_decode
+from diffusion.guidance import (DEFAULT_AUTOGUIDANCE_SCALE, check_condition_noise, check_guidance_interval,
+                                guided_sample_and_decode)
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import SAMPLERS, check_eta
 from engine.errors import UserError
@@ -57,9 +58,10 @@ class GenerationSettings:
     # diffusion.guidance.cfg_denoiser); None keeps the prompt at every level
     condition_noise: tuple[float, float, float] | None = DEFAULT_CONDITION_NOISE
     # Autoguidance (Karras et al. 2024; diffusion.guidance.cfg_denoiser): a UNet stage folder, a weaker model on the
-    # same VAE and CLIP at the same resolution (pipelines.stages.check_guide), guided away from on the prompt in
-    # place of the empty prompt; None: the empty (or negative) prompt, classifier-free guidance
+    # same VAE and CLIP at the same resolution (pipelines.stages.check_guide), guided away from on the prompt at
+    # autoguidance_scale, beside classifier-free guidance at guidance_scale (1: autoguidance alone); None: none
     guide_unet: str | None = None
+    autoguidance_scale: float = DEFAULT_AUTOGUIDANCE_SCALE
     size: int = 512
     negative_prompt: str = ""
     batch_size: int = 16  # prompts per UNet call (the guidance pass doubles it)
@@ -85,6 +87,9 @@ class GenerationSettings:
         if self.guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0 (1: the prompt's prediction alone, 0: the empty prompt's), "
                             f"got {self.guidance_scale}")
+        if self.autoguidance_scale < 0:
+            raise UserError(f"autoguidance scale must be >= 0 (1: no push away from the guide), "
+                            f"got {self.autoguidance_scale}")
         if self.guidance_interval is not None:
             self.guidance_interval = tuple(float(v) for v in self.guidance_interval)  # a JSON list reads back
         if self.condition_noise is not None:
@@ -107,8 +112,9 @@ class GenerationSettings:
             "" if self.eta_sigma_max is None else f" below sigma {self.eta_sigma_max:g}")
         annealed = "" if self.condition_noise is None else \
             ", condition noise {:g} from sigma {:g} (all noise from {:g})".format(*self.condition_noise)
-        away_from = "" if self.guide_unet is None else f" away from the UNet at {self.guide_unet}"
-        return (f"{self.sampler}, {self.steps} steps, guidance {self.guidance_scale:g}{away_from} {levels} (rescale "
+        autoguided = "" if self.guide_unet is None else \
+            f" and autoguidance {self.autoguidance_scale:g} away from the UNet at {self.guide_unet}"
+        return (f"{self.sampler}, {self.steps} steps, guidance {self.guidance_scale:g}{autoguided} {levels} (rescale "
                 f"{self.guidance_rescale:g}), {noise}{annealed}, {self.size} px")
 
 
@@ -144,9 +150,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     annealing.add_argument("--no-condition-noise", dest="condition_noise", action="store_const", const=None,
                            help="keep the prompt at every noise level (no annealing)")
     parser.add_argument("--guide-unet", metavar="FOLDER",
-                        help="autoguidance (Karras et al. 2024): guide away from this weaker UNet on the prompt "
-                             "(trained on the same VAE and CLIP at the same resolution), not from the empty prompt "
-                             "(default: the empty prompt)")
+                        help="autoguidance (Karras et al. 2024): also guide away from this weaker UNet on the prompt "
+                             "(trained on the same VAE and CLIP at the same resolution); --guidance 1 for "
+                             "autoguidance alone (default: none)")
+    parser.add_argument("--autoguidance", type=float, default=defaults.autoguidance_scale, metavar="SCALE",
+                        help="the push away from --guide-unet's UNet (1: none)")
 
 
 def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettings:
@@ -154,7 +162,7 @@ def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettin
     return GenerationSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, eta_sigma_max=args.eta_sigma_max,
                               guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                               guidance_interval=args.guidance_interval, condition_noise=args.condition_noise,
-                              guide_unet=args.guide_unet, **more)
+                              guide_unet=args.guide_unet, autoguidance_scale=args.autoguidance, **more)
 
 
 def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], settings: GenerationSettings | None = None,
@@ -213,7 +221,8 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
             model, stack.vae, stack.schedule, stack.prediction_type, cond.float(), uncond, settings.guidance_scale, x,
             timesteps, settings.sampler, per_sample, settings.eta, settings.eta_sigma_max, decode_context=autocast,
             guidance_rescale=settings.guidance_rescale, guidance_interval=settings.guidance_interval,
-            condition_noise=settings.condition_noise, guide_model=guide)
+            condition_noise=settings.condition_noise, guide_model=guide,
+            autoguidance_scale=settings.autoguidance_scale)
         outputs.append(images.clamp(-1, 1))
         all_latents.append(latents)
     return torch.cat(outputs), torch.cat(all_latents)

@@ -78,23 +78,45 @@ class WeakerToyModel(ToyModel):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_autoguidance_extrapolates_from_the_guide_on_the_prompt_to_the_model(inputs, prediction_type):
+def test_autoguidance_extrapolates_from_the_guide_on_the_prompt_alone_or_beside_classifier_free(inputs,
+                                                                                              prediction_type):
     x_t, t, cond, uncond = inputs
     schedule = NoiseSchedule(ScheduleConfig())
-    model, guide = ToyModel(), WeakerToyModel()
-    x0 = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0, guide_model=guide)(x_t, t)
     pred_cond, pred_guide = ToyModel()(x_t, batch_of(t), cond), WeakerToyModel()(x_t, batch_of(t), cond)
-    expected, _ = schedule.to_x0_eps(pred_guide + 3.0 * (pred_cond - pred_guide), x_t, batch_of(t), prediction_type)
-    torch.testing.assert_close(x0, expected)  # the guide sees the prompt, not uncond: far from this if it did
+    pred_uncond = ToyModel()(x_t, batch_of(t), uncond)
+
+    def x0_of(pred):
+        return schedule.to_x0_eps(pred, x_t, batch_of(t), prediction_type)[0]
+
+    # alone (classifier-free scale 1): from the guide on the prompt to the model, one pass of each
+    model, guide = ToyModel(), WeakerToyModel()
+    alone = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 1.0, guide_model=guide,
+                         autoguidance_scale=3.0)(x_t, t)
+    torch.testing.assert_close(alone, x0_of(pred_guide + 3.0 * (pred_cond - pred_guide)))  # the guide sees the prompt
     assert model.batches == [BATCH] and guide.batches == [BATCH]
-    # the model as its own guide adds nothing: the conditional prediction at any scale
-    torch.testing.assert_close(cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0, guide_model=model)(
-        x_t, t), cfg_denoiser(model, schedule, prediction_type, cond, uncond, 1.0)(x_t, t))
-    # outside the guidance interval the guide is not called
+    # beside classifier-free guidance: both pushes add, in one batched pass and one pass of the guide
+    model, guide = ToyModel(), WeakerToyModel()
+    both = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 4.0, guide_model=guide,
+                        autoguidance_scale=2.0)(x_t, t)
+    pred_both = pred_uncond + 4.0 * (pred_cond - pred_uncond) + (pred_cond - pred_guide)
+    torch.testing.assert_close(both, x0_of(pred_both))
+    assert model.batches == [2 * BATCH] and guide.batches == [BATCH]
+    rescaled = cfg_denoiser(ToyModel(), schedule, prediction_type, cond, uncond, 4.0, guidance_rescale=0.7,
+                            guide_model=WeakerToyModel(), autoguidance_scale=2.0)(x_t, t)
+    torch.testing.assert_close(rescaled, x0_of(rescale_guided(pred_both, pred_cond, 0.7)))
+    # the model as its own guide, or autoguidance scale 1, adds nothing to classifier-free guidance
+    plain = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 4.0)(x_t, t)
+    torch.testing.assert_close(cfg_denoiser(model, schedule, prediction_type, cond, uncond, 4.0, guide_model=model)(
+        x_t, t), plain)
+    unused = WeakerToyModel()
+    assert torch.equal(cfg_denoiser(model, schedule, prediction_type, cond, uncond, 4.0, guide_model=unused,
+                                    autoguidance_scale=1.0)(x_t, t), plain)
+    # outside the guidance interval neither push applies, and the guide is not called
     outside = WeakerToyModel()
-    cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0, guidance_interval=(1e6, 1e7),
-                 guide_model=outside)(x_t, t)
-    assert outside.batches == []
+    torch.testing.assert_close(cfg_denoiser(model, schedule, prediction_type, cond, uncond, 4.0,
+                                            guidance_interval=(1e6, 1e7), guide_model=outside)(x_t, t),
+                               x0_of(pred_cond))
+    assert outside.batches == [] and unused.batches == []
 
 
 def test_shared_negative_prompt_pairs_with_every_sample(inputs):

@@ -376,18 +376,25 @@ def test_autoguidance_reaches_generation_and_a_guide_that_cannot_guide_is_refuse
 
     guide = str(guide_a)  # one epoch at the UNet's resolution: a weaker model on the same VAE and CLIP
     autoguided, classifier_free, unguided = images(guide_unet=guide), images(), images(guidance_scale=1.0)
-    assert not torch.allclose(autoguided, classifier_free, atol=1e-3)
-    assert not torch.allclose(autoguided, unguided, atol=1e-3)
+    alone = images(guide_unet=guide, guidance_scale=1.0, autoguidance_scale=3.0)
+    for other in (classifier_free, unguided, alone):
+        assert not torch.allclose(autoguided, other, atol=1e-3)
+    assert not torch.allclose(alone, unguided, atol=1e-3)
     assert torch.equal(autoguided, images(guide_unet=guide))
-    # the UNet as its own guide adds nothing to its conditional prediction
-    torch.testing.assert_close(images(guide_unet=str(run_a / "unet")), unguided, atol=1e-5, rtol=0)
-    assert f"guidance 4 away from the UNet at {guide} at every level" in GenerationSettings(
+    # the UNet as its own guide adds nothing to classifier-free guidance, nor to its conditional prediction
+    torch.testing.assert_close(images(guide_unet=str(run_a / "unet")), classifier_free, atol=1e-5, rtol=0)
+    torch.testing.assert_close(images(guide_unet=str(run_a / "unet"), guidance_scale=1.0), unguided, atol=1e-5,
+                               rtol=0)
+    assert f"guidance 4 and autoguidance 2 away from the UNet at {guide} at every level" in GenerationSettings(
         guide_unet=guide, guidance_interval=None).describe()
 
     parser = argparse.ArgumentParser()
     add_sampling_arguments(parser)
-    assert sampling_settings(parser.parse_args(["--guide-unet", guide])).guide_unet == guide
+    asked = sampling_settings(parser.parse_args(["--guide-unet", guide, "--autoguidance", "3"]))
+    assert (asked.guide_unet, asked.autoguidance_scale) == (guide, 3.0)
     assert sampling_settings(parser.parse_args([])).guide_unet is None  # classifier-free unless asked
+    with pytest.raises(UserError, match="autoguidance scale must be >= 0"):
+        GenerationSettings(autoguidance_scale=-1.0)
     with pytest.raises(StageError, match="does not exist"):  # refused before any model loads
         GenerationSettings(guide_unet=str(tmp_path / "missing"))
     with pytest.raises(StageError, match="vae"):
@@ -666,3 +673,17 @@ def test_sampling_sweep_draws_each_setting_as_a_run_draws_its_final_samples(run_
     index = (showcase / "showcase.md").read_text(encoding="utf-8")
     annealed = GenerationSettings(size=64, steps=2, eta=0, condition_noise=(0.25, 2.6, 18))
     assert f"## setting 01: {annealed.describe()}" in index and "(setting_01.png)" in index
+
+
+def test_sampling_sweep_crosses_each_guide_with_each_autoguidance_scale(run_a, guide_a, tmp_path):
+    from benchmarks import sampling_sweep
+
+    out = tmp_path / "sweep.json"
+    sampling_sweep.main(["--run", str(run_a), "--data", DATA, "--out", str(out), "--steps", "1", "--eta", "0",
+                         "--guidance", "1", "--rescale", "0", "--interval", "none", "--guide-unet", "none", str(guide_a),
+                         "--autoguidance", "1.5", "3"])
+    records = json.loads(out.read_text())["records"]
+    # no guide: one setting, without a scale; the guide: one per scale
+    assert [(r["guide_unet"], r["autoguidance_scale"]) for r in records] == [
+        (None, None), (str(guide_a), 1.5), (str(guide_a), 3.0)]
+    assert records[1]["metrics"] != records[2]["metrics"]

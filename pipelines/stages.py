@@ -220,7 +220,7 @@ def check_guide(folder: str | Path, unet_info: StageInfo) -> StageInfo:
     if problems:
         raise StageError(f"the UNet at {folder} cannot guide the UNet at {unet_info.path}: {'; '.join(problems)}; "
                          "guide with a shorter-trained or smaller UNet on the same VAE and CLIP at the UNet's "
-                         "resolution (pipelines.study trains one: --variant \"guide: --unet.lowres_epochs=4 "
+                         "resolution (pipelines.study trains one: --variant \"guide: --unet.lowres_epochs=8 "
                          "--unet.epochs=1\")")
     return info
 

@@ -680,8 +680,8 @@ def test_sampling_sweep_crosses_each_guide_with_each_autoguidance_scale(run_a, g
 
     out = tmp_path / "sweep.json"
     sampling_sweep.main(["--run", str(run_a), "--data", DATA, "--out", str(out), "--steps", "1", "--eta", "0",
-                         "--guidance", "1", "--rescale", "0", "--interval", "none", "--guide-unet", "none", str(guide_a),
-                         "--autoguidance", "1.5", "3"])
+                         "--guidance", "1", "--rescale", "0", "--interval", "none",
+                         "--guide-unet", "none", str(guide_a), "--autoguidance", "1.5", "3"])
     records = json.loads(out.read_text())["records"]
     # no guide: one setting, without a scale; the guide: one per scale
     assert [(r["guide_unet"], r["autoguidance_scale"]) for r in records] == [

@@ -98,9 +98,29 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
     return trainer, lambda idx, g: batch
 
 
+def compile_regions(unet: torch.nn.Module) -> int:
+    """Compile each ResBlock and SpatialTransformer of ``unet`` in place and return how many: regional compilation,
+    small graphs that blocks of one shape share (dynamo treats their weights as inputs), against one graph of the
+    whole training step, whose compile took minutes at every resolution (docs/BENCHMARKS.md). The blocks share one
+    code object, so the recompile limit is raised to hold a graph per block shape."""
+    from unet.blocks import ResBlock, SpatialTransformer
+    blocks = [module for module in unet.modules() if isinstance(module, (ResBlock, SpatialTransformer))]
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 4 * len(blocks)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
+
+
+REGIONAL = "regional_compile"  # a variant key, not a config one: compile_regions on the built UNet
+
+
 def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> tuple[float, float]:
+    overrides = dict(overrides)
+    regional = overrides.pop(REGIONAL, False)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, make_batch = unet_trainer(overrides, preset, tmp)
+        if regional:
+            compile_regions(trainer.module.model)
         return timed_steps(trainer, make_batch, warmup, steps)
 
 
@@ -120,7 +140,8 @@ VARIANTS = {
              ("lowres_fp32_norms", {"low_precision_norms": False, **LOWRES}),
              ("channels_last", {"channels_last": True}),
              ("compile_channels_last", {"compile": True, "channels_last": True}),
-             ("deterministic", {"deterministic": True}), ("lowres_deterministic", {"deterministic": True, **LOWRES})],
+             ("deterministic", {"deterministic": True}), ("lowres_deterministic", {"deterministic": True, **LOWRES}),
+             ("regional_compile", {REGIONAL: True}), ("lowres_regional_compile", {REGIONAL: True, **LOWRES})],
 }
 
 

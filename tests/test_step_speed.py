@@ -19,3 +19,21 @@ def test_timed_steps_run_under_the_configs_deterministic_setting_and_leave_it_as
     run_steps(trainer, recording_batch, 2)
     assert seen and set(seen) == {deterministic}
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_regional_compilation_compiles_every_block_and_nothing_else(tmp_path, monkeypatch):
+    from benchmarks import step_speed
+    from unet.blocks import ResBlock, SpatialTransformer
+
+    trainer, _ = unet_trainer({"precision": "fp32"}, "tiny", tmp_path, device="cpu")
+    unet = trainer.module.model
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append((self, kwargs)))
+    for limit in ("recompile_limit", "accumulated_recompile_limit"):  # restored after the test
+        monkeypatch.setattr(torch._dynamo.config, limit, getattr(torch._dynamo.config, limit))
+    count = step_speed.compile_regions(unet)
+    blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+    assert count == len(blocks) == len(compiled) and {id(m) for m, _ in compiled} == {id(m) for m in blocks}
+    assert all(kwargs == {"dynamic": False} for _, kwargs in compiled)
+    assert any(isinstance(m, ResBlock) for m in blocks) and any(isinstance(m, SpatialTransformer) for m in blocks)
+    assert torch._dynamo.config.recompile_limit >= len(blocks)  # a graph per block shape, not dynamo's default 8

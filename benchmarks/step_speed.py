@@ -14,6 +14,7 @@ processes), so samples/s over all GPUs divided by the one-GPU figure is the scal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -98,17 +99,17 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
     return trainer, lambda idx, g: batch
 
 
-def compile_regions(unet: torch.nn.Module) -> int:
-    """Compile each ResBlock and SpatialTransformer of ``unet`` in place and return how many: regional compilation,
-    small graphs that blocks of one shape share (dynamo treats their weights as inputs), against one graph of the
-    whole training step, whose compile took minutes at every resolution (docs/BENCHMARKS.md). The blocks share one
-    code object, so the recompile limit is raised to hold a graph per block shape."""
+def compile_regions(unet: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Compile each ResBlock and SpatialTransformer of ``unet`` in place (regional compilation: small graphs that
+    blocks of one shape share, dynamo treating their weights as inputs, against one graph of the whole training
+    step, whose compile took minutes at every resolution: docs/BENCHMARKS.md). Returns the dynamo settings to run
+    them under: the blocks share one code object, so the recompile limit must hold a graph per block shape."""
     from unet.blocks import ResBlock, SpatialTransformer
     blocks = [module for module in unet.modules() if isinstance(module, (ResBlock, SpatialTransformer))]
-    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 4 * len(blocks)
     for block in blocks:
         block.compile(dynamic=False)
-    return len(blocks)
+    limit = 4 * len(blocks)
+    return torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit)
 
 
 REGIONAL = "regional_compile"  # a variant key, not a config one: compile_regions on the built UNet
@@ -119,9 +120,8 @@ def unet_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) 
     regional = overrides.pop(REGIONAL, False)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, make_batch = unet_trainer(overrides, preset, tmp)
-        if regional:
-            compile_regions(trainer.module.model)
-        return timed_steps(trainer, make_batch, warmup, steps)
+        with compile_regions(trainer.module.model) if regional else contextlib.nullcontext():
+            return timed_steps(trainer, make_batch, warmup, steps)
 
 
 LOWRES = {"resolution": 256, "batch_size": 256}  # the UNet's low-resolution phase (lowres_factor, lowres_batch_size)

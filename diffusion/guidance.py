@@ -15,7 +15,9 @@ from diffusion.samplers import SAMPLERS, Denoiser
 from diffusion.schedule import NoiseSchedule, check_prediction_type
 
 Model = Callable[[Tensor, Tensor, Tensor], Tensor]  # model(x_t, t, context) -> raw epsilon or v prediction
-DEFAULT_AUTOGUIDANCE_SCALE = 2.0  # about what Karras et al. 2024 chose for their autoguided ImageNet models
+# Beside classifier-free guidance 4, 1.5 is the largest push that kept the layout (2 brought background scribbles
+# back, 3 filled the frame: docs/results/studies/autoguidance/)
+DEFAULT_AUTOGUIDANCE_SCALE = 1.5
 
 
 def rescale_guided(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:

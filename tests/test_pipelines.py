@@ -385,7 +385,7 @@ def test_autoguidance_reaches_generation_and_a_guide_that_cannot_guide_is_refuse
     torch.testing.assert_close(images(guide_unet=str(run_a / "unet")), classifier_free, atol=1e-5, rtol=0)
     torch.testing.assert_close(images(guide_unet=str(run_a / "unet"), guidance_scale=1.0), unguided, atol=1e-5,
                                rtol=0)
-    assert f"guidance 4 and autoguidance 2 away from the UNet at {guide} at every level" in GenerationSettings(
+    assert f"guidance 4 and autoguidance 1.5 away from the UNet at {guide} at every level" in GenerationSettings(
         guide_unet=guide, guidance_interval=None).describe()
 
     parser = argparse.ArgumentParser()

@@ -33,6 +33,7 @@ from engine import distributed
 from engine.cli import command_line
 from engine.config import choose_preset, config_to_dict, parse_overrides, preset_reason
 from engine.errors import run_cli
+from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
 from engine.runlog import loss_spikes, rollbacks
 from engine.stage import CONFIG_FILE, LOCK_FILE, folder_lock, record_preset, remove_empty_folders, write_json
@@ -322,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     created = not run.exists()
     env = distributed.setup(args.device)
     try:
+        if "unet" in configs:  # the one check that needs the device and the processes
+            check_cuda_graph(configs["unet"].train, env.device, env.world_size)
         with folder_lock(run, command) if env.is_main else contextlib.nullcontext():
             if env.is_main:
                 print(f"preset: {preset['name']} ({preset['reason']})", flush=True)

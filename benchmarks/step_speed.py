@@ -88,7 +88,8 @@ def unet_trainer(overrides: dict[str, Any], preset: str, out_dir: str | Path,
     cfg.model = cfg.filled_model(text_width=256)
     size = cfg.resolution // 8
     module = DiffusionTrainingModule(UNet(cfg.model), NoiseSchedule(cfg.schedule), cfg.prediction_type, cfg.loss)
-    trainer = Trainer(module, cfg.train, out_dir, num_train_items=10_000, ema_of=module.model, device=device)
+    trainer = Trainer(module, cfg.train, out_dir, num_train_items=10_000, ema_of=module.model,
+                      cuda_graph_of=module.model, device=device)
     b, device = trainer.micro_batch, trainer.device
     latents = torch.randn(b, 4, size, size, device=device).contiguous(memory_format=trainer.memory_format)
     batch = {"latents": latents, "context": torch.randn(b, 77, cfg.model.context_dim, device=device),
@@ -141,7 +142,8 @@ VARIANTS = {
              ("channels_last", {"channels_last": True}),
              ("compile_channels_last", {"compile": True, "channels_last": True}),
              ("deterministic", {"deterministic": True}), ("lowres_deterministic", {"deterministic": True, **LOWRES}),
-             ("regional_compile", {REGIONAL: True}), ("lowres_regional_compile", {REGIONAL: True, **LOWRES})],
+             ("regional_compile", {REGIONAL: True}), ("lowres_regional_compile", {REGIONAL: True, **LOWRES}),
+             ("cuda_graph", {"cuda_graph": True}), ("lowres_cuda_graph", {"cuda_graph": True, **LOWRES})],
 }
 
 

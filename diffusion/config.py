@@ -29,8 +29,8 @@ class UNetTrainConfig:
     ``augment.prob``) ``passes_per_epoch`` = 10 times: 15 k samples. The stage trains ``lowres_epochs`` = 36 at
     256 px in batches of 256 (2,088 steps), then 6 at 512 px in batches of 64 (1,404 steps). Both phases run
     eager: compiling costs minutes per resolution, about what it saves in phases this short (docs/BENCHMARKS.md;
-    ``train.compile`` for longer runs). Latent caching takes seconds per phase; a sample grid plus the
-    validation loss ~3 s each.
+    ``train.compile`` for longer runs; ``train.cuda_graph`` replays the eager step from CUDA graphs, opt-in).
+    Latent caching takes seconds per phase; a sample grid plus the validation loss ~3 s each.
     Activations are ~0.35 GiB per sample at 512 px in bf16, so batch 64 (or 256 at 256 px) needs ~25 GiB with
     the weights, EMA and AdamW state, and ~4.4 GiB more for the two snapshots a spike rolls back to.
     """
@@ -122,6 +122,9 @@ class UNetTrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train.cuda_graph and self.model.gradient_checkpointing:
+            raise ConfigError("train.cuda_graph=true does not replay gradient checkpointing's recomputation: set "
+                              "model.gradient_checkpointing=false or train.cuda_graph=false")
         if self.lowres_epochs < 0:
             raise ConfigError(f"lowres_epochs must be >= 0 (0: no low-resolution phase), got {self.lowres_epochs}")
         if self.lowres_epochs > 0:

@@ -332,7 +332,8 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
         model.load_state_dict(load_weights(init.path))
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=train_latents.num_plain_rows,
-                      ema_of=model, resume=resume, device=env.device, run_config=config_to_dict(cfg))
+                      ema_of=model, cuda_graph_of=model, resume=resume, device=env.device,
+                      run_config=config_to_dict(cfg))
     make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob, cfg.augment.prob,
                                   trainer.memory_format)
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,

@@ -64,6 +64,9 @@ class TrainConfig:
     checkpoint_every_epochs: int = 1
     checkpoint_every_steps: int = 0  # 0: checkpoint at epoch ends only
     compile: bool = False  # torch.compile the training module
+    # replay the stage's network's training forward and backward from CUDA graphs (engine.graphed_training): the
+    # eager kernels without the launch gaps, no compile; one CUDA process, grad_accum 1; the UNet stage offers it
+    cuda_graph: bool = False
     # NHWC activations on CUDA. Off by default: with GroupNorm everywhere it was slower on an H100 with
     # torch 2.11 (VAE 139 vs 189, UNet 260 vs 292 samples/s; docs/results/bench/step_speed.json).
     channels_last: bool = False
@@ -93,6 +96,10 @@ class TrainConfig:
         if self.spike_rollbacks and self.grad_clip <= 0:
             raise ConfigError(f"spike_rollbacks={self.spike_rollbacks} watches the gradient norm, which is measured "
                               "when clipping: set grad_clip > 0, or spike_rollbacks=0")
+        if self.cuda_graph and (self.compile or self.grad_accum > 1):
+            raise ConfigError("cuda_graph=true replays one eager forward and backward per step: set compile=false "
+                              f"and grad_accum=1 (got compile={self.compile}, grad_accum={self.grad_accum}), or "
+                              "cuda_graph=false")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
         if self.ema_decay > 0 and self.ema_std > 0:
@@ -120,8 +127,8 @@ def validate_config(cfg: Any) -> Any:
 # TrainConfig fields of how a training runs, not of what it learns: a checkpoint or a finished stage that differs
 # only in these is the same training (a --concurrent study, for one, trains its variants eagerly). The spike
 # rollback is a policy for a run gone wrong: a run that never spikes learns the same with or without it.
-HOW_IT_RUNS = ("compile", "log_every", "checkpoint_every_epochs", "checkpoint_every_steps", "spike_rollbacks",
-               "spike_lr_backoff", "deterministic")
+HOW_IT_RUNS = ("compile", "cuda_graph", "log_every", "checkpoint_every_epochs", "checkpoint_every_steps",
+               "spike_rollbacks", "spike_lr_backoff", "deterministic")
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

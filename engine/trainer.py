@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import distributed, runlog
 from .config import ConfigError, TrainConfig, config_to_dict, flatten_config, setting_differences
 from .ema import EMA
+from .graphed_training import check_cuda_graph, replay_training_calls
 from .precision import set_low_precision_norms
 from .stage import StageError, StageModel, atomic_write
 from .tensorboard import TensorBoardLog
@@ -85,6 +86,8 @@ class Trainer:
         out_dir: where ``checkpoints/``, ``log.jsonl`` and ``loss.png`` go.
         num_train_items: size of the training set the batch indices are drawn from.
         ema_of: the sub-module whose weights get an EMA (when ``cfg.ema_decay`` or ``cfg.ema_std`` is set).
+        cuda_graph_of: the sub-module whose forward and backward replay from CUDA graphs with ``cfg.cuda_graph``
+            (``engine.graphed_training``: called once per step, tensors of fixed shapes, no host sync inside).
         param_groups: optional ``[{"params": [...], "lr_scale": 1.0, "weight_decay": ...}]``; default:
             every trainable parameter, weight decay on matrices/kernels only.
         find_unused_parameters: passed to DDP for modules whose forward skips parameters.
@@ -95,7 +98,8 @@ class Trainer:
     """
 
     def __init__(self, module: nn.Module, cfg: TrainConfig, out_dir: str | Path, *, num_train_items: int,
-                 ema_of: nn.Module | None = None, param_groups: list[dict[str, Any]] | None = None,
+                 ema_of: nn.Module | None = None, cuda_graph_of: nn.Module | None = None,
+                 param_groups: list[dict[str, Any]] | None = None,
                  find_unused_parameters: bool = False, resume: bool = False,
                  device: str | torch.device | None = None, run_config: Mapping[str, Any] | None = None) -> None:
         cfg.validate()
@@ -116,6 +120,7 @@ class Trainer:
         if cfg.batch_size % per_step:
             raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum = {per_step}")
         self.micro_batch = cfg.batch_size // per_step
+        check_cuda_graph(cfg, self.device, self.env.world_size, replayable=cuda_graph_of is not None)
         if num_train_items < cfg.batch_size:
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({num_train_items} items); "
                               "lower --batch_size")
@@ -159,6 +164,8 @@ class Trainer:
             self.wrapped = self.ddp
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
+        if cfg.cuda_graph:
+            replay_training_calls(cuda_graph_of)
 
         self.resumed = False
         if resume and self.checkpoint_path.is_file():
@@ -201,8 +208,8 @@ class Trainer:
 
     def autocast(self):
         """bf16 autocast on CUDA (the engine's precision), nothing in fp32."""
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision == "bf16":  # a CUDA-graph capture refuses autocast's weight-cast cache
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cfg.cuda_graph)
         return nullcontext()
 
     @contextmanager

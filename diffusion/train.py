@@ -36,6 +36,7 @@ from engine import StageError, Trainer, distributed, is_complete, read_stage
 from engine.cli import run_stage_cli, stage_parser
 from engine.config import ConfigError, config_to_dict, flatten_config, setting_differences, validate_config
 from engine.errors import run_cli
+from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
 from engine.runlog import read_records
 from engine.stage import StageInfo, load_weights
@@ -253,6 +254,8 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     checkpoint with ``resume``); the stage then starts from its weights (the phase starts from ``init_from``'s,
     when both are set)."""
     validate_config(cfg)
+    env = distributed.setup(device)
+    check_cuda_graph(cfg.train, env.device, env.world_size)
     for folder, kind in ((vae_dir, "vae"), (clip_dir, "clip")):
         read_stage(folder, kind)  # a missing or unfinished stage is named before the data loads
     data = load_captions(data_source, resolution=cfg.resolution)

@@ -205,6 +205,13 @@ def test_lowres_settings_are_checked_before_anything_trains():
     assert tiny_config(lowres_epochs=0, lowres_factor=3).lowres_epochs == 0  # one phase: the factor is unused
 
 
+def test_a_cuda_graph_asked_off_cuda_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ConfigError, match="this run is on cpu; set cuda_graph=false"):  # not "no such stage"
+        train(tiny_config(cuda_graph=True), DATA, tmp_path / "no_vae", tmp_path / "no_clip", tmp_path / "g",
+              device="cpu")
+    assert not (tmp_path / "g").exists()
+
+
 def test_init_from_starts_from_that_unets_weights_and_records_it(stages, tmp_path):
     first = train(tiny_config(), DATA, stages / "vae", stages / "clip", tmp_path / "first", device="cpu")
     # lr 0: the second run's weights (and their EMA) stay where they started, so they must equal the first's

@@ -8,7 +8,7 @@ of compiling. The loss around the module, the optimizer and the EMA stay eager.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ def check_cuda_graph(cfg: TrainConfig, device: torch.device, world_size: int, re
                           "cuda_graph=false")
 
 
-def replay_training_calls(module: nn.Module) -> None:
+def replay_training_calls(module: nn.Module) -> Callable[[], None]:
     """From its first call in training mode with gradients on, ``module`` runs its forward and backward as CUDA
     graphs captured on that call's tensors; calls in eval mode or without gradients (validation, sample grids)
     run its own forward. Every training call must pass tensors (positional) of the captured shapes, dtypes and
@@ -46,6 +46,10 @@ def replay_training_calls(module: nn.Module) -> None:
     second micro-batch would overwrite the first's), no host sync inside the module, and autocast, if any, with
     ``cache_enabled=False``. Parameters may change in place (optimizer steps, EMA swaps, rollbacks), never be
     replaced: the graphs read them where they were at capture.
+
+    Returns ``release``: back to the module's own forward, and the graphs with their memory (the forward's
+    activations, held for the backward) freed at once rather than when Python collects the reference cycle
+    the replaying forward makes with its module.
     """
     eager_forward = module.forward
     captured: dict[str, Any] = {}
@@ -67,3 +71,9 @@ def replay_training_calls(module: nn.Module) -> None:
         return captured["graphed"](*args)
 
     module.forward = forward
+
+    def release() -> None:
+        module.__dict__.pop("forward", None)
+        captured.clear()
+
+    return release

@@ -164,8 +164,7 @@ class Trainer:
             self.wrapped = self.ddp
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
-        if cfg.cuda_graph:
-            replay_training_calls(cuda_graph_of)
+        self._release_cuda_graphs = replay_training_calls(cuda_graph_of) if cfg.cuda_graph else None
 
         self.resumed = False
         if resume and self.checkpoint_path.is_file():
@@ -243,7 +242,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, make_batch: MakeBatch, on_epoch_end: EpochCallback | None = None) -> None:
-        """Train for the configured epochs (from where a resumed checkpoint stopped)."""
+        """Train for the configured epochs (from where a resumed checkpoint stopped); once: the TensorBoard log
+        and any CUDA graphs of the step are closed at the end."""
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
                         desc=self.out_dir.name, dynamic_ncols=True, smoothing=0.05)
         with deterministic_algorithms(self.cfg.deterministic):
@@ -253,6 +253,8 @@ class Trainer:
         progress.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self._release_cuda_graphs is not None:  # before the next phase's model needs the memory
+            self._release_cuda_graphs()
 
     def _run_epochs(self, make_batch: MakeBatch, on_epoch_end: EpochCallback | None, progress: tqdm) -> bool:
         """The epochs from ``self.step`` on; False when a loss spike was rolled back (``self.step`` went back)."""

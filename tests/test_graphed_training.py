@@ -36,7 +36,7 @@ def test_the_first_training_call_captures_later_ones_replay_and_another_shape_is
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
     model = Scale()
-    replay_training_calls(model)
+    release = replay_training_calls(model)
     x = torch.ones(3)
     model.eval()
     assert torch.equal(model(x), 2 * x) and not captures  # validation and sample grids run eagerly
@@ -50,6 +50,8 @@ def test_the_first_training_call_captures_later_ones_replay_and_another_shape_is
     model.train()
     with pytest.raises(RuntimeError, match="captured for inputs .*fixed batch shapes"):
         model(torch.ones(4))  # a graph's buffers hold 3: a copy would broadcast or fail deep inside torch
+    release()
+    assert torch.equal(model(x), 2 * x) and "forward" not in vars(model)  # its own forward, the graphs dropped
 
 
 def test_cuda_graph_settings_that_cannot_replay_are_refused_with_the_fix_named(tmp_path):

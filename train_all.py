@@ -323,8 +323,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     created = not run.exists()
     env = distributed.setup(args.device)
     try:
-        if "unet" in configs:  # the one check that needs the device and the processes
-            check_cuda_graph(configs["unet"].train, env.device, env.world_size)
+        for name, cfg in configs.items():  # the one check that needs the device and the processes
+            check_cuda_graph(cfg.train, env.device, env.world_size, replayable=name == "unet")
         with folder_lock(run, command) if env.is_main else contextlib.nullcontext():
             if env.is_main:
                 print(f"preset: {preset['name']} ({preset['reason']})", flush=True)

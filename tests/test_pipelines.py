@@ -242,7 +242,8 @@ def test_unknown_stage_override_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("bad", ["--unet.foo=1", "--unet.model.head_dim=12", "--clip.zh_prob=2",
                                  "--unet.model.context_dim=48", "--unet.model.in_channels=3",
-                                 "--unet.augment.prob=1.5", "--unet.cuda_graph=true"])
+                                 "--unet.augment.prob=1.5", "--unet.cuda_graph=true",
+                                 "--clip.cuda_graph=true"])
 def test_bad_stage_config_fails_before_anything_trains(tmp_path, bad):
     started = time.perf_counter()
     with pytest.raises((ConfigError, StageError)):

@@ -196,13 +196,14 @@ class NoiseSchedule:
 
         "Trailing" spacing (Lin et al. 2024): with ``S = round(strength * T)`` the timesteps are
         ``floor(S * k / steps) - 1`` for ``k = steps .. 1``, so strength 1 starts at ``T - 1`` (pure noise under
-        a zero-terminal-SNR schedule) and the last is ``S / steps - 1``; samplers then step to the clean level.
+        a zero-terminal-SNR schedule) and the last is ``floor(S / steps) - 1``; samplers then step to the clean level.
         ``strength < 1`` (image-to-image) starts at ``S - 1`` instead, still taking ``steps`` steps: noise the
-        init latent to ``timesteps[0]`` with :meth:`add_noise` and sample from there.
+        init latent to ``timesteps[0]`` with :meth:`add_noise` and sample from there. A strength too small to
+        reach one level (``S = 0``) starts at the least noisy, ``0``: near 0 keeps the init.
         """
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        start_level = round(strength * self.num_steps)
+        start_level = max(1, round(strength * self.num_steps))
         if not isinstance(steps, int) or not 1 <= steps <= start_level:
             raise ValueError(f"steps must be an integer in [1, {start_level}] (round(strength * num_steps) "
                              f"with strength={strength}), got {steps!r}; use fewer steps or a higher strength")

@@ -215,6 +215,7 @@ def test_sampling_timesteps_with_strength_start_lower():
     assert steps[0].item() == 499 and steps[-1].item() == 49
     assert (steps.diff() == -50).all()
     assert schedule.sampling_timesteps(30, strength=0.03).tolist() == list(range(29, -1, -1))
+    assert schedule.sampling_timesteps(1, strength=1e-6).tolist() == [0]  # below one level: the least noisy
     with pytest.raises(ValueError, match="strength"):
         schedule.sampling_timesteps(10, strength=0.0)
     with pytest.raises(ValueError, match="strength"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, TrainConfig
+from engine.config import ConfigError, TrainConfig, require_positive
 
 
 @dataclass
@@ -31,14 +31,13 @@ class CLIPConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix (called before anything is built)."""
+        require_positive(self, "vocab_size", "text_width", "text_layers", "text_heads", "image_size",
+                         "image_channels", "image_blocks_per_stage", "embed_dim", "mlp_ratio")
         if self.text_width % self.text_heads:
             raise ConfigError(f"CLIPConfig: text_width={self.text_width} is not divisible by "
                               f"text_heads={self.text_heads}; pick a divisor")
         if self.context_length < 2:
             raise ConfigError("CLIPConfig: context_length must be >= 2 (start and end tokens)")
-        if not self.image_channels or self.image_blocks_per_stage < 1 or self.text_layers < 1:
-            raise ConfigError("CLIPConfig: image_channels needs at least one stage; image_blocks_per_stage and "
-                              "text_layers must be >= 1")
         if self.image_size % 8:
             raise ConfigError(f"CLIPConfig: image_size={self.image_size} must be a multiple of 8 (the data loader's "
                               "resolutions)")

@@ -9,7 +9,7 @@ from diffusion.latents import GeometryAugment
 from diffusion.losses import DiffusionLossConfig
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import ScheduleConfig, check_prediction_type
-from engine.config import ConfigError, TrainConfig
+from engine.config import ConfigError, TrainConfig, require_positive
 from unet.config import UNetConfig
 
 # Recorded config values that training fills in from its inputs (``UNetTrainConfig.filled_model``): not asked for.
@@ -117,11 +117,8 @@ class UNetTrainConfig:
             raise ConfigError(f"guidance_rescale must be in [0, 1] (0: off), got {self.guidance_rescale}")
         if self.caption_variants < 0:
             raise ConfigError(f"caption_variants must be >= 0, got {self.caption_variants}")
-        positive = ("encode_batch_size", "val_timesteps", "val_batch_size", "sample_every_epochs",
-                    "sample_steps", "sample_seeds")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "encode_batch_size", "val_timesteps", "val_batch_size", "sample_every_epochs",
+                         "sample_steps", "sample_seeds")
         if self.train.cuda_graph and self.model.gradient_checkpointing:
             raise ConfigError("train.cuda_graph=true does not replay gradient checkpointing's recomputation: set "
                               "model.gradient_checkpointing=false or train.cuda_graph=false")
@@ -131,9 +128,7 @@ class UNetTrainConfig:
             if self.lowres_factor < 2 or self.resolution % self.lowres_factor:
                 raise ConfigError(f"lowres_factor={self.lowres_factor} must be >= 2 and divide resolution="
                                   f"{self.resolution}; change it, or set lowres_epochs=0 for one phase")
-            for name in ("lowres_batch_size", "lowres_sample_every_epochs"):
-                if getattr(self, name) < 1:
-                    raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            require_positive(self, "lowres_batch_size", "lowres_sample_every_epochs")
         if self.sample_steps > self.schedule.num_steps:
             raise ConfigError(f"sample_steps={self.sample_steps} exceeds the schedule's "
                               f"{self.schedule.num_steps} steps; lower sample_steps")

@@ -82,10 +82,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix."""
-        for name in ("epochs", "passes_per_epoch", "batch_size", "grad_accum", "log_every",
-                     "checkpoint_every_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "epochs", "passes_per_epoch", "batch_size", "grad_accum", "log_every",
+                         "checkpoint_every_epochs")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got '{self.precision}'")
         if self.spike_rollbacks < 0:
@@ -110,6 +108,17 @@ class TrainConfig:
             if not 0.0 < std < MAX_EMA_STD:
                 raise ConfigError(f"{name}: {std} is no power-function EMA width; use a share of the steps in "
                                   f"(0, {MAX_EMA_STD:.3f}), e.g. 0.05 to 0.15")
+
+
+def require_positive(cfg: Any, *names: str) -> None:
+    """Raise ``ConfigError`` for the first of ``names``, integer fields of ``cfg`` or tuples of them, below 1:
+    a size of 0 would otherwise fail late, inside a division or a layer, without naming the field."""
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, tuple) and min(value, default=0) < 1:
+            raise ConfigError(f"{type(cfg).__name__}: {name} needs at least one entry, each >= 1, got {value}")
+        if not isinstance(value, tuple) and value < 1:
+            raise ConfigError(f"{type(cfg).__name__}: {name} must be >= 1, got {value}")
 
 
 def validate_config(cfg: Any) -> Any:

@@ -9,13 +9,17 @@ import pytest
 import torch
 from torch import nn
 
+from clip.config import CLIPConfig
+from diffusion.config import UNetTrainConfig
 from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
 from engine.cli import command_line
-from engine.config import config_from_dict, config_to_dict, parse_overrides
+from engine.config import config_from_dict, config_to_dict, parse_overrides, validate_config
 from engine.ema import EMA, power_profile_exponent, power_profile_std
 from engine.runlog import loss_spikes, read_records, rollbacks
 from engine.stage import StageError, folder_lock, load_weights
 from engine.trainer import lr_factor
+from unet.config import UNetConfig
+from vae.config import VAEConfig
 
 
 @dataclass
@@ -110,6 +114,21 @@ def test_ema_settings_are_checked_with_the_fix_named():
     with pytest.raises(ConfigError, match=r"ema_probe_stds: 0.5 is no power-function EMA width; use a share"):
         TrainConfig(ema_probe_stds=(0.05, 0.5)).validate()
     assert apply_overrides(TrainConfig(), {"ema_probe_stds": "0.05,0.1"}).ema_probe_stds == (0.05, 0.1)
+
+
+@pytest.mark.parametrize("config, field, value", [
+    ("unet", "head_dim", 0), ("unet", "norm_groups", 0), ("unet", "channel_mult", (1, 0)), ("unet", "context_dim", 0),
+    ("vae", "norm_groups", 0), ("vae", "channel_mult", ()), ("clip", "text_heads", 0), ("clip", "image_channels", ()),
+    ("train", "batch_size", 0), ("unet_train", "sample_seeds", 0)])
+def test_a_size_below_one_is_refused_naming_its_field(config, field, value):
+    # these failed late: a division by zero, or an empty layer at the first forward
+    classes = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig, "train": TrainConfig,
+               "unet_train": UNetTrainConfig}
+    cfg = classes[config]()
+    setattr(cfg, field, value)
+    named = rf"{type(cfg).__name__}: {field} (must be|needs at least one entry, each) >= 1"
+    with pytest.raises(ConfigError, match=named):
+        validate_config(cfg)
 
 
 def test_stage_folder_round_trip_and_errors(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import ConfigError
+from engine.config import ConfigError, require_positive
 
 
 @dataclass
@@ -36,9 +36,13 @@ class UNetConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix (called before anything is built)."""
-        if not self.channel_mult or self.num_res_blocks < 1 or self.transformer_depth < 1:
-            raise ConfigError("UNetConfig: channel_mult needs at least one level; num_res_blocks and "
-                              "transformer_depth must be >= 1")
+        require_positive(self, "in_channels", "out_channels", "base_channels", "channel_mult", "num_res_blocks",
+                         "head_dim", "transformer_depth", "norm_groups")
+        if self.context_dim is not None:
+            require_positive(self, "context_dim")
+        if self.augment_dim < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"UNetConfig: augment_dim must be >= 0 (0: none) and dropout in [0, 1), got "
+                              f"{self.augment_dim} and {self.dropout}")
         for mult in self.channel_mult:
             width = self.base_channels * mult
             if width % self.norm_groups:

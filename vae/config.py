@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, TrainConfig
+from engine.config import ConfigError, TrainConfig, require_positive
 
 
 DOWNSAMPLE_PADDINGS = ("symmetric", "bottom_right")
@@ -32,9 +32,8 @@ class VAEConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix (called when a model is built)."""
-        if not self.channel_mult or self.num_res_blocks < 1 or self.latent_channels < 1:
-            raise ConfigError("VAEConfig: channel_mult needs at least one level, num_res_blocks and "
-                              "latent_channels must be >= 1")
+        require_positive(self, "in_channels", "latent_channels", "base_channels", "channel_mult", "num_res_blocks",
+                         "norm_groups")
         if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
             raise ConfigError(f"VAEConfig: downsample_padding={self.downsample_padding!r}; choose one of "
                               f"{DOWNSAMPLE_PADDINGS}")
@@ -92,8 +91,7 @@ class VAETrainConfig:
         if size < 11:
             raise ConfigError(f"training images of {size} px are smaller than the 11-px SSIM window; "
                               "raise crop_size (or resolution)")
-        if self.val_batch_size < 1 or self.num_grid_images < 1:
-            raise ConfigError("val_batch_size and num_grid_images must be >= 1")
+        require_positive(self, "val_batch_size", "num_grid_images")
 
 
 PRESETS: dict[str, dict[str, object]] = {

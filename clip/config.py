@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from engine.config import ConfigError, TrainConfig, require_positive
 
+from .tokenizer import MIN_VOCAB_SIZE
+
 
 @dataclass
 class CLIPConfig:
@@ -33,6 +35,9 @@ class CLIPConfig:
         """Raise ``ConfigError`` naming the field and the fix (called before anything is built)."""
         require_positive(self, "vocab_size", "text_width", "text_layers", "text_heads", "image_size",
                          "image_channels", "image_blocks_per_stage", "embed_dim", "mlp_ratio")
+        if self.vocab_size < MIN_VOCAB_SIZE or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"CLIPConfig: vocab_size must be >= {MIN_VOCAB_SIZE} (every byte and the special "
+                              f"tokens) and dropout in [0, 1), got {self.vocab_size} and {self.dropout}")
         if self.text_width % self.text_heads:
             raise ConfigError(f"CLIPConfig: text_width={self.text_width} is not divisible by "
                               f"text_heads={self.text_heads}; pick a divisor")

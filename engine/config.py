@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -84,6 +85,22 @@ class TrainConfig:
         """Raise ``ConfigError`` naming the field and the fix."""
         require_positive(self, "epochs", "passes_per_epoch", "batch_size", "grad_accum", "log_every",
                          "checkpoint_every_epochs")
+        # AdamW would refuse these only when the stage builds its optimizer, after the stages before it trained;
+        # a negative min_lr_ratio it would not refuse at all (the cosine would end in gradient ascent)
+        if not 0.0 < self.lr < math.inf:
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1] (the cosine's end, a share of lr), got "
+                              f"{self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.weight_decay < math.inf or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError(f"weight_decay, warmup_steps and grad_clip must be >= 0 (grad_clip 0: no clipping), "
+                              f"got {self.weight_decay}, {self.warmup_steps} and {self.grad_clip}")
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(f"checkpoint_every_steps must be >= 0 (0: at epoch ends only), got "
+                              f"{self.checkpoint_every_steps}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got '{self.precision}'")
         if self.spike_rollbacks < 0:
@@ -212,9 +229,12 @@ def _coerce(raw: Any, hint: Any, key: str) -> Any:
         if hint is str:
             return raw
         if origin is tuple:
-            item_type = args[0] if args else str
-            parts = [p for p in raw.strip("()[] ").split(",") if p.strip()]
-            return tuple(_coerce(p.strip(), item_type, key) for p in parts)
+            parts = [p.strip() for p in raw.strip("()[] ").split(",") if p.strip()]
+            if args and args[-1] is not Ellipsis:  # tuple[float, float]: exactly that many, each its own type
+                if len(parts) != len(args):
+                    raise ConfigError(f"config key '{key}' takes {len(args)} comma-separated values, got {raw!r}")
+                return tuple(_coerce(p, t, key) for p, t in zip(parts, args))
+            return tuple(_coerce(p, args[0] if args else str, key) for p in parts)
         if origin in (typing.Union, types.UnionType):
             if raw.lower() in ("none", "null"):
                 return None
@@ -224,6 +244,8 @@ def _coerce(raw: Any, hint: Any, key: str) -> Any:
                 except ConfigError:
                     continue
             raise ValueError(raw)
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError(f"config key '{key}': cannot read {raw!r} as {getattr(hint, '__name__', hint)}") from None
     return json.loads(raw)

@@ -19,7 +19,7 @@ from engine.runlog import loss_spikes, read_records, rollbacks
 from engine.stage import StageError, folder_lock, load_weights
 from engine.trainer import lr_factor
 from unet.config import UNetConfig
-from vae.config import VAEConfig
+from vae.config import PRESETS as VAE_PRESETS, VAEConfig, VAETrainConfig
 
 
 @dataclass
@@ -129,6 +129,36 @@ def test_a_size_below_one_is_refused_naming_its_field(config, field, value):
     named = rf"{type(cfg).__name__}: {field} (must be|needs at least one entry, each) >= 1"
     with pytest.raises(ConfigError, match=named):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"lr": float("nan")}, "lr must be a finite number > 0"), ({"lr": -1e-4}, "lr must be"),
+    ({"beta2": 1.5}, r"beta2 must be in \[0, 1\)"), ({"beta1": -0.1}, "beta1 must be"),
+    ({"min_lr_ratio": -1.0}, r"min_lr_ratio must be in \[0, 1\]"), ({"weight_decay": -0.1}, "weight_decay"),
+    ({"checkpoint_every_steps": -1}, "checkpoint_every_steps must be >= 0")])
+def test_optimizer_settings_torch_would_refuse_late_or_never_are_refused_first(settings, named):
+    # AdamW refuses most of these only when a stage builds it (after the stages before it trained); a negative
+    # min_lr_ratio it takes, and the cosine then ends in gradient ascent
+    with pytest.raises(ConfigError, match=named):
+        TrainConfig(**settings).validate()
+
+
+def test_stage_loss_and_vocabulary_settings_are_checked():
+    with pytest.raises(ConfigError, match="vocab_size must be >= 259"):
+        validate_config(CLIPConfig(vocab_size=100))
+    with pytest.raises(ConfigError, match="dropout in"):
+        validate_config(CLIPConfig(dropout=1.5))
+    with pytest.raises(ConfigError, match="loss weights must be >= 0"):
+        build_config(VAETrainConfig, VAE_PRESETS, "tiny", {"kl_weight": "-1"})
+
+
+def test_a_fixed_length_tuple_key_takes_exactly_its_values():
+    cfg = UNetTrainConfig()
+    assert apply_overrides(cfg, {"augment.log2_scale": "(-0.5, 0.1)"}).augment.log2_scale == (-0.5, 0.1)
+    for raw in ("-0.5", "-0.5,0.1,0.2"):
+        with pytest.raises(ConfigError, match="'augment.log2_scale' takes 2 comma-separated values"):
+            apply_overrides(cfg, {"augment.log2_scale": raw})
+    assert apply_overrides(cfg, {"model.channel_mult": "1,2,2"}).model.channel_mult == (1, 2, 2)  # any length
 
 
 def test_stage_folder_round_trip_and_errors(tmp_path):

@@ -92,6 +92,9 @@ class VAETrainConfig:
             raise ConfigError(f"training images of {size} px are smaller than the 11-px SSIM window; "
                               "raise crop_size (or resolution)")
         require_positive(self, "val_batch_size", "num_grid_images")
+        weights = {name: getattr(self, name) for name in ("l1_weight", "ssim_weight", "kl_weight", "gan_weight")}
+        if min(weights.values()) < 0:
+            raise ConfigError(f"the VAE's loss weights must be >= 0 (0: the term off), got {weights}")
 
 
 PRESETS: dict[str, dict[str, object]] = {

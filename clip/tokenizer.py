@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from engine.stage import atomic_write
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -82,7 +84,7 @@ class BPETokenizer:
         return text.removeprefix(" ")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self._json, encoding="utf-8")
+        atomic_write(path, lambda tmp: Path(tmp).write_text(self._json, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | Path, context_length: int = CONTEXT_LENGTH) -> "BPETokenizer":

@@ -98,9 +98,11 @@ class TrainConfig:
         if not 0.0 <= self.weight_decay < math.inf or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError(f"weight_decay, warmup_steps and grad_clip must be >= 0 (grad_clip 0: no clipping), "
                               f"got {self.weight_decay}, {self.warmup_steps} and {self.grad_clip}")
-        if self.checkpoint_every_steps < 0:
-            raise ConfigError(f"checkpoint_every_steps must be >= 0 (0: at epoch ends only), got "
-                              f"{self.checkpoint_every_steps}")
+        if self.checkpoint_every_steps < 0 or self.checkpoint_every_steps % self.log_every:
+            # a checkpoint inside a log interval would resume into a shorter first interval: another log and
+            # another gradient-norm history for the spike rule than the uninterrupted run's
+            raise ConfigError(f"checkpoint_every_steps must be >= 0 (0: at epoch ends only) and a multiple of "
+                              f"log_every={self.log_every}, got {self.checkpoint_every_steps}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got '{self.precision}'")
         if self.spike_rollbacks < 0:

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .stage import atomic_write  # noqa: E402
+
 # A log interval whose mean gradient norm is this many times the median of the previous ones is a loss spike
 # (the UNet stage's 256-px phase spiked at its warm-up's end in two of six default runs, and did not recover)
 SPIKE_FACTOR = 2.5
@@ -44,7 +46,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 def truncate_after(path: str | Path, step: int) -> None:
     """Drop records past ``step``: a resumed run re-logs the steps it replays."""
     records = [r for r in read_records(path) if r.get("step", 0) <= step]
-    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    # atomic: the stages read their final figures from this log, and a resume truncates it first thing
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def plot_losses(log_path: str | Path, png_path: str | Path, title: str = "") -> None:

@@ -170,6 +170,9 @@ class Trainer:
         if resume and self.checkpoint_path.is_file():
             self._load_checkpoint()
             self.resumed = True
+            # a checkpoint is written where the run had just taken a snapshot (an epoch's or a log interval's
+            # end), so from the next interval on the snapshots are the uninterrupted run's
+            self._snapshot()
         elif self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
@@ -420,7 +423,8 @@ class Trainer:
             runlog.plot_losses(self.log_path, self.out_dir / "loss.png", title=self.out_dir.name)
         distributed.barrier()
         last = self.epoch == self.cfg.epochs
-        if last or self.epoch % self.cfg.checkpoint_every_epochs == 0:
+        every_steps = self.cfg.checkpoint_every_steps
+        if last or self.epoch % self.cfg.checkpoint_every_epochs == 0 or (every_steps and self.step % every_steps == 0):
             self.save_checkpoint()
 
     def log_image(self, tag: str, png: str | Path) -> None:

@@ -15,7 +15,7 @@ from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_con
 from engine.cli import command_line
 from engine.config import config_from_dict, config_to_dict, parse_overrides, validate_config
 from engine.ema import EMA, power_profile_exponent, power_profile_std
-from engine.runlog import loss_spikes, read_records, rollbacks
+from engine.runlog import loss_spikes, read_records, rollbacks, truncate_after
 from engine.stage import StageError, folder_lock, load_weights
 from engine.trainer import lr_factor
 from unet.config import UNetConfig
@@ -135,7 +135,8 @@ def test_a_size_below_one_is_refused_naming_its_field(config, field, value):
     ({"lr": float("nan")}, "lr must be a finite number > 0"), ({"lr": -1e-4}, "lr must be"),
     ({"beta2": 1.5}, r"beta2 must be in \[0, 1\)"), ({"beta1": -0.1}, "beta1 must be"),
     ({"min_lr_ratio": -1.0}, r"min_lr_ratio must be in \[0, 1\]"), ({"weight_decay": -0.1}, "weight_decay"),
-    ({"checkpoint_every_steps": -1}, "checkpoint_every_steps must be >= 0")])
+    ({"checkpoint_every_steps": -1}, "checkpoint_every_steps must be >= 0"),
+    ({"checkpoint_every_steps": 30, "log_every": 20}, "a multiple of log_every=20, got 30")])
 def test_optimizer_settings_torch_would_refuse_late_or_never_are_refused_first(settings, named):
     # AdamW refuses most of these only when a stage builds it (after the stages before it trained); a negative
     # min_lr_ratio it takes, and the cosine then ends in gradient ascent
@@ -287,15 +288,15 @@ def test_each_log_interval_records_its_largest_gradient_norm_and_a_spike_is_repo
 
 def spiky_train(out, epochs, spike_at=(30,), crash_at=None, resume=False, **overrides):
     """``train`` with targets 100x off for two steps from each of ``spike_at``, once: a step trained again after a
-    rollback gets the true targets (as a retried step does not meet the same accident). ``crash_at``: killed
-    there after a rollback."""
+    rollback gets the true targets (as a retried step does not meet the same accident). ``crash_at``: ``(step,
+    rollbacks)``, killed at that step once that many rollbacks were made."""
     cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, **overrides)
     trainer = Trainer(ToyModule(), cfg, out, num_train_items=len(DATA_X), resume=resume, device="cpu")
     pending = {step + k for step in spike_at for k in (0, 1)}
     trainer.lr_used = {}  # step -> the learning rate its update used (the last pass's, for a replayed step)
 
     def batches(indices, generator):
-        if crash_at is not None and trainer.step == crash_at and trainer.spike_rollbacks_used:
+        if crash_at == (trainer.step, trainer.spike_rollbacks_used):
             raise KeyboardInterrupt
         trainer.lr_used[trainer.step] = trainer.optimizer.param_groups[0]["lr"]
         x, y = make_batch(indices, generator)
@@ -343,11 +344,11 @@ def test_a_rolled_back_spike_leaves_no_trace_and_the_rollback_is_inert_without_o
 
 
 def test_after_a_rollback_the_learning_rate_is_scaled_by_the_backoff_and_a_resume_keeps_it(tmp_path):
-    # the spike (steps 33-34) passes a checkpoint (step 33) before it is seen: the rollback to step 30 must
-    # replace that checkpoint, or a resume would continue the damaged run
+    # the spike (steps 33-34) is seen at step 34, after the checkpoint of step 32: the rollback to step 30 must
+    # replace that checkpoint, or a resume would continue without the rollback's lower learning rate
     smooth = {r["step"]: r["lr"] for r in train_records(train(tmp_path / "smooth", epochs=6).out_dir)}
     straight = spiky_train(tmp_path / "a", epochs=6, spike_at=(32,), spike_rollbacks=1, spike_lr_backoff=0.5,
-                           checkpoint_every_steps=3)
+                           checkpoint_every_steps=2)
     after = {r["step"]: r["lr"] for r in train_records(tmp_path / "a")}  # the next step's, as logged then
     assert [r["step"] for r in rollbacks(tmp_path / "a" / "log.jsonl")] == [30]
     assert all(after[s] == pytest.approx(smooth[s]) for s in after if s <= 30)
@@ -355,12 +356,24 @@ def test_after_a_rollback_the_learning_rate_is_scaled_by_the_backoff_and_a_resum
     assert straight.lr_used[30] == pytest.approx(0.5 * smooth[30])  # from the first step after going back
     with pytest.raises(KeyboardInterrupt):  # killed in the replay's first steps, before any new checkpoint
         spiky_train(tmp_path / "b", epochs=6, spike_at=(32,), spike_rollbacks=1, spike_lr_backoff=0.5,
-                    checkpoint_every_steps=3, crash_at=31)
+                    checkpoint_every_steps=2, crash_at=(31, 1))
     resumed = spiky_train(tmp_path / "b", epochs=6, spike_at=(), resume=True, spike_rollbacks=1,
-                          spike_lr_backoff=0.5, checkpoint_every_steps=3)
+                          spike_lr_backoff=0.5, checkpoint_every_steps=2)
     assert resumed.lr_scale == 0.5 and resumed.spike_rollbacks_used == 1
     _same_state(straight, resumed)
     assert len(rollbacks(tmp_path / "b" / "log.jsonl")) == 1
+
+
+def test_a_run_resumed_before_a_spike_rolls_it_back_as_the_uninterrupted_run_does(tmp_path):
+    straight = spiky_train(tmp_path / "a", epochs=6, spike_at=(32,), spike_rollbacks=1, checkpoint_every_steps=2)
+    with pytest.raises(KeyboardInterrupt):  # killed before the spike: the snapshots in memory are lost
+        spiky_train(tmp_path / "b", epochs=6, spike_at=(32,), spike_rollbacks=1, checkpoint_every_steps=2,
+                    crash_at=(31, 0))
+    resumed = spiky_train(tmp_path / "b", epochs=6, spike_at=(32,), resume=True, spike_rollbacks=1,
+                          checkpoint_every_steps=2)
+    assert resumed.spike_rollbacks_used == 1 and resumed.lr_scale == straight.lr_scale
+    assert rollbacks(tmp_path / "b" / "log.jsonl") == rollbacks(tmp_path / "a" / "log.jsonl")
+    _same_state(straight, resumed)
 
 
 def test_a_spike_past_the_last_rollback_is_warned_of_and_stays_in_the_log(tmp_path, capsys):
@@ -410,12 +423,12 @@ def test_last_epoch_metrics_survive_a_resume_with_nothing_left_to_train(tmp_path
 
 def test_killed_run_resumes_mid_epoch_exactly(tmp_path):
     probes = (0.05, 0.2)  # power-function EMAs beside the fixed-decay one: resumed exactly too
-    straight = train(tmp_path / "a", epochs=3, checkpoint_every_steps=3, ema_probe_stds=probes)
+    straight = train(tmp_path / "a", epochs=3, checkpoint_every_steps=4, ema_probe_stds=probes)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "b", epochs=3, checkpoint_every_steps=3, crash_at=13, ema_probe_stds=probes)
+        train(tmp_path / "b", epochs=3, checkpoint_every_steps=4, crash_at=13, ema_probe_stds=probes)
     state = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 12  # the last checkpoint
-    resumed = train(tmp_path / "b", epochs=3, resume=True, checkpoint_every_steps=3, ema_probe_stds=probes)
+    resumed = train(tmp_path / "b", epochs=3, resume=True, checkpoint_every_steps=4, ema_probe_stds=probes)
     _same_state(straight, resumed)
     assert not torch.equal(*(straight.ema_probes[std].shadow["net.0.weight"] for std in probes))
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -425,12 +438,35 @@ def test_killed_run_resumes_mid_epoch_exactly(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the checkpoint is loaded onto it")
 def test_killed_run_resumes_exactly_on_the_gpu(tmp_path):
     # the RNG states come back on the GPU with the rest of the checkpoint, and must be handed back on the CPU
-    straight = train(tmp_path / "a", epochs=3, checkpoint_every_steps=3, device="cuda")
+    straight = train(tmp_path / "a", epochs=3, checkpoint_every_steps=4, device="cuda")
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "b", epochs=3, checkpoint_every_steps=3, crash_at=13, device="cuda")
-    resumed = train(tmp_path / "b", epochs=3, resume=True, checkpoint_every_steps=3, device="cuda")
+        train(tmp_path / "b", epochs=3, checkpoint_every_steps=4, crash_at=13, device="cuda")
+    resumed = train(tmp_path / "b", epochs=3, resume=True, checkpoint_every_steps=4, device="cuda")
     assert resumed.resumed
     _same_state(straight, resumed)
+
+
+def test_a_step_checkpoint_at_an_epochs_end_is_written_whatever_the_epoch_setting(tmp_path):
+    with pytest.raises(KeyboardInterrupt):  # 8 steps an epoch: step 8 ends epoch 1, which the epoch setting skips
+        train(tmp_path / "run", epochs=3, checkpoint_every_epochs=3, checkpoint_every_steps=8, crash_at=10)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)["step"] == 8
+
+
+def test_a_log_truncated_while_the_disk_fails_keeps_every_record(tmp_path, monkeypatch):
+    log = tmp_path / "log.jsonl"
+    records = [{"kind": "train", "step": s, "train/loss": 1.0 / s} for s in (10, 20, 30)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def disk_full(path, text, encoding=None):
+        with open(path, "w", encoding=encoding) as fh:
+            fh.write(text[:5])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError):
+        truncate_after(log, 20)
+    monkeypatch.undo()
+    assert read_records(log) == records  # the rewrite went to a temporary file; the log is whole
 
 
 def test_resume_refuses_a_different_batch_size(tmp_path):
@@ -447,7 +483,7 @@ def test_resume_refuses_other_learning_settings_but_not_other_running_ones(tmp_p
     with pytest.raises(ConfigError, match=r"cannot resume .*: it was trained with other settings \(lr was 0.01, now "
                                           r"0.02\); use the same settings"):
         Trainer(ToyModule(), cfg, tmp_path / "a", num_train_items=len(DATA_X), resume=True, device="cpu")
-    resumed = train(tmp_path / "a", epochs=3, resume=True, checkpoint_every_steps=5)  # how it runs: allowed
+    resumed = train(tmp_path / "a", epochs=3, resume=True, checkpoint_every_steps=6)  # how it runs: allowed
     assert resumed.resumed and resumed.step == 3 * 8
 
 

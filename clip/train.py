@@ -25,6 +25,7 @@ from engine import Trainer, distributed
 from engine.cli import run_stage_cli, stage_parser
 from engine.config import config_to_dict, validate_config
 from engine.errors import run_cli
+from engine.trainer import checkpoint_path
 
 
 def prepare_tokenizer(cfg: CLIPTrainConfig, train_set: CaptionSet, out_dir: Path, resume: bool) -> BPETokenizer:
@@ -34,7 +35,7 @@ def prepare_tokenizer(cfg: CLIPTrainConfig, train_set: CaptionSet, out_dir: Path
     the interrupted one did; the model's vocab_size becomes the tokenizer's actual size.
     """
     path = out_dir / TOKENIZER_FILE
-    if resume and path.is_file():
+    if resume and path.is_file() and checkpoint_path(out_dir).is_file():  # else a fresh run: a fresh tokenizer
         tokenizer = BPETokenizer.load(path, cfg.model.context_length)
     else:
         tokenizer = train_tokenizer(train_set.en + train_set.zh, cfg.model.vocab_size, cfg.model.context_length,

@@ -10,7 +10,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import distributed
 from .config import build_config, choose_preset, parse_overrides, preset_reason
-from .stage import check_not_finished, record_preset, remove_empty_folders
+from .stage import check_training_folder, record_preset, remove_empty_folders
+from .trainer import checkpoint_path
 
 
 def command_line(program: str, argv: Sequence[str] | None = None) -> str:
@@ -50,13 +51,14 @@ def run_stage_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, c
                   presets: Mapping[str, Mapping[str, Any]], train: Callable[..., Any], upstream: Sequence[str] = ()
                   ) -> None:
     """Parse, build and validate the stage config (a bad key or value raises ``ConfigError`` before any work),
-    refuse to replace a finished stage without ``--resume`` or ``--overwrite``, then call
+    refuse to replace a finished stage or an interrupted one's checkpoint without ``--resume`` or
+    ``--overwrite``, then call
     ``train(cfg, data, *upstream stage folders, out, resume=, device=)`` and record the preset in the stage's
     ``config.json``. A failure leaves no empty folder behind; the process group (under torchrun) is left
     however it ends."""
     args, overrides = parse_stage_args(parser, argv)
     cfg = build_config(config_cls, presets, args.preset, overrides)
-    check_not_finished(args.out, args.resume, args.overwrite)
+    check_training_folder(args.out, checkpoint_path(args.out), args.resume, args.overwrite)
     preset, reason = choose_preset(args.preset), preset_reason(args.preset)
     if distributed.is_main():
         print(f"preset: {preset} ({reason})", flush=True)

@@ -87,8 +87,8 @@ class TrainConfig:
                          "checkpoint_every_epochs")
         # AdamW would refuse these only when the stage builds its optimizer, after the stages before it trained;
         # a negative min_lr_ratio it would not refuse at all (the cosine would end in gradient ascent)
-        if not 0.0 < self.lr < math.inf:
-            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0.0 <= self.lr < math.inf:
+            raise ConfigError(f"lr must be a finite number >= 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1] (the cosine's end, a share of lr), got "
                               f"{self.min_lr_ratio}")

@@ -113,19 +113,27 @@ def is_complete(folder: str | Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
-def check_not_finished(folder: str | Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to train into a folder that holds a finished stage unless resuming it or asked to overwrite it.
+def check_training_folder(folder: str | Path, checkpoint: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into ``folder`` where that would lose work, unless asked to (``overwrite``): a finished
+    stage (replacing it silently would break the lineage of every run that uses it) unless resuming it from
+    ``checkpoint``, and an interrupted stage's ``checkpoint`` unless resuming it.
 
-    Replacing a finished stage silently would break the lineage of every run that uses it. With
-    ``overwrite`` its ``config.json`` goes first, so until the new stage is saved the folder reads as unfinished.
+    Nothing is removed here: the trainer un-finishes the folder when it starts afresh, so a mistake found
+    between this check and training (a wrong data path, say) leaves the finished stage as it was.
     """
     folder = Path(folder)
-    if not is_complete(folder) or resume:
+    if overwrite:
         return
-    if not overwrite:
+    if is_complete(folder) and not resume:
         raise StageError(f"{folder} already holds a finished stage; continue it with --resume, write to a new "
                          "--out folder, or pass --overwrite to replace it")
-    (folder / CONFIG_FILE).unlink()
+    if is_complete(folder) and not checkpoint.is_file():
+        raise StageError(f"{folder} holds a finished stage without the checkpoint --resume continues from "
+                         f"({checkpoint}); use it as it is, write to a new --out folder, or pass --overwrite to "
+                         "train it again")
+    if checkpoint.is_file() and not resume:
+        raise StageError(f"{folder} holds an interrupted training's checkpoint ({checkpoint}); continue it with "
+                         "--resume, or pass --overwrite to start it again")
 
 
 def record_preset(folder: str | Path, name: str, reason: str) -> None:

@@ -31,7 +31,7 @@ from .config import ConfigError, TrainConfig, config_to_dict, flatten_config, se
 from .ema import EMA
 from .graphed_training import check_cuda_graph, replay_training_calls
 from .precision import set_low_precision_norms
-from .stage import StageError, StageModel, atomic_write
+from .stage import CONFIG_FILE, StageError, StageModel, atomic_write
 from .tensorboard import TensorBoardLog
 
 CHECKPOINT_NAME = "latest.pt"
@@ -175,7 +175,10 @@ class Trainer:
             self._snapshot()
         elif self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+            # a fresh run un-finishes the folder before writing in it (its caller checked that it may: stage
+            # check_training_folder), so a stage half replaced never reads as finished; and starts a fresh log
+            (self.out_dir / CONFIG_FILE).unlink(missing_ok=True)
+            self.log_path.unlink(missing_ok=True)
         self.tensorboard: TensorBoardLog | None = None  # main rank only
         if self.env.is_main:
             self.tensorboard = TensorBoardLog(self.out_dir / "tb", resume_step=self.step if self.resumed else None)

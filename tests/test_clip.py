@@ -9,14 +9,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from clip.config import CLIPConfig
-from clip.config import CLIPTrainConfig
+from clip.config import PRESETS, CLIPConfig, CLIPTrainConfig
 from clip.loss import CLIPTrainingModule, contrastive_loss, duplicate_mask, gather_across_ranks
 from clip.metrics import recall_at_k, retrieval_metrics
 from clip.model import CLIPModel
 from clip.tokenizer import train_tokenizer
-from clip.train import train
-from engine.config import apply_overrides
+from clip.train import prepare_tokenizer, train
+from data import load_captions
+from engine.config import apply_overrides, build_config
 from engine.stage import file_fingerprint, read_stage
 
 CAPTIONS = [
@@ -274,3 +274,13 @@ def test_a_clip_trained_with_sync_batchnorm_saves_and_loads_as_plain_batchnorm(m
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in loaded.modules())
     assert torch.equal(next(m for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)).running_mean,
                        first_bn.running_mean)
+
+
+def test_a_resume_without_a_checkpoint_trains_a_fresh_tokenizer_with_todays_settings(tmp_path):
+    train_set = load_captions("shapes:20", resolution=32).subset("train")
+    stale = train_tokenizer(train_set.en, 300, normalize=False)  # killed before its first checkpoint
+    stale.save(tmp_path / "tokenizer.json")
+    cfg = build_config(CLIPTrainConfig, PRESETS, "tiny", {"tokenizer_normalize": "true"})
+    tokenizer = prepare_tokenizer(cfg, train_set, tmp_path, resume=True)
+    assert tokenizer.encode(["A RED Circle"]).tolist() == tokenizer.encode(["a red circle"]).tolist()  # normalises
+    assert cfg.model.vocab_size == tokenizer.vocab_size != stale.vocab_size

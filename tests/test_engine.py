@@ -12,12 +12,13 @@ from torch import nn
 from clip.config import CLIPConfig
 from diffusion.config import UNetTrainConfig
 from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
-from engine.cli import command_line
+from data import DataError
+from engine.cli import command_line, run_stage_cli, stage_parser
 from engine.config import config_from_dict, config_to_dict, parse_overrides, validate_config
 from engine.ema import EMA, power_profile_exponent, power_profile_std
 from engine.runlog import loss_spikes, read_records, rollbacks, truncate_after
-from engine.stage import StageError, folder_lock, load_weights
-from engine.trainer import lr_factor
+from engine.stage import StageError, folder_lock, is_complete, load_weights
+from engine.trainer import checkpoint_path, lr_factor
 from unet.config import UNetConfig
 from vae.config import PRESETS as VAE_PRESETS, VAEConfig, VAETrainConfig
 
@@ -132,7 +133,7 @@ def test_a_size_below_one_is_refused_naming_its_field(config, field, value):
 
 
 @pytest.mark.parametrize("settings, named", [
-    ({"lr": float("nan")}, "lr must be a finite number > 0"), ({"lr": -1e-4}, "lr must be"),
+    ({"lr": float("nan")}, "lr must be a finite number >= 0"), ({"lr": -1e-4}, "lr must be"),
     ({"beta2": 1.5}, r"beta2 must be in \[0, 1\)"), ({"beta1": -0.1}, "beta1 must be"),
     ({"min_lr_ratio": -1.0}, r"min_lr_ratio must be in \[0, 1\]"), ({"weight_decay": -0.1}, "weight_decay"),
     ({"checkpoint_every_steps": -1}, "checkpoint_every_steps must be >= 0"),
@@ -467,6 +468,55 @@ def test_a_log_truncated_while_the_disk_fails_keeps_every_record(tmp_path, monke
         truncate_after(log, 20)
     monkeypatch.undo()
     assert read_records(log) == records  # the rewrite went to a temporary file; the log is whole
+
+
+class TrainingStarted(Exception):
+    pass
+
+
+def run_stage_command(folder, *flags, train_fails=TrainingStarted, calls=None):
+    """A stage command (``engine.cli``) whose training stub adds its ``resume`` to ``calls``, then raises."""
+
+    def train(cfg, data, out, resume, device):
+        (calls if calls is not None else []).append(resume)
+        raise train_fails("stands in for the stage's data loading and training")
+
+    parser = stage_parser("python -m toy.train", "a toy stage", "toy")
+    run_stage_cli(parser, ["--data", "shapes", "--out", str(folder), "--preset", "tiny", *flags], TrainConfig,
+                  {"tiny": {}, "full": {}}, train)
+
+
+def test_the_stage_command_refuses_what_would_lose_trained_work_and_removes_nothing_before_training(tmp_path):
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_text("weights")
+    with pytest.raises(StageError, match="already holds a finished stage; continue it with --resume.*--overwrite"):
+        run_stage_command(folder)
+    with pytest.raises(StageError, match="finished stage without the checkpoint --resume continues from"):
+        run_stage_command(folder, "--resume")  # it would train the finished stage again, with today's settings
+    with pytest.raises(DataError):  # --overwrite, then a mistake found before training (a wrong data path)
+        run_stage_command(folder, "--overwrite", train_fails=DataError)
+    assert is_complete(folder)  # still the finished stage: nothing was removed before training started
+    (folder / "config.json").unlink()
+    checkpoint_path(folder).parent.mkdir()
+    checkpoint_path(folder).write_text("an interrupted run's state")
+    with pytest.raises(StageError, match="interrupted training's checkpoint .*--resume, or pass --overwrite"):
+        run_stage_command(folder)  # it would start over and write over the checkpoint
+    calls = []
+    for flags in (("--resume",), ("--overwrite",)):
+        with pytest.raises(TrainingStarted):
+            run_stage_command(folder, *flags, calls=calls)
+    assert calls == [True, False]
+
+
+def test_a_fresh_training_un_finishes_its_folder_and_a_resumed_one_does_not(tmp_path):
+    trainer = train(tmp_path / "run", epochs=1)
+    (tmp_path / "run" / "config.json").write_text("{}")  # as a saved stage has
+    train(tmp_path / "run", epochs=1, resume=True)
+    assert (tmp_path / "run" / "config.json").is_file()
+    Trainer(ToyModule(), trainer.cfg, tmp_path / "run", num_train_items=len(DATA_X), device="cpu")
+    assert not (tmp_path / "run" / "config.json").exists()  # a half-replaced stage never reads as finished
 
 
 def test_resume_refuses_a_different_batch_size(tmp_path):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
 from engine.errors import UserError
@@ -26,7 +26,9 @@ from engine.errors import UserError
 from .shapes import make_shapes
 
 HUB_DATASET = "svjack/pokemon-blip-captions-en-zh"
-CACHE_VERSION = "1"  # bump when decoding changes, so stale caches are not reused
+CACHE_VERSION = "1"  # part of every data fingerprint: bumping it would orphan every trained stage's data check
+DECODE_VERSION = "2"  # in the cache file name only: bump when decoding changes, so stale caches are rebuilt
+MIN_ROWS = 10  # the fixed split's first validation row is row 9
 
 
 class DataError(UserError):
@@ -71,7 +73,7 @@ class CaptionSet:
         picked = keep.nonzero().flatten()
         if len(picked) == 0:
             raise DataError(f"the {split} split of {self.source} is empty ({len(self)} rows); "
-                            "the split needs at least 10 rows")
+                            f"the split needs at least {MIN_ROWS} rows")
         index = picked.tolist()
         return CaptionSet(self.images[picked], [self.en[i] for i in index], [self.zh[i] for i in index],
                           self.rows[picked], self.source, f"{self.fingerprint}:{split}")
@@ -88,7 +90,11 @@ def load_captions(source: str | os.PathLike, resolution: int = 512, cache_dir: s
     source = str(source)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if source == "shapes" or source.startswith("shapes:"):
-        count = int(source.split(":", 1)[1]) if ":" in source else 200
+        text = source.split(":", 1)[1] if ":" in source else "200"
+        if not re.fullmatch(r"[0-9]+", text) or int(text) < MIN_ROWS:
+            raise DataError(f"--data shapes:N takes a whole number N >= {MIN_ROWS} (the split needs {MIN_ROWS} rows), "
+                            f"got '{text}'; e.g. --data shapes:200")
+        count = int(text)
         images, en, zh = make_shapes(count, resolution)
         return CaptionSet(images, en, zh, torch.arange(count), source, f"shapes-{count}-{resolution}")
     path = Path(source).expanduser()
@@ -165,7 +171,7 @@ def _load_hub(hub_id: str, resolution: int, cache_dir: Path) -> CaptionSet:
 
 def _cached(cache_dir: Path, key: str, decode) -> torch.Tensor:
     """Load the decoded tensor for ``key`` from the cache, or decode and store it (atomically)."""
-    path = cache_dir / f"images-{key}.safetensors"
+    path = cache_dir / f"images-{key}-d{DECODE_VERSION}.safetensors"
     if path.is_file():
         try:
             return load_file(str(path))["images"]
@@ -185,12 +191,24 @@ def _decode_all(openers: list, where: list[str], resolution: int) -> torch.Tenso
         try:
             image = openers[i]()
             image.load()
+            image = to_rgb(image)
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise DataError(f"{where[i]}: cannot decode the image ({err}); replace the file or remove its row") from None
-        return square_resize(image.convert("RGB"), resolution)
+        return square_resize(image, resolution)
 
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         return torch.stack(list(pool.map(decode, range(len(openers)))))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as upright 8-bit RGB: EXIF orientation applied, 16-bit scaled, transparency composited on white."""
+    image = ImageOps.exif_transpose(image)  # phone photos store pixels sideways plus an Orientation tag
+    if image.mode.startswith("I"):  # 16/32-bit grey: convert() clips to 255 instead of scaling, so 50 % came out white
+        image = image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    if image.has_transparency_data:  # convert() drops alpha and keeps the (usually black) colour beneath it
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")  # a plain RGB image (every Pokémon JPEG) passes through unchanged
 
 
 def square_resize(image: Image.Image, resolution: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ from PIL import Image
 
 from data import DataError, language_mask, load_captions, split_indices
 from data.augment import random_crop, random_flip, random_resized_crop, to_float
+from data.captions import square_resize
 
 SHARED_POKEMON = Path(__file__).resolve().parents[2] / "shared" / "pokemon"
 
@@ -62,6 +63,72 @@ def test_shapes_are_deterministic_and_bilingual():
     assert a.en[5] == "an orange circle"
     red = a.images[0].float()
     assert (red[0] > 200).any() and (red[1] < 60).any() and (red == 255).all(0).any()  # red shape on white
+
+
+def load_one(folder: Path, image: Image.Image, name: str, resolution: int, **save) -> torch.Tensor:
+    """Save ``image`` as the only row of an imagefolder and return what the loader makes of it: uint8 [3, R, R]."""
+    folder.mkdir(parents=True)
+    image.save(folder / name, **save)
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": name, "en_text": "x", "zh_text": "x"}))
+    return load_captions(folder, resolution, cache_dir=folder / "cache").images[0]
+
+
+def transparent_square(mode: str) -> Image.Image:
+    """16x16 picture: an opaque square in the middle on a fully transparent black background."""
+    if mode == "P":  # palette entry 0 is the transparent black, entry 1 the red
+        image = Image.new("P", (16, 16), 0)
+        image.putpalette([0, 0, 0, 220, 30, 30])
+        image.paste(1, (4, 4, 12, 12))
+        image.info["transparency"] = 0
+        return image
+    image = Image.new(mode, (16, 16), (0,) * len(mode))
+    image.paste((220, 30, 30, 255) if mode == "RGBA" else (128, 255), (4, 4, 12, 12))
+    return image
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_background_loads_as_white(tmp_path, mode):
+    pixels = load_one(tmp_path / "set", transparent_square(mode), "a.png", 16)
+    assert pixels[:, 0, 0].tolist() == [255, 255, 255] and pixels[:, 15, 15].tolist() == [255, 255, 255]
+    assert pixels[:, 8, 8].tolist() == ([128] * 3 if mode == "LA" else [220, 30, 30])  # opaque pixels kept
+
+
+def test_hub_rows_decode_like_local_files(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")  # the hub path only; the GPU machine has no datasets
+    rows = {"image": [transparent_square("RGBA")], "en_text": ["x"], "zh_text": ["x"]}
+    features = datasets.Features({"image": datasets.Image(), "en_text": datasets.Value("string"),
+                                  "zh_text": datasets.Value("string")})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict(rows, features=features))
+    pixels = load_captions("nobody-here/offline-set", 16, cache_dir=tmp_path).images[0]
+    assert pixels[:, 0, 0].tolist() == [255, 255, 255] and pixels[:, 8, 8].tolist() == [220, 30, 30]
+
+
+def test_16_bit_grey_is_scaled_to_8_bit(tmp_path):
+    pixels = load_one(tmp_path / "set", Image.new("I;16", (16, 16), 32768), "grey.png", 16)  # half of 65535
+    assert (pixels.int() - 128).abs().max() <= 1
+
+
+def test_exif_rotated_jpeg_loads_upright(tmp_path):
+    stored = Image.new("RGB", (32, 32), (255, 255, 255))
+    stored.paste((220, 30, 30), (0, 0, 16, 32))  # red left half, stored sideways
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view, which puts the left half on top
+    pixels = load_one(tmp_path / "set", stored, "photo.jpg", 32, exif=exif, quality=95).int()
+    assert pixels[0, 4, 24] > 180 and pixels[1, 4, 24] < 80  # top right is red
+    assert (pixels[:, 27, 4] > 200).all()  # bottom left is white
+
+
+def test_rgb_jpeg_decodes_exactly_as_plain_convert(tmp_path):
+    noise = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = Image.frombytes("RGB", (48, 40), bytes(noise.flatten().tolist()))  # noise: any change to the pixels shows
+    pixels = load_one(tmp_path / "set", image, "plain.jpg", 16, quality=90)
+    assert torch.equal(pixels, square_resize(Image.open(tmp_path / "set" / "plain.jpg").convert("RGB"), 16))
+
+
+@pytest.mark.parametrize("source", ["shapes:abc", "shapes:0", "shapes:-5", "shapes:9", "shapes:"])
+def test_bad_shapes_count_names_the_fix(source):
+    with pytest.raises(DataError, match=rf"shapes:N takes a whole number N >= 10 .*got '{source[7:]}'"):
+        load_captions(source, 16)
 
 
 @pytest.mark.parametrize("breakage, message", [

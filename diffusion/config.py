@@ -108,6 +108,9 @@ class UNetTrainConfig:
             check_prediction_type(self.prediction_type)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if self.loss.min_snr_plus_one and (self.prediction_type != "v_prediction" or self.loss.min_snr_gamma <= 0):
+            raise ConfigError("loss.min_snr_plus_one caps the v-loss's Min-SNR weight: it needs "
+                              "prediction_type=v_prediction and loss.min_snr_gamma > 0; set it to false")
         if self.sample_sampler not in SAMPLERS:
             raise ConfigError(f"sample_sampler '{self.sample_sampler}' is unknown; choose one of {sorted(SAMPLERS)}")
         for name in ("cfg_drop_prob", "zh_prob", "clause_keep_prob"):

@@ -9,7 +9,11 @@ mse
     Per-sample mean squared error between the prediction and its target (``eps``, or
     ``v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0``), averaged over the batch. With ``min_snr_gamma > 0`` each
     sample is weighted by Min-SNR-gamma (Hang et al. 2023), which caps the x0-space weight of a step at
-    ``gamma``: ``min(SNR_t, gamma) / SNR_t`` for epsilon and ``min(SNR_t, gamma) / (SNR_t + 1)`` for v.
+    ``gamma``: ``min(SNR_t, gamma) / SNR_t`` for epsilon and ``min(SNR_t, gamma) / (SNR_t + 1)`` for v. For v
+    that leaves the pure-noise step of a zero-terminal-SNR schedule (SNR 0) with weight 0, and the steps near it
+    with almost none, though sampling starts from that step's prediction; ``min_snr_plus_one`` caps the v-loss's
+    own x0-space weight, ``SNR_t + 1``, instead: ``min(SNR_t + 1, gamma) / (SNR_t + 1)``, 1 (the plain v-loss)
+    wherever ``SNR_t + 1 <= gamma`` (kohya-ss/sd-scripts#673, huggingface/diffusers#9451).
     ``offset_noise > 0`` adds ``offset_noise * N(0, 1)`` per (sample, channel), constant over the pixels, to
     ``eps`` (and so to the target), which lets the model change an image's overall brightness. The logged
     ``mse`` is this (weighted) term.
@@ -54,6 +58,7 @@ class DiffusionLossConfig:
     """Weights and options of the loss terms (see the module docstring for the formulas)."""
 
     min_snr_gamma: float = 5.0  # 0: unweighted MSE
+    min_snr_plus_one: bool = False  # v only: cap SNR + 1, not SNR, so the zero-terminal step keeps weight 1
     offset_noise: float = 0.0
     div_weight: float = 0.0  # 0: diversity term off
     div_margin: float = 0.05
@@ -62,11 +67,14 @@ class DiffusionLossConfig:
     x0_snr_cap: float = 5.0  # SNR at which an x0-space term counts fully
 
 
-def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
-    """Min-SNR-gamma loss weight per sample for an epsilon or v target (1 where SNR = 0 for epsilon)."""
+def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str, plus_one: bool = False) -> Tensor:
+    """Min-SNR-gamma loss weight per sample for an epsilon or v target (1 where SNR = 0 for epsilon; for v 0
+    there, or 1 with ``plus_one``: the module docstring)."""
     clipped = snr.clamp(max=gamma)
     if prediction_type == "epsilon":
         return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+    if plus_one:
+        return (snr + 1).clamp(max=gamma) / (snr + 1)
     return clipped / (snr + 1)
 
 
@@ -141,7 +149,8 @@ class DiffusionTrainingModule(nn.Module):
         target = self.schedule.prediction_target(x0.float(), noise.float(), t, self.prediction_type)
         per_sample = (pred - target).pow(2).flatten(1).mean(1)
         if cfg.min_snr_gamma > 0:
-            per_sample = per_sample * min_snr_weight(snr, cfg.min_snr_gamma, self.prediction_type)
+            per_sample = per_sample * min_snr_weight(snr, cfg.min_snr_gamma, self.prediction_type,
+                                                     cfg.min_snr_plus_one)
         mse = per_sample.mean()
         loss, logs = mse, {"mse": mse.detach()}
         if cfg.div_weight == 0 and cfg.cons_weight == 0:

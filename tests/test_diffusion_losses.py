@@ -6,7 +6,9 @@ from torch import nn
 
 from diffusion.losses import (DiffusionLossConfig, DiffusionTrainingModule, diversity_loss, min_snr_weight,
                               x0_weight)
+from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
+from engine.config import ConfigError, build_config
 from unet import UNet, UNetConfig
 
 SCHEDULE = NoiseSchedule(ScheduleConfig())
@@ -47,21 +49,33 @@ def test_min_snr_weights_closed_form():
     snr = torch.tensor([0.0, 1.0, 5.0, 10.0])
     assert torch.allclose(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 1.0, 0.5]))
     assert torch.allclose(min_snr_weight(snr, 5.0, "v_prediction"), torch.tensor([0.0, 0.5, 5 / 6, 5 / 11]))
+    # SNR + 1 capped: the plain v-loss (1) up to SNR 4, the same cap above
+    plus_one = min_snr_weight(snr, 5.0, "v_prediction", plus_one=True)
+    assert torch.allclose(plus_one, torch.tensor([1.0, 1.0, 5 / 6, 5 / 11]))
     assert torch.allclose(x0_weight(snr, 5.0), torch.tensor([0.0, 0.2, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("settings", [{"prediction_type": "epsilon", "schedule.zero_terminal_snr": "false"},
+                                      {"loss.min_snr_gamma": "0"}])
+def test_min_snr_plus_one_needs_v_and_min_snr(settings):
+    with pytest.raises(ConfigError, match="min_snr_plus_one caps the v-loss's Min-SNR weight: it needs"):
+        build_config(UNetTrainConfig, PRESETS, "tiny", {"loss.min_snr_plus_one": "true", **settings})
+    build_config(UNetTrainConfig, PRESETS, "tiny", {"loss.min_snr_plus_one": "true"})  # the default's v: fine
 
 
 def test_mse_term_matches_hand_computation_with_min_snr():
     x0, context, noise = fixed_batch()
     pred = torch.randn_like(x0)
     t = torch.tensor([5, 200, 600, 999])
-    for prediction_type in ("epsilon", "v_prediction"):
+    for prediction_type, plus_one in (("epsilon", False), ("v_prediction", False), ("v_prediction", True)):
         module = DiffusionTrainingModule(FixedPrediction(pred), SCHEDULE, prediction_type,
-                                         DiffusionLossConfig(min_snr_gamma=5.0))
+                                         DiffusionLossConfig(min_snr_gamma=5.0, min_snr_plus_one=plus_one))
         loss, logs = module.loss_terms(x0, noise, t, context, step=0)
         ab = SCHEDULE.alphas_cumprod[t].float().view(-1, 1, 1, 1)
         snr = (ab / (1 - ab)).flatten()
         target = noise if prediction_type == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
-        weight = snr.clamp(max=5) / (snr if prediction_type == "epsilon" else snr + 1)
+        capped = (snr + 1).clamp(max=5) if plus_one else snr.clamp(max=5)
+        weight = capped / (snr if prediction_type == "epsilon" else snr + 1)
         expected = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         assert torch.allclose(loss, expected, rtol=1e-5)
         assert set(logs) == {"mse"}  # disabled terms are neither computed nor logged

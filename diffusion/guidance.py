@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -84,6 +84,41 @@ def anneal_condition(cond: Tensor, keep: float, scale: float, noise: Tensor) -> 
     return standardised * cond.std(dim=dims, keepdim=True) + cond.mean(dim=dims, keepdim=True)
 
 
+# How far (in the row's largest state) a prompt's text states may lie from the unconditional ones and still be the
+# unconditional text: batch composition moved no state on the CPU (fp32 or bf16) and may move CUDA's bf16 ones by
+# a few ulps (under 1 %); a distinct prompt moved them 24 % and more (tiny run's CLIP; random default-size: 58 %)
+UNCONDITIONAL_RTOL = 0.05
+
+
+def unconditional_rows(cond: Tensor, uncond: Tensor, rtol: float = UNCONDITIONAL_RTOL) -> list[bool]:
+    """Which rows of ``cond`` [B, L, D] are the unconditional text ``uncond`` ([1 or B, L, D]): the empty prompt
+    (or the negative prompt itself) encoded beside real prompts. The rule is on the states, so a blank prompt
+    (the tokenizer strips it to the empty one) and every caller's batch are covered, within ``rtol`` of the
+    row's largest unconditional state since a batched encoder need not give bitwise the same states."""
+    uncond = uncond.expand_as(cond)
+    dims = tuple(range(1, cond.ndim))
+    gap = (cond.float() - uncond.float()).abs().amax(dim=dims)
+    return (gap <= rtol * uncond.float().abs().amax(dim=dims)).tolist()
+
+
+def row_noise(noise: NoiseSource, rows: Sequence[int], batch: int, device: torch.device | str) -> NoiseSource:
+    """A noise source for batches of ``batch`` that draws ``noise`` in ``rows`` and gives zeros elsewhere. Of a
+    ``PerSampleNoise`` only the generators of ``rows`` advance, so a row left out keeps the stream it has without
+    the draw (its later step noise unchanged); any other source is one stream for the batch and draws it whole."""
+    if len(rows) == batch:
+        return noise
+    index = torch.tensor(list(rows), dtype=torch.long, device=device)  # built once: a copy per draw would sync
+    part = noise.rows(rows) if isinstance(noise, PerSampleNoise) else None
+
+    def draw(like: Tensor) -> Tensor:
+        fresh = torch.zeros_like(like)
+        if len(rows):
+            fresh[index] = noise(like)[index] if part is None else part(like[index])
+        return fresh
+
+    return draw
+
+
 def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, cond: Tensor, uncond: Tensor,
                  guidance_scale: float, guidance_rescale: float = 0.0,
                  guidance_interval: tuple[float, float] | None = None,
@@ -112,7 +147,10 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
     like ``cond``, so per-sample streams stay per sample), keeping the share :func:`condition_noise_table` gives;
     ``uncond`` stays as it is. The high levels, where guidance pulls one prompt's seeds onto one layout, then
     see a blurred prompt (the paper's aim: variety under strong guidance; what it does to copies of training
-    images here is for the sampling sweep to say).
+    images here is for the sampling sweep to say). A row whose ``cond`` is the unconditional text
+    (:func:`unconditional_rows`: an empty prompt) has no prompt to blur and is never annealed, draws no condition
+    noise (its stream stays that of no annealing) and takes the unconditional prediction at every guided step,
+    so guidance has no noise to amplify: it samples as at ``guidance_scale=1`` without condition noise.
     """
     check_prediction_type(prediction_type)
     check_condition_noise(condition_noise)
@@ -129,6 +167,11 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
     # [uncond; cond] is built once here, not per step (only an annealed step builds its own)
     uncond = uncond.expand_as(cond)
     both_contexts = torch.cat([uncond, cond]) if any(s != 1 for s in scales) else None
+    # Rows of the unconditional text, read once on the host; a batch without any runs exactly as before
+    plain = unconditional_rows(cond, uncond) if condition_noise is not None else [False] * cond.shape[0]
+    annealed_rows = [i for i, is_plain in enumerate(plain) if not is_plain]
+    plain_mask = torch.tensor(plain, device=cond.device) if any(plain) else None
+    condition_draw = None if condition_noise is None else row_noise(noise, annealed_rows, len(plain), cond.device)
 
     def denoise(x_t: Tensor, t: int) -> Tensor:
         if x_t.shape[0] != cond.shape[0]:
@@ -137,13 +180,17 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
         scale, auto_scale, keep = scales[t], auto_scales[t], keeps[t]
         t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
         context, contexts = cond, both_contexts
-        if keep < 1:
-            context = anneal_condition(cond, keep, condition_noise[0], noise(cond))
+        if keep < 1 and annealed_rows:
+            context = anneal_condition(cond, keep, condition_noise[0], condition_draw(cond))
+            if plain_mask is not None:  # the unconditional text stays as it is
+                context = torch.where(plain_mask.view(-1, *[1] * (cond.ndim - 1)), cond, context)
             contexts = None if scale == 1 else torch.cat([uncond, context])
         if scale == 1:
             pred = pred_cond = model(x_t, t_batch, context)
         else:  # extrapolate from the empty prompt's prediction
             pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), t_batch.repeat(2), contexts).chunk(2)
+            if plain_mask is not None:  # the same text on both branches: nothing to extrapolate, exactly
+                pred_cond = torch.where(plain_mask.view(-1, *[1] * (x_t.ndim - 1)), pred_uncond, pred_cond)
             pred = pred_uncond + scale * (pred_cond - pred_uncond)
         if auto_scale != 1:  # and from the weaker model's, on the same prompt
             pred = pred + (auto_scale - 1) * (pred_cond - guide_model(x_t, t_batch, context))

@@ -32,6 +32,12 @@ class PerSampleNoise:
             raise ValueError(f"noise for a batch of {like.shape[0]} asked of {len(self.generators)} per-sample seeds")
         return self._draw(like.shape[1:], like.dtype, like.device)
 
+    def rows(self, indices: Sequence[int]) -> "PerSampleNoise":
+        """The streams of rows ``indices`` alone: the same generators, so its draws advance them here too."""
+        part = PerSampleNoise([])
+        part.generators = [self.generators[i] for i in indices]
+        return part
+
     def _draw(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         draws = torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in self.generators])
         if device.type == "cuda":

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion.guidance import (anneal_condition, cfg_denoiser, check_condition_noise, check_guidance_interval,
-                                condition_noise_table, guidance_scale_table, rescale_guided)
+                                condition_noise_table, guidance_scale_table, rescale_guided, unconditional_rows)
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -349,6 +349,48 @@ def test_condition_noise_keeps_each_sample_to_its_own_seed():
     torch.testing.assert_close(sample([1], [8])[0], pair[1])  # sample 1 alone: the same image
     assert not torch.allclose(sample([0, 1], [7, 9])[1], pair[1])  # its seed draws its condition noise
     assert not torch.allclose(sample([0, 1], [7, 8], None), pair)
+
+
+def test_empty_prompt_row_samples_unconditionally_under_condition_noise_while_a_real_prompt_is_annealed():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 4, 8, 8, generator=generator)
+    x[3] = x[1]
+    uncond = torch.randn(1, LENGTH, WIDTH, generator=generator)
+    prompts = torch.randn(2, LENGTH, WIDTH, generator=generator) + 1.0
+    rounded = uncond.to(torch.bfloat16).float()  # the empty prompt as a bf16 encoder may give it in a batch
+    cond = torch.cat([prompts[:1], uncond, prompts[1:], rounded])  # rows 1 and 3: the empty prompt
+    seeds = [7, 8, 9, 8]  # one seed per row, the same in every batch
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    timesteps = schedule.sampling_timesteps(8)
+
+    def sample(rows, guidance_scale, condition_noise=(0.5, 1.0, 20.0)):
+        noise = PerSampleNoise([seeds[row] for row in rows])
+        denoiser = cfg_denoiser(ContextModel(), schedule, "v_prediction", cond[rows], uncond, guidance_scale,
+                                guidance_rescale=0.7, condition_noise=condition_noise, noise=noise)
+        # step noise at every step from the same streams: a condition-noise draw would shift the row's steps
+        return sample_dpmpp_2m(denoiser, schedule, x[rows], timesteps, eta=1.0, noise=noise)
+
+    annealed = sample([0, 1, 2, 3], 4.0)
+    # the empty prompt: as at guidance 1 without condition noise (alone or in its batch), not guided noise
+    torch.testing.assert_close(annealed[1], sample([0, 1, 2, 3], 1.0, None)[1])
+    torch.testing.assert_close(annealed[1], sample([1], 1.0, None)[0])
+    # rounded states take the unconditional prediction itself: guidance does not amplify the rounding
+    torch.testing.assert_close(annealed[3], annealed[1])
+    unannealed = sample([0, 1, 2, 3], 4.0, None)
+    for row in (0, 2):  # the real prompts beside it are still annealed, each to its own seed
+        assert (annealed[row] - unannealed[row]).abs().mean() > 0.01
+    torch.testing.assert_close(annealed[[0, 2]], sample([0, 2], 4.0))
+
+
+def test_unconditional_rows_are_the_rows_of_the_unconditional_states_within_encoder_rounding():
+    generator = torch.Generator().manual_seed(6)
+    uncond = torch.randn(1, LENGTH, WIDTH, generator=generator)
+    prompt = uncond.clone()
+    prompt[0, 1:] = torch.randn(LENGTH - 1, WIDTH, generator=generator)  # a prompt: the same start token only
+    rounded = uncond.to(torch.bfloat16).float()  # the empty prompt as a bf16 encoder may give it in a batch
+    cond = torch.cat([uncond, prompt, rounded, uncond * 1.5])
+    assert unconditional_rows(cond, uncond) == [True, False, True, False]
+    assert unconditional_rows(cond, uncond.expand_as(cond)) == [True, False, True, False]
 
 
 @pytest.mark.parametrize("condition_noise", [(0.0, 1.0, 10.0), (0.25, 10.0, 1.0), (0.25, 0.0, 10.0),

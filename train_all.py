@@ -40,7 +40,7 @@ from engine.stage import CONFIG_FILE, LOCK_FILE, folder_lock, record_preset, rem
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import JUDGE_PAIRS, evaluate_to_folder, markdown_table
 from pipelines.prompts import COLOUR_PROMPTS
-from pipelines.stages import StageStack, finished_stage_differences, load_stack, stage_kind
+from pipelines.stages import StageStack, finished_stage_differences, load_stack, stage_kind, write_stages_record
 from pipelines.text_to_image import GenerationSettings, draw_showcase, generate
 
 # "judge" is a second CLIP stage with its own seed: the evaluation's fixed ruler, which guidance never optimised.
@@ -365,7 +365,7 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
             record_preset(run / name, preset["name"], preset["reason"])
         progress.end(name)
     if env.is_main:
-        write_json(run / "stages.json", {k: str(v) for k, v in stage_dirs.items()})
+        write_stages_record(run, stage_dirs)
 
     results = None
     pictures: dict[str, Path] = {}

@@ -16,13 +16,13 @@ from typing import Sequence
 
 import torch
 
-from engine.errors import run_cli
+from engine.errors import UserError, run_cli
 from engine.images import save_grid
 
 from .evaluate import metrics_table
 from .prompts import SHOWCASE_PROMPTS
-from .stages import load_stack
-from .text_to_image import GenerationSettings, add_sampling_arguments, generate, sampling_settings
+from .stages import generation_size, load_stack, sampling_size, stack_infos
+from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
 
 def compare_table(runs: Sequence[Path]) -> str:
@@ -42,25 +42,32 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--prompt", action="append", help="default: a fixed English + Chinese set")
     parser.add_argument("--seed", type=int, default=0)
     add_sampling_arguments(parser)
-    parser.add_argument("--size", type=int, help="default: the first run's VAE resolution")
+    parser.add_argument("--size", type=int, help=f"{SIZE_HELP} (default: the first run's UNet's training resolution)")
     parser.add_argument("--tile", type=int, default=128, help="tile size in the committed grid")
     parser.add_argument("--device")
     args = parser.parse_args(argv)
-    settings = sampling_settings(args, size=args.size or GenerationSettings.size)  # checked before any run loads
+    settings = sampling_settings(args, size=GenerationSettings.size)  # checked before any run loads
+    # one size for every run, checked against each before any samples (their config files, not their weights)
+    infos = [stack_infos(run) for run in args.runs]
+    size = args.size if args.size is not None else generation_size(infos[0])
+    for run, info in zip(args.runs, infos):
+        try:
+            sampling_size(size, info["vae"].model, info["unet"].model, generation_size(infos[0]))
+        except UserError as err:
+            raise UserError(f"run {run}: {err}") from None
+    settings = replace(settings, size=size)
 
     prompts = args.prompt or list(SHOWCASE_PROMPTS)
     rows = []
-    size = args.size
     for run in args.runs:
         stack = load_stack(run, device=args.device)
-        size = size or stack.image_size
-        rows.append(generate(stack, prompts, [args.seed] * len(prompts), replace(settings, size=size)).cpu())
+        rows.append(generate(stack, prompts, [args.seed] * len(prompts), settings).cpu())
         del stack
     args.out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(torch.cat(rows), args.out / "compare.png", nrow=len(prompts), max_side=args.tile)
     lines = ["# Comparison", "", f"Rows (top to bottom): {', '.join(str(r) for r in args.runs)}.", "",
              "Columns (prompts, seed " + str(args.seed) + "): " + "; ".join(f"`{p}`" for p in prompts), "",
-             f"Sampling: {replace(settings, size=size).describe()}.", "",
+             f"Sampling: {settings.describe()}.", "",
              "![compare](compare.png)", "", compare_table(args.runs)]
     (args.out / "compare.md").write_text("\n".join(lines), encoding="utf-8")
     print(grid)

@@ -36,8 +36,8 @@ from vae.metrics import evaluate_reconstruction
 from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, adherence_by_colour, colour_hits, colour_prompts, composition,
                       cosine_nearest, first_named_colours, frechet_distance, kernel_distance, near_copies,
                       nearest_indices, seed_diversity, sharpness, thumbnails, unit_pixels)
-from .stages import StageStack, judge_path, load_stack, stage_paths
-from .text_to_image import GenerationSettings, add_sampling_arguments, generate, sampling_settings
+from .stages import StageStack, judge_path, load_stack, sampling_size, stage_paths
+from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
 
 @torch.no_grad()
@@ -234,6 +234,19 @@ def save_pairs(samples: torch.Tensor, partners: torch.Tensor, path: Path, column
     save_grid(torch.cat(rows), path, nrow=columns, max_side=tile)
 
 
+MIN_VAL_ROWS = 2  # FD's covariances and KID's unbiased estimate need two samples of the real images
+
+
+def check_evaluation_data(data: CaptionSet) -> None:
+    """Refuse, before anything is sampled, a data set whose validation split (every row numbered 9 modulo 10) is
+    too small for the figures measured against it."""
+    rows = len(data.subset("val"))
+    if rows < MIN_VAL_ROWS:
+        raise UserError(f"the validation split of {data.source} has {rows} row(s) (rows 9, 19, 29, ...), but FD and "
+                        f"KID need at least {MIN_VAL_ROWS} real images: evaluate on a data set of at least "
+                        f"{10 * MIN_VAL_ROWS} rows")
+
+
 def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings: GenerationSettings | None = None,
                  out_dir: Path | None = None, judge_name: str = "",
                  reference: RealReference | None = None) -> dict[str, Any]:
@@ -241,6 +254,7 @@ def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings
     in ``generation_metrics``."""
     settings = settings or GenerationSettings()
     started = time.perf_counter()
+    check_evaluation_data(data)
     train, val = data.subset("train"), data.subset("val")
     device = stack.device
     results: dict[str, Any] = {"settings": vars(settings), "judge": judge_name,
@@ -357,9 +371,9 @@ def evaluate_to_folder(stack: StageStack, data_source: str, out_dir: Path, judge
         judge_dir = default_judge(stack)
     judge = CLIPModel.load(judge_dir, device=stack.device).eval()
     data = load_captions(data_source, resolution=settings.size)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = evaluate_run(stack, data, judge, settings, out_dir=out_dir,
                            judge_name=f"{judge_dir} ({file_fingerprint(judge_dir / 'model.safetensors')})")
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused evaluation leaves no empty folder
     write_json(out_dir / "evaluation.json", results)
     header = f"Sampled with {settings.describe()}; judged by {results['judge']}.\n\n"
     (out_dir / "evaluation.md").write_text(header + markdown_table(results), encoding="utf-8")
@@ -378,18 +392,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, help="where evaluation.json/.md go (default: the run folder)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the evaluation already in the run folder (default: refuse; or pass --out)")
-    parser.add_argument("--size", type=int, help="image size (default: the UNet's training resolution)")
+    parser.add_argument("--size", type=int, help=f"{SIZE_HELP} (default: the UNet's training resolution)")
     add_sampling_arguments(parser)
     parser.add_argument("--device")
     args = parser.parse_args(argv)
     default_out = args.run or stage_paths(args.run, args.vae, args.clip, args.unet)["unet"]
-    if args.out is None and (default_out / "evaluation.json").is_file() and not args.overwrite:
-        raise UserError(f"{default_out / 'evaluation.json'} exists (the run's own evaluation); write this one "
+    out = args.out or default_out
+    # the run's own evaluation however the folder is named (--out RUN, RUN/., a link): kept unless told
+    if out.resolve() == default_out.resolve() and (out / "evaluation.json").is_file() and not args.overwrite:
+        raise UserError(f"{out / 'evaluation.json'} exists (the run's own evaluation); write this one "
                         "elsewhere with --out DIR, or pass --overwrite to replace it")
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
-    settings = sampling_settings(args, size=args.size or stack.image_size)
+    settings = sampling_settings(args, size=sampling_size(args.size, stack.infos["vae"].model,
+                                                          stack.infos["unet"].model, stack.image_size))
     judge = args.judge or default_judge(stack, args.run)
-    results = evaluate_to_folder(stack, args.data, args.out or default_out, judge, settings)
+    results = evaluate_to_folder(stack, args.data, out, judge, settings)
     print(json.dumps({k: results[k] for k in ("vae", "clip", "generation")}, indent=2))
     return results
 

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from clip.model import TOKENIZER_FILE
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
+from engine.errors import UserError, run_cli
 from engine.stage import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, write_json
 from unet.config import UNetConfig
 from vae.config import VAEConfig
@@ -59,8 +60,9 @@ SCRATCH_CLIP_DIR = "scratch_clip"
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
-class ExportError(ValueError):
-    """A model that the diffusers format cannot express."""
+class ExportError(UserError):
+    """A model that the diffusers format cannot express (a stage the user chose to export: one line, no
+    traceback, at the command line)."""
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -366,4 +368,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

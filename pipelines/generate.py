@@ -15,17 +15,21 @@ from typing import Sequence
 from PIL import Image, UnidentifiedImageError
 
 from clip.tokenizer import BPETokenizer
+from data.captions import to_rgb
 from engine.errors import UserError, run_cli
 from engine.images import save_grid, to_pil
 
-from .stages import load_stack
-from .text_to_image import add_sampling_arguments, generate, pil_to_tensor, sampling_settings, save_images
+from .stages import load_stack, sampling_size
+from .text_to_image import (SIZE_HELP, add_sampling_arguments, generate, pil_to_tensor, sampling_settings,
+                            save_images, saved_images)
 
 DEFAULT_STRENGTH = 0.6
+GRID_FILE = "grid.png"
 
 
 def read_init_image(path: Path | None, strength: float | None) -> Image.Image | None:
-    """The ``--init-image`` picture, decoded; ``--strength`` must go with it and lie in (0, 1]."""
+    """The ``--init-image`` picture, decoded as the training images are (``to_rgb``); ``--strength`` must go with
+    it and lie in (0, 1]."""
     if strength is not None and not 0.0 < strength <= 1.0:
         raise UserError(f"--strength must be in (0, 1] (near 0 keeps the init image, 1 ignores it), got {strength}")
     if path is None:
@@ -39,9 +43,21 @@ def read_init_image(path: Path | None, strength: float | None) -> Image.Image | 
     try:
         image = Image.open(path)
         image.load()
+        return to_rgb(image)  # upright, 16-bit scaled, transparency on white: as the training images
+    except Image.DecompressionBombError as err:  # PIL refuses to decode it at all; no traceback for that
+        raise UserError(f"--init-image {path} is too large to decode safely ({err}); pass a downscaled copy "
+                        "(it is resized to the sampling size anyway)") from None
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"--init-image {path} is not a readable picture ({err}); pass a png, jpg or webp file") from None
-    return image
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """The images and grid an earlier generate left in ``out``: this one replaces them all, so that new images
+    never sit beside stale ones of another prompt or count as if one set. Nothing else in ``out`` is touched;
+    an ``out`` that is a file is refused."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder to write the images into (created if missing)")
+    return saved_images(out) + [path for path in [out / GRID_FILE] if path.is_file()]
 
 
 def check_prompts(prompts: Sequence[str], tokenizer: BPETokenizer) -> None:
@@ -68,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (consecutive seeds)")
     parser.add_argument("--seed", type=int, default=0)
     add_sampling_arguments(parser)
-    parser.add_argument("--size", type=int, help="multiple of 8 (default: the UNet's training resolution)")
+    parser.add_argument("--size", type=int, help=f"{SIZE_HELP} (default: the UNet's training resolution)")
     parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture")
     parser.add_argument("--strength", type=float, help="image-to-image, in (0, 1]: near 0 keeps the init, 1 ignores it "
                         f"(default {DEFAULT_STRENGTH})")
@@ -80,11 +96,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--out", type=Path, default=Path("outputs"))
     parser.add_argument("--device")
     args = parser.parse_args(argv)
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
     init_image = read_init_image(args.init_image, args.strength)
+    earlier = earlier_outputs(args.out)
 
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
     check_prompts(args.prompt, stack.clip.tokenizer)
-    size = args.size or stack.image_size
+    size = sampling_size(args.size, stack.infos["vae"].model, stack.infos["unet"].model, stack.image_size)
     settings = sampling_settings(args, size=size, negative_prompt=args.negative_prompt,
                                  cuda_graph=args.cuda_graph, compile_unet=args.compile_unet)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
@@ -94,8 +113,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         init = pil_to_tensor(init_image, size)[None].expand(len(prompts), -1, -1, -1)
         strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     images = generate(stack, prompts, seeds, settings, init_images=init, strength=strength)
+    if earlier:  # only once the new images exist: a failed run leaves the old ones
+        print(f"replacing the {len(earlier)} files an earlier generate wrote into {args.out}")
+        for path in earlier:
+            path.unlink(missing_ok=True)
     paths = save_images(to_pil(images), args.out)
-    paths.append(save_grid(images, args.out / "grid.png", nrow=max(1, args.num_images)))
+    paths.append(save_grid(images, args.out / GRID_FILE, nrow=args.num_images))
     for path in paths:
         print(path)
     return paths

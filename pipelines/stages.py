@@ -8,6 +8,7 @@ warning, because that is exactly what a swap study does.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +20,12 @@ from clip.model import TOKENIZER_FILE, CLIPModel
 from data import load_captions
 from diffusion.config import FILLED_BY_TRAINING as UNET_FILLED_BY_TRAINING
 from diffusion.cuda_graph import CudaGraphCall
-from diffusion.fit import check_fit
+from diffusion.fit import check_fit, downsample_factor
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from engine.config import config_from_dict, flatten_config, setting_differences
+from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, inference_autocast, set_low_precision_norms
-from engine.stage import StageError, StageInfo, file_fingerprint, read_stage
+from engine.stage import StageError, StageInfo, file_fingerprint, read_stage, write_json
 from unet.model import UNet
 from vae.model import AutoencoderKL
 
@@ -154,34 +156,91 @@ def generation_size(infos: Mapping[str, StageInfo]) -> int:
     return 512
 
 
+def sampling_size(size: int | None, vae: Mapping[str, Any], unet: Mapping[str, Any], default: int,
+                  option: str = "--size") -> int:
+    """The size to draw at: ``size`` (``option``), or ``default`` when it is None (a stack's ``generation_size``),
+    checked against the architectures (``StageInfo.model`` dicts) of the VAE and the UNet: a positive multiple of
+    the VAE's downsampling times the UNet's, since every UNet level halves the latent and must divide it evenly.
+    The one size check of every command that samples, before anything is sampled or trained."""
+    chosen = default if size is None else size
+    vae_factor, unet_factor = downsample_factor(vae), downsample_factor(unet)
+    step = vae_factor * unet_factor
+    if chosen > 0 and chosen % step == 0:
+        return chosen
+    below = chosen // step * step
+    nearest = [s for s in (below, below + step) if s > 0] or [step]
+    what, fix = (f"{option} {chosen}", f"(default: {default})") if size is not None else \
+        (f"the default size {chosen}", f"with {option}")  # a swapped stage can misfit the default itself
+    raise UserError(f"{what} does not fit the stages: a size must be a positive multiple of {step} (the VAE "
+                    f"downsamples by {vae_factor}, the UNet by {unet_factor} more); try "
+                    f"{' or '.join(map(str, nearest))} {fix}")
+
+
 def stage_paths(run: str | Path | None, vae: str | Path | None = None, clip: str | Path | None = None,
                 unet: str | Path | None = None) -> dict[str, Path]:
     """Stage folders of a run, unless a folder is given for that stage.
 
     A run's stages are ``run/{vae,clip,unet}``, or where ``run/stages.json`` (written by train_all when a
-    stage was reused from another run) says they are.
+    stage was reused from another run) says they are (:func:`recorded_stage`).
     """
     given = {"vae": vae, "clip": clip, "unet": unet}
-    recorded = recorded_stages(run) if run is not None else {}
     paths = {}
     for name, path in given.items():
         if path is None:
             if run is None:
                 raise StageError(f"no {name} stage: pass --run RUN_DIR or --{name} STAGE_DIR")
-            path = recorded.get(name, Path(run) / name)
+            path = recorded_stage(run, name) or Path(run) / name
         paths[name] = Path(path)
     return paths
 
 
-def recorded_stages(run: str | Path) -> dict[str, str]:
-    """``run/stages.json``: where train_all put or took each stage of the run ({} when it wrote none)."""
-    path = Path(run) / "stages.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+STAGES_FILE = "stages.json"
+
+
+def write_stages_record(run: str | Path, stages: Mapping[str, str | Path]) -> None:
+    """Write ``run/stages.json``: each stage folder relative to ``run`` (``vae``, ``../A/vae``), so a run that is
+    copied or moved with the runs it took stages from reads its own folders wherever it is and whatever the
+    current folder is."""
+    def relative(path: str | Path) -> str:
+        try:
+            return os.path.relpath(path, run)
+        except ValueError:  # another Windows drive: no relative path exists
+            return str(Path(path).absolute())
+
+    write_json(Path(run) / STAGES_FILE, {name: relative(path) for name, path in stages.items()})
+
+
+def recorded_stage(run: str | Path, name: str) -> Path | None:
+    """Where ``run/stages.json`` puts the run's ``name`` stage (None: no file, or no entry for it).
+
+    An entry is relative to the run folder. Files written before that hold paths relative to the folder the
+    command ran in, or absolute ones: such an entry that is not under the run folder names the run's own stage
+    when the run has a folder of the entry's last component (a copied or moved run must not load its
+    original's stages), else an absolute one is taken as it is; anything else is a ``StageError`` saying how to
+    fix the entry, never a path read against the current folder.
+    """
+    run = Path(run)
+    path = run / STAGES_FILE
+    entry = json.loads(path.read_text(encoding="utf-8")).get(name) if path.is_file() else None
+    if entry is None:
+        return None
+    recorded = Path(entry)
+    if not recorded.is_absolute() and (run / recorded).exists():
+        return Path(os.path.normpath(run / recorded))
+    if (run / recorded.name).exists():
+        return run / recorded.name
+    if recorded.is_absolute() and recorded.exists():
+        return recorded
+    hint = f" (from the current folder that is {recorded.absolute()}, relative to the run " \
+           f"'{os.path.relpath(recorded, run)}')" if not recorded.is_absolute() and recorded.exists() else ""
+    raise StageError(f"{path} puts the {name} stage at '{entry}', which is neither under {run} nor an existing "
+                     f"absolute path; write that stage's folder there relative to {run} or as an absolute "
+                     f"path{hint}, or pass --{name} FOLDER")
 
 
 def judge_path(run: str | Path) -> Path:
     """A run's judge: where its ``stages.json`` says (a judge taken with ``train_all --judge``), else ``run/judge``."""
-    return Path(recorded_stages(run).get("judge", Path(run) / "judge"))
+    return recorded_stage(run, "judge") or Path(run) / "judge"
 
 
 def tokenizer_fingerprint(clip_info: StageInfo) -> str | None:
@@ -231,12 +290,18 @@ def norms_as_trained(model: torch.nn.Module, info: StageInfo) -> None:
     set_low_precision_norms(model, bool(info.training.get("train", {}).get("low_precision_norms")))
 
 
+def stack_infos(run: str | Path | None = None, *, vae: str | Path | None = None, clip: str | Path | None = None,
+                unet: str | Path | None = None) -> dict[str, StageInfo]:
+    """What the config files of the three stages ``load_stack`` would load say, without loading any weights."""
+    return {name: read_stage(path, name) for name, path in stage_paths(run, vae, clip, unet).items()}
+
+
 def load_stack(run: str | Path | None = None, *, vae: str | Path | None = None, clip: str | Path | None = None,
                unet: str | Path | None = None, device: str | torch.device | None = None) -> StageStack:
     """Load the three stages (``run/{vae,clip,unet}`` or the folders given) onto ``device``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    paths = stage_paths(run, vae, clip, unet)
-    infos = {name: read_stage(path, name) for name, path in paths.items()}
+    infos = stack_infos(run, vae=vae, clip=clip, unet=unet)
+    paths = {name: info.path for name, info in infos.items()}
     check_fit(infos["vae"].model, infos["clip"].model, infos["unet"].model,
               {name: f"at {path}" for name, path in paths.items()})
     for name in lineage_mismatches(infos["vae"], infos["clip"], infos["unet"]):

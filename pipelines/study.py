@@ -53,18 +53,18 @@ from data import CaptionSet, load_captions
 from diffusion.train import lowres_folder
 from engine import distributed
 from engine.cli import command_line
-from engine.config import choose_preset, setting_differences
+from engine.config import choose_preset, config_to_dict, setting_differences
 from engine.errors import UserError, run_cli
 from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, folder_lock, is_complete, \
     read_stage, record_preset, write_json
-from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, evaluate_run, generation_metrics, over_seed_sets,
-                                real_reference, share_error)
+from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, check_evaluation_data, evaluate_run,
+                                generation_metrics, over_seed_sets, real_reference, share_error)
 from pipelines.metrics import PROMPT_COLOURS
-from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, stage_kind,
-                              stage_paths, stage_settings)
-from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase,
-                                     showcase_layout)
+from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, sampling_size,
+                              stage_kind, stage_paths, stage_settings, write_stages_record)
+from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, SIZE_HELP, GenerationSettings,
+                                     draw_showcase, showcase_layout)
 
 STUDY_STAGES = ("vae", "clip", "unet")  # the judge is the study's ruler: the base run's, for every column
 # A UNet trained on another VAE's latents or another CLIP's text states is another model: retrain it.
@@ -273,6 +273,18 @@ def check_unet_resolutions(plans: Sequence[ColumnPlan], size: int) -> None:
                             "--size to choose the one size every column is drawn at")
 
 
+def check_column_sizes(plans: Sequence[ColumnPlan], size: int, default: int) -> None:
+    """Every column draws at ``size``: it must fit each variant's VAE and UNet, trained or about to be (the
+    planned configs), before anything trains."""
+    for plan in plans:
+        models = [config_to_dict(plan.configs[stage].model) if stage in plan.configs else
+                  read_stage(plan.stages[stage], stage).model for stage in ("vae", "unet")]
+        try:
+            sampling_size(size, *models, default)
+        except UserError as err:
+            raise UserError(f"variant {plan.name}: {err}") from None
+
+
 def base_column(base: dict[str, Path], out: Path) -> ColumnPlan:
     return ColumnPlan(name=BASE, spec="", folder=out / BASE, stages=dict(base),
                       sources={stage: "base" for stage in STUDY_STAGES}, configs={}, presets={}, estimate_minutes=0.0,
@@ -280,10 +292,12 @@ def base_column(base: dict[str, Path], out: Path) -> ColumnPlan:
 
 
 def check_base_data(base: dict[str, Path], data: str) -> None:
-    """The base UNet must have been trained on ``data``: reused stages and retrained ones then see the same."""
+    """The base UNet must have been trained on ``data``: reused stages and retrained ones then see the same; and
+    ``data`` must be large enough to evaluate on."""
     info = read_stage(base["unet"], "unet")
-    fingerprint = load_captions(data, resolution=info.training["resolution"]).fingerprint
-    if info.trained_on.get("data") != fingerprint:
+    captions = load_captions(data, resolution=info.training["resolution"])
+    check_evaluation_data(captions)
+    if info.trained_on.get("data") != captions.fingerprint:
         raise UserError(f"the base UNet at {base['unet']} was trained on other data than --data {data}; pass the "
                         "data the base run was trained on")
 
@@ -677,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-seeds", type=int, default=1, help="seed sets of the sampled metrics (spread if > 1)")
     parser.add_argument("--steps", type=int, default=GenerationSettings().steps, help="sampling steps")
     parser.add_argument("--size", type=int,
-                        help="image size of the evaluation (default: the base UNet's training resolution)")
+                        help=f"{SIZE_HELP}, for every column (default: the base UNet's training resolution)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="guidance scale of every column (default: each UNet config's, the training grids' scale)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
@@ -703,7 +717,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError("--concurrent runs one process per variant on one GPU; under torchrun the variants train "
                         "one after another on every rank: drop --concurrent")
     base = base_stages(args.base)
-    size = args.size or generation_size({stage: read_stage(base[stage], stage) for stage in ("vae", "unet")})
+    infos = {stage: read_stage(base[stage], stage) for stage in ("vae", "unet")}
+    default_size = generation_size(infos)
+    size = sampling_size(args.size, infos["vae"].model, infos["unet"].model, default_size)  # variants': below
     GenerationSettings(size=size, steps=args.steps,  # checks size, steps and a given guidance and interval
                        guidance_scale=GenerationSettings.guidance_scale if args.guidance is None else args.guidance,
                        guidance_interval=args.guidance_interval)
@@ -711,6 +727,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plans = [base_column(base, args.out)] + [plan_column(v, base, args.out, args.concurrent) for v in variants]
     if args.size is None:
         check_unet_resolutions(plans, size)
+    check_column_sizes(plans[1:], size, default_size)
     settings = {"base": str(args.base), "data": args.data, "judge": str(base["judge"]), "steps": args.steps,
                 "size": size, "eval_seeds": args.eval_seeds}
     if args.guidance is not None:  # recorded only when given, so columns of studies made before the option resume
@@ -742,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     if plan.name in pending:
                         write_json(plan.folder / VARIANT_FILE, {"recorded_as": {"spec": plan.spec, **settings},
                                                                 "sources": plan.sources})  # stages: stages.json
-                        write_json(plan.folder / "stages.json", {k: str(v) for k, v in plan.stages.items()})
+                        write_stages_record(plan.folder, plan.stages)
                     else:
                         print(f"{plan.name}: finished ({plan.folder / EVALUATION_FILE}), skipped", flush=True)
             distributed.barrier()

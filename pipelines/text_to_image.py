@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from data.augment import resize, to_float
-from data.captions import square_resize
+from data.captions import square_resize, to_rgb
 from diffusion.guidance import (DEFAULT_AUTOGUIDANCE_SCALE, check_condition_noise, check_guidance_interval,
                                 guided_sample_and_decode)
 from diffusion.noise import PerSampleNoise
@@ -22,7 +23,7 @@ from engine.precision import inference_autocast
 from engine.stage import read_stage
 
 from .prompts import SHOWCASE_PROMPTS, SHOWCASE_SEEDS
-from .stages import StageStack
+from .stages import StageStack, sampling_size
 
 
 # (eta, eta_sigma_max) when no eta is given: deterministic down to sigma 3, where the layout is set, then as much
@@ -80,8 +81,8 @@ class GenerationSettings:
             self.eta = DEFAULT_STEP_NOISE[0]
             if self.eta_sigma_max is None:
                 self.eta_sigma_max = DEFAULT_STEP_NOISE[1]
-        if self.size % 8:
-            raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
+        if self.size < 1:  # what else fits depends on the stages: pipelines.stages.sampling_size
+            raise UserError(f"size must be a positive number of pixels, got {self.size}")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, got {self.steps}")
         if self.guidance_scale < 0:
@@ -116,6 +117,10 @@ class GenerationSettings:
             f" and autoguidance {self.autoguidance_scale:g} away from the UNet at {self.guide_unet}"
         return (f"{self.sampler}, {self.steps} steps, guidance {self.guidance_scale:g}{autoguided} {levels} (rescale "
                 f"{self.guidance_rescale:g}), {noise}{annealed}, {self.size} px")
+
+
+# --size of every command that samples; each adds its default (pipelines.stages.sampling_size checks it)
+SIZE_HELP = "image side in pixels, a positive multiple of the VAE's downsampling times the UNet's"
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,6 +190,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     if init_images is not None and not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    sampling_size(settings.size, stack.infos["vae"].model, stack.infos["unet"].model, stack.image_size, "size")
     device = stack.device
     latent_size = settings.size // stack.vae.downsample_factor
     shape = (stack.vae.latent_channels, latent_size, latent_size)
@@ -244,20 +250,30 @@ def showcase_layout(seeds: int = SHOWCASE_SEEDS) -> str:
 
 
 def pil_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """A PIL image -> [-1, 1] float [3, size, size] (centre-cropped to a square)."""
-    return to_float(square_resize(image.convert("RGB"), size))
+    """A PIL image -> [-1, 1] float [3, size, size] (upright, transparency on white, centre-cropped to a square),
+    decoded as the training images are (``data.captions.to_rgb``)."""
+    return to_float(square_resize(to_rgb(image), size))
+
+
+def saved_images(folder: str | Path, stem: str = "image") -> list[Path]:
+    """The images an earlier :func:`save_images` left in ``folder`` (``stem_N.png``), in name order."""
+    folder = Path(folder)
+    pattern = re.compile(rf"{re.escape(stem)}_[0-9]+\.png")
+    return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name)) if folder.is_dir() else []
 
 
 def save_images(images: Sequence[Image.Image], folder: str | Path, stem: str = "image") -> list[Path]:
-    """Save each image as ``folder/stem_XX.png``."""
+    """Save each image as ``folder/stem_N.png``, N zero-padded to the count (at least two digits) so that names
+    sort in order."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    digits = max(2, len(str(len(images) - 1)))
     paths = []
     for i, image in enumerate(images):
-        paths.append(folder / f"{stem}_{i:02d}.png")
+        paths.append(folder / f"{stem}_{i:0{digits}d}.png")
         image.save(paths[-1])
     return paths
 
 
 __all__ = ["GenerationSettings", "add_sampling_arguments", "draw_showcase", "generate", "generate_with_latents",
-           "pil_to_tensor", "sampling_settings", "save_grid", "save_images", "showcase_layout"]
+           "pil_to_tensor", "sampling_settings", "save_grid", "save_images", "saved_images", "showcase_layout"]

@@ -1,8 +1,12 @@
 """Export to diffusers: the renamed weights compute what ours compute (tiny configs, random weights, CPU)."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +152,19 @@ def test_export_loads_offline_and_the_pipeline_draws_what_generate_draws(tiny_ru
     settings = GenerationSettings(guidance_scale=4.0, steps=4, sampler="ddim", eta=0.0, size=32,
                                   negative_prompt="a leaf", guidance_interval=None, condition_noise=None)
     assert pipeline_difference(stack, out, ["a red dragon", "一只蓝色的鸟"], seed=3, settings=settings) < 1e-4
+
+
+def test_the_export_command_reports_a_user_error_in_one_line(tmp_path):
+    from engine.errors import UserError
+    from pipelines.export import ExportError
+
+    assert issubclass(ExportError, UserError)  # a model the format cannot express is the user's choice of stage
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("SCRATCH_DIFFUSION_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "pipelines.export", "--run", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "exported")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: stage folder {tmp_path / 'nope' / 'vae'} does not exist; "
+                                                "train that stage first or pass the right path"]
+    assert not (tmp_path / "exported").exists()

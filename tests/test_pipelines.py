@@ -20,7 +20,7 @@ from engine import ConfigError, StageError, read_stage
 from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
 from engine.stage import file_fingerprint, folder_lock, load_weights
-from pipelines.stages import LineageWarning, load_stack
+from pipelines.stages import LineageWarning, judge_path, load_stack, stage_paths
 from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings,
                                      add_sampling_arguments, generate, sampling_settings)
 
@@ -170,8 +170,9 @@ def test_evaluate_keeps_the_runs_own_evaluation_unless_told(run_a, tmp_path):
     from pipelines.evaluate import main as evaluate
 
     before = (run_a / "evaluation.json").read_bytes()
-    with pytest.raises(UserError, match="evaluation.json exists.*--out.*--overwrite"):
-        evaluate(["--run", str(run_a), "--data", DATA, "--device", "cpu"])
+    for out in ([], ["--out", str(run_a)], ["--out", str(run_a / ".." / run_a.name)]):  # the run folder, however named
+        with pytest.raises(UserError, match="evaluation.json exists.*--out.*--overwrite"):
+            evaluate(["--run", str(run_a), "--data", DATA, "--device", "cpu", *out])
     assert (run_a / "evaluation.json").read_bytes() == before
 
 
@@ -190,8 +191,130 @@ def test_generate_checks_its_inputs(run_a, tmp_path, capsys):
             generate_cli([*base, "--prompt", "a red circle", *extra])
     with pytest.warns(UserWarning, match=r"longer than the text encoder's context of 75 tokens: its last \d+ tokens"):
         generate_cli([*base, "--prompt", "a red circle " * 60])
-    generate_cli([*base, "--prompt", ""])
+    generate_cli([*base, "--prompt", "", "--out", str(tmp_path / "empty")])
     assert "empty --prompt samples unconditionally" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_generate_refuses_no_images_before_loading_anything(run_a, tmp_path, monkeypatch, count):
+    from pipelines import generate as generate_module
+
+    monkeypatch.setattr(generate_module, "load_stack", lambda *a, **k: pytest.fail("loaded the stages first"))
+    with pytest.raises(UserError, match=f"--num-images must be at least 1, got {count}"):
+        generate_module.main(["--run", str(run_a), "--prompt", "a red circle", "--num-images", count,
+                              "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("size, nearest", [("0", "try 16"), ("-16", "try 16"), ("8", "try 16"),
+                                           ("72", "try 64 or 80")])
+def test_every_sampling_command_refuses_a_size_the_stages_cannot_draw_before_sampling(run_a, tmp_path, monkeypatch,
+                                                                                     size, nearest):
+    from pipelines import compare, evaluate, generate as generate_module
+
+    never = lambda *a, **k: pytest.fail("sampled before checking --size")  # noqa: E731
+    for module, name in ((generate_module, "generate"), (compare, "generate"), (evaluate, "evaluate_to_folder")):
+        monkeypatch.setattr(module, name, never)
+    # the tiny stages: a VAE of 3 halvings and a UNet of 1 (channel_mult (1, 2)), so sizes step by 16
+    message = (f"--size {size} does not fit the stages: a size must be a positive multiple of 16 \\(the VAE "
+               f"downsamples by 8, the UNet by 2 more\\); {nearest} \\(default: 64\\)")
+    out = ["--out", str(tmp_path / "o"), "--size", size, "--device", "cpu"]
+    with pytest.raises(UserError, match=message):
+        generate_module.main(["--run", str(run_a), "--prompt", "a red circle", *out])
+    with pytest.raises(UserError, match=message):
+        evaluate.main(["--run", str(run_a), "--data", DATA, *out])
+    with pytest.raises(UserError, match=f"run {run_a}: {message}"):  # every run is checked before any samples
+        compare.main([str(run_a), *out])
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_replaces_all_earlier_images_in_out_and_nothing_else(run_a, tmp_path, capsys):
+    from PIL import Image
+
+    from pipelines.generate import main as generate_cli
+    from pipelines.text_to_image import save_images
+
+    out = tmp_path / "o"
+    base = ["--run", str(run_a), "--device", "cpu", "--steps", "1", "--size", "32", "--prompt", "a red circle",
+            "--out", str(out)]
+    generate_cli([*base, "--num-images", "3"])
+    (out / "notes.txt").write_text("mine")  # not generate's: never touched
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == ["grid.png", "image_00.png", "image_01.png", "image_02.png", "notes.txt"]
+    generate_cli([*base, "--num-images", "1", "--seed", "5"])  # fewer images: none of the 3 may stay beside it
+    assert f"replacing the 4 files an earlier generate wrote into {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "image_00.png", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "image_00.png").read_bytes() != first["image_00.png"]
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="--out .*a_file is a file; pass a folder"):
+        generate_cli([*base[:-1], str(tmp_path / "a_file")])
+    # names sort in the order drawn whatever the count
+    paths = save_images([Image.new("RGB", (1, 1))] * 101, tmp_path / "many")
+    assert [p.name for p in paths][:2] == ["image_000.png", "image_001.png"] and paths[-1].name == "image_100.png"
+    assert sorted(paths) == paths
+
+
+def test_an_init_image_is_decoded_as_the_training_images_are(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.generate import read_init_image
+    from pipelines.text_to_image import pil_to_tensor
+
+    def encoded(path):  # [0, 255] pixels of what generate encodes, at 16 px
+        return (pil_to_tensor(read_init_image(path, None), 16) + 1) * 127.5
+
+    clear = np.zeros((16, 16, 4), np.uint8)
+    clear[4:12, 4:12] = [255, 0, 0, 255]  # a red square on a transparent (black beneath) ground
+    Image.fromarray(clear).save(tmp_path / "rgba.png")
+    assert encoded(tmp_path / "rgba.png")[:, 0, 0].tolist() == [255, 255, 255]  # white, as the data's backgrounds
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "grey16.png")  # 50 % grey, 16 bits
+    assert abs(encoded(tmp_path / "grey16.png")[:, 8, 8] - 127.5).max() < 2
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:, :8], pixels[:, 8:] = [255, 0, 0], [0, 0, 255]  # stored red left, blue right; shown rotated
+    sideways = Image.fromarray(pixels)
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees clockwise to show (a phone's portrait photo)
+    sideways.save(tmp_path / "portrait.png", exif=exif.tobytes())
+    shown = encoded(tmp_path / "portrait.png")
+    assert shown[0, 1, 8] > 200 and shown[2, 14, 8] > 200  # red on top, blue below, as every viewer shows it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 256 pixels is more than twice that: PIL refuses it
+    with pytest.raises(UserError, match="rgba.png is too large to decode safely .*pass a downscaled copy"):
+        read_init_image(tmp_path / "rgba.png", None)
+
+
+def test_a_copied_run_reads_its_own_stages_from_any_folder(run_a, tmp_path, monkeypatch):
+    assert json.loads((run_a / "stages.json").read_text()) == {name: name for name in ("vae", "clip", "judge", "unet")}
+    copy = tmp_path / "copy"
+    shutil.copytree(run_a, copy)
+    own = {"vae": copy / "vae", "clip": copy / "clip", "unet": copy / "unet"}
+    monkeypatch.chdir(tmp_path)
+    assert stage_paths("copy") == {name: Path("copy") / name for name in own} and judge_path("copy") == Path(
+        "copy/judge")
+    assert {name: info.path for name, info in load_stack(copy, device="cpu").infos.items()} == own
+    # files written before: paths relative to the folder train_all ran in, or absolute, naming the original run;
+    # read from that folder, where they still lead to the original, the copy takes its own folders
+    monkeypatch.chdir(run_a.parent)
+    for old in ({name: f"{run_a.name}/{name}" for name in (*own, "judge")},
+                {name: str(run_a / name) for name in (*own, "judge")}):
+        (copy / "stages.json").write_text(json.dumps(old))
+        assert stage_paths(copy) == own and judge_path(copy) == copy / "judge"
+    # an older record of a stage taken from elsewhere, read from a folder where it leads nowhere: one clear error
+    shutil.rmtree(copy / "vae")
+    (copy / "stages.json").write_text(json.dumps({"vae": "runs/A/vae"}))
+    with pytest.raises(StageError, match=r"stages.json puts the vae stage at 'runs/A/vae', which is neither under "
+                                         r".*copy nor an existing absolute path; .* or pass --vae FOLDER"):
+        stage_paths(copy)
+
+
+def test_evaluate_refuses_a_validation_split_too_small_for_fd_before_sampling(run_a, tmp_path, monkeypatch):
+    from pipelines import evaluate
+
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("sampled before checking the data"))
+    with pytest.raises(UserError, match=r"the validation split of shapes:12 has 1 row\(s\) .* FD and KID need at "
+                                        r"least 2 real images: evaluate on a data set of at least 20 rows"):
+        evaluate.main(["--run", str(run_a), "--data", "shapes:12", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_truncated_stage_weights_are_reported_by_name(run_a, tmp_path):
@@ -210,7 +333,8 @@ def test_reuse_trains_only_the_missing_stage(run_a, tmp_path):
                     "--unet.div_weight=0", "--unet.cons_weight=0"])
     assert not (run / "vae").exists() and not (run / "clip").exists()
     stages = json.loads((run / "stages.json").read_text())
-    assert stages["vae"] == str(run_a / "vae") and stages["unet"] == str(run / "unet")
+    assert stages["unet"] == "unet" and Path(os.path.normpath(run / stages["vae"])) == run_a / "vae"
+    assert stage_paths(run) == {"vae": run_a / "vae", "clip": run_a / "clip", "unet": run / "unet"}
     with warnings.catch_warnings():
         warnings.simplefilter("error", LineageWarning)  # reused stages are the UNet's own lineage
         stack = load_stack(run, device="cpu")
@@ -312,8 +436,11 @@ def test_generation_is_deterministic_per_seed(run_a, sampler, eta):
     a = generate(stack, ["a red circle", "a green square"], [3, 4], settings)
     b = generate(stack, ["a green square"], [4], settings)  # the same seed gives the same image in any batch
     assert a.shape == (2, 3, 64, 64) and torch.allclose(a[1], b[0], atol=1e-5)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        GenerationSettings(size=60)
+    with pytest.raises(UserError, match="size must be a positive number of pixels, got 0"):
+        GenerationSettings(size=0)
+    with pytest.raises(UserError, match=r"size 56 does not fit the stages: a size must be a positive multiple of 16 "
+                                        r"\(the VAE downsamples by 8, the UNet by 2 more\); try 48 or 64"):
+        generate(stack, ["a red circle"], [0], GenerationSettings(size=56, steps=1))  # what the CLIs check up front
     with pytest.raises(ValueError, match="guidance scale must be >= 0"):
         GenerationSettings(guidance_scale=-1.0)
     for bad, message in (({"eta": 0.5, "sampler": "ddpm"}, "eta=0.5 applies to the ddim and dpmpp_2m samplers only"),

@@ -17,7 +17,7 @@ from engine.errors import UserError
 from engine.stage import StageError, file_fingerprint, folder_lock, is_complete, read_stage
 from pipelines.evaluate import default_judge
 from pipelines.metrics import PROMPT_COLOURS
-from pipelines.stages import judge_path, load_stack
+from pipelines.stages import judge_path, load_stack, stage_paths
 from pipelines.study import main as study
 from pipelines.text_to_image import DEFAULT_CONDITION_NOISE
 
@@ -64,8 +64,11 @@ def test_a_unet_variant_retrains_only_the_unet(base, done):
     assert result["sources"]["no_terms"] == {"vae": "base", "clip": "base", "unet": "trained"}
     assert is_complete(out / "no_terms" / "unet")
     assert not (out / "no_terms" / "vae").exists() and not (out / "no_terms" / "clip").exists()
-    stages = json.loads((out / "no_terms" / "stages.json").read_text())
-    assert stages["vae"] == str(base / "vae") and stages["judge"] == str(base / "judge")
+    stages = json.loads((out / "no_terms" / "stages.json").read_text())  # relative to the column's folder
+    assert stages["unet"] == "unet" and stages["vae"] == os.path.relpath(base / "vae", out / "no_terms")
+    assert stage_paths(out / "no_terms") == {"vae": base / "vae", "clip": base / "clip",
+                                             "unet": out / "no_terms" / "unet"}
+    assert judge_path(out / "no_terms") == base / "judge"
     unet = read_stage(out / "no_terms" / "unet", "unet")
     assert unet.training["loss"]["div_weight"] == 0 and unet.training["loss"]["cons_weight"] == 0
     # the rest of its config is the base UNet's (one epoch, as recorded), not the preset's two
@@ -352,4 +355,26 @@ def test_a_judge_taken_with_train_all_judge_is_the_runs_judge_everywhere(base, l
 def test_a_bad_variant_is_one_clear_error(base, tmp_path, variant, message):
     with pytest.raises(UserError, match=message):
         study(["--base", str(base), "--out", str(tmp_path / "o"), *FAST, "--variant", variant])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("size, variant, message", [
+    ("72", "no_terms: --unet.div_weight=0", r"--size 72 does not fit the stages: a size must be a positive multiple "
+                                            r"of 16 .*; try 64 or 80"),
+    ("0", "no_terms: --unet.div_weight=0", r"--size 0 does not fit the stages: .*; try 16"),
+    # fits the base (16 | 48), not the variant's deeper UNet, which halves the latent once more
+    ("48", "deeper: --unet.model.channel_mult=1,2,2", r"variant deeper: --size 48 does not fit the stages: a size "
+                                                      r"must be a positive multiple of 32 \(the VAE downsamples by 8, "
+                                                      r"the UNet by 4 more\); try 32 or 64"),
+])
+def test_a_size_a_column_cannot_draw_is_refused_before_anything_trains(base, tmp_path, size, variant, message):
+    with pytest.raises(UserError, match=message):
+        study(["--base", str(base), "--out", str(tmp_path / "o"), *FAST, "--size", size, "--variant", variant])
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_too_small_to_evaluate_on_is_refused_before_anything_trains(base, tmp_path):
+    with pytest.raises(UserError, match=r"the validation split of shapes:12 has 1 row\(s\) .* at least 20 rows"):
+        study(["--base", str(base), "--out", str(tmp_path / "o"), "--data", "shapes:12", "--steps", "1",
+               "--device", "cpu", "--variant", "no_terms: --unet.div_weight=0"])
     assert not (tmp_path / "o").exists()

@@ -531,7 +531,7 @@ def test_resume_refuses_other_learning_settings_but_not_other_running_ones(tmp_p
         train(tmp_path / "a", epochs=3, crash_at=10)  # last checkpoint: the end of epoch 1
     cfg = TrainConfig(epochs=3, batch_size=8, lr=2e-2, warmup_steps=3, ema_decay=0.9, log_every=2)
     with pytest.raises(ConfigError, match=r"cannot resume .*: it was trained with other settings \(lr was 0.01, now "
-                                          r"0.02\); use the same settings"):
+                                          r"0.02\); use the same settings, or delete that checkpoint"):
         Trainer(ToyModule(), cfg, tmp_path / "a", num_train_items=len(DATA_X), resume=True, device="cpu")
     resumed = train(tmp_path / "a", epochs=3, resume=True, checkpoint_every_steps=6)  # how it runs: allowed
     assert resumed.resumed and resumed.step == 3 * 8

@@ -36,7 +36,7 @@ from vae.metrics import evaluate_reconstruction
 from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, adherence_by_colour, colour_hits, colour_prompts, composition,
                       cosine_nearest, first_named_colours, frechet_distance, kernel_distance, near_copies,
                       nearest_indices, seed_diversity, sharpness, thumbnails, unit_pixels)
-from .stages import StageStack, judge_path, load_stack, sampling_size, stage_paths
+from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
 
@@ -382,11 +382,8 @@ def evaluate_to_folder(stack: StageStack, data_source: str, out_dir: Path, judge
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, help="run folder with vae/, clip/, unet/")
+    add_stage_arguments(parser)
     parser.add_argument("--data", required=True, help="captions source (folder, hub id or 'shapes')")
-    parser.add_argument("--vae", type=Path)
-    parser.add_argument("--clip", type=Path)
-    parser.add_argument("--unet", type=Path)
     parser.add_argument("--judge", type=Path,
                         help="CLIP stage folder used as the fixed judge (default: the run's judge/)")
     parser.add_argument("--out", type=Path, help="where evaluation.json/.md go (default: the run folder)")

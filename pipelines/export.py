@@ -48,7 +48,7 @@ from engine.stage import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, write_json
 from unet.config import UNetConfig
 from vae.config import VAEConfig
 
-from .stages import load_stack
+from .stages import add_stage_arguments, load_stack
 
 # Written as "_diffusers_version" into every config: the oldest diffusers this format was checked against
 # (diffusers only compares it to its own version to warn).
@@ -352,10 +352,7 @@ def export_diffusers(run: str | Path | None, out: str | Path, *, vae: str | Path
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m pipelines.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--run", type=Path, help="run folder with vae/, clip/, unet/")
-    parser.add_argument("--vae", type=Path, help="use this VAE stage folder instead of the run's")
-    parser.add_argument("--clip", type=Path, help="use this CLIP stage folder instead of the run's")
-    parser.add_argument("--unet", type=Path, help="use this UNet stage folder instead of the run's")
+    add_stage_arguments(parser)
     parser.add_argument("--format", choices=["diffusers"], default="diffusers")
     parser.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. exported/NAME")
     args = parser.parse_args(argv)

@@ -19,7 +19,7 @@ from data.captions import to_rgb
 from engine.errors import UserError, run_cli
 from engine.images import save_grid, to_pil
 
-from .stages import load_stack, sampling_size
+from .stages import add_stage_arguments, load_stack, sampling_size
 from .text_to_image import (SIZE_HELP, add_sampling_arguments, generate, pil_to_tensor, sampling_settings,
                             save_images, saved_images)
 
@@ -75,10 +75,7 @@ def check_prompts(prompts: Sequence[str], tokenizer: BPETokenizer) -> None:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m pipelines.generate", description="text->image / image->image",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--run", type=Path, help="run folder with vae/, clip/, unet/")
-    parser.add_argument("--vae", type=Path, help="use this VAE stage folder instead of the run's")
-    parser.add_argument("--clip", type=Path, help="use this CLIP stage folder instead of the run's")
-    parser.add_argument("--unet", type=Path, help="use this UNet stage folder instead of the run's")
+    add_stage_arguments(parser)
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (consecutive seeds)")

@@ -7,6 +7,7 @@ warning, because that is exactly what a swap study does.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import warnings
@@ -174,6 +175,13 @@ def sampling_size(size: int | None, vae: Mapping[str, Any], unet: Mapping[str, A
     raise UserError(f"{what} does not fit the stages: a size must be a positive multiple of {step} (the VAE "
                     f"downsamples by {vae_factor}, the UNet by {unet_factor} more); try "
                     f"{' or '.join(map(str, nearest))} {fix}")
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--run`` and the ``--vae``/``--clip``/``--unet`` folders that replace its stages (:func:`stage_paths`)."""
+    parser.add_argument("--run", type=Path, help="run folder with vae/, clip/, unet/")
+    for name, title in (("vae", "VAE"), ("clip", "CLIP"), ("unet", "UNet")):
+        parser.add_argument(f"--{name}", type=Path, help=f"use this {title} stage folder instead of the run's")
 
 
 def stage_paths(run: str | Path | None, vae: str | Path | None = None, clip: str | Path | None = None,

@@ -219,8 +219,8 @@ def check_init_architecture(init_from: str, model: Mapping[str, Any]) -> StageIn
     differences = setting_differences(asked, {f"model.{k}": v for k, v in flatten_config(info.model).items()})
     if differences:
         raise ConfigError(f"init_from={init_from}: that UNet has another architecture than the one asked "
-                          f"({'; '.join(differences[:4])}); set the same --unet.model.* values or start from "
-                          "another stage")
+                          f"({'; '.join(differences[:4])}); set the same model.* values (--unet.model.* in "
+                          "train_all.py) or start from another stage")
     return info
 
 

@@ -541,8 +541,7 @@ class Trainer:
         if differences:
             raise ConfigError(f"cannot resume {self.checkpoint_path}: it was trained with other settings "
                               f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); use the "
-                              "same settings, or delete that checkpoint to train this stage from the start (a "
-                              "fresh output folder would retrain the stages before it too)")
+                              "same settings, or delete that checkpoint to train this stage from the start")
         self._load_training_state(state)
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.spike_rollbacks_used = int(state.get("spike_rollbacks_used", 0))

@@ -78,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     add_stage_arguments(parser)
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (consecutive seeds)")
+    parser.add_argument("--num-images", type=int, default=1,
+                        help="images per prompt; the images take seeds --seed, --seed + 1, ... in order, across "
+                             "the prompts")
     parser.add_argument("--seed", type=int, default=0)
     add_sampling_arguments(parser)
     parser.add_argument("--size", type=int, help=f"{SIZE_HELP} (default: the UNet's training resolution)")

@@ -158,16 +158,21 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autoguidance (Karras et al. 2024): also guide away from this weaker UNet on the prompt "
                              "(trained on the same VAE and CLIP at the same resolution); --guidance 1 for "
                              "autoguidance alone (default: none)")
-    parser.add_argument("--autoguidance", type=float, default=defaults.autoguidance_scale, metavar="SCALE",
-                        help="the push away from --guide-unet's UNet (1: none)")
+    parser.add_argument("--autoguidance", type=float, metavar="SCALE",
+                        help=f"the push away from --guide-unet's UNet (1: none; default "
+                             f"{defaults.autoguidance_scale:g})")
 
 
 def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettings:
     """GenerationSettings from the options of :func:`add_sampling_arguments`, plus ``more`` fields."""
+    if args.autoguidance is not None and args.guide_unet is None:  # it would change nothing, silently
+        raise UserError("--autoguidance sets the push away from --guide-unet's UNet; add --guide-unet FOLDER or "
+                        "drop --autoguidance")
+    autoguidance = GenerationSettings.autoguidance_scale if args.autoguidance is None else args.autoguidance
     return GenerationSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, eta_sigma_max=args.eta_sigma_max,
                               guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                               guidance_interval=args.guidance_interval, condition_noise=args.condition_noise,
-                              guide_unet=args.guide_unet, autoguidance_scale=args.autoguidance, **more)
+                              guide_unet=args.guide_unet, autoguidance_scale=autoguidance, **more)
 
 
 def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], settings: GenerationSettings | None = None,

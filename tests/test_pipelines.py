@@ -521,6 +521,8 @@ def test_autoguidance_reaches_generation_and_a_guide_that_cannot_guide_is_refuse
     asked = sampling_settings(parser.parse_args(["--guide-unet", guide, "--autoguidance", "3"]))
     assert (asked.guide_unet, asked.autoguidance_scale) == (guide, 3.0)
     assert sampling_settings(parser.parse_args([])).guide_unet is None  # classifier-free unless asked
+    with pytest.raises(UserError, match="--autoguidance sets the push away from --guide-unet's UNet; add"):
+        sampling_settings(parser.parse_args(["--autoguidance", "3"]))  # no guide: it would change nothing
     with pytest.raises(UserError, match="autoguidance scale must be >= 0"):
         GenerationSettings(autoguidance_scale=-1.0)
     with pytest.raises(StageError, match="does not exist"):  # refused before any model loads

@@ -37,6 +37,7 @@ from engine.stage import write_json
 from pipelines.study import split_named
 
 POLL_SECONDS = 2.0
+PROBE_LOG_EVERY = 10  # the probes log (and the spike rule reads) every this many steps
 ROLLBACK_OFF = "--train.spike_rollbacks=0"  # before a setting's own overrides, which may turn it back on
 
 
@@ -80,7 +81,7 @@ def run_probes(probes: Sequence[Probe], data: str, vae: Path, clip: Path, steps:
             while pending and len(running) < concurrent:
                 probe = pending.pop(0)
                 command = [sys.executable, "-m", "diffusion.train", "--data", data, "--vae", str(vae), "--clip",
-                           str(clip), "--out", str(probe.folder), "--log_every=10", *probe.args]
+                           str(clip), "--out", str(probe.folder), f"--log_every={PROBE_LOG_EVERY}", *probe.args]
                 command += (["--preset", preset] if preset else []) + (["--device", device] if device else [])
                 probe.folder.parent.mkdir(parents=True, exist_ok=True)
                 log = open(probe.folder.with_suffix(".log"), "w", encoding="utf-8")
@@ -152,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.concurrent < 1:
         raise UserError(f"--steps and --concurrent must be at least 1, got {args.steps} and {args.concurrent}")
+    if args.steps % PROBE_LOG_EVERY:  # the tail and the peak read logged steps: the last must be step --steps
+        raise UserError(f"--steps must be a multiple of the probes' log interval, {PROBE_LOG_EVERY}, got "
+                        f"{args.steps}")
     if args.out.exists():
         raise UserError(f"{args.out} exists; the screen writes a new folder: pass another --out or remove it")
     for folder, kind in ((args.vae, "vae"), (args.clip, "clip")):

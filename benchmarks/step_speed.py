@@ -55,11 +55,13 @@ def timed_steps(trainer: Trainer, make_batch: Callable, warmup: int, steps: int)
 
 
 def _per_gpu_batch(cfg_cls: type, presets: dict, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Overrides with the global batch scaled by the number of processes: each GPU keeps the preset's batch."""
+    """Overrides with the global batch scaled by the number of processes: each GPU keeps the batch one GPU runs
+    (the preset's, or the variant's own)."""
     world = distributed.world_size()
-    if world == 1 or "batch_size" in overrides:
+    if world == 1:
         return overrides
-    return {**overrides, "batch_size": build_config(cfg_cls, presets, preset, overrides).train.batch_size * world}
+    batch = int(overrides.get("batch_size", build_config(cfg_cls, presets, preset, overrides).train.batch_size))
+    return {**overrides, "batch_size": batch * world}
 
 
 def vae_speed(overrides: dict[str, Any], preset: str, warmup: int, steps: int) -> tuple[float, float]:
@@ -147,7 +149,7 @@ VARIANTS = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="full")
     parser.add_argument("--stages", default="vae,unet")
@@ -155,7 +157,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     env = distributed.setup()
     wanted = set(args.variants.split(",")) if args.variants else None
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -170,14 +172,15 @@ def main() -> None:
                 speed, warmup_s = (vae_speed if stage == "vae" else unet_speed)(overrides, args.preset, args.warmup,
                                                                                 args.steps)
                 peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
-            except Exception as err:  # report the variant as failed, keep measuring the others
-                speed, warmup_s, peak = None, None, f"{type(err).__name__}: {err}"[:200]
-            results[f"{stage}/{name}"] = {"samples_per_s": speed, "warmup_s": warmup_s, "peak_mem_gb": peak,
-                                          "overrides": overrides}
+                record = {"samples_per_s": speed, "warmup_s": warmup_s, "peak_mem_gb": peak}
+                shown = (f"{speed:.1f} samples/s over {env.world_size} process(es), warm-up {warmup_s:.1f} s"
+                         f"  peak {peak}")
+            except Exception as err:  # a variant this preset or device cannot run: reported, the others measured
+                record = {"error": f"{type(err).__name__}: {err}"[:200]}
+                shown = f"failed: {record['error']}"
+            results[f"{stage}/{name}"] = {**record, "overrides": overrides}
             if env.is_main:
-                print(f"{stage:5s} {name:22s} {speed if speed is None else round(speed, 1)} samples/s over "
-                      f"{env.world_size} process(es), warm-up {warmup_s if warmup_s is None else round(warmup_s, 1)} s"
-                      f"  peak {peak}", flush=True)
+                print(f"{stage:5s} {name:22s} {shown}", flush=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

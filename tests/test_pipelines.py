@@ -696,6 +696,14 @@ def test_spike_screen_stops_each_probe_at_its_step_and_tabulates_every_setting(r
     assert json.loads((out / "screen.json").read_text())["records"] == result["records"]
 
 
+def test_spike_screen_refuses_steps_off_the_probes_log_grid(run_a, tmp_path):
+    # the probe stops at the first logged step past --steps: a table of steps 6 read no record and showed nan
+    with pytest.raises(UserError, match="--steps must be a multiple of the probes' log interval, 10, got 6"):
+        spike_screen.main(["--data", DATA, "--vae", str(run_a / "vae"), "--clip", str(run_a / "clip"),
+                           "--out", str(tmp_path / "screen"), "--steps", "6", "--preset", "tiny", "--setting", "a:"])
+    assert not (tmp_path / "screen").exists()
+
+
 def test_spike_screen_names_the_log_of_a_probe_that_failed(run_a, tmp_path):
     with pytest.raises(RuntimeError, match=r"probe plain_s1 failed \(exit 2\) before step 10; see .*plain_s1.log"):
         spike_screen.main(["--data", str(tmp_path / "no_data"), "--vae", str(run_a / "vae"), "--clip",

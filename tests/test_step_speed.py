@@ -37,3 +37,22 @@ def test_regional_compilation_compiles_every_block_and_nothing_else(tmp_path, mo
         assert any(isinstance(m, ResBlock) for m in blocks) and any(isinstance(m, SpatialTransformer) for m in blocks)
         assert torch._dynamo.config.recompile_limit >= len(blocks)  # a graph per block shape, not dynamo's default 8
     assert torch._dynamo.config.recompile_limit == before  # only while the variant runs: the next one is unchanged
+
+
+def test_each_gpu_keeps_the_batch_one_gpu_runs_and_a_variant_that_cannot_run_is_reported_apart(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import step_speed
+    from diffusion.config import PRESETS, UNetTrainConfig
+
+    monkeypatch.setattr(step_speed.distributed, "world_size", lambda: 2)
+    preset_batch = step_speed.build_config(UNetTrainConfig, PRESETS, "tiny", {}).train.batch_size
+    assert step_speed._per_gpu_batch(UNetTrainConfig, PRESETS, "tiny", {}) == {"batch_size": 2 * preset_batch}
+    # a variant's own batch too (it was taken as the global one: half of it per GPU at two)
+    assert step_speed._per_gpu_batch(UNetTrainConfig, PRESETS, "tiny", {"batch_size": 256}) == {"batch_size": 512}
+    monkeypatch.undo()
+    out = tmp_path / "speed.json"  # 128-px crops of the tiny preset's 64-px images: this preset cannot run it
+    step_speed.main(["--preset", "tiny", "--stages", "vae", "--variants", "crop128_b64", "--warmup", "1", "--steps",
+                     "1", "--out", str(out)])
+    record = json.loads(out.read_text())["vae/crop128_b64"]
+    assert record["error"].startswith("ConfigError: crop_size=128") and "peak_mem_gb" not in record

@@ -124,14 +124,15 @@ def check_training_folder(folder: str | Path, checkpoint: Path, resume: bool, ov
     folder = Path(folder)
     if overwrite:
         return
-    if is_complete(folder) and not resume:
-        raise StageError(f"{folder} already holds a finished stage; continue it with --resume, write to a new "
-                         "--out folder, or pass --overwrite to replace it")
-    if is_complete(folder) and not checkpoint.is_file():
-        raise StageError(f"{folder} holds a finished stage without the checkpoint --resume continues from "
-                         f"({checkpoint}); use it as it is, write to a new --out folder, or pass --overwrite to "
-                         "train it again")
-    if checkpoint.is_file() and not resume:
+    if is_complete(folder):
+        if not resume:
+            raise StageError(f"{folder} already holds a finished stage; continue it with --resume, write to a new "
+                             "--out folder, or pass --overwrite to replace it")
+        if not checkpoint.is_file():
+            raise StageError(f"{folder} holds a finished stage without the checkpoint --resume continues from "
+                             f"({checkpoint}); use it as it is, write to a new --out folder, or pass --overwrite "
+                             "to train it again")
+    elif checkpoint.is_file() and not resume:
         raise StageError(f"{folder} holds an interrupted training's checkpoint ({checkpoint}); continue it with "
                          "--resume, or pass --overwrite to start it again")
 

@@ -295,7 +295,7 @@ class Trainer:
                     if not last_in_epoch:  # at an epoch's end the snapshot is taken after the epoch's work
                         self._snapshot()
                     sums, grad_peak, count, t_last = {}, None, 0, now
-                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and not last_in_epoch:
+                if self._step_checkpoint_due() and not last_in_epoch:  # at an epoch's end: after its work
                     self.save_checkpoint()
             skip_steps = 0
             self.epoch = epoch + 1
@@ -426,9 +426,11 @@ class Trainer:
             runlog.plot_losses(self.log_path, self.out_dir / "loss.png", title=self.out_dir.name)
         distributed.barrier()
         last = self.epoch == self.cfg.epochs
-        every_steps = self.cfg.checkpoint_every_steps
-        if last or self.epoch % self.cfg.checkpoint_every_epochs == 0 or (every_steps and self.step % every_steps == 0):
+        if last or self.epoch % self.cfg.checkpoint_every_epochs == 0 or self._step_checkpoint_due():
             self.save_checkpoint()
+
+    def _step_checkpoint_due(self) -> bool:
+        return bool(self.cfg.checkpoint_every_steps) and self.step % self.cfg.checkpoint_every_steps == 0
 
     def log_image(self, tag: str, png: str | Path) -> None:
         """Show a picture grid the stage saved (main rank) in TensorBoard at the current step."""

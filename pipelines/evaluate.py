@@ -237,12 +237,12 @@ def save_pairs(samples: torch.Tensor, partners: torch.Tensor, path: Path, column
 MIN_VAL_ROWS = 2  # FD's covariances and KID's unbiased estimate need two samples of the real images
 
 
-def check_evaluation_data(data: CaptionSet) -> None:
-    """Refuse, before anything is sampled, a data set whose validation split (every row numbered 9 modulo 10) is
-    too small for the figures measured against it."""
-    rows = len(data.subset("val"))
+def check_evaluation_data(val: CaptionSet) -> None:
+    """Refuse, before anything is sampled, a validation split (every row numbered 9 modulo 10) too small for the
+    figures measured against it."""
+    rows = len(val)
     if rows < MIN_VAL_ROWS:
-        raise UserError(f"the validation split of {data.source} has {rows} row(s) (rows 9, 19, 29, ...), but FD and "
+        raise UserError(f"the validation split of {val.source} has {rows} row(s) (rows 9, 19, 29, ...), but FD and "
                         f"KID need at least {MIN_VAL_ROWS} real images: evaluate on a data set of at least "
                         f"{10 * MIN_VAL_ROWS} rows")
 
@@ -254,8 +254,8 @@ def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings
     in ``generation_metrics``."""
     settings = settings or GenerationSettings()
     started = time.perf_counter()
-    check_evaluation_data(data)
     train, val = data.subset("train"), data.subset("val")
+    check_evaluation_data(val)
     device = stack.device
     results: dict[str, Any] = {"settings": vars(settings), "judge": judge_name,
                                "stages": {k: str(v.path) for k, v in stack.infos.items()}}

@@ -296,7 +296,7 @@ def check_base_data(base: dict[str, Path], data: str) -> None:
     ``data`` must be large enough to evaluate on."""
     info = read_stage(base["unet"], "unet")
     captions = load_captions(data, resolution=info.training["resolution"])
-    check_evaluation_data(captions)
+    check_evaluation_data(captions.subset("val"))
     if info.trained_on.get("data") != captions.fingerprint:
         raise UserError(f"the base UNet at {base['unet']} was trained on other data than --data {data}; pass the "
                         "data the base run was trained on")

@@ -7,8 +7,9 @@ and report.
         --judge runs/A/judge --unet.div_weight=0 --unet.cons_weight=0         # a swap study
     torchrun --nproc-per-node 2 -- train_all.py --data ../shared/pokemon --run runs/ddp  # '--': see README
 
-A stage whose folder is complete is skipped when its recorded config and data match what is asked (otherwise
-the run stops and says so; ``--overwrite`` retrains it); one with a checkpoint resumes. ``--STAGE.key=value`` overrides
+A stage whose folder is complete is skipped, and one with a checkpoint resumes, when what it records (settings,
+data, the stages it was trained on) matches what is asked; otherwise the run stops and says so before anything
+trains (``--overwrite`` trains it again from the start). ``--STAGE.key=value`` overrides
 one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in ``runs/NAME/``:
 ``vae/``, ``clip/``, ``judge/`` (a second CLIP stage with its own seed: the evaluation's ruler, never used for
 guidance; ``--judge FOLDER`` takes one from elsewhere) and ``unet/`` stage folders (each with its log, loss plot
@@ -40,7 +41,8 @@ from engine.stage import CONFIG_FILE, LOCK_FILE, folder_lock, record_preset, rem
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import JUDGE_PAIRS, evaluate_to_folder, markdown_table
 from pipelines.prompts import COLOUR_PROMPTS
-from pipelines.stages import StageStack, finished_stage_differences, load_stack, stage_kind, write_stages_record
+from pipelines.stages import (StageStack, checkpoint_differences, finished_stage_differences, load_stack, stage_kind,
+                              write_stages_record)
 from pipelines.text_to_image import GenerationSettings, draw_showcase, generate
 
 # "judge" is a second CLIP stage with its own seed: the evaluation's fixed ruler, which guidance never optimised.
@@ -147,47 +149,64 @@ def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: 
         check_init_architecture(unet_cfg.init_from, unet)
 
 
-def check_finished_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[str, Path],
-                          overwrite: bool) -> None:
-    """Stop when a finished stage in ``run`` differs from what is asked, unless ``overwrite``: then mark it
-    unfinished so it trains again (and so does every stage after it that was trained on it). Every rank decides
-    from the same files; the main rank alone unmarks them, once all have read them."""
+def check_run_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[str, Path], overwrite: bool) -> None:
+    """Stop when what ``run`` holds of a stage differs from what is asked (a finished stage, or an interrupted
+    one's checkpoint, which would resume into neither the run that was started nor the one asked for), unless
+    ``overwrite``: then that work is set aside so the stage trains again from the start, and so does every stage
+    after it that was trained on it. Every rank decides from the same files; the main rank alone removes them,
+    once all have read them."""
     will_train: set[str] = set()
-    retrain: list[Path] = []
+    discard: list[Path] = []
+
+    def differs(name: str, folder: Path, differences: list[str]) -> bool:
+        if not differences:
+            return False
+        finished = is_complete(folder)
+        held = f"a finished {name} stage that" if finished else f"an interrupted {name} training whose checkpoint"
+        listed = f"{'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}"
+        if not overwrite:
+            fixes = f"take it as it is with --reuse {name}={folder}, " if finished and folder == run / name else ""
+            raise StageError(f"{folder} holds {held} differs from what was asked ({listed}). Rerun with its "
+                             f"settings, {fixes}train into a new --run folder, or pass --overwrite to train it "
+                             "again here")
+        if distributed.is_main():
+            print(f"--overwrite: {folder} holds {held} differs from what was asked ({differences[0]}); training it "
+                  "again from the start", flush=True)
+        discard.extend([folder / CONFIG_FILE, checkpoint_path(folder)])
+        return True
+
     for name in STAGES:
-        folder = run / name
         if name in reuse or name not in configs:
             continue
-        if not is_complete(folder):
-            will_train.add(name)
-            continue
-        upstream = {}
+        cfg, folder = configs[name], run / name
+        upstream: dict[str, Path | None] = {}
         if name == "unet":
             upstream = {s: None if s in will_train else reuse.get(s, run / s) for s in ("vae", "clip")}
-        differences = finished_stage_differences(name, folder, configs[name], data, upstream)
-        if not differences:
+        if is_complete(folder):
+            if differs(name, folder, finished_stage_differences(name, folder, cfg, data, upstream)):
+                will_train.add(name)
+                # its low-resolution phase trains again too, unless it is what the new stage asks for
+                phase = lowres_folder(folder)
+                if name == "unet" and cfg.lowres_epochs > 0 and is_complete(phase):
+                    differs(name, phase, finished_stage_differences(name, phase, cfg.lowres_phase(), data, upstream))
             continue
-        if not overwrite:
-            raise StageError(
-                f"{folder} holds a finished {name} stage that differs from what was asked ({'; '.join(differences[:4])}"
-                f"{'; ...' if len(differences) > 4 else ''}). Rerun with its settings, take it as it is with "
-                f"--reuse {name}={folder}, train into a new --run folder, or pass --overwrite to train it again here")
         will_train.add(name)
-        retrain.append(folder)
-        if distributed.is_main():
-            print(f"--overwrite: {folder} differs from what was asked ({differences[0]}); training it again",
-                  flush=True)
-        # the UNet's low-resolution phase trains again too, unless it is what the new stage asks for
-        phase = lowres_folder(folder)
-        if name == "unet" and is_complete(phase) and (
-                configs[name].lowres_epochs == 0
-                or finished_stage_differences(name, phase, configs[name].lowres_phase(), data, upstream)):
-            retrain.append(phase)
+        start = cfg.init_from if name == "unet" else None  # the weights the next phase starts from
+        phases = [(lowres_folder(folder), cfg.lowres_phase())] if name == "unet" and cfg.lowres_epochs > 0 else []
+        for phase_folder, phase_cfg in phases + [(folder, cfg)]:
+            inputs = {**upstream, **({"init": start} if start is not None else {})}
+            if is_complete(phase_folder):
+                differences = finished_stage_differences(name, phase_folder, phase_cfg, data, inputs)
+            elif checkpoint_path(phase_folder).is_file():
+                differences = checkpoint_differences(name, phase_folder, phase_cfg, data, inputs)
+            else:
+                differences = []
+            retrained = differs(name, phase_folder, differences) or not is_complete(phase_folder)
+            start = None if retrained else phase_folder
     distributed.barrier()
-    if retrain and distributed.is_main():
-        for folder in retrain:
-            (folder / CONFIG_FILE).unlink()
-            checkpoint_path(folder).unlink(missing_ok=True)
+    if distributed.is_main():
+        for path in discard:
+            path.unlink(missing_ok=True)
     distributed.barrier()
 
 
@@ -301,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reuse", action="append", default=[], help="STAGE=FOLDER: take a finished stage from elsewhere")
     parser.add_argument("--skip-eval", action="store_true", help="no evaluation, final samples or report")
     parser.add_argument("--overwrite", action="store_true",
-                        help="retrain finished stages of --run whose settings or data differ from what is asked")
+                        help="train again, from the start, stages of --run (finished or interrupted) whose settings or "
+                        "inputs differ from what is asked")
     parser.add_argument("--judge", type=Path,
                         help="CLIP stage used as the evaluation judge (default: train one into RUN/judge)")
     parser.add_argument("--device", default=None)
@@ -328,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with folder_lock(run, command) if env.is_main else contextlib.nullcontext():
             if env.is_main:
                 print(f"preset: {preset['name']} ({preset['reason']})", flush=True)
-            check_finished_stages(run, configs, args.data, reuse, args.overwrite)
+            check_run_stages(run, configs, args.data, reuse, args.overwrite)
             return _train_and_report(args, run, configs, reuse, preset, command, env)
     except BaseException:
         if created and env.is_main:

@@ -114,7 +114,8 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
     model = CLIPModel(cfg.model, tokenizer)
     module = CLIPTrainingModule(model)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set),
-                      ema_of=model, resume=resume, device=device, run_config=config_to_dict(cfg))
+                      ema_of=model, resume=resume, device=device, run_config=config_to_dict(cfg),
+                      trained_on={"data": data.fingerprint})
     make_batch = BatchMaker(cfg, train_set.images.to(trainer.device),
                             tokenizer.encode(train_set.en).to(trainer.device),
                             tokenizer.encode(train_set.zh).to(trainer.device), trainer.memory_format)
@@ -123,7 +124,7 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
     def final_metrics() -> dict[str, Any]:  # the last epoch's retrieval, measured on these same EMA weights
         return {k.removeprefix("val/"): v for k, v in trainer.last_epoch_metrics().items()}
 
-    return trainer.finish_stage(model, cfg, {"data": data.fingerprint}, final_metrics, summary, started)
+    return trainer.finish_stage(model, cfg, final_metrics, summary, started)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

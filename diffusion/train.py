@@ -334,9 +334,13 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     if init is not None:  # before the trainer: its EMA starts from these weights too (a resume overrides both)
         model.load_state_dict(load_weights(init.path))
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
+    trained_on = {"data": data.fingerprint, "vae": vae_info.fingerprint, "clip": clip_info.fingerprint,
+                  "tokenizer": tokenizer_fingerprint}
+    if init is not None:
+        trained_on["init"] = init.fingerprint
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=train_latents.num_plain_rows,
                       ema_of=model, cuda_graph_of=model, resume=resume, device=env.device,
-                      run_config=config_to_dict(cfg))
+                      run_config=config_to_dict(cfg), trained_on=trained_on)
     make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob, cfg.augment.prob,
                                   trainer.memory_format)
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,
@@ -355,12 +359,8 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
             "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
         }
 
-    trained_on = {"data": data.fingerprint, "vae": vae_info.fingerprint, "clip": clip_info.fingerprint,
-                  "tokenizer": tokenizer_fingerprint}
-    if init is not None:
-        trained_on["init"] = init.fingerprint
-    return trainer.finish_stage(model, cfg, trained_on, final_metrics,
-                                lambda metrics: f"val loss {metrics['val_loss']:.4f}", started)
+    return trainer.finish_stage(model, cfg, final_metrics, lambda metrics: f"val loss {metrics['val_loss']:.4f}",
+                                started)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -107,6 +107,26 @@ def save_stage(folder: str | Path, *, kind: str, model_config: Mapping[str, Any]
     return fingerprint
 
 
+# how a lineage record's inputs read in a difference: the data, a tokenizer, the weights a stage started from,
+# otherwise an upstream stage ("vae", "clip")
+_INPUT_NAMES = {"data": "other data", "tokenizer": "another tokenizer", "init": "other starting weights"}
+
+
+def lineage_differences(recorded: Mapping[str, str], asked: Mapping[str, tuple[str | None, str]]) -> list[str]:
+    """How the inputs a stage or checkpoint was trained on (its ``trained_on``) differ from ``asked``,
+    ``{input: (fingerprint, where)}``, one line each. A fingerprint of ``None`` is an upstream stage about to be
+    trained again; an input the record does not name is not compared (a record only names what it used)."""
+    differences = []
+    for name, (fingerprint, where) in asked.items():
+        if fingerprint is None:
+            stage = "UNet stage it started from" if name == "init" else f"{name.upper()} stage it was trained on"
+            differences.append(f"the {stage} is about to be trained again")
+        elif name in recorded and recorded[name] != fingerprint:
+            other = _INPUT_NAMES.get(name, f"another {name.upper()} stage")
+            differences.append(f"it was trained on {other}{f' than {where}' if where else ''}")
+    return differences
+
+
 def is_complete(folder: str | Path) -> bool:
     """True when the folder holds a finished stage (its ``config.json`` and weights exist)."""
     folder = Path(folder)

@@ -31,7 +31,7 @@ from .config import ConfigError, TrainConfig, config_to_dict, flatten_config, se
 from .ema import EMA
 from .graphed_training import check_cuda_graph, replay_training_calls
 from .precision import set_low_precision_norms
-from .stage import CONFIG_FILE, StageError, StageModel, atomic_write
+from .stage import CONFIG_FILE, StageError, StageModel, atomic_write, lineage_differences
 from .tensorboard import TensorBoardLog
 
 CHECKPOINT_NAME = "latest.pt"
@@ -59,6 +59,26 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
 def checkpoint_path(out_dir: str | Path) -> Path:
     """Where the trainer of a stage folder keeps the checkpoint it resumes from."""
     return Path(out_dir) / "checkpoints" / CHECKPOINT_NAME
+
+
+def read_checkpoint(path: Path, device: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """A trainer's checkpoint (tensors and plain data only, never arbitrary pickles); a damaged file is a
+    ``StageError``. ``mmap`` leaves the tensors on disk until they are touched: for reading its records."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as err:  # a truncated zip, a foreign pickle, a short read: each its own exception type
+        raise StageError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}); delete it to "
+                         "train the stage from the start, or restore it from a copy") from None
+
+
+def resume_differences(state: Mapping[str, Any], settings: Mapping[str, Any],
+                       inputs: Mapping[str, tuple[str | None, str]]) -> list[str]:
+    """How a checkpoint's ``state`` differs from a run asked with ``settings`` (a flattened config: only these
+    keys are compared) on ``inputs`` (``engine.stage.lineage_differences``), one line each."""
+    if "run_config" not in state:
+        return ["it was written before checkpoints recorded their settings"]
+    return (setting_differences(settings, state["run_config"])
+            + lineage_differences(state.get("trained_on", {}), inputs))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -95,13 +115,16 @@ class Trainer:
         device: default: this process's GPU, else the CPU.
         run_config: the stage's whole config (default: ``cfg``), shown in TensorBoard and kept in checkpoints:
             resuming with other settings of what it learns is an error.
+        trained_on: the fingerprints of what the stage learns from (``{"data": ..., "vae": ...}``), kept in
+            checkpoints (resuming on other inputs is an error) and in the finished stage's lineage.
     """
 
     def __init__(self, module: nn.Module, cfg: TrainConfig, out_dir: str | Path, *, num_train_items: int,
                  ema_of: nn.Module | None = None, cuda_graph_of: nn.Module | None = None,
                  param_groups: list[dict[str, Any]] | None = None,
                  find_unused_parameters: bool = False, resume: bool = False,
-                 device: str | torch.device | None = None, run_config: Mapping[str, Any] | None = None) -> None:
+                 device: str | torch.device | None = None, run_config: Mapping[str, Any] | None = None,
+                 trained_on: Mapping[str, str] | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.env = distributed.setup(device)
@@ -152,6 +175,7 @@ class Trainer:
             lambda s: self.lr_scale * lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
 
         self.run_config = dict(run_config) if run_config is not None else config_to_dict(cfg)
+        self.trained_on = dict(trained_on or {})
         self.step = 0
         self.epoch = 0  # epochs completed
         self.generator = torch.Generator(self.device)
@@ -448,9 +472,8 @@ class Trainer:
             raise RuntimeError(f"{self.log_path} holds no finished epoch: call fit() first")
         return {k: v for k, v in epochs[-1].items() if k not in ("kind", "step", "epoch")}
 
-    def finish_stage(self, model: StageModel, cfg: Any, trained_on: Mapping[str, str],
-                     final_metrics: Callable[[], dict[str, Any]], describe: Callable[[dict[str, Any]], str],
-                     started: float) -> Path:
+    def finish_stage(self, model: StageModel, cfg: Any, final_metrics: Callable[[], dict[str, Any]],
+                     describe: Callable[[dict[str, Any]], str], started: float) -> Path:
         """The end of every stage: on the main process, with the EMA weights in place, take the stage's final
         metrics, save the stage folder (config.json last) and print one line; then wait for every process.
 
@@ -461,7 +484,7 @@ class Trainer:
             with self.ema_weights():
                 model.eval()
                 metrics = {**final_metrics(), "steps": self.step, "minutes": (time.perf_counter() - started) / 60}
-                model.save(self.out_dir, training=config_to_dict(cfg), trained_on=trained_on, metrics=metrics)
+                model.save(self.out_dir, training=config_to_dict(cfg), trained_on=self.trained_on, metrics=metrics)
             tqdm.write(f"{model.STAGE_KIND.upper()} stage saved to {self.out_dir}: {describe(metrics)}, "
                        f"{metrics['minutes']:.1f} min")
         distributed.barrier()
@@ -495,8 +518,8 @@ class Trainer:
                 "lr_scale": self.lr_scale,
                 "spike_rollbacks_used": self.spike_rollbacks_used,
                 "rng": rng,
-                "train_config": config_to_dict(self.cfg),
                 "run_config": flatten_config(self.run_config),
+                "trained_on": self.trained_on,
                 "world_size": self.env.world_size,
             }
             atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
@@ -527,23 +550,15 @@ class Trainer:
         self._grad_norm_levels = list(state.get("grad_norm_levels", []))  # absent in older checkpoints
 
     def _load_checkpoint(self) -> None:
-        try:
-            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        except Exception as err:  # a truncated zip, a foreign pickle, a short read: each its own exception type
-            raise StageError(f"checkpoint {self.checkpoint_path} is truncated or corrupt ({type(err).__name__}: "
-                             f"{err}); delete it to train the stage from the start, or restore it from a copy") from None
-        # the whole stage config, not only the engine's: a resumed run that learns with other settings is neither
-        # the run that was started nor the one asked for (how it runs, e.g. compiled or not, may change)
-        if "run_config" in state:
-            differences = setting_differences(flatten_config(self.run_config), state["run_config"])
-        else:  # a checkpoint written before checkpoints kept the whole config: the engine's settings
-            saved = state.get("train_config", {})
-            differences = setting_differences({k: getattr(self.cfg, k) for k in ("batch_size", "grad_accum", "seed")},
-                                              saved)
+        state = read_checkpoint(self.checkpoint_path, self.device)
+        # the whole stage config, not only the engine's: a resumed run that learns with other settings or inputs
+        # is neither the run that was started nor the one asked for (how it runs, e.g. compiled or not, may change)
+        differences = resume_differences(state, flatten_config(self.run_config),
+                                         {name: (value, "") for name, value in self.trained_on.items()})
         if differences:
-            raise ConfigError(f"cannot resume {self.checkpoint_path}: it was trained with other settings "
-                              f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); use the "
-                              "same settings, or delete that checkpoint to train this stage from the start")
+            raise ConfigError(f"cannot resume {self.checkpoint_path}: it differs from what is asked "
+                              f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); ask for "
+                              "what it was trained with, or delete that checkpoint to train this stage from the start")
         self._load_training_state(state)
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.spike_rollbacks_used = int(state.get("spike_rollbacks_used", 0))

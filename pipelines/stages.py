@@ -26,7 +26,8 @@ from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from engine.config import config_from_dict, flatten_config, setting_differences
 from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, inference_autocast, set_low_precision_norms
-from engine.stage import StageError, StageInfo, file_fingerprint, read_stage, write_json
+from engine.stage import StageError, StageInfo, file_fingerprint, lineage_differences, read_stage, write_json
+from engine.trainer import checkpoint_path, read_checkpoint, resume_differences
 from unet.model import UNet
 from vae.model import AutoencoderKL
 
@@ -56,16 +57,29 @@ def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, ups
     """How a finished stage differs from what is asked now: config values, data, and (for the UNet) the VAE
     and CLIP stages it was trained on. ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
     info = read_stage(folder, stage_kind(name))
-    differences = setting_differences(stage_settings(name, cfg), stage_settings(name, info.training))
+    return (setting_differences(stage_settings(name, cfg), stage_settings(name, info.training))
+            + lineage_differences(info.trained_on, asked_inputs(name, cfg, data, upstream)))
+
+
+def checkpoint_differences(name: str, folder: Path, cfg: Any, data: str, upstream: Mapping[str, Path | None]
+                           ) -> list[str]:
+    """How the checkpoint of an interrupted stage in ``folder`` differs from what is asked now (settings and
+    inputs, as ``finished_stage_differences`` compares a finished one): resuming it would learn something else."""
+    state = read_checkpoint(checkpoint_path(folder), mmap=True)
+    return resume_differences(state, stage_settings(name, cfg), asked_inputs(name, cfg, data, upstream))
+
+
+def asked_inputs(name: str, cfg: Any, data: str, upstream: Mapping[str, Path | None]
+                 ) -> dict[str, tuple[str | None, str]]:
+    """What a stage trained now with ``cfg`` on ``data`` and the ``upstream`` stages (``None``: about to be
+    trained again) would be trained on, as ``lineage_differences`` takes it."""
     resolution = cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
-    if info.trained_on.get("data") != load_captions(data, resolution=resolution).fingerprint:
-        differences.append(f"it was trained on other data than --data {data}")
-    for stage, stage_folder in upstream.items():
-        if stage_folder is None:
-            differences.append(f"the {stage} stage it was trained on is about to be trained again")
-        elif info.trained_on.get(stage) != read_stage(stage_folder, stage).fingerprint:
-            differences.append(f"it was trained on another {stage.upper()} stage than {stage_folder}")
-    return differences
+    inputs: dict[str, tuple[str | None, str]] = {
+        "data": (load_captions(data, resolution=resolution).fingerprint, f"--data {data}")}
+    for stage, folder in upstream.items():  # "init": the UNet stage a phase starts from
+        kind = "unet" if stage == "init" else stage
+        inputs[stage] = (None, "") if folder is None else (read_stage(folder, kind).fingerprint, str(folder))
+    return inputs
 
 
 @dataclass

@@ -18,7 +18,7 @@ from engine.config import config_from_dict, config_to_dict, parse_overrides, val
 from engine.ema import EMA, power_profile_exponent, power_profile_std
 from engine.runlog import loss_spikes, read_records, rollbacks, truncate_after
 from engine.stage import StageError, folder_lock, is_complete, load_weights
-from engine.trainer import checkpoint_path, lr_factor
+from engine.trainer import checkpoint_path, lr_factor, read_checkpoint
 from unet.config import UNetConfig
 from vae.config import PRESETS as VAE_PRESETS, VAEConfig, VAETrainConfig
 
@@ -229,9 +229,10 @@ def make_batch(indices, generator):
     return DATA_X.to(indices.device)[indices] * sign, DATA_Y.to(indices.device)[indices] * sign
 
 
-def train(out, epochs, resume=False, crash_at=None, device="cpu", **overrides):
+def train(out, epochs, resume=False, crash_at=None, device="cpu", trained_on=None, **overrides):
     cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, **overrides)
-    trainer = Trainer(ToyModule(), cfg, out, num_train_items=len(DATA_X), resume=resume, device=device)
+    trainer = Trainer(ToyModule(), cfg, out, num_train_items=len(DATA_X), resume=resume, device=device,
+                      trained_on=trained_on)
 
     def batches(indices, generator):
         if crash_at is not None and trainer.step == crash_at:
@@ -530,11 +531,22 @@ def test_resume_refuses_other_learning_settings_but_not_other_running_ones(tmp_p
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "a", epochs=3, crash_at=10)  # last checkpoint: the end of epoch 1
     cfg = TrainConfig(epochs=3, batch_size=8, lr=2e-2, warmup_steps=3, ema_decay=0.9, log_every=2)
-    with pytest.raises(ConfigError, match=r"cannot resume .*: it was trained with other settings \(lr was 0.01, now "
-                                          r"0.02\); use the same settings, or delete that checkpoint"):
+    with pytest.raises(ConfigError, match=r"cannot resume .*: it differs from what is asked \(lr was 0.01, now "
+                                          r"0.02\); ask for what it was trained with, or delete that checkpoint"):
         Trainer(ToyModule(), cfg, tmp_path / "a", num_train_items=len(DATA_X), resume=True, device="cpu")
     resumed = train(tmp_path / "a", epochs=3, resume=True, checkpoint_every_steps=6)  # how it runs: allowed
     assert resumed.resumed and resumed.step == 3 * 8
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_inputs(tmp_path):
+    inputs = {"data": "d1", "vae": "v1"}
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "a", epochs=3, crash_at=10, trained_on=inputs)
+    assert read_checkpoint(checkpoint_path(tmp_path / "a"), mmap=True)["trained_on"] == inputs
+    with pytest.raises(ConfigError, match=r"cannot resume .*: it differs from what is asked \(it was trained on "
+                                          r"another VAE stage\)"):
+        train(tmp_path / "a", epochs=3, resume=True, trained_on={"data": "d1", "vae": "v2"})
+    assert train(tmp_path / "a", epochs=3, resume=True, trained_on=inputs).resumed
 
 
 def test_deterministic_training_holds_torch_to_deterministic_kernels_while_it_trains_and_learns_the_same(tmp_path):

@@ -20,6 +20,7 @@ from engine import ConfigError, StageError, read_stage
 from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
 from engine.stage import file_fingerprint, folder_lock, load_weights
+from engine.trainer import checkpoint_path
 from pipelines.stages import LineageWarning, judge_path, load_stack, stage_paths
 from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings,
                                      add_sampling_arguments, generate, sampling_settings)
@@ -138,6 +139,25 @@ def test_rerun_with_other_settings_or_data_stops_then_overwrite_retrains(run_a, 
     assert read_stage(run / "unet", "unet").training["train"]["epochs"] == 3
     assert (run / "unet" / "lowres" / "log.jsonl").read_text() == lowres_log
     assert (run / "clip" / "model.safetensors").read_bytes() == clip_weights  # only the differing stage
+
+
+def test_an_interrupted_stage_that_would_resume_into_something_else_stops_the_run_or_starts_again(run_a, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(run_a, run)
+    for name in ("config.json", "model.safetensors"):  # stopped after the UNet's last checkpoint
+        (run / "unet" / name).unlink()
+    base = ["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval"]
+    with pytest.raises(StageError, match=r"unet holds an interrupted unet training whose checkpoint differs from what "
+                                         r"was asked \(train.epochs was 2, now 3\).*--overwrite"):
+        train_all.main([*base, "--unet.epochs=3"])
+    assert checkpoint_path(run / "unet").is_file()  # nothing set aside without --overwrite
+    # the VAE trains again: the checkpoint learnt the old VAE's latents, so the UNet starts again instead of
+    # resuming (resumed, it would have nothing left to train and keep its old weights)
+    before = load_weights(run_a / "unet")
+    train_all.main([*base, "--vae.epochs=3", "--overwrite"])
+    after = load_weights(run / "unet")
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+    assert read_stage(run / "unet").trained_on["vae"] == read_stage(run / "vae").fingerprint
 
 
 def test_single_stage_training_refuses_to_replace_a_finished_stage(run_a, tmp_path):

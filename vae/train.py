@@ -114,7 +114,7 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
     # find_unused_parameters and its per-step graph walk.
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set),
                       ema_of=model, param_groups=param_groups, resume=resume, device=device,
-                      run_config=config_to_dict(cfg))
+                      run_config=config_to_dict(cfg), trained_on={"data": data.fingerprint})
     if distributed.is_main():
         start = cfg.disc_start_step
         if cfg.gan_weight > 0 and start >= trainer.total_steps:
@@ -146,7 +146,7 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
         return (f"val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}, scaling factor "
                 f"{metrics['scaling_factor']:.5f}, scaled latent std {metrics['latent_std_scaled']:.4f}")
 
-    return trainer.finish_stage(model, cfg, {"data": data.fingerprint}, final_metrics, describe, started)
+    return trainer.finish_stage(model, cfg, final_metrics, describe, started)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

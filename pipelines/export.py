@@ -30,6 +30,7 @@ Writing the export needs no diffusers; only loading it does (``pip install -e ".
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 from dataclasses import asdict
@@ -48,13 +49,14 @@ from engine.stage import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, write_json
 from unet.config import UNetConfig
 from vae.config import VAEConfig
 
-from .stages import add_stage_arguments, load_stack
+from .stages import StageStack, add_stage_arguments, load_stack
 
 # Written as "_diffusers_version" into every config: the oldest diffusers this format was checked against
 # (diffusers only compares it to its own version to warn).
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 SCRATCH_CLIP_DIR = "scratch_clip"
+EXPORT_RECORD = "scratch_export.json"  # what was exported: marks a folder --overwrite may replace
 
 # our schedule kind -> diffusers' beta_schedule (its "squaredcos_cap_v2" is the same s=0.008, 0.999-capped cosine)
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
@@ -307,12 +309,56 @@ def _write_component(folder: Path, class_name: str, config: Mapping[str, Any],
         save_file(tensors, str(folder / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
 
 
+def check_export_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds something, unless ``overwrite`` and it holds an earlier export
+    (anything else there is never replaced)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} is a file; choose a folder")
+    if not any(out.iterdir()):
+        return
+    if not (out / EXPORT_RECORD).is_file():
+        raise ExportError(f"--out {out} holds files that are not an export (no {EXPORT_RECORD}); choose another "
+                          "--out")
+    if not overwrite:
+        raise ExportError(f"--out {out} holds an earlier export; pass --overwrite to replace it, or choose another "
+                          "--out")
+
+
 def export_diffusers(run: str | Path | None, out: str | Path, *, vae: str | Path | None = None,
-                     clip: str | Path | None = None, unet: str | Path | None = None) -> list[str]:
+                     clip: str | Path | None = None, unet: str | Path | None = None,
+                     overwrite: bool = False) -> list[str]:
     """Write the run's stages (or the folders given) to ``out`` as a diffusers ``StableDiffusionPipeline``
-    folder; returns notes on what is not exact (empty when everything is)."""
-    stack = load_stack(run, vae=vae, clip=clip, unet=unet, device="cpu")
+    folder; returns notes on what is not exact (empty when everything is).
+
+    ``out`` must be new or empty, or (with ``overwrite``) hold an earlier export. The export is written beside
+    it and moved into place whole, so a failed export leaves ``out`` as it was."""
     out = Path(out)
+    check_export_folder(out, overwrite)
+    stack = load_stack(run, vae=vae, clip=clip, unet=unet, device="cpu")
+    staging, replaced = (out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("partial", "replaced"))
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed export of this process id left
+    staging.mkdir(parents=True)
+    try:
+        notes = _write_export(stack, staging)
+        if not out.exists():
+            staging.rename(out)
+            return notes
+        out.rename(replaced)  # an earlier export (or an empty folder): removed once the new one is in place
+        try:
+            staging.rename(out)
+        except BaseException:
+            replaced.rename(out)
+            raise
+        shutil.rmtree(replaced)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return notes
+
+
+def _write_export(stack: StageStack, out: Path) -> list[str]:
+    """The export's files in ``out``; returns the notes."""
     notes = []
     vae_config, unet_config = stack.vae.config, stack.unet.config
     if vae_config.scaling_factor is None:
@@ -341,7 +387,7 @@ def export_diffusers(run: str | Path | None, out: str | Path, *, vae: str | Path
     for name in (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, TOKENIZER_FILE):
         if (stack.infos["clip"].path / name).is_file():
             shutil.copy2(stack.infos["clip"].path / name, clip_dir / name)
-    write_json(out / "scratch_export.json", {
+    write_json(out / EXPORT_RECORD, {
         "stages": {name: str(info.path) for name, info in stack.infos.items()},
         "fingerprints": {name: info.fingerprint for name, info in stack.infos.items()},
         "schedule": asdict(stack.schedule.config), "prediction_type": stack.prediction_type,
@@ -355,8 +401,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     add_stage_arguments(parser)
     parser.add_argument("--format", choices=["diffusers"], default="diffusers")
     parser.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. exported/NAME")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     args = parser.parse_args(argv)
-    notes = export_diffusers(args.run, args.out, vae=args.vae, clip=args.clip, unet=args.unet)
+    notes = export_diffusers(args.run, args.out, vae=args.vae, clip=args.clip, unet=args.unet,
+                             overwrite=args.overwrite)
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {args.out}: load it with StableDiffusionPipeline.from_pretrained('{args.out}', text_encoder=None, "

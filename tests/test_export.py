@@ -154,6 +154,41 @@ def test_export_loads_offline_and_the_pipeline_draws_what_generate_draws(tiny_ru
     assert pipeline_difference(stack, out, ["a red dragon", "一只蓝色的鸟"], seed=3, settings=settings) < 1e-4
 
 
+def test_export_writes_a_new_folder_or_replaces_an_earlier_export_whole_and_nothing_else(tiny_run, tmp_path,
+                                                                                        monkeypatch):
+    from pipelines import export
+    from pipelines.export import DIFFUSERS_WEIGHTS, ExportError
+
+    out = tmp_path / "export"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LineageWarning)  # random stages: no lineage to match
+        export_diffusers(tiny_run, out)
+        weights = (out / "unet" / DIFFUSERS_WEIGHTS).read_bytes()
+        (out / "stale.txt").write_text("left by an earlier export")
+        with pytest.raises(ExportError, match="holds an earlier export; pass --overwrite"):
+            export_diffusers(tiny_run, out)
+
+        def fails(stack, folder):
+            (folder / "half.txt").write_text("written before the failure")
+            raise RuntimeError("disk full")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(export, "_write_export", fails)
+            with pytest.raises(RuntimeError, match="disk full"):
+                export_diffusers(tiny_run, out, overwrite=True)
+        assert (out / "stale.txt").is_file() and not (out / "half.txt").exists()  # as it was
+        assert (out / "unet" / DIFFUSERS_WEIGHTS).read_bytes() == weights
+        export_diffusers(tiny_run, out, overwrite=True)
+        assert not (out / "stale.txt").exists() and (out / "unet" / DIFFUSERS_WEIGHTS).read_bytes() == weights
+        assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staged or set-aside folder is left
+        mine = tmp_path / "mine"
+        mine.mkdir()
+        (mine / "notes.txt").write_text("keep")
+        with pytest.raises(ExportError, match="holds files that are not an export"):
+            export_diffusers(tiny_run, mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
 def test_the_export_command_reports_a_user_error_in_one_line(tmp_path):
     from engine.errors import UserError
     from pipelines.export import ExportError

@@ -743,14 +743,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     evaluate_minutes = json.loads(base_summary.read_text(encoding="utf-8")).get("stage_minutes", {}).get(
         "evaluate") if base_summary.is_file() else None
     command = command_line("python -m pipelines.study", argv)
-    if int(os.environ.get("RANK", "0")) == 0:  # the process group does not exist yet: torchrun's rank
-        print_plan(plans, pending, settings, evaluate_minutes)
     result: dict[str, Any] = {"sources": {p.name: p.sources for p in plans}, "pending": sorted(pending),
                               "estimate_minutes": {p.name: p.estimate_minutes for p in plans}, "settings": settings}
-    if args.plan_only:
-        return result
-    # one study writes to a folder at a time: a second one would resume the first one's half-trained columns
-    with folder_lock(args.out, command) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+    is_main = int(os.environ.get("RANK", "0")) == 0  # the process group does not exist yet: torchrun's rank
+    # one study writes to a folder at a time (a second one would resume the first one's half-trained columns),
+    # held before the plan is printed: a plan that cannot run is not shown
+    with folder_lock(args.out, command) if is_main and not args.plan_only else contextlib.nullcontext():
+        if is_main:
+            print_plan(plans, pending, settings, evaluate_minutes)
+        if args.plan_only:
+            return result
         env = distributed.setup(args.device)
         try:
             to_train = [p for p in plans if p.name in pending and p.configs]

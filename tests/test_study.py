@@ -250,13 +250,14 @@ def test_a_changed_variant_under_a_finished_name_is_refused(done):
         study(changed)
 
 
-def test_a_study_folder_another_command_writes_to_is_refused_before_anything_is_written(base, tmp_path):
+def test_a_study_folder_another_command_writes_to_is_refused_before_anything_is_written(base, tmp_path, capsys):
     out = tmp_path / "out"
     with folder_lock(out, "python -m pipelines.study --out out (the first)"):
         with pytest.raises(StageError, match=r"out is in use by another command \(python -m pipelines.study --out out "
                                              r"\(the first\), pid"):
             study(["--base", str(base), "--out", str(out), *FAST, "--variant", "no_terms: --unet.div_weight=0"])
     assert [p.name for p in out.iterdir()] == [".lock"]  # no column folder, no variant file
+    assert "Study plan" not in capsys.readouterr().out  # nor a plan that cannot run
 
 
 def test_a_mismatched_stage_folder_is_a_clear_error_before_anything_trains(base, tmp_path):

@@ -191,10 +191,11 @@ def check_run_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[
                     differs(name, phase, finished_stage_differences(name, phase, cfg.lowres_phase(), data, upstream))
             continue
         will_train.add(name)
-        start = cfg.init_from if name == "unet" else None  # the weights the next phase starts from
+        # the stage a phase starts from (None: one about to be trained again), when it starts from one
+        start: dict[str, Path | None] = {"init": Path(cfg.init_from)} if name == "unet" and cfg.init_from else {}
         phases = [(lowres_folder(folder), cfg.lowres_phase())] if name == "unet" and cfg.lowres_epochs > 0 else []
         for phase_folder, phase_cfg in phases + [(folder, cfg)]:
-            inputs = {**upstream, **({"init": start} if start is not None else {})}
+            inputs = {**upstream, **start}
             if is_complete(phase_folder):
                 differences = finished_stage_differences(name, phase_folder, phase_cfg, data, inputs)
             elif checkpoint_path(phase_folder).is_file():
@@ -202,7 +203,7 @@ def check_run_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[
             else:
                 differences = []
             retrained = differs(name, phase_folder, differences) or not is_complete(phase_folder)
-            start = None if retrained else phase_folder
+            start = {"init": None if retrained else phase_folder}
     distributed.barrier()
     if distributed.is_main():
         for path in discard:

@@ -151,6 +151,12 @@ def test_an_interrupted_stage_that_would_resume_into_something_else_stops_the_ru
                                          r"was asked \(train.epochs was 2, now 3\).*--overwrite"):
         train_all.main([*base, "--unet.epochs=3"])
     assert checkpoint_path(run / "unet").is_file()  # nothing set aside without --overwrite
+    record = json.loads((run / "unet" / "lowres" / "config.json").read_text())
+    (run / "unet" / "lowres" / "config.json").write_text(json.dumps({**record, "fingerprint": "0" * 16}))
+    with pytest.raises(StageError, match=r"interrupted unet training whose checkpoint differs from what was asked "
+                                         r"\(it was trained on other starting weights than .*lowres\)"):
+        train_all.main(base)  # the phase it started from is not the one there now
+    (run / "unet" / "lowres" / "config.json").write_text(json.dumps(record))
     # the VAE trains again: the checkpoint learnt the old VAE's latents, so the UNet starts again instead of
     # resuming (resumed, it would have nothing left to train and keep its old weights)
     before = load_weights(run_a / "unet")

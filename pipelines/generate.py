@@ -60,11 +60,13 @@ def earlier_outputs(out: Path) -> list[Path]:
     return saved_images(out) + [path for path in [out / GRID_FILE] if path.is_file()]
 
 
-def check_prompts(prompts: Sequence[str], tokenizer: BPETokenizer) -> None:
+def check_prompts(prompts: Sequence[str], tokenizer: BPETokenizer, negative_prompt: str) -> None:
     """Say what happens to an empty prompt and to one longer than the text encoder's context."""
     for prompt in prompts:
         if not prompt.strip():
-            print("note: an empty --prompt samples unconditionally (no text guides the image)", flush=True)
+            print("note: an empty --prompt samples unconditionally (no text guides the image)"
+                  if not negative_prompt.strip() else
+                  "note: an empty --prompt is guided only away from the --negative-prompt", flush=True)
             continue
         dropped = tokenizer.dropped_tokens(prompt)
         if dropped:
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     earlier = earlier_outputs(args.out)
 
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
-    check_prompts(args.prompt, stack.clip.tokenizer)
+    check_prompts(args.prompt, stack.clip.tokenizer, args.negative_prompt)
     size = sampling_size(args.size, stack.infos["vae"].model, stack.infos["unet"].model, stack.image_size)
     settings = sampling_settings(args, size=size, negative_prompt=args.negative_prompt,
                                  cuda_graph=args.cuda_graph, compile_unet=args.compile_unet)

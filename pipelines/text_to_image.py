@@ -109,8 +109,11 @@ class GenerationSettings:
         """One line for a report: sampler, steps, guidance and its levels, step noise, condition noise, size."""
         levels = "at every level" if self.guidance_interval is None else \
             "in sigma ({:g}, {:g}]".format(*self.guidance_interval)
-        noise = "no step noise" if self.eta == 0 else f"step noise eta {self.eta:g}" + (
-            "" if self.eta_sigma_max is None else f" below sigma {self.eta_sigma_max:g}")
+        if self.sampler == "ddpm":  # ancestral at every step; its eta is not a setting
+            noise = "ancestral step noise"
+        else:
+            noise = "no step noise" if self.eta == 0 else f"step noise eta {self.eta:g}" + (
+                "" if self.eta_sigma_max is None else f" below sigma {self.eta_sigma_max:g}")
         annealed = "" if self.condition_noise is None else \
             ", condition noise {:g} from sigma {:g} (all noise from {:g})".format(*self.condition_noise)
         autoguided = "" if self.guide_unet is None else \

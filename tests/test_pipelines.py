@@ -219,6 +219,8 @@ def test_generate_checks_its_inputs(run_a, tmp_path, capsys):
         generate_cli([*base, "--prompt", "a red circle " * 60])
     generate_cli([*base, "--prompt", "", "--out", str(tmp_path / "empty")])
     assert "empty --prompt samples unconditionally" in capsys.readouterr().out
+    generate_cli([*base, "--prompt", "", "--negative-prompt", "a blue square", "--out", str(tmp_path / "away")])
+    assert "empty --prompt is guided only away from the --negative-prompt" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("count", ["0", "-2"])
@@ -647,6 +649,8 @@ def test_sampling_options_choose_the_guidance_interval():
     assert noise("--eta-sigma-max", "2.5") == (DEFAULT_STEP_NOISE[0], 2.5)
     assert noise("--eta", "0.5", "--eta-sigma-max", "2.5") == (0.5, 2.5)
     assert noise("--sampler", "ddpm") == (0.0, None)  # ancestral already: no step noise to add
+    ddpm = sampling_settings(parser.parse_args(["--sampler", "ddpm"])).describe()
+    assert "ancestral step noise" in ddpm and "no step noise" not in ddpm  # as the pictures' captions say it
     with pytest.raises(UserError, match="eta is 0"):  # a limit on no step noise is refused, not ignored
         noise("--eta", "0", "--eta-sigma-max", "2.5")
     with pytest.raises(UserError, match="eta_sigma_max=2.5 applies to the ddim and dpmpp_2m samplers only"):

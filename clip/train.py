@@ -28,23 +28,19 @@ from engine.errors import run_cli
 from engine.trainer import checkpoint_path
 
 
-def prepare_tokenizer(cfg: CLIPTrainConfig, train_set: CaptionSet, out_dir: Path, resume: bool) -> BPETokenizer:
-    """Train the tokenizer on the training captions (a resumed run reuses the one it started with).
-
-    The tokenizer is written to the output folder before training, so a resumed run tokenizes exactly as
-    the interrupted one did; the model's vocab_size becomes the tokenizer's actual size.
-    """
+def prepare_tokenizer(cfg: CLIPTrainConfig, train_set: CaptionSet, out_dir: Path, resume: bool
+                      ) -> tuple[BPETokenizer, bool]:
+    """The tokenizer, and whether it is new: a resumed run reuses the one it started with (so it tokenizes
+    exactly as the interrupted run did), a fresh one learns it from the training captions. The model's
+    vocab_size becomes the tokenizer's actual size."""
     path = out_dir / TOKENIZER_FILE
     if resume and path.is_file() and checkpoint_path(out_dir).is_file():  # else a fresh run: a fresh tokenizer
-        tokenizer = BPETokenizer.load(path, cfg.model.context_length)
+        tokenizer, new = BPETokenizer.load(path, cfg.model.context_length), False
     else:
-        tokenizer = train_tokenizer(train_set.en + train_set.zh, cfg.model.vocab_size, cfg.model.context_length,
-                                    normalize=cfg.tokenizer_normalize)
-        if distributed.is_main():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tokenizer.save(path)
+        tokenizer, new = train_tokenizer(train_set.en + train_set.zh, cfg.model.vocab_size, cfg.model.context_length,
+                                         normalize=cfg.tokenizer_normalize), True
     cfg.model.vocab_size = tokenizer.vocab_size
-    return tokenizer
+    return tokenizer, new
 
 
 class BatchMaker:
@@ -108,7 +104,7 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
     out_dir = Path(out_dir)
     data = load_captions(data_source, resolution=cfg.model.image_size)
     train_set, val_set = data.subset("train"), data.subset("val")
-    tokenizer = prepare_tokenizer(cfg, train_set, out_dir, resume)
+    tokenizer, new_tokenizer = prepare_tokenizer(cfg, train_set, out_dir, resume)
 
     torch.manual_seed(cfg.train.seed)  # the initial weights follow the seed, not the caller's RNG state
     model = CLIPModel(cfg.model, tokenizer)
@@ -116,6 +112,8 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set),
                       ema_of=model, resume=resume, device=device, run_config=config_to_dict(cfg),
                       trained_on={"data": data.fingerprint})
+    if new_tokenizer and distributed.is_main():  # written once the trainer has un-finished a replaced stage
+        tokenizer.save(out_dir / TOKENIZER_FILE)
     make_batch = BatchMaker(cfg, train_set.images.to(trainer.device),
                             tokenizer.encode(train_set.en).to(trainer.device),
                             tokenizer.encode(train_set.zh).to(trainer.device), trainer.memory_format)

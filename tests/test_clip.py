@@ -13,7 +13,7 @@ from clip.config import PRESETS, CLIPConfig, CLIPTrainConfig
 from clip.loss import CLIPTrainingModule, contrastive_loss, duplicate_mask, gather_across_ranks
 from clip.metrics import recall_at_k, retrieval_metrics
 from clip.model import CLIPModel
-from clip.tokenizer import train_tokenizer
+from clip.tokenizer import BPETokenizer, train_tokenizer
 from clip.train import prepare_tokenizer, train
 from data import load_captions
 from engine.config import apply_overrides, build_config
@@ -281,6 +281,7 @@ def test_a_resume_without_a_checkpoint_trains_a_fresh_tokenizer_with_todays_sett
     stale = train_tokenizer(train_set.en, 300, normalize=False)  # killed before its first checkpoint
     stale.save(tmp_path / "tokenizer.json")
     cfg = build_config(CLIPTrainConfig, PRESETS, "tiny", {"tokenizer_normalize": "true"})
-    tokenizer = prepare_tokenizer(cfg, train_set, tmp_path, resume=True)
+    tokenizer, new = prepare_tokenizer(cfg, train_set, tmp_path, resume=True)
+    assert new and BPETokenizer.load(tmp_path / "tokenizer.json").vocab_size == stale.vocab_size  # not written
     assert tokenizer.encode(["A RED Circle"]).tolist() == tokenizer.encode(["a red circle"]).tolist()  # normalises
     assert cfg.model.vocab_size == tokenizer.vocab_size != stale.vocab_size

@@ -177,6 +177,18 @@ def test_single_stage_training_refuses_to_replace_a_finished_stage(run_a, tmp_pa
     assert (folder / "model.safetensors").read_bytes() == weights
 
 
+def test_an_overwrite_refused_before_training_leaves_the_finished_clip_stage_with_its_tokenizer(run_a, tmp_path):
+    from clip.train import main as train_clip
+
+    folder = tmp_path / "clip"
+    shutil.copytree(run_a / "clip", folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="larger than the training set"):  # found once the data is read
+        train_clip(["--data", "shapes:20", "--out", str(folder), "--preset", "tiny", "--device", "cpu",
+                    "--overwrite"])
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
 def test_failure_before_training_leaves_no_run_folder(tmp_path):
     with pytest.raises(DataError):
         train_all.main(["--data", str(tmp_path / "missing"), "--run", str(tmp_path / "r"), "--preset", "tiny",

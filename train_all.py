@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from data import load_captions
 from diffusion.fit import check_fit
 from diffusion.train import check_init_architecture, lowres_folder
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
@@ -147,6 +148,25 @@ def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: 
         check_fit(models["vae"], models["clip"], unet, where, unet_cfg.lowres_resolution)
     if unet_cfg is not None and unet_cfg.init_from is not None:  # before the VAE and CLIP train, not after
         check_init_architecture(unet_cfg.init_from, unet)
+
+
+def check_batches_fit(configs: dict[str, Any], data: str) -> None:
+    """Every phase's batch against the training set, before anything trains (the trainer would find a batch too
+    large only when its stage starts, after the stages before it trained). The data is read at the smallest
+    resolution the run reads it at, so this costs no decoding the run would not do anyway."""
+    batches = []  # (the flag that sets it, the batch, the resolution that stage reads the data at)
+    for name, cfg in configs.items():
+        resolution = cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
+        batches.append((f"--{name}.batch_size", cfg.train.batch_size, resolution))
+        if name == "unet" and cfg.lowres_epochs > 0:
+            batches.append(("--unet.lowres_batch_size", cfg.lowres_batch_size, cfg.lowres_resolution))
+    if not batches:
+        return
+    rows = len(load_captions(data, resolution=min(r for _, _, r in batches)).subset("train"))
+    for flag, batch, _ in batches:
+        if batch > rows:
+            raise ConfigError(f"{flag}={batch} is larger than the training set of --data {data} "
+                              f"({rows} rows); lower {flag}")
 
 
 def check_run_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[str, Path], overwrite: bool) -> None:
@@ -338,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     configs = {name: stage_config(name, args.preset, overrides[name]) for name in trained}
     check_planned_fit(configs, reuse, {name: f"at {reuse[name]}" if name in reuse else f"(--{name}.*)"
                                        for name in STAGES})
+    check_batches_fit(configs, args.data)
     command = command_line("python train_all.py", argv)
     preset = {"name": choose_preset(args.preset), "reason": preset_reason(args.preset)}
     run: Path = args.run

@@ -189,6 +189,14 @@ def test_an_overwrite_refused_before_training_leaves_the_finished_clip_stage_wit
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
 
 
+def test_a_batch_larger_than_the_training_set_stops_the_run_before_anything_trains(tmp_path):
+    with pytest.raises(ConfigError, match=r"--clip.batch_size=500 is larger than the training set of --data "
+                                          r"shapes:\d+ \(\d+ rows\); lower --clip.batch_size"):
+        train_all.main(["--data", DATA, "--run", str(tmp_path / "r"), "--preset", "tiny", "--device", "cpu",
+                        "--clip.batch_size=500"])
+    assert not (tmp_path / "r").exists()  # the VAE before it did not train
+
+
 def test_failure_before_training_leaves_no_run_folder(tmp_path):
     with pytest.raises(DataError):
         train_all.main(["--data", str(tmp_path / "missing"), "--run", str(tmp_path / "r"), "--preset", "tiny",

@@ -29,7 +29,7 @@ import torch
 
 from data import load_captions
 from diffusion.fit import check_fit
-from diffusion.train import check_init_architecture, lowres_folder
+from diffusion.train import check_init_architecture, lowres_folder, stage_checkpoints
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
 from engine.cli import command_line
@@ -122,8 +122,7 @@ def stage_config(name: str, preset: str | None, overrides: dict[str, str]) -> An
 def train_stage(name: str, cfg: Any, run: Path, data: str, stage_dirs: dict[str, Path], device: str | None) -> Path:
     """Train (or resume) one stage into ``run/name``."""
     out = run / name
-    # a checkpoint of the stage, or of the UNet's low-resolution phase when the run stopped there
-    resume = checkpoint_path(out).is_file() or (name == "unet" and checkpoint_path(lowres_folder(out)).is_file())
+    resume = any(path.is_file() for path in (stage_checkpoints(out) if name == "unet" else [checkpoint_path(out)]))
     if name == "vae":
         from vae.train import train
         return train(cfg, data, out, resume=resume, device=device)

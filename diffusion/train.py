@@ -40,6 +40,7 @@ from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
 from engine.runlog import read_records
 from engine.stage import StageInfo, load_weights
+from engine.trainer import checkpoint_path
 from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares
 from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import LineageWarning, finished_stage_differences
@@ -245,6 +246,12 @@ def lowres_folder(out_dir: str | Path) -> Path:
     return Path(out_dir) / LOWRES_FOLDER
 
 
+def stage_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The checkpoints a UNet training into ``out_dir`` resumes from: the stage's, then its low-resolution
+    phase's (where a run stopped in that phase)."""
+    return [checkpoint_path(out_dir), checkpoint_path(lowres_folder(out_dir))]
+
+
 def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir: str | Path, out_dir: str | Path,
           resume: bool = False, device: str | torch.device | None = None) -> Path:
     """Train (or resume) the UNet stage into ``out_dir`` and return it once it holds a complete stage folder.
@@ -367,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     upstream = {"vae": "finished VAE stage folder, e.g. runs/NAME/vae",
                 "clip": "finished CLIP stage folder, e.g. runs/NAME/clip"}
     parser = stage_parser("python -m diffusion.train", "Train the latent UNet (diffusion) stage.", "unet", upstream)
-    run_stage_cli(parser, argv, UNetTrainConfig, PRESETS, train, upstream=list(upstream))
+    run_stage_cli(parser, argv, UNetTrainConfig, PRESETS, train, upstream=list(upstream), checkpoints=stage_checkpoints)
 
 
 if __name__ == "__main__":

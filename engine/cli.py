@@ -48,17 +48,17 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
 
 
 def run_stage_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, config_cls: type,
-                  presets: Mapping[str, Mapping[str, Any]], train: Callable[..., Any], upstream: Sequence[str] = ()
-                  ) -> None:
+                  presets: Mapping[str, Mapping[str, Any]], train: Callable[..., Any], upstream: Sequence[str] = (),
+                  checkpoints: Callable[[Path], list[Path]] = lambda out: [checkpoint_path(out)]) -> None:
     """Parse, build and validate the stage config (a bad key or value raises ``ConfigError`` before any work),
-    refuse to replace a finished stage or an interrupted one's checkpoint without ``--resume`` or
-    ``--overwrite``, then call
+    refuse to replace a finished stage or an interrupted one's checkpoint (``checkpoints(out)``: the stage's,
+    then its earlier phases') without ``--resume`` or ``--overwrite``, then call
     ``train(cfg, data, *upstream stage folders, out, resume=, device=)`` and record the preset in the stage's
     ``config.json``. A failure leaves no empty folder behind; the process group (under torchrun) is left
     however it ends."""
     args, overrides = parse_stage_args(parser, argv)
     cfg = build_config(config_cls, presets, args.preset, overrides)
-    check_training_folder(args.out, checkpoint_path(args.out), args.resume, args.overwrite)
+    check_training_folder(args.out, checkpoints(Path(args.out)), args.resume, args.overwrite)
     preset, reason = choose_preset(args.preset), preset_reason(args.preset)
     if distributed.is_main():
         print(f"preset: {preset} ({reason})", flush=True)

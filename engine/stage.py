@@ -16,7 +16,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, TypeVar
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -133,10 +133,11 @@ def is_complete(folder: str | Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
-def check_training_folder(folder: str | Path, checkpoint: Path, resume: bool, overwrite: bool) -> None:
+def check_training_folder(folder: str | Path, checkpoints: Sequence[Path], resume: bool, overwrite: bool) -> None:
     """Refuse to train into ``folder`` where that would lose work, unless asked to (``overwrite``): a finished
-    stage (replacing it silently would break the lineage of every run that uses it) unless resuming it from
-    ``checkpoint``, and an interrupted stage's ``checkpoint`` unless resuming it.
+    stage (replacing it silently would break the lineage of every run that uses it) unless resuming it from its
+    checkpoint, ``checkpoints[0]``, and an interrupted training's checkpoints (the stage's, and a phase's before
+    it) unless resuming it.
 
     Nothing is removed here: the trainer un-finishes the folder when it starts afresh, so a mistake found
     between this check and training (a wrong data path, say) leaves the finished stage as it was.
@@ -148,12 +149,14 @@ def check_training_folder(folder: str | Path, checkpoint: Path, resume: bool, ov
         if not resume:
             raise StageError(f"{folder} already holds a finished stage; continue it with --resume, write to a new "
                              "--out folder, or pass --overwrite to replace it")
-        if not checkpoint.is_file():
+        if not checkpoints[0].is_file():
             raise StageError(f"{folder} holds a finished stage without the checkpoint --resume continues from "
-                             f"({checkpoint}); use it as it is, write to a new --out folder, or pass --overwrite "
+                             f"({checkpoints[0]}); use it as it is, write to a new --out folder, or pass --overwrite "
                              "to train it again")
-    elif checkpoint.is_file() and not resume:
-        raise StageError(f"{folder} holds an interrupted training's checkpoint ({checkpoint}); continue it with "
+        return
+    interrupted = [path for path in checkpoints if path.is_file()]
+    if interrupted and not resume:
+        raise StageError(f"{folder} holds an interrupted training's checkpoint ({interrupted[0]}); continue it with "
                          "--resume, or pass --overwrite to start it again")
 
 

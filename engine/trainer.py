@@ -201,8 +201,10 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             # a fresh run un-finishes the folder before writing in it (its caller checked that it may: stage
             # check_training_folder), so a stage half replaced never reads as finished; and starts a fresh log
+            # and no checkpoint (the replaced run's would be what a --resume after a crash finds)
             (self.out_dir / CONFIG_FILE).unlink(missing_ok=True)
             self.log_path.unlink(missing_ok=True)
+            self.checkpoint_path.unlink(missing_ok=True)
         self.tensorboard: TensorBoardLog | None = None  # main rank only
         if self.env.is_main:
             self.tensorboard = TensorBoardLog(self.out_dir / "tb", resume_step=self.step if self.resumed else None)

@@ -11,7 +11,7 @@ from data.augment import AUGMENT_DIM
 from data.captions import clause_variants, split_clauses
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
-from diffusion.train import main, train, with_colour_sentences
+from diffusion.train import main, stage_checkpoints, train, with_colour_sentences
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine.stage import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.stages import LineageWarning
@@ -330,3 +330,14 @@ def test_probe_emas_are_scored_beside_the_stages_own(stages, tmp_path):
     losses = [metrics[k] for k in ("val_loss", "val_loss_ema_std_0.05", "val_loss_ema_std_0.25")]
     assert losses == [epochs[-1][k] for k in ("val/loss", "val/loss_ema_std_0.05", "val/loss_ema_std_0.25")]
     assert len(set(losses)) == 3  # three different averages of the same run's weights
+
+
+def test_the_unet_command_takes_an_interrupted_low_resolution_phase_for_interrupted_training(tmp_path):
+    out = tmp_path / "unet"
+    stage, phase = stage_checkpoints(out)
+    phase.parent.mkdir(parents=True)
+    phase.write_text("the low-resolution phase's state")
+    with pytest.raises(StageError, match=r"interrupted training's checkpoint \(.*lowres.*\); continue it with --resume"):
+        main(["--data", "shapes", "--vae", str(tmp_path / "vae"), "--clip", str(tmp_path / "clip"), "--out", str(out),
+              "--preset", "tiny", "--device", "cpu"])  # it would start the phase over and write over its state
+    assert phase.read_text() == "the low-resolution phase's state" and not stage.exists()

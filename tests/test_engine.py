@@ -516,8 +516,10 @@ def test_a_fresh_training_un_finishes_its_folder_and_a_resumed_one_does_not(tmp_
     (tmp_path / "run" / "config.json").write_text("{}")  # as a saved stage has
     train(tmp_path / "run", epochs=1, resume=True)
     assert (tmp_path / "run" / "config.json").is_file()
+    assert checkpoint_path(tmp_path / "run").is_file()
     Trainer(ToyModule(), trainer.cfg, tmp_path / "run", num_train_items=len(DATA_X), device="cpu")
     assert not (tmp_path / "run" / "config.json").exists()  # a half-replaced stage never reads as finished
+    assert not checkpoint_path(tmp_path / "run").exists()  # nor does a --resume after a crash find its state
 
 
 def test_resume_refuses_a_different_batch_size(tmp_path):

@@ -36,6 +36,7 @@ except ImportError:
 
 from diffusion.noise import PerSampleNoise  # noqa: E402
 from engine.cli import command_line  # noqa: E402
+from engine.errors import run_cli  # noqa: E402
 from engine.stage import write_json  # noqa: E402
 from pipelines.export import export_diffusers  # noqa: E402
 from pipelines.prompt_embeds import prompt_embeds  # noqa: E402
@@ -103,7 +104,7 @@ def check(run: str | Path, export_dir: str | Path, device: torch.device, pipelin
     torch.backends.cudnn.allow_tf32 = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LineageWarning)
-        notes = export_diffusers(run, export_dir)
+        notes = export_diffusers(run, export_dir, overwrite=True)  # its own scratch export, made anew each call
         stack = load_stack(run, device=device)
     vae = DiffusersVAE.from_pretrained(str(Path(export_dir) / "vae"), local_files_only=True).to(device).eval()
     unet = UNet2DConditionModel.from_pretrained(str(Path(export_dir) / "unet"),
@@ -137,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.export_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a trained run folder (vae/, clip/, unet/)")
     parser.add_argument("--out", type=Path, required=True, help="summary JSON to write")
-    parser.add_argument("--export-dir", type=Path, help="where to export (default: a temporary folder)")
+    parser.add_argument("--export-dir", type=Path, help="where to export (default: a temporary folder); an earlier "
+                        "export there is replaced")
     parser.add_argument("--device", default=None, help="for the VAE and UNet comparison (default: cuda if available)")
     parser.add_argument("--pipeline-device", default="cpu", help="for the end-to-end comparison (default: cpu)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps; must divide the schedule's steps")
@@ -156,4 +158,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

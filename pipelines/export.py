@@ -337,19 +337,20 @@ def export_diffusers(run: str | Path | None, out: str | Path, *, vae: str | Path
     out = Path(out)
     check_export_folder(out, overwrite)
     stack = load_stack(run, vae=vae, clip=clip, unet=unet, device="cpu")
-    staging, replaced = (out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("partial", "replaced"))
+    target = out.resolve()  # '.' has no name to put beside it
+    staging, replaced = (target.with_name(f".{target.name}.{what}-{os.getpid()}") for what in ("partial", "replaced"))
     shutil.rmtree(staging, ignore_errors=True)  # what a killed export of this process id left
     staging.mkdir(parents=True)
     try:
         notes = _write_export(stack, staging)
-        if not out.exists():
-            staging.rename(out)
+        if not target.exists():
+            staging.rename(target)
             return notes
-        out.rename(replaced)  # an earlier export (or an empty folder): removed once the new one is in place
+        target.rename(replaced)  # an earlier export (or an empty folder): removed once the new one is in place
         try:
-            staging.rename(out)
+            staging.rename(target)
         except BaseException:
-            replaced.rename(out)
+            replaced.rename(target)
             raise
         shutil.rmtree(replaced)
     finally:

@@ -187,6 +187,11 @@ def test_export_writes_a_new_folder_or_replaces_an_earlier_export_whole_and_noth
         with pytest.raises(ExportError, match="holds files that are not an export"):
             export_diffusers(tiny_run, mine, overwrite=True)
     assert (mine / "notes.txt").read_text() == "keep"
+    monkeypatch.chdir(out)  # run from inside the export it replaces
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LineageWarning)
+        export_diffusers(tiny_run, ".", overwrite=True)
+    assert (out / "unet" / DIFFUSERS_WEIGHTS).read_bytes() == weights
 
 
 def test_the_export_command_reports_a_user_error_in_one_line(tmp_path):

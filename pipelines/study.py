@@ -736,64 +736,71 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         settings["guidance_interval"] = args.guidance_interval
     # generation's default, recorded: a study resumed after that default moved stops instead of mixing columns
     settings["condition_noise"] = list(DEFAULT_CONDITION_NOISE)
+    command = command_line("python -m pipelines.study", argv)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # the process group does not exist yet: torchrun's rank
+    # one study writes to a folder at a time, from reading its columns to writing its report: a second one would
+    # resume the first one's half-trained columns, or evaluate again one the first has just finished
+    with folder_lock(args.out, command) if is_main and not args.plan_only else contextlib.nullcontext():
+        return run_study(args, plans, settings, base, size, command, is_main)
+
+
+def run_study(args: argparse.Namespace, plans: list[ColumnPlan], settings: dict[str, Any], base: dict[str, Path],
+              size: int, command: str, is_main: bool) -> dict[str, Any]:
+    """Read the columns' folders and print the plan; then, unless ``--plan-only``, train and evaluate the pending
+    columns and write the report. Called with the study folder held."""
     for plan in plans:
         check_column_folder(plan, {"spec": plan.spec, **settings}, args.data)
     pending = {p.name for p in plans if not (p.folder / EVALUATION_FILE).is_file()}
     base_summary = args.base / "summary.json"
     evaluate_minutes = json.loads(base_summary.read_text(encoding="utf-8")).get("stage_minutes", {}).get(
         "evaluate") if base_summary.is_file() else None
-    command = command_line("python -m pipelines.study", argv)
     result: dict[str, Any] = {"sources": {p.name: p.sources for p in plans}, "pending": sorted(pending),
                               "estimate_minutes": {p.name: p.estimate_minutes for p in plans}, "settings": settings}
-    is_main = int(os.environ.get("RANK", "0")) == 0  # the process group does not exist yet: torchrun's rank
-    # one study writes to a folder at a time (a second one would resume the first one's half-trained columns),
-    # held before the plan is printed: a plan that cannot run is not shown
-    with folder_lock(args.out, command) if is_main and not args.plan_only else contextlib.nullcontext():
-        if is_main:
-            print_plan(plans, pending, settings, evaluate_minutes)
-        if args.plan_only:
-            return result
-        env = distributed.setup(args.device)
-        try:
-            to_train = [p for p in plans if p.name in pending and p.configs]
-            if env.is_main:
-                for plan in plans:
-                    if plan.name in pending:
-                        write_json(plan.folder / VARIANT_FILE, {"recorded_as": {"spec": plan.spec, **settings},
-                                                                "sources": plan.sources})  # stages: stages.json
-                        write_stages_record(plan.folder, plan.stages)
-                    else:
-                        print(f"{plan.name}: finished ({plan.folder / EVALUATION_FILE}), skipped", flush=True)
-            distributed.barrier()
-            started = time.perf_counter()
-            if args.concurrent:
-                train_concurrently(to_train, args.data, args.device)
-            else:
-                for plan in to_train:
-                    if env.is_main:
-                        print(f"\n=== {plan.name}: training {', '.join(plan.configs)} ===", flush=True)
-                    train_column(plan, args.data, args.device)
-            distributed.barrier()
-            result["train_minutes"] = (time.perf_counter() - started) / 60
-            if env.is_main:
-                judge = CLIPModel.load(base["judge"], device=env.device).eval()
-                data = load_captions(args.data, resolution=size)
-                reference = real_reference(judge, data.subset("train"), data.subset("val"), size) if pending else None
-                evaluations = {}
-                for plan in plans:
-                    if plan.name in pending:
-                        print(f"\n=== {plan.name}: evaluating ===", flush=True)
-                        evaluations[plan.name] = evaluate_column(plan, judge, data, reference, size, args.steps,
-                                                                 args.eval_seeds, str(env.device), args.guidance,
-                                                                 args.guidance_interval, settings["condition_noise"])
-                    else:
-                        evaluations[plan.name] = json.loads((plan.folder / EVALUATION_FILE).read_text(encoding="utf-8"))
-                result["summary"] = write_report(args.out, plans, evaluations, settings, command,
-                                                 args.reference)
-                print(f"\nStudy written: {args.out / 'report.md'}", flush=True)
-            distributed.barrier()
-        finally:
-            distributed.cleanup()
+    if is_main:
+        print_plan(plans, pending, settings, evaluate_minutes)
+    if args.plan_only:
+        return result
+    env = distributed.setup(args.device)
+    try:
+        to_train = [p for p in plans if p.name in pending and p.configs]
+        if env.is_main:
+            for plan in plans:
+                if plan.name in pending:
+                    write_json(plan.folder / VARIANT_FILE, {"recorded_as": {"spec": plan.spec, **settings},
+                                                            "sources": plan.sources})  # stages: stages.json
+                    write_stages_record(plan.folder, plan.stages)
+                else:
+                    print(f"{plan.name}: finished ({plan.folder / EVALUATION_FILE}), skipped", flush=True)
+        distributed.barrier()
+        started = time.perf_counter()
+        if args.concurrent:
+            train_concurrently(to_train, args.data, args.device)
+        else:
+            for plan in to_train:
+                if env.is_main:
+                    print(f"\n=== {plan.name}: training {', '.join(plan.configs)} ===", flush=True)
+                train_column(plan, args.data, args.device)
+        distributed.barrier()
+        result["train_minutes"] = (time.perf_counter() - started) / 60
+        if env.is_main:
+            judge = CLIPModel.load(base["judge"], device=env.device).eval()
+            data = load_captions(args.data, resolution=size)
+            reference = real_reference(judge, data.subset("train"), data.subset("val"), size) if pending else None
+            evaluations = {}
+            for plan in plans:
+                if plan.name in pending:
+                    print(f"\n=== {plan.name}: evaluating ===", flush=True)
+                    evaluations[plan.name] = evaluate_column(plan, judge, data, reference, size, args.steps,
+                                                             args.eval_seeds, str(env.device), args.guidance,
+                                                             args.guidance_interval, settings["condition_noise"])
+                else:
+                    evaluations[plan.name] = json.loads((plan.folder / EVALUATION_FILE).read_text(encoding="utf-8"))
+            result["summary"] = write_report(args.out, plans, evaluations, settings, command,
+                                             args.reference)
+            print(f"\nStudy written: {args.out / 'report.md'}", flush=True)
+        distributed.barrier()
+    finally:
+        distributed.cleanup()
     return result
 
 

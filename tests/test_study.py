@@ -248,6 +248,9 @@ def test_a_changed_variant_under_a_finished_name_is_refused(done):
     changed = [a.replace("--unet.cons_weight=0", "--unet.cons_weight=0.5") for a in args]
     with pytest.raises(UserError, match=r"holds column no_terms of another study \(spec was .*another name"):
         study(changed)
+    with folder_lock(out, "another study"):  # its columns are read only once the folder is held
+        with pytest.raises(StageError, match="in use by another command"):
+            study(changed)
 
 
 def test_a_study_folder_another_command_writes_to_is_refused_before_anything_is_written(base, tmp_path, capsys):

@@ -222,10 +222,11 @@ STAGES_FILE = "stages.json"
 def write_stages_record(run: str | Path, stages: Mapping[str, str | Path]) -> None:
     """Write ``run/stages.json``: each stage folder relative to ``run`` (``vae``, ``../A/vae``), so a run that is
     copied or moved with the runs it took stages from reads its own folders wherever it is and whatever the
-    current folder is."""
+    current folder is. Taken between the folders' real paths: ``..`` after a symlinked folder leads where the
+    link points, not back along the link."""
     def relative(path: str | Path) -> str:
         try:
-            return os.path.relpath(path, run)
+            return os.path.relpath(os.path.realpath(path), os.path.realpath(run))
         except ValueError:  # another Windows drive: no relative path exists
             return str(Path(path).absolute())
 
@@ -248,7 +249,10 @@ def recorded_stage(run: str | Path, name: str) -> Path | None:
         return None
     recorded = Path(entry)
     if not recorded.is_absolute() and (run / recorded).exists():
-        return Path(os.path.normpath(run / recorded))
+        # shown without its '..', unless a symlinked folder on the way makes that another folder
+        lexical = Path(os.path.normpath(run / recorded))
+        return lexical if lexical.exists() and os.path.samefile(lexical, run / recorded) else \
+            Path(os.path.realpath(run / recorded))
     if (run / recorded.name).exists():
         return run / recorded.name
     if recorded.is_absolute() and recorded.exists():

@@ -21,7 +21,8 @@ from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
 from engine.stage import file_fingerprint, folder_lock, load_weights
 from engine.trainer import checkpoint_path
-from pipelines.stages import LineageWarning, judge_path, load_stack, stage_paths
+from pipelines.stages import (LineageWarning, judge_path, load_stack, recorded_stage, stage_paths,
+                              write_stages_record)
 from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings,
                                      add_sampling_arguments, generate, sampling_settings)
 
@@ -353,6 +354,19 @@ def test_a_copied_run_reads_its_own_stages_from_any_folder(run_a, tmp_path, monk
     with pytest.raises(StageError, match=r"stages.json puts the vae stage at 'runs/A/vae', which is neither under "
                                          r".*copy nor an existing absolute path; .* or pass --vae FOLDER"):
         stage_paths(copy)
+
+
+def test_a_stages_record_leads_to_the_same_folders_through_a_symlinked_run_folder(tmp_path):
+    real, link = tmp_path / "runs", tmp_path / "links"
+    for folder in (real / "A" / "vae", real / "B", link / "A" / "vae"):  # links/A/vae: another folder of that name
+        folder.mkdir(parents=True)
+    (link / "B").symlink_to(real / "B")
+    write_stages_record(real / "B", {"vae": real / "A" / "vae"})  # "../A/vae"
+    assert recorded_stage(link / "B", "vae").samefile(real / "A" / "vae")
+    write_stages_record(link / "B", {"vae": real / "A" / "vae"})  # written through the link
+    assert json.loads((real / "B" / "stages.json").read_text()) == {"vae": "../A/vae"}
+    assert recorded_stage(link / "B", "vae").samefile(real / "A" / "vae")
+    assert recorded_stage(real / "B", "vae") == real / "A" / "vae"  # no link on the way: shown without '..'
 
 
 def test_evaluate_refuses_a_validation_split_too_small_for_fd_before_sampling(run_a, tmp_path, monkeypatch):

@@ -111,7 +111,7 @@ def train(cfg: CLIPTrainConfig, data_source: str, out_dir: str | Path, resume: b
     module = CLIPTrainingModule(model)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=len(train_set),
                       ema_of=model, resume=resume, device=device, run_config=config_to_dict(cfg),
-                      trained_on={"data": data.fingerprint})
+                      trained_on={"data": data.fingerprint, "captions": data.captions_fingerprint})
     if new_tokenizer and distributed.is_main():  # written once the trainer has un-finished a replaced stage
         tokenizer.save(out_dir / TOKENIZER_FILE)
     make_batch = BatchMaker(cfg, train_set.images.to(trainer.device),

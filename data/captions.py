@@ -54,10 +54,19 @@ class CaptionSet:
     zh: list[str]
     rows: torch.Tensor  # row numbers in the full source (the split is defined on them)
     source: str
-    fingerprint: str  # identifies source contents + resolution
+    fingerprint: str  # identifies the images + resolution (the captions: captions_fingerprint)
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def captions_fingerprint(self) -> str:
+        """Identifies the captions (``fingerprint`` is the images' and the resolution's): what a stage that learns
+        from the text was trained on, beside the images."""
+        digest = hashlib.sha256()
+        for text in (*self.en, *self.zh):
+            digest.update(text.encode("utf-8") + b"\0")
+        return digest.hexdigest()[:16]
 
     @property
     def resolution(self) -> int:

@@ -341,8 +341,8 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     if init is not None:  # before the trainer: its EMA starts from these weights too (a resume overrides both)
         model.load_state_dict(load_weights(init.path))
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
-    trained_on = {"data": data.fingerprint, "vae": vae_info.fingerprint, "clip": clip_info.fingerprint,
-                  "tokenizer": tokenizer_fingerprint}
+    trained_on = {"data": data.fingerprint, "captions": data.captions_fingerprint, "vae": vae_info.fingerprint,
+                  "clip": clip_info.fingerprint, "tokenizer": tokenizer_fingerprint}
     if init is not None:
         trained_on["init"] = init.fingerprint
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=train_latents.num_plain_rows,

@@ -74,8 +74,10 @@ def asked_inputs(name: str, cfg: Any, data: str, upstream: Mapping[str, Path | N
     """What a stage trained now with ``cfg`` on ``data`` and the ``upstream`` stages (``None``: about to be
     trained again) would be trained on, as ``lineage_differences`` takes it."""
     resolution = cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
-    inputs: dict[str, tuple[str | None, str]] = {
-        "data": (load_captions(data, resolution=resolution).fingerprint, f"--data {data}")}
+    loaded = load_captions(data, resolution=resolution)
+    inputs: dict[str, tuple[str | None, str]] = {"data": (loaded.fingerprint, f"--data {data}")}
+    if name != "vae":  # the stages that learn from the text
+        inputs["captions"] = (loaded.captions_fingerprint, f"--data {data}")
     for stage, folder in upstream.items():  # "init": the UNet stage a phase starts from
         kind = "unet" if stage == "init" else stage
         inputs[stage] = (None, "") if folder is None else (read_stage(folder, kind).fingerprint, str(folder))

@@ -29,6 +29,20 @@ def test_local_imagefolder_loads_squares_with_both_captions(tmp_path):
     assert abs(int(ds.images[5, 0].float().mean()) - 100) <= 3  # red channel of image 5 is 20 * 5
 
 
+def test_the_captions_have_a_fingerprint_of_their_own_beside_the_images(tmp_path):
+    folder = make_imagefolder(tmp_path / "set")
+    before = load_captions(folder, resolution=16, cache_dir=tmp_path / "cache")
+    lines = (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    (folder / "metadata.jsonl").write_text("\n".join([lines[0].replace("thing 0", "a thing")] + lines[1:]) + "\n",
+                                           encoding="utf-8")
+    after = load_captions(folder, resolution=16, cache_dir=tmp_path / "cache")
+    assert after.fingerprint == before.fingerprint  # the same images: the decoded cache and latents still fit
+    assert after.captions_fingerprint != before.captions_fingerprint
+    # the text alone: the same at every resolution
+    smaller = load_captions(folder, resolution=8, cache_dir=tmp_path / "cache")
+    assert after.captions_fingerprint == smaller.captions_fingerprint
+
+
 def test_split_is_index_mod_10():
     train, val = split_indices(833)
     assert len(val) == 83 and len(train) == 750

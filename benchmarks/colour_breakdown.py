@@ -27,8 +27,8 @@ from engine.errors import UserError, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
-from pipelines.metrics import (COLOUR_FAMILIES, PROMPT_COLOURS, adherence_by_colour, colour_hits_from_shares,
-                               colour_prompts, first_named_colours, hue_family_shares)
+from pipelines.metrics import (COLOUR_FAMILIES, PROMPT_COLOURS, adherence_by_colour, colour_hits_from_counts,
+                               colour_prompts, first_named_colours, hue_family_counts)
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
 # What an English colour word describes, from the word after it ("red eyes" vs "red body"): a rough reading of
@@ -54,8 +54,9 @@ def summary(images: torch.Tensor, named: list[str], chinese: torch.Tensor | None
     """Adherence overall, per named colour (and per language, given which prompts are Chinese), and per named
     colour the mean share of the foreground's chromatic pixels in each hue family (what the pictures show
     instead, where they miss)."""
-    shares = hue_family_shares(images)
-    hits = colour_hits_from_shares(shares, named).float()
+    counts, foreground = hue_family_counts(images)
+    shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    hits = colour_hits_from_counts(counts, foreground, named).float()
     families = [name for name, *_ in COLOUR_FAMILIES]
     hue_shares = {colour: dict(zip(families, shares[[i for i, n in enumerate(named) if n == colour]].mean(0).tolist()))
                   for colour in dict.fromkeys(named)}

@@ -31,13 +31,15 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float((mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * middle)
 
 
-def kernel_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Unbiased squared MMD with the cubic polynomial kernel (x.y / d + 1)^3 (the KID estimator)."""
+def kernel_distance(real: torch.Tensor, fake: torch.Tensor, gamma: float | None = None) -> float:
+    """Unbiased squared MMD with the cubic polynomial kernel (gamma x.y + 1)^3 (the KID estimator), gamma 1 / d by
+    default (KID's, for features of large norm such as Inception's). On unit-length features pass gamma = 1:
+    at 1 / d the kernel is nearly linear there and the distance only compares the means."""
     real, fake = real.double(), fake.double()
-    d = real.shape[1]
-    k_rr = (real @ real.T / d + 1) ** 3
-    k_ff = (fake @ fake.T / d + 1) ** 3
-    k_rf = (real @ fake.T / d + 1) ** 3
+    gamma = 1.0 / real.shape[1] if gamma is None else gamma
+    k_rr = (gamma * real @ real.T + 1) ** 3
+    k_ff = (gamma * fake @ fake.T + 1) ** 3
+    k_rf = (gamma * real @ fake.T + 1) ** 3
     m, n = len(real), len(fake)
     return float((k_rr.sum() - k_rr.diag().sum()) / (m * (m - 1)) + (k_ff.sum() - k_ff.diag().sum()) / (n * (n - 1))
                  - 2 * k_rf.mean())
@@ -163,6 +165,9 @@ COLOUR_FAMILIES = (
 PROMPT_COLOURS = ("red", "blue", "green", "yellow", "purple", "pink")  # the colours the adherence prompts name
 CHROMA_MIN = 0.2  # max - min channel in [0, 1]: below it a pixel is grey/black/white and has no hue
 VALUE_MIN = 0.25  # darker pixels (outlines, shadows) have no reliable hue
+# A hue family under this share of the foreground's pixels is a trace (a speck, an eye, a rim of colour), not one
+# of the picture's dominant hues: a grey body with a red eye is not a red creature.
+DOMINANT_SHARE = 0.05
 
 
 def colour_prompts(seeds: int) -> tuple[list[str], list[int], list[str]]:
@@ -179,8 +184,9 @@ def colour_prompts(seeds: int) -> tuple[list[str], list[int], list[str]]:
     return prompts, seed_list, named
 
 
-def hue_family_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
-    """``[B, len(COLOUR_FAMILIES)]``: share of each image's chromatic foreground pixels in each hue family."""
+def hue_family_counts(images: torch.Tensor, size: int = MEASURE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, len(COLOUR_FAMILIES)], [B])``: each image's chromatic foreground pixels in each hue family, and its
+    foreground pixels (those not near-white, chromatic or not)."""
     rgb = unit_pixels(images, size).clamp(0, 1)
     top, _ = rgb.max(dim=1)
     bottom, _ = rgb.min(dim=1)
@@ -190,26 +196,34 @@ def hue_family_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.T
     hue = torch.where(top == r, ((g - b) / safe) % 6, torch.where(top == g, (b - r) / safe + 2, (r - g) / safe + 4))
     hue = hue * 60.0
     chromatic = (chroma >= CHROMA_MIN) & (top >= VALUE_MIN) & (bottom < WHITE_LEVEL)
-    shares = []
+    counts = []
     for _, _, _, (start, end) in COLOUR_FAMILIES:
         in_range = (hue >= start) & (hue < end) if start < end else (hue >= start) | (hue < end)
-        shares.append((in_range & chromatic).flatten(1).float().sum(1))
-    counts = torch.stack(shares, dim=1)
+        counts.append((in_range & chromatic).flatten(1).float().sum(1))
+    return torch.stack(counts, dim=1), (bottom < WHITE_LEVEL).flatten(1).float().sum(1)
+
+
+def hue_family_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
+    """``[B, len(COLOUR_FAMILIES)]``: share of each image's chromatic foreground pixels in each hue family."""
+    counts, _ = hue_family_counts(images, size)
     return counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
 
 
 def colour_hits(images: torch.Tensor, named: list[str], top: int = 2) -> torch.Tensor:
-    """Bool ``[B]``: the named colour family is among the ``top`` most common hue families of the image."""
-    return colour_hits_from_shares(hue_family_shares(images), named, top)
+    """Bool ``[B]``: the named colour family is one of the image's dominant hues: among the ``top`` most common
+    hue families, and covering at least ``DOMINANT_SHARE`` of the foreground."""
+    return colour_hits_from_counts(*hue_family_counts(images), named, top)
 
 
-def colour_hits_from_shares(shares: torch.Tensor, named: list[str], top: int = 2) -> torch.Tensor:
-    """``colour_hits`` from the images' ``hue_family_shares``."""
+def colour_hits_from_counts(counts: torch.Tensor, foreground: torch.Tensor, named: list[str], top: int = 2
+                            ) -> torch.Tensor:
+    """``colour_hits`` from the images' ``hue_family_counts``."""
     names = [name for name, *_ in COLOUR_FAMILIES]
-    ranked = shares.argsort(dim=1, descending=True)[:, :top]
+    ranked = counts.argsort(dim=1, descending=True)[:, :top]
     wanted = torch.tensor([names.index(n) for n in named])
-    present = torch.gather(shares, 1, ranked) > 0
-    return ((ranked == wanted[:, None]) & present).any(dim=1)
+    named_pixels = counts.gather(1, wanted[:, None]).squeeze(1)
+    dominant = (named_pixels > 0) & (named_pixels >= DOMINANT_SHARE * foreground)
+    return (ranked == wanted[:, None]).any(dim=1) & dominant
 
 
 def first_named_colours(captions: Sequence[str]) -> list[tuple[int, str]]:
@@ -254,8 +268,10 @@ def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val
 
     ``relative_to = k`` (pixels only) adds ``share_relative``, the same rule on each nearest distance divided by
     the mean distance to the ``k`` nearest (Carlini et al. 2023's extraction rule), from the same distances: a
-    copy lies far closer to one training image than to the others, whereas a plain, pale picture lies about as
-    close to every pale drawing, and the absolute rule counts it too.
+    copy lies far closer to one training image than to the others, whereas a blend of drawings lies about as
+    close to several, and the absolute rule counts it too. Neither rule tells a copy from a very pale picture (a
+    blank page, a washed-out drawing): one pale training image lies far closer to it than the rest, so both
+    count it.
     """
     def copied(sample_d: torch.Tensor, val_d: torch.Tensor) -> torch.Tensor:
         return sample_d < torch.quantile(val_d, 0.05)

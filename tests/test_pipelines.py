@@ -58,6 +58,9 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     assert set(summary["stage_minutes"]) == {"vae", "clip", "judge", "unet", "evaluate"}
     generation = summary["evaluation"]["generation"]
     assert 0 <= generation["near_copy_share_pixel"] <= 1 and generation["fd_en"] >= 0
+    # FD's and KID's real-image floor, beside them in the evaluation's table
+    assert generation["fd_real"] >= 0 and "kid_real" in generation
+    assert f"| {generation['fd_real']:.3f} |" in (run_a / "evaluation.md").read_text(encoding="utf-8")
     for key in ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_judge",
                 "near_copy_share_pixel_relative", "colour_adherence", "near_copy_share_judge_captions_en",
                 "near_copy_share_judge_captions_zh", "near_copy_share_judge_colour_prompts"):

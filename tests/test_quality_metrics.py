@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipelines.evaluate import judge_copies_by_source, over_seed_sets, quality_table
 from pipelines.metrics import (adherence_by_colour, colour_hits, colour_prompts, colours_named, composition,
-                               count_parts, foreground_mask, hue_family_shares, near_copies, sharpness, thumbnails)
+                               count_parts, foreground_mask, frechet_distance, hue_family_shares, kernel_distance,
+                               near_copies, sharpness, thumbnails)
 
 SIZE = 128
 
@@ -72,6 +74,12 @@ def test_colour_families_and_adherence():
     paint_disc(two, 0.7, 0.5, 0.15, rgb=(0.9, 0.8, -0.9))  # red and yellow: both among the top two
     assert colour_hits(two.repeat(2, 1, 1, 1), ["red", "yellow"]).tolist() == [True, True]
     assert not colour_hits(canvas(), ["red"]).item()  # a blank page names no colour
+    # a grey body with a red eye: red is its only hue, but a trace of the foreground, not a dominant hue
+    eyed = paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=(0.0, 0.0, 0.0))
+    paint_disc(eyed, 0.5, 0.4, 0.05, rgb=(0.9, -0.9, -0.9))
+    patched = paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=(0.0, 0.0, 0.0))  # ... and one with a red patch
+    paint_disc(patched, 0.5, 0.4, 0.12, rgb=(0.9, -0.9, -0.9))
+    assert colour_hits(torch.cat([eyed, patched]), ["red", "red"]).tolist() == [False, True]
     hits = colour_hits(torch.cat([red, blue, red]), ["red", "red", "blue"])
     assert adherence_by_colour(hits, ["red", "red", "blue"]) == {"red": 0.5, "blue": 0.0}
 
@@ -244,3 +252,39 @@ def test_grid_measure_reads_an_epoch_grid_back_and_counts_its_copies(tmp_path):
         read_grid(save_grid(tiles[:2], tmp_path / "small.png", nrow=2, max_side=96), SIZE)
     with pytest.raises(UserError, match="no picture at"):
         read_grid(tmp_path / "missing.png", SIZE)
+
+
+def test_frechet_distance_closed_forms():
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2, 3, 1, 1, 0.5])
+    shift = torch.tensor([1.0, -2, 0, 0, 3, 0])
+    cov_trace = torch.cov(x.T.double()).trace().item()
+    assert frechet_distance(x, x) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(x, x + shift) == pytest.approx(shift.square().sum().item(), rel=1e-6)  # means only
+    # 2x: mean 2 mu, covariance 4 S, so ||mu||^2 + Tr S + 4 Tr S - 2 Tr (2 S)
+    assert frechet_distance(x, 2 * x) == pytest.approx(x.double().mean(0).square().sum().item() + cov_trace,
+                                                       rel=1e-6)
+
+
+def test_kernel_distance_is_the_unbiased_mmd_and_sees_the_spread_of_unit_features():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(7, 4, generator=g).double(), torch.randn(9, 4, generator=g).double()
+
+    def k(x, y):
+        return (x @ y / 4 + 1) ** 3
+
+    reference = (sum(k(a[i], a[j]) for i in range(7) for j in range(7) if i != j) / 42
+                 + sum(k(b[i], b[j]) for i in range(9) for j in range(9) if i != j) / 72
+                 - 2 * sum(k(a[i], b[j]) for i in range(7) for j in range(9)) / 63)
+    assert kernel_distance(a, b) == pytest.approx(reference.item(), rel=1e-9)
+    # unit vectors of mean zero, on four axes or all around: at 1 / d the kernel is nearly linear and compares the
+    # means only, so it cannot tell them apart; at gamma 1 (the evaluation's, for the judge's unit features) it can
+    axes = torch.cat([torch.eye(64)[:4].repeat(50, 1), -torch.eye(64)[:4].repeat(50, 1)])
+
+    def all_around():
+        x = F.normalize(torch.randn(200, 64, generator=g), dim=-1)
+        return torch.cat([x, -x])
+
+    around, again = all_around(), all_around()
+    noise = abs(kernel_distance(around, again, gamma=1.0))
+    assert kernel_distance(axes, around, gamma=1.0) > 50 * noise
+    assert abs(kernel_distance(axes, around)) < noise

@@ -14,7 +14,7 @@ import hashlib
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from engine.stage import atomic_write
 
@@ -108,7 +108,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, context_length: int = CON
     tokenizer = Tokenizer(models.BPE())
     # Leading/trailing whitespace carries no meaning in a prompt; dropping it keeps " cat" and "cat" the same.
     strip = normalizers.Strip()
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
+    # Accents are the combining diacritics (U+0300-U+036F) that NFD splits off Latin letters: StripAccents would
+    # drop every combining mark, kana's voicing marks and emoji's variation selectors with them (ガ -> カ)
+    accents = normalizers.Replace(Regex("[\u0300-\u036f]"), "")
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFD(), accents, normalizers.NFC(), normalizers.Lowercase(),
                                                  strip]) if normalize else strip
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()

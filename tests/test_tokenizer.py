@@ -101,5 +101,8 @@ def test_a_normalising_tokenizer_ignores_case_and_accents_and_keeps_chinese(tmp_
     assert normal.decode(normal.encode(["A Red POKÉMON"])[0]) == "a red pokemon"
     chinese = "一只蓝色的乌龟，有着棕色的壳。"
     assert normal.decode(normal.encode([chinese])[0]) == chinese
+    # only accents go: kana keep their voicing marks, emoji their variation selectors and keycaps
+    for kept in ("ポケモン ガ", "❤️ 1️⃣"):
+        assert normal.decode(normal.encode([kept])[0]) == kept
     normal.save(tmp_path / "tokenizer.json")  # the setting travels with the saved tokenizer
     assert torch.equal(BPETokenizer.load(tmp_path / "tokenizer.json").encode(["Pokémon"]), normal.encode(["pokemon"]))

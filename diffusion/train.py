@@ -311,6 +311,12 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
 
     # Text states once (the text encoder is frozen); then CLIP leaves the GPU.
     en, zh = captions or (train_set.en, train_set.zh)
+    cut = {language: sum(clip.tokenizer.dropped_tokens(text) > 0 for text in texts)
+           for language, texts in (("English", en), ("Chinese", zh))}
+    if any(cut.values()) and env.is_main:  # the end cut off is the colour sentence, when there is one
+        tqdm.write(f"note: {cut['English']} English and {cut['Chinese']} Chinese training captions of {len(en)} are "
+                   f"longer than the text encoder's {clip.tokenizer.context_length - 2} tokens; their ends are cut off"
+                   + (" (their colour sentence with them)" if captions is not None else ""))
     texts = TextStateCache.build(clip, en, zh, cfg.caption_variants, cfg.clause_keep_prob, seed=cfg.train.seed)
     val_context = encode_prompts(clip, val_set.en)
     prompt_states = encode_prompts(clip, grid_prompts(val_set))

@@ -141,6 +141,7 @@ def test_tiny_end_to_end_run(stages, tmp_path):
     assert lowres.trained_on["data"] == load_captions(DATA, resolution=16).fingerprint
     assert (out / "lowres" / "samples" / "epoch_0001.png").is_file()
     assert info.trained_on == {"data": load_captions(DATA, resolution=32).fingerprint,
+                               "captions": load_captions(DATA, resolution=32).captions_fingerprint,
                                "vae": read_stage(stages / "vae").fingerprint,
                                "clip": read_stage(stages / "clip").fingerprint,
                                "tokenizer": CLIPModel.load(stages / "clip").tokenizer.fingerprint,

@@ -81,12 +81,17 @@ def test_posterior_sample_is_reproducible_and_has_posterior_moments() -> None:
 def test_ssim_identity_and_closed_form_for_constant_images() -> None:
     x = images(2, 32)
     torch.testing.assert_close(ssim(x, x), torch.ones(2))
-    # Constant images have zero variance, so SSIM reduces to the luminance term (2ab + c1) / (a^2 + b^2 + c1).
-    a, b, c1 = 0.3, -0.5, (0.01 * 2.0) ** 2
-    value = ssim(torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b))
+    # Constant images have zero variance, so SSIM reduces to the luminance term (2ab + c1) / (a^2 + b^2 + c1), of
+    # the intensities in [0, 1] (SSIM's scale: 0.3 and -0.5 in [-1, 1] are 0.65 and 0.25)
+    a, b, c1 = 0.65, 0.25, 0.01 ** 2
+    value = ssim(torch.full((1, 3, 16, 16), 0.3), torch.full((1, 3, 16, 16), -0.5))
     torch.testing.assert_close(value, torch.tensor([(2 * a * b + c1) / (a * a + b * b + c1)]))
     noisy = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     assert (ssim(noisy, x) < 0.9).all()
+    # a 1 % brightness error on a textured mid-grey patch is nearly invisible to SSIM; an inverted patch is the
+    # opposite of the image (on [-1, 1] scale the luminance term made these 0.53 and +0.26)
+    texture = 0.3 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert ssim(texture + 0.02, texture).item() > 0.99 and ssim(-texture, texture).item() < -0.5
 
 
 def test_ssim_rejects_images_smaller_than_the_window() -> None:

@@ -19,12 +19,13 @@ def _gaussian_window(size: int, sigma: float, device: torch.device) -> Tensor:
     return window / window.sum()
 
 
-def ssim(x: Tensor, y: Tensor, data_range: float = 2.0, window_size: int = 11, sigma: float = 1.5) -> Tensor:
-    """Structural similarity per image ([B]) of images [B, C, H, W]; differentiable.
+def ssim(x: Tensor, y: Tensor, window_size: int = 11, sigma: float = 1.5) -> Tensor:
+    """Structural similarity per image ([B]) of [-1, 1] images [B, C, H, W]; differentiable.
 
     Gaussian-weighted local statistics (Wang et al. 2004, K1=0.01, K2=0.03) over the valid region, averaged
-    over channels and positions. ``data_range`` is max - min of the pixel scale (2 for [-1, 1]). Computed in
-    float32 with autocast off: variances are differences of squares that bf16 cannot resolve.
+    over channels and positions, on the images mapped to [0, 1]: SSIM's luminance term assumes intensities
+    that are not negative (on [-1, 1] it would weigh an error most at mid-grey, where local means cross 0).
+    Computed in float32 with autocast off: variances are differences of squares that bf16 cannot resolve.
     """
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"ssim expects two image batches [B, C, H, W] of one shape, got {tuple(x.shape)} "
@@ -33,7 +34,7 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 2.0, window_size: int = 11, s
         raise ValueError(f"ssim needs images of at least {window_size}x{window_size} px (the window size), "
                          f"got {x.shape[-2]}x{x.shape[-1]}; pass a smaller window_size")
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x, y = x.float(), y.float()
+        x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
         channels = x.shape[1]
         stats = torch.cat([x, y, x * x, y * y, x * y], dim=1)
         window = _gaussian_window(window_size, sigma, x.device)
@@ -43,7 +44,7 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 2.0, window_size: int = 11, s
         stats = F.conv2d(stats, window.view(1, 1, -1, 1).repeat(groups, 1, 1, 1), groups=groups)
         mu_x, mu_y, xx, yy, xy = stats.split(channels, dim=1)
         var_x, var_y, cov = xx - mu_x.square(), yy - mu_y.square(), xy - mu_x * mu_y
-        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K * data range)^2, the range 1
         ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
         return ssim_map.mean(dim=(1, 2, 3))
 

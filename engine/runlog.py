@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -88,7 +89,10 @@ def plot_losses(log_path: str | Path, png_path: str | Path, title: str = "") -> 
 
 def spike_ratio(previous: Sequence[float], grad_norm: float) -> float | None:
     """``grad_norm`` over the median of the previous log intervals' mean gradient norms (the last
-    ``SPIKE_HISTORY``), when that exceeds ``SPIKE_FACTOR``; None otherwise, or with fewer than three before."""
+    ``SPIKE_HISTORY``), when that exceeds ``SPIKE_FACTOR``; None otherwise, or with fewer than three before. A
+    gradient norm that is not finite (NaN, infinity) is a spike whatever came before: ``inf``."""
+    if not math.isfinite(grad_norm):
+        return math.inf
     levels = sorted(previous[-SPIKE_HISTORY:])
     if len(levels) < 3:
         return None

@@ -29,12 +29,18 @@ from tqdm.auto import tqdm
 from . import distributed, runlog
 from .config import ConfigError, TrainConfig, config_to_dict, flatten_config, setting_differences
 from .ema import EMA
+from .errors import UserError
 from .graphed_training import check_cuda_graph, replay_training_calls
 from .precision import set_low_precision_norms
 from .stage import CONFIG_FILE, StageError, StageModel, atomic_write, lineage_differences
 from .tensorboard import TensorBoardLog
 
 CHECKPOINT_NAME = "latest.pt"
+
+
+class TrainingDiverged(UserError):
+    """The weights went non-finite and no rollback was left: training stops before it saves them (one line: its
+    remedy, a lower learning rate, is the user's to choose)."""
 MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
 EpochCallback = Callable[[int, "Trainer"], "Mapping[str, Any] | None"]
 
@@ -264,10 +270,10 @@ class Trainer:
         perm = perm.view(self.steps_per_epoch, self.cfg.grad_accum, self.env.world_size, self.micro_batch)
         return perm[:, :, self.env.rank]
 
-    def _reseed(self, epoch: int) -> None:
+    def _reseed(self, epoch: int, *step: int) -> None:
         """Every epoch starts from RNG states fixed by (seed, epoch, rank), so resuming at an epoch boundary
-        is exact whatever ran before (sampling callbacks included)."""
-        seed = _seed_for(self.cfg.seed, epoch, self.env.rank)
+        is exact whatever ran before (sampling callbacks included); ``step`` too for a start inside an epoch."""
+        seed = _seed_for(self.cfg.seed, epoch, self.env.rank, *step)
         torch.manual_seed(seed)
         random.seed(seed)
         self.generator.manual_seed(seed + 1)
@@ -388,13 +394,19 @@ class Trainer:
             return None
         grad_norm = record["train/grad_norm"]
         ratio = runlog.spike_ratio(self._grad_norm_levels, grad_norm)
-        self._grad_norm_levels = (self._grad_norm_levels + [grad_norm])[-runlog.SPIKE_HISTORY:]
+        if math.isfinite(grad_norm):  # a NaN would spoil the level the next intervals are measured against
+            self._grad_norm_levels = (self._grad_norm_levels + [grad_norm])[-runlog.SPIKE_HISTORY:]
         if ratio is None:
             return None
+        if not math.isfinite(grad_norm) and not self._can_roll_back():
+            raise TrainingDiverged(f"{self.out_dir.name}: the gradient norm is {grad_norm} over steps "
+                                   f"{self.step - count + 1}-{self.step}, so the weights are lost, and no rollback "
+                                   "is left; train the stage again at a lower learning rate (--lr)")
         spike = {"first_step": self.step - count + 1, "last_step": self.step, "grad_norm": grad_norm, "ratio": ratio}
         if self.env.is_main:
             tqdm.write(f"{self.out_dir.name}: loss spike? the gradient norm averaged {grad_norm:.3g} over steps "
-                       f"{spike['first_step']}-{self.step}, {ratio:.1f}x its level before"
+                       f"{spike['first_step']}-{self.step}, "
+                       + (f"{ratio:.1f}x its level before" if math.isfinite(ratio) else "not a finite number")
                        + ("" if self._can_roll_back() else "; if train/loss stays up from here, the run is damaged: "
                           "train the stage again"))
         return spike
@@ -567,5 +579,7 @@ class Trainer:
         rng = state["rng"]
         if len(rng) == self.env.world_size:
             self._set_rng_state(rng[self.env.rank])
+        else:  # written by another number of processes: each rank a stream of its own from here (not the run's)
+            self._reseed(self.epoch, self.step)
         if self.env.is_main:
             runlog.truncate_after(self.log_path, self.step)

@@ -18,7 +18,7 @@ from engine.config import config_from_dict, config_to_dict, parse_overrides, val
 from engine.ema import EMA, power_profile_exponent, power_profile_std
 from engine.runlog import loss_spikes, read_records, rollbacks, truncate_after
 from engine.stage import StageError, folder_lock, is_complete, load_weights
-from engine.trainer import checkpoint_path, lr_factor, read_checkpoint
+from engine.trainer import TrainingDiverged, checkpoint_path, lr_factor, read_checkpoint
 from unet.config import UNetConfig
 from vae.config import PRESETS as VAE_PRESETS, VAEConfig, VAETrainConfig
 
@@ -288,6 +288,31 @@ def test_each_log_interval_records_its_largest_gradient_norm_and_a_spike_is_repo
     assert loss_spikes(tmp_path / "smooth" / "log.jsonl") == []
 
 
+def test_a_nan_gradient_is_rolled_back_and_with_no_rollback_left_stops_before_saving_lost_weights(tmp_path):
+    trainers, poisoned = [], set()
+
+    def batches(indices, generator):  # NaN targets once, at step 31: a retried step does not meet them again
+        x, y = make_batch(indices, generator)
+        if trainers[-1].step in poisoned:
+            poisoned.discard(trainers[-1].step)
+            return x, y * float("nan")
+        return x, y
+
+    for name, rollbacks_allowed in (("rolled_back", 2), ("none_left", 0)):
+        cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2,
+                          spike_rollbacks=rollbacks_allowed)
+        trainers.append(Trainer(ToyModule(), cfg, tmp_path / name, num_train_items=len(DATA_X), device="cpu"))
+        poisoned.add(30)
+        if rollbacks_allowed:
+            trainers[-1].fit(batches)
+            assert [r["first_step"] for r in rollbacks(tmp_path / name / "log.jsonl")] == [31]
+            assert all(torch.isfinite(p).all() for p in trainers[-1].module.parameters())
+            assert all(torch.isfinite(t).all() for t in trainers[-1].ema.shadow.values())
+        else:
+            with pytest.raises(TrainingDiverged, match=r"gradient norm is nan over steps 31-32, .*lower learning rate"):
+                trainers[-1].fit(batches)
+
+
 def spiky_train(out, epochs, spike_at=(30,), crash_at=None, resume=False, **overrides):
     """``train`` with targets 100x off for two steps from each of ``spike_at``, once: a step trained again after a
     rollback gets the true targets (as a retried step does not meet the same accident). ``crash_at``: ``(step,
@@ -538,6 +563,23 @@ def test_resume_refuses_other_learning_settings_but_not_other_running_ones(tmp_p
         Trainer(ToyModule(), cfg, tmp_path / "a", num_train_items=len(DATA_X), resume=True, device="cpu")
     resumed = train(tmp_path / "a", epochs=3, resume=True, checkpoint_every_steps=6)  # how it runs: allowed
     assert resumed.resumed and resumed.step == 3 * 8
+
+
+def test_a_mid_epoch_resume_by_another_number_of_processes_gives_each_rank_a_fresh_stream(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "a", epochs=3, crash_at=13, checkpoint_every_steps=6)  # last checkpoint: step 12, mid-epoch
+    path = checkpoint_path(tmp_path / "a")
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 12 and len(state["rng"]) == 1
+    written_by_two = {**state, "rng": state["rng"] * 2, "world_size": 2}  # as two processes would have left it
+    torch.save(written_by_two, path)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2,
+                      checkpoint_every_steps=6)
+    streams = [Trainer(ToyModule(), cfg, tmp_path / "a", num_train_items=len(DATA_X), resume=True,
+                       device="cpu").generator.get_state() for _ in range(2)]
+    assert torch.equal(streams[0], streams[1])  # a stream fixed by the seed, epoch, rank and step
+    assert not torch.equal(streams[0], torch.Generator().get_state())  # not the unseeded default every rank shares
+    assert not torch.equal(streams[0], state["rng"][0]["generator"])  # nor the other run's rank 0 stream
 
 
 def test_resume_refuses_a_checkpoint_trained_on_other_inputs(tmp_path):

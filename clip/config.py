@@ -46,6 +46,9 @@ class CLIPConfig:
         if self.image_size % 8:
             raise ConfigError(f"CLIPConfig: image_size={self.image_size} must be a multiple of 8 (the data loader's "
                               "resolutions)")
+        if self.logit_scale_init > self.logit_scale_max:
+            raise ConfigError(f"CLIPConfig: logit_scale_init={self.logit_scale_init} is above logit_scale_max="
+                              f"{self.logit_scale_max}; start at or below the cap")
 
 
 @dataclass
@@ -79,6 +82,10 @@ class CLIPTrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} is a probability; use a value in [0, 1]")
         if not 0.0 < self.crop_min_scale <= 1.0:
             raise ConfigError(f"crop_min_scale={self.crop_min_scale} must be in (0, 1]; 1 disables cropping")
+        if self.train.grad_accum != 1:
+            raise ConfigError(f"grad_accum={self.train.grad_accum}: the contrastive loss takes its negatives from one "
+                              "micro-batch, so accumulating would shrink them; use grad_accum=1 with a smaller "
+                              "batch_size, or more processes (they gather every rank's negatives)")
 
 
 PRESETS: dict[str, dict[str, object]] = {

@@ -72,6 +72,9 @@ class CLIPTrainingModule(nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.no_grad():  # the parameter itself, as open_clip clamps it after each step: clamped in the
+            # forward pass alone its gradient is 0 above the cap, and a scale that got there could never come down
+            self.model.logit_scale.clamp_(max=self.model.config.logit_scale_max)
         image_embed = self.model.encode_image(batch["images"])
         _, text_embed = self.model.encode_text(batch["tokens"])
         scale = self.model.temperature_scale()

@@ -28,6 +28,13 @@ def recall_at_k(similarity: Tensor, equivalent: Tensor | None = None, ks: tuple[
 
 
 @torch.no_grad()
+def cosine_similarities(queries: Tensor, keys: Tensor) -> Tensor:
+    """``[len(queries), len(keys)]`` cosine similarities in float32, autocast or not: in bf16 neighbouring
+    similarities tie (steps of ~0.004 near 1), and recall counts a tie against the query."""
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        return F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T
+
+
 def retrieval_metrics(model: CLIPModel, images: Tensor, captions: dict[str, list[str]], batch_size: int = 256) -> dict[str, float]:
     """Text->image (t2i) and image->text (i2t) recall@1/5/10 per caption language, plus the logit scale.
 
@@ -39,14 +46,13 @@ def retrieval_metrics(model: CLIPModel, images: Tensor, captions: dict[str, list
     model.eval()
     try:
         image_embed = torch.cat([model.encode_image(chunk) for chunk in images.split(batch_size)])
-        image_embed = F.normalize(image_embed.float(), dim=-1)
         metrics: dict[str, float] = {}
         for language, texts in captions.items():
             if len(texts) != len(images):
                 raise ValueError(f"{len(texts)} {language} captions for {len(images)} images; they must pair up")
             tokens = model.tokenizer.encode(texts).to(images.device)
             text_embed = torch.cat([model.encode_text(chunk)[1] for chunk in tokens.split(batch_size)])
-            similarity = F.normalize(text_embed.float(), dim=-1) @ image_embed.T  # [texts, images]
+            similarity = cosine_similarities(text_embed, image_embed)  # [texts, images]
             same_caption = duplicate_mask(tokens)
             for direction, sim in (("t2i", similarity), ("i2t", similarity.T)):
                 for k, value in recall_at_k(sim, same_caption).items():

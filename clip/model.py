@@ -173,8 +173,10 @@ class CLIPModel(StageModel):
         return self.config.text_width
 
     def temperature_scale(self) -> Tensor:
-        """exp(logit_scale), clamped so logits never exceed 100x the cosine similarity (as in CLIP)."""
-        return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+        """exp(logit_scale), capped so logits never exceed 100x the cosine similarity (as in CLIP). The cap passes
+        the gradient on (a clamp would give 0 at and above it): training clamps the parameter itself each step."""
+        over = (self.logit_scale - self.config.logit_scale_max).clamp(min=0).detach()
+        return (self.logit_scale - over).exp()
 
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """tokens [B, context_length] -> (hidden [B, context_length, text_width], pooled embedding [B, embed_dim])."""

@@ -11,12 +11,12 @@ from torch import nn
 
 from clip.config import PRESETS, CLIPConfig, CLIPTrainConfig
 from clip.loss import CLIPTrainingModule, contrastive_loss, duplicate_mask, gather_across_ranks
-from clip.metrics import recall_at_k, retrieval_metrics
+from clip.metrics import cosine_similarities, recall_at_k, retrieval_metrics
 from clip.model import CLIPModel
 from clip.tokenizer import BPETokenizer, train_tokenizer
 from clip.train import prepare_tokenizer, train
 from data import load_captions
-from engine.config import apply_overrides, build_config
+from engine.config import ConfigError, apply_overrides, build_config
 from engine.stage import file_fingerprint, read_stage
 
 CAPTIONS = [
@@ -139,6 +139,38 @@ def test_loss_decreases_on_a_fixed_batch():
         optimizer.step()
     assert torch.isfinite(first) and set(logs) == {"logit_scale"}
     assert loss.item() < 0.25 * first.item()
+
+
+def test_a_logit_scale_past_its_cap_is_brought_back_and_can_come_down():
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(CAPTIONS, vocab_size=320)
+    module = CLIPTrainingModule(CLIPModel(tiny_config(tokenizer.vocab_size, image_size=16), tokenizer))
+    batch = {"images": torch.rand(len(CAPTIONS), 3, 16, 16) * 2 - 1, "tokens": tokenizer.encode(CAPTIONS)}
+    cap = module.model.config.logit_scale_max
+    with torch.no_grad():
+        module.model.logit_scale.fill_(cap + 0.5)  # where Adam's momentum can carry it past the cap
+    loss, _ = module(batch, step=0)
+    loss.backward()
+    assert module.model.logit_scale.item() == pytest.approx(cap)  # clamped as a parameter, as open_clip does
+    assert module.model.logit_scale.grad.abs().item() > 0  # so the loss still moves it (clamped only in the
+    # forward pass, its gradient was 0 above the cap and it stayed there)
+    with pytest.raises(ConfigError, match="logit_scale_init=5.0 is above logit_scale_max"):
+        apply_overrides(CLIPTrainConfig(), {"model.logit_scale_init": "5.0"}).model.validate()
+
+
+def test_clip_refuses_gradient_accumulation_which_would_shrink_its_negatives():
+    with pytest.raises(ConfigError, match="grad_accum=2: the contrastive loss takes its negatives from one "
+                                          "micro-batch"):
+        build_config(CLIPTrainConfig, PRESETS, "tiny", {"train.grad_accum": "2"})
+
+
+def test_retrieval_similarities_stay_float32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(6, 16, generator=g), torch.randn(5, 16, generator=g)
+    exact = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        similarity = cosine_similarities(queries, keys)
+    assert similarity.dtype == torch.float32 and torch.allclose(similarity, exact, atol=1e-6)
 
 
 def test_save_load_round_trip(model, tmp_path):

@@ -105,7 +105,7 @@ def quality_section(run: str, judge_dir: str | None, sizes: Sizes, device: torch
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
     """The top-level ratios (ours at its best over diffusers as shipped, and over diffusers given the same
-    treatment) per section, and whether the first meets its target."""
+    treatment) per section, and whether the second meets its target."""
     out: dict[str, Any] = {}
     for name in SECTIONS:
         # the headline: ours at its best against diffusers as it ships (eager); equal treatment beside it
@@ -116,8 +116,9 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     fast = summary["ratios"].get("sample", {}).get("fast_vs_diffusers_ddim")
     out["fast_sample_speedup"] = fast["speedup"] if fast else None
     out["targets"] = TARGETS
-    out["targets_met"] = {k: None if out[f"{k}_speedup"] is None else out[f"{k}_speedup"] >= v
-                          for k, v in TARGETS.items()}
+    # judged under equal treatment, as issue 17 asks: a lead over diffusers as shipped (eager, fp32 norms) is no lead
+    out["targets_met"] = {k: None if out[f"{k}_speedup_equal_treatment"] is None
+                          else out[f"{k}_speedup_equal_treatment"] >= v for k, v in TARGETS.items()}
     return out
 
 

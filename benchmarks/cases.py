@@ -134,6 +134,11 @@ def speed_ratio(rows: list[dict], where: Callable[[dict], bool] = lambda r: True
             "ours_setting": ours["setting"], "diffusers_setting": theirs["setting"]}
 
 
+def same_precision(row: dict) -> bool:
+    """A row both implementations have: ours with bf16 norms has no diffusers twin (its norms stay fp32)."""
+    return not row["low_precision_norms"]
+
+
 def is_eager(row: dict) -> bool:
     return row["compile_mode"] is None and not row["cuda_graph"]
 

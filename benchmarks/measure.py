@@ -62,6 +62,13 @@ def count_flops(call: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
+def training_flops(forward: Callable[[], Any]) -> int:
+    """Model FLOPs of one training step: 3x the forward's, the backward counted as twice the forward (the MFU
+    convention). Counting the backward itself would also charge fused attention's recompute of Q K^T in its
+    backward: work the kernel chooses to do, not work the model asks for."""
+    return 3 * count_flops(forward)
+
+
 def count_host_syncs(call: Callable[[], Any], device: torch.device) -> int | None:
     """How many times one call blocks the host on the GPU (CUDA's sync debug mode); None off CUDA."""
     if device.type != "cuda":

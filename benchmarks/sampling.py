@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.cases import (IMPLS, Options, Setting, Sizes, fastest, is_compiled, is_eager, memory_format,
-                              run_case, speed_ratio)
+                              run_case, same_precision, speed_ratio)
 from benchmarks.measure import count_flops, count_host_syncs, measure, release_memory
 from benchmarks.twins import diffusers_ddim_scheduler, diffusers_guided_ddim, diffusers_unet, diffusers_vae
 from diffusion.cuda_graph import CudaGraphCall
@@ -234,13 +234,14 @@ def sample_section(sizes: Sizes, opts: Options, steps: int, fast_steps: int, com
     release_memory(opts.device)
     decode = vae_decode_cases(sizes, inputs, opts)
     reference = is_reference_sampler(steps)
-    best = speed_ratio(rows, reference)
+    best = speed_ratio(rows, lambda r: reference(r) and same_precision(r))  # equal treatment
     fast = speed_ratio(rows, lambda r: r["sampler"] == f"dpmpp_2m-{fast_steps}", reference)
     result = {"cases": rows, "vae_decode": decode, "batch_size": sizes.sample_batch, "steps": steps,
               "fast_steps": fast_steps, "compile_mode": compile_mode,
               "ddim_loop_check": ddim_loop_check(sizes, opts.device, steps),
-              "ratios": {"best": best, "eager": speed_ratio(rows, lambda r: reference(r) and is_eager(r)),
-                         "compiled": speed_ratio(rows, lambda r: reference(r) and is_compiled(r)),
+              "ratios": {"best": best,
+                         "eager": speed_ratio(rows, lambda r: reference(r) and is_eager(r) and same_precision(r)),
+                         "compiled": speed_ratio(rows, lambda r: reference(r) and is_compiled(r) and same_precision(r)),
                          "fast_vs_diffusers_ddim": fast,
                          # ours at its best against diffusers' loop as shipped (eager, no CUDA graph)
                          "best_vs_diffusers_eager": speed_ratio(rows, reference,

@@ -9,8 +9,8 @@ Classes: convolutions, attention, other matmuls (the linear layers), normalisati
 fuses into it), pointwise and other ops, optimizer/EMA/clipping, copies (layout, dtype, memory). On CUDA they
 come from the kernels' names and their device time; on a CPU from the aten ops' self time. "Idle" is the step's
 wall time minus the busy time: launch gaps and host work, what CUDA graphs or fewer kernels would win back. FLOPs
-come from torch's FLOP counter on one eager forward and backward; MFU divides them by the step's time and
-``--peak-tflops``.
+are model FLOPs, 3x torch's FLOP counter on one eager forward (``measure.training_flops``); MFU divides them by
+the step's time and ``--peak-tflops``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.measure import count_flops
+from benchmarks.measure import training_flops
 from benchmarks.step_speed import run_steps, step_indices, timed_steps, unet_trainer
 from engine import Trainer
 from engine.cli import command_line
@@ -32,6 +32,7 @@ from engine.config import parse_overrides
 from engine.stage import write_json
 
 OTHER = "pointwise and other"
+NORM = r"norm(?!al)|moments|welford"
 # (class, pattern) in order: the first match names an op. Attention goes before convolution because cuDNN's
 # SDPA kernels are named like its convolutions (..._sdpa_..._flash_fprop_...), and convolution before matmul
 # because Hopper's cuDNN convolutions are GEMM kernels too (sm90_xmma_fprop/dgrad/wgrad_implicit_gemm). A
@@ -42,7 +43,7 @@ OP_CLASSES = (
     ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product"),
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd|im2col|col2im"),
     ("matmul", r"gemm|matmul|cutlass|nvjet|cublas|aten::(mm|addmm|bmm|baddbmm|linear)\b|xmma"),
-    ("normalisation", r"norm(?!al)|moments|welford"),
+    ("normalisation", NORM),
     (OTHER, r"^triton_"),
     ("copies (layout, dtype, memory)", r"copy|memcpy|memset|cat_|catarray|aten::cat\b|aten::to\b|contiguous|clone"),
 )
@@ -53,9 +54,17 @@ NOT_OPS = re.compile(r"^(ProfilerStep|Optimizer\.|## |enumerate\(DataLoader\)|cu
                      r"CompiledFunction|autograd::engine)")
 
 
+# Inductor's generated pointwise and reduction kernels: one fused pass, named after every op it fuses, a
+# convolution's bias or its GroupNorm included (triton_red_fused_convolution_native_group_norm_1): what it
+# computes is the norm or the pointwise work, the convolution itself is another kernel
+FUSED_PASS = re.compile(r"^triton_(poi|red|per)_")
+
+
 def op_class(name: str) -> str:
     """The class of one kernel or aten op by its name."""
     lowered = name.lower()
+    if FUSED_PASS.match(lowered):
+        return "normalisation" if re.search(NORM, lowered) else OTHER
     for label, pattern in OP_CLASSES:
         if re.search(pattern, lowered):
             return label
@@ -96,13 +105,11 @@ def breakdown(overrides: dict[str, Any], preset: str, warmup: int, steps: int, p
     with tempfile.TemporaryDirectory() as tmp:
         trainer, make_batch = unet_trainer(overrides, preset, tmp, device=device)
 
-        def forward_backward() -> None:
-            with trainer.autocast():
-                loss, _ = trainer.module(make_batch(step_indices(trainer)[0], trainer.generator), step=trainer.step)
-            loss.backward()
-            trainer.optimizer.zero_grad(set_to_none=True)
+        def forward() -> None:
+            with torch.no_grad(), trainer.autocast():
+                trainer.module(make_batch(step_indices(trainer)[0], trainer.generator), step=trainer.step)
 
-        flops = count_flops(forward_backward) * trainer.cfg.grad_accum
+        flops = training_flops(forward) * trainer.cfg.grad_accum
         seconds, busy = profiled_step_times(trainer, make_batch, warmup, steps)
         cfg = trainer.cfg
     busy_total = sum(busy.values())

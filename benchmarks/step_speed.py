@@ -24,6 +24,7 @@ import torch
 
 from engine import Trainer, build_config, distributed
 from engine.cli import command_line
+from engine.errors import UserError, run_cli
 from engine.stage import write_json
 from engine.trainer import deterministic_algorithms
 
@@ -158,13 +159,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    env = distributed.setup()
     wanted = set(args.variants.split(",")) if args.variants else None
+    stages = args.stages.split(",")
+    unknown = set(stages) - set(VARIANTS)
+    known = {name for stage in stages if stage in VARIANTS for name, _ in VARIANTS[stage]}
+    if unknown or (wanted and wanted - known):
+        raise UserError(f"unknown --stages {sorted(unknown)} or --variants {sorted((wanted or set()) - known)}; the "
+                        f"stages are {sorted(VARIANTS)} and their variants {sorted(known) or '(none)'}")
+    env = distributed.setup()
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "world_size": env.world_size,
                "command": command_line("python -m benchmarks.step_speed"),
                "batch": "the preset's per GPU" if env.world_size > 1 else "the preset's"}
-    for stage in args.stages.split(","):
+    for stage in stages:
         for name, overrides in VARIANTS[stage]:
             if wanted is not None and name not in wanted:
                 continue
@@ -190,4 +197,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

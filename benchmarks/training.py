@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.cases import (LR, Options, Setting, Sizes, fastest, in_format, is_compiled, is_eager, memory_format,
-                              run_case, speed_ratio)
-from benchmarks.measure import count_flops, measure, release_memory
+                              run_case, same_precision, speed_ratio)
+from benchmarks.measure import measure, release_memory, training_flops
 from benchmarks.twins import diffusers_unet, diffusers_vae
 from engine.precision import set_low_precision_norms
 from unet.model import UNet
@@ -75,15 +75,12 @@ def train_step_fn(task: TrainTask, model: nn.Module, setting: Setting, opts: Opt
 
 
 def train_flops(task: TrainTask, model: nn.Module, opts: Options) -> int:
-    """FLOPs of one forward + backward (eager), the numerator of MFU."""
-    def fwd_bwd() -> None:
-        with opts.autocast():
-            loss = task.loss(model, task.batch)
-        loss.backward()
+    """Model FLOPs of one forward + backward (``measure.training_flops``), the numerator of MFU."""
+    def forward() -> None:
+        with torch.no_grad(), opts.autocast():
+            task.loss(model, task.batch)
 
-    flops = count_flops(fwd_bwd)
-    model.zero_grad(set_to_none=True)
-    return flops
+    return training_flops(forward)
 
 
 def implementation_cases(task: TrainTask, compile_modes: list[str], opts: Options) -> tuple[list[dict], int]:
@@ -128,8 +125,10 @@ def train_section(ours: TrainTask, theirs: TrainTask, opts: Options) -> dict[str
     rows += their_rows
     return {"cases": rows, "flops_per_step": {"ours": ours_flops, "diffusers": their_flops},
             "batch_size": ours.batch_size, "compile_winner": winner_mode,
-            "ratios": {"best": speed_ratio(rows), "eager": speed_ratio(rows, is_eager),
-                       "compiled": speed_ratio(rows, is_compiled),
+            # equal treatment: the same settings on both sides (ours' bf16 norms have no diffusers twin)
+            "ratios": {"best": speed_ratio(rows, same_precision),
+                       "eager": speed_ratio(rows, lambda r: is_eager(r) and same_precision(r)),
+                       "compiled": speed_ratio(rows, lambda r: is_compiled(r) and same_precision(r)),
                        # ours at its best against diffusers as shipped (eager; it has no compile by default)
                        "best_vs_diffusers_eager": speed_ratio(rows, theirs_where=is_eager)}}
 

@@ -77,6 +77,14 @@ def test_tiny_benchmark_writes_every_comparison(tmp_path, monkeypatch):
                 "sample_speedup_equal_treatment"):
         assert math.isfinite(summary[key]) and summary[key] > 0
     assert summary["unet_train"]["flops_per_step"]["ours"] > 0
+    # equal treatment pairs only settings both sides have: ours' bf16 norms have no diffusers twin
+    for section in ("unet_train", "vae_train", "sample"):
+        for kind in ("best", "eager"):
+            ratio = summary[section]["ratios"][kind]
+            assert ratio is None or "bf16 norms" not in ratio["ours_setting"]
+    assert set(summary["targets_met"]) == {"unet_train", "vae_train", "sample"}
+    assert all(met == (summary[f"{k}_speedup_equal_treatment"] >= summary["targets"][k])
+               for k, met in summary["targets_met"].items())
     # the FLOP counts agree, so the twins do the same work
     flops = summary["unet_train"]["flops_per_step"]
     assert flops["diffusers"] == pytest.approx(flops["ours"], rel=0.02)

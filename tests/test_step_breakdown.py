@@ -19,6 +19,10 @@ COPIES, OPTIMIZER = "copies (layout, dtype, memory)", "optimizer, EMA and clippi
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matmul"),
     ("triton_red_fused_native_group_norm_silu_12", "normalisation"),
     ("triton_poi_fused__to_copy_add_mul_5", OTHER),
+    # a convolution's bias and GroupNorm fused by Inductor: the pass is the norm's, the convolution another kernel
+    ("triton_red_fused_convolution_native_group_norm_1", "normalisation"),
+    ("triton_red_fused_convolution_backward_native_group_norm_backward_3", "normalisation"),
+    ("triton_poi_fused_convolution_0", OTHER),
     ("void at::native::elementwise_kernel<128, 4, at::native::direct_copy_kernel_cuda>", COPIES),
     ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>", "normalisation"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", OTHER),

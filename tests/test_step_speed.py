@@ -56,3 +56,13 @@ def test_each_gpu_keeps_the_batch_one_gpu_runs_and_a_variant_that_cannot_run_is_
                      "1", "--out", str(out)])
     record = json.loads(out.read_text())["vae/crop128_b64"]
     assert record["error"].startswith("ConfigError: crop_size=128") and "peak_mem_gb" not in record
+
+
+def test_an_unknown_variant_or_stage_is_an_error_not_a_silent_skip():
+    from benchmarks import step_speed
+    from engine.errors import UserError
+
+    with pytest.raises(UserError, match=r"unknown --stages \[\] or --variants \['eager'\]"):
+        step_speed.main(["--stages", "unet", "--variants", "default,eager"])
+    with pytest.raises(UserError, match=r"unknown --stages \['clip'\]"):
+        step_speed.main(["--stages", "clip"])

@@ -60,14 +60,12 @@ def replay_training_calls(module: nn.Module) -> Callable[[], None]:
         signature = _signature(args)
         if not captured:
             del module.forward  # make_graphed_callables graphs the class's forward and installs its own
-            # Each parameter's gradient accumulator, made here on the training stream and held while the graphs
-            # live. Otherwise torch makes them on the side stream it captures on, keeps them alive in the
-            # captured outputs, and every replayed backward syncs the two streams for each parameter (torch
-            # warns once that the accumulator's stream does not match).
-            accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in module.parameters() if p.requires_grad]
             sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+            # torch makes the parameters' gradient accumulators on the side stream it captures on (it warns at the
+            # first replay that their stream is not the training stream's); made on the training stream first,
+            # they break the backward's capture (cudaErrorStreamCaptureInvalidated; tried on an H200)
             torch.cuda.make_graphed_callables(module, sample, allow_unused_input=True)
-            captured.update(graphed=module.forward, signature=signature, accumulators=accumulators)
+            captured.update(graphed=module.forward, signature=signature)
             module.forward = forward
         elif signature != captured["signature"]:
             raise RuntimeError(f"{type(module).__name__} replays CUDA graphs captured for inputs "

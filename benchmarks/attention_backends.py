@@ -105,9 +105,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--device", default=None, help="default: cuda when there is one (bf16), else cpu (float32)")
     args = parser.parse_args(argv)
     cfg = build_config(UNetTrainConfig, PRESETS, args.preset, {})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = attention_shapes(cfg, args.batch or cfg.train.batch_size)
     command = command_line("python -m benchmarks.attention_backends", argv)

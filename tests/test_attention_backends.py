@@ -16,7 +16,7 @@ def test_shapes_follow_the_unets_levels():
 
 def test_tiny_cpu_run_times_the_backends_that_run_and_names_why_the_others_dont(tmp_path):
     out = tmp_path / "attention.json"
-    main(["--preset", "tiny", "--batch", "2", "--warmup", "1", "--repeats", "1", "--out", str(out)])
+    main(["--preset", "tiny", "--batch", "2", "--warmup", "1", "--repeats", "1", "--out", str(out), "--device", "cpu"])
     records = json.loads(out.read_text())["records"]
     ran = [r for r in records if "ms" in r]
     assert {r["backend"] for r in ran} >= {"math"} and all(r["ms"] > 0 for r in ran)

@@ -43,7 +43,7 @@ from engine.trainer import checkpoint_path
 from pipelines.evaluate import JUDGE_PAIRS, evaluate_to_folder, markdown_table
 from pipelines.prompts import COLOUR_PROMPTS
 from pipelines.stages import (StageStack, checkpoint_differences, finished_stage_differences, load_stack, stage_kind,
-                              write_stages_record)
+                              stage_resolution, write_stages_record)
 from pipelines.text_to_image import GenerationSettings, draw_showcase, generate
 
 # "judge" is a second CLIP stage with its own seed: the evaluation's fixed ruler, which guidance never optimised.
@@ -155,8 +155,7 @@ def check_batches_fit(configs: dict[str, Any], data: str) -> None:
     resolution the run reads it at, so this costs no decoding the run would not do anyway."""
     batches = []  # (the flag that sets it, the batch, the resolution that stage reads the data at)
     for name, cfg in configs.items():
-        resolution = cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
-        batches.append((f"--{name}.batch_size", cfg.train.batch_size, resolution))
+        batches.append((f"--{name}.batch_size", cfg.train.batch_size, stage_resolution(name, cfg)))
         if name == "unet" and cfg.lowres_epochs > 0:
             batches.append(("--unet.lowres_batch_size", cfg.lowres_batch_size, cfg.lowres_resolution))
     if not batches:

@@ -36,13 +36,13 @@ from .stage import CONFIG_FILE, StageError, StageModel, atomic_write, lineage_di
 from .tensorboard import TensorBoardLog
 
 CHECKPOINT_NAME = "latest.pt"
+MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
+EpochCallback = Callable[[int, "Trainer"], "Mapping[str, Any] | None"]
 
 
 class TrainingDiverged(UserError):
     """The weights went non-finite and no rollback was left: training stops before it saves them (one line: its
     remedy, a lower learning rate, is the user's to choose)."""
-MakeBatch = Callable[[torch.Tensor, torch.Generator], Any]
-EpochCallback = Callable[[int, "Trainer"], "Mapping[str, Any] | None"]
 
 
 @contextmanager

@@ -46,6 +46,11 @@ def stage_kind(name: str) -> str:
     return "clip" if name == "judge" else name
 
 
+def stage_resolution(name: str, cfg: Any) -> int:
+    """The resolution a run's stage reads its data at (CLIP's image tower has its own)."""
+    return cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
+
+
 def stage_settings(name: str, training: Any) -> dict[str, Any]:
     """A stage's training config (a config object, or the dict its folder records) as ``{"dotted.key": value}``
     in the recorded JSON form, without what training fills in."""
@@ -73,8 +78,7 @@ def asked_inputs(name: str, cfg: Any, data: str, upstream: Mapping[str, Path | N
                  ) -> dict[str, tuple[str | None, str]]:
     """What a stage trained now with ``cfg`` on ``data`` and the ``upstream`` stages (``None``: about to be
     trained again) would be trained on, as ``lineage_differences`` takes it."""
-    resolution = cfg.model.image_size if stage_kind(name) == "clip" else cfg.resolution
-    loaded = load_captions(data, resolution=resolution)
+    loaded = load_captions(data, resolution=stage_resolution(name, cfg))
     inputs: dict[str, tuple[str | None, str]] = {"data": (loaded.fingerprint, f"--data {data}")}
     if name != "vae":  # the stages that learn from the text
         inputs["captions"] = (loaded.captions_fingerprint, f"--data {data}")

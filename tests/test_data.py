@@ -29,18 +29,27 @@ def test_local_imagefolder_loads_squares_with_both_captions(tmp_path):
     assert abs(int(ds.images[5, 0].float().mean()) - 100) <= 3  # red channel of image 5 is 20 * 5
 
 
-def test_the_captions_have_a_fingerprint_of_their_own_beside_the_images(tmp_path):
+def test_the_captions_have_a_fingerprint_of_their_own_and_a_stage_that_learnt_others_differs(tmp_path):
+    from clip.config import PRESETS, CLIPTrainConfig
+    from engine import build_config
+    from engine.stage import lineage_differences
+    from pipelines.stages import asked_inputs
+
     folder = make_imagefolder(tmp_path / "set")
-    before = load_captions(folder, resolution=16, cache_dir=tmp_path / "cache")
+    cfg = build_config(CLIPTrainConfig, PRESETS, "tiny", {})
+    before = load_captions(folder, resolution=16)
+    recorded = {name: fingerprint for name, (fingerprint, _) in asked_inputs("clip", cfg, str(folder), {}).items()}
+    assert set(recorded) == {"data", "captions"}  # a stage that learns from the text records it
     lines = (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
     (folder / "metadata.jsonl").write_text("\n".join([lines[0].replace("thing 0", "a thing")] + lines[1:]) + "\n",
-                                           encoding="utf-8")
-    after = load_captions(folder, resolution=16, cache_dir=tmp_path / "cache")
+                                           encoding="utf-8")  # a caption fixed, the images as they were
+    after = load_captions(folder, resolution=16)
     assert after.fingerprint == before.fingerprint  # the same images: the decoded cache and latents still fit
     assert after.captions_fingerprint != before.captions_fingerprint
     # the text alone: the same at every resolution
-    smaller = load_captions(folder, resolution=8, cache_dir=tmp_path / "cache")
-    assert after.captions_fingerprint == smaller.captions_fingerprint
+    assert after.captions_fingerprint == load_captions(folder, resolution=8).captions_fingerprint
+    assert lineage_differences(recorded, asked_inputs("clip", cfg, str(folder), {})) == [
+        f"it was trained on other captions than --data {folder}"]
 
 
 def test_split_is_index_mod_10():

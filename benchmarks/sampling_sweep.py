@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--interval", type=parse_interval, nargs="+",
                         default=[None, GenerationSettings.guidance_interval],
                         help="guidance intervals: 'none' (every level) or SIGMA_LO,SIGMA_HI (e.g. 0.28,7.5)")
+    parser.add_argument("--first-order-at-guidance-edges", choices=("off", "on"), nargs="+", default=["off"],
+                        help="dpmpp_2m: extrapolate across the guidance interval's edges (off) or step first order "
+                             "there (on)")
     parser.add_argument("--sampler", default=GenerationSettings.sampler)
     parser.add_argument("--eta", type=float, nargs="+", default=[DEFAULT_STEP_NOISE[0]],
                         help="step noise: 0 deterministic, 1 as much as ancestral ddpm (ddim and dpmpp_2m)")
@@ -116,10 +119,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     guides = [(guide, auto) for guide in args.guide_unet  # an autoguidance scale without a guide means nothing
               for auto in (args.autoguidance if guide is not None else [GenerationSettings.autoguidance_scale])]
     settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
-                                        steps=steps, sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
+                                        first_order_at_guidance_edges=edges == "on", steps=steps, sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
                                         condition_noise=condition_noise, guide_unet=guide, autoguidance_scale=auto)
-                     for scale, rescale, interval, steps, (eta, sigma_max), condition_noise, (guide, auto)
-                     in itertools.product(args.guidance, args.rescale, args.interval, args.steps,
+                     for scale, rescale, interval, edges, steps, (eta, sigma_max), condition_noise, (guide, auto)
+                     in itertools.product(args.guidance, args.rescale, args.interval,
+                                          args.first_order_at_guidance_edges, args.steps,
                                           noise_settings(args.eta, args.eta_sigma_max), args.condition_noise,
                                           guides)]  # checked before loading
     stack = load_stack(args.run)
@@ -128,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
     records = []
-    print("| guidance | rescale | interval | steps | eta | eta sigma max | condition noise | guide UNet | "
-          "autoguidance | " + " | ".join(SHOWN) + " |", flush=True)
+    print("| guidance | rescale | interval | first order at edges | steps | eta | eta sigma max | condition noise | "
+          "guide UNet | autoguidance | " + " | ".join(SHOWN) + " |", flush=True)
     showcase = []
     for index, settings in enumerate(settings_grid):
         settings = dataclasses.replace(settings, size=stack.image_size)
@@ -137,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                      seed_offset=k * SEED_SET_STRIDE) for k in range(args.seed_sets)])
         metrics = summary["mean"]
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
-                                                          "steps", "eta", "eta_sigma_max", "condition_noise",
+                                                          "first_order_at_guidance_edges", "steps", "eta", "eta_sigma_max", "condition_noise",
                                                           "guide_unet")}
         record["autoguidance_scale"] = None if settings.guide_unet is None else settings.autoguidance_scale
         pictures = {}

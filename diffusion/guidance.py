@@ -45,12 +45,26 @@ def guidance_scale_table(schedule: NoiseSchedule, guidance_scale: float,
     elsewhere; ``interval=None`` guides everywhere. Kynkaanniemi et al. 2024: guidance at the highest noise
     levels pulls the seeds of one prompt onto one layout (less variety, more copies of a training image), and
     at the lowest it only sharpens what is already there."""
+    return torch.where(_guided_levels(schedule, interval), guidance_scale, 1.0).float()
+
+
+def _guided_levels(schedule: NoiseSchedule, interval: tuple[float, float] | None) -> Tensor:
+    """Whether each timestep's noise level lies in the guidance interval, bool [T] (every level without one)."""
     check_guidance_interval(interval)
     sigma = schedule.sigmas
     if interval is None:
-        return torch.full_like(sigma, guidance_scale, dtype=torch.float32)
-    guided = (sigma > interval[0]) & (sigma <= interval[1])
-    return torch.where(guided, guidance_scale, 1.0).float()
+        return torch.ones_like(sigma, dtype=torch.bool)
+    return (sigma > interval[0]) & (sigma <= interval[1])
+
+
+def guidance_edges(schedule: NoiseSchedule, interval: tuple[float, float] | None, timesteps: Tensor) -> list[int]:
+    """The sampling timesteps (descending) at which a guidance interval switches guidance on or off: the guided
+    denoiser there is another function than at the step before, so a multistep solver should not extrapolate
+    across it (the samplers' ``first_order_at``). DPM-Solver++(2M) would otherwise push the first guided step
+    towards the prompt by ``1 + (1 + w)(scale - 1)`` rather than ``scale``, ``w`` its extrapolation weight."""
+    guided = _guided_levels(schedule, interval)[timesteps.cpu().long()].tolist()
+    steps = timesteps.tolist()
+    return [t for t, before, now in zip(steps[1:], guided, guided[1:]) if before != now]
 
 
 def check_condition_noise(condition_noise: tuple[float, float, float] | None) -> None:
@@ -212,17 +226,23 @@ def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: Noise
                              guidance_interval: tuple[float, float] | None = None,
                              condition_noise: tuple[float, float, float] | None = None,
                              guide_model: Model | None = None,
-                             autoguidance_scale: float = DEFAULT_AUTOGUIDANCE_SCALE) -> tuple[Tensor, Tensor]:
+                             autoguidance_scale: float = DEFAULT_AUTOGUIDANCE_SCALE,
+                             first_order_at_guidance_edges: bool = False) -> tuple[Tensor, Tensor]:
     """Sample ``x`` (noisy scaled latents at ``timesteps[0]``) with guidance, then decode with the VAE.
 
     The one sampling path of ``pipelines.generate`` and the UNet stage's per-epoch grid. Returns the float32
     images (not clamped) and the scaled latents. ``decode_batch`` bounds the VAE batch; ``decode_context``
     (e.g. an autocast) wraps the decoding only. ``noise`` also draws the condition noise, and ``guide_model`` is
     autoguidance's weaker model, at ``autoguidance_scale`` (all: ``cfg_denoiser``).
+    ``first_order_at_guidance_edges`` steps first order where the guidance interval begins or ends
+    (:func:`guidance_edges`).
     """
     denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
                             guidance_interval, condition_noise, noise, guide_model, autoguidance_scale)
-    latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max)
+    guided = guidance_scale != 1 or (guide_model is not None and autoguidance_scale != 1)
+    edges = guidance_edges(schedule, guidance_interval, timesteps) if first_order_at_guidance_edges and guided else []
+    latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max,
+                                first_order_at=frozenset(edges))
     with decode_context or nullcontext():
         images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()
                             for z in latents.split(decode_batch or len(latents))])

@@ -10,20 +10,22 @@ All step coefficients are computed up front on the CPU in float64 from the sched
 Python floats, so the loop makes no host syncs; ``timesteps`` is read to the host once, before it.
 
 Every sampler has one signature, ``sampler(denoiser, schedule, x, timesteps, *, noise=None, eta=0.0,
-eta_sigma_max=None, callback=None)``: ``noise`` is where a stochastic step draws from (``diffusion.noise``;
-``PerSampleNoise`` makes each sample depend on its own seed only; ``None``: the global RNG), ``eta`` is the step
+eta_sigma_max=None, first_order_at=(), callback=None)``: ``noise`` is where a stochastic step draws from
+(``diffusion.noise``; ``PerSampleNoise`` makes each sample depend on its own seed only; ``None``: the global RNG), ``eta`` is the step
 noise of ``ddim`` and ``dpmpp_2m`` (0: deterministic, 1: as much as ancestral DDPM; in between the two differ,
 ``ddim`` scaling the step noise's std, ``dpmpp_2m`` the exponent of ``exp(-h)`` in its SDE step) and must stay 0
 for ``ddpm``;
 ``eta_sigma_max`` limits that noise to the steps that start at a noise level sigma <= it (EDM's S_tmax; None:
-every step).
+every step); ``first_order_at`` names the timesteps at which the denoiser itself changes (a guidance interval's
+edges): a multistep sampler takes a first-order step there instead of extrapolating from the other denoiser's
+prediction (the one-step samplers are first order everywhere).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from torch import Tensor
@@ -95,7 +97,7 @@ def _run_steps(denoiser: Denoiser, x: Tensor, timesteps: list[int], steps: list[
 
 def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
                 noise: NoiseSource | None = None, eta: float = 0.0, eta_sigma_max: float | None = None,
-                callback: StepCallback | None = None) -> Tensor:
+                first_order_at: Collection[int] = (), callback: StepCallback | None = None) -> Tensor:
     """DDIM; ``eta=0`` is the deterministic probability-flow sampler, ``eta=1`` matches ancestral DDPM."""
     check_eta("ddim", eta, eta_sigma_max)
     ts, levels = _levels(schedule, timesteps)
@@ -106,7 +108,7 @@ def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timestep
 
 def sample_ddpm(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
                 noise: NoiseSource | None = None, eta: float = 0.0, eta_sigma_max: float | None = None,
-                callback: StepCallback | None = None) -> Tensor:
+                first_order_at: Collection[int] = (), callback: StepCallback | None = None) -> Tensor:
     """Ancestral sampling from the posterior q(x_{t'} | x_t, x0_hat) between consecutive timesteps."""
     check_eta("ddpm", eta, eta_sigma_max)
     ts, levels = _levels(schedule, timesteps)
@@ -163,12 +165,13 @@ def _half_log_snr(alpha_bar: float) -> float:
 
 def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, *,
                     noise: NoiseSource | None = None, eta: float = 0.0, eta_sigma_max: float | None = None,
-                    callback: StepCallback | None = None) -> Tensor:
+                    first_order_at: Collection[int] = (), callback: StepCallback | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep in lambda = log(alpha / sigma).
 
     Each step is the first-order update with x0_hat replaced by the extrapolation
     ``(1 + w) x0_hat_i - w x0_hat_{i-1}``, ``w = h_i / (2 h_{i-1})``. The first step, the last step (to the
-    clean level, h = inf) and a step after a pure-noise start (h_{i-1} = inf) stay first order (w = 0).
+    clean level, h = inf), a step after a pure-noise start (h_{i-1} = inf) and a step at a timestep in
+    ``first_order_at`` (where the denoiser changes, so x0_hat_{i-1} is another function's) stay first order (w = 0).
     ``eta = 0`` (default) is the deterministic ODE solver and never draws from ``noise``; ``eta`` in (0, 1]
     is its SDE form (:func:`_dpmpp_sde_step`; eta = 1 is diffusers' ``sde-dpmsolver++``), which injects fresh
     noise at every step as ancestral sampling does, less of it at smaller eta.
@@ -177,8 +180,8 @@ def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, time
     ts, levels = _levels(schedule, timesteps)
     lambdas = [_half_log_snr(a) for a in levels]
     h = [b - a for a, b in zip(lambdas[:-1], lambdas[1:])]
-    weights = [0.0] + [h[i] / (2 * h[i - 1]) if math.isfinite(h[i]) and math.isfinite(h[i - 1]) else 0.0
-                       for i in range(1, len(h))]
+    weights = [0.0] + [h[i] / (2 * h[i - 1]) if math.isfinite(h[i]) and math.isfinite(h[i - 1])
+                       and ts[i] not in first_order_at else 0.0 for i in range(1, len(h))]
     steps = [_dpmpp_sde_step(a, b, step_eta) for a, b, step_eta in zip(levels[:-1], levels[1:],
                                                                         _step_etas(schedule, ts, eta, eta_sigma_max))]
 

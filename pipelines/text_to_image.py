@@ -48,6 +48,9 @@ class GenerationSettings:
     # (sigma_lo, sigma_hi): guide only at noise levels in between (diffusion.guidance.guidance_scale_table);
     # None guides at every level
     guidance_interval: tuple[float, float] | None = (0.28, 7.5)
+    # A multistep sampler (dpmpp_2m) steps first order where the interval begins or ends rather than extrapolate
+    # from the other side's prediction (diffusion.guidance.guidance_edges)
+    first_order_at_guidance_edges: bool = False
     steps: int = 25
     sampler: str = "dpmpp_2m"  # "ddim" | "ddpm" | "dpmpp_2m"
     # Step noise of ddim and dpmpp_2m (0: deterministic; 1: as much as ancestral ddpm, which refuses eta > 0), only
@@ -108,7 +111,8 @@ class GenerationSettings:
     def describe(self) -> str:
         """One line for a report: sampler, steps, guidance and its levels, step noise, condition noise, size."""
         levels = "at every level" if self.guidance_interval is None else \
-            "in sigma ({:g}, {:g}]".format(*self.guidance_interval)
+            "in sigma ({:g}, {:g}]".format(*self.guidance_interval) + (
+                ", first order at its edges" if self.first_order_at_guidance_edges else "")
         if self.sampler == "ddpm":  # ancestral at every step; its eta is not a setting
             noise = "ancestral step noise"
         else:
@@ -149,6 +153,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                                "2024), the prompt's prediction alone elsewhere (default: %(default)s)")
     interval.add_argument("--guide-every-level", dest="guidance_interval", action="store_const", const=None,
                           help="plain classifier-free guidance at every noise level (no interval)")
+    parser.add_argument("--first-order-at-guidance-edges", action="store_true",
+                        help="dpmpp_2m: a first-order step where the guidance interval begins or ends, not an "
+                             "extrapolation from the unguided prediction")
     annealing = parser.add_mutually_exclusive_group()
     annealing.add_argument("--condition-noise", type=float, nargs=3, metavar=("SCALE", "SIGMA_LO", "SIGMA_HI"),
                            default=defaults.condition_noise,
@@ -174,7 +181,9 @@ def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettin
     autoguidance = GenerationSettings.autoguidance_scale if args.autoguidance is None else args.autoguidance
     return GenerationSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, eta_sigma_max=args.eta_sigma_max,
                               guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
-                              guidance_interval=args.guidance_interval, condition_noise=args.condition_noise,
+                              guidance_interval=args.guidance_interval,
+                              first_order_at_guidance_edges=args.first_order_at_guidance_edges,
+                              condition_noise=args.condition_noise,
                               guide_unet=args.guide_unet, autoguidance_scale=autoguidance, **more)
 
 
@@ -236,7 +245,8 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
             timesteps, settings.sampler, per_sample, settings.eta, settings.eta_sigma_max, decode_context=autocast,
             guidance_rescale=settings.guidance_rescale, guidance_interval=settings.guidance_interval,
             condition_noise=settings.condition_noise, guide_model=guide,
-            autoguidance_scale=settings.autoguidance_scale)
+            autoguidance_scale=settings.autoguidance_scale,
+            first_order_at_guidance_edges=settings.first_order_at_guidance_edges)
         outputs.append(images.clamp(-1, 1))
         all_latents.append(latents)
     return torch.cat(outputs), torch.cat(all_latents)

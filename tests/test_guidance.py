@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion.guidance import (anneal_condition, cfg_denoiser, check_condition_noise, check_guidance_interval,
-                                condition_noise_table, guidance_scale_table, rescale_guided, unconditional_rows)
+                                condition_noise_table, guidance_edges, guidance_scale_table, rescale_guided, unconditional_rows)
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -236,6 +236,20 @@ def test_steps_outside_the_interval_skip_the_unconditional_pass(prediction_type)
         return schedule.to_x0_eps(pred_uncond + scale * (pred_cond - pred_uncond), x_t, t, prediction_type)[0]
 
     torch.testing.assert_close(out, sample_ddim(reference, schedule, x, timesteps))
+    # where guidance switches on and off: the first guided step and the first after the interval
+    assert guidance_edges(schedule, interval, timesteps) == [int(timesteps[3]), int(timesteps[9])]
+    assert guidance_edges(schedule, None, timesteps) == []
+
+
+def test_first_order_at_guidance_edges_reaches_the_sampler_from_the_settings():
+    from pipelines.text_to_image import GenerationSettings, add_sampling_arguments, sampling_settings
+
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    assert not sampling_settings(parser.parse_args([])).first_order_at_guidance_edges
+    settings = sampling_settings(parser.parse_args(["--first-order-at-guidance-edges"]))
+    assert settings.first_order_at_guidance_edges and "first order at its edges" in settings.describe()
+    assert "first order" not in GenerationSettings().describe()
 
 
 def test_sampling_sweep_reads_guidance_intervals():

@@ -341,3 +341,26 @@ def test_eta_out_of_its_range_is_refused(name, eta, message):
     with pytest.raises(ValueError, match=message):
         SAMPLERS[name](gaussian_denoiser(schedule), schedule, torch.zeros(2, 4, dtype=torch.float64),
                        schedule.sampling_timesteps(3), eta=eta)
+
+
+def test_dpmpp_2m_steps_first_order_at_the_named_timesteps(schedule):
+    timesteps = schedule.sampling_timesteps(8)
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def denoiser(x_t, t):  # an estimate that moves from step to step, so the extrapolation matters
+        return 0.5 * torch.tanh(x_t) + t / 1000
+
+    def trajectory(**kwargs):
+        xs = []
+        out = sample_dpmpp_2m(denoiser, schedule, x, timesteps, callback=lambda i, x_i, _: xs.append(x_i), **kwargs)
+        return out, xs
+
+    # first order at every step is the first-order DPM-Solver++ step, i.e. DDIM
+    everywhere, _ = trajectory(first_order_at=set(timesteps.tolist()))
+    torch.testing.assert_close(everywhere, sample_ddim(denoiser, schedule, x, timesteps))
+    # at one step: the same path before it, another from it on
+    plain, plain_xs = trajectory()
+    _, edge_xs = trajectory(first_order_at={int(timesteps[4])})
+    assert all(torch.equal(a, b) for a, b in zip(plain_xs[:4], edge_xs[:4]))
+    assert not torch.allclose(plain_xs[4], edge_xs[4])
+    assert not torch.allclose(plain, everywhere)

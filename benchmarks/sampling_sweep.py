@@ -119,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     guides = [(guide, auto) for guide in args.guide_unet  # an autoguidance scale without a guide means nothing
               for auto in (args.autoguidance if guide is not None else [GenerationSettings.autoguidance_scale])]
     settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
-                                        first_order_at_guidance_edges=edges == "on", steps=steps, sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
+                                        first_order_at_guidance_edges=edges == "on", steps=steps,
+                                        sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
                                         condition_noise=condition_noise, guide_unet=guide, autoguidance_scale=auto)
                      for scale, rescale, interval, edges, steps, (eta, sigma_max), condition_noise, (guide, auto)
                      in itertools.product(args.guidance, args.rescale, args.interval,
@@ -141,8 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                      seed_offset=k * SEED_SET_STRIDE) for k in range(args.seed_sets)])
         metrics = summary["mean"]
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
-                                                          "first_order_at_guidance_edges", "steps", "eta", "eta_sigma_max", "condition_noise",
-                                                          "guide_unet")}
+                                                          "first_order_at_guidance_edges", "steps", "eta",
+                                                          "eta_sigma_max", "condition_noise", "guide_unet")}
         record["autoguidance_scale"] = None if settings.guide_unet is None else settings.autoguidance_scale
         pictures = {}
         if args.showcase:

@@ -11,10 +11,10 @@ Python floats, so the loop makes no host syncs; ``timesteps`` is read to the hos
 
 Every sampler has one signature, ``sampler(denoiser, schedule, x, timesteps, *, noise=None, eta=0.0,
 eta_sigma_max=None, first_order_at=(), callback=None)``: ``noise`` is where a stochastic step draws from
-(``diffusion.noise``; ``PerSampleNoise`` makes each sample depend on its own seed only; ``None``: the global RNG), ``eta`` is the step
-noise of ``ddim`` and ``dpmpp_2m`` (0: deterministic, 1: as much as ancestral DDPM; in between the two differ,
-``ddim`` scaling the step noise's std, ``dpmpp_2m`` the exponent of ``exp(-h)`` in its SDE step) and must stay 0
-for ``ddpm``;
+(``diffusion.noise``; ``PerSampleNoise`` makes each sample depend on its own seed only; ``None``: the global RNG),
+``eta`` is the step noise of ``ddim`` and ``dpmpp_2m`` (0: deterministic, 1: as much as ancestral DDPM; in between
+the two differ, ``ddim`` scaling the step noise's std, ``dpmpp_2m`` the exponent of ``exp(-h)`` in its SDE step)
+and must stay 0 for ``ddpm``;
 ``eta_sigma_max`` limits that noise to the steps that start at a noise level sigma <= it (EDM's S_tmax; None:
 every step); ``first_order_at`` names the timesteps at which the denoiser itself changes (a guidance interval's
 edges): a multistep sampler takes a first-order step there instead of extrapolating from the other denoiser's

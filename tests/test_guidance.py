@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from diffusion.guidance import (anneal_condition, cfg_denoiser, check_condition_noise, check_guidance_interval,
-                                condition_noise_table, guidance_edges, guidance_scale_table, rescale_guided, unconditional_rows)
+                                condition_noise_table, guidance_edges, guidance_scale_table, rescale_guided,
+                                unconditional_rows)
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from diffusion.schedule import NoiseSchedule, ScheduleConfig

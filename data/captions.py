@@ -247,6 +247,14 @@ def split_clauses(caption: str) -> list[str]:
     return [c.strip(" .。") for c in _CLAUSE_SPLIT.split(caption.strip()) if c.strip(" .。")]
 
 
+def clause_prefixes(caption: str) -> list[str]:
+    """The caption cut short at each clause boundary, longest first, each ended as a sentence ("." or "。")."""
+    stop = "。" if any("\u4e00" <= ch <= "\u9fff" for ch in caption) else "."
+    cuts = [m.start() for m in _CLAUSE_SPLIT.finditer(caption)
+            if caption[:m.start()].strip(" .。") and caption[m.end():].strip(" .。")]  # a clause on each side
+    return [caption[:cut].rstrip() + stop for cut in reversed(cuts)]
+
+
 def clause_variants(caption: str, count: int, keep_prob: float, generator: torch.Generator) -> list[str]:
     """``count`` shortened variants of a caption: each keeps every clause with probability ``keep_prob`` (at
     least one), in the original order.

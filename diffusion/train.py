@@ -16,14 +16,16 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clip.model import CLIPModel
+from clip.model import TOKENIZER_FILE, CLIPModel
+from clip.tokenizer import BPETokenizer
 from data import CaptionSet, load_captions
+from data.captions import clause_prefixes
 from data.augment import to_float
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
@@ -181,20 +183,32 @@ def probe_key(std: float) -> str:
     return f"val/loss_ema_std_{std:g}"
 
 
-def with_colour_sentences(images: Tensor, en: list[str], zh: list[str]) -> tuple[list[str], list[str]]:
+def with_colour_sentences(images: Tensor, en: list[str], zh: list[str],
+                          fits: Callable[[str], bool] = lambda text: True) -> tuple[list[str], list[str]]:
     """The captions of ``images`` (uint8), each followed by a sentence that names the hue family most of the
     creature's coloured pixels have ("Its body is mostly red." / "它的身体主要是红色。") when one family holds
     at least ``COLOUR_SENTENCE_MIN_SHARE`` of them. In this data colour words mostly name details ("red eyes");
-    the sentence, measured from the pixels, ties them to the body too."""
+    the sentence, measured from the pixels, ties them to the body too. A caption whose text with the sentence
+    does not ``fit`` (the text encoder's context) loses its last clauses instead, so the encoder never cuts the
+    sentence off."""
     shares = torch.cat([hue_family_shares(to_float(chunk)) for chunk in images.split(64)])
     share, family = shares.max(dim=1)
     en_out, zh_out = list(en), list(zh)
     for i, (top_share, index) in enumerate(zip(share.tolist(), family.tolist())):
         if top_share >= COLOUR_SENTENCE_MIN_SHARE:
             _, en_word, zh_word, _ = COLOUR_FAMILIES[index]
-            en_out[i] = f"{en[i].rstrip()} Its body is mostly {en_word}."
-            zh_out[i] = f"{zh[i].rstrip()}它的身体主要是{zh_word}。"
+            en_out[i] = _with_sentence(en[i], f" Its body is mostly {en_word}.", fits)
+            zh_out[i] = _with_sentence(zh[i], f"它的身体主要是{zh_word}。", fits)
     return en_out, zh_out
+
+
+def _with_sentence(caption: str, sentence: str, fits: Callable[[str], bool]) -> str:
+    """``caption`` + ``sentence``, or the longest clause prefix of ``caption`` that fits with it (the whole
+    caption when none does: the sentence alone would drop the caption's every word)."""
+    for body in (caption.rstrip(), *clause_prefixes(caption)):
+        if fits(body + sentence):
+            return body + sentence
+    return caption.rstrip() + sentence
 
 
 def grid_prompts(val: CaptionSet) -> list[str]:
@@ -269,7 +283,11 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     # The colour sentences are measured once, at the stage's resolution, and both phases train on them: measured
     # at each phase's own resolution, a few borderline images would change colour between the phases.
     train_set = data.subset("train")
-    captions = with_colour_sentences(train_set.images, train_set.en, train_set.zh) if cfg.colour_sentences else None
+    captions = None
+    if cfg.colour_sentences:
+        tokenizer = BPETokenizer.load(Path(clip_dir) / TOKENIZER_FILE, read_stage(clip_dir).model["context_length"])
+        captions = with_colour_sentences(train_set.images, train_set.en, train_set.zh,
+                                         fits=lambda text: tokenizer.dropped_tokens(text) == 0)
     init_from = cfg.init_from
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
@@ -313,10 +331,9 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     en, zh = captions or (train_set.en, train_set.zh)
     cut = {language: sum(clip.tokenizer.dropped_tokens(text) > 0 for text in texts)
            for language, texts in (("English", en), ("Chinese", zh))}
-    if any(cut.values()) and env.is_main:  # the end cut off is the colour sentence, when there is one
+    if any(cut.values()) and env.is_main:  # a colour sentence is kept: with_colour_sentences trims the caption
         tqdm.write(f"note: {cut['English']} English and {cut['Chinese']} Chinese training captions of {len(en)} are "
-                   f"longer than the text encoder's {clip.tokenizer.context_length - 2} tokens; their ends are cut off"
-                   + (" (their colour sentence with them)" if captions is not None else ""))
+                   f"longer than the text encoder's {clip.tokenizer.context_length - 2} tokens; their ends are cut off")
     texts = TextStateCache.build(clip, en, zh, cfg.caption_variants, cfg.clause_keep_prob, seed=cfg.train.seed)
     val_context = encode_prompts(clip, val_set.en)
     prompt_states = encode_prompts(clip, grid_prompts(val_set))

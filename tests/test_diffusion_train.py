@@ -8,7 +8,7 @@ import torch
 from clip import CLIPConfig, CLIPModel, train_tokenizer
 from data import load_captions
 from data.augment import AUGMENT_DIM
-from data.captions import clause_variants, split_clauses
+from data.captions import clause_prefixes, clause_variants, split_clauses
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
 from diffusion.train import main, stage_checkpoints, train, with_colour_sentences
@@ -115,6 +115,9 @@ def test_caption_variants_drop_clauses_and_keep_the_full_caption_first():
     assert len(set(variants)) > 5
     assert split_clauses("一只红色的鸟，蓝色的翅膀。") == ["一只红色的鸟", "蓝色的翅膀"]
     assert clause_variants("一只红色的鸟，蓝色的翅膀", 3, 1.0, g) == ["一只红色的鸟，蓝色的翅膀"] * 3
+    assert clause_prefixes(caption) == ["a red bird, with blue wings, and a long tail.", "a red bird, with blue wings.",
+                                        "a red bird."]
+    assert clause_prefixes("一只红色的鸟，蓝色的翅膀。") == ["一只红色的鸟。"] and clause_prefixes("a bird") == []
 
     clip = tiny_clip()
     texts = TextStateCache.build(clip, [caption], ["一只红色的鸟，蓝色的翅膀"], variants=3)
@@ -281,6 +284,12 @@ def test_colour_sentences_name_the_body_colour_measured_from_the_pixels():
     en, zh = with_colour_sentences(images, ["A cat.", "A bird. ", "A page."], ["一只猫。", "一只鸟。", "一页。"])
     assert en == ["A cat. Its body is mostly red.", "A bird. Its body is mostly blue.", "A page."]
     assert zh == ["一只猫。它的身体主要是红色。", "一只鸟。它的身体主要是蓝色。", "一页。"]
+    # a caption too long for the text encoder with its sentence loses its last clauses, never the sentence
+    en, zh = with_colour_sentences(images[:1], ["A cat, with red ears, and a long tail"], ["一只猫，红耳朵，长尾巴"],
+                                   fits=lambda text: len(text) <= 48)
+    assert en == ["A cat, with red ears. Its body is mostly red."] and zh == ["一只猫，红耳朵，长尾巴它的身体主要是红色。"]
+    en, _ = with_colour_sentences(images[:1], ["A cat with red ears"], ["一只猫"], fits=lambda text: len(text) <= 30)
+    assert en == ["A cat with red ears Its body is mostly red."]  # no clause to drop: cut by the encoder instead
 
 
 def spy_text_states(monkeypatch) -> list[tuple[list[str], list[str]]]:
@@ -308,9 +317,9 @@ def test_colour_sentences_reach_the_text_states_only_when_asked(stages, tmp_path
 def test_both_phases_train_on_colour_sentences_measured_once_at_the_stages_resolution(stages, tmp_path, monkeypatch):
     seen, measured_sizes, measure = spy_text_states(monkeypatch), [], with_colour_sentences
 
-    def spy_measure(images, en, zh):
+    def spy_measure(images, en, zh, **kwargs):
         measured_sizes.append(images.shape[-1])
-        return measure(images, en, zh)
+        return measure(images, en, zh, **kwargs)
 
     monkeypatch.setattr("diffusion.train.with_colour_sentences", spy_measure)
     cfg = tiny_config(epochs=1, lowres_epochs=1, colour_sentences=True)

@@ -157,13 +157,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("| " + " | ".join(str(value) for value in record.values()) + " | "
               + " | ".join(f"{metrics[k]:.3f}" + (f" ± {spread[k]:.3f}" if spread else "") for k in SHOWN) + " |",
               flush=True)
-    if args.showcase:
-        (args.showcase / "showcase.md").write_text("\n".join(
-            ["# The sweep's settings by eye", "",
-             f"Run `{args.run}`, as in its final_samples.png: {showcase_layout()}.", ""] + showcase), encoding="utf-8")
-    write_json(args.out, {"run": str(args.run), "sampler": args.sampler, "seed_sets": args.seed_sets,
-                          "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
-                          "command": command_line("python -m benchmarks.sampling_sweep", argv), "records": records})
+        # after every setting, so a sweep cut short (a machine taken back) keeps what it measured
+        write_json(args.out, {"run": str(args.run), "sampler": args.sampler, "seed_sets": args.seed_sets,
+                              "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
+                              "command": command_line("python -m benchmarks.sampling_sweep", argv),
+                              "settings": len(settings_grid), "records": records})
+        if args.showcase:
+            (args.showcase / "showcase.md").write_text("\n".join(
+                ["# The sweep's settings by eye", "", f"Run `{args.run}`, as in its final_samples.png: "
+                 f"{showcase_layout()}.", ""] + showcase), encoding="utf-8")
 
 
 if __name__ == "__main__":

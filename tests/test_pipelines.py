@@ -885,6 +885,35 @@ def test_sampling_sweep_draws_each_setting_as_a_run_draws_its_final_samples(run_
     assert f"## setting 01: {annealed.describe()}" in index and "(setting_01.png)" in index
 
 
+def test_sampling_sweep_keeps_each_measured_setting_when_cut_short(run_a, tmp_path, monkeypatch):
+    from benchmarks import sampling_sweep
+
+    measure, calls = sampling_sweep.generation_metrics, []
+
+    def taken_back_after_one(*args, **kwargs):  # the machine goes away during the second setting
+        calls.append(args[4])
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(sampling_sweep, "generation_metrics", taken_back_after_one)
+    out = tmp_path / "sweep.json"
+    with pytest.raises(KeyboardInterrupt):
+        sampling_sweep.main(["--run", str(run_a), "--data", DATA, "--out", str(out), "--steps", "8", "--eta", "0",
+                             "--guidance", "4", "--rescale", "0", "--interval", "0.28,7.5",
+                             "--first-order-at-guidance-edges", "off", "on"])
+    written = json.loads(out.read_text())
+    assert written["settings"] == 2 and [r["first_order_at_guidance_edges"] for r in written["records"]] == [False]
+    assert [settings.first_order_at_guidance_edges for settings in calls] == [False, True]
+
+
+def test_first_order_at_guidance_edges_reaches_the_sampler(run_a):
+    stack = load_stack(run_a)  # the same seed draws another picture
+    drawn = [generate(stack, ["a red pokemon"], [0], GenerationSettings(
+        size=64, steps=8, eta=0, guidance_rescale=0, first_order_at_guidance_edges=edges)) for edges in (False, True)]
+    assert not torch.allclose(*drawn)
+
+
 def test_sampling_sweep_crosses_each_guide_with_each_autoguidance_scale(run_a, guide_a, tmp_path):
     from benchmarks import sampling_sweep
 

@@ -126,7 +126,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                      in itertools.product(args.guidance, args.rescale, args.interval,
                                           args.first_order_at_guidance_edges, args.steps,
                                           noise_settings(args.eta, args.eta_sigma_max), args.condition_noise,
-                                          guides)]  # checked before loading
+                                          guides)
+                     # the first-order edge step changes nothing where no multistep sampler crosses a guidance edge
+                     if edges == "off" or (args.sampler == "dpmpp_2m" and interval is not None
+                                           and (scale != 1 or (guide is not None and auto != 1)))
+                     ]  # checked before loading
     stack = load_stack(args.run)
     judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()
     data = load_captions(args.data, resolution=stack.image_size)

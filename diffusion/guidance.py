@@ -235,7 +235,7 @@ def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: Noise
     (e.g. an autocast) wraps the decoding only. ``noise`` also draws the condition noise, and ``guide_model`` is
     autoguidance's weaker model, at ``autoguidance_scale`` (all: ``cfg_denoiser``).
     ``first_order_at_guidance_edges`` steps first order where the guidance interval begins or ends
-    (:func:`guidance_edges`).
+    (:func:`guidance_edges`), in every row (an empty prompt's row too, whose denoiser does not change there).
     """
     denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
                             guidance_interval, condition_noise, noise, guide_model, autoguidance_scale)

@@ -319,6 +319,7 @@ def test_both_phases_train_on_colour_sentences_measured_once_at_the_stages_resol
 
     def spy_measure(images, en, zh, **kwargs):
         measured_sizes.append(images.shape[-1])
+        assert kwargs["fits"]("a red circle") and not kwargs["fits"]("circle " * 100)  # the CLIP's context
         return measure(images, en, zh, **kwargs)
 
     monkeypatch.setattr("diffusion.train.with_colour_sentences", spy_measure)

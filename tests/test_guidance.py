@@ -1,11 +1,12 @@
 """Classifier-free guidance with a toy linear model whose output depends on x, t and the context."""
 
 import argparse
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from diffusion.guidance import (anneal_condition, cfg_denoiser, check_condition_noise, check_guidance_interval,
+from diffusion.guidance import (anneal_condition, cfg_denoiser, guided_sample_and_decode, check_condition_noise, check_guidance_interval,
                                 condition_noise_table, guidance_edges, guidance_scale_table, rescale_guided,
                                 unconditional_rows)
 from diffusion.noise import PerSampleNoise
@@ -240,6 +241,29 @@ def test_steps_outside_the_interval_skip_the_unconditional_pass(prediction_type)
     # where guidance switches on and off: the first guided step and the first after the interval
     assert guidance_edges(schedule, interval, timesteps) == [int(timesteps[3]), int(timesteps[9])]
     assert guidance_edges(schedule, None, timesteps) == []
+
+
+def test_guided_sampling_steps_first_order_at_the_interval_edges_only_when_guided():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(BATCH, 4, 8, 8, generator=generator)
+    cond = torch.randn(BATCH, LENGTH, WIDTH, generator=generator) + 1.0
+    uncond = torch.randn(1, LENGTH, WIDTH, generator=generator) - 1.0
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    timesteps, interval = schedule.sampling_timesteps(12), (0.6, 7.5)  # guided from sigma 5.4 to 0.73
+    vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0), decode=lambda z: z)  # latents come back
+
+    def sample(scale, first_order):
+        return guided_sample_and_decode(ToyModel(), vae, schedule, "v_prediction", cond, uncond, scale, x, timesteps,
+                                        "dpmpp_2m", PerSampleNoise([0, 1, 2]), guidance_interval=interval,
+                                        first_order_at_guidance_edges=first_order)[1]
+
+    edges = guidance_edges(schedule, interval, timesteps)
+    assert len(edges) == 2 and int(timesteps[0]) not in edges  # pure noise is outside, so the first step too
+    denoiser = cfg_denoiser(ToyModel(), schedule, "v_prediction", cond, uncond, 4.0, guidance_interval=interval)
+    expected = sample_dpmpp_2m(denoiser, schedule, x, timesteps, first_order_at=set(edges))
+    torch.testing.assert_close(sample(4.0, True), expected)
+    assert not torch.allclose(sample(4.0, False), expected)
+    assert torch.equal(sample(1.0, True), sample(1.0, False))  # unguided: one denoiser, no edge
 
 
 def test_first_order_at_guidance_edges_reaches_the_sampler_from_the_settings():

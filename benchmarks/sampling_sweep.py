@@ -27,6 +27,7 @@ import torch
 
 from clip.model import CLIPModel
 from data import load_captions
+from diffusion.guidance import is_guided
 from engine.cli import command_line
 from engine.errors import UserError, run_cli
 from engine.stage import write_json
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                           guides)
                      # the first-order edge step changes nothing where no multistep sampler crosses a guidance edge
                      if edges == "off" or (args.sampler == "dpmpp_2m" and interval is not None
-                                           and (scale != 1 or (guide is not None and auto != 1)))
+                                           and is_guided(scale, None if guide is None else auto))
                      ]  # checked before loading
     stack = load_stack(args.run)
     judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()

@@ -57,6 +57,12 @@ def _guided_levels(schedule: NoiseSchedule, interval: tuple[float, float] | None
     return (sigma > interval[0]) & (sigma <= interval[1])
 
 
+def is_guided(guidance_scale: float, autoguidance_scale: float | None = None) -> bool:
+    """Whether a step inside the guidance interval differs from the prompt's prediction alone: a classifier-free
+    scale other than 1, or an autoguidance scale (None: no guide model) other than 1."""
+    return guidance_scale != 1 or (autoguidance_scale is not None and autoguidance_scale != 1)
+
+
 def guidance_edges(schedule: NoiseSchedule, interval: tuple[float, float] | None, timesteps: Tensor) -> list[int]:
     """The sampling timesteps (descending) at which a guidance interval switches guidance on or off: the guided
     denoiser there is another function than at the step before, so a multistep solver should not extrapolate
@@ -239,7 +245,7 @@ def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: Noise
     """
     denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
                             guidance_interval, condition_noise, noise, guide_model, autoguidance_scale)
-    guided = guidance_scale != 1 or (guide_model is not None and autoguidance_scale != 1)
+    guided = is_guided(guidance_scale, None if guide_model is None else autoguidance_scale)
     edges = guidance_edges(schedule, guidance_interval, timesteps) if first_order_at_guidance_edges and guided else []
     latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max,
                                 first_order_at=frozenset(edges))

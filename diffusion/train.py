@@ -277,15 +277,15 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     validate_config(cfg)
     env = distributed.setup(device)
     check_cuda_graph(cfg.train, env.device, env.world_size)
-    for folder, kind in ((vae_dir, "vae"), (clip_dir, "clip")):
-        read_stage(folder, kind)  # a missing or unfinished stage is named before the data loads
+    read_stage(vae_dir, "vae")  # a missing or unfinished stage is named before the data loads
+    clip_info = read_stage(clip_dir, "clip")
     data = load_captions(data_source, resolution=cfg.resolution)
     # The colour sentences are measured once, at the stage's resolution, and both phases train on them: measured
     # at each phase's own resolution, a few borderline images would change colour between the phases.
     train_set = data.subset("train")
     captions = None
     if cfg.colour_sentences:
-        tokenizer = BPETokenizer.load(Path(clip_dir) / TOKENIZER_FILE, read_stage(clip_dir).model["context_length"])
+        tokenizer = BPETokenizer.load(Path(clip_dir) / TOKENIZER_FILE, clip_info.model["context_length"])
         captions = with_colour_sentences(train_set.images, train_set.en, train_set.zh,
                                          fits=lambda text: tokenizer.dropped_tokens(text) == 0)
     init_from = cfg.init_from

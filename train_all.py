@@ -34,7 +34,7 @@ from engine import ConfigError, StageError, build_config, is_complete, read_stag
 from engine import distributed
 from engine.cli import command_line
 from engine.config import choose_preset, config_to_dict, parse_overrides, preset_reason
-from engine.errors import run_cli
+from engine.errors import add_debug_flag, run_cli
 from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
 from engine.runlog import loss_spikes, rollbacks
@@ -333,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     description, _, usage_notes = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(prog="train_all.py", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=usage_notes)
+    add_debug_flag(parser)
     parser.add_argument("--data", required=True, help="captions folder (e.g. ../shared/pokemon), hub id, or 'shapes'")
     parser.add_argument("--run", type=Path, default=Path("runs/pokemon"), help="run folder (default runs/pokemon)")
     parser.add_argument("--preset", default=None, help="'tiny' (CPU) or 'full' (GPU); default by device")

@@ -99,8 +99,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, context_length: int = CON
     """Learn byte-level BPE merges from `texts`; the same texts and settings give an identical tokenizer.json.
 
     ``normalize`` lowercases and strips accents before anything else (as CLIP's and BERT-uncased's tokenizers
-    do), so "A Pokémon" and "a pokemon" are the same tokens; Chinese text is unchanged. The tokenizer.json keeps
-    the setting: a saved tokenizer normalises (or not) as it was trained."""
+    do), so "A Pokémon" and "a pokemon" are the same tokens, and folds full-width and other compatibility forms
+    to their plain ones (NFKC's folding), so a Chinese prompt typed with "," reads as the captions' "，"; Chinese
+    characters are unchanged. The tokenizer.json keeps the setting: a saved tokenizer normalises (or not) as it
+    was trained."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size={vocab_size} is below {MIN_VOCAB_SIZE} (all bytes + special tokens); raise it")
     if not texts:
@@ -108,11 +110,11 @@ def train_tokenizer(texts: list[str], vocab_size: int, context_length: int = CON
     tokenizer = Tokenizer(models.BPE())
     # Leading/trailing whitespace carries no meaning in a prompt; dropping it keeps " cat" and "cat" the same.
     strip = normalizers.Strip()
-    # Accents are the combining diacritics (U+0300-U+036F) that NFD splits off Latin letters: StripAccents would
+    # Accents are the combining diacritics (U+0300-U+036F) that NFKD splits off Latin letters: StripAccents would
     # drop every combining mark, kana's voicing marks and emoji's variation selectors with them (ガ -> カ)
     accents = normalizers.Replace(Regex("[\u0300-\u036f]"), "")
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFD(), accents, normalizers.NFC(), normalizers.Lowercase(),
-                                                 strip]) if normalize else strip
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKD(), accents, normalizers.NFC(),
+                                                 normalizers.Lowercase(), strip]) if normalize else strip
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import distributed
 from .config import build_config, choose_preset, parse_overrides, preset_reason
+from .errors import add_debug_flag
 from .stage import check_training_folder, record_preset, remove_empty_folders
 from .trainer import checkpoint_path
 
@@ -23,7 +24,8 @@ def command_line(program: str, argv: Sequence[str] | None = None) -> str:
 def stage_parser(prog: str, description: str, stage: str,
                  upstream: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """A parser with the flags every stage takes (``--data``, ``--out``, ``--preset``, ``--resume``,
-    ``--overwrite``, ``--device``) and a required ``--NAME FOLDER`` per stage in ``upstream`` (name -> help)."""
+    ``--overwrite``, ``--device``, ``--debug``) and a required ``--NAME FOLDER`` per stage in ``upstream``
+    (name -> help)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
         epilog="Any config value can be overridden as --key=value (e.g. --lr=2e-4 --epochs=3); "
@@ -37,6 +39,7 @@ def stage_parser(prog: str, description: str, stage: str,
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a finished stage in the output folder (default: refuse)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: GPU when available)")
+    add_debug_flag(parser)
     return parser
 
 

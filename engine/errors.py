@@ -6,6 +6,7 @@ generation input); its message names the problem and the fix. Anything else is a
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, TypeVar
@@ -19,6 +20,13 @@ ResultT = TypeVar("ResultT")
 
 class UserError(ValueError):
     """A mistake in the user's input; the message names the problem and the fix."""
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """List ``--debug`` in the ``--help`` of a command run through ``run_cli`` (which takes the flag out of
+    ``sys.argv`` before ``main`` parses it)."""
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of a user error too (or set {DEBUG_ENV}=1)")
 
 
 def run_cli(main: Callable[[], ResultT]) -> ResultT:

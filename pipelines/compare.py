@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from engine.errors import UserError, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 
 from .evaluate import metrics_table
@@ -37,6 +37,7 @@ def compare_table(runs: Sequence[Path]) -> str:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m pipelines.compare", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_debug_flag(parser)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--prompt", action="append", help="default: a fixed English + Chinese set")

@@ -28,7 +28,7 @@ from clip.metrics import retrieval_metrics
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from data.augment import to_float
-from engine.errors import UserError, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
@@ -398,6 +398,7 @@ def evaluate_to_folder(stack: StageStack, data_source: str, out_dir: Path, judge
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
+    add_debug_flag(parser)
     add_stage_arguments(parser)
     parser.add_argument("--data", required=True, help="captions source (folder, hub id or 'shapes')")
     parser.add_argument("--judge", type=Path,

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from clip.model import TOKENIZER_FILE
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
-from engine.errors import UserError, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, write_json
 from unet.config import UNetConfig
 from vae.config import VAEConfig
@@ -399,6 +399,7 @@ def _write_export(stack: StageStack, out: Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m pipelines.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_debug_flag(parser)
     add_stage_arguments(parser)
     parser.add_argument("--format", choices=["diffusers"], default="diffusers")
     parser.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. exported/NAME")

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clip.tokenizer import BPETokenizer
 from data.captions import to_rgb
-from engine.errors import UserError, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid, to_pil
 
 from .stages import add_stage_arguments, load_stack, sampling_size
@@ -77,6 +77,7 @@ def check_prompts(prompts: Sequence[str], tokenizer: BPETokenizer, negative_prom
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m pipelines.generate", description="text->image / image->image",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_debug_flag(parser)
     add_stage_arguments(parser)
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative-prompt", default="")

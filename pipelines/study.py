@@ -54,7 +54,7 @@ from diffusion.train import lowres_folder
 from engine import distributed
 from engine.cli import command_line
 from engine.config import choose_preset, config_to_dict, setting_differences
-from engine.errors import UserError, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, folder_lock, is_complete, \
     read_stage, record_preset, write_json
@@ -683,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     description, _, usage_notes = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(prog="python -m pipelines.study", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=usage_notes)
+    add_debug_flag(parser)
     parser.add_argument("--base", type=Path, required=True, help="finished run (train_all.py) the variants start from")
     parser.add_argument("--data", required=True, help="the captions source the base run was trained on")
     parser.add_argument("--out", type=Path, required=True, help="study folder, e.g. runs/study_NAME")

@@ -1,6 +1,7 @@
 """The whole stack end to end on the tiny preset: train_all, skip/resume, --reuse, lineage, img2img."""
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -481,6 +482,15 @@ def test_help_prints_the_description_once(capsys):
     with pytest.raises(SystemExit):
         train_all.main(["--help"])
     assert capsys.readouterr().out.count("Train the whole stack in sequence") == 1
+
+
+@pytest.mark.parametrize("module", ["train_all", "vae.train", "clip.train", "diffusion.train", "pipelines.generate",
+                                    "pipelines.evaluate", "pipelines.compare", "pipelines.export", "pipelines.study"])
+def test_every_command_lists_debug_in_its_help(module, capsys):
+    # run_cli takes --debug out before main parses it, so only the parser's listing tells a user it exists
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    assert "--debug" in capsys.readouterr().out
 
 
 def test_img2img_with_tiny_strength_returns_the_input(run_a):

@@ -100,7 +100,11 @@ def test_a_normalising_tokenizer_ignores_case_and_accents_and_keeps_chinese(tmp_
     assert torch.equal(normal.encode(["A Pokémon"]), normal.encode(["a pokemon"]))
     assert normal.decode(normal.encode(["A Red POKÉMON"])[0]) == "a red pokemon"
     chinese = "一只蓝色的乌龟，有着棕色的壳。"
-    assert normal.decode(normal.encode([chinese])[0]) == chinese
+    assert normal.decode(normal.encode([chinese])[0]) == "一只蓝色的乌龟,有着棕色的壳。"
+    # full-width forms fold to plain ones: a prompt typed with "," or "ＲＥＤ" reads as the captions' "，" / "red"
+    assert torch.equal(normal.encode([chinese]), normal.encode(["一只蓝色的乌龟,有着棕色的壳。"]))
+    assert torch.equal(normal.encode(["ＲＥＤ！"]), normal.encode(["red!"]))
+    assert not torch.equal(plain.encode([chinese]), plain.encode(["一只蓝色的乌龟,有着棕色的壳。"]))
     # only accents go: kana keep their voicing marks, emoji their variation selectors and keycaps
     for kept in ("ポケモン ガ", "❤️ 1️⃣"):
         assert normal.decode(normal.encode([kept])[0]) == kept

@@ -35,6 +35,14 @@ class DataError(UserError):
     """A data source that cannot be used as it is: names the file or row and the fix."""
 
 
+def texts_fingerprint(en: list[str], zh: list[str]) -> str:
+    """Identifies a list of English and Chinese captions, in order."""
+    digest = hashlib.sha256()
+    for text in (*en, *zh):
+        digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SCRATCH_DIFFUSION_CACHE", Path.home() / ".cache" / "scratch-diffusion"))
 
@@ -63,10 +71,7 @@ class CaptionSet:
     def captions_fingerprint(self) -> str:
         """Identifies the captions (``fingerprint`` is the images' and the resolution's): what a stage that learns
         from the text was trained on, beside the images."""
-        digest = hashlib.sha256()
-        for text in (*self.en, *self.zh):
-            digest.update(text.encode("utf-8") + b"\0")
-        return digest.hexdigest()[:16]
+        return texts_fingerprint(self.en, self.zh)
 
     @property
     def resolution(self) -> int:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from clip.model import TOKENIZER_FILE, CLIPModel
 from clip.tokenizer import BPETokenizer
 from data import CaptionSet, load_captions
-from data.captions import clause_prefixes
+from data.captions import clause_prefixes, texts_fingerprint
 from data.augment import to_float
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
@@ -41,7 +41,7 @@ from engine.errors import run_cli
 from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
 from engine.runlog import read_records
-from engine.stage import StageInfo, load_weights
+from engine.stage import StageInfo, lineage_differences, load_weights
 from engine.trainer import checkpoint_path
 from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares
 from pipelines.prompts import GRID_PROMPTS
@@ -292,7 +292,8 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
         if is_complete(folder):
-            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir)
+            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir,
+                                  texts_fingerprint(*(captions or (train_set.en, train_set.zh))))
         else:
             _train_phase(phase, load_captions(data_source, resolution=phase.resolution), vae_dir, clip_dir, folder,
                          resume, device, cfg.init_from, captions)
@@ -301,10 +302,13 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
 
 
 def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str, vae_dir: str | Path,
-                          clip_dir: str | Path) -> None:
-    """A finished low-resolution phase is reused only when it is what is asked: same settings, data, VAE, CLIP."""
-    differences = finished_stage_differences("unet", folder, phase, data_source,
-                                             {"vae": Path(vae_dir), "clip": Path(clip_dir)})
+                          clip_dir: str | Path, trained_captions: str) -> None:
+    """A finished low-resolution phase is reused only when it is what is asked: same settings, data, VAE, CLIP,
+    and the same training captions (``trained_captions``: their fingerprint with the colour sentences)."""
+    differences = (finished_stage_differences("unet", folder, phase, data_source,
+                                              {"vae": Path(vae_dir), "clip": Path(clip_dir)})
+                   + lineage_differences(read_stage(folder, "unet").trained_on,
+                                         {"trained_captions": (trained_captions, "")}))
     if differences:
         raise StageError(f"{folder} holds a finished low-resolution phase that differs from what is asked "
                          f"({'; '.join(differences[:4])}); remove that folder to train the phase again, or ask "
@@ -364,7 +368,10 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     if init is not None:  # before the trainer: its EMA starts from these weights too (a resume overrides both)
         model.load_state_dict(load_weights(init.path))
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
-    trained_on = {"data": data.fingerprint, "captions": data.captions_fingerprint, "vae": vae_info.fingerprint,
+    # "trained_captions": what the text states were built from; a resume onto captions whose colour sentences
+    # or trimming changed (a code change, not a data change) is refused like one onto other data
+    trained_on = {"data": data.fingerprint, "captions": data.captions_fingerprint,
+                  "trained_captions": texts_fingerprint(en, zh), "vae": vae_info.fingerprint,
                   "clip": clip_info.fingerprint, "tokenizer": tokenizer_fingerprint}
     if init is not None:
         trained_on["init"] = init.fingerprint

@@ -107,10 +107,12 @@ def save_stage(folder: str | Path, *, kind: str, model_config: Mapping[str, Any]
     return fingerprint
 
 
-# how a lineage record's inputs read in a difference: the data (its images), its captions, a tokenizer, the
-# weights a stage started from, otherwise an upstream stage ("vae", "clip")
-_INPUT_NAMES = {"data": "other data", "captions": "other captions", "tokenizer": "another tokenizer",
-                "init": "other starting weights"}
+# how a lineage record's inputs read in a difference: the data (its images), its captions, the captions as the
+# stage trained on them (the UNet's, with colour sentences), a tokenizer, the weights a stage started from,
+# otherwise an upstream stage ("vae", "clip")
+_INPUT_NAMES = {"data": "other data", "captions": "other captions",
+                "trained_captions": "other training captions (their colour sentences or trimming differ)",
+                "tokenizer": "another tokenizer", "init": "other starting weights"}
 
 
 def lineage_differences(recorded: Mapping[str, str], asked: Mapping[str, tuple[str | None, str]]) -> list[str]:

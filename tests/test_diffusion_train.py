@@ -8,7 +8,7 @@ import torch
 from clip import CLIPConfig, CLIPModel, train_tokenizer
 from data import load_captions
 from data.augment import AUGMENT_DIM
-from data.captions import clause_prefixes, clause_variants, split_clauses
+from data.captions import clause_prefixes, clause_variants, split_clauses, texts_fingerprint
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
 from diffusion.train import main, stage_checkpoints, train, with_colour_sentences
@@ -143,6 +143,7 @@ def test_tiny_end_to_end_run(stages, tmp_path):
     assert lowres.training["resolution"] == 16 and lowres.training["train"]["batch_size"] == 16
     assert lowres.trained_on["data"] == load_captions(DATA, resolution=16).fingerprint
     assert (out / "lowres" / "samples" / "epoch_0001.png").is_file()
+    assert info.trained_on.pop("trained_captions")  # its value: test_the_training_captions_are_recorded_...
     assert info.trained_on == {"data": load_captions(DATA, resolution=32).fingerprint,
                                "captions": load_captions(DATA, resolution=32).captions_fingerprint,
                                "vae": read_stage(stages / "vae").fingerprint,
@@ -328,6 +329,29 @@ def test_both_phases_train_on_colour_sentences_measured_once_at_the_stages_resol
     assert measured_sizes == [cfg.resolution]  # not once per phase, at each phase's resolution
     lowres_phase, full_phase = seen
     assert lowres_phase == full_phase and any("Its body is mostly" in caption for caption in full_phase[0])
+
+
+def test_the_training_captions_are_recorded_and_a_change_to_them_is_refused(stages, tmp_path, monkeypatch):
+    seen = spy_text_states(monkeypatch)
+    progressive, one_phase = tmp_path / "progressive", tmp_path / "one_phase"
+    configs = {progressive: tiny_config(epochs=1, lowres_epochs=1, colour_sentences=True),
+               one_phase: tiny_config(epochs=1, lowres_epochs=0, colour_sentences=True)}
+    for out, cfg in configs.items():
+        train(cfg, DATA, stages / "vae", stages / "clip", out, device="cpu")
+    coloured = texts_fingerprint(*seen[-1])
+    assert read_stage(progressive).trained_on["trained_captions"] == read_stage(progressive / "lowres").trained_on[
+        "trained_captions"] == read_stage(one_phase).trained_on["trained_captions"] == coloured
+    assert coloured != read_stage(one_phase).trained_on["captions"]  # the captions as loaded
+    # the colour sentences' rule changes (a code change: same data, same settings)
+    monkeypatch.setattr("diffusion.train.with_colour_sentences",
+                        lambda images, en, zh, **kwargs: ([caption + " Drawn." for caption in en], list(zh)))
+    for out in configs:  # stopped after the last checkpoint (the low-resolution phase finished)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            (out / name).unlink()
+    with pytest.raises(StageError, match="lowres holds a finished low-resolution phase .*other training captions"):
+        train(configs[progressive], DATA, stages / "vae", stages / "clip", progressive, resume=True, device="cpu")
+    with pytest.raises(ConfigError, match=r"cannot resume .*\(it was trained on other training captions"):
+        train(configs[one_phase], DATA, stages / "vae", stages / "clip", one_phase, resume=True, device="cpu")
 
 
 def test_probe_emas_are_scored_beside_the_stages_own(stages, tmp_path):

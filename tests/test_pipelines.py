@@ -17,7 +17,9 @@ import torch
 import train_all
 from benchmarks import spike_screen
 from data import DataError, load_captions
-from engine import ConfigError, StageError, read_stage
+from diffusion.config import PRESETS as UNET_PRESETS
+from diffusion.config import UNetTrainConfig
+from engine import ConfigError, StageError, build_config, read_stage
 from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
 from engine.stage import file_fingerprint, folder_lock, load_weights
@@ -681,6 +683,22 @@ def test_generate_speed_times_the_default_case_three_ways_and_leaves_the_norms_a
     split = where_the_seconds_go(stack, batch=2, repeats=1, guidance_scale=4.0)
     assert split["total_s"] == pytest.approx(split["text_encoding_s"] + split["vae_decode_s"] + split["sampling_s"])
     assert min(split.values()) > 0
+
+
+def test_an_untrained_run_loads_as_a_stack_of_the_presets_sizes_and_generates(tmp_path):
+    from benchmarks.untrained_run import main as untrained_run
+
+    run = untrained_run(["--out", str(tmp_path / "untrained"), "--preset", "tiny"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its stages fit and name each other: no lineage warning
+        stack = load_stack(run, device="cpu")
+    tiny = build_config(UNetTrainConfig, UNET_PRESETS, "tiny")
+    assert stack.image_size == tiny.resolution and stack.unet.config.base_channels == tiny.model.base_channels
+    assert stack.unet.config.context_dim == stack.clip.context_dim
+    images = generate(stack, ["a red pokemon", "一只红色的宝可梦"], [0, 1], GenerationSettings(size=64, steps=3))
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    with pytest.raises(FileExistsError, match="already holds a stage"):  # never writes over stages
+        untrained_run(["--out", str(run), "--preset", "tiny"])
 
 
 def test_sampling_options_choose_the_guidance_interval():

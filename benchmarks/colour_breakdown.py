@@ -23,7 +23,7 @@ import torch
 from data import load_captions
 from data.augment import to_float
 from engine.cli import command_line
-from engine.errors import UserError, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
@@ -82,6 +82,7 @@ def colour_word_use(captions: Sequence[str]) -> dict[str, dict[str, float]]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.colour_breakdown", description=__doc__.split("\n\n")[0])
+    add_debug_flag(parser)
     parser.add_argument("--pairs", type=Path, required=True, help="an evaluation's nearest_pairs.png")
     parser.add_argument("--data", required=True, help="the captions set, for the real images")
     parser.add_argument("--size", type=int, default=512, help="the real images' size (the evaluation's)")

@@ -36,7 +36,7 @@ except ImportError:
 
 from diffusion.noise import PerSampleNoise  # noqa: E402
 from engine.cli import command_line  # noqa: E402
-from engine.errors import run_cli  # noqa: E402
+from engine.errors import add_debug_flag, run_cli  # noqa: E402
 from engine.stage import write_json  # noqa: E402
 from pipelines.export import export_diffusers  # noqa: E402
 from pipelines.prompt_embeds import prompt_embeds  # noqa: E402
@@ -136,6 +136,7 @@ def check(run: str | Path, export_dir: str | Path, device: torch.device, pipelin
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.export_check", description=__doc__.split("\n\n")[0])
+    add_debug_flag(parser)
     parser.add_argument("--run", type=Path, required=True, help="a trained run folder (vae/, clip/, unet/)")
     parser.add_argument("--out", type=Path, required=True, help="summary JSON to write")
     parser.add_argument("--export-dir", type=Path, help="where to export (default: a temporary folder); an earlier "

@@ -22,7 +22,7 @@ from data import load_captions
 from data.augment import to_float
 from diffusion.train import GRID_TILE
 from engine.cli import command_line
-from engine.errors import run_cli
+from engine.errors import add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.metrics import COPY_NEIGHBOURS, MEASURE_SIZE, composition, near_copies, thumbnails
@@ -38,6 +38,7 @@ def measure(tiles: torch.Tensor, bank: torch.Tensor, unseen: torch.Tensor) -> di
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.grid_measure", description=__doc__.split("\n\n")[0])
+    add_debug_flag(parser)
     parser.add_argument("grids", nargs="+", type=Path, help="epoch grid PNGs (unet/samples/epoch_*.png)")
     parser.add_argument("--data", required=True, help="the captions folder the run trained on")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")

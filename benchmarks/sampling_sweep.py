@@ -29,7 +29,7 @@ from clip.model import CLIPModel
 from data import load_captions
 from diffusion.guidance import is_guided
 from engine.cli import command_line
-from engine.errors import UserError, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
 from pipelines.evaluate import SEED_SET_STRIDE, generation_metrics, over_seed_sets, real_reference
 from pipelines.stages import judge_path, load_stack
@@ -82,6 +82,7 @@ def noise_settings(etas: Sequence[float], sigma_maxes: Sequence[float | None]) -
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sampling_sweep", description=__doc__.split("\n\n")[0])
+    add_debug_flag(parser)
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", type=Path, required=True)

@@ -31,7 +31,7 @@ from diffusion.train import lowres_folder
 from engine import build_config, read_stage
 from engine.cli import command_line
 from engine.config import parse_overrides
-from engine.errors import UserError, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.runlog import loss_spikes, read_records, rollbacks
 from engine.stage import write_json
 from pipelines.study import split_named
@@ -139,6 +139,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.spike_screen", description=__doc__.split("\n\n")[0])
+    add_debug_flag(parser)
     parser.add_argument("--data", required=True)
     parser.add_argument("--vae", type=Path, required=True, help="finished VAE stage folder")
     parser.add_argument("--clip", type=Path, required=True, help="finished CLIP stage folder")

@@ -24,7 +24,7 @@ import torch
 
 from engine import Trainer, build_config, distributed
 from engine.cli import command_line
-from engine.errors import UserError, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
 from engine.trainer import deterministic_algorithms
 
@@ -152,6 +152,7 @@ VARIANTS = {
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_debug_flag(parser)
     parser.add_argument("--preset", default="full")
     parser.add_argument("--stages", default="vae,unet")
     parser.add_argument("--variants", default=None, help="comma list of variant names to run (default: all)")

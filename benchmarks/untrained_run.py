@@ -6,7 +6,8 @@
 A generation call does the same work whatever the weights are (the same kernels on the same shapes, the same
 CUDA graph), so its images/s can be measured on a GPU that never trained the stack, in seconds instead of a
 default run's minutes. The folders are real stage folders (``config.json``, weights, the CLIP's tokenizer), made
-from the preset's configs with seeded random weights; their pictures are noise, and ``trained_on`` says so.
+from the preset's configs with seeded random weights (none left at zero); their pictures are noise, and
+``trained_on`` says so.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def tokenizer_texts() -> list[str]:
     return list(GRID_PROMPTS) + colours
 
 
+def without_zero_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every all-zero weight drawn small and random instead. The UNet's residual branches and its
+    output start at zero (their init), so untrained it would predict exactly 0: a replayed CUDA graph or a compiled
+    UNet could then differ from eager without any image showing it."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim > 1 and not parameter.any():
+                parameter.normal_(0.0, 0.02)
+    return model
+
+
 def write_untrained_run(out: Path, preset: str = "full", seed: int = 0) -> Path:
     """``out/{vae,clip,unet}``: stage folders of the ``preset``'s models with random weights (``seed``)."""
     for name in ("vae", "clip", "unet"):
@@ -49,20 +61,20 @@ def write_untrained_run(out: Path, preset: str = "full", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     vae_cfg = build_config(VAETrainConfig, VAE_PRESETS, preset)
     vae_cfg.model.scaling_factor = 1.0  # measured from data in training; any value times the same decode
-    vae_fingerprint = AutoencoderKL(vae_cfg.model).save(out / "vae", training=config_to_dict(vae_cfg),
-                                                        trained_on=UNTRAINED)
+    vae = without_zero_layers(AutoencoderKL(vae_cfg.model))
+    vae_fingerprint = vae.save(out / "vae", training=config_to_dict(vae_cfg), trained_on=UNTRAINED)
 
     clip_cfg = build_config(CLIPTrainConfig, CLIP_PRESETS, preset)
     tokenizer = train_tokenizer(tokenizer_texts(), clip_cfg.model.vocab_size, clip_cfg.model.context_length,
                                 normalize=clip_cfg.tokenizer_normalize)
     clip_cfg.model.vocab_size = tokenizer.vocab_size
-    clip = CLIPModel(clip_cfg.model, tokenizer)
+    clip = without_zero_layers(CLIPModel(clip_cfg.model, tokenizer))
     clip_fingerprint = clip.save(out / "clip", training=config_to_dict(clip_cfg), trained_on=UNTRAINED)
 
     unet_cfg = build_config(UNetTrainConfig, UNET_PRESETS, preset)
     unet_cfg.model = unet_cfg.filled_model(clip.context_dim)
     lineage = {**UNTRAINED, "vae": vae_fingerprint, "clip": clip_fingerprint, "tokenizer": tokenizer.fingerprint}
-    UNet(unet_cfg.model).save(out / "unet", training=config_to_dict(unet_cfg), trained_on=lineage)
+    without_zero_layers(UNet(unet_cfg.model)).save(out / "unet", training=config_to_dict(unet_cfg), trained_on=lineage)
     return out
 
 

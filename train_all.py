@@ -29,7 +29,7 @@ import torch
 
 from data import load_captions
 from diffusion.fit import check_fit
-from diffusion.train import check_init_architecture, lowres_folder, stage_checkpoints
+from diffusion.train import check_init_architecture, lowres_folder, stage_checkpoints, training_captions_fingerprint
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
 from engine.cli import command_line
@@ -198,15 +198,19 @@ def check_run_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[
             continue
         cfg, folder = configs[name], run / name
         upstream: dict[str, Path | None] = {}
+        known: dict[str, str] = {}  # the UNet's captions as it would train on them, with their colour sentences
         if name == "unet":
             upstream = {s: None if s in will_train else reuse.get(s, run / s) for s in ("vae", "clip")}
+            if folder.exists() and upstream["clip"] is not None:  # else there is nothing to compare, or it retrains
+                known["trained_captions"] = training_captions_fingerprint(cfg, data, upstream["clip"])
         if is_complete(folder):
-            if differs(name, folder, finished_stage_differences(name, folder, cfg, data, upstream)):
+            if differs(name, folder, finished_stage_differences(name, folder, cfg, data, upstream, known)):
                 will_train.add(name)
                 # its low-resolution phase trains again too, unless it is what the new stage asks for
                 phase = lowres_folder(folder)
                 if name == "unet" and cfg.lowres_epochs > 0 and is_complete(phase):
-                    differs(name, phase, finished_stage_differences(name, phase, cfg.lowres_phase(), data, upstream))
+                    differs(name, phase,
+                            finished_stage_differences(name, phase, cfg.lowres_phase(), data, upstream, known))
             continue
         will_train.add(name)
         # the stage a phase starts from (None: one about to be trained again), when it starts from one
@@ -215,9 +219,9 @@ def check_run_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[
         for phase_folder, phase_cfg in phases + [(folder, cfg)]:
             inputs = {**upstream, **start}
             if is_complete(phase_folder):
-                differences = finished_stage_differences(name, phase_folder, phase_cfg, data, inputs)
+                differences = finished_stage_differences(name, phase_folder, phase_cfg, data, inputs, known)
             elif checkpoint_path(phase_folder).is_file():
-                differences = checkpoint_differences(name, phase_folder, phase_cfg, data, inputs)
+                differences = checkpoint_differences(name, phase_folder, phase_cfg, data, inputs, known)
             else:
                 differences = []
             retrained = differs(name, phase_folder, differences) or not is_complete(phase_folder)

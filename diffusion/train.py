@@ -41,7 +41,7 @@ from engine.errors import run_cli
 from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
 from engine.runlog import read_records
-from engine.stage import StageInfo, lineage_differences, load_weights
+from engine.stage import StageInfo, load_weights
 from engine.trainer import checkpoint_path
 from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares
 from pipelines.prompts import GRID_PROMPTS
@@ -278,22 +278,14 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     env = distributed.setup(device)
     check_cuda_graph(cfg.train, env.device, env.world_size)
     read_stage(vae_dir, "vae")  # a missing or unfinished stage is named before the data loads
-    clip_info = read_stage(clip_dir, "clip")
+    read_stage(clip_dir, "clip")
     data = load_captions(data_source, resolution=cfg.resolution)
-    # The colour sentences are measured once, at the stage's resolution, and both phases train on them: measured
-    # at each phase's own resolution, a few borderline images would change colour between the phases.
-    train_set = data.subset("train")
-    captions = None
-    if cfg.colour_sentences:
-        tokenizer = BPETokenizer.load(Path(clip_dir) / TOKENIZER_FILE, clip_info.model["context_length"])
-        captions = with_colour_sentences(train_set.images, train_set.en, train_set.zh,
-                                         fits=lambda text: tokenizer.dropped_tokens(text) == 0)
+    captions = training_captions(cfg, data.subset("train"), clip_dir)
     init_from = cfg.init_from
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
         if is_complete(folder):
-            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir,
-                                  texts_fingerprint(*(captions or (train_set.en, train_set.zh))))
+            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir, texts_fingerprint(*captions))
         else:
             _train_phase(phase, load_captions(data_source, resolution=phase.resolution), vae_dir, clip_dir, folder,
                          resume, device, cfg.init_from, captions)
@@ -301,14 +293,35 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     return _train_phase(cfg, data, vae_dir, clip_dir, Path(out_dir), resume, device, init_from, captions)
 
 
+def training_captions(cfg: UNetTrainConfig, train_set: CaptionSet, clip_dir: str | Path
+                      ) -> tuple[list[str], list[str]]:
+    """The (English, Chinese) captions both phases of the stage train on: ``train_set``'s (loaded at the stage's
+    resolution), each with its colour sentence when ``cfg.colour_sentences``, trimmed to the context of the CLIP
+    stage at ``clip_dir``. Measured once at the stage's resolution: at each phase's own, a few borderline images
+    would change colour between the phases."""
+    if not cfg.colour_sentences:
+        return list(train_set.en), list(train_set.zh)
+    context = read_stage(clip_dir, "clip").model["context_length"]
+    tokenizer = BPETokenizer.load(Path(clip_dir) / TOKENIZER_FILE, context)
+    return with_colour_sentences(train_set.images, train_set.en, train_set.zh,
+                                 fits=lambda text: tokenizer.dropped_tokens(text) == 0)
+
+
+def training_captions_fingerprint(cfg: UNetTrainConfig, data_source: str, clip_dir: str | Path) -> str:
+    """What a UNet stage trained now records as ``trained_on["trained_captions"]``: the fingerprint of
+    ``training_captions``, which a resume or a finished phase must match (a rule change, not only a data change,
+    changes it)."""
+    train_set = load_captions(data_source, resolution=cfg.resolution).subset("train")
+    return texts_fingerprint(*training_captions(cfg, train_set, clip_dir))
+
+
 def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str, vae_dir: str | Path,
                           clip_dir: str | Path, trained_captions: str) -> None:
     """A finished low-resolution phase is reused only when it is what is asked: same settings, data, VAE, CLIP,
     and the same training captions (``trained_captions``: their fingerprint with the colour sentences)."""
-    differences = (finished_stage_differences("unet", folder, phase, data_source,
-                                              {"vae": Path(vae_dir), "clip": Path(clip_dir)})
-                   + lineage_differences(read_stage(folder, "unet").trained_on,
-                                         {"trained_captions": (trained_captions, "")}))
+    differences = finished_stage_differences("unet", folder, phase, data_source,
+                                             {"vae": Path(vae_dir), "clip": Path(clip_dir)},
+                                             known={"trained_captions": trained_captions})
     if differences:
         raise StageError(f"{folder} holds a finished low-resolution phase that differs from what is asked "
                          f"({'; '.join(differences[:4])}); remove that folder to train the phase again, or ask "
@@ -317,9 +330,9 @@ def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str
 
 def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, clip_dir: str | Path, out_dir: Path,
                  resume: bool, device: str | torch.device | None, init_from: str | Path | None,
-                 captions: tuple[list[str], list[str]] | None) -> Path:
-    """One phase on ``data`` (loaded at ``cfg.resolution``), with ``captions`` (en, zh) in place of the training
-    set's own when given."""
+                 captions: tuple[list[str], list[str]]) -> Path:
+    """One phase on ``data``'s images (loaded at ``cfg.resolution``) with ``captions`` (en, zh: the stage's
+    ``training_captions``)."""
     started = time.perf_counter()
     env = distributed.setup(device)
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
@@ -332,7 +345,7 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     train_set, val_set = data.subset("train"), data.subset("val")
 
     # Text states once (the text encoder is frozen); then CLIP leaves the GPU.
-    en, zh = captions or (train_set.en, train_set.zh)
+    en, zh = captions
     cut = {language: sum(clip.tokenizer.dropped_tokens(text) > 0 for text in texts)
            for language, texts in (("English", en), ("Chinese", zh))}
     if any(cut.values()) and env.is_main:  # a colour sentence is kept: with_colour_sentences trims the caption

@@ -57,27 +57,28 @@ def stage_settings(name: str, training: Any) -> dict[str, Any]:
     return {key: value for key, value in flatten_config(training).items() if key not in FILLED_BY_TRAINING[name]}
 
 
-def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, upstream: Mapping[str, Path | None]
-                               ) -> list[str]:
-    """How a finished stage differs from what is asked now: config values, data, and (for the UNet) the VAE
-    and CLIP stages it was trained on. ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
+def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, upstream: Mapping[str, Path | None],
+                               known: Mapping[str, str] | None = None) -> list[str]:
+    """How a finished stage differs from what is asked now: config values, data, (for the UNet) the VAE and CLIP
+    stages it was trained on, and the ``known`` inputs' fingerprints the caller measured (the UNet's
+    ``trained_captions``). ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
     info = read_stage(folder, stage_kind(name))
     return (setting_differences(stage_settings(name, cfg), stage_settings(name, info.training))
-            + lineage_differences(info.trained_on, asked_inputs(name, cfg, data, upstream)))
+            + lineage_differences(info.trained_on, asked_inputs(name, cfg, data, upstream, known)))
 
 
-def checkpoint_differences(name: str, folder: Path, cfg: Any, data: str, upstream: Mapping[str, Path | None]
-                           ) -> list[str]:
+def checkpoint_differences(name: str, folder: Path, cfg: Any, data: str, upstream: Mapping[str, Path | None],
+                           known: Mapping[str, str] | None = None) -> list[str]:
     """How the checkpoint of an interrupted stage in ``folder`` differs from what is asked now (settings and
     inputs, as ``finished_stage_differences`` compares a finished one): resuming it would learn something else."""
     state = read_checkpoint(checkpoint_path(folder), mmap=True)
-    return resume_differences(state, stage_settings(name, cfg), asked_inputs(name, cfg, data, upstream))
+    return resume_differences(state, stage_settings(name, cfg), asked_inputs(name, cfg, data, upstream, known))
 
 
-def asked_inputs(name: str, cfg: Any, data: str, upstream: Mapping[str, Path | None]
-                 ) -> dict[str, tuple[str | None, str]]:
-    """What a stage trained now with ``cfg`` on ``data`` and the ``upstream`` stages (``None``: about to be
-    trained again) would be trained on, as ``lineage_differences`` takes it."""
+def asked_inputs(name: str, cfg: Any, data: str, upstream: Mapping[str, Path | None],
+                 known: Mapping[str, str] | None = None) -> dict[str, tuple[str | None, str]]:
+    """What a stage trained now with ``cfg`` on ``data``, the ``upstream`` stages (``None``: about to be
+    trained again) and the ``known`` inputs would be trained on, as ``lineage_differences`` takes it."""
     loaded = load_captions(data, resolution=stage_resolution(name, cfg))
     inputs: dict[str, tuple[str | None, str]] = {"data": (loaded.fingerprint, f"--data {data}")}
     if name != "vae":  # the stages that learn from the text
@@ -85,6 +86,7 @@ def asked_inputs(name: str, cfg: Any, data: str, upstream: Mapping[str, Path | N
     for stage, folder in upstream.items():  # "init": the UNet stage a phase starts from
         kind = "unet" if stage == "init" else stage
         inputs[stage] = (None, "") if folder is None else (read_stage(folder, kind).fingerprint, str(folder))
+    inputs.update({input_name: (fingerprint, "") for input_name, fingerprint in (known or {}).items()})
     return inputs
 
 

@@ -151,6 +151,22 @@ def test_rerun_with_other_settings_or_data_stops_then_overwrite_retrains(run_a, 
     assert (run / "clip" / "model.safetensors").read_bytes() == clip_weights  # only the differing stage
 
 
+def test_a_unet_trained_on_other_colour_sentences_stops_the_run_or_trains_again(run_a, tmp_path, monkeypatch):
+    run = tmp_path / "copy"
+    shutil.copytree(run_a, run)
+    before = read_stage(run / "unet").trained_on["trained_captions"]
+    # the colour sentences' rule changes (a code change: same data, same settings)
+    monkeypatch.setattr("diffusion.train.with_colour_sentences",
+                        lambda images, en, zh, **kwargs: ([caption + " Drawn." for caption in en], list(zh)))
+    base = ["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval"]
+    with pytest.raises(StageError, match=r"unet holds a finished unet stage that differs from what was asked \(it "
+                                         r"was trained on other training captions .*--overwrite"):
+        train_all.main(base)
+    train_all.main([*base, "--overwrite"])
+    after = {read_stage(folder).trained_on["trained_captions"] for folder in (run / "unet", run / "unet" / "lowres")}
+    assert len(after) == 1 and before not in after  # both phases trained again, on the new captions
+
+
 def test_an_interrupted_stage_that_would_resume_into_something_else_stops_the_run_or_starts_again(run_a,
                                                                                                   tmp_path):
     run = tmp_path / "copy"

@@ -29,7 +29,7 @@ import torch
 
 from data import load_captions
 from diffusion.fit import check_fit
-from diffusion.train import check_init_architecture, lowres_folder, stage_checkpoints, training_captions_fingerprint
+from diffusion.train import check_init_architecture, known_inputs, lowres_folder, stage_checkpoints
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
 from engine.cli import command_line
@@ -201,8 +201,8 @@ def check_run_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[
         known: dict[str, str] = {}  # the UNet's captions as it would train on them, with their colour sentences
         if name == "unet":
             upstream = {s: None if s in will_train else reuse.get(s, run / s) for s in ("vae", "clip")}
-            if folder.exists() and upstream["clip"] is not None:  # else there is nothing to compare, or it retrains
-                known["trained_captions"] = training_captions_fingerprint(cfg, data, upstream["clip"])
+            if folder.exists():  # else there is nothing to compare them with
+                known = known_inputs(cfg, data, upstream["clip"])
         if is_complete(folder):
             if differs(name, folder, finished_stage_differences(name, folder, cfg, data, upstream, known)):
                 will_train.add(name)

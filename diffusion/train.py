@@ -307,12 +307,15 @@ def training_captions(cfg: UNetTrainConfig, train_set: CaptionSet, clip_dir: str
                                  fits=lambda text: tokenizer.dropped_tokens(text) == 0)
 
 
-def training_captions_fingerprint(cfg: UNetTrainConfig, data_source: str, clip_dir: str | Path) -> str:
-    """What a UNet stage trained now records as ``trained_on["trained_captions"]``: the fingerprint of
-    ``training_captions``, which a resume or a finished phase must match (a rule change, not only a data change,
-    changes it)."""
+def known_inputs(cfg: UNetTrainConfig, data_source: str, clip_dir: str | Path | None) -> dict[str, str]:
+    """The inputs a UNet stage trained now records that its settings and upstream folders do not name, for
+    ``pipelines.stages.finished_stage_differences``' ``known``: ``trained_captions``, the fingerprint of its
+    ``training_captions`` (a rule change, not only a data change, changes it). ``{}`` while the CLIP stage
+    (``clip_dir`` None) is about to be trained again, and the UNet with it."""
+    if clip_dir is None:
+        return {}
     train_set = load_captions(data_source, resolution=cfg.resolution).subset("train")
-    return texts_fingerprint(*training_captions(cfg, train_set, clip_dir))
+    return {"trained_captions": texts_fingerprint(*training_captions(cfg, train_set, clip_dir))}
 
 
 def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str, vae_dir: str | Path,

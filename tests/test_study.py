@@ -253,6 +253,17 @@ def test_a_changed_variant_under_a_finished_name_is_refused(done):
             study(changed)
 
 
+def test_a_column_trained_on_other_colour_sentences_is_refused(done, tmp_path, monkeypatch):
+    copy, args, _ = copy_of_study(done, tmp_path)
+    study(args)  # as it was trained: nothing to refuse
+    # the colour sentences' rule changes (a code change: same data, same settings)
+    monkeypatch.setattr("diffusion.train.with_colour_sentences",
+                        lambda images, en, zh, **kwargs: ([caption + " Drawn." for caption in en], list(zh)))
+    with pytest.raises(StageError, match=r"no_terms/unet holds a finished unet stage that differs from variant "
+                                         r"no_terms \(it was trained on other training captions"):
+        study(args)
+
+
 def test_a_study_folder_another_command_writes_to_is_refused_before_anything_is_written(base, tmp_path, capsys):
     out = tmp_path / "out"
     with folder_lock(out, "python -m pipelines.study --out out (the first)"):

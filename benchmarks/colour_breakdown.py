@@ -1,7 +1,8 @@
 """Colour adherence per prompt colour: for the colour-prompt samples of an evaluation, read back from its
 ``nearest_pairs.png``, and for the real images whose captions name a colour. It tells the colours a model gets
 wrong from the colours the hue ruler itself misjudges, and shows what the captions use each colour word for
-(a body or a detail). CPU, no learned weights.
+(a body or a detail), and how many training images have a body of each colour (the UNet's colour
+sentences). CPU, no learned weights.
 
     python -m benchmarks.colour_breakdown --pairs docs/results/quality/default_run/nearest_pairs.png \\
         --data ../shared/pokemon --out docs/results/quality/colour_breakdown.json
@@ -22,6 +23,7 @@ import torch
 
 from data import load_captions
 from data.augment import to_float
+from diffusion.train import body_colours
 from engine.cli import command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid
@@ -99,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     real_named = [name for _, name in first_named]
     result["real"] = summary(images[[i for i, _ in first_named]], real_named)
     result["caption_use"] = colour_word_use(train.en + val.en)
+    # what the UNet learns each colour from: training images whose body colour sentence names it
+    bodies = [COLOUR_FAMILIES[index][0] for index in body_colours(train.images) if index is not None]
+    result["training_bodies"] = {family: bodies.count(family) for family, *_ in COLOUR_FAMILIES}
+    result["training_images"] = len(train)
     # the colour prompts say "pokemon"; the tokenizer neither lowercases nor strips accents
     result["captions_with_word"] = {word: sum(word in caption.lower() for caption in train.en + val.en)
                                     for word in ("pokemon", "pokémon")}  # any case
@@ -109,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "  ".join(f"{c} {v:.2f}" for c, v in figures["by_colour"].items()), flush=True)
         for colour, shares in figures["hue_shares"].items():
             print(f"  '{colour}': " + "  ".join(f"{family} {share:.2f}" for family, share in shares.items()))
+    print(f"training bodies (of {len(train)}): " +
+          ", ".join(f"{family} {count}" for family, count in result["training_bodies"].items()))
     print("captions with the word: " + ", ".join(f"'{w}' {n}" for w, n in result["captions_with_word"].items()))
     for colour, use in result["caption_use"].items():
         print(f"captions: '{colour}' {use['mentions']} mentions, {use['detail_share']:.0%} before a detail noun, "

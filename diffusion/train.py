@@ -191,15 +191,21 @@ def with_colour_sentences(images: Tensor, en: list[str], zh: list[str],
     the sentence, measured from the pixels, ties them to the body too. A caption whose text with the sentence
     does not ``fit`` (the text encoder's context) loses its last clauses instead, so the encoder never cuts the
     sentence off."""
-    shares = torch.cat([hue_family_shares(to_float(chunk)) for chunk in images.split(64)])
-    share, family = shares.max(dim=1)
     en_out, zh_out = list(en), list(zh)
-    for i, (top_share, index) in enumerate(zip(share.tolist(), family.tolist())):
-        if top_share >= COLOUR_SENTENCE_MIN_SHARE:
+    for i, index in enumerate(body_colours(images)):
+        if index is not None:
             _, en_word, zh_word, _ = COLOUR_FAMILIES[index]
             en_out[i] = _with_sentence(en[i], f" Its body is mostly {en_word}.", fits)
             zh_out[i] = _with_sentence(zh[i], f"它的身体主要是{zh_word}。", fits)
     return en_out, zh_out
+
+
+def body_colours(images: Tensor) -> list[int | None]:
+    """Per image (uint8): the index in ``COLOUR_FAMILIES`` of the hue family holding at least
+    ``COLOUR_SENTENCE_MIN_SHARE`` of its coloured pixels (the body colour its sentence names), else None."""
+    shares = torch.cat([hue_family_shares(to_float(chunk)) for chunk in images.split(64)])
+    share, family = shares.max(dim=1)
+    return [index if top >= COLOUR_SENTENCE_MIN_SHARE else None for top, index in zip(share.tolist(), family.tolist())]
 
 
 def _with_sentence(caption: str, sentence: str, fits: Callable[[str], bool]) -> str:

@@ -29,7 +29,8 @@ import torch
 
 from data import load_captions
 from diffusion.fit import check_fit
-from diffusion.train import check_init_architecture, known_inputs, lowres_folder, stage_checkpoints
+from diffusion.colour_sentences import derived_inputs
+from diffusion.train import check_init_architecture, lowres_folder, stage_checkpoints
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
 from engine.cli import command_line
@@ -198,19 +199,20 @@ def check_run_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[
             continue
         cfg, folder = configs[name], run / name
         upstream: dict[str, Path | None] = {}
-        known: dict[str, str] = {}  # the UNet's captions as it would train on them, with their colour sentences
+        derived: dict[str, str] = {}  # the UNet's captions as it would train on them, with their colour sentences
         if name == "unet":
             upstream = {s: None if s in will_train else reuse.get(s, run / s) for s in ("vae", "clip")}
-            if folder.exists():  # else there is nothing to compare them with
-                known = known_inputs(cfg, data, upstream["clip"])
+            # measured only where they can decide something: a UNet whose VAE or CLIP retrains retrains too
+            if folder.exists() and None not in upstream.values():
+                derived = derived_inputs(cfg, data, upstream["clip"])
         if is_complete(folder):
-            if differs(name, folder, finished_stage_differences(name, folder, cfg, data, upstream, known)):
+            if differs(name, folder, finished_stage_differences(name, folder, cfg, data, upstream, derived)):
                 will_train.add(name)
                 # its low-resolution phase trains again too, unless it is what the new stage asks for
                 phase = lowres_folder(folder)
                 if name == "unet" and cfg.lowres_epochs > 0 and is_complete(phase):
                     differs(name, phase,
-                            finished_stage_differences(name, phase, cfg.lowres_phase(), data, upstream, known))
+                            finished_stage_differences(name, phase, cfg.lowres_phase(), data, upstream, derived))
             continue
         will_train.add(name)
         # the stage a phase starts from (None: one about to be trained again), when it starts from one
@@ -219,9 +221,9 @@ def check_run_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[
         for phase_folder, phase_cfg in phases + [(folder, cfg)]:
             inputs = {**upstream, **start}
             if is_complete(phase_folder):
-                differences = finished_stage_differences(name, phase_folder, phase_cfg, data, inputs, known)
+                differences = finished_stage_differences(name, phase_folder, phase_cfg, data, inputs, derived)
             elif checkpoint_path(phase_folder).is_file():
-                differences = checkpoint_differences(name, phase_folder, phase_cfg, data, inputs, known)
+                differences = checkpoint_differences(name, phase_folder, phase_cfg, data, inputs, derived)
             else:
                 differences = []
             retrained = differs(name, phase_folder, differences) or not is_complete(phase_folder)

@@ -23,7 +23,7 @@ import torch
 
 from data import load_captions
 from data.augment import to_float
-from diffusion.train import body_colours
+from diffusion.colour_sentences import body_colours
 from engine.cli import command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid

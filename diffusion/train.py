@@ -16,17 +16,16 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clip.model import TOKENIZER_FILE, CLIPModel
-from clip.tokenizer import BPETokenizer
+from clip.model import CLIPModel
 from data import CaptionSet, load_captions
-from data.captions import clause_prefixes, texts_fingerprint
-from data.augment import to_float
+from data.captions import texts_fingerprint
+from diffusion.colour_sentences import training_captions
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
 from diffusion.guidance import guided_sample_and_decode
@@ -43,7 +42,6 @@ from engine.images import save_grid
 from engine.runlog import read_records
 from engine.stage import StageInfo, load_weights
 from engine.trainer import checkpoint_path
-from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares
 from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import LineageWarning, finished_stage_differences
 from unet.config import UNetConfig
@@ -51,7 +49,6 @@ from unet.model import UNet
 from vae.model import AutoencoderKL
 
 LOWRES_FOLDER = "lowres"
-COLOUR_SENTENCE_MIN_SHARE = 0.5  # of a training image's coloured pixels in one hue family, to name its body colour
 GRID_VAL_CAPTIONS = 2  # English and Chinese captions of this many validation images
 GRID_TILE = 128  # px per epoch-grid sample (larger samples are shrunk; benchmarks.grid_measure reads them back)
 # UNet config fields a fine-tune may change: they shape how the weights train, not what the weights compute
@@ -183,40 +180,6 @@ def probe_key(std: float) -> str:
     return f"val/loss_ema_std_{std:g}"
 
 
-def with_colour_sentences(images: Tensor, en: list[str], zh: list[str],
-                          fits: Callable[[str], bool] = lambda text: True) -> tuple[list[str], list[str]]:
-    """The captions of ``images`` (uint8), each followed by a sentence that names the hue family most of the
-    creature's coloured pixels have ("Its body is mostly red." / "它的身体主要是红色。") when one family holds
-    at least ``COLOUR_SENTENCE_MIN_SHARE`` of them. In this data colour words mostly name details ("red eyes");
-    the sentence, measured from the pixels, ties them to the body too. A caption whose text with the sentence
-    does not ``fit`` (the text encoder's context) loses its last clauses instead, so the encoder never cuts the
-    sentence off."""
-    en_out, zh_out = list(en), list(zh)
-    for i, index in enumerate(body_colours(images)):
-        if index is not None:
-            _, en_word, zh_word, _ = COLOUR_FAMILIES[index]
-            en_out[i] = _with_sentence(en[i], f" Its body is mostly {en_word}.", fits)
-            zh_out[i] = _with_sentence(zh[i], f"它的身体主要是{zh_word}。", fits)
-    return en_out, zh_out
-
-
-def body_colours(images: Tensor) -> list[int | None]:
-    """Per image (uint8): the index in ``COLOUR_FAMILIES`` of the hue family holding at least
-    ``COLOUR_SENTENCE_MIN_SHARE`` of its coloured pixels (the body colour its sentence names), else None."""
-    shares = torch.cat([hue_family_shares(to_float(chunk)) for chunk in images.split(64)])
-    share, family = shares.max(dim=1)
-    return [index if top >= COLOUR_SENTENCE_MIN_SHARE else None for top, index in zip(share.tolist(), family.tolist())]
-
-
-def _with_sentence(caption: str, sentence: str, fits: Callable[[str], bool]) -> str:
-    """``caption`` + ``sentence``, or the longest clause prefix of ``caption`` that fits with it (the whole
-    caption when none does: the sentence alone would drop the caption's every word)."""
-    for body in (caption.rstrip(), *clause_prefixes(caption)):
-        if fits(body + sentence):
-            return body + sentence
-    return caption.rstrip() + sentence
-
-
 def grid_prompts(val: CaptionSet) -> list[str]:
     """The fixed prompts plus the English and Chinese captions of the first validation images."""
     prompts = list(GRID_PROMPTS)
@@ -299,38 +262,13 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     return _train_phase(cfg, data, vae_dir, clip_dir, Path(out_dir), resume, device, init_from, captions)
 
 
-def training_captions(cfg: UNetTrainConfig, train_set: CaptionSet, clip_dir: str | Path
-                      ) -> tuple[list[str], list[str]]:
-    """The (English, Chinese) captions both phases of the stage train on: ``train_set``'s (loaded at the stage's
-    resolution), each with its colour sentence when ``cfg.colour_sentences``, trimmed to the context of the CLIP
-    stage at ``clip_dir``. Measured once at the stage's resolution: at each phase's own, a few borderline images
-    would change colour between the phases."""
-    if not cfg.colour_sentences:
-        return list(train_set.en), list(train_set.zh)
-    context = read_stage(clip_dir, "clip").model["context_length"]
-    tokenizer = BPETokenizer.load(Path(clip_dir) / TOKENIZER_FILE, context)
-    return with_colour_sentences(train_set.images, train_set.en, train_set.zh,
-                                 fits=lambda text: tokenizer.dropped_tokens(text) == 0)
-
-
-def known_inputs(cfg: UNetTrainConfig, data_source: str, clip_dir: str | Path | None) -> dict[str, str]:
-    """The inputs a UNet stage trained now records that its settings and upstream folders do not name, for
-    ``pipelines.stages.finished_stage_differences``' ``known``: ``trained_captions``, the fingerprint of its
-    ``training_captions`` (a rule change, not only a data change, changes it). ``{}`` while the CLIP stage
-    (``clip_dir`` None) is about to be trained again, and the UNet with it."""
-    if clip_dir is None:
-        return {}
-    train_set = load_captions(data_source, resolution=cfg.resolution).subset("train")
-    return {"trained_captions": texts_fingerprint(*training_captions(cfg, train_set, clip_dir))}
-
-
 def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str, vae_dir: str | Path,
                           clip_dir: str | Path, trained_captions: str) -> None:
     """A finished low-resolution phase is reused only when it is what is asked: same settings, data, VAE, CLIP,
     and the same training captions (``trained_captions``: their fingerprint with the colour sentences)."""
     differences = finished_stage_differences("unet", folder, phase, data_source,
                                              {"vae": Path(vae_dir), "clip": Path(clip_dir)},
-                                             known={"trained_captions": trained_captions})
+                                             {"trained_captions": trained_captions})
     if differences:
         raise StageError(f"{folder} holds a finished low-resolution phase that differs from what is asked "
                          f"({'; '.join(differences[:4])}); remove that folder to train the phase again, or ask "

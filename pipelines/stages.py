@@ -58,27 +58,28 @@ def stage_settings(name: str, training: Any) -> dict[str, Any]:
 
 
 def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, upstream: Mapping[str, Path | None],
-                               known: Mapping[str, str] | None = None) -> list[str]:
+                               derived: Mapping[str, str]) -> list[str]:
     """How a finished stage differs from what is asked now: config values, data, (for the UNet) the VAE and CLIP
-    stages it was trained on, and the ``known`` inputs' fingerprints the caller measured (the UNet's
-    ``trained_captions``). ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
+    stages it was trained on, and the ``derived`` inputs: fingerprints of what the stage would build from those
+    (the UNet's ``trained_captions``: ``diffusion.colour_sentences.derived_inputs``; ``{}`` for the others).
+    ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
     info = read_stage(folder, stage_kind(name))
     return (setting_differences(stage_settings(name, cfg), stage_settings(name, info.training))
-            + lineage_differences(info.trained_on, asked_inputs(name, cfg, data, upstream, known)))
+            + lineage_differences(info.trained_on, asked_inputs(name, cfg, data, upstream, derived)))
 
 
 def checkpoint_differences(name: str, folder: Path, cfg: Any, data: str, upstream: Mapping[str, Path | None],
-                           known: Mapping[str, str] | None = None) -> list[str]:
+                           derived: Mapping[str, str]) -> list[str]:
     """How the checkpoint of an interrupted stage in ``folder`` differs from what is asked now (settings and
     inputs, as ``finished_stage_differences`` compares a finished one): resuming it would learn something else."""
     state = read_checkpoint(checkpoint_path(folder), mmap=True)
-    return resume_differences(state, stage_settings(name, cfg), asked_inputs(name, cfg, data, upstream, known))
+    return resume_differences(state, stage_settings(name, cfg), asked_inputs(name, cfg, data, upstream, derived))
 
 
-def asked_inputs(name: str, cfg: Any, data: str, upstream: Mapping[str, Path | None],
-                 known: Mapping[str, str] | None = None) -> dict[str, tuple[str | None, str]]:
+def asked_inputs(name: str, cfg: Any, data: str, upstream: Mapping[str, Path | None], derived: Mapping[str, str]
+                 ) -> dict[str, tuple[str | None, str]]:
     """What a stage trained now with ``cfg`` on ``data``, the ``upstream`` stages (``None``: about to be
-    trained again) and the ``known`` inputs would be trained on, as ``lineage_differences`` takes it."""
+    trained again) and the ``derived`` inputs would be trained on, as ``lineage_differences`` takes it."""
     loaded = load_captions(data, resolution=stage_resolution(name, cfg))
     inputs: dict[str, tuple[str | None, str]] = {"data": (loaded.fingerprint, f"--data {data}")}
     if name != "vae":  # the stages that learn from the text
@@ -86,7 +87,7 @@ def asked_inputs(name: str, cfg: Any, data: str, upstream: Mapping[str, Path | N
     for stage, folder in upstream.items():  # "init": the UNet stage a phase starts from
         kind = "unet" if stage == "init" else stage
         inputs[stage] = (None, "") if folder is None else (read_stage(folder, kind).fingerprint, str(folder))
-    inputs.update({input_name: (fingerprint, "") for input_name, fingerprint in (known or {}).items()})
+    inputs.update({input_name: (fingerprint, "") for input_name, fingerprint in derived.items()})
     return inputs
 
 

@@ -50,7 +50,8 @@ from PIL import Image, ImageDraw
 import train_all
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
-from diffusion.train import known_inputs, lowres_folder
+from diffusion.colour_sentences import derived_inputs
+from diffusion.train import lowres_folder
 from engine import distributed
 from engine.cli import command_line
 from engine.config import choose_preset, config_to_dict, setting_differences
@@ -321,8 +322,10 @@ def check_column_folder(plan: ColumnPlan, recorded_as: dict[str, Any], data: str
             will_train.add(stage)
             continue
         upstream = {s: None if s in will_train else plan.stages[s] for s in ("vae", "clip")} if stage == "unet" else {}
-        known = known_inputs(cfg, data, upstream["clip"]) if stage == "unet" else {}
-        differences = finished_stage_differences(stage, folder, cfg, data, upstream, known)
+        # the UNet's captions as it would train on them, measured only where a retrained VAE or CLIP has not
+        # already decided that it trains again
+        derived = derived_inputs(cfg, data, upstream["clip"]) if upstream and None not in upstream.values() else {}
+        differences = finished_stage_differences(stage, folder, cfg, data, upstream, derived)
         if differences:
             raise StageError(f"{folder} holds a finished {stage} stage that differs from variant {plan.name} "
                              f"({'; '.join(differences[:3])}); delete {plan.folder} to train the variant again")

@@ -38,7 +38,7 @@ def test_the_captions_have_a_fingerprint_of_their_own_and_a_stage_that_learnt_ot
     folder = make_imagefolder(tmp_path / "set")
     cfg = build_config(CLIPTrainConfig, PRESETS, "tiny", {})
     before = load_captions(folder, resolution=16)
-    recorded = {name: fingerprint for name, (fingerprint, _) in asked_inputs("clip", cfg, str(folder), {}).items()}
+    recorded = {name: fingerprint for name, (fingerprint, _) in asked_inputs("clip", cfg, str(folder), {}, {}).items()}
     assert set(recorded) == {"data", "captions"}  # a stage that learns from the text records it
     lines = (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
     (folder / "metadata.jsonl").write_text("\n".join([lines[0].replace("thing 0", "a thing")] + lines[1:]) + "\n",
@@ -48,7 +48,7 @@ def test_the_captions_have_a_fingerprint_of_their_own_and_a_stage_that_learnt_ot
     assert after.captions_fingerprint != before.captions_fingerprint
     # the text alone: the same at every resolution
     assert after.captions_fingerprint == load_captions(folder, resolution=8).captions_fingerprint
-    assert lineage_differences(recorded, asked_inputs("clip", cfg, str(folder), {})) == [
+    assert lineage_differences(recorded, asked_inputs("clip", cfg, str(folder), {}, {})) == [
         f"it was trained on other captions than --data {folder}"]
 
 

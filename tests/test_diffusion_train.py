@@ -11,7 +11,8 @@ from data.augment import AUGMENT_DIM
 from data.captions import clause_prefixes, clause_variants, split_clauses, texts_fingerprint
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
-from diffusion.train import body_colours, main, stage_checkpoints, train, with_colour_sentences
+from diffusion.colour_sentences import body_colours, with_colour_sentences
+from diffusion.train import main, stage_checkpoints, train
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine.stage import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.metrics import COLOUR_FAMILIES
@@ -326,7 +327,7 @@ def test_both_phases_train_on_colour_sentences_measured_once_at_the_stages_resol
         assert kwargs["fits"]("a red circle") and not kwargs["fits"]("circle " * 100)  # the CLIP's context
         return measure(images, en, zh, **kwargs)
 
-    monkeypatch.setattr("diffusion.train.with_colour_sentences", spy_measure)
+    monkeypatch.setattr("diffusion.colour_sentences.with_colour_sentences", spy_measure)
     cfg = tiny_config(epochs=1, lowres_epochs=1, colour_sentences=True)
     train(cfg, DATA, stages / "vae", stages / "clip", tmp_path / "unet", device="cpu")
     assert measured_sizes == [cfg.resolution]  # not once per phase, at each phase's resolution
@@ -347,7 +348,7 @@ def test_the_training_captions_are_recorded_and_a_change_to_them_is_refused(stag
     train_set = load_captions(DATA, resolution=32).subset("train")
     assert coloured != texts_fingerprint(train_set.en, train_set.zh)  # the training captions as loaded
     # the colour sentences' rule changes (a code change: same data, same settings)
-    monkeypatch.setattr("diffusion.train.with_colour_sentences",
+    monkeypatch.setattr("diffusion.colour_sentences.with_colour_sentences",
                         lambda images, en, zh, **kwargs: ([caption + " Drawn." for caption in en], list(zh)))
     for out in configs:  # stopped after the last checkpoint (the low-resolution phase finished)
         for name in (CONFIG_FILE, WEIGHTS_FILE):

@@ -29,8 +29,8 @@ from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
-from pipelines.metrics import (COLOUR_FAMILIES, PROMPT_COLOURS, adherence_by_colour, colour_hits_from_counts,
-                               colour_prompts, first_named_colours, hue_family_counts)
+from pipelines.metrics import (COLOUR_FAMILIES, PROMPT_COLOURS, colour_hits_from_counts, colour_prompts,
+                               first_named_colours, hue_family_counts, share_by_colour)
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
 # What an English colour word describes, from the word after it ("red eyes" vs "red body"): a rough reading of
@@ -62,7 +62,7 @@ def summary(images: torch.Tensor, named: list[str], chinese: torch.Tensor | None
     families = [name for name, *_ in COLOUR_FAMILIES]
     hue_shares = {colour: dict(zip(families, shares[[i for i, n in enumerate(named) if n == colour]].mean(0).tolist()))
                   for colour in dict.fromkeys(named)}
-    figures = {"count": len(named), "overall": float(hits.mean()), "by_colour": adherence_by_colour(hits, named),
+    figures = {"count": len(named), "overall": float(hits.mean()), "by_colour": share_by_colour(hits, named),
                "hue_shares": hue_shares}
     if chinese is not None:
         figures["en"], figures["zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())

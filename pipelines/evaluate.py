@@ -33,9 +33,9 @@ from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, adherence_by_colour, colour_hits, colour_prompts, composition,
-                      cosine_nearest, first_named_colours, frechet_distance, kernel_distance, near_copies,
-                      nearest_indices, seed_diversity, sharpness, thumbnails, unit_pixels)
+from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition, cosine_nearest,
+                      first_named_colours, frechet_distance, kernel_distance, near_copies, nearest_indices,
+                      seed_diversity, share_by_colour, sharpness, thumbnails, unit_pixels)
 from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
@@ -106,7 +106,7 @@ def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: i
         real_hits = colour_hits(real_all[index], real_named)
         figures["colour_adherence_real"] = float(real_hits.float().mean())
         figures.update({f"colour_adherence_{colour}_real": share
-                        for colour, share in adherence_by_colour(real_hits, real_named).items()})
+                        for colour, share in share_by_colour(real_hits, real_named).items()})
     figures.update({f"{key}_real": value for key, value in composition(real_all).items()})
     figures["sharpness_real"] = sharpness(real_all)
     # FD and KID of as many training images as one language has samples (spread over the set) against the
@@ -159,7 +159,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     chinese = torch.tensor([not text.isascii() for text in colour_texts])
     out["colour_adherence_en"], out["colour_adherence_zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
     out["colour_samples_en"], out["colour_samples_zh"] = int((~chinese).sum()), int(chinese.sum())
-    out.update({f"colour_adherence_{colour}": share for colour, share in adherence_by_colour(hits, named).items()})
+    out.update({f"colour_adherence_{colour}": share for colour, share in share_by_colour(hits, named).items()})
     out.update({f"colour_samples_{colour}": named.count(colour) for colour in dict.fromkeys(named)})
     samples.append(colour_samples)
     feats.append(colour_feats)
@@ -178,6 +178,9 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
                 "nn_judge_dist_samples": in_judge["sample_nn"], "nn_judge_dist_real_val": in_judge["val_nn"]})
     sources = {"captions_en": len(feats[0]), "captions_zh": len(feats[1]), "colour_prompts": len(feats[2])}
     out.update(judge_copies_by_source(in_judge["copied"], sources))
+    colour_rows = in_judge["copied"][len(every_sample) - len(colour_samples):]  # the colour prompts come last
+    out.update({f"near_copy_share_judge_{colour}_prompts": share
+                for colour, share in share_by_colour(colour_rows, named).items()})
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]

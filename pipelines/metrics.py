@@ -232,9 +232,10 @@ def first_named_colours(captions: Sequence[str]) -> list[tuple[int, str]]:
     return [(i, names[0]) for i, names in enumerate(map(colours_named, captions)) if names]
 
 
-def adherence_by_colour(hits: torch.Tensor, named: list[str]) -> dict[str, float]:
-    """Share of ``hits`` per named colour, for the colours ``named`` holds (which colours a model gets wrong)."""
-    return {colour: float(hits[[i for i, n in enumerate(named) if n == colour]].float().mean())
+def share_by_colour(flags: torch.Tensor, named: list[str]) -> dict[str, float]:
+    """Share of ``flags`` (one per sample: a colour hit, a near-copy) per named colour, for the colours ``named``
+    holds: which colours a model gets wrong, or copies for."""
+    return {colour: float(flags[[i for i, n in enumerate(named) if n == colour]].float().mean())
             for colour in dict.fromkeys(named)}
 
 

@@ -24,6 +24,7 @@ from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
 from engine.stage import file_fingerprint, folder_lock, load_weights
 from engine.trainer import checkpoint_path
+from pipelines.metrics import PROMPT_COLOURS
 from pipelines.stages import (LineageWarning, judge_path, load_stack, recorded_stage, stage_paths,
                               write_stages_record)
 from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings,
@@ -66,7 +67,11 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     for key in ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_judge",
                 "near_copy_share_pixel_relative", "colour_adherence", "near_copy_share_judge_captions_en",
                 "near_copy_share_judge_captions_zh", "near_copy_share_judge_colour_prompts"):
-        assert key in generation and f"{key}_real" in generation or key.startswith("near_copy")
+        assert key in generation
+        assert f"{key}_real" in generation or key.startswith("near_copy")  # copies have no real-image figure
+    # the colour prompts' judge-space copies per colour (each colour has the same number of samples)
+    per_colour = [generation[f"near_copy_share_judge_{colour}_prompts"] for colour in PROMPT_COLOURS]
+    assert sum(per_colour) / len(per_colour) == pytest.approx(generation["near_copy_share_judge_colour_prompts"])
     assert "foreground share" in report and "nearest_pairs.png" in report and "judge_pairs.png" in report
     assert (run_a / "judge_pairs.png").is_file()
     evaluation_md = (run_a / "evaluation.md").read_text(encoding="utf-8")

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.evaluate import judge_copies_by_source, over_seed_sets, quality_table
-from pipelines.metrics import (adherence_by_colour, colour_hits, colour_prompts, colours_named, composition,
-                               count_parts, foreground_mask, frechet_distance, hue_family_shares, kernel_distance,
-                               near_copies, sharpness, thumbnails)
+from pipelines.metrics import (colour_hits, colour_prompts, colours_named, composition, count_parts, foreground_mask,
+                               frechet_distance, hue_family_shares, kernel_distance, near_copies, share_by_colour,
+                               sharpness, thumbnails)
 
 SIZE = 128
 
@@ -81,7 +81,7 @@ def test_colour_families_and_adherence():
     paint_disc(patched, 0.5, 0.4, 0.12, rgb=(0.9, -0.9, -0.9))
     assert colour_hits(torch.cat([eyed, patched]), ["red", "red"]).tolist() == [False, True]
     hits = colour_hits(torch.cat([red, blue, red]), ["red", "red", "blue"])
-    assert adherence_by_colour(hits, ["red", "red", "blue"]) == {"red": 0.5, "blue": 0.0}
+    assert share_by_colour(hits, ["red", "red", "blue"]) == {"red": 0.5, "blue": 0.0}
 
 
 def test_colour_prompts_and_named_colours():
@@ -214,7 +214,7 @@ def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tm
     save_pairs(samples, -samples, path)  # the partner rows (inverted colours) must not be read as samples
     tiles = pair_samples(path, len(named))
     assert tiles.shape == (96, 3, 96, 96)
-    assert adherence_by_colour(colour_hits(tiles, named), named) == {
+    assert share_by_colour(colour_hits(tiles, named), named) == {
         "red": 0.0, "blue": 1.0, "green": 1.0, "yellow": 1.0, "purple": 1.0, "pink": 1.0}
     with pytest.raises(UserError, match="too small for 200 samples"):
         pair_samples(path, 200)

@@ -28,8 +28,8 @@ from typing import Any, Sequence
 import torch
 
 from data import load_captions
-from diffusion.fit import check_fit
 from diffusion.colour_sentences import derived_inputs
+from diffusion.fit import check_fit
 from diffusion.train import check_init_architecture, lowres_folder, stage_checkpoints
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed

@@ -202,9 +202,8 @@ def check_run_stages(run: Path, configs: dict[str, Any], data: str, reuse: dict[
         derived: dict[str, str] = {}  # the UNet's captions as it would train on them, with their colour sentences
         if name == "unet":
             upstream = {s: None if s in will_train else reuse.get(s, run / s) for s in ("vae", "clip")}
-            # measured only where they can decide something: a UNet whose VAE or CLIP retrains retrains too
-            if folder.exists() and None not in upstream.values():
-                derived = derived_inputs(cfg, data, upstream["clip"])
+            if folder.exists():  # else there is nothing to compare them with
+                derived = derived_inputs(cfg, data, upstream)
         if is_complete(folder):
             if differs(name, folder, finished_stage_differences(name, folder, cfg, data, upstream, derived)):
                 will_train.add(name)

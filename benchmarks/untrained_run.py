@@ -24,7 +24,8 @@ from clip.config import CLIPTrainConfig
 from diffusion.config import PRESETS as UNET_PRESETS
 from diffusion.config import UNetTrainConfig
 from engine.config import build_config, config_to_dict
-from engine.stage import is_complete
+from engine.errors import add_debug_flag, run_cli
+from engine.stage import StageError, is_complete
 from pipelines.metrics import COLOUR_FAMILIES
 from pipelines.prompts import GRID_PROMPTS
 from unet import UNet
@@ -57,7 +58,7 @@ def write_untrained_run(out: Path, preset: str = "full", seed: int = 0) -> Path:
     """``out/{vae,clip,unet}``: stage folders of the ``preset``'s models with random weights (``seed``)."""
     for name in ("vae", "clip", "unet"):
         if is_complete(out / name):
-            raise FileExistsError(f"{out / name} already holds a stage; pick another --out")
+            raise StageError(f"{out / name} already holds a stage; pick another --out")
     torch.manual_seed(seed)
     vae_cfg = build_config(VAETrainConfig, VAE_PRESETS, preset)
     vae_cfg.model.scaling_factor = 1.0  # measured from data in training; any value times the same decode
@@ -74,12 +75,14 @@ def write_untrained_run(out: Path, preset: str = "full", seed: int = 0) -> Path:
     unet_cfg = build_config(UNetTrainConfig, UNET_PRESETS, preset)
     unet_cfg.model = unet_cfg.filled_model(clip.context_dim)
     lineage = {**UNTRAINED, "vae": vae_fingerprint, "clip": clip_fingerprint, "tokenizer": tokenizer.fingerprint}
-    without_zero_layers(UNet(unet_cfg.model)).save(out / "unet", training=config_to_dict(unet_cfg), trained_on=lineage)
+    unet = without_zero_layers(UNet(unet_cfg.model))
+    unet.save(out / "unet", training=config_to_dict(unet_cfg), trained_on=lineage)
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.untrained_run", description=__doc__.split("\n\n")[0])
+    add_debug_flag(parser)
     parser.add_argument("--out", type=Path, required=True, help="run folder to write (vae/, clip/, unet/)")
     parser.add_argument("--preset", default="full", help="the stages' preset (default full: the default run's sizes)")
     parser.add_argument("--seed", type=int, default=0)
@@ -90,4 +93,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,7 +8,7 @@ In this data colour words mostly name details ("red eyes"); the sentence ties th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -71,12 +71,13 @@ def training_captions(cfg: UNetTrainConfig, train_set: CaptionSet, clip_dir: str
                                  fits=lambda text: tokenizer.dropped_tokens(text) == 0)
 
 
-def derived_inputs(cfg: UNetTrainConfig, data_source: str, clip_dir: str | Path | None) -> dict[str, str]:
-    """The inputs a UNet stage trained now records that its settings and upstream folders do not name, for
-    ``pipelines.stages.finished_stage_differences``' ``derived``: ``trained_captions``, the fingerprint of its
-    ``training_captions`` (a rule change, not only a data change, changes it). ``{}`` while the CLIP stage
-    (``clip_dir`` None) is about to be trained again, and the UNet with it."""
-    if clip_dir is None:
+def derived_inputs(cfg: UNetTrainConfig, data_source: str, upstream: Mapping[str, str | Path | None]
+                   ) -> dict[str, str]:
+    """The inputs a UNet stage trained now records that its settings and ``upstream`` folders ("vae", "clip") do
+    not name, for ``pipelines.stages.finished_stage_differences``' ``derived``: ``trained_captions``, the
+    fingerprint of its ``training_captions`` (a rule change, not only a data change, changes it). ``{}`` while
+    an upstream stage (None) is about to be trained again: the UNet trains again with it, so nothing is measured."""
+    if None in upstream.values():
         return {}
     train_set = load_captions(data_source, resolution=cfg.resolution).subset("train")
-    return {"trained_captions": texts_fingerprint(*training_captions(cfg, train_set, clip_dir))}
+    return {"trained_captions": texts_fingerprint(*training_captions(cfg, train_set, upstream["clip"]))}

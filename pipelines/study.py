@@ -322,9 +322,7 @@ def check_column_folder(plan: ColumnPlan, recorded_as: dict[str, Any], data: str
             will_train.add(stage)
             continue
         upstream = {s: None if s in will_train else plan.stages[s] for s in ("vae", "clip")} if stage == "unet" else {}
-        # the UNet's captions as it would train on them, measured only where a retrained VAE or CLIP has not
-        # already decided that it trains again
-        derived = derived_inputs(cfg, data, upstream["clip"]) if upstream and None not in upstream.values() else {}
+        derived = derived_inputs(cfg, data, upstream) if stage == "unet" else {}  # its captions, colour sentences
         differences = finished_stage_differences(stage, folder, cfg, data, upstream, derived)
         if differences:
             raise StageError(f"{folder} holds a finished {stage} stage that differs from variant {plan.name} "

@@ -335,7 +335,8 @@ def test_both_phases_train_on_colour_sentences_measured_once_at_the_stages_resol
     assert lowres_phase == full_phase and any("Its body is mostly" in caption for caption in full_phase[0])
 
 
-def test_the_training_captions_are_recorded_and_a_change_to_them_is_refused(stages, tmp_path, monkeypatch):
+def test_the_training_captions_are_recorded_and_a_change_to_them_is_refused(stages, tmp_path, monkeypatch,
+                                                                           request):
     seen = spy_text_states(monkeypatch)
     progressive, one_phase = tmp_path / "progressive", tmp_path / "one_phase"
     configs = {progressive: tiny_config(epochs=1, lowres_epochs=1, colour_sentences=True),
@@ -347,9 +348,7 @@ def test_the_training_captions_are_recorded_and_a_change_to_them_is_refused(stag
         "trained_captions"] == read_stage(one_phase).trained_on["trained_captions"] == coloured
     train_set = load_captions(DATA, resolution=32).subset("train")
     assert coloured != texts_fingerprint(train_set.en, train_set.zh)  # the training captions as loaded
-    # the colour sentences' rule changes (a code change: same data, same settings)
-    monkeypatch.setattr("diffusion.colour_sentences.with_colour_sentences",
-                        lambda images, en, zh, **kwargs: ([caption + " Drawn." for caption in en], list(zh)))
+    request.getfixturevalue("other_colour_sentences")  # from here on
     for out in configs:  # stopped after the last checkpoint (the low-resolution phase finished)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             (out / name).unlink()

@@ -156,13 +156,11 @@ def test_rerun_with_other_settings_or_data_stops_then_overwrite_retrains(run_a, 
     assert (run / "clip" / "model.safetensors").read_bytes() == clip_weights  # only the differing stage
 
 
-def test_a_unet_trained_on_other_colour_sentences_stops_the_run_or_trains_again(run_a, tmp_path, monkeypatch):
+def test_a_unet_trained_on_other_colour_sentences_stops_the_run_or_trains_again(run_a, tmp_path, request):
     run = tmp_path / "copy"
     shutil.copytree(run_a, run)
     before = read_stage(run / "unet").trained_on["trained_captions"]
-    # the colour sentences' rule changes (a code change: same data, same settings)
-    monkeypatch.setattr("diffusion.colour_sentences.with_colour_sentences",
-                        lambda images, en, zh, **kwargs: ([caption + " Drawn." for caption in en], list(zh)))
+    request.getfixturevalue("other_colour_sentences")  # from here on
     base = ["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval"]
     with pytest.raises(StageError, match=r"unet holds a finished unet stage that differs from what was asked \(it "
                                          r"was trained on other training captions .*--overwrite"):
@@ -752,7 +750,7 @@ def test_an_untrained_run_loads_as_a_stack_of_the_presets_sizes_and_generates(tm
     assert stack.unet(x, t, stack.clip.text_states(["a red pokemon"])).abs().min() > 0
     images = generate(stack, ["a red pokemon", "一只红色的宝可梦"], [0, 1], GenerationSettings(size=64, steps=3))
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
-    with pytest.raises(FileExistsError, match="already holds a stage"):  # never writes over stages
+    with pytest.raises(StageError, match="already holds a stage"):  # never writes over stages
         untrained_run(["--out", str(run), "--preset", "tiny"])
 
 

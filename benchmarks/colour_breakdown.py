@@ -2,10 +2,10 @@
 ``nearest_pairs.png``, and for the real images whose captions name a colour. It tells the colours a model gets
 wrong from the colours the hue ruler itself misjudges, and shows what the captions use each colour word for
 (a body or a detail), and how many training images have a body of each colour (the UNet's colour
-sentences). CPU, no learned weights.
+sentences) with ``--recolour-copies K`` recoloured copies of each (``diffusion.recolour``). CPU, no learned weights.
 
     python -m benchmarks.colour_breakdown --pairs docs/results/quality/default_run/nearest_pairs.png \\
-        --data ../shared/pokemon --out docs/results/quality/colour_breakdown.json
+        --data ../shared/pokemon --out docs/results/quality/colour_breakdown.json [--recolour-copies 2]
 
 Evaluations record the samples' per-colour figures themselves (``colour_adherence_<colour>``); this reads them
 back from the picture of one made before they did. The picture holds the samples at 96 px, not at the 512 px
@@ -23,8 +23,10 @@ import torch
 
 from data import load_captions
 from data.augment import to_float
-from diffusion.colour_sentences import body_colours
+from diffusion.colour_sentences import body_colours, recoloured_copies
+from diffusion.recolour import RecolourAugment
 from engine.cli import command_line
+from engine.config import validate_config
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
@@ -88,8 +90,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--pairs", type=Path, required=True, help="an evaluation's nearest_pairs.png")
     parser.add_argument("--data", required=True, help="the captions set, for the real images")
     parser.add_argument("--size", type=int, default=512, help="the real images' size (the evaluation's)")
+    parser.add_argument("--recolour-copies", type=int, default=0,
+                        help="also count the bodies of this many recoloured copies per training image (seed 0)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    recolour = validate_config(RecolourAugment(copies=args.recolour_copies))  # a bad count fails before any work
     texts, _, named = colour_prompts(COLOUR_SEEDS)
     chinese = torch.tensor([not text.isascii() for text in texts])
     result: dict = {"pairs": str(args.pairs), "samples": summary(pair_samples(args.pairs, len(named)), named, chinese)}
@@ -105,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bodies = [COLOUR_FAMILIES[index][0] for index in body_colours(train.images) if index is not None]
     result["training_bodies"] = {family: bodies.count(family) for family, *_ in COLOUR_FAMILIES}
     result["training_images"] = len(train)
+    if recolour.copies:  # what --unet.recolour.copies=K adds: the copies' bodies, as their sentences name them
+        copies, _, _, turns = recoloured_copies(train.images, train.en, train.zh, recolour)
+        copy_bodies = [COLOUR_FAMILIES[index][0] for index in body_colours(copies) if index is not None]
+        result["recoloured_copies"] = {"copies_per_image": recolour.copies, "recoloured": int((turns != 0).sum()),
+                                       "kept_as_they_are": int((turns == 0).sum()),
+                                       "bodies": {family: copy_bodies.count(family) for family, *_ in COLOUR_FAMILIES}}
     # the colour prompts say "pokemon"; the tokenizer neither lowercases nor strips accents
     result["captions_with_word"] = {word: sum(word in caption.lower() for caption in train.en + val.en)
                                     for word in ("pokemon", "pokémon")}  # any case
@@ -117,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"  '{colour}': " + "  ".join(f"{family} {share:.2f}" for family, share in shares.items()))
     print(f"training bodies (of {len(train)}): " +
           ", ".join(f"{family} {count}" for family, count in result["training_bodies"].items()))
+    if recolour.copies:
+        copies = result["recoloured_copies"]
+        print(f"recoloured copies ({copies['recoloured']} recoloured, {copies['kept_as_they_are']} kept): bodies " +
+              ", ".join(f"{family} {count}" for family, count in copies["bodies"].items()))
     print("captions with the word: " + ", ".join(f"'{w}' {n}" for w, n in result["captions_with_word"].items()))
     for colour, use in result["caption_use"].items():
         print(f"captions: '{colour}' {use['mentions']} mentions, {use['detail_share']:.0%} before a detail noun, "

@@ -1,7 +1,8 @@
 """Augmentation on the GPU, applied to whole batches of uint8 or float image tensors.
 
 Every function takes an explicit ``torch.Generator`` (on the images' device) so a training run is
-reproducible and resumable. None of them changes colours: captions name colours.
+reproducible and resumable. Only ``rotate_hue`` changes colours, and its one caller renames the captions'
+colour words with it (``diffusion.recolour``): captions name colours.
 """
 
 from __future__ import annotations
@@ -21,6 +22,32 @@ def float_batches(images_uint8: torch.Tensor, batch_size: int, device: torch.dev
     """[-1, 1] float batches on ``device`` from uint8 images [N, C, H, W] (which may stay on the CPU)."""
     for start in range(0, len(images_uint8), batch_size):
         yield to_float(images_uint8[start:start + batch_size].to(device, non_blocking=True))
+
+
+def hsv_hue(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HSV parts of float RGB ``[B, 3, H, W]`` in [0, 1]: hue in degrees [0, 360), value (max) and chroma (max - min),
+    each ``[B, H, W]``. A grey pixel (chroma 0) gets hue 0."""
+    value, top = rgb.max(dim=1)  # top: the first channel holding the max
+    chroma = value - rgb.min(dim=1).values
+    r, g, b = rgb.unbind(1)
+    safe = chroma.clamp_min(1e-6)
+    sextant = torch.where(top == 0, ((g - b) / safe) % 6, torch.where(top == 1, (b - r) / safe + 2, (r - g) / safe + 4))
+    return sextant * 60.0, value, chroma
+
+
+def rotate_hue(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """uint8 images ``[B, 3, H, W]`` with every pixel's HSV hue turned by ``degrees[b]``; saturation and value are
+    kept, so white, grey and black pixels (the outlines and the page) stay as they are."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"rotate_hue takes uint8 RGB images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    if degrees.shape != (images.shape[0],):
+        raise ValueError(f"rotate_hue takes one angle per image: {images.shape[0]}, got {tuple(degrees.shape)}")
+    hue, value, chroma = hsv_hue(images.float() / 255.0)
+    sextant = ((hue + degrees.to(hue)[:, None, None]) % 360 / 60.0)[:, None]
+    # HSV -> RGB: channel n is value - chroma * clamp(min(k, 4 - k), 0, 1) with k = (n + sextant) mod 6
+    k = (torch.tensor([5.0, 3.0, 1.0], device=images.device)[None, :, None, None] + sextant) % 6
+    out = value[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+    return out.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:

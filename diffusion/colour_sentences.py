@@ -1,5 +1,6 @@
 """The UNet stage's training captions: each followed by a sentence naming its body's colour, measured from the
-pixels ("Its body is mostly red." / "它的身体主要是红色。"), and the fingerprint that records them.
+pixels ("Its body is mostly red." / "它的身体主要是红色。"), with the recoloured copies' captions
+(``diffusion.recolour``) after them, and the fingerprint that records them.
 
 In this data colour words mostly name details ("red eyes"); the sentence ties them to the body too. A leaf module
 (no training code), so the run's and a study's checks can build the captions a UNet stage would train on.
@@ -7,6 +8,8 @@ In this data colour words mostly name details ("red eyes"); the sentence ties th
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -19,8 +22,9 @@ from data import CaptionSet, load_captions
 from data.augment import to_float
 from data.captions import clause_prefixes, texts_fingerprint
 from diffusion.config import UNetTrainConfig
+from diffusion.recolour import RecolourAugment, family_map, hue_turns, recoloured_images, rename_colours, renamable
 from engine.stage import read_stage
-from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares
+from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares, in_hue_family, pixel_hues
 
 COLOUR_SENTENCE_MIN_SHARE = 0.5  # of a training image's coloured pixels in one hue family, to name its body colour
 
@@ -48,6 +52,21 @@ def body_colours(images: Tensor) -> list[int | None]:
     return [index if top >= COLOUR_SENTENCE_MIN_SHARE else None for top, index in zip(share.tolist(), family.tolist())]
 
 
+def body_hues(images: Tensor, bodies: list[int | None]) -> list[float | None]:
+    """Per image (uint8): the circular mean hue (degrees) of its coloured pixels in its body's family
+    ``bodies[i]`` (``body_colours``), None where it has none."""
+    hues: list[float | None] = []
+    for start in range(0, len(images), 64):
+        hue, chromatic, _ = pixel_hues(to_float(images[start:start + 64]))
+        for pixels, reliable, family in zip(hue, chromatic, bodies[start:start + 64]):
+            if family is None:
+                hues.append(None)
+                continue
+            angles = torch.deg2rad(pixels[reliable & in_hue_family(pixels, family)])
+            hues.append(math.degrees(math.atan2(angles.sin().sum(), angles.cos().sum())) % 360)
+    return hues
+
+
 def _with_sentence(caption: str, sentence: str, fits: Callable[[str], bool]) -> str:
     """``caption`` + ``sentence``, or the longest clause prefix of ``caption`` that fits with it (the whole
     caption when none does: the sentence alone would drop the caption's every word)."""
@@ -57,18 +76,52 @@ def _with_sentence(caption: str, sentence: str, fits: Callable[[str], bool]) -> 
     return caption.rstrip() + sentence
 
 
-def training_captions(cfg: UNetTrainConfig, train_set: CaptionSet, clip_dir: str | Path
-                      ) -> tuple[list[str], list[str]]:
-    """The (English, Chinese) captions both phases of the stage train on: ``train_set``'s (loaded at the stage's
-    resolution), each with its colour sentence when ``cfg.colour_sentences``, trimmed to the context of the CLIP
-    stage at ``clip_dir``. Measured once at the stage's resolution: at each phase's own, a few borderline images
-    would change colour between the phases."""
-    if not cfg.colour_sentences:
-        return list(train_set.en), list(train_set.zh)
-    context = read_stage(clip_dir, "clip").model["context_length"]
-    tokenizer = BPETokenizer.load(Path(clip_dir) / TOKENIZER_FILE, context)
-    return with_colour_sentences(train_set.images, train_set.en, train_set.zh,
-                                 fits=lambda text: tokenizer.dropped_tokens(text) == 0)
+@dataclass(frozen=True)
+class TrainingCaptions:
+    """What the UNet stage's text states are built from: the training images' captions, then each recoloured
+    copy's (copy ``k`` of image ``i`` at ``N + k * N + i``), and the hue turns ``[copies, N]`` that made the
+    copies (``diffusion.recolour.hue_turns``; no rows when the stage does not recolour)."""
+
+    en: list[str]
+    zh: list[str]
+    hue_turns: Tensor
+
+    @property
+    def fingerprint(self) -> str:
+        return texts_fingerprint(self.en, self.zh)
+
+
+def training_captions(cfg: UNetTrainConfig, train_set: CaptionSet, clip_dir: str | Path,
+                      device: torch.device | str = "cpu") -> TrainingCaptions:
+    """The captions both phases of the stage train on: ``train_set``'s (loaded at the stage's resolution), with
+    ``cfg.recolour.copies`` recoloured copies' renamed captions after them, each with its colour sentence when
+    ``cfg.colour_sentences``, trimmed to the context of the CLIP stage at ``clip_dir`` (copies are turned on
+    ``device``). Measured once at the stage's resolution: at each phase's own, a few borderline images would
+    change colour between the phases."""
+    copies, copies_en, copies_zh, turns = recoloured_copies(train_set.images, train_set.en, train_set.zh,
+                                                            cfg.recolour, device)
+    images = torch.cat([train_set.images, copies]) if len(copies) else train_set.images
+    en, zh = list(train_set.en) + copies_en, list(train_set.zh) + copies_zh
+    if cfg.colour_sentences:
+        context = read_stage(clip_dir, "clip").model["context_length"]
+        tokenizer = BPETokenizer.load(Path(clip_dir) / TOKENIZER_FILE, context)
+        en, zh = with_colour_sentences(images, en, zh, fits=lambda text: tokenizer.dropped_tokens(text) == 0)
+    return TrainingCaptions(en, zh, turns)
+
+
+def recoloured_copies(images: Tensor, en: list[str], zh: list[str], recolour: RecolourAugment,
+                      device: torch.device | str = "cpu") -> tuple[Tensor, list[str], list[str], Tensor]:
+    """``recolour.copies`` recoloured copies of every image (uint8, copy ``k`` of image ``i`` at ``k * N + i``,
+    turned on ``device``), their renamed English and Chinese captions, and the hue turns ``[copies, N]`` that
+    made them (``diffusion.recolour``); no copies when ``recolour.copies`` is 0."""
+    if not recolour.copies:
+        return images[:0], [], [], torch.zeros(0, len(images))
+    bodies = body_colours(images)
+    hues = body_hues(images, bodies)
+    turns = hue_turns(bodies, hues, [renamable(*pair) for pair in zip(en, zh)], recolour.copies, recolour.seed)
+    renamed = [rename_colours(en[i], zh[i], family_map(turn, bodies[i], hues[i])) if turn else (en[i], zh[i])
+               for copy in turns.tolist() for i, turn in enumerate(copy)]  # a turn of 0: not recoloured
+    return (recoloured_images(images, turns, device), [e for e, _ in renamed], [z for _, z in renamed], turns)
 
 
 def derived_inputs(cfg: UNetTrainConfig, data_source: str, upstream: Mapping[str, str | Path | None]
@@ -80,4 +133,4 @@ def derived_inputs(cfg: UNetTrainConfig, data_source: str, upstream: Mapping[str
     if None in upstream.values():
         return {}
     train_set = load_captions(data_source, resolution=cfg.resolution).subset("train")
-    return {"trained_captions": texts_fingerprint(*training_captions(cfg, train_set, upstream["clip"]))}
+    return {"trained_captions": training_captions(cfg, train_set, upstream["clip"]).fingerprint}

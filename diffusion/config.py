@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from data.augment import AUGMENT_DIM
 from diffusion.latents import GeometryAugment
 from diffusion.losses import DiffusionLossConfig
+from diffusion.recolour import RecolourAugment
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import ScheduleConfig, check_prediction_type
 from engine.config import ConfigError, TrainConfig, require_positive
@@ -54,6 +55,8 @@ class UNetTrainConfig:
     # pixel-space geometric augmentation with its label as UNet conditioning (EDM's recipe): off by default
     # (it did not pay at this run length; docs/results/quality); --unet.augment.copies=N turns it on
     augment: GeometryAugment = field(default_factory=GeometryAugment)
+    # recoloured copies whose captions name the new colours (diffusion.recolour): off by default until measured
+    recolour: RecolourAugment = field(default_factory=RecolourAugment)
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
     # Progressive resolution: the stage first trains lowres_epochs at resolution / lowres_factor (into out/lowres/,
     # a UNet stage folder of its own), then continues from those weights at `resolution` for train.epochs. At a

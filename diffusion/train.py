@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
-from data.captions import texts_fingerprint
-from diffusion.colour_sentences import training_captions
+from diffusion.colour_sentences import TrainingCaptions, training_captions
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
 from diffusion.guidance import guided_sample_and_decode
 from diffusion.latents import LatentCache, TextStateCache, build_latent_cache, cache_key, encode_prompts
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.noise import PerSampleNoise
+from diffusion.recolour import RECOLOUR_VERSION, recoloured_images
 from diffusion.schedule import NoiseSchedule
 from engine import StageError, Trainer, distributed, is_complete, read_stage
 from engine.cli import run_stage_cli, stage_parser
@@ -58,28 +58,45 @@ TRAINING_ONLY_FIELDS = ("dropout", "gradient_checkpointing")
 class LatentBatchMaker:
     """A training batch: latents drawn from the cached posteriors, one caption state each (CFG drop applied).
 
-    The engine draws rows among the plain images and mirrors; with probability ``augment_prob`` a row is
-    swapped for one of its image's augmented copies, and the batch carries every row's augmentation label.
+    The engine draws rows among the plain images and mirrors. With probability ``recolour_prob`` a row is swapped
+    for one of its image's recoloured copies (``recoloured``: the copies and their mirrors, copy ``k`` of image
+    ``i`` at ``k * N + i``), with that copy's caption (``texts`` row ``N + k * N + i``); otherwise, with
+    probability ``augment_prob``, for one of its geometrically augmented copies, and the batch carries every
+    row's augmentation label (zero for the others).
     """
 
     def __init__(self, latents: LatentCache, texts: TextStateCache, zh_prob: float, cfg_drop_prob: float,
-                 augment_prob: float, memory_format: torch.memory_format) -> None:
+                 augment_prob: float, memory_format: torch.memory_format, recoloured: LatentCache | None = None,
+                 recolour_prob: float = 0.0) -> None:
         self.latents = latents
         self.texts = texts
         self.zh_prob = zh_prob
         self.cfg_drop_prob = cfg_drop_prob
         self.augment_prob = augment_prob  # used only when the cache holds augmented copies
         self.memory_format = memory_format
+        self.recoloured = recoloured
+        self.recolour_prob = recolour_prob
 
     def __call__(self, rows: Tensor, generator: torch.Generator) -> dict[str, Any]:
-        image_ids = self.latents.image_ids(rows)
-        batch = {"context": self.texts.contexts(image_ids, self.zh_prob, self.cfg_drop_prob, generator),
+        image_ids = caption_ids = self.latents.image_ids(rows)
+        recolour = torch.zeros_like(rows, dtype=torch.bool)
+        if self.recoloured is not None:
+            n = self.latents.num_images
+            recolour = torch.rand(rows.shape, device=rows.device, generator=generator) < self.recolour_prob
+            copy_rows = n * torch.randint(0, self.recoloured.num_images // n, rows.shape, device=rows.device,
+                                          generator=generator) + image_ids
+            caption_ids = torch.where(recolour, n + copy_rows, image_ids)
+            copy_rows = copy_rows + self.recoloured.num_images * (rows >= n)  # a mirror takes its copy's mirror
+        batch = {"context": self.texts.contexts(caption_ids, self.zh_prob, self.cfg_drop_prob, generator),
                  "image_ids": image_ids, "generator": generator}
         if self.latents.labels is not None:
-            swap = torch.rand(rows.shape, device=rows.device, generator=generator) < self.augment_prob
+            swap = (torch.rand(rows.shape, device=rows.device, generator=generator) < self.augment_prob) & ~recolour
             rows = torch.where(swap, self.latents.augmented_rows(rows, generator), rows)
             batch["augment"] = self.latents.labels[rows]
-        batch["latents"] = self.latents.sample(rows, generator).contiguous(memory_format=self.memory_format)
+        latents = self.latents.sample(rows, generator)
+        if self.recoloured is not None:
+            latents = torch.where(recolour[:, None, None, None], self.recoloured.sample(copy_rows, generator), latents)
+        batch["latents"] = latents.contiguous(memory_format=self.memory_format)
         return batch
 
 
@@ -249,12 +266,12 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     read_stage(vae_dir, "vae")  # a missing or unfinished stage is named before the data loads
     read_stage(clip_dir, "clip")
     data = load_captions(data_source, resolution=cfg.resolution)
-    captions = training_captions(cfg, data.subset("train"), clip_dir)
+    captions = training_captions(cfg, data.subset("train"), clip_dir, env.device)
     init_from = cfg.init_from
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
         if is_complete(folder):
-            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir, texts_fingerprint(*captions))
+            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir, captions.fingerprint)
         else:
             _train_phase(phase, load_captions(data_source, resolution=phase.resolution), vae_dir, clip_dir, folder,
                          resume, device, cfg.init_from, captions)
@@ -277,9 +294,9 @@ def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str
 
 def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, clip_dir: str | Path, out_dir: Path,
                  resume: bool, device: str | torch.device | None, init_from: str | Path | None,
-                 captions: tuple[list[str], list[str]]) -> Path:
-    """One phase on ``data``'s images (loaded at ``cfg.resolution``) with ``captions`` (en, zh: the stage's
-    ``training_captions``)."""
+                 captions: TrainingCaptions) -> Path:
+    """One phase on ``data``'s images (loaded at ``cfg.resolution``) with the stage's ``training_captions``
+    (its recoloured copies made again from the phase's images)."""
     started = time.perf_counter()
     env = distributed.setup(device)
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
@@ -292,7 +309,7 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     train_set, val_set = data.subset("train"), data.subset("val")
 
     # Text states once (the text encoder is frozen); then CLIP leaves the GPU.
-    en, zh = captions
+    en, zh = captions.en, captions.zh
     cut = {language: sum(clip.tokenizer.dropped_tokens(text) > 0 for text in texts)
            for language, texts in (("English", en), ("Chinese", zh))}
     if any(cut.values()) and env.is_main:  # a colour sentence is kept: with_colour_sentences trims the caption
@@ -311,14 +328,25 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     train_key = cache_key(vae_info.fingerprint, train_set.fingerprint, "mirror", augment_key)
     train_path = latents_dir / f"train-{train_key}.safetensors"
     val_path = latents_dir / f"val-{cache_key(vae_info.fingerprint, val_set.fingerprint)}.safetensors"
+    recoloured_path = None
+    if len(captions.hue_turns):  # keyed by the turns too: they follow the images' colours and the seed
+        recoloured_key = cache_key(vae_info.fingerprint, train_set.fingerprint, "mirror",
+                                   f"recolour v{RECOLOUR_VERSION}", repr(captions.hue_turns.tolist()))
+        recoloured_path = latents_dir / f"recoloured-{recoloured_key}.safetensors"
+    recoloured = None
     if env.is_main:  # the cache it builds (or finds) is the one it trains on: no second read of the file
         train_latents = build_latent_cache(vae, train_set.images, train_path, cfg.encode_batch_size, env.device,
                                            augment=augment)
         val_cache = build_latent_cache(vae, val_set.images, val_path, cfg.encode_batch_size, env.device, mirror=False)
+        if recoloured_path is not None:  # the copies are turned only when they are not cached yet
+            recoloured = (LatentCache.load(recoloured_path, env.device) if recoloured_path.is_file() else
+                          build_latent_cache(vae, recoloured_images(train_set.images, captions.hue_turns, env.device),
+                                             recoloured_path, cfg.encode_batch_size, env.device))
     distributed.barrier()
     if not env.is_main:
         train_latents = LatentCache.load(train_path, env.device)
         val_cache = LatentCache.load(val_path, env.device)
+        recoloured = LatentCache.load(recoloured_path, env.device) if recoloured_path is not None else None
     val_latents = val_cache.scaled_mean()
 
     torch.manual_seed(cfg.train.seed)  # the initial weights follow the seed too, not the caller's RNG state
@@ -331,7 +359,7 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     # "trained_captions": what the text states were built from; a resume onto captions whose colour sentences
     # or trimming changed (a code change, not a data change) is refused like one onto other data
     trained_on = {"data": data.fingerprint, "captions": data.captions_fingerprint,
-                  "trained_captions": texts_fingerprint(en, zh), "vae": vae_info.fingerprint,
+                  "trained_captions": captions.fingerprint, "vae": vae_info.fingerprint,
                   "clip": clip_info.fingerprint, "tokenizer": tokenizer_fingerprint}
     if init is not None:
         trained_on["init"] = init.fingerprint
@@ -339,7 +367,7 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
                       ema_of=model, cuda_graph_of=model, resume=resume, device=env.device,
                       run_config=config_to_dict(cfg), trained_on=trained_on)
     make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob, cfg.augment.prob,
-                                  trainer.memory_format)
+                                  trainer.memory_format, recoloured, cfg.recolour.prob)
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,
                                 cfg.val_batch_size)
     grid = SampleGrid(cfg, schedule, prompt_states, texts.null, tuple(val_latents.shape[1:]))

@@ -111,7 +111,8 @@ def save_stage(folder: str | Path, *, kind: str, model_config: Mapping[str, Any]
 # stage trained on them (the UNet's, with colour sentences), a tokenizer, the weights a stage started from,
 # otherwise an upstream stage ("vae", "clip")
 _INPUT_NAMES = {"data": "other data", "captions": "other captions",
-                "trained_captions": "other training captions (their colour sentences or trimming differ)",
+                "trained_captions": "other training captions (their colour sentences, trimming or recoloured "
+                                    "copies differ)",
                 "tokenizer": "another tokenizer", "init": "other starting weights"}
 
 

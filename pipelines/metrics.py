@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from data.augment import hsv_hue
+
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^1/2) of two feature sets [N, D] (float64).
@@ -184,23 +186,29 @@ def colour_prompts(seeds: int) -> tuple[list[str], list[int], list[str]]:
     return prompts, seed_list, named
 
 
+def pixel_hues(images: torch.Tensor, size: int = MEASURE_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``([B, size, size] ×3)``: each pixel's HSV hue in degrees [0, 360), whether it has a reliable hue (chromatic,
+    not dark, not near-white), and whether it is foreground (not near-white, chromatic or not)."""
+    rgb = unit_pixels(images, size).clamp(0, 1)
+    hue, top, chroma = hsv_hue(rgb)
+    bottom = rgb.amin(dim=1)
+    chromatic = (chroma >= CHROMA_MIN) & (top >= VALUE_MIN) & (bottom < WHITE_LEVEL)
+    return hue, chromatic, bottom < WHITE_LEVEL
+
+
+def in_hue_family(hue: torch.Tensor | float, family: int) -> torch.Tensor | bool:
+    """Bool, elementwise: the hue (degrees in [0, 360)) lies in ``COLOUR_FAMILIES[family]``'s range."""
+    start, end = COLOUR_FAMILIES[family][3]
+    return (hue >= start) & (hue < end) if start < end else (hue >= start) | (hue < end)
+
+
 def hue_family_counts(images: torch.Tensor, size: int = MEASURE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B, len(COLOUR_FAMILIES)], [B])``: each image's chromatic foreground pixels in each hue family, and its
     foreground pixels (those not near-white, chromatic or not)."""
-    rgb = unit_pixels(images, size).clamp(0, 1)
-    top, _ = rgb.max(dim=1)
-    bottom, _ = rgb.min(dim=1)
-    chroma = top - bottom
-    r, g, b = rgb.unbind(1)
-    safe = chroma.clamp_min(1e-6)
-    hue = torch.where(top == r, ((g - b) / safe) % 6, torch.where(top == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    hue = hue * 60.0
-    chromatic = (chroma >= CHROMA_MIN) & (top >= VALUE_MIN) & (bottom < WHITE_LEVEL)
-    counts = []
-    for _, _, _, (start, end) in COLOUR_FAMILIES:
-        in_range = (hue >= start) & (hue < end) if start < end else (hue >= start) | (hue < end)
-        counts.append((in_range & chromatic).flatten(1).float().sum(1))
-    return torch.stack(counts, dim=1), (bottom < WHITE_LEVEL).flatten(1).float().sum(1)
+    hue, chromatic, foreground = pixel_hues(images, size)
+    counts = [(in_hue_family(hue, family) & chromatic).flatten(1).float().sum(1)
+              for family in range(len(COLOUR_FAMILIES))]
+    return torch.stack(counts, dim=1), foreground.flatten(1).float().sum(1)
 
 
 def hue_family_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:

@@ -11,7 +11,7 @@ from data.augment import AUGMENT_DIM
 from data.captions import clause_prefixes, clause_variants, split_clauses, texts_fingerprint
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
-from diffusion.colour_sentences import body_colours, with_colour_sentences
+from diffusion.colour_sentences import body_colours, derived_inputs, with_colour_sentences
 from diffusion.train import main, stage_checkpoints, train
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine.stage import CONFIG_FILE, WEIGHTS_FILE
@@ -356,6 +356,30 @@ def test_the_training_captions_are_recorded_and_a_change_to_them_is_refused(stag
         train(configs[progressive], DATA, stages / "vae", stages / "clip", progressive, resume=True, device="cpu")
     with pytest.raises(ConfigError, match=r"cannot resume .*\(it was trained on other training captions"):
         train(configs[one_phase], DATA, stages / "vae", stages / "clip", one_phase, resume=True, device="cpu")
+
+
+def test_recoloured_copies_train_with_renamed_captions_and_are_recorded(stages, tmp_path, monkeypatch):
+    seen = spy_text_states(monkeypatch)
+    cfg = tiny_config(epochs=1, lowres_epochs=1, colour_sentences=True, **{"recolour.copies": 2, "recolour.prob": 0.5})
+    out = tmp_path / "unet"
+    train(cfg, DATA, stages / "vae", stages / "clip", out, device="cpu")
+    train_set = load_captions(DATA, resolution=cfg.resolution).subset("train")
+    n = len(train_set)
+    lowres_phase, full_phase = seen
+    en, zh = full_phase
+    assert lowres_phase == full_phase and len(en) == len(zh) == 3 * n  # the images', then two copies' each
+    bodies = body_colours(train_set.images)
+    for k in (1, 2):
+        for i in range(n):
+            colour = train_set.en[i].split()[1]  # "a red circle"
+            copy_colour = en[k * n + i].split()[1]
+            assert copy_colour != colour and f"Its body is mostly {copy_colour}." in en[k * n + i]
+            assert COLOUR_FAMILIES[bodies[i]][1] == colour
+    for folder in (out, out / "lowres"):
+        assert len(list((folder / "latents").glob("recoloured-*.safetensors"))) == 1
+    recorded = read_stage(out).trained_on["trained_captions"]
+    assert recorded == texts_fingerprint(en, zh)
+    assert recorded == derived_inputs(cfg, DATA, {"vae": stages / "vae", "clip": stages / "clip"})["trained_captions"]
 
 
 def test_probe_emas_are_scored_beside_the_stages_own(stages, tmp_path):

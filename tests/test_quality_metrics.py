@@ -222,6 +222,25 @@ def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tm
         pair_samples(tmp_path / "missing.png", 96)
 
 
+def test_colour_breakdown_counts_the_bodies_recoloured_copies_add(tmp_path):
+    from benchmarks.colour_breakdown import main as colour_breakdown
+    from engine.config import ConfigError
+    from pipelines.evaluate import save_pairs
+
+    _, _, named = colour_prompts(seeds=8)
+    samples = torch.cat([paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=(0.9, -0.9, -0.9)) for _ in named])
+    save_pairs(samples, samples, tmp_path / "nearest_pairs.png")
+    args = ["--pairs", str(tmp_path / "nearest_pairs.png"), "--data", "shapes:60", "--size", "32"]
+    result = colour_breakdown(args + ["--recolour-copies", "2"])
+    train_images = result["training_images"]
+    copies = result["recoloured_copies"]  # one flat colour per shape, named in its caption: every copy recoloured
+    assert copies["recoloured"] == 2 * train_images and copies["kept_as_they_are"] == 0
+    assert sum(copies["bodies"].values()) == 2 * train_images and copies["bodies"]["pink"] > 0  # no pink shapes
+    assert result["training_bodies"]["pink"] == 0 and "recoloured_copies" not in colour_breakdown(args)
+    with pytest.raises(ConfigError, match=r"recolour\.copies must be in \[0, 6\]"):
+        colour_breakdown(args + ["--recolour-copies", "7"])
+
+
 def test_colour_word_use_tells_details_from_bodies():
     from benchmarks.colour_breakdown import colour_word_use
 

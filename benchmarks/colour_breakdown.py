@@ -110,9 +110,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bodies = [COLOUR_FAMILIES[index][0] for index in body_colours(train.images) if index is not None]
     result["training_bodies"] = {family: bodies.count(family) for family, *_ in COLOUR_FAMILIES}
     result["training_images"] = len(train)
-    if recolour.copies:  # what --unet.recolour.copies=K adds: the copies' bodies, as their sentences name them
+    if recolour.copies:  # what --unet.recolour.copies=K adds: the recoloured bodies, as their sentences name them
         copies, _, _, turns = recoloured_copies(train.images, train.en, train.zh, recolour)
-        copy_bodies = [COLOUR_FAMILIES[index][0] for index in body_colours(copies) if index is not None]
+        turned = copies[turns.flatten() != 0]  # the copies kept as they are add nothing new
+        copy_bodies = [COLOUR_FAMILIES[index][0] for index in body_colours(turned) if index is not None]
         result["recoloured_copies"] = {"copies_per_image": recolour.copies, "recoloured": int((turns != 0).sum()),
                                        "kept_as_they_are": int((turns == 0).sum()),
                                        "bodies": {family: copy_bodies.count(family) for family, *_ in COLOUR_FAMILIES}}

@@ -22,7 +22,7 @@ from data import CaptionSet, load_captions
 from data.augment import to_float
 from data.captions import clause_prefixes, texts_fingerprint
 from diffusion.config import UNetTrainConfig
-from diffusion.recolour import RecolourAugment, family_map, hue_turns, recoloured_images, rename_colours, renamable
+from diffusion.recolour import RecolourAugment, family_map, hue_turns, recoloured_images, recolourable, rename_colours
 from engine.stage import read_stage
 from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares, in_hue_family, pixel_hues
 
@@ -91,15 +91,14 @@ class TrainingCaptions:
         return texts_fingerprint(self.en, self.zh)
 
 
-def training_captions(cfg: UNetTrainConfig, train_set: CaptionSet, clip_dir: str | Path,
-                      device: torch.device | str = "cpu") -> TrainingCaptions:
+def training_captions(cfg: UNetTrainConfig, train_set: CaptionSet, clip_dir: str | Path) -> TrainingCaptions:
     """The captions both phases of the stage train on: ``train_set``'s (loaded at the stage's resolution), with
     ``cfg.recolour.copies`` recoloured copies' renamed captions after them, each with its colour sentence when
-    ``cfg.colour_sentences``, trimmed to the context of the CLIP stage at ``clip_dir`` (copies are turned on
-    ``device``). Measured once at the stage's resolution: at each phase's own, a few borderline images would
-    change colour between the phases."""
+    ``cfg.colour_sentences``, trimmed to the context of the CLIP stage at ``clip_dir``. Measured once at the
+    stage's resolution (at each phase's own, a few borderline images would change colour between the phases), and
+    on the CPU, where a run's pre-check measures them too: the fingerprints must agree to the bit."""
     copies, copies_en, copies_zh, turns = recoloured_copies(train_set.images, train_set.en, train_set.zh,
-                                                            cfg.recolour, device)
+                                                            cfg.recolour)
     images = torch.cat([train_set.images, copies]) if len(copies) else train_set.images
     en, zh = list(train_set.en) + copies_en, list(train_set.zh) + copies_zh
     if cfg.colour_sentences:
@@ -109,19 +108,20 @@ def training_captions(cfg: UNetTrainConfig, train_set: CaptionSet, clip_dir: str
     return TrainingCaptions(en, zh, turns)
 
 
-def recoloured_copies(images: Tensor, en: list[str], zh: list[str], recolour: RecolourAugment,
-                      device: torch.device | str = "cpu") -> tuple[Tensor, list[str], list[str], Tensor]:
+def recoloured_copies(images: Tensor, en: list[str], zh: list[str], recolour: RecolourAugment
+                      ) -> tuple[Tensor, list[str], list[str], Tensor]:
     """``recolour.copies`` recoloured copies of every image (uint8, copy ``k`` of image ``i`` at ``k * N + i``,
-    turned on ``device``), their renamed English and Chinese captions, and the hue turns ``[copies, N]`` that
-    made them (``diffusion.recolour``); no copies when ``recolour.copies`` is 0."""
+    turned on the CPU), their renamed English and Chinese captions, and the hue turns ``[copies, N]`` that made
+    them (``diffusion.recolour``); no copies when ``recolour.copies`` is 0."""
     if not recolour.copies:
         return images[:0], [], [], torch.zeros(0, len(images))
     bodies = body_colours(images)
     hues = body_hues(images, bodies)
-    turns = hue_turns(bodies, hues, [renamable(*pair) for pair in zip(en, zh)], recolour.copies, recolour.seed)
+    can_recolour = [recolourable(en[i], zh[i], body) for i, body in enumerate(bodies)]
+    turns = hue_turns(bodies, hues, can_recolour, recolour.copies, recolour.seed)
     renamed = [rename_colours(en[i], zh[i], family_map(turn, bodies[i], hues[i])) if turn else (en[i], zh[i])
                for copy in turns.tolist() for i, turn in enumerate(copy)]  # a turn of 0: not recoloured
-    return (recoloured_images(images, turns, device), [e for e, _ in renamed], [z for _, z in renamed], turns)
+    return recoloured_images(images, turns), [e for e, _ in renamed], [z for _, z in renamed], turns
 
 
 def derived_inputs(cfg: UNetTrainConfig, data_source: str, upstream: Mapping[str, str | Path | None]

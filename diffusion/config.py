@@ -121,6 +121,10 @@ class UNetTrainConfig:
                 raise ConfigError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise ConfigError(f"guidance_rescale must be in [0, 1] (0: off), got {self.guidance_rescale}")
+        if self.recolour.copies and not self.colour_sentences:
+            raise ConfigError("recolour.copies > 0 needs colour_sentences=true: a recoloured copy whose caption names "
+                              "no colour would train on its original caption; set colour_sentences=true or "
+                              "recolour.copies=0")
         if self.caption_variants < 0:
             raise ConfigError(f"caption_variants must be >= 0, got {self.caption_variants}")
         require_positive(self, "encode_batch_size", "val_timesteps", "val_batch_size", "sample_every_epochs",

@@ -2,8 +2,8 @@
 its captions with every colour word renamed by the same turn ("a red bird with yellow eyes" turned from red to
 blue: "a blue bird with purple eyes").
 
-The training set's bodies are unevenly coloured (of 750: 206 blue, 6 purple; docs/results/quality), so a colour
-the set rarely draws can only be drawn near its few examples. A recoloured copy draws every body in every colour
+The training set's bodies are unevenly coloured (few purple ones; docs/results/quality), so a colour the set
+rarely draws can only be drawn near its few examples. A recoloured copy draws every body in every colour
 its caption then names, so colour words are learnt apart from shapes. The caption carries the change (it names
 the new colours), so no conditioning label is needed for the copies not to leak: the samples are asked for the
 colours the prompt names. Leaf module: the rules only; ``diffusion.colour_sentences`` builds the copies.
@@ -34,12 +34,16 @@ FAMILY_CENTRES = tuple(_centre(*hue_range) for *_, hue_range in COLOUR_FAMILIES)
 _EN_WORDS = {en: index for index, (_, en, _, _) in enumerate(COLOUR_FAMILIES)}
 _ZH_CHARS = {zh[0]: index for index, (_, _, zh, _) in enumerate(COLOUR_FAMILIES)}  # 红 橙 黄 绿 蓝 紫 粉
 _EN_COLOUR = re.compile(r"\b(?:(an?) )?(" + "|".join(_EN_WORDS) + r")\b", re.IGNORECASE)  # with its article
-_ZH_COLOUR = re.compile("粉红|[" + "".join(_ZH_CHARS) + "]")  # 粉红 (pink) before 红 (red)
-# Colour words no family word can stand for once turned (brown is a dark orange; "reddish" has no renamed form
-# here): a caption naming one is not recoloured, its image's copies keep their colours.
-_EN_UNRENAMABLE = re.compile(r"\b(brown|tan|gold|golden|bronze|copper|teal|cyan|turquoise|aqua|crimson|maroon|"
-                             r"scarlet|navy|lavender|lilac|violet|magenta|amber|olive|lime|\w+ish)\b", re.IGNORECASE)
-_ZH_UNRENAMABLE = re.compile("[棕褐金青橘赤]")
+# 粉红 (pink) before 红 (red); 粉 alone only before a colour (粉丝 are fans, 花粉 pollen)
+_ZH_COLOUR = re.compile("粉红|粉(?=[色白黑灰红橙黄绿蓝紫])|[" + "".join(c for c in _ZH_CHARS if c != "粉") + "]")
+# Colour words no family word can stand for once turned (brown is a dark orange, cream a pale one; "reddish" has
+# no renamed form here): a caption naming one is not recoloured, its image's copies keep their colours.
+_EN_UNRENAMABLE = re.compile(
+    r"\b(brown|brownish|tan|gold|golden|bronze|copper|teal|cyan|turquoise|aqua|crimson|maroon|scarlet|navy|"
+    r"lavender|lilac|violet|magenta|amber|olive|lime|cream|creamy|beige|ivory|khaki|peach|reddish|bluish|blueish|"
+    r"greenish|yellowish|pinkish|purplish|orangish|orangey)\b", re.IGNORECASE)
+_ZH_UNRENAMABLE = re.compile("棕|褐|金色|金黄|青色|青绿|橘|赤|奶油|米色|米黄|象牙|卡其|杏色")
+TARGET_SPREAD = 0.5  # a turned body lands within this share of its target family's half-width of the centre
 
 
 @dataclass
@@ -62,9 +66,27 @@ class RecolourAugment:
                               f"of the {len(COLOUR_FAMILIES)} colour families), got {self.copies}")
 
 
-def renamable(en: str, zh: str) -> bool:
-    """Whether every colour word of the captions can be renamed by a turn of the hue."""
-    return not (_EN_UNRENAMABLE.search(en) or _ZH_UNRENAMABLE.search(zh))
+def named_families(en: str, zh: str) -> set[int]:
+    """The colour families the captions' colour words name."""
+    return ({_EN_WORDS[m.group(2).lower()] for m in _EN_COLOUR.finditer(en)}
+            | {_zh_family(m.group(0)) for m in _ZH_COLOUR.finditer(zh)})
+
+
+def _zh_family(word: str) -> int:
+    """The family of a ``_ZH_COLOUR`` match (粉红 is pink)."""
+    return _ZH_CHARS[word[0]]
+
+
+def recolourable(en: str, zh: str, body: int | None) -> bool:
+    """Whether an image whose body is of family ``body`` (None: no dominant colour) can be recoloured with these
+    captions: it has a body colour, every colour word can be renamed by a turn of the hue, and the captions do
+    not name the body by a neighbouring family's word alone ("a pink Chansey" whose body measures red: which word
+    names the body is unknown, so the renamed caption could contradict its colour sentence)."""
+    if body is None or _EN_UNRENAMABLE.search(en) or _ZH_UNRENAMABLE.search(zh):
+        return False
+    named = named_families(en, zh)
+    neighbours = {(body - 1) % len(COLOUR_FAMILIES), (body + 1) % len(COLOUR_FAMILIES)}
+    return body in named or not named & neighbours
 
 
 def hue_family(hue: float) -> int:
@@ -82,8 +104,8 @@ def family_map(turn: float, body: int, body_hue: float) -> list[int]:
 
 def rename_colours(en: str, zh: str, families: list[int]) -> tuple[str, str]:
     """The captions with every colour word of family ``f`` renamed to family ``families[f]`` (``family_map``), an
-    English article before it made to fit. Captions that are not ``renamable`` would keep some colour words wrong:
-    the caller skips them."""
+    English article before it made to fit. Captions that are not ``recolourable`` would keep some colour words
+    wrong: the caller skips them."""
     def english(match: re.Match) -> str:
         article, old = match.groups()
         word = COLOUR_FAMILIES[families[_EN_WORDS[old.lower()]]][1]
@@ -94,25 +116,30 @@ def rename_colours(en: str, zh: str, families: list[int]) -> tuple[str, str]:
         return f"{new_article.capitalize() if article[0].isupper() else new_article} {word}"
 
     def chinese(match: re.Match) -> str:
-        return COLOUR_FAMILIES[families[_ZH_CHARS["粉" if match.group(0) == "粉红" else match.group(0)]]][2][0]
+        return COLOUR_FAMILIES[families[_zh_family(match.group(0))]][2][0]
 
     return _EN_COLOUR.sub(english, en), _ZH_COLOUR.sub(chinese, zh)
 
 
-def hue_turns(bodies: list[int | None], body_hues: list[float | None], can_rename: list[bool], copies: int,
+def hue_turns(bodies: list[int | None], body_hues: list[float | None], can_recolour: list[bool], copies: int,
               seed: int) -> torch.Tensor:
     """``[copies, N]`` degrees: copy ``k`` of image ``i`` turns its body's hue ``body_hues[i]`` (family
-    ``bodies[i]``) to the centre of another family, distinct per copy and drawn at random with ``seed``; 0 (the
-    image as it is) where the body has no dominant colour or a caption cannot be renamed."""
+    ``bodies[i]``) to another family, distinct per copy and drawn at random with ``seed``, landing at a random
+    hue within ``TARGET_SPREAD`` of that family's half-width of its centre (real bodies vary within a family); 0
+    (the image as it is) where the body has no dominant colour or ``can_recolour[i]`` is false
+    (``recolourable``)."""
     g = torch.Generator().manual_seed(seed)
     turns = torch.zeros(copies, len(bodies))
-    for i, (body, hue, ok) in enumerate(zip(bodies, body_hues, can_rename)):
-        others = torch.randperm(len(COLOUR_FAMILIES) - 1, generator=g)[:copies]  # drawn for every image, so
-        if body is None or not ok:  # one image's eligibility does not shift the others' draws
+    for i, (body, hue, ok) in enumerate(zip(bodies, body_hues, can_recolour)):
+        # drawn for every image, so one image's eligibility does not shift the others' draws
+        others = torch.randperm(len(COLOUR_FAMILIES) - 1, generator=g)[:copies]
+        offsets = torch.rand(copies, generator=g) * 2 - 1
+        if body is None or not ok:
             continue
-        for k, other in enumerate(others.tolist()):
+        for k, (other, offset) in enumerate(zip(others.tolist(), offsets.tolist())):
             target = other + (other >= body)  # the families other than the body's
-            turns[k, i] = FAMILY_CENTRES[target] - hue
+            start, end = COLOUR_FAMILIES[target][3]
+            turns[k, i] = FAMILY_CENTRES[target] + offset * TARGET_SPREAD * ((end - start) % 360 / 2) - hue
     return turns
 
 

@@ -266,7 +266,7 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     read_stage(vae_dir, "vae")  # a missing or unfinished stage is named before the data loads
     read_stage(clip_dir, "clip")
     data = load_captions(data_source, resolution=cfg.resolution)
-    captions = training_captions(cfg, data.subset("train"), clip_dir, env.device)
+    captions = training_captions(cfg, data.subset("train"), clip_dir)
     init_from = cfg.init_from
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)

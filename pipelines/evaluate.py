@@ -34,8 +34,8 @@ from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
 from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition, cosine_nearest,
-                      first_named_colours, frechet_distance, kernel_distance, near_copies, nearest_indices,
-                      seed_diversity, share_by_colour, sharpness, thumbnails, unit_pixels)
+                      first_named_colours, frechet_distance, hue_blind_thumbnails, kernel_distance, near_copies,
+                      nearest_indices, seed_diversity, share_by_colour, sharpness, thumbnails, unit_pixels)
 from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
@@ -172,10 +172,12 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     bank_thumbs = thumbnails(bank)
     pixel = near_copies(thumbnails(every_sample), bank_thumbs, thumbnails(real), relative_to=COPY_NEIGHBOURS)
     in_judge = near_copies(every_feature, reference.judge_bank, real_feats, cosine=True)
+    hue_blind = near_copies(hue_blind_thumbnails(every_sample), hue_blind_thumbnails(bank), hue_blind_thumbnails(real))
     out.update({"near_copy_share_pixel": pixel["share"], "near_copy_share_pixel_relative": pixel["share_relative"],
                 "nn_dist_samples": pixel["sample_nn"],
                 "nn_dist_real_val": pixel["val_nn"], "near_copy_share_judge": in_judge["share"],
-                "nn_judge_dist_samples": in_judge["sample_nn"], "nn_judge_dist_real_val": in_judge["val_nn"]})
+                "nn_judge_dist_samples": in_judge["sample_nn"], "nn_judge_dist_real_val": in_judge["val_nn"],
+                "near_copy_share_pixel_hue_blind": hue_blind["share"]})
     sources = {"captions_en": len(feats[0]), "captions_zh": len(feats[1]), "colour_prompts": len(feats[2])}
     out.update(judge_copies_by_source(in_judge["copied"], sources))
     colour_rows = in_judge["copied"][len(every_sample) - len(colour_samples):]  # the colour prompts come last
@@ -316,6 +318,8 @@ QUALITY_ROWS = (
     ("near_copy_share_judge", "near-copies of a training image, judge space", "≤ 0.05"),
     ("near_copy_share_pixel_relative", f"near-copies, pixel space, relative to the {COPY_NEIGHBOURS} nearest "
      "(blends pass; very pale pictures still count)", "(context)"),
+    ("near_copy_share_pixel_hue_blind", "near-copies, pixel space without hue (value and chroma: a recoloured copy "
+     "counts)", "(context)"),
     ("colour_adherence", "named colour among the two dominant foreground hues (each ≥ 5 % of the foreground)",
      "≥ 0.75"),
 )
@@ -328,6 +332,7 @@ REAL_KEYS = {"fd_en": "fd_real", "kid_en": "kid_real"}
 # Each share among generation_metrics' figures and the count of samples it is taken over (their error bars).
 SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samples",
                 "near_copy_share_judge": "samples", "near_copy_share_pixel_relative": "samples",
+                "near_copy_share_pixel_hue_blind": "samples",
                 "colour_adherence": "colour_samples", "colour_adherence_en": "colour_samples_en",
                 "colour_adherence_zh": "colour_samples_zh",
                 **{f"colour_adherence_{colour}": f"colour_samples_{colour}" for colour in PROMPT_COLOURS}}

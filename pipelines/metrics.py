@@ -52,6 +52,14 @@ def thumbnails(images: torch.Tensor, size: int = 64) -> torch.Tensor:
     return F.interpolate(images.float(), size=(size, size), mode="area").flatten(1)
 
 
+def hue_blind_thumbnails(images: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """[-1, 1] images -> flattened ``size`` x ``size`` thumbnails of their HSV value and chroma (area filter), the
+    hue left out: a training image with its hue turned (``data.augment.rotate_hue``, which keeps both) lies where
+    the image does, so a recoloured copy counts as a copy."""
+    _, value, chroma = hsv_hue(((images.float() + 1) / 2).clamp(0, 1))
+    return F.interpolate(torch.stack([value, chroma], dim=1), size=(size, size), mode="area").flatten(1)
+
+
 def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 256) -> torch.Tensor:
     """Root-mean-square pixel distances ``[Q, k]`` from each query row to its ``k`` nearest rows of ``bank``,
     nearest first."""

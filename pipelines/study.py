@@ -89,6 +89,7 @@ KEY_METRICS = (
     ("generation", "near_copy_share_pixel", "near-copies (pixel)", True),
     ("generation", "near_copy_share_judge", "near-copies (judge)", True),
     ("generation", "near_copy_share_pixel_relative", "near-copies (pixel, relative)", True),
+    ("generation", "near_copy_share_pixel_hue_blind", "near-copies (pixel, hue-blind)", True),
     ("generation", "fg_share", "foreground share", True),
     ("generation", "border_fg", "border occupancy", True),
     ("generation", "frame_filling_share", "frame-filling samples", True),

@@ -7,12 +7,13 @@ import torch
 
 from clip import CLIPConfig, CLIPModel, train_tokenizer
 from data import load_captions
-from data.augment import AUGMENT_DIM
+from data.augment import AUGMENT_DIM, to_float
 from data.captions import clause_prefixes, clause_variants, split_clauses, texts_fingerprint
+from diffusion.colour_sentences import body_colours, derived_inputs, training_captions, with_colour_sentences
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
-from diffusion.colour_sentences import body_colours, derived_inputs, with_colour_sentences
-from diffusion.train import main, stage_checkpoints, train
+from diffusion.recolour import recoloured_images
+from diffusion.train import LatentBatchMaker, main, stage_checkpoints, train
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine.stage import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.metrics import COLOUR_FAMILIES
@@ -359,15 +360,22 @@ def test_the_training_captions_are_recorded_and_a_change_to_them_is_refused(stag
 
 
 def test_recoloured_copies_train_with_renamed_captions_and_are_recorded(stages, tmp_path, monkeypatch):
-    seen = spy_text_states(monkeypatch)
+    seen, makers = spy_text_states(monkeypatch), []
+
+    class SpyBatchMaker(LatentBatchMaker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            makers.append(self)
+
+    monkeypatch.setattr("diffusion.train.LatentBatchMaker", SpyBatchMaker)
     cfg = tiny_config(epochs=1, lowres_epochs=1, colour_sentences=True, **{"recolour.copies": 2, "recolour.prob": 0.5})
     out = tmp_path / "unet"
     train(cfg, DATA, stages / "vae", stages / "clip", out, device="cpu")
     train_set = load_captions(DATA, resolution=cfg.resolution).subset("train")
     n = len(train_set)
-    lowres_phase, full_phase = seen
-    en, zh = full_phase
-    assert lowres_phase == full_phase and len(en) == len(zh) == 3 * n  # the images', then two copies' each
+    assert len(seen) == 2  # one text-state cache per phase, from the same captions
+    en, zh = seen[-1]
+    assert len(en) == len(zh) == 3 * n  # the images', then two copies' each
     bodies = body_colours(train_set.images)
     for k in (1, 2):
         for i in range(n):
@@ -375,11 +383,25 @@ def test_recoloured_copies_train_with_renamed_captions_and_are_recorded(stages, 
             copy_colour = en[k * n + i].split()[1]
             assert copy_colour != colour and f"Its body is mostly {copy_colour}." in en[k * n + i]
             assert COLOUR_FAMILIES[bodies[i]][1] == colour
-    for folder in (out, out / "lowres"):
-        assert len(list((folder / "latents").glob("recoloured-*.safetensors"))) == 1
     recorded = read_stage(out).trained_on["trained_captions"]
     assert recorded == texts_fingerprint(en, zh)
     assert recorded == derived_inputs(cfg, DATA, {"vae": stages / "vae", "clip": stages / "clip"})["trained_captions"]
+    # each phase draws from its own images turned by the stage's hue turns, encoded by the VAE, with their mirrors
+    turns = training_captions(cfg, train_set, stages / "clip").hue_turns
+    vae = tiny_vae()
+    for maker, (folder, size) in zip(makers, ((out / "lowres", cfg.lowres_resolution), (out, cfg.resolution))):
+        assert maker.recolour_prob == 0.5 and maker.recoloured is not None
+        phase_images = load_captions(DATA, resolution=size).subset("train").images
+        copies = recoloured_images(phase_images, turns)
+        with torch.no_grad():
+            expected = vae.encode(to_float(torch.cat([copies, copies.flip(-1)]))).mean
+        assert torch.allclose(maker.recoloured.mean, expected, atol=1e-5)
+        assert len(list((folder / "latents").glob("recoloured-*.safetensors"))) == 1
+
+
+def test_recolouring_needs_colour_sentences():
+    with pytest.raises(ConfigError, match="recolour.copies > 0 needs colour_sentences=true"):
+        tiny_config(colour_sentences=False, **{"recolour.copies": 1})
 
 
 def test_probe_emas_are_scored_beside_the_stages_own(stages, tmp_path):

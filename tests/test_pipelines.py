@@ -65,7 +65,8 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     assert generation["fd_real"] >= 0 and "kid_real" in generation
     assert f"| {generation['fd_real']:.3f} |" in (run_a / "evaluation.md").read_text(encoding="utf-8")
     for key in ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_judge",
-                "near_copy_share_pixel_relative", "colour_adherence", "near_copy_share_judge_captions_en",
+                "near_copy_share_pixel_relative", "near_copy_share_pixel_hue_blind", "colour_adherence",
+                "near_copy_share_judge_captions_en",
                 "near_copy_share_judge_captions_zh", "near_copy_share_judge_colour_prompts"):
         assert key in generation
         assert f"{key}_real" in generation or key.startswith("near_copy")  # copies have no real-image figure

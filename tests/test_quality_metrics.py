@@ -139,6 +139,33 @@ def test_copies_and_mirrored_copies_are_near_copies():
     assert judged["share"] == 1 and judged["sample_nn"] == pytest.approx(0, abs=1e-9)
 
 
+def test_a_recoloured_copy_is_a_near_copy_only_without_the_hue():
+    from data.augment import rotate_hue, to_float
+    from pipelines.metrics import hue_blind_thumbnails
+
+    g = torch.Generator().manual_seed(0)
+    # creatures: one saturated disc each, in its own colour, place and size, on white
+    def creatures(count: int) -> torch.Tensor:
+        images = canvas(count)
+        for i in range(count):
+            centre, radius = torch.rand(2, generator=g) * 0.3 + 0.35, 0.15 + 0.1 * torch.rand((), generator=g)
+            red = torch.tensor([230, 30, 30], dtype=torch.uint8).reshape(1, 3, 1, 1)
+            rgb = to_float(rotate_hue(red, torch.rand(1, generator=g) * 360)).flatten().tolist()
+            paint_disc(images[i:i + 1], *centre.tolist(), radius.item(), rgb=rgb)
+        return images
+
+    train, val = creatures(40), creatures(20)
+    bank = torch.cat([train, train.flip(-1)])
+    uint8 = ((train[:8] + 1) * 127.5).round().to(torch.uint8)
+    recoloured = to_float(rotate_hue(uint8, torch.full((8,), 150.0)))  # the same drawings, other colours
+    assert near_copies(thumbnails(recoloured), thumbnails(bank), thumbnails(val))["share"] <= 0.25  # RGB: most pass
+    blind = near_copies(hue_blind_thumbnails(recoloured), hue_blind_thumbnails(bank), hue_blind_thumbnails(val))
+    assert blind["share"] == 1 and blind["sample_nn"] < 0.01
+    fresh = creatures(10)
+    assert near_copies(hue_blind_thumbnails(fresh), hue_blind_thumbnails(bank), hue_blind_thumbnails(val))[
+        "share"] <= 0.3
+
+
 def pale_drawings(cells: range) -> torch.Tensor:
     """White pages, each with one light-grey 8x8 square in its own cell of an 8x8 grid (no two overlap)."""
     images = torch.ones(len(cells), 3, 64, 64)

@@ -6,8 +6,9 @@ import torch
 from data.augment import rotate_hue
 from diffusion.latents import LatentCache, TextStateCache
 from diffusion.colour_sentences import body_colours, body_hues
-from diffusion.recolour import (FAMILY_CENTRES, FAMILY_NAMES, RecolourAugment, family_map, hue_family, hue_turns,
-                                recoloured_images, rename_colours, renamable)
+from diffusion.recolour import (FAMILY_CENTRES, FAMILY_NAMES, TARGET_SPREAD, RecolourAugment, family_map, hue_family,
+                                hue_turns, recoloured_images, recolourable, rename_colours)
+from pipelines.metrics import COLOUR_FAMILIES
 from diffusion.train import LatentBatchMaker
 from engine.config import ConfigError, validate_config
 from pipelines.metrics import hue_family_shares
@@ -85,11 +86,22 @@ def hue_family_name(hue: float) -> str:
     return FAMILY_NAMES[hue_family(hue)]
 
 
-def test_captions_naming_a_colour_no_family_word_renames_are_not_recoloured():
-    assert renamable("A red bird with blue eyes.", "红色的鸟。")
+def test_which_images_are_recoloured():
+    assert recolourable("A red bird with blue eyes.", "红色的鸟。", RED)
+    assert recolourable("A jellyfish, stylish.", "一只青蛙和一条金鱼，很多粉丝。", RED)  # no colour word at all
+    assert not recolourable("A red bird.", "红色的鸟。", None)  # no dominant body colour: nothing to turn
     for en, zh in (("A brown fox.", "狐狸。"), ("A reddish fox.", "狐狸。"), ("A fox.", "一只棕色的狐狸。"),
-                   ("A golden fox.", "狐狸。")):
-        assert not renamable(en, zh)
+                   ("A golden fox.", "狐狸。"), ("A cream fox.", "狐狸。"), ("A fox.", "一只金色的狐狸。")):
+        assert not recolourable(en, zh, RED)  # a colour no family word can stand for
+    # the body named only by a neighbouring family's word: which word names the body is unknown
+    assert not recolourable("A pink Chansey.", "粉色的吉利蛋。", RED)
+    assert recolourable("A pink Chansey with red cheeks.", "粉色的吉利蛋。", RED)  # the body's own word is there
+    assert recolourable("A blue fish with yellow fins.", "蓝色的鱼。", RED)  # blue and yellow are no neighbours
+
+
+def test_chinese_colour_characters_are_renamed_only_as_colours():
+    to_blue = family_map(FAMILY_CENTRES[BLUE], RED, 0.0)
+    assert rename_colours("", "粉丝们喜欢花粉和粉白相间的红鼻子。", to_blue)[1] == "粉丝们喜欢花粉和蓝白相间的蓝鼻子。"
 
 
 def test_hue_turns_take_distinct_other_families_and_skip_what_cannot_be_recoloured():
@@ -103,9 +115,15 @@ def test_hue_turns_take_distinct_other_families_and_skip_what_cannot_be_recolour
         if bodies[i] is None or not can[i]:
             continue
         landed = [hues[i] + turn for turn in turns[:, i].tolist()]
-        assert all(min(abs(hue - centre) % 360 for centre in FAMILY_CENTRES) < 1e-4 for hue in landed)  # a centre
         targets = [hue_family(hue) for hue in landed]
         assert len(set(targets)) == 3 and bodies[i] not in targets
+        for hue, target in zip(landed, targets):  # within the middle half of the target family
+            start, end = COLOUR_FAMILIES[target][3]
+            off_centre = (hue - FAMILY_CENTRES[target] + 180) % 360 - 180
+            assert abs(off_centre) <= TARGET_SPREAD * ((end - start) % 360 / 2) + 1e-4
+    landed = [5.0 + turn for turn in turns[:, 0::5].flatten().tolist()]  # the red bodies at hue 5
+    spread = [(hue - FAMILY_CENTRES[hue_family(hue)] + 180) % 360 - 180 for hue in landed]
+    assert len(set(round(x, 3) for x in spread)) > 10  # not all on the centres
     targets = {hue_family(5.0 + turn) for turn in turns[:, 0::5].flatten().tolist()}
     assert targets == set(range(len(FAMILY_NAMES))) - {RED}  # every other family is drawn
     assert torch.equal(turns, hue_turns(bodies, hues, can, copies=3, seed=0))

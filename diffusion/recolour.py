@@ -29,7 +29,7 @@ def _centre(start: float, end: float) -> float:
     return (start + (end - start) % 360 / 2) % 360
 
 
-# Each family's hue at the middle of its range: a body's measured hue is turned to its target family's centre.
+# Each family's hue at the middle of its range: a body's measured hue is turned to near its target family's centre.
 FAMILY_CENTRES = tuple(_centre(*hue_range) for *_, hue_range in COLOUR_FAMILIES)
 _EN_WORDS = {en: index for index, (_, en, _, _) in enumerate(COLOUR_FAMILIES)}
 _ZH_CHARS = {zh[0]: index for index, (_, _, zh, _) in enumerate(COLOUR_FAMILIES)}  # 红 橙 黄 绿 蓝 紫 粉

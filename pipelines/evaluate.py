@@ -319,7 +319,7 @@ QUALITY_ROWS = (
     ("near_copy_share_pixel_relative", f"near-copies, pixel space, relative to the {COPY_NEIGHBOURS} nearest "
      "(blends pass; very pale pictures still count)", "(context)"),
     ("near_copy_share_pixel_hue_blind", "near-copies, pixel space without hue (value and chroma: a recoloured copy "
-     "counts)", "(context)"),
+     "can count)", "(context)"),
     ("colour_adherence", "named colour among the two dominant foreground hues (each ≥ 5 % of the foreground)",
      "≥ 0.75"),
 )

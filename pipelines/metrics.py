@@ -55,7 +55,7 @@ def thumbnails(images: torch.Tensor, size: int = 64) -> torch.Tensor:
 def hue_blind_thumbnails(images: torch.Tensor, size: int = 64) -> torch.Tensor:
     """[-1, 1] images -> flattened ``size`` x ``size`` thumbnails of their HSV value and chroma (area filter), the
     hue left out: a training image with its hue turned (``data.augment.rotate_hue``, which keeps both) lies where
-    the image does, so a recoloured copy counts as a copy."""
+    the image does (up to uint8 rounding), so a recoloured copy can count as a copy."""
     _, value, chroma = hsv_hue(((images.float() + 1) / 2).clamp(0, 1))
     return F.interpolate(torch.stack([value, chroma], dim=1), size=(size, size), mode="area").flatten(1)
 

@@ -116,8 +116,10 @@ def test_all_gathered_contrastive_loss_equals_the_single_process_loss(tmp_path):
         torch.testing.assert_close(got["grad"], 2 * image.grad.chunk(2)[rank])
 
 
+# the adversarial term (and its adaptive weight) runs under DDP too, and the other rank reads the recoloured copies'
+# latents that rank 0 encodes
 TRAIN_ALL_ARGS = ["--data", "shapes:60", "--preset", "tiny", "--device", "cpu", "--skip-eval",
-                  "--vae.disc_start_step=2"]  # the adversarial term (and its adaptive weight) runs under DDP too
+                  "--vae.disc_start_step=2", "--unet.recolour.copies=1"]
 
 
 def _train_all_worker(rank: int, world_size: int, port: int, out: str) -> None:

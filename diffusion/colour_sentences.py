@@ -22,7 +22,8 @@ from data import CaptionSet, load_captions
 from data.augment import to_float
 from data.captions import clause_prefixes, texts_fingerprint
 from diffusion.config import UNetTrainConfig
-from diffusion.recolour import RecolourAugment, family_map, hue_turns, recoloured_images, recolourable, rename_colours
+from diffusion.recolour import (RecolourAugment, family_map, hue_family, hue_turns, recoloured_images, recolourable,
+                               rename_colours)
 from engine.stage import read_stage
 from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares, in_hue_family, pixel_hues
 
@@ -112,16 +113,25 @@ def recoloured_copies(images: Tensor, en: list[str], zh: list[str], recolour: Re
                       ) -> tuple[Tensor, list[str], list[str], Tensor]:
     """``recolour.copies`` recoloured copies of every image (uint8, copy ``k`` of image ``i`` at ``k * N + i``,
     turned on the CPU), their renamed English and Chinese captions, and the hue turns ``[copies, N]`` that made
-    them (``diffusion.recolour``); no copies when ``recolour.copies`` is 0."""
+    them (``diffusion.recolour``); no copies when ``recolour.copies`` is 0. A copy whose turned body does not
+    measure as the family it was turned to (its hues spread over two families) is the image as it is, so a renamed
+    caption never contradicts its colour sentence."""
     if not recolour.copies:
         return images[:0], [], [], torch.zeros(0, len(images))
     bodies = body_colours(images)
     hues = body_hues(images, bodies)
     can_recolour = [recolourable(en[i], zh[i], body) for i, body in enumerate(bodies)]
     turns = hue_turns(bodies, hues, can_recolour, recolour.copies, recolour.seed)
+    copies = recoloured_images(images, turns)
+    n = len(images)
+    for row, landed in enumerate(body_colours(copies)):
+        k, i = divmod(row, n)
+        if turns[k, i] and landed != hue_family(hues[i] + float(turns[k, i])):
+            turns[k, i] = 0.0
+            copies[row] = images[i]
     renamed = [rename_colours(en[i], zh[i], family_map(turn, bodies[i], hues[i])) if turn else (en[i], zh[i])
                for copy in turns.tolist() for i, turn in enumerate(copy)]  # a turn of 0: not recoloured
-    return recoloured_images(images, turns), [e for e, _ in renamed], [z for _, z in renamed], turns
+    return copies, [e for e, _ in renamed], [z for _, z in renamed], turns
 
 
 def derived_inputs(cfg: UNetTrainConfig, data_source: str, upstream: Mapping[str, str | Path | None]

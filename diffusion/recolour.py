@@ -20,38 +20,42 @@ from data.augment import rotate_hue
 from engine.config import ConfigError
 from pipelines.metrics import COLOUR_FAMILIES, in_hue_family
 
-RECOLOUR_VERSION = 1  # bump when the rules below change what a copy or its caption is
+RECOLOUR_VERSION = 2  # bump when the rules below change what a copy or its caption is
 
 FAMILY_NAMES = tuple(name for name, *_ in COLOUR_FAMILIES)
 
 
 def _centre(start: float, end: float) -> float:
-    return (start + (end - start) % 360 / 2) % 360
+    return (start + (end - start) % 360 / 2) % 360  # (345, 15) wraps round 0: its centre is 0
 
 
-# Each family's hue at the middle of its range: a body's measured hue is turned to near its target family's centre.
+# Each family's hue at the middle of its range, and half its width: a body's measured hue is turned to near its
+# target family's centre.
 FAMILY_CENTRES = tuple(_centre(*hue_range) for *_, hue_range in COLOUR_FAMILIES)
+FAMILY_HALF_WIDTHS = tuple((end - start) % 360 / 2 for *_, (start, end) in COLOUR_FAMILIES)
 _EN_WORDS = {en: index for index, (_, en, _, _) in enumerate(COLOUR_FAMILIES)}
 _ZH_CHARS = {zh[0]: index for index, (_, _, zh, _) in enumerate(COLOUR_FAMILIES)}  # 红 橙 黄 绿 蓝 紫 粉
 _EN_COLOUR = re.compile(r"\b(?:(an?) )?(" + "|".join(_EN_WORDS) + r")\b", re.IGNORECASE)  # with its article
-# 粉红 (pink) before 红 (red); 粉 alone only before a colour (粉丝 are fans, 花粉 pollen)
-_ZH_COLOUR = re.compile("粉红|粉(?=[色白黑灰红橙黄绿蓝紫])|[" + "".join(c for c in _ZH_CHARS if c != "粉") + "]")
+# 粉红 (pink) before 红 (red); 粉 alone only beside a colour (粉色, 粉白相间, 蓝粉相间; 粉丝 are fans, 花粉 pollen)
+_ZH_COLOUR = re.compile("粉红|粉(?=[色白黑灰红橙黄绿蓝紫相])|(?<=[白黑灰红橙黄绿蓝紫])粉|["
+                        + "".join(c for c in _ZH_CHARS if c != "粉") + "]")
 # Colour words no family word can stand for once turned (brown is a dark orange, cream a pale one; "reddish" has
 # no renamed form here): a caption naming one is not recoloured, its image's copies keep their colours.
 _EN_UNRENAMABLE = re.compile(
     r"\b(brown|brownish|tan|gold|golden|bronze|copper|teal|cyan|turquoise|aqua|crimson|maroon|scarlet|navy|"
     r"lavender|lilac|violet|magenta|amber|olive|lime|cream|creamy|beige|ivory|khaki|peach|reddish|bluish|blueish|"
-    r"greenish|yellowish|pinkish|purplish|orangish|orangey)\b", re.IGNORECASE)
+    r"greenish|yellowish|pinkish|purplish|orangish|orangey|sandy|rosy|coral|blonde|cherry)\b", re.IGNORECASE)
 _ZH_UNRENAMABLE = re.compile("棕|褐|金色|金黄|青色|青绿|橘|赤|奶油|米色|米黄|象牙|卡其|杏色")
-TARGET_SPREAD = 0.5  # a turned body lands within this share of its target family's half-width of the centre
+TARGET_SPREAD = 0.5  # a turned body lands within this many of its target family's half-widths of the centre
 
 
 @dataclass
 class RecolourAugment:
     """``copies`` recoloured encodings of every training image, each turned to another colour family (distinct
     families per image, drawn with ``seed``); a training sample uses one with probability ``prob``, with the
-    copy's renamed captions. An image whose body has no dominant colour, or whose captions name a colour that
-    cannot be renamed, keeps its colours in its copies."""
+    copy's renamed captions. An image that is not ``recolourable`` keeps its colours in its copies, and so does a
+    copy whose turned body would not measure as the family it was turned to
+    (``diffusion.colour_sentences.recoloured_copies``)."""
 
     copies: int = 0  # 0: off
     prob: float = 0.3
@@ -79,14 +83,13 @@ def _zh_family(word: str) -> int:
 
 def recolourable(en: str, zh: str, body: int | None) -> bool:
     """Whether an image whose body is of family ``body`` (None: no dominant colour) can be recoloured with these
-    captions: it has a body colour, every colour word can be renamed by a turn of the hue, and the captions do
-    not name the body by a neighbouring family's word alone ("a pink Chansey" whose body measures red: which word
-    names the body is unknown, so the renamed caption could contradict its colour sentence)."""
+    captions: it has a body colour, every colour word can be renamed by a turn of the hue, and the captions name
+    no neighbouring family of the body's ("a pink Chansey" whose body measures red, "with red cheeks" or not: which
+    word names the body is unknown, so the renamed caption could contradict its colour sentence)."""
     if body is None or _EN_UNRENAMABLE.search(en) or _ZH_UNRENAMABLE.search(zh):
         return False
-    named = named_families(en, zh)
     neighbours = {(body - 1) % len(COLOUR_FAMILIES), (body + 1) % len(COLOUR_FAMILIES)}
-    return body in named or not named & neighbours
+    return not named_families(en, zh) & neighbours
 
 
 def hue_family(hue: float) -> int:
@@ -125,7 +128,7 @@ def hue_turns(bodies: list[int | None], body_hues: list[float | None], can_recol
               seed: int) -> torch.Tensor:
     """``[copies, N]`` degrees: copy ``k`` of image ``i`` turns its body's hue ``body_hues[i]`` (family
     ``bodies[i]``) to another family, distinct per copy and drawn at random with ``seed``, landing at a random
-    hue within ``TARGET_SPREAD`` of that family's half-width of its centre (real bodies vary within a family); 0
+    hue within ``TARGET_SPREAD`` × the family's half-width of its centre (real bodies vary within a family); 0
     (the image as it is) where the body has no dominant colour or ``can_recolour[i]`` is false
     (``recolourable``)."""
     g = torch.Generator().manual_seed(seed)
@@ -138,8 +141,7 @@ def hue_turns(bodies: list[int | None], body_hues: list[float | None], can_recol
             continue
         for k, (other, offset) in enumerate(zip(others.tolist(), offsets.tolist())):
             target = other + (other >= body)  # the families other than the body's
-            start, end = COLOUR_FAMILIES[target][3]
-            turns[k, i] = FAMILY_CENTRES[target] + offset * TARGET_SPREAD * ((end - start) % 360 / 2) - hue
+            turns[k, i] = FAMILY_CENTRES[target] + offset * TARGET_SPREAD * FAMILY_HALF_WIDTHS[target] - hue
     return turns
 
 

@@ -373,7 +373,7 @@ def test_recoloured_copies_train_with_renamed_captions_and_are_recorded(stages, 
     train(cfg, DATA, stages / "vae", stages / "clip", out, device="cpu")
     train_set = load_captions(DATA, resolution=cfg.resolution).subset("train")
     n = len(train_set)
-    assert len(seen) == 2  # one text-state cache per phase, from the same captions
+    assert len(seen) == 2 and seen[0] == seen[1]  # one text-state cache per phase, from the same captions
     en, zh = seen[-1]
     assert len(en) == len(zh) == 3 * n  # the images', then two copies' each
     bodies = body_colours(train_set.images)
@@ -389,6 +389,7 @@ def test_recoloured_copies_train_with_renamed_captions_and_are_recorded(stages, 
     # each phase draws from its own images turned by the stage's hue turns, encoded by the VAE, with their mirrors
     turns = training_captions(cfg, train_set, stages / "clip").hue_turns
     vae = tiny_vae()
+    assert len(makers) == 2  # one batch maker per phase
     for maker, (folder, size) in zip(makers, ((out / "lowres", cfg.lowres_resolution), (out, cfg.resolution))):
         assert maker.recolour_prob == 0.5 and maker.recoloured is not None
         phase_images = load_captions(DATA, resolution=size).subset("train").images

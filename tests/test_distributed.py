@@ -138,6 +138,7 @@ def _layout(root):
 
 def test_train_all_under_two_processes_writes_the_layout_of_one(tmp_path):
     import train_all
+    from engine import read_stage
     from pipelines.stages import load_stack
     train_all.main(TRAIN_ALL_ARGS + ["--run", str(tmp_path / "single")])
     mp.spawn(_train_all_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
@@ -146,3 +147,6 @@ def test_train_all_under_two_processes_writes_the_layout_of_one(tmp_path):
     assert '"world_size": 2' in summary
     stack = load_stack(tmp_path / "ddp", device="cpu")  # the stages written under DDP load and fit together
     assert stack.unet.config.context_dim == stack.clip.context_dim
+    # both runs recoloured: the same copies' captions recorded, and the copies' latents cached
+    single, ddp = (read_stage(tmp_path / run / "unet").trained_on["trained_captions"] for run in ("single", "ddp"))
+    assert single == ddp and list((tmp_path / "ddp" / "unet" / "latents").glob("recoloured-*.safetensors"))

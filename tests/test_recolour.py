@@ -5,10 +5,9 @@ import torch
 
 from data.augment import rotate_hue
 from diffusion.latents import LatentCache, TextStateCache
-from diffusion.colour_sentences import body_colours, body_hues
-from diffusion.recolour import (FAMILY_CENTRES, FAMILY_NAMES, TARGET_SPREAD, RecolourAugment, family_map, hue_family,
-                                hue_turns, recoloured_images, recolourable, rename_colours)
-from pipelines.metrics import COLOUR_FAMILIES
+from diffusion.colour_sentences import body_colours, body_hues, recoloured_copies
+from diffusion.recolour import (FAMILY_CENTRES, FAMILY_HALF_WIDTHS, FAMILY_NAMES, TARGET_SPREAD, RecolourAugment,
+                                family_map, hue_family, hue_turns, recoloured_images, recolourable, rename_colours)
 from diffusion.train import LatentBatchMaker
 from engine.config import ConfigError, validate_config
 from pipelines.metrics import hue_family_shares
@@ -93,15 +92,18 @@ def test_which_images_are_recoloured():
     for en, zh in (("A brown fox.", "狐狸。"), ("A reddish fox.", "狐狸。"), ("A fox.", "一只棕色的狐狸。"),
                    ("A golden fox.", "狐狸。"), ("A cream fox.", "狐狸。"), ("A fox.", "一只金色的狐狸。")):
         assert not recolourable(en, zh, RED)  # a colour no family word can stand for
-    # the body named only by a neighbouring family's word: which word names the body is unknown
+    # a neighbouring family of the body's is named: which word names the body is unknown
     assert not recolourable("A pink Chansey.", "粉色的吉利蛋。", RED)
-    assert recolourable("A pink Chansey with red cheeks.", "粉色的吉利蛋。", RED)  # the body's own word is there
+    assert not recolourable("A pink Chansey with red cheeks.", "吉利蛋。", RED)
+    assert not recolourable("A fox.", "一只蓝粉相间的狐狸。", RED)  # 粉 after a colour is pink too
     assert recolourable("A blue fish with yellow fins.", "蓝色的鱼。", RED)  # blue and yellow are no neighbours
 
 
 def test_chinese_colour_characters_are_renamed_only_as_colours():
     to_blue = family_map(FAMILY_CENTRES[BLUE], RED, 0.0)
     assert rename_colours("", "粉丝们喜欢花粉和粉白相间的红鼻子。", to_blue)[1] == "粉丝们喜欢花粉和蓝白相间的蓝鼻子。"
+    assert rename_colours("", "黄粉相间", to_blue)[1] == "紫蓝相间"  # yellow 55 + 210 is purple, pink 317.5 blue
+    assert rename_colours("", "蓝粉两色", to_blue)[1] == "黄蓝两色"  # 粉 after a colour; blue 210 + 210 is yellow
 
 
 def test_hue_turns_take_distinct_other_families_and_skip_what_cannot_be_recoloured():
@@ -118,9 +120,8 @@ def test_hue_turns_take_distinct_other_families_and_skip_what_cannot_be_recolour
         targets = [hue_family(hue) for hue in landed]
         assert len(set(targets)) == 3 and bodies[i] not in targets
         for hue, target in zip(landed, targets):  # within the middle half of the target family
-            start, end = COLOUR_FAMILIES[target][3]
             off_centre = (hue - FAMILY_CENTRES[target] + 180) % 360 - 180
-            assert abs(off_centre) <= TARGET_SPREAD * ((end - start) % 360 / 2) + 1e-4
+            assert abs(off_centre) <= TARGET_SPREAD * FAMILY_HALF_WIDTHS[target] + 1e-4
     landed = [5.0 + turn for turn in turns[:, 0::5].flatten().tolist()]  # the red bodies at hue 5
     spread = [(hue - FAMILY_CENTRES[hue_family(hue)] + 180) % 360 - 180 for hue in landed]
     assert len(set(round(x, 3) for x in spread)) > 10  # not all on the centres
@@ -130,6 +131,31 @@ def test_hue_turns_take_distinct_other_families_and_skip_what_cannot_be_recolour
     assert not torch.equal(turns, hue_turns(bodies, hues, can, copies=3, seed=1))
     # one image's eligibility does not move the others' draws
     assert torch.equal(hue_turns(bodies, hues, [True] * 100, 3, 0)[:, 0::5], turns[:, 0::5])
+
+
+def test_a_copy_whose_body_would_not_land_in_its_target_family_keeps_its_colours():
+    red = torch.tensor([230, 23, 23], dtype=torch.uint8).reshape(1, 3, 1, 1)
+
+    def body(hues: list[float]) -> torch.Tensor:  # one column of 8 pixels per hue
+        columns = [rotate_hue(red, torch.tensor([hue])).expand(1, 3, 8, 8) for hue in hues]
+        return torch.cat(columns, dim=-1)
+
+    # one green body at hue 117; one green body split between its family's two ends (72 and 163): turned as a
+    # whole, its halves land in two families for most targets
+    images = torch.cat([body([117.0, 117.0]), body([72.0, 163.0])])
+    en, zh = ["A creature.", "A creature."], ["一只生物。", "一只生物。"]
+    copies, copies_en, copies_zh, turns = recoloured_copies(images, en, zh, RecolourAugment(copies=6))
+    assert bool((turns[:, 0] != 0).all())  # the plain body lands in every other family
+    kept = turns[:, 1] == 0
+    assert 0 < int(kept.sum()) < 6  # the split one lands in some, not all
+    landed = body_colours(copies)
+    hues = body_hues(images, body_colours(images))
+    for k in range(6):
+        for i in range(2):
+            if turns[k, i]:
+                assert landed[2 * k + i] == hue_family(hues[i] + float(turns[k, i]))
+            else:  # the image as it is, with its own caption
+                assert torch.equal(copies[2 * k + i], images[i]) and copies_en[2 * k + i] == en[i]
 
 
 def test_recoloured_images_layout():

@@ -55,7 +55,8 @@ class UNetTrainConfig:
     # pixel-space geometric augmentation with its label as UNet conditioning (EDM's recipe): off by default
     # (it did not pay at this run length; docs/results/quality); --unet.augment.copies=N turns it on
     augment: GeometryAugment = field(default_factory=GeometryAugment)
-    # recoloured copies whose captions name the new colours (diffusion.recolour): off by default until measured
+    # recoloured copies whose captions name the new colours (diffusion.recolour): off by default, since at half
+    # length they drew more loose parts for a colour gain within noise (docs/results/quality/recolour_screen)
     recolour: RecolourAugment = field(default_factory=RecolourAugment)
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
     # Progressive resolution: the stage first trains lowres_epochs at resolution / lowres_factor (into out/lowres/,

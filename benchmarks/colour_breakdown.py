@@ -31,7 +31,7 @@ from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
-from pipelines.metrics import (COLOUR_FAMILIES, PROMPT_COLOURS, colour_hits_from_counts, colour_prompts,
+from pipelines.metrics import (FAMILY_NAMES, PROMPT_COLOURS, colour_hits_from_counts, colour_prompts,
                                first_named_colours, hue_family_counts, share_by_colour)
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
@@ -61,14 +61,19 @@ def summary(images: torch.Tensor, named: list[str], chinese: torch.Tensor | None
     counts, foreground = hue_family_counts(images)
     shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     hits = colour_hits_from_counts(counts, foreground, named).float()
-    families = [name for name, *_ in COLOUR_FAMILIES]
-    hue_shares = {colour: dict(zip(families, shares[[i for i, n in enumerate(named) if n == colour]].mean(0).tolist()))
-                  for colour in dict.fromkeys(named)}
+    rows = {colour: [i for i, n in enumerate(named) if n == colour] for colour in dict.fromkeys(named)}
+    hue_shares = {colour: dict(zip(FAMILY_NAMES, shares[index].mean(0).tolist())) for colour, index in rows.items()}
     figures = {"count": len(named), "overall": float(hits.mean()), "by_colour": share_by_colour(hits, named),
                "hue_shares": hue_shares}
     if chinese is not None:
         figures["en"], figures["zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
     return figures
+
+
+def body_counts(images: torch.Tensor) -> dict[str, int]:
+    """How many of ``images`` (uint8) have a body of each colour family, as the colour sentences name it."""
+    bodies = body_colours(images)
+    return {family: bodies.count(index) for index, family in enumerate(FAMILY_NAMES)}
 
 
 def colour_word_use(captions: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -107,16 +112,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["real"] = summary(images[[i for i, _ in first_named]], real_named)
     result["caption_use"] = colour_word_use(train.en + val.en)
     # what the UNet learns each colour from: training images whose body colour sentence names it
-    bodies = [COLOUR_FAMILIES[index][0] for index in body_colours(train.images) if index is not None]
-    result["training_bodies"] = {family: bodies.count(family) for family, *_ in COLOUR_FAMILIES}
+    result["training_bodies"] = body_counts(train.images)
     result["training_images"] = len(train)
     if recolour.copies:  # what --unet.recolour.copies=K adds: the recoloured bodies, as their sentences name them
         copies, _, _, turns = recoloured_copies(train.images, train.en, train.zh, recolour)
         turned = copies[turns.flatten() != 0]  # the copies kept as they are add nothing new
-        copy_bodies = [COLOUR_FAMILIES[index][0] for index in body_colours(turned) if index is not None]
         result["recoloured_copies"] = {"copies_per_image": recolour.copies, "recoloured": int((turns != 0).sum()),
-                                       "kept_as_they_are": int((turns == 0).sum()),
-                                       "bodies": {family: copy_bodies.count(family) for family, *_ in COLOUR_FAMILIES}}
+                                       "kept_as_they_are": int((turns == 0).sum()), "bodies": body_counts(turned)}
     # the colour prompts say "pokemon"; the tokenizer neither lowercases nor strips accents
     result["captions_with_word"] = {word: sum(word in caption.lower() for caption in train.en + val.en)
                                     for word in ("pokemon", "pokémon")}  # any case

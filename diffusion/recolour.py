@@ -22,9 +22,6 @@ from pipelines.metrics import COLOUR_FAMILIES, in_hue_family
 
 RECOLOUR_VERSION = 2  # bump when the rules below change what a copy or its caption is
 
-FAMILY_NAMES = tuple(name for name, *_ in COLOUR_FAMILIES)
-
-
 def _centre(start: float, end: float) -> float:
     return (start + (end - start) % 360 / 2) % 360  # (345, 15) wraps round 0: its centre is 0
 

@@ -79,7 +79,7 @@ class LatentBatchMaker:
 
     def __call__(self, rows: Tensor, generator: torch.Generator) -> dict[str, Any]:
         image_ids = caption_ids = self.latents.image_ids(rows)
-        recolour = torch.zeros_like(rows, dtype=torch.bool)
+        recolour = None  # which rows take a recoloured copy
         if self.recoloured is not None:
             n = self.latents.num_images
             recolour = torch.rand(rows.shape, device=rows.device, generator=generator) < self.recolour_prob
@@ -90,11 +90,13 @@ class LatentBatchMaker:
         batch = {"context": self.texts.contexts(caption_ids, self.zh_prob, self.cfg_drop_prob, generator),
                  "image_ids": image_ids, "generator": generator}
         if self.latents.labels is not None:
-            swap = (torch.rand(rows.shape, device=rows.device, generator=generator) < self.augment_prob) & ~recolour
+            swap = torch.rand(rows.shape, device=rows.device, generator=generator) < self.augment_prob
+            if recolour is not None:  # a recoloured row is not also transformed
+                swap &= ~recolour
             rows = torch.where(swap, self.latents.augmented_rows(rows, generator), rows)
             batch["augment"] = self.latents.labels[rows]
         latents = self.latents.sample(rows, generator)
-        if self.recoloured is not None:
+        if recolour is not None:
             latents = torch.where(recolour[:, None, None, None], self.recoloured.sample(copy_rows, generator), latents)
         batch["latents"] = latents.contiguous(memory_format=self.memory_format)
         return batch

@@ -172,6 +172,7 @@ COLOUR_FAMILIES = (
     ("purple", "purple", "紫色", (255.0, 290.0)),
     ("pink", "pink", "粉色", (290.0, 345.0)),
 )
+FAMILY_NAMES = tuple(name for name, *_ in COLOUR_FAMILIES)
 PROMPT_COLOURS = ("red", "blue", "green", "yellow", "purple", "pink")  # the colours the adherence prompts name
 CHROMA_MIN = 0.2  # max - min channel in [0, 1]: below it a pixel is grey/black/white and has no hue
 VALUE_MIN = 0.25  # darker pixels (outlines, shadows) have no reliable hue
@@ -234,9 +235,8 @@ def colour_hits(images: torch.Tensor, named: list[str], top: int = 2) -> torch.T
 def colour_hits_from_counts(counts: torch.Tensor, foreground: torch.Tensor, named: list[str], top: int = 2
                             ) -> torch.Tensor:
     """``colour_hits`` from the images' ``hue_family_counts``."""
-    names = [name for name, *_ in COLOUR_FAMILIES]
     ranked = counts.argsort(dim=1, descending=True)[:, :top]
-    wanted = torch.tensor([names.index(n) for n in named])
+    wanted = torch.tensor([FAMILY_NAMES.index(n) for n in named])
     named_pixels = counts.gather(1, wanted[:, None]).squeeze(1)
     dominant = (named_pixels > 0) & (named_pixels >= DOMINANT_SHARE * foreground)
     return (ranked == wanted[:, None]).any(dim=1) & dominant

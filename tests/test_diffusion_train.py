@@ -16,7 +16,7 @@ from diffusion.recolour import recoloured_images
 from diffusion.train import LatentBatchMaker, main, stage_checkpoints, train
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine.stage import CONFIG_FILE, WEIGHTS_FILE
-from pipelines.metrics import COLOUR_FAMILIES
+from pipelines.metrics import COLOUR_FAMILIES, FAMILY_NAMES
 from pipelines.stages import LineageWarning
 from unet import UNet
 from vae import AutoencoderKL, VAEConfig
@@ -285,8 +285,7 @@ def test_colour_sentences_name_the_body_colour_measured_from_the_pixels():
     for image, rgb in ((images[0], (230, 20, 20)), (images[1], (20, 60, 230))):  # red, blue; the third stays blank
         for channel, value in enumerate(rgb):
             image[channel][disc] = value
-    families = [name for name, *_ in COLOUR_FAMILIES]
-    assert body_colours(images) == [families.index("red"), families.index("blue"), None]
+    assert body_colours(images) == [FAMILY_NAMES.index("red"), FAMILY_NAMES.index("blue"), None]
     en, zh = with_colour_sentences(images, ["A cat.", "A bird. ", "A page."], ["一只猫。", "一只鸟。", "一页。"])
     assert en == ["A cat. Its body is mostly red.", "A bird. Its body is mostly blue.", "A page."]
     assert zh == ["一只猫。它的身体主要是红色。", "一只鸟。它的身体主要是蓝色。", "一页。"]

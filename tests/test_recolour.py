@@ -6,11 +6,11 @@ import torch
 from data.augment import rotate_hue
 from diffusion.latents import LatentCache, TextStateCache
 from diffusion.colour_sentences import body_colours, body_hues, recoloured_copies
-from diffusion.recolour import (FAMILY_CENTRES, FAMILY_HALF_WIDTHS, FAMILY_NAMES, TARGET_SPREAD, RecolourAugment,
-                                family_map, hue_family, hue_turns, recoloured_images, recolourable, rename_colours)
+from diffusion.recolour import (FAMILY_CENTRES, FAMILY_HALF_WIDTHS, TARGET_SPREAD, RecolourAugment, family_map,
+                                hue_family, hue_turns, recoloured_images, recolourable, rename_colours)
 from diffusion.train import LatentBatchMaker
 from engine.config import ConfigError, validate_config
-from pipelines.metrics import hue_family_shares
+from pipelines.metrics import FAMILY_NAMES, hue_family_shares
 
 RED, ORANGE, BLUE = (FAMILY_NAMES.index(name) for name in ("red", "orange", "blue"))
 

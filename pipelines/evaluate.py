@@ -34,8 +34,9 @@ from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
 from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition, cosine_nearest,
-                      first_named_colours, frechet_distance, hue_blind_thumbnails, kernel_distance, near_copies,
-                      nearest_indices, seed_diversity, share_by_colour, sharpness, thumbnails, unit_pixels)
+                      first_named_colours, frechet_distance, held_out_copies, hue_blind_thumbnails, kernel_distance,
+                      near_copies, nearest_indices, seed_diversity, share_by_colour, sharpness, thumbnails,
+                      unit_pixels)
 from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
@@ -114,8 +115,16 @@ def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: i
     peers = train_features[torch.linspace(0, len(train_features) - 1, len(val_features)).round().long()]
     figures["fd_real"] = frechet_distance(val_features, peers)
     figures["kid_real"] = kernel_distance(val_features, peers, gamma=JUDGE_KID_GAMMA)
-    return RealReference(val_features, val_small, torch.cat([train_small, mirror_small]),
-                         torch.cat([train_features, mirror_features]), figures)
+    bank, judge_bank = torch.cat([train_small, mirror_small]), torch.cat([train_features, mirror_features])
+    # the near-copy shares unseen images score: each training image against the others (a 5 % quantile of a few
+    # validation images' distances lets through more or less than 5 % of unseen images)
+    pixel = held_out_copies(thumbnails(bank), thumbnails(val_small), relative_to=COPY_NEIGHBOURS)
+    figures["near_copy_share_pixel_real"] = pixel["share"]
+    figures["near_copy_share_pixel_relative_real"] = pixel["share_relative"]
+    figures["near_copy_share_judge_real"] = held_out_copies(judge_bank, val_features, cosine=True)["share"]
+    figures["near_copy_share_pixel_hue_blind_real"] = held_out_copies(hue_blind_thumbnails(bank),
+                                                                      hue_blind_thumbnails(val_small))["share"]
+    return RealReference(val_features, val_small, bank, judge_bank, figures)
 
 
 def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, val: CaptionSet,
@@ -306,7 +315,7 @@ def metrics_table(columns: dict[str, dict[str, Any]]) -> str:
 
 
 # (key, what it measures, target for the samples): the picture-quality ruler of issue 13, each shown beside the
-# real images' value (key + "_real"; near-copies of unseen real images are 0.05 by construction).
+# real images' value (key + "_real"; for a near-copy share, what unseen images score: ``held_out_copies``).
 QUALITY_ROWS = (
     ("fd_en", "FD in the judge's space, English captions (real: training against validation images)", "(context)"),
     ("kid_en", "KID in the judge's space, English captions (real: the same)", "(context)"),
@@ -353,7 +362,7 @@ def quality_table(generation: dict[str, Any]) -> str:
     for key, description, target in QUALITY_ROWS:
         if key not in generation:
             continue
-        real = generation.get(REAL_KEYS.get(key, f"{key}_real"), 0.05 if key.startswith("near_copy") else None)
+        real = generation.get(REAL_KEYS.get(key, f"{key}_real"))
         real_text = "—" if real is None else f"{real:.3f}"
         sample_text, error = f"{generation[key]:.3f}", share_error(generation, key)
         if error is not None:

@@ -60,12 +60,15 @@ def hue_blind_thumbnails(images: torch.Tensor, size: int = 64) -> torch.Tensor:
     return F.interpolate(torch.stack([value, chroma], dim=1), size=(size, size), mode="area").flatten(1)
 
 
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 256) -> torch.Tensor:
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 256,
+                      left_out: torch.Tensor | None = None) -> torch.Tensor:
     """Root-mean-square pixel distances ``[Q, k]`` from each query row to its ``k`` nearest rows of ``bank``,
-    nearest first."""
+    nearest first; ``left_out`` ``[Q, L]``: bank rows each query does not see."""
     best = []
     for start in range(0, len(queries), chunk):
         dist = torch.cdist(queries[start:start + chunk].double(), bank.double())
+        if left_out is not None:
+            dist.scatter_(1, left_out[start:start + chunk], torch.inf)
         best.append(dist.topk(min(k, len(bank)), dim=1, largest=False).values)
     return torch.cat(best) / queries.shape[1] ** 0.5
 
@@ -272,16 +275,20 @@ def colours_named(caption: str) -> list[str]:
 # Neighbours of the relative near-copy rule: enough that a training image's mirror and a few look-alikes do not
 # decide the mean distance.
 COPY_NEIGHBOURS = 50
+# A near-copy lies nearer the training set than this share of the unseen (validation) images do.
+COPY_QUANTILE = 0.05
 
 
 def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val_features: torch.Tensor,
-                cosine: bool = False, relative_to: int = 0) -> dict[str, Any]:
+                cosine: bool = False, relative_to: int = 0, left_out: torch.Tensor | None = None) -> dict[str, Any]:
     """Share of samples closer to their nearest training item than 95 % of validation images are to theirs
     (``share``; ``copied``, a bool per sample, says which).
 
     Features are pixel thumbnails (RMS distance) or judge embeddings (``cosine``: 1 - cosine similarity). Put
-    the training images' mirrors in ``train_features``: a mirrored copy is still a copy. Unseen real images
-    score about 0.05 by construction.
+    the training images' mirrors in ``train_features``: a mirrored copy is still a copy. ``left_out`` ``[S, L]``:
+    training rows each sample does not see (``held_out_copies``). Unseen real images score about 5 %, though not
+    exactly: the threshold is a quantile of a few validation images' distances, so ``held_out_copies`` measures
+    what they score.
 
     ``relative_to = k`` (pixels only) adds ``share_relative``, the same rule on each nearest distance divided by
     the mean distance to the ``k`` nearest (Carlini et al. 2023's extraction rule), from the same distances: a
@@ -291,15 +298,16 @@ def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val
     count it.
     """
     def copied(sample_d: torch.Tensor, val_d: torch.Tensor) -> torch.Tensor:
-        return sample_d < torch.quantile(val_d, 0.05)
+        return sample_d < torch.quantile(val_d, COPY_QUANTILE)
 
     if cosine:
         if relative_to:
             raise ValueError("relative_to applies to pixel distances only")
-        sample_k, val_k = (cosine_nearest(q, train_features)[0][:, None] for q in (sample_features, val_features))
+        sample_k = cosine_nearest(sample_features, train_features, left_out)[0][:, None]
+        val_k = cosine_nearest(val_features, train_features)[0][:, None]
     else:
-        sample_k, val_k = (nearest_distances(q, train_features, max(1, relative_to))
-                           for q in (sample_features, val_features))
+        sample_k = nearest_distances(sample_features, train_features, max(1, relative_to), left_out=left_out)
+        val_k = nearest_distances(val_features, train_features, max(1, relative_to))
     flags = copied(sample_k[:, 0], val_k[:, 0])
     out = {"share": float(flags.double().mean()), "copied": flags, "sample_nn": float(sample_k[:, 0].mean()),
            "val_nn": float(val_k[:, 0].mean())}
@@ -309,9 +317,27 @@ def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val
     return out
 
 
-def cosine_nearest(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query row's cosine distance (1 - cosine similarity, float64) to its nearest bank row, and that row."""
-    similarity, index = (F.normalize(queries.double(), dim=-1) @ F.normalize(bank.double(), dim=-1).T).max(dim=1)
+def held_out_copies(bank: torch.Tensor, val_features: torch.Tensor, cosine: bool = False,
+                    relative_to: int = 0) -> dict[str, Any]:
+    """``near_copies`` of the training images themselves, each measured against the rest of the training set, its
+    own row and its mirror's left out: what unseen real images score under the rule with these validation images
+    (the real images' value of a near-copy share). ``bank``: the training features, then their mirrors', in the
+    same order (as ``near_copies`` takes them)."""
+    if len(bank) % 2:
+        raise ValueError(f"bank has {len(bank)} rows: expected the training features, then as many mirrors")
+    items = torch.arange(len(bank) // 2)
+    return near_copies(bank[:len(items)], bank, val_features, cosine=cosine, relative_to=relative_to,
+                       left_out=torch.stack([items, items + len(items)], dim=1))
+
+
+def cosine_nearest(queries: torch.Tensor, bank: torch.Tensor,
+                   left_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query row's cosine distance (1 - cosine similarity, float64) to its nearest bank row, and that row;
+    ``left_out`` ``[Q, L]``: bank rows each query does not see."""
+    similarity = F.normalize(queries.double(), dim=-1) @ F.normalize(bank.double(), dim=-1).T
+    if left_out is not None:
+        similarity.scatter_(1, left_out, -torch.inf)
+    similarity, index = similarity.max(dim=1)
     return 1 - similarity, index
 
 

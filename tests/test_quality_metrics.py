@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from pipelines.evaluate import judge_copies_by_source, over_seed_sets, quality_table
 from pipelines.metrics import (colour_hits, colour_prompts, colours_named, composition, count_parts, foreground_mask,
-                               frechet_distance, hue_family_shares, kernel_distance, near_copies, share_by_colour,
-                               sharpness, thumbnails)
+                               frechet_distance, held_out_copies, hue_family_shares, kernel_distance, near_copies,
+                               share_by_colour, sharpness, thumbnails)
 
 SIZE = 128
 
@@ -139,6 +139,28 @@ def test_copies_and_mirrored_copies_are_near_copies():
     assert judged["share"] == 1 and judged["sample_nn"] == pytest.approx(0, abs=1e-9)
 
 
+def test_held_out_training_images_score_what_unseen_images_score():
+    # training, validation and fresh items from one distribution: held out of the bank, a training item is unseen
+    g = torch.Generator().manual_seed(0)
+    train, fresh = torch.randn(1500, 4, generator=g), torch.randn(20_000, 4, generator=g)
+    bank = torch.cat([train, -train])  # "mirrors": other points, which a held-out item must not see either
+    measured, unseen = [], []
+    for _ in range(4):  # each validation draw sets another threshold
+        val = torch.randn(23, 4, generator=g)
+        measured.append(held_out_copies(bank, val)["share"])
+        unseen.append(near_copies(fresh, bank, val)["share"])  # the share unseen items score, closely
+    assert measured == pytest.approx(unseen, abs=0.025)  # 1,500 items at ~6 %: standard error ~0.006
+    assert max(unseen) - min(unseen) > 0.03  # a quantile of 23 distances: not 5 % of unseen items, nor one share
+    assert near_copies(train, bank, val)["share"] == 1  # without leaving itself out, every item is its own copy
+    twins = torch.cat([train[:1], train[:1499]])  # item 0 twice: held out, each still finds its twin
+    assert held_out_copies(torch.cat([twins, -twins]), val)["copied"][:2].all()
+    scaled = torch.cat([train, train * 3])  # mirrors at another norm: the cosine's copies unless left out
+    assert held_out_copies(scaled, val, cosine=True)["share"] == pytest.approx(
+        near_copies(fresh, scaled, val, cosine=True)["share"], abs=0.025)
+    with pytest.raises(ValueError, match="expected the training features, then as many mirrors"):
+        held_out_copies(bank[:-1], val)
+
+
 def test_a_recoloured_copy_is_a_near_copy_only_without_the_hue():
     from data.augment import rotate_hue, to_float
     from pipelines.metrics import hue_blind_thumbnails
@@ -195,16 +217,20 @@ def test_the_relative_rule_counts_copies_but_not_a_plain_page_near_many_pale_dra
 
 
 def test_quality_table_shows_the_real_value_beside_each_figure():
-    table = quality_table({"fg_share": 0.5, "fg_share_real": 0.4, "near_copy_share_pixel": 0.1})
+    table = quality_table({"fg_share": 0.5, "fg_share_real": 0.4, "near_copy_share_pixel": 0.1,
+                           "near_copy_share_pixel_real": 0.08, "near_copy_share_judge": 0.1, "fd_en": 0.05,
+                           "fd_real": 0.04})
     assert "| 0.500 | 0.400 | real ± 0.06 |" in table
-    assert "| 0.100 | 0.050 | ≤ 0.05 |" in table  # unseen real images: 0.05 by construction
+    assert "| 0.100 | 0.080 | ≤ 0.05 |" in table  # what unseen real images score, measured
+    assert "| 0.100 | — | ≤ 0.05 |" in table  # not measured: no assumed 0.05
+    assert "| 0.050 | 0.040 | (context) |" in table  # FD's floor serves both languages
     assert "standard error" not in table  # no sample count given: no error bar
 
 
 def test_quality_table_gives_each_share_its_binomial_standard_error():
     table = quality_table({"fg_share": 0.5, "near_copy_share_judge": 0.1, "colour_adherence": 0.8, "samples": 100,
-                           "colour_samples": 25})
-    assert "| 0.100 ± 0.030 | 0.050 | ≤ 0.05 |" in table  # sqrt(0.1 * 0.9 / 100)
+                           "colour_samples": 25, "near_copy_share_judge_real": 0.07})
+    assert "| 0.100 ± 0.030 | 0.070 | ≤ 0.05 |" in table  # sqrt(0.1 * 0.9 / 100)
     assert "| 0.800 ± 0.080 | — | ≥ 0.75 |" in table  # over the colour prompts' 25: sqrt(0.8 * 0.2 / 25)
     assert "| 0.500 | — |" in table  # a mean, not a share: no binomial error
     assert "one binomial standard error" in table
@@ -334,3 +360,22 @@ def test_kernel_distance_is_the_unbiased_mmd_and_sees_the_spread_of_unit_feature
     noise = abs(kernel_distance(around, again, gamma=1.0))
     assert kernel_distance(axes, around, gamma=1.0) > 50 * noise
     assert abs(kernel_distance(axes, around)) < noise
+
+
+def test_real_reference_measures_the_real_images_column_without_a_run(tmp_path):
+    from benchmarks.real_reference import main as real_reference
+    from benchmarks.untrained_run import main as untrained_run
+    from engine.errors import UserError
+
+    judge = untrained_run(["--out", str(tmp_path / "untrained"), "--preset", "tiny"]) / "clip"
+    result = real_reference(["--data", "shapes:40", "--judge", str(judge), "--size", "64",
+                             "--out", str(tmp_path / "real.json")])
+    figures = result["figures"]
+    for rule in ("pixel", "pixel_relative", "pixel_hue_blind", "judge"):
+        # what unseen images score: 36 held-out training images, each a multiple of 1/36
+        share = figures[f"near_copy_share_{rule}_real"]
+        assert 0 <= share <= 1 and round(share * 36, 6) == round(share * 36)
+    assert figures["fd_real"] >= 0 and 0 <= figures["fg_share_real"] <= 1
+    assert result["train_images"] == 36 and (tmp_path / "real.json").is_file()
+    with pytest.raises(UserError, match="validation split"):
+        real_reference(["--data", "shapes:10", "--judge", str(judge), "--size", "64"])

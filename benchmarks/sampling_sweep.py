@@ -10,7 +10,9 @@ on the run's VAE and CLIP, at each ``--autoguidance`` scale, beside classifier-f
 
 The judge is the run's (``judge/``, or the one its ``stages.json`` names). ``--seed-sets N`` draws each setting N
 times with disjoint seeds (the study's seed sets): a record's ``metrics`` are their mean, ``metrics_sd`` the spread
-over the sets. Writes one JSON record per setting and prints a table; ``--showcase DIR`` also draws each setting's
+over the sets. Every setting draws the same prompts and seeds, so each after the first is also measured against
+the first sample for sample (``paired_with_first``: ``pipelines.evaluate.paired_differences``), which tells a
+smaller difference from noise than two means do. Writes one JSON record per setting and prints a table; ``--showcase DIR`` also draws each setting's
 picture, the showcase prompts x 4 seeds as in a run's ``final_samples.png`` (``DIR/setting_NN.png``, listed with
 their settings in ``DIR/showcase.md``), so that a setting is judged by eye as well as by its figures.
 """
@@ -31,7 +33,8 @@ from diffusion.guidance import is_guided
 from engine.cli import command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
-from pipelines.evaluate import SEED_SET_STRIDE, generation_metrics, over_seed_sets, real_reference
+from pipelines.evaluate import (SEED_SET_STRIDE, generation_metrics, over_seed_sets, paired_differences,
+                                real_reference)
 from pipelines.stages import judge_path, load_stack
 from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase,
                                      showcase_layout)
@@ -138,14 +141,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = load_captions(args.data, resolution=stack.image_size)
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
-    records = []
+    records, first_drawn = [], []
     print("| guidance | rescale | interval | first order at edges | steps | eta | eta sigma max | condition noise | "
           "guide UNet | autoguidance | " + " | ".join(SHOWN) + " |", flush=True)
     showcase = []
     for index, settings in enumerate(settings_grid):
         settings = dataclasses.replace(settings, size=stack.image_size)
+        drawn: list[dict] = []  # every sample's record, over the seed sets: paired with the first setting's
         summary = over_seed_sets([generation_metrics(stack, judge, train, val, settings, reference=reference,
-                                                     seed_offset=k * SEED_SET_STRIDE) for k in range(args.seed_sets)])
+                                                     seed_offset=k * SEED_SET_STRIDE, records=drawn)
+                                  for k in range(args.seed_sets)])
+        first_drawn = first_drawn if index else drawn
         metrics = summary["mean"]
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
                                                           "first_order_at_guidance_edges", "steps", "eta",
@@ -157,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             pictures = {"showcase": str(picture)}
             showcase += [f"## setting {index:02d}: {settings.describe()}", "",
                          f"![setting {index:02d}]({picture.name})", ""]
+        paired = {"paired_with_first": paired_differences(first_drawn, drawn)} if index else {}
         records.append({**record, "metrics": metrics, **({"metrics_sd": summary["sd"]} if "sd" in summary else {}),
-                        **pictures})
+                        **paired, **pictures})
         spread = summary.get("sd", {})
         print("| " + " | ".join(str(value) for value in record.values()) + " | "
               + " | ".join(f"{metrics[k]:.3f}" + (f" ± {spread[k]:.3f}" if spread else "") for k in SHOWN) + " |",

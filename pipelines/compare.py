@@ -3,7 +3,9 @@
     python -m pipelines.compare runs/A runs/B --out runs/swap
 
 Every run draws the same prompts with the same seeds (rows = runs, columns = prompts), and the metrics
-of each run's ``evaluation.json`` are put in one markdown table.
+of each run's ``evaluation.json`` are put in one markdown table; where the evaluations record their samples and
+drew the same prompts and seeds, every run after the first is also measured against it sample for sample
+(``pipelines.evaluate.paired_differences``).
 """
 
 from __future__ import annotations
@@ -19,19 +21,28 @@ import torch
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 
-from .evaluate import metrics_table
+from .evaluate import metrics_table, paired_differences, paired_table
 from .prompts import SHOWCASE_PROMPTS
 from .stages import generation_size, load_stack, sampling_size, stack_infos
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
 
 def compare_table(runs: Sequence[Path]) -> str:
-    """Markdown table: one column per run, one row per metric found in the runs' evaluation.json."""
+    """Markdown table: one column per run, one row per metric found in the runs' evaluation.json; then, where
+    the evaluations recorded the same samples, each run against the first, sample for sample."""
     columns = {}
     for run in runs:
         path = Path(run) / "evaluation.json"
         columns[str(run)] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return metrics_table(columns)
+    table = metrics_table(columns)
+    first, paired = columns[str(runs[0])], {}
+    for name, evaluation in list(columns.items())[1:]:
+        try:
+            paired[f"{name} against {runs[0]}"] = paired_differences(first.get("samples", []),
+                                                                     evaluation.get("samples", []))
+        except ValueError:
+            continue  # an evaluation from before the records, or of other prompts or seeds: nothing to pair
+    return table + ("\n" + paired_table(paired) if paired else "")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

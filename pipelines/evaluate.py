@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 import warnings
@@ -33,10 +34,10 @@ from engine.images import save_grid
 from engine.stage import file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition, cosine_nearest,
-                      first_named_colours, frechet_distance, held_out_copies, hue_blind_thumbnails, kernel_distance,
-                      near_copies, nearest_indices, seed_diversity, share_by_colour, sharpness, thumbnails,
-                      unit_pixels)
+from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition,
+                      composition_per_image, cosine_nearest, first_named_colours, frechet_distance, held_out_copies,
+                      hue_blind_thumbnails, kernel_distance, near_copies, nearest_indices, seed_diversity,
+                      share_by_colour, sharpness, thumbnails, unit_pixels)
 from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
@@ -130,7 +131,8 @@ def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: i
 def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, val: CaptionSet,
                        settings: GenerationSettings, diversity_prompts: int = 8, diversity_seeds: int = 4,
                        colour_seeds: int = 8, out_dir: Path | None = None, seed_offset: int = 0,
-                       reference: RealReference | None = None) -> dict[str, float]:
+                       reference: RealReference | None = None,
+                       records: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Generation against the real images, each figure with its real-image reference (``*_real``).
 
     Samples: every validation caption in English and in Chinese (one fixed seed per row) and the colour
@@ -140,7 +142,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     over all samples; colour adherence on the colour prompts (overall and per language); seed diversity. See
     pipelines/metrics.py. ``seed_offset`` shifts every sampling seed: another draw of the same evaluation, for
     the spread over seeds. ``reference``: the ``real_reference`` of this judge, data and size, when the caller
-    measures several settings or seeds against it (built here otherwise).
+    measures several settings or seeds against it (built here otherwise). ``records``: a list that gets one record
+    per sample (what it was drawn from, and what each bar's rule said of it) for ``paired_differences``.
     """
     size = settings.size
     reference = reference or real_reference(judge, train, val, size)
@@ -174,7 +177,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     feats.append(colour_feats)
     every_sample, every_feature = torch.cat(samples), torch.cat(feats)
 
-    out.update(composition(every_sample))
+    each = composition_per_image(every_sample)
+    out.update(composition(every_sample, each))
     out["sharpness"] = sharpness(every_sample)
     out["samples"], out["colour_samples"] = len(every_sample), len(colour_samples)  # for the shares' error bars
 
@@ -192,6 +196,18 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     colour_rows = in_judge["copied"][len(every_sample) - len(colour_samples):]  # the colour prompts come last
     out.update({f"near_copy_share_judge_{colour}_prompts": share
                 for colour, share in share_by_colour(colour_rows, named).items()})
+
+    if records is not None:
+        drawn = [("captions_en", prompt, seed) for prompt, seed in zip(val.en, seeds)]
+        drawn += [("captions_zh", prompt, seed) for prompt, seed in zip(val.zh, seeds)]
+        drawn += [("colour_prompts", prompt, seed) for prompt, seed in zip(colour_texts, colour_seed_list)]
+        colour_hit = [None] * (len(drawn) - len(colour_texts)) + hits.bool().tolist()
+        records.extend({"source": source, "prompt": prompt, "seed": seed + seed_offset, "parts": int(parts),
+                        "frame_filling": bool(filling), "copied_pixel": bool(by_pixel), "copied_judge": bool(by_judge),
+                        "colour_hit": hit}
+                       for (source, prompt, seed), parts, filling, by_pixel, by_judge, hit
+                       in zip(drawn, each["parts"], each["frame_filling"], pixel["copied"], in_judge["copied"],
+                              colour_hit, strict=True))
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]
@@ -288,8 +304,10 @@ def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings
     clip_size = stack.clip.config.image_size
     val_small = F.interpolate(to_float(val.images), size=(clip_size, clip_size), mode="area").to(device)
     results["clip"] = retrieval_metrics(stack.clip, val_small, {"en": val.en, "zh": val.zh})
+    records: list[dict[str, Any]] = []
     results["generation"] = generation_metrics(stack, judge, train, val, settings, out_dir=out_dir,
-                                               reference=reference)
+                                               reference=reference, records=records)
+    results["samples"] = records  # what each sample was and what each rule said of it: paired_differences
     results["minutes"] = (time.perf_counter() - started) / 60
     return results
 
@@ -352,6 +370,76 @@ def share_error(generation: dict[str, Any], key: str) -> float | None:
     noise of the seeds drawn, had without drawing more); None for a figure that is no such share."""
     value, count = generation.get(key), generation.get(SHARE_COUNTS.get(key, ""))
     return None if value is None or not count else (value * (1 - value) / count) ** 0.5
+
+
+# Per-sample flags of generation_metrics' sample records (one bar's rule each) and the paired tables' names.
+PAIRED_FLAGS = {"copied_pixel": "near-copies, pixel space", "copied_judge": "near-copies, judge space",
+                "colour_hit": "named colour among the two dominant hues", "frame_filling": "samples that fill the frame"}
+
+
+def mcnemar_p(only_before: int, only_after: int) -> float:
+    """Exact two-sided McNemar p-value: how often a fair coin splits ``only_before + only_after`` discordant pairs
+    at least this unevenly."""
+    pairs = only_before + only_after
+    tail = sum(math.comb(pairs, k) for k in range(min(only_before, only_after) + 1)) / 2 ** pairs
+    return min(1.0, 2 * tail)
+
+
+def paired_differences(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``after`` against ``before``, sample for sample: over the samples both drew (one source, prompt and seed;
+    records of ``generation_metrics(records=...)``), each flag's share before and after, the pairs where only one
+    side has it and McNemar's exact p-value, and the parts per sample's mean paired difference with its standard
+    error beside the one the two means would have unpaired. Where the two sides draw much the same picture per
+    seed (two sampling settings of one UNet), the paired error is the smaller, and a difference too small to see
+    in two means can show here."""
+    key = lambda record: (record["source"], record["prompt"], record["seed"])  # noqa: E731
+    earlier = {key(record): record for record in before}
+    pairs = [(earlier[key(record)], record) for record in after if key(record) in earlier]
+    if len(pairs) < 2:
+        raise ValueError(f"only {len(pairs)} sample(s) drawn by both sides (same source, prompt and seed): "
+                         "compare evaluations made with the same prompts and seeds")
+    out: dict[str, Any] = {"pairs": len(pairs)}
+    for flag in PAIRED_FLAGS:
+        both = [(a[flag], b[flag]) for a, b in pairs if a.get(flag) is not None and b.get(flag) is not None]
+        if not both:
+            continue
+        only_before = sum(a and not b for a, b in both)
+        only_after = sum(b and not a for a, b in both)
+        share_before, share_after = (sum(side) / len(both) for side in zip(*both))
+        out[flag] = {"pairs": len(both), "before": share_before, "after": share_after,
+                     "difference": share_after - share_before, "only_before": only_before,
+                     "only_after": only_after, "p_value": mcnemar_p(only_before, only_after)}
+    parts_before = [a["parts"] for a, _ in pairs]
+    parts_after = [b["parts"] for _, b in pairs]
+    differences = [b - a for a, b in zip(parts_before, parts_after)]
+    count = len(pairs)
+    out["parts"] = {"pairs": count, "before": statistics.fmean(parts_before), "after": statistics.fmean(parts_after),
+                    "difference": statistics.fmean(differences),
+                    "error_paired": statistics.stdev(differences) / count ** 0.5,
+                    "error_unpaired": ((statistics.variance(parts_before) + statistics.variance(parts_after))
+                                       / count) ** 0.5}
+    return out
+
+
+def paired_table(columns: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of ``paired_differences`` results, one column per compared name."""
+    lines = ["| sample for sample | " + " | ".join(f"{name} ({paired['pairs']} samples)"
+                                                for name, paired in columns.items()) + " |",
+             "|---|" + "---|" * len(columns)]
+    for flag, label in PAIRED_FLAGS.items():
+        cells = []
+        for paired in columns.values():
+            row = paired.get(flag)
+            cells.append("—" if row is None else
+                         f"{row['before']:.3f} → {row['after']:.3f} ({row['difference']:+.3f}; "
+                         f"{row['only_before']} / {row['only_after']} pairs only before / after, "
+                         f"p {row['p_value']:.2g})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [f"{p['parts']['before']:.3f} → {p['parts']['after']:.3f} ({p['parts']['difference']:+.3f} ± "
+             f"{p['parts']['error_paired']:.3f} paired, ± {p['parts']['error_unpaired']:.3f} unpaired)"
+             for p in columns.values()]
+    lines.append("| foreground regions per sample | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def quality_table(generation: dict[str, Any]) -> str:

@@ -141,20 +141,25 @@ def count_parts(mask: torch.Tensor, min_area: float = PART_MIN_AREA) -> torch.Te
     return torch.tensor([sum(size >= least for size in sizes) for sizes in region_sizes(mask)])
 
 
-def composition(images: torch.Tensor) -> dict[str, float]:
-    """Foreground share, border occupancy, share of frame-filling images and foreground parts per image."""
+def composition_per_image(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each image's foreground share, border occupancy, whether it fills the frame, and its foreground parts."""
     mask = foreground_mask(images)
     size = mask.shape[-1]
     ring = torch.ones(size, size, dtype=torch.bool)
     width = max(1, round(size * BORDER_WIDTH))
     ring[width:-width, width:-width] = False
     border = mask[:, ring].float().mean(dim=1)
-    return {
-        "fg_share": float(mask.float().mean()),
-        "border_fg": float(border.mean()),
-        "frame_filling_share": float((border > FRAME_FILLING_BORDER).float().mean()),
-        "parts_mean": float(count_parts(mask).float().mean()),
-    }
+    return {"fg_share": mask.flatten(1).float().mean(dim=1), "border_fg": border,
+            "frame_filling": border > FRAME_FILLING_BORDER, "parts": count_parts(mask)}
+
+
+def composition(images: torch.Tensor, each: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Foreground share, border occupancy, share of frame-filling images and foreground parts per image (``each``:
+    the images' ``composition_per_image``, when the caller has it)."""
+    each = composition_per_image(images) if each is None else each
+    return {"fg_share": float(each["fg_share"].mean()), "border_fg": float(each["border_fg"].mean()),
+            "frame_filling_share": float(each["frame_filling"].float().mean()),
+            "parts_mean": float(each["parts"].float().mean())}
 
 
 def sharpness(images: torch.Tensor, size: int = MEASURE_SIZE) -> float:

@@ -60,7 +60,8 @@ from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, folder_lock, is_complete, \
     read_stage, record_preset, write_json
 from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, check_evaluation_data, evaluate_run,
-                                generation_metrics, over_seed_sets, real_reference, share_error)
+                                generation_metrics, over_seed_sets, paired_differences, paired_table, real_reference,
+                                share_error)
 from pipelines.metrics import PROMPT_COLOURS
 from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, sampling_size,
                               stage_kind, stage_paths, stage_settings, write_stages_record)
@@ -386,7 +387,8 @@ def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data: CaptionSet, refere
                            reference=reference)
     draws = [results["generation"]] + [
         generation_metrics(stack, judge, data.subset("train"), data.subset("val"), settings,
-                           seed_offset=k * SEED_SET_STRIDE, reference=reference) for k in range(1, eval_seeds)]
+                           seed_offset=k * SEED_SET_STRIDE, reference=reference, records=results["samples"])
+        for k in range(1, eval_seeds)]  # every set's sample records: the columns are compared sample for sample
     summary = over_seed_sets(draws)
     results["generation"] = summary["mean"]
     if "sd" in summary:
@@ -574,6 +576,26 @@ def plot_metrics(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, A
     return path
 
 
+def paired_section(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, Any]], reference: str
+                   ) -> list[str]:
+    """Report lines: each column against ``reference`` sample for sample (the same prompts and seeds), where both
+    evaluations recorded their samples; none otherwise."""
+    paired = {}
+    for plan in plans:
+        if plan.name != reference:
+            try:
+                paired[plan.name] = paired_differences(evaluations[reference].get("samples", []),
+                                                       evaluations[plan.name].get("samples", []))
+            except ValueError:
+                continue  # a column evaluated before the records: nothing to pair
+    if not paired:
+        return []
+    return ["## Sample for sample", "", f"Each column against {reference} on the samples both drew (the same "
+            "prompt and seed): the shares before → after, the pairs where only one side has the flag, McNemar's "
+            "exact p-value, and the parts' paired difference with its standard error beside the unpaired one.", "",
+            paired_table(paired)]
+
+
 def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, Any]],
                  settings: dict[str, Any], command: str, reference: str = BASE) -> dict[str, Any]:
     """``OUT/report.md``, the pictures and ``OUT/study.json`` (with the fields of a studies summary entry).
@@ -635,7 +657,7 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
     lines += ["", "## Metrics", "", f"Differences in brackets are column − {reference}; {spread_note}. Real images: "
               "the data's own value where the metric has one. Training minutes are wall-clock: columns trained at once "
               "(`--concurrent`) or beside other work shared the GPU, so their steps compare budgets better.", "",
-              metrics_markdown(plans, evaluations, reference),
+              metrics_markdown(plans, evaluations, reference), *paired_section(plans, evaluations, reference),
               "## Samples", "", f"Column blocks, left to right: {', '.join(p.name for p in plans)}; in each block, "
               f"{showcase_layout(GRID_SEEDS)}.",
               "", "![compare](compare.png)", ""]

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -71,6 +72,19 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     for key in ("near_copy_share_judge_captions_en", "near_copy_share_judge_captions_zh",
                 "near_copy_share_judge_colour_prompts"):
         assert key in generation
+    # one record per sample, whose flags add up to the figures (for comparisons sample for sample)
+    records = json.loads((run_a / "evaluation.json").read_text())["samples"]
+    assert len(records) == generation["samples"]
+    share = lambda flag: statistics.fmean(r[flag] for r in records if r[flag] is not None)  # noqa: E731
+    assert share("copied_pixel") == pytest.approx(generation["near_copy_share_pixel"])
+    assert share("copied_judge") == pytest.approx(generation["near_copy_share_judge"])
+    assert share("colour_hit") == pytest.approx(generation["colour_adherence"])
+    assert share("frame_filling") == pytest.approx(generation["frame_filling_share"])
+    assert share("parts") == pytest.approx(generation["parts_mean"])
+    assert all((r["colour_hit"] is None) == (r["source"] != "colour_prompts") for r in records)
+    for source in ("captions_en", "captions_zh", "colour_prompts"):  # each record is the sample it names
+        assert statistics.fmean(r["copied_judge"] for r in records if r["source"] == source) == pytest.approx(
+            generation[f"near_copy_share_judge_{source}"])
     # the colour prompts' judge-space copies per colour (each colour has the same number of samples)
     per_colour = [generation[f"near_copy_share_judge_{colour}_prompts"] for colour in PROMPT_COLOURS]
     assert sum(per_colour) / len(per_colour) == pytest.approx(generation["near_copy_share_judge_colour_prompts"])
@@ -946,6 +960,26 @@ def test_compare_draws_every_run_with_the_same_sampling_and_says_which(run_a, tm
         compare.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--eta", "0", "--eta-sigma-max", "2"])
 
 
+def test_compare_pairs_two_evaluations_of_the_same_samples(run_a, tmp_path):
+    from pipelines.compare import compare_table
+
+    evaluation = json.loads((run_a / "evaluation.json").read_text())
+    other = json.loads(json.dumps(evaluation))
+    for record in other["samples"][:3]:  # three samples became judge-space copies
+        record["copied_judge"] = True
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    (tmp_path / "A" / "evaluation.json").write_text(json.dumps(evaluation))
+    (tmp_path / "B" / "evaluation.json").write_text(json.dumps(other))
+    table = compare_table([tmp_path / "A", tmp_path / "B"])
+    flipped = sum(not r["copied_judge"] for r in evaluation["samples"][:3])
+    assert f"{tmp_path / 'B'} against {tmp_path / 'A'}" in table
+    assert f"0 / {flipped} pairs only before / after" in table
+    del other["samples"]  # an evaluation from before the records: the metrics alone
+    (tmp_path / "B" / "evaluation.json").write_text(json.dumps(other))
+    assert "sample for sample" not in compare_table([tmp_path / "A", tmp_path / "B"])
+
+
 def test_sampling_sweep_draws_each_setting_as_a_run_draws_its_final_samples(run_a, tmp_path):
     import numpy as np
     from PIL import Image
@@ -963,6 +997,9 @@ def test_sampling_sweep_draws_each_setting_as_a_run_draws_its_final_samples(run_
         settings = GenerationSettings(size=64, steps=2, eta=0, condition_noise=condition_noise)
         assert np.array_equal(picture, np.asarray(Image.open(draw_showcase(stack, settings, tmp_path / "own.png"))))
     assert not np.array_equal(*drawn)
+    records = json.loads(out.read_text())["records"]
+    assert "paired_with_first" not in records[0]  # the second setting against the first, sample for sample
+    assert records[1]["paired_with_first"]["pairs"] == records[1]["metrics"]["samples"]
     index = (showcase / "showcase.md").read_text(encoding="utf-8")
     annealed = GenerationSettings(size=64, steps=2, eta=0, condition_noise=(0.25, 2.6, 18))
     assert f"## setting 01: {annealed.describe()}" in index and "(setting_01.png)" in index

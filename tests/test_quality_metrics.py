@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.evaluate import judge_copies_by_source, over_seed_sets, quality_table
+from pipelines.evaluate import (judge_copies_by_source, mcnemar_p, over_seed_sets, paired_differences,
+                                paired_table, quality_table)
 from pipelines.metrics import (colour_hits, colour_prompts, colours_named, composition, count_parts, foreground_mask,
                                frechet_distance, held_out_copies, hue_family_shares, kernel_distance, near_copies,
                                share_by_colour, sharpness, thumbnails)
@@ -379,3 +380,38 @@ def test_real_reference_measures_the_real_images_column_without_a_run(tmp_path):
     assert result["train_images"] == 36 and (tmp_path / "real.json").is_file()
     with pytest.raises(UserError, match="validation split"):
         real_reference(["--data", "shapes:10", "--judge", str(judge), "--size", "64"])
+
+
+def test_mcnemar_p_is_the_exact_binomial_tail():
+    assert mcnemar_p(0, 6) == 2 / 2 ** 6  # all six discordant pairs one way: 2 x (1/2)^6
+    assert mcnemar_p(1, 9) == pytest.approx(2 * (1 + 10) / 2 ** 10)
+    assert mcnemar_p(4, 4) == 1 and mcnemar_p(0, 0) == 1  # balanced, or nothing discordant: no evidence
+
+
+def record(source, prompt, seed, parts, copied_judge, colour_hit=None):
+    return {"source": source, "prompt": prompt, "seed": seed, "parts": parts, "frame_filling": False,
+            "copied_pixel": False, "copied_judge": copied_judge, "colour_hit": colour_hit}
+
+
+def test_paired_differences_pair_samples_by_prompt_and_seed():
+    before = [record("colour_prompts", "a red pokemon", seed, parts=1 + seed % 3, copied_judge=seed < 8,
+                     colour_hit=seed % 2 == 0) for seed in range(40)]
+    # after: the same samples, a different order, two fewer copies, one part fewer on every third sample, and a
+    # sample before did not draw (another seed), which is left out
+    after = [record("colour_prompts", "a red pokemon", seed, parts=1 + seed % 3 - (seed % 3 == 2),
+                    copied_judge=2 <= seed < 8, colour_hit=seed % 2 == 0) for seed in reversed(range(40))]
+    after.append(record("colour_prompts", "a red pokemon", 99, parts=9, copied_judge=True))
+    paired = paired_differences(before, after)
+    assert paired["pairs"] == 40
+    judge = paired["copied_judge"]
+    assert (judge["before"], judge["after"], judge["only_before"], judge["only_after"]) == (0.2, 0.15, 2, 0)
+    assert judge["difference"] == pytest.approx(-0.05) and judge["p_value"] == mcnemar_p(2, 0) == 0.5
+    assert paired["colour_hit"]["only_before"] == paired["colour_hit"]["only_after"] == 0
+    parts = paired["parts"]
+    assert parts["difference"] == pytest.approx(-13 / 40)  # seeds 2, 5, ..., 38 lost a part
+    # the same samples under both: most of their spread is shared, so the paired error is far the smaller
+    assert parts["error_paired"] < parts["error_unpaired"] / 2
+    table = paired_table({"B against A": paired})
+    assert "| near-copies, judge space | 0.200 → 0.150 (-0.050; 2 / 0 pairs only before / after, p 0.5) |" in table
+    with pytest.raises(ValueError, match="only 0 sample"):
+        paired_differences(before, [record("captions_en", "a red pokemon", 0, 1, False)])  # another source

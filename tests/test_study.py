@@ -114,6 +114,11 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
     assert "condition noise (0.25 from sigma 2.6, all noise from 18)" in report
     assert "| near-copies (pixel) |" in report and "→" in report
     assert all(f"| colour adherence ({colour}) |" in report for colour in ("red", "blue", "purple"))
+    # each column against the base on the same prompts and seeds, sample for sample
+    assert "## Sample for sample" in report
+    paired = rows["near-copies, judge space"]
+    assert len(paired) == 2 and all(" → " in cell and "pairs only before / after" in cell for cell in paired)
+    assert "paired, ±" in rows["foreground regions per sample"][0]
     for picture in ("compare.png", "losses.png", "metrics.png"):
         assert (out / picture).is_file() and f"]({picture})" in report
     summary = json.loads((out / "study.json").read_text())

@@ -5,11 +5,15 @@ wrong from the colours the hue ruler itself misjudges, and shows what the captio
 sentences) with ``--recolour-copies K`` recoloured copies of each (``diffusion.recolour``). CPU, no learned weights.
 
     python -m benchmarks.colour_breakdown --pairs docs/results/quality/default_run/nearest_pairs.png \\
-        --data ../shared/pokemon --out docs/results/quality/colour_breakdown.json [--recolour-copies 2]
+        --data ../shared/pokemon --out docs/results/quality/colour_breakdown.json [--recolour-copies 2] \\
+        [--paired-with docs/results/quality/default_run/step_noise/nearest_pairs.png]
 
 Evaluations record the samples' per-colour figures themselves (``colour_adherence_<colour>``); this reads them
 back from the picture of one made before they did. The picture holds the samples at 96 px, not at the 512 px
 the evaluation measured, so its overall figure is printed beside for a check against the evaluation's.
+``--paired-with`` reads a second evaluation's picture of the same prompts and seeds and compares the two sample
+for sample (``pipelines.evaluate.paired_differences``: the colour hits and the parts at the picture's size), the
+only way to pair evaluations made before they recorded their samples.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from engine.config import validate_config
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
-from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE
-from pipelines.metrics import (FAMILY_NAMES, PROMPT_COLOURS, colour_hits_from_counts, colour_prompts,
-                               first_named_colours, hue_family_counts, share_by_colour)
+from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE, paired_differences, paired_table
+from pipelines.metrics import (FAMILY_NAMES, PROMPT_COLOURS, colour_hits, colour_hits_from_counts, colour_prompts,
+                               composition_per_image, first_named_colours, hue_family_counts, share_by_colour)
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
 # What an English colour word describes, from the word after it ("red eyes" vs "red body"): a rough reading of
@@ -70,6 +74,17 @@ def summary(images: torch.Tensor, named: list[str], chinese: torch.Tensor | None
     return figures
 
 
+def colour_prompt_records(images: torch.Tensor, texts: Sequence[str], seeds: Sequence[int],
+                          named: list[str]) -> list[dict]:
+    """Sample records (``pipelines.evaluate.generation_metrics``' kind) of colour-prompt samples read back from a
+    picture: each one's colour hit, parts and frame filling, without copy flags (a picture holds no threshold)."""
+    hits, each = colour_hits(images, named).tolist(), composition_per_image(images)
+    return [{"source": "colour_prompts", "prompt": text, "seed": seed, "parts": int(parts),
+             "frame_filling": bool(filling), "colour_hit": hit}
+            for text, seed, hit, parts, filling in zip(texts, seeds, hits, each["parts"], each["frame_filling"],
+                                                       strict=True)]
+
+
 def body_counts(images: torch.Tensor) -> dict[str, int]:
     """How many of ``images`` (uint8) have a body of each colour family, as the colour sentences name it."""
     bodies = body_colours(images)
@@ -97,12 +112,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=512, help="the real images' size (the evaluation's)")
     parser.add_argument("--recolour-copies", type=int, default=0,
                         help="also count the bodies of this many recoloured copies per training image (seed 0)")
+    parser.add_argument("--paired-with", type=Path,
+                        help="another evaluation's nearest_pairs.png of the same prompts and seeds (another setting "
+                             "or model): its colour-prompt samples against these, sample for sample")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     recolour = validate_config(RecolourAugment(copies=args.recolour_copies))  # a bad count fails before any work
-    texts, _, named = colour_prompts(COLOUR_SEEDS)
+    texts, seeds, named = colour_prompts(COLOUR_SEEDS)
     chinese = torch.tensor([not text.isascii() for text in texts])
-    result: dict = {"pairs": str(args.pairs), "samples": summary(pair_samples(args.pairs, len(named)), named, chinese)}
+    samples = pair_samples(args.pairs, len(named))
+    result: dict = {"pairs": str(args.pairs), "samples": summary(samples, named, chinese)}
+    if args.paired_with:
+        other = pair_samples(args.paired_with, len(named))
+        result["paired_with"] = {"pairs": str(args.paired_with), "samples": summary(other, named, chinese),
+                                 "paired": paired_differences(colour_prompt_records(samples, texts, seeds, named),
+                                                              colour_prompt_records(other, texts, seeds, named))}
 
     data = load_captions(args.data, resolution=args.size)
     train, val = data.subset("train"), data.subset("val")
@@ -136,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"recoloured copies ({copies['recoloured']} recoloured, {copies['kept_as_they_are']} kept): bodies " +
               ", ".join(f"{family} {count}" for family, count in copies["bodies"].items()))
     print("captions with the word: " + ", ".join(f"'{w}' {n}" for w, n in result["captions_with_word"].items()))
+    if args.paired_with:
+        print(f"{args.paired_with} against {args.pairs}, sample for sample:\n"
+              + paired_table({str(args.paired_with): result["paired_with"]["paired"]}))
     for colour, use in result["caption_use"].items():
         print(f"captions: '{colour}' {use['mentions']} mentions, {use['detail_share']:.0%} before a detail noun, "
               f"{use['body_share']:.0%} before a body noun")

@@ -388,8 +388,8 @@ def mcnemar_p(only_before: int, only_after: int) -> float:
 def paired_differences(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``after`` against ``before``, sample for sample: over the samples both drew (one source, prompt and seed;
     records of ``generation_metrics(records=...)``), each flag's share before and after, the pairs where only one
-    side has it and McNemar's exact p-value, and the parts per sample's mean paired difference with its standard
-    error beside the one the two means would have unpaired. Where the two sides draw much the same picture per
+    side has it and McNemar's exact p-value, and the parts per sample's mean paired difference; each difference
+    with its standard error beside the one the two means would have unpaired. Where the two sides draw much the same picture per
     seed (two sampling settings of one UNet), the paired error is the smaller, and a difference too small to see
     in two means can show here."""
     key = lambda record: (record["source"], record["prompt"], record["seed"])  # noqa: E731
@@ -406,9 +406,13 @@ def paired_differences(before: Sequence[dict[str, Any]], after: Sequence[dict[st
         only_before = sum(a and not b for a, b in both)
         only_after = sum(b and not a for a, b in both)
         share_before, share_after = (sum(side) / len(both) for side in zip(*both))
-        out[flag] = {"pairs": len(both), "before": share_before, "after": share_after,
+        n, moved = len(both), only_after - only_before
+        out[flag] = {"pairs": n, "before": share_before, "after": share_after,
                      "difference": share_after - share_before, "only_before": only_before,
-                     "only_after": only_after, "p_value": mcnemar_p(only_before, only_after)}
+                     "only_after": only_after, "p_value": mcnemar_p(only_before, only_after),
+                     "error_paired": (only_before + only_after - moved ** 2 / n) ** 0.5 / n,
+                     "error_unpaired": ((share_before * (1 - share_before) + share_after * (1 - share_after))
+                                        / n) ** 0.5}
     parts_before = [a["parts"] for a, _ in pairs]
     parts_after = [b["parts"] for _, b in pairs]
     differences = [b - a for a, b in zip(parts_before, parts_after)]

@@ -274,6 +274,17 @@ def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tm
         pair_samples(path, 200)
     with pytest.raises(UserError, match="no picture at .*nearest_pairs.png an evaluation wrote"):
         pair_samples(tmp_path / "missing.png", 96)
+    # a second evaluation of the same prompts and seeds that drew its red bodies red, sample for sample
+    from benchmarks.colour_breakdown import main as colour_breakdown
+
+    fixed = torch.cat([paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=rgb[colour]) for colour in named])
+    save_pairs(fixed, -fixed, tmp_path / "fixed.png")
+    result = colour_breakdown(["--pairs", str(path), "--paired-with", str(tmp_path / "fixed.png"), "--data",
+                               "shapes:60", "--size", "64"])
+    paired = result["paired_with"]["paired"]
+    assert paired["pairs"] == 96 and "copied_judge" not in paired  # a picture holds no copy threshold
+    assert (paired["colour_hit"]["only_before"], paired["colour_hit"]["only_after"]) == (0, named.count("red"))
+    assert paired["parts"]["difference"] == 0  # one disc each, either way
 
 
 def test_colour_breakdown_counts_the_bodies_recoloured_copies_add(tmp_path):
@@ -406,6 +417,9 @@ def test_paired_differences_pair_samples_by_prompt_and_seed():
     judge = paired["copied_judge"]
     assert (judge["before"], judge["after"], judge["only_before"], judge["only_after"]) == (0.2, 0.15, 2, 0)
     assert judge["difference"] == pytest.approx(-0.05) and judge["p_value"] == mcnemar_p(2, 0) == 0.5
+    # sqrt(b + c - (c - b)^2 / n) / n against sqrt(p1 q1 / n + p2 q2 / n)
+    assert judge["error_paired"] == pytest.approx((2 - 4 / 40) ** 0.5 / 40)
+    assert judge["error_unpaired"] == pytest.approx(((0.2 * 0.8 + 0.15 * 0.85) / 40) ** 0.5)
     assert paired["colour_hit"]["only_before"] == paired["colour_hit"]["only_after"] == 0
     parts = paired["parts"]
     assert parts["difference"] == pytest.approx(-13 / 40)  # seeds 2, 5, ..., 38 lost a part

@@ -12,9 +12,10 @@ The judge is the run's (``judge/``, or the one its ``stages.json`` names). ``--s
 times with disjoint seeds (the study's seed sets): a record's ``metrics`` are their mean, ``metrics_sd`` the spread
 over the sets. Every setting draws the same prompts and seeds, so each after the first is also measured against
 the first sample for sample (``paired_with_first``: ``pipelines.evaluate.paired_differences``), which tells a
-smaller difference from noise than two means do. Writes one JSON record per setting and prints a table; ``--showcase DIR`` also draws each setting's
-picture, the showcase prompts x 4 seeds as in a run's ``final_samples.png`` (``DIR/setting_NN.png``, listed with
-their settings in ``DIR/showcase.md``), so that a setting is judged by eye as well as by its figures.
+smaller difference from noise than two means do. Writes one JSON record per setting and prints a table;
+``--showcase DIR`` also draws each setting's picture, the showcase prompts x 4 seeds as in a run's
+``final_samples.png`` (``DIR/setting_NN.png``, listed with their settings in ``DIR/showcase.md``), so that a
+setting is judged by eye as well as by its figures.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = over_seed_sets([generation_metrics(stack, judge, train, val, settings, reference=reference,
                                                      seed_offset=k * SEED_SET_STRIDE, records=drawn)
                                   for k in range(args.seed_sets)])
-        first_drawn = first_drawn if index else drawn
+        if index == 0:
+            first_drawn = drawn
         metrics = summary["mean"]
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
                                                           "first_order_at_guidance_edges", "steps", "eta",

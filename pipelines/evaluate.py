@@ -374,7 +374,8 @@ def share_error(generation: dict[str, Any], key: str) -> float | None:
 
 # Per-sample flags of generation_metrics' sample records (one bar's rule each) and the paired tables' names.
 PAIRED_FLAGS = {"copied_pixel": "near-copies, pixel space", "copied_judge": "near-copies, judge space",
-                "colour_hit": "named colour among the two dominant hues", "frame_filling": "samples that fill the frame"}
+                "colour_hit": "named colour among the two dominant hues",
+                "frame_filling": "samples that fill the frame"}
 
 
 def mcnemar_p(only_before: int, only_after: int) -> float:
@@ -389,9 +390,9 @@ def paired_differences(before: Sequence[dict[str, Any]], after: Sequence[dict[st
     """``after`` against ``before``, sample for sample: over the samples both drew (one source, prompt and seed;
     records of ``generation_metrics(records=...)``), each flag's share before and after, the pairs where only one
     side has it and McNemar's exact p-value, and the parts per sample's mean paired difference; each difference
-    with its standard error beside the one the two means would have unpaired. Where the two sides draw much the same picture per
-    seed (two sampling settings of one UNet), the paired error is the smaller, and a difference too small to see
-    in two means can show here."""
+    with its standard error beside the one the two means would have unpaired. A seed decides much of its sample
+    whatever the setting or model, so the paired error is the smaller, and a difference too small to see in two
+    means can show here."""
     key = lambda record: (record["source"], record["prompt"], record["seed"])  # noqa: E731
     earlier = {key(record): record for record in before}
     pairs = [(earlier[key(record)], record) for record in after if key(record) in earlier]

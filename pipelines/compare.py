@@ -21,7 +21,7 @@ import torch
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 
-from .evaluate import metrics_table, paired_differences, paired_table
+from .evaluate import metrics_table, paired_against, paired_table
 from .prompts import SHOWCASE_PROMPTS
 from .stages import generation_size, load_stack, sampling_size, stack_infos
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
@@ -34,15 +34,10 @@ def compare_table(runs: Sequence[Path]) -> str:
     for run in runs:
         path = Path(run) / "evaluation.json"
         columns[str(run)] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    table = metrics_table(columns)
-    first, paired = columns[str(runs[0])], {}
-    for name, evaluation in list(columns.items())[1:]:
-        try:
-            paired[f"{name} against {runs[0]}"] = paired_differences(first.get("samples", []),
-                                                                     evaluation.get("samples", []))
-        except ValueError:
-            continue  # an evaluation from before the records, or of other prompts or seeds: nothing to pair
-    return table + ("\n" + paired_table(paired) if paired else "")
+    paired = paired_against(columns[str(runs[0])].get("samples", []),
+                            {f"{name} against {runs[0]}": evaluation.get("samples", [])
+                             for name, evaluation in list(columns.items())[1:]})
+    return metrics_table(columns) + ("\n" + paired_table(paired) if paired else "")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

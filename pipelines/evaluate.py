@@ -85,12 +85,17 @@ def judged_and_shrunk(judge: CLIPModel, images: torch.Tensor, size: int, batch_s
 class RealReference:
     """What samples are measured against, which depends only on the judge, the data and the size: the
     validation images' judge features and 128-px copies, the training images' and their mirrors' (the
-    near-copy banks), and the real images' own figures (``*_real``). Build it once per evaluation setup."""
+    near-copy banks), each set's thumbnails for the pixel copy rules, and the real images' own figures
+    (``*_real``). Build it once per evaluation setup."""
 
     val_features: torch.Tensor
     val_small: torch.Tensor
     bank: torch.Tensor  # training images then their mirrors, at MEASURE_SIZE
     judge_bank: torch.Tensor
+    val_thumbs: torch.Tensor  # thumbnails(val_small)
+    bank_thumbs: torch.Tensor  # thumbnails(bank)
+    val_hue_blind: torch.Tensor  # hue_blind_thumbnails(val_small)
+    bank_hue_blind: torch.Tensor  # hue_blind_thumbnails(bank)
     figures: dict[str, float]
 
 
@@ -117,15 +122,17 @@ def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: i
     figures["fd_real"] = frechet_distance(val_features, peers)
     figures["kid_real"] = kernel_distance(val_features, peers, gamma=JUDGE_KID_GAMMA)
     bank, judge_bank = torch.cat([train_small, mirror_small]), torch.cat([train_features, mirror_features])
+    reference = RealReference(val_features, val_small, bank, judge_bank, thumbnails(val_small), thumbnails(bank),
+                              hue_blind_thumbnails(val_small), hue_blind_thumbnails(bank), figures)
     # the near-copy shares unseen images score: each training image against the others (a 5 % quantile of a few
     # validation images' distances lets through more or less than 5 % of unseen images)
-    pixel = held_out_copies(thumbnails(bank), thumbnails(val_small), relative_to=COPY_NEIGHBOURS)
+    pixel = held_out_copies(reference.bank_thumbs, reference.val_thumbs, relative_to=COPY_NEIGHBOURS)
     figures["near_copy_share_pixel_real"] = pixel["share"]
     figures["near_copy_share_pixel_relative_real"] = pixel["share_relative"]
     figures["near_copy_share_judge_real"] = held_out_copies(judge_bank, val_features, cosine=True)["share"]
-    figures["near_copy_share_pixel_hue_blind_real"] = held_out_copies(hue_blind_thumbnails(bank),
-                                                                      hue_blind_thumbnails(val_small))["share"]
-    return RealReference(val_features, val_small, bank, judge_bank, figures)
+    figures["near_copy_share_pixel_hue_blind_real"] = held_out_copies(reference.bank_hue_blind,
+                                                                      reference.val_hue_blind)["share"]
+    return reference
 
 
 def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, val: CaptionSet,
@@ -182,10 +189,10 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out["sharpness"] = sharpness(every_sample)
     out["samples"], out["colour_samples"] = len(every_sample), len(colour_samples)  # for the shares' error bars
 
-    bank_thumbs = thumbnails(bank)
-    pixel = near_copies(thumbnails(every_sample), bank_thumbs, thumbnails(real), relative_to=COPY_NEIGHBOURS)
+    bank_thumbs = reference.bank_thumbs
+    pixel = near_copies(thumbnails(every_sample), bank_thumbs, reference.val_thumbs, relative_to=COPY_NEIGHBOURS)
     in_judge = near_copies(every_feature, reference.judge_bank, real_feats, cosine=True)
-    hue_blind = near_copies(hue_blind_thumbnails(every_sample), hue_blind_thumbnails(bank), hue_blind_thumbnails(real))
+    hue_blind = near_copies(hue_blind_thumbnails(every_sample), reference.bank_hue_blind, reference.val_hue_blind)
     out.update({"near_copy_share_pixel": pixel["share"], "near_copy_share_pixel_relative": pixel["share_relative"],
                 "nn_dist_samples": pixel["sample_nn"],
                 "nn_dist_real_val": pixel["val_nn"], "near_copy_share_judge": in_judge["share"],
@@ -424,6 +431,19 @@ def paired_differences(before: Sequence[dict[str, Any]], after: Sequence[dict[st
                     "error_unpaired": ((statistics.variance(parts_before) + statistics.variance(parts_after))
                                        / count) ** 0.5}
     return out
+
+
+def paired_against(reference: Sequence[dict[str, Any]], others: dict[str, Sequence[dict[str, Any]]]
+                   ) -> dict[str, dict[str, Any]]:
+    """``paired_differences`` of each of ``others``' sample records against ``reference``'s, leaving out those
+    that share too few samples with it (an evaluation from before the records, or of other prompts or seeds)."""
+    paired = {}
+    for name, records in others.items():
+        try:
+            paired[name] = paired_differences(reference, records)
+        except ValueError:
+            continue
+    return paired
 
 
 def paired_table(columns: dict[str, dict[str, Any]]) -> str:

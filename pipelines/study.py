@@ -60,7 +60,7 @@ from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, folder_lock, is_complete, \
     read_stage, record_preset, write_json
 from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, check_evaluation_data, evaluate_run,
-                                generation_metrics, over_seed_sets, paired_differences, paired_table, real_reference,
+                                generation_metrics, over_seed_sets, paired_against, paired_table, real_reference,
                                 share_error)
 from pipelines.metrics import PROMPT_COLOURS
 from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, sampling_size,
@@ -580,14 +580,8 @@ def paired_section(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str,
                    ) -> list[str]:
     """Report lines: each column against ``reference`` sample for sample (the same prompts and seeds), where both
     evaluations recorded their samples; none otherwise."""
-    paired = {}
-    for plan in plans:
-        if plan.name != reference:
-            try:
-                paired[plan.name] = paired_differences(evaluations[reference].get("samples", []),
-                                                       evaluations[plan.name].get("samples", []))
-            except ValueError:
-                continue  # a column evaluated before the records: nothing to pair
+    paired = paired_against(evaluations[reference].get("samples", []),
+                            {p.name: evaluations[p.name].get("samples", []) for p in plans if p.name != reference})
     if not paired:
         return []
     return ["## Sample for sample", "", f"Each column against {reference} on the samples both drew (the same "

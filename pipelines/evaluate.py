@@ -205,16 +205,17 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
                 for colour, share in share_by_colour(colour_rows, named).items()})
 
     if records is not None:
-        drawn = [("captions_en", prompt, seed) for prompt, seed in zip(val.en, seeds)]
-        drawn += [("captions_zh", prompt, seed) for prompt, seed in zip(val.zh, seeds)]
-        drawn += [("colour_prompts", prompt, seed) for prompt, seed in zip(colour_texts, colour_seed_list)]
+        # A caption sample names its validation row, not the caption: an evaluation.json can then be shared
+        # (committed, posted) without the dataset's text. The colour prompts are the project's own.
+        drawn = [{"source": f"captions_{language}", "row": row} for language in ("en", "zh") for row in seeds]
+        drawn += [{"source": "colour_prompts", "prompt": prompt} for prompt in colour_texts]
+        drawn_seeds = seeds + seeds + colour_seed_list
         colour_hit = [None] * (len(drawn) - len(colour_texts)) + hits.bool().tolist()
-        records.extend({"source": source, "prompt": prompt, "seed": seed + seed_offset, "parts": int(parts),
-                        "frame_filling": bool(filling), "copied_pixel": bool(by_pixel), "copied_judge": bool(by_judge),
-                        "colour_hit": hit}
-                       for (source, prompt, seed), parts, filling, by_pixel, by_judge, hit
-                       in zip(drawn, each["parts"], each["frame_filling"], pixel["copied"], in_judge["copied"],
-                              colour_hit, strict=True))
+        records.extend({**what, "seed": seed + seed_offset, "parts": int(parts), "frame_filling": bool(filling),
+                        "copied_pixel": bool(by_pixel), "copied_judge": bool(by_judge), "colour_hit": hit}
+                       for what, seed, parts, filling, by_pixel, by_judge, hit
+                       in zip(drawn, drawn_seeds, each["parts"], each["frame_filling"], pixel["copied"],
+                              in_judge["copied"], colour_hit, strict=True))
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]
@@ -394,17 +395,17 @@ def mcnemar_p(only_before: int, only_after: int) -> float:
 
 
 def paired_differences(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``after`` against ``before``, sample for sample: over the samples both drew (one source, prompt and seed;
-    records of ``generation_metrics(records=...)``), each flag's share before and after, the pairs where only one
-    side has it and McNemar's exact p-value, and the parts per sample's mean paired difference; each difference
-    with its standard error beside the one the two means would have unpaired. A seed decides much of its sample
-    whatever the setting or model, so the paired error is the smaller, and a difference too small to see in two
-    means can show here."""
-    key = lambda record: (record["source"], record["prompt"], record["seed"])  # noqa: E731
+    """``after`` against ``before``, sample for sample: over the samples both drew (one source, prompt or caption
+    row, and seed; records of ``generation_metrics(records=...)``), each flag's share before and after, the pairs
+    where only one side has it and McNemar's exact p-value, and the parts per sample's mean paired difference;
+    each difference with its standard error beside the one the two means would have unpaired. A seed decides
+    much of its sample whatever the setting or model, so the paired error is the smaller, and a difference too
+    small to see in two means can show here."""
+    key = lambda record: (record["source"], record.get("prompt", record.get("row")), record["seed"])  # noqa: E731
     earlier = {key(record): record for record in before}
     pairs = [(earlier[key(record)], record) for record in after if key(record) in earlier]
     if len(pairs) < 2:
-        raise ValueError(f"only {len(pairs)} sample(s) drawn by both sides (same source, prompt and seed): "
+        raise ValueError(f"only {len(pairs)} sample(s) drawn by both sides (same source, prompt or row, and seed): "
                          "compare evaluations made with the same prompts and seeds")
     out: dict[str, Any] = {"pairs": len(pairs)}
     for flag in PAIRED_FLAGS:

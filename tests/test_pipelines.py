@@ -82,6 +82,13 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     assert share("frame_filling") == pytest.approx(generation["frame_filling_share"])
     assert share("parts") == pytest.approx(generation["parts_mean"])
     assert all((r["colour_hit"] is None) == (r["source"] != "colour_prompts") for r in records)
+    # a caption sample names its validation row, so the file can be shared without the data's captions
+    val = load_captions(DATA, resolution=64).subset("val")
+    caption_records = [r for r in records if r["source"] != "colour_prompts"]
+    assert [r["row"] for r in caption_records] == [int(row) for row in val.rows] * 2
+    assert all("prompt" not in r for r in caption_records)
+    evaluation_text = (run_a / "evaluation.json").read_text(encoding="utf-8")
+    assert not any(json.dumps(caption)[1:-1] in evaluation_text for caption in val.en + val.zh)
     for source in ("captions_en", "captions_zh", "colour_prompts"):  # each record is the sample it names
         assert statistics.fmean(r["copied_judge"] for r in records if r["source"] == source) == pytest.approx(
             generation[f"near_copy_share_judge_{source}"])

@@ -23,8 +23,8 @@ from clip.model import CLIPModel
 from data import load_captions
 from engine.cli import command_line
 from engine.errors import add_debug_flag, run_cli
-from engine.stage import file_fingerprint, write_json
-from pipelines.evaluate import check_evaluation_data, real_reference
+from engine.stage import write_json
+from pipelines.evaluate import check_evaluation_data, describe_judge, real_reference
 from pipelines.metrics import cosine_nearest
 
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     val_nn = float(cosine_nearest(reference.val_features, reference.judge_bank)[0].mean())
     result = {"figures": figures, "nn_judge_dist_real_val": val_nn, "train_images": len(train),
               "val_images": len(val), "size": args.size,
-              "judge": f"{args.judge} ({file_fingerprint(args.judge / 'model.safetensors')})", "data": args.data,
+              "judge": describe_judge(args.judge), "data": args.data,
               "command": command_line("python -m benchmarks.real_reference", argv)}
     for key, value in {**figures, "nn_judge_dist_real_val": val_nn}.items():
         print(f"{key:42s} {value:.4f}")

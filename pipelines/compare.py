@@ -21,7 +21,7 @@ import torch
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 
-from .evaluate import metrics_table, paired_against, paired_table
+from .evaluate import judge_fingerprint, metrics_table, paired_against, paired_table
 from .prompts import SHOWCASE_PROMPTS
 from .stages import generation_size, load_stack, sampling_size, stack_infos
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
@@ -29,15 +29,31 @@ from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments
 
 def compare_table(runs: Sequence[Path]) -> str:
     """Markdown table: one column per run, one row per metric found in the runs' evaluation.json; then, where
-    the evaluations recorded the same samples, each run against the first, sample for sample."""
+    the evaluations recorded the same samples, each run against the first, sample for sample. Evaluations judged
+    by different judges (``judge_fingerprint``) are said to be so, and their judge-space copies are not paired."""
     columns = {}
     for run in runs:
         path = Path(run) / "evaluation.json"
         columns[str(run)] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    paired = paired_against(columns[str(runs[0])].get("samples", []),
-                            {f"{name} against {runs[0]}": evaluation.get("samples", [])
-                             for name, evaluation in list(columns.items())[1:]})
-    return metrics_table(columns) + ("\n" + paired_table(paired) if paired else "")
+    judges = {name: judge_fingerprint(evaluation) for name, evaluation in columns.items()}
+    first = str(runs[0])
+    paired = paired_against(columns[first].get("samples", []),
+                            {name: evaluation.get("samples", []) for name, evaluation in list(columns.items())[1:]})
+    for name, result in paired.items():
+        if judges[name] != judges[first]:  # another ruler: a flag that changed says nothing about the sample
+            result.pop("copied_judge", None)
+    evaluated = {name: judge for name, judge in judges.items() if columns[name]}  # a run without one: no figures
+    note = ""
+    if len(set(evaluated.values())) > 1:
+        note = ("**Judged by different judges** (" + ", ".join(f"{name}: {judge or 'not named'}"
+                                                               for name, judge in evaluated.items())
+                + "): the judge-space figures (FD, KID, CLIP score, judge-space near-copies and their real-image "
+                "values, feature diversity) do not compare across these columns, and their judge-space copies are "
+                "not paired; the pixel, composition and colour figures do compare.\n\n")
+    table = metrics_table(columns)
+    if paired:
+        table += "\n" + paired_table({f"{name} against {first}": result for name, result in paired.items()})
+    return note + table
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

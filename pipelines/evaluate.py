@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import time
 import warnings
@@ -31,7 +32,7 @@ from data import CaptionSet, load_captions
 from data.augment import to_float
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
-from engine.stage import file_fingerprint, write_json
+from engine.stage import WEIGHTS_FILE, file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
 from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition,
@@ -294,6 +295,19 @@ def check_evaluation_data(val: CaptionSet) -> None:
                         f"{10 * MIN_VAL_ROWS} rows")
 
 
+def describe_judge(judge_dir: Path) -> str:
+    """How an evaluation names its judge: the folder and its weights' fingerprint. The fingerprint is the judge's
+    identity: one recipe trains bit for bit alike on one GPU kind, not across kinds (or on a CPU), so two
+    evaluations' judge-space figures compare only under one fingerprint."""
+    return f"{judge_dir} ({file_fingerprint(Path(judge_dir) / WEIGHTS_FILE)})"
+
+
+def judge_fingerprint(evaluation: dict[str, Any]) -> str | None:
+    """The judge fingerprint an ``evaluation.json`` names (``describe_judge``), or None where it names none."""
+    match = re.search(r"\(([0-9a-f]{16})\)$", evaluation.get("judge", ""))
+    return match.group(1) if match else None
+
+
 def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings: GenerationSettings | None = None,
                  out_dir: Path | None = None, judge_name: str = "",
                  reference: RealReference | None = None) -> dict[str, Any]:
@@ -518,8 +532,7 @@ def evaluate_to_folder(stack: StageStack, data_source: str, out_dir: Path, judge
         judge_dir = default_judge(stack)
     judge = CLIPModel.load(judge_dir, device=stack.device).eval()
     data = load_captions(data_source, resolution=settings.size)
-    results = evaluate_run(stack, data, judge, settings, out_dir=out_dir,
-                           judge_name=f"{judge_dir} ({file_fingerprint(judge_dir / 'model.safetensors')})")
+    results = evaluate_run(stack, data, judge, settings, out_dir=out_dir, judge_name=describe_judge(judge_dir))
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused evaluation leaves no empty folder
     write_json(out_dir / "evaluation.json", results)
     header = f"Sampled with {settings.describe()}; judged by {results['judge']}.\n\n"

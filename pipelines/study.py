@@ -57,9 +57,9 @@ from engine.cli import command_line
 from engine.config import choose_preset, config_to_dict, setting_differences
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.runlog import SPIKE_FACTOR, read_records
-from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, file_fingerprint, folder_lock, is_complete, \
-    read_stage, record_preset, write_json
-from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, check_evaluation_data, evaluate_run,
+from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, folder_lock, is_complete, read_stage, record_preset, \
+    write_json
+from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, check_evaluation_data, describe_judge, evaluate_run,
                                 generation_metrics, over_seed_sets, paired_against, paired_table, real_reference,
                                 share_error)
 from pipelines.metrics import PROMPT_COLOURS
@@ -382,9 +382,8 @@ def evaluate_column(plan: ColumnPlan, judge: CLIPModel, data: CaptionSet, refere
     settings = GenerationSettings(size=size, steps=steps, guidance_rescale=training["guidance_rescale"],
                                   guidance_scale=training["guidance_scale"] if guidance is None else guidance,
                                   guidance_interval=guidance_interval, condition_noise=condition_noise)
-    judge_name = f"{plan.stages['judge']} ({file_fingerprint(plan.stages['judge'] / 'model.safetensors')})"
-    results = evaluate_run(stack, data, judge, settings, out_dir=plan.folder, judge_name=judge_name,
-                           reference=reference)
+    results = evaluate_run(stack, data, judge, settings, out_dir=plan.folder,
+                           judge_name=describe_judge(plan.stages["judge"]), reference=reference)
     draws = [results["generation"]] + [
         generation_metrics(stack, judge, data.subset("train"), data.subset("val"), settings,
                            seed_offset=k * SEED_SET_STRIDE, reference=reference, records=results["samples"])

@@ -969,6 +969,7 @@ def test_compare_draws_every_run_with_the_same_sampling_and_says_which(run_a, tm
 
 def test_compare_pairs_two_evaluations_of_the_same_samples(run_a, tmp_path):
     from pipelines.compare import compare_table
+    from pipelines.evaluate import judge_fingerprint
 
     evaluation = json.loads((run_a / "evaluation.json").read_text())
     other = json.loads(json.dumps(evaluation))
@@ -981,7 +982,17 @@ def test_compare_pairs_two_evaluations_of_the_same_samples(run_a, tmp_path):
     table = compare_table([tmp_path / "A", tmp_path / "B"])
     flipped = sum(not r["copied_judge"] for r in evaluation["samples"][:3])
     assert f"{tmp_path / 'B'} against {tmp_path / 'A'}" in table
-    assert f"0 / {flipped} pairs only before / after" in table
+    assert f"0 / {flipped} pairs only before / after" in table and "different judges" not in table
+    # the judge an evaluation names is read back from it, and B judged by another judge is said to be so
+    judge = file_fingerprint(run_a / "judge" / "model.safetensors")
+    assert judge_fingerprint(evaluation) == judge and judge_fingerprint({}) is None
+    other["judge"] = f"elsewhere/judge ({'0' * 16})"
+    (tmp_path / "B" / "evaluation.json").write_text(json.dumps(other))
+    table = compare_table([tmp_path / "A", tmp_path / "B"])
+    assert table.startswith(f"**Judged by different judges** ({tmp_path / 'A'}: {judge}, {tmp_path / 'B'}: {'0' * 16})")
+    assert "| near-copies, judge space | — |" in table  # judge-space flags of two rulers are not paired
+    assert f"0 / {flipped} pairs only before / after" not in table
+    assert "| near-copies, pixel space | 0" in table  # the pixel rule is no judge's: still paired
     del other["samples"]  # an evaluation from before the records: the metrics alone
     (tmp_path / "B" / "evaluation.json").write_text(json.dumps(other))
     assert "sample for sample" not in compare_table([tmp_path / "A", tmp_path / "B"])

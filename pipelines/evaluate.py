@@ -190,8 +190,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out["sharpness"] = sharpness(every_sample)
     out["samples"], out["colour_samples"] = len(every_sample), len(colour_samples)  # for the shares' error bars
 
-    bank_thumbs = reference.bank_thumbs
-    pixel = near_copies(thumbnails(every_sample), bank_thumbs, reference.val_thumbs, relative_to=COPY_NEIGHBOURS)
+    sample_thumbs = thumbnails(every_sample)
+    pixel = near_copies(sample_thumbs, reference.bank_thumbs, reference.val_thumbs, relative_to=COPY_NEIGHBOURS)
     in_judge = near_copies(every_feature, reference.judge_bank, real_feats, cosine=True)
     hue_blind = near_copies(hue_blind_thumbnails(every_sample), reference.bank_hue_blind, reference.val_hue_blind)
     out.update({"near_copy_share_pixel": pixel["share"], "near_copy_share_pixel_relative": pixel["share_relative"],
@@ -201,7 +201,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
                 "near_copy_share_pixel_hue_blind": hue_blind["share"]})
     sources = {"captions_en": len(feats[0]), "captions_zh": len(feats[1]), "colour_prompts": len(feats[2])}
     out.update(judge_copies_by_source(in_judge["copied"], sources))
-    colour_rows = in_judge["copied"][len(every_sample) - len(colour_samples):]  # the colour prompts come last
+    first_colour = len(every_sample) - len(colour_samples)  # the colour prompts come last
+    colour_rows = in_judge["copied"][first_colour:]
     out.update({f"near_copy_share_judge_{colour}_prompts": share
                 for colour, share in share_by_colour(colour_rows, named).items()})
 
@@ -211,7 +212,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         drawn = [{"source": f"captions_{language}", "row": row} for language in ("en", "zh") for row in seeds]
         drawn += [{"source": "colour_prompts", "prompt": prompt} for prompt in colour_texts]
         drawn_seeds = seeds + seeds + colour_seed_list
-        colour_hit = [None] * (len(drawn) - len(colour_texts)) + hits.bool().tolist()
+        colour_hit = [None] * first_colour + hits.bool().tolist()
         records.extend({**what, "seed": seed + seed_offset, "parts": int(parts), "frame_filling": bool(filling),
                         "copied_pixel": bool(by_pixel), "copied_judge": bool(by_judge), "colour_hit": hit}
                        for what, seed, parts, filling, by_pixel, by_judge, hit
@@ -226,7 +227,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         shown = min(8, len(val))
         save_grid(torch.cat([real[:shown], samples[0][:shown]]), out_dir / "eval_samples.png", nrow=shown,
                   max_side=128)
-        save_pairs(colour_samples, bank[nearest_indices(thumbnails(colour_samples), bank_thumbs)],
+        save_pairs(colour_samples, bank[nearest_indices(sample_thumbs[first_colour:], reference.bank_thumbs)],
                    out_dir / "nearest_pairs.png")
         distance, nearest = cosine_nearest(every_feature, reference.judge_bank)
         closest = distance.argsort()[:JUDGE_PAIRS]

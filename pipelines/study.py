@@ -584,9 +584,9 @@ def paired_section(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str,
     if not paired:
         return []
     return ["## Sample for sample", "", f"Each column against {reference} on the samples both drew (the same "
-            "prompt and seed): the shares before → after, the pairs where only one side has the flag, McNemar's "
-            "exact p-value, and the parts' paired difference with its standard error beside the unpaired one.", "",
-            paired_table(paired)]
+            "prompt or caption, and seed): the shares before → after, the pairs where only one side has the flag, "
+            "McNemar's exact p-value, and the parts' paired difference with its standard error beside the unpaired "
+            "one.", "", paired_table(paired)]
 
 
 def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, Any]],

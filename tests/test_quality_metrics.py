@@ -429,3 +429,10 @@ def test_paired_differences_pair_samples_by_prompt_and_seed():
     assert "| near-copies, judge space | 0.200 → 0.150 (-0.050; 2 / 0 pairs only before / after, p 0.5) |" in table
     with pytest.raises(ValueError, match="only 0 sample"):
         paired_differences(before, [record("captions_en", "a red pokemon", 0, 1, False)])  # another source
+    # caption samples are named by their validation row (no caption text): they pair by row and seed
+    by_row = [{**record("captions_en", None, row, 1, row == 9), "row": row} for row in (9, 19, 29)]
+    for sample in by_row:
+        del sample["prompt"]
+    assert paired_differences(by_row, by_row[::-1])["pairs"] == 3
+    with pytest.raises(ValueError, match="only 0 sample"):
+        paired_differences(by_row, [{**sample, "row": sample["row"] + 1} for sample in by_row])  # other rows

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +39,7 @@ from engine.config import choose_preset, config_to_dict, parse_overrides, preset
 from engine.errors import add_debug_flag, run_cli
 from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
-from engine.runlog import loss_spikes, rollbacks
+from engine.runlog import loss_spikes, rollbacks, skipped_steps
 from engine.stage import CONFIG_FILE, LOCK_FILE, folder_lock, record_preset, remove_empty_folders, write_json
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import JUDGE_PAIRS, evaluate_to_folder, markdown_table
@@ -249,34 +250,49 @@ def final_samples(run: Path, stack: StageStack) -> None:
 SpikesByPhase = dict[str, list[dict[str, Any]]]
 
 
+def training_logs(stage_dirs: dict[str, Path]) -> dict[str, Path]:
+    """Each training phase's log, the UNet's low-resolution phase as ``unet/lowres``."""
+    phases = dict(stage_dirs)
+    if "unet" in stage_dirs:
+        phases["unet/lowres"] = lowres_folder(stage_dirs["unet"])
+    return {name: folder / "log.jsonl" for name, folder in phases.items()}
+
+
 def stage_spikes(stage_dirs: dict[str, Path]) -> tuple[SpikesByPhase, SpikesByPhase]:
     """The loss spikes left in each stage's training log (by the rule the trainer warns with) and those its trainer
-    rolled back (``engine.runlog.rollbacks``), the UNet's low-resolution phase as ``unet/lowres``; only phases
-    that have some."""
-    phases = list(stage_dirs.items())
-    if "unet" in stage_dirs:
-        phases.append(("unet/lowres", lowres_folder(stage_dirs["unet"])))
+    rolled back (``engine.runlog.rollbacks``); only phases that have some."""
     left, rolled_back = {}, {}
-    for name, folder in phases:
-        if found := loss_spikes(folder / "log.jsonl"):
+    for name, log in training_logs(stage_dirs).items():
+        if found := loss_spikes(log):
             left[name] = found
-        if found := rollbacks(folder / "log.jsonl"):
+        if found := rollbacks(log):
             rolled_back[name] = found
     return left, rolled_back
 
 
+def stage_skipped_steps(stage_dirs: dict[str, Path]) -> SpikesByPhase:
+    """The log intervals in which each phase's trainer skipped steps of a gradient that was not finite
+    (``engine.runlog.skipped_steps``); only phases that have some."""
+    return {name: found for name, log in training_logs(stage_dirs).items() if (found := skipped_steps(log))}
+
+
 def spike_steps(spikes: list[dict[str, Any]]) -> str:
-    """``steps 175-200 (2.8x)``, for each spike of one phase."""
-    return ", ".join(f"steps {s['first_step']}-{s['last_step']} ({s['ratio']:.1f}x)" for s in spikes)
+    """``steps 175-200 (2.8x)``, for each spike of one phase (``no finite gradient`` where none was)."""
+    return ", ".join(f"steps {s['first_step']}-{s['last_step']} "
+                     + (f"({s['ratio']:.1f}x)" if math.isfinite(s["ratio"]) else "(no finite gradient)")
+                     for s in spikes)
 
 
 def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, stage_dirs: dict[str, Path],
-                data: str) -> list[str]:
-    """The report's section on spikes: those rolled back, and a warning for those left, with the command that
-    trains the UNet again."""
-    if not spikes and not rolled_back:
+                data: str, skipped: SpikesByPhase | None = None) -> list[str]:
+    """The report's section on spikes: steps skipped for a gradient that was not finite, spikes rolled back, and
+    a warning for those left, with the command that trains the UNet again."""
+    if not spikes and not rolled_back and not skipped:
         return []
     lines = ["## Loss spikes", ""]
+    lines += [f"- **{name}**: {s['skipped']} of steps {s['first_step']}-{s['last_step']} skipped: the gradient was "
+              "not finite (weights and optimizer state left as they were)." for name, found in (skipped or {}).items()
+              for s in found]
     lines += [f"- **{name}**: a spike at {spike_steps([r])} was rolled back: training went back to step {r['step']} "
               f"and went on with the learning rate x{r['lr_scale']:.3g}." for name, found in rolled_back.items()
               for r in found]
@@ -435,8 +451,9 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
             if (stage_dirs[name] / "loss.png").is_file():
                 pictures[f"{name} loss"] = stage_dirs[name] / "loss.png"
         spikes, rolled_back = stage_spikes(stage_dirs)
+        skipped = stage_skipped_steps(stage_dirs)
         write_report(run, stage_dirs, results, progress, command, pictures, preset,
-                     spike_lines(spikes, rolled_back, stage_dirs, args.data))
+                     spike_lines(spikes, rolled_back, stage_dirs, args.data, skipped))
         summary = {"minutes": progress.total_minutes,
                    "stage_minutes": progress.minutes,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -445,7 +462,8 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
                    "preset": preset,
                    "stages": {k: str(v) for k, v in stage_dirs.items()},
                    "loss_spikes": spikes,
-                   "spike_rollbacks": rolled_back}
+                   "spike_rollbacks": rolled_back,
+                   "skipped_steps": skipped}
         if results is not None:
             summary["evaluation"] = {k: results[k] for k in ("vae", "clip", "generation")}
         write_json(run / "summary.json", summary)

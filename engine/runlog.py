@@ -106,6 +106,20 @@ def rollbacks(log_path: str | Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "kind"} for r in read_records(log_path) if r.get("kind") == "rollback"]
 
 
+def skipped_steps(log_path: str | Path) -> list[dict[str, Any]]:
+    """The log intervals in which the trainer skipped steps whose gradient was not finite:
+    ``{"first_step", "last_step", "skipped"}`` (how many) each."""
+    found, last_step = [], 0
+    for record in read_records(log_path):
+        if record.get("kind") != "train":
+            continue
+        if record.get("train/skipped_steps", 0) > 0:
+            found.append({"first_step": last_step + 1, "last_step": record["step"],
+                          "skipped": round(record["train/skipped_steps"])})
+        last_step = record["step"]
+    return found
+
+
 def loss_spikes(log_path: str | Path) -> list[dict[str, Any]]:
     """The log intervals of a stage's log that look like loss spikes, by the rule the trainer warns with:
     ``{"first_step", "last_step", "grad_norm", "ratio"}`` each."""

@@ -3,9 +3,9 @@
 A stage hands over a *training module* (its model plus its loss, so DDP sees a single forward),
 the number of training items and a ``make_batch(indices, generator)`` function; the engine does the
 rest: batch indices (deterministic, sharded per rank), bf16 autocast, fused AdamW, warm-up + cosine
-learning rate, gradient accumulation and clipping, EMA, atomic checkpoints, exact resume, progress,
-a JSONL log and a loss plot, a per-epoch callback for the stage's pictures and metrics, and a rollback of
-loss spikes when asked for (``TrainConfig.spike_rollbacks``).
+learning rate, gradient accumulation and clipping (a step whose gradient is not finite is skipped), EMA,
+atomic checkpoints, exact resume, progress, a JSONL log and a loss plot, a per-epoch callback for the stage's
+pictures and metrics, and a rollback of loss spikes when asked for (``TrainConfig.spike_rollbacks``).
 """
 
 from __future__ import annotations
@@ -232,9 +232,9 @@ class Trainer:
             group.setdefault("weight_decay", self.cfg.weight_decay)
             if group["params"]:
                 groups.append(group)
-        fused = self.device.type == "cuda"
+        # fused on the CPU too: only the fused AdamW skips a step on the device flag _train_step sets
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
-                                 weight_decay=self.cfg.weight_decay, fused=fused)
+                                 weight_decay=self.cfg.weight_decay, fused=True)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -360,7 +360,16 @@ class Trainer:
             for key, value in logs.items():
                 logs_sum[key] = logs_sum.get(key, 0.0) + value.detach().float() / cfg.grad_accum
         if cfg.grad_clip > 0:
-            logs_sum["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
+            # A step whose gradient is not finite (one bad batch, an overflow) is skipped, as GradScaler skips
+            # one, not written into the weights as NaN: the fused AdamW reads the flag on the device (no sync)
+            # and leaves weights, moments and its step count alone. Its logs count as zero and the interval's
+            # mean is over the steps taken (_log_train); an interval with none taken is a spike (_check_spike).
+            finite = torch.isfinite(grad_norm)
+            self.optimizer.found_inf = (~finite).float()
+            logs_sum = {key: torch.where(finite, value, 0.0) for key, value in logs_sum.items()}
+            logs_sum["grad_norm"] = torch.where(finite, grad_norm, 0.0)
+            logs_sum["skipped_steps"] = self.optimizer.found_inf
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -374,7 +383,13 @@ class Trainer:
         """One host sync per ``log_every`` steps: average the accumulated device scalars and append them, with
         the interval's largest gradient norm; say so when the interval looks like a loss spike."""
         keys = sorted(sums)
-        values = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in keys]) / max(count, 1)
+        values = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in keys])
+        if "skipped_steps" in sums:  # means over the steps taken (none taken: NaN, a spike); skips as a count
+            taken = count - sums["skipped_steps"].float()
+            values = torch.where(torch.tensor([k == "skipped_steps" for k in keys], device=self.device),
+                                 values, values / taken)
+        else:
+            values = values / max(count, 1)
         if grad_peak is not None:  # every rank clips the same all-reduced gradients: the mean is that peak
             keys, values = keys + ["grad_norm_max"], torch.cat([values, grad_peak.float().view(1)])
         values = distributed.all_reduce_mean(values).tolist()
@@ -392,6 +407,10 @@ class Trainer:
         the spike as ``runlog.loss_spikes`` reports one, or None."""
         if "train/grad_norm" not in record:
             return None
+        skipped = round(record.get("train/skipped_steps", 0))
+        if skipped and self.env.is_main:
+            tqdm.write(f"{self.out_dir.name}: {skipped} of steps {self.step - count + 1}-{self.step} skipped: "
+                       "the gradient was not finite")
         grad_norm = record["train/grad_norm"]
         ratio = runlog.spike_ratio(self._grad_norm_levels, grad_norm)
         if math.isfinite(grad_norm):  # a NaN would spoil the level the next intervals are measured against
@@ -399,14 +418,15 @@ class Trainer:
         if ratio is None:
             return None
         if not math.isfinite(grad_norm) and not self._can_roll_back():
-            raise TrainingDiverged(f"{self.out_dir.name}: the gradient norm is {grad_norm} over steps "
-                                   f"{self.step - count + 1}-{self.step}, so the weights are lost, and no rollback "
-                                   "is left; train the stage again at a lower learning rate (--lr)")
+            raise TrainingDiverged(f"{self.out_dir.name}: every step of steps {self.step - count + 1}-{self.step} "
+                                   "had a gradient that is not finite (each was skipped), and no rollback is left; "
+                                   "train the stage again at a lower learning rate (--lr)")
         spike = {"first_step": self.step - count + 1, "last_step": self.step, "grad_norm": grad_norm, "ratio": ratio}
         if self.env.is_main:
             tqdm.write(f"{self.out_dir.name}: loss spike? the gradient norm averaged {grad_norm:.3g} over steps "
                        f"{spike['first_step']}-{self.step}, "
-                       + (f"{ratio:.1f}x its level before" if math.isfinite(ratio) else "not a finite number")
+                       + (f"{ratio:.1f}x its level before" if math.isfinite(ratio)
+                          else "no step with a finite gradient")
                        + ("" if self._can_roll_back() else "; if train/loss stays up from here, the run is damaged: "
                           "train the stage again"))
         return spike

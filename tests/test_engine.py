@@ -1,3 +1,4 @@
+import copy
 import json
 import shlex
 import subprocess
@@ -16,7 +17,7 @@ from data import DataError
 from engine.cli import command_line, run_stage_cli, stage_parser
 from engine.config import config_from_dict, config_to_dict, parse_overrides, validate_config
 from engine.ema import EMA, power_profile_exponent, power_profile_std
-from engine.runlog import loss_spikes, read_records, rollbacks, truncate_after
+from engine.runlog import loss_spikes, read_records, rollbacks, skipped_steps, truncate_after
 from engine.stage import StageError, folder_lock, is_complete, load_weights
 from engine.trainer import TrainingDiverged, checkpoint_path, lr_factor, read_checkpoint
 from unet.config import UNetConfig
@@ -288,10 +289,41 @@ def test_each_log_interval_records_its_largest_gradient_norm_and_a_spike_is_repo
     assert loss_spikes(tmp_path / "smooth" / "log.jsonl") == []
 
 
-def test_a_nan_gradient_is_rolled_back_and_with_no_rollback_left_stops_before_saving_lost_weights(tmp_path):
+def test_a_step_whose_gradient_is_not_finite_is_skipped_and_leaves_weights_and_moments_alone(tmp_path, capsys):
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, spike_rollbacks=2)
+    trainer = Trainer(ToyModule(), cfg, tmp_path / "skip", num_train_items=len(DATA_X), device="cpu")
+    seen = {}
+
+    def batches(indices, generator):  # NaN targets at step 30 only; the state on entering steps 30 and 31 kept
+        if trainer.step in (30, 31):
+            seen[trainer.step] = copy.deepcopy(trainer.optimizer.state_dict()), [p.detach().clone() for p in
+                                                                                 trainer.module.parameters()]
+        x, y = make_batch(indices, generator)
+        return (x, y * float("nan")) if trainer.step == 30 else (x, y)
+
+    trainer.fit(batches)
+    (moments_before, weights_before), (moments_after, weights_after) = seen[30], seen[31]
+    assert all(torch.equal(a, b) for a, b in zip(weights_before, weights_after))
+    for key, state in moments_before["state"].items():  # moments and AdamW's own step count untouched
+        assert all(torch.equal(state[name], moments_after["state"][key][name]) for name in state)
+    assert all(torch.isfinite(p).all() for p in trainer.module.parameters())
+    assert all(torch.isfinite(t).all() for t in trainer.ema.shadow.values())
+    log = tmp_path / "skip" / "log.jsonl"
+    assert rollbacks(log) == [] and trainer.spike_rollbacks_used == 0 and loss_spikes(log) == []
+    assert skipped_steps(log) == [{"first_step": 31, "last_step": 32, "skipped": 1}]
+    train_log = {r["step"]: r for r in read_records(log) if r["kind"] == "train"}
+    interval, before = train_log[32], train_log[30]  # means over the one step taken, not diluted by the skip
+    assert interval["train/skipped_steps"] == 1
+    for key in ("train/loss", "train/grad_norm"):
+        assert 0.5 * before[key] < interval[key] < 2 * before[key]
+    assert all(r["train/skipped_steps"] == 0 for r in read_records(log) if r["kind"] == "train" and r["step"] != 32)
+    assert "skip: 1 of steps 31-32 skipped: the gradient was not finite" in capsys.readouterr().out
+
+
+def test_an_interval_with_no_finite_gradient_is_rolled_back_and_with_no_rollback_left_stops(tmp_path):
     trainers, poisoned = [], set()
 
-    def batches(indices, generator):  # NaN targets once, at step 31: a retried step does not meet them again
+    def batches(indices, generator):  # NaN targets once, at steps 30 and 31 (the whole log interval 31-32)
         x, y = make_batch(indices, generator)
         if trainers[-1].step in poisoned:
             poisoned.discard(trainers[-1].step)
@@ -302,14 +334,15 @@ def test_a_nan_gradient_is_rolled_back_and_with_no_rollback_left_stops_before_sa
         cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2,
                           spike_rollbacks=rollbacks_allowed)
         trainers.append(Trainer(ToyModule(), cfg, tmp_path / name, num_train_items=len(DATA_X), device="cpu"))
-        poisoned.add(30)
+        poisoned.update((30, 31))
         if rollbacks_allowed:
             trainers[-1].fit(batches)
             assert [r["first_step"] for r in rollbacks(tmp_path / name / "log.jsonl")] == [31]
             assert all(torch.isfinite(p).all() for p in trainers[-1].module.parameters())
             assert all(torch.isfinite(t).all() for t in trainers[-1].ema.shadow.values())
         else:
-            with pytest.raises(TrainingDiverged, match=r"gradient norm is nan over steps 31-32, .*lower learning rate"):
+            with pytest.raises(TrainingDiverged, match=r"every step of steps 31-32 had a gradient that is not finite "
+                                                       r"\(each was skipped\), .*lower learning rate"):
                 trainers[-1].fit(batches)
 
 

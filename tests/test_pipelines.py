@@ -821,7 +821,7 @@ def test_sampling_options_choose_the_guidance_interval():
 
 def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains_it_again(run_a, tmp_path):
     summary = json.loads((run_a / "summary.json").read_text())
-    assert summary["loss_spikes"] == {} and summary["spike_rollbacks"] == {}  # the tiny run is smooth
+    assert summary["loss_spikes"] == {} == summary["spike_rollbacks"] == summary["skipped_steps"]  # a smooth run
     assert "## Loss spikes" not in (run_a / "report.md").read_text(encoding="utf-8")
     stage_dirs = {name: tmp_path / name for name in ("vae", "clip", "judge", "unet")}
     lowres = tmp_path / "unet" / "lowres"
@@ -851,6 +851,20 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     assert ("- **unet/lowres**: a spike at steps 21-30 (3.0x) was rolled back: training went back to step 10 and went "
             "on with the learning rate x0.7.") in report
     assert "NEW_RUN" not in report and "damaged" not in report
+    # steps skipped for a gradient that was not finite, and an interval with none finite rolled back
+    (stage_dirs["unet"] / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "train", "step": 50, "train/grad_norm": 0.2, "train/skipped_steps": 0},
+        {"kind": "train", "step": 100, "train/grad_norm": 0.2, "train/skipped_steps": 1},
+        {"kind": "rollback", "step": 100, "first_step": 151, "last_step": 200, "grad_norm": float("nan"),
+         "ratio": float("inf"), "lr_scale": 0.7}]))
+    spikes, rolled_back = train_all.stage_spikes(stage_dirs)
+    skipped = train_all.stage_skipped_steps(stage_dirs)
+    assert skipped == {"unet": [{"first_step": 51, "last_step": 100, "skipped": 1}]}
+    report = "\n".join(train_all.spike_lines(spikes, rolled_back, stage_dirs, "data/pokemon", skipped))
+    assert ("- **unet**: 1 of steps 51-100 skipped: the gradient was not finite (weights and optimizer state left as "
+            "they were).") in report
+    assert "- **unet**: a spike at steps 151-200 (no finite gradient) was rolled back" in report
+    assert train_all.spike_lines({}, {}, stage_dirs, "data/pokemon", skipped)[:2] == ["## Loss spikes", ""]
 
 
 def test_spike_screen_stops_each_probe_at_its_step_and_tabulates_every_setting(run_a, tmp_path):

@@ -90,11 +90,12 @@ def plot_losses(log_path: str | Path, png_path: str | Path, title: str = "") -> 
 def spike_ratio(previous: Sequence[float], grad_norm: float) -> float | None:
     """``grad_norm`` over the median of the previous log intervals' mean gradient norms (the last
     ``SPIKE_HISTORY``), when that exceeds ``SPIKE_FACTOR``; None otherwise, or with fewer than three before. A
-    gradient norm that is not finite (NaN, infinity) is a spike whatever came before: ``inf``."""
+    gradient norm that is not finite (NaN, infinity) is a spike whatever came before: ``inf``. A median of 0 (no
+    gradient reached the weights) gives no scale to compare against: None."""
     if not math.isfinite(grad_norm):
         return math.inf
     levels = sorted(previous[-SPIKE_HISTORY:])
-    if len(levels) < 3:
+    if len(levels) < 3 or levels[len(levels) // 2] <= 0:
         return None
     ratio = grad_norm / levels[len(levels) // 2]
     return ratio if ratio > SPIKE_FACTOR else None

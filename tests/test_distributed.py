@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from engine import Trainer, TrainConfig
-from engine.runlog import rollbacks
+from engine.runlog import rollbacks, skipped_steps
 
 DATA_X = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
 DATA_Y = DATA_X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
@@ -31,7 +31,8 @@ class Regression(nn.Module):
 
 def _train(out: str) -> Trainer:
     """Three epochs of 8 steps; step 17's targets are 100x off, once: a spike every rank sees in the all-reduced
-    gradient norm of steps 17-20, rolled back to step 12 by all of them."""
+    gradient norm of steps 17-20, rolled back to step 12 by all of them. In the first epoch item 0's target is NaN:
+    under two processes one rank holds it, and the all-reduced gradient makes every rank skip that step."""
     cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=2, ema_decay=0.9, log_every=4, spike_rollbacks=1)
     trainer = Trainer(Regression(), cfg, out, num_train_items=len(DATA_X), device="cpu")
     spike_left = [True]
@@ -40,6 +41,8 @@ def _train(out: str) -> Trainer:
         if trainer.step == 16 and spike_left[0]:
             spike_left[0] = False
             return DATA_X[indices], 100 * DATA_Y[indices]
+        if trainer.epoch == 0:
+            return DATA_X[indices], torch.where((indices == 0)[:, None], float("nan"), DATA_Y[indices])
         return DATA_X[indices], DATA_Y[indices]
 
     trainer.fit(make_batch)
@@ -78,6 +81,8 @@ def test_two_gloo_processes_match_one_process_a_rolled_back_spike_included(tmp_p
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "latest.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2  # every rank's RNG state is kept
     assert [r["step"] for r in rollbacks(tmp_path / "ddp" / "log.jsonl")] == [12]
+    skipped = skipped_steps(tmp_path / "single" / "log.jsonl")
+    assert [s["skipped"] for s in skipped] == [1] and skipped == skipped_steps(tmp_path / "ddp" / "log.jsonl")
 
 
 def _embeddings():

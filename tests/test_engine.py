@@ -17,7 +17,7 @@ from data import DataError
 from engine.cli import command_line, run_stage_cli, stage_parser
 from engine.config import config_from_dict, config_to_dict, parse_overrides, validate_config
 from engine.ema import EMA, power_profile_exponent, power_profile_std
-from engine.runlog import loss_spikes, read_records, rollbacks, skipped_steps, truncate_after
+from engine.runlog import loss_spikes, read_records, rollbacks, skipped_steps, spike_ratio, truncate_after
 from engine.stage import StageError, folder_lock, is_complete, load_weights
 from engine.trainer import TrainingDiverged, checkpoint_path, lr_factor, read_checkpoint
 from unet.config import UNetConfig
@@ -287,6 +287,15 @@ def test_each_log_interval_records_its_largest_gradient_norm_and_a_spike_is_repo
     [spike] = loss_spikes(tmp_path / "spiky" / "log.jsonl")
     assert (spike["first_step"], spike["last_step"]) == (31, 32) and spike["ratio"] > 2.5
     assert loss_spikes(tmp_path / "smooth" / "log.jsonl") == []
+
+
+def test_spike_ratio_against_the_median_of_the_intervals_before():
+    assert spike_ratio([1.0, 1.0], 10.0) is None  # fewer than three intervals before: no level yet
+    assert spike_ratio([1.0, 2.0, 0.5, 1.0, 9.0], 3.0) == pytest.approx(3.0)  # median 1.0
+    assert spike_ratio([1.0, 2.0, 0.5, 1.0, 9.0], 2.4) is None  # under the factor
+    assert spike_ratio([9.0, 9.0, 9.0, 1.0, 1.0, 1.0, 9.0, 9.0], 3.0) == pytest.approx(3.0)  # the last five count
+    assert spike_ratio([1.0, 1.0, 1.0], float("nan")) == spike_ratio([], float("inf")) == float("inf")
+    assert spike_ratio([0.0, 0.0, 0.0], 0.5) is None  # no gradient before: no scale, and no division by zero
 
 
 def test_a_step_whose_gradient_is_not_finite_is_skipped_and_leaves_weights_and_moments_alone(tmp_path, capsys):

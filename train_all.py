@@ -283,15 +283,15 @@ def spike_steps(spikes: list[dict[str, Any]]) -> str:
                      for s in spikes)
 
 
-def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, stage_dirs: dict[str, Path],
-                data: str, skipped: SpikesByPhase | None = None) -> list[str]:
+def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, skipped: SpikesByPhase, stage_dirs: dict[str, Path],
+                data: str) -> list[str]:
     """The report's section on spikes: steps skipped for a gradient that was not finite, spikes rolled back, and
     a warning for those left, with the command that trains the UNet again."""
     if not spikes and not rolled_back and not skipped:
         return []
     lines = ["## Loss spikes", ""]
     lines += [f"- **{name}**: {s['skipped']} of steps {s['first_step']}-{s['last_step']} skipped: the gradient was "
-              "not finite (weights and optimizer state left as they were)." for name, found in (skipped or {}).items()
+              "not finite (weights and optimizer state left as they were)." for name, found in skipped.items()
               for s in found]
     lines += [f"- **{name}**: a spike at {spike_steps([r])} was rolled back: training went back to step {r['step']} "
               f"and went on with the learning rate x{r['lr_scale']:.3g}." for name, found in rolled_back.items()
@@ -453,7 +453,7 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
         spikes, rolled_back = stage_spikes(stage_dirs)
         skipped = stage_skipped_steps(stage_dirs)
         write_report(run, stage_dirs, results, progress, command, pictures, preset,
-                     spike_lines(spikes, rolled_back, stage_dirs, args.data, skipped))
+                     spike_lines(spikes, rolled_back, skipped, stage_dirs, args.data))
         summary = {"minutes": progress.total_minutes,
                    "stage_minutes": progress.minutes,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

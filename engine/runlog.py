@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import matplotlib
 
@@ -107,31 +107,32 @@ def rollbacks(log_path: str | Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "kind"} for r in read_records(log_path) if r.get("kind") == "rollback"]
 
 
+def train_intervals(log_path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each ``train`` record of a stage's log with the first step of the log interval it averages."""
+    last_step = 0
+    for record in read_records(log_path):
+        if record.get("kind") == "train":
+            yield last_step + 1, record
+            last_step = record["step"]
+
+
 def skipped_steps(log_path: str | Path) -> list[dict[str, Any]]:
     """The log intervals in which the trainer skipped steps whose gradient was not finite:
     ``{"first_step", "last_step", "skipped"}`` (how many) each."""
-    found, last_step = [], 0
-    for record in read_records(log_path):
-        if record.get("kind") != "train":
-            continue
-        if record.get("train/skipped_steps", 0) > 0:
-            found.append({"first_step": last_step + 1, "last_step": record["step"],
-                          "skipped": round(record["train/skipped_steps"])})
-        last_step = record["step"]
-    return found
+    return [{"first_step": first, "last_step": record["step"], "skipped": round(record["train/skipped_steps"])}
+            for first, record in train_intervals(log_path) if record.get("train/skipped_steps", 0) > 0]
 
 
 def loss_spikes(log_path: str | Path) -> list[dict[str, Any]]:
     """The log intervals of a stage's log that look like loss spikes, by the rule the trainer warns with:
     ``{"first_step", "last_step", "grad_norm", "ratio"}`` each."""
-    spikes, norms, last_step = [], [], 0
-    for record in read_records(log_path):
-        if record.get("kind") != "train" or "train/grad_norm" not in record:
+    spikes, norms = [], []
+    for first, record in train_intervals(log_path):
+        if "train/grad_norm" not in record:
             continue
         ratio = spike_ratio(norms, record["train/grad_norm"])
         if ratio is not None:
-            spikes.append({"first_step": last_step + 1, "last_step": record["step"],
+            spikes.append({"first_step": first, "last_step": record["step"],
                            "grad_norm": record["train/grad_norm"], "ratio": ratio})
         norms.append(record["train/grad_norm"])
-        last_step = record["step"]
     return spikes

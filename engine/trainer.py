@@ -385,9 +385,9 @@ class Trainer:
         keys = sorted(sums)
         values = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in keys])
         if "skipped_steps" in sums:  # means over the steps taken (none taken: NaN, a spike); skips as a count
-            taken = count - sums["skipped_steps"].float()
-            values = torch.where(torch.tensor([k == "skipped_steps" for k in keys], device=self.device),
-                                 values, values / taken)
+            skipped = keys.index("skipped_steps")
+            values = values / (count - values[skipped])
+            values[skipped] = sums["skipped_steps"]
         else:
             values = values / max(count, 1)
         if grad_peak is not None:  # every rank clips the same all-reduced gradients: the mean is that peak

@@ -35,7 +35,7 @@ from engine.images import save_grid
 from engine.stage import WEIGHTS_FILE, file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition,
+from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition, composition_means,
                       composition_per_image, cosine_nearest, first_named_colours, frechet_distance, held_out_copies,
                       hue_blind_thumbnails, kernel_distance, near_copies, nearest_indices, seed_diversity,
                       share_by_colour, sharpness, thumbnails, unit_pixels)
@@ -186,7 +186,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     every_sample, every_feature = torch.cat(samples), torch.cat(feats)
 
     each = composition_per_image(every_sample)
-    out.update(composition(every_sample, each))
+    out.update(composition_means(each))
     out["sharpness"] = sharpness(every_sample)
     out["samples"], out["colour_samples"] = len(every_sample), len(colour_samples)  # for the shares' error bars
 
@@ -209,7 +209,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     if records is not None:
         # A caption sample names its validation row, not the caption: an evaluation.json can then be shared
         # (committed, posted) without the dataset's text. The colour prompts are the project's own.
-        drawn = [{"source": f"captions_{language}", "row": row} for language in ("en", "zh") for row in seeds]
+        drawn = [{"source": f"captions_{language}", "row": int(row)} for language in ("en", "zh") for row in val.rows]
         drawn += [{"source": "colour_prompts", "prompt": prompt} for prompt in colour_texts]
         drawn_seeds = seeds + seeds + colour_seed_list
         colour_hit = [None] * first_colour + hits.bool().tolist()

@@ -153,10 +153,13 @@ def composition_per_image(images: torch.Tensor) -> dict[str, torch.Tensor]:
             "frame_filling": border > FRAME_FILLING_BORDER, "parts": count_parts(mask)}
 
 
-def composition(images: torch.Tensor, each: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Foreground share, border occupancy, share of frame-filling images and foreground parts per image (``each``:
-    the images' ``composition_per_image``, when the caller has it)."""
-    each = composition_per_image(images) if each is None else each
+def composition(images: torch.Tensor) -> dict[str, float]:
+    """Foreground share, border occupancy, share of frame-filling images and foreground parts per image."""
+    return composition_means(composition_per_image(images))
+
+
+def composition_means(each: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``composition`` from the images' ``composition_per_image``."""
     return {"fg_share": float(each["fg_share"].mean()), "border_fg": float(each["border_fg"].mean()),
             "frame_filling_share": float(each["frame_filling"].float().mean()),
             "parts_mean": float(each["parts"].float().mean())}

@@ -294,8 +294,9 @@ def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, skipped: Spik
               "not finite (weights and optimizer state left as they were)." for name, found in skipped.items()
               for s in found]
     lines += [f"- **{name}**: a spike at {spike_steps([r])} was rolled back: training went back to step {r['step']} "
-              f"and went on with the learning rate x{r['lr_scale']:.3g}." for name, found in rolled_back.items()
-              for r in found]
+              f"and went on with the learning rate x{r['lr_scale']:.3g}."
+              + (f" A replay of its last batch: {r['nonfinite']}." if "nonfinite" in r
+                 else "") for name, found in rolled_back.items() for r in found]
     lines += [f"- **{name}**: the mean gradient norm jumped at {spike_steps(found)} against its level before."
               for name, found in spikes.items()]
     if not spikes:

@@ -31,6 +31,7 @@ from .config import ConfigError, TrainConfig, config_to_dict, flatten_config, se
 from .ema import EMA
 from .errors import UserError
 from .graphed_training import check_cuda_graph, replay_training_calls
+from .nonfinite import locate_nonfinite
 from .precision import set_low_precision_norms
 from .stage import CONFIG_FILE, StageError, StageModel, atomic_write, lineage_differences
 from .tensorboard import TensorBoardLog
@@ -321,7 +322,8 @@ class Trainer:
                     now = time.perf_counter()
                     record = self._log_train(sums, count, now - t_last, grad_peak)
                     progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['lr']:.2e}")
-                    spike = self._check_spike(record, count)
+                    spike = self._check_spike(record, count, lambda: self._locate_nonfinite(
+                        make_batch, indices[step_in_epoch]))
                     if spike is not None and self._roll_back(spike):
                         return False
                     if not last_in_epoch:  # at an epoch's end the snapshot is taken after the epoch's work
@@ -402,9 +404,11 @@ class Trainer:
             self.tensorboard.scalars(record, self.step)
         return record
 
-    def _check_spike(self, record: Mapping[str, Any], count: int) -> dict[str, Any] | None:
+    def _check_spike(self, record: Mapping[str, Any], count: int,
+                     find_nonfinite: Callable[[], str]) -> dict[str, Any] | None:
         """The spike rule on this log interval (every rank reads the same all-reduced norm, so all decide alike):
-        the spike as ``runlog.loss_spikes`` reports one, or None."""
+        the spike as ``runlog.loss_spikes`` reports one, or None. An interval with no finite step also says what a
+        replay of its last batch found (``find_nonfinite``; the spike's ``nonfinite``)."""
         if "train/grad_norm" not in record:
             return None
         skipped = round(record.get("train/skipped_steps", 0))
@@ -417,19 +421,43 @@ class Trainer:
             self._grad_norm_levels = (self._grad_norm_levels + [grad_norm])[-runlog.SPIKE_HISTORY:]
         if ratio is None:
             return None
-        if not math.isfinite(grad_norm) and not self._can_roll_back():
-            raise TrainingDiverged(f"{self.out_dir.name}: every step of steps {self.step - count + 1}-{self.step} "
-                                   "had a gradient that is not finite (each was skipped), and no rollback is left; "
-                                   "train the stage again at a lower learning rate (--lr)")
         spike = {"first_step": self.step - count + 1, "last_step": self.step, "grad_norm": grad_norm, "ratio": ratio}
+        if not math.isfinite(grad_norm):
+            spike["nonfinite"] = find_nonfinite()
+            if not self._can_roll_back():
+                raise TrainingDiverged(f"{self.out_dir.name}: every step of steps {spike['first_step']}-{self.step} "
+                                       "had a gradient that is not finite (each was skipped), and no rollback is "
+                                       f"left (a replay of the last batch: {spike['nonfinite']}); train the stage "
+                                       "again at a lower learning rate (--lr)")
         if self.env.is_main:
             tqdm.write(f"{self.out_dir.name}: loss spike? the gradient norm averaged {grad_norm:.3g} over steps "
                        f"{spike['first_step']}-{self.step}, "
                        + (f"{ratio:.1f}x its level before" if math.isfinite(ratio)
-                          else "no step with a finite gradient")
+                          else f"no step with a finite gradient (a replay of the last batch: {spike['nonfinite']})")
                        + ("" if self._can_roll_back() else "; if train/loss stays up from here, the run is damaged: "
                           "train the stage again"))
         return spike
+
+    def _locate_nonfinite(self, make_batch: MakeBatch, step_indices: torch.Tensor) -> str:
+        """Replay the last step's first micro-batch (its own random draws) through the plain module, forward and
+        backward, and say where a value first stopped being finite (``engine.nonfinite``); ``make_batch`` is
+        called once more. The gradients are zeroed after; the RNG streams it used come back with the rollback that
+        follows (or training stops)."""
+        if self.cfg.cuda_graph:
+            return "not run: CUDA graphs hide the place (train with cuda_graph=false to find it)"
+        generator = torch.Generator(self.device).manual_seed(_seed_for(self.cfg.seed, self.step))
+
+        def loss_of(batch: Any) -> torch.Tensor:
+            with self.autocast():
+                return self.module(batch, step=self.step)[0]
+
+        try:
+            batch = make_batch(step_indices[0].to(self.device, non_blocking=True), generator)
+            return locate_nonfinite(self.module, batch, loss_of)
+        except torch.OutOfMemoryError:
+            return "out of memory"
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ spike rollback
     def _rollbacks_left(self) -> bool:

@@ -346,13 +346,45 @@ def test_an_interval_with_no_finite_gradient_is_rolled_back_and_with_no_rollback
         poisoned.update((30, 31))
         if rollbacks_allowed:
             trainers[-1].fit(batches)
-            assert [r["first_step"] for r in rollbacks(tmp_path / name / "log.jsonl")] == [31]
+            [rollback] = rollbacks(tmp_path / name / "log.jsonl")
+            # the replay of step 32's batch is clean: the targets were poisoned once, at steps 30 and 31
+            assert rollback["first_step"] == 31 and rollback["nonfinite"].startswith("finite throughout")
             assert all(torch.isfinite(p).all() for p in trainers[-1].module.parameters())
             assert all(torch.isfinite(t).all() for t in trainers[-1].ema.shadow.values())
         else:
             with pytest.raises(TrainingDiverged, match=r"every step of steps 31-32 had a gradient that is not finite "
                                                        r"\(each was skipped\), .*lower learning rate"):
                 trainers[-1].fit(batches)
+
+
+class Trap(nn.Module):
+    """The identity until ``sprung``, then NaN on every output: weights that stay finite yet make every step
+    non-finite from then on."""
+
+    sprung = False
+
+    def forward(self, x):
+        return x * float("nan") if self.sprung else x
+
+
+def test_an_interval_with_no_finite_step_says_where_a_replay_of_its_last_batch_turns_non_finite(tmp_path, capsys):
+    module = ToyModule()
+    module.net[1] = Trap()  # in place of the dropout: Linear, Trap, ReLU, Linear
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, spike_rollbacks=1)
+    trainer = Trainer(module, cfg, tmp_path / "trap", num_train_items=len(DATA_X), device="cpu")
+
+    def batches(indices, generator):
+        module.net[1].sprung = trainer.step >= 30
+        return make_batch(indices, generator)
+
+    where = "first non-finite in the forward, at the output of net.1"
+    with pytest.raises(TrainingDiverged, match=rf"steps 31-32 .*no rollback is left \(a replay of the last batch: "
+                                               rf"{where}\); train the stage again"):
+        trainer.fit(batches)  # rolled back once to step 30, where the trap springs again
+    [rollback] = rollbacks(tmp_path / "trap" / "log.jsonl")
+    assert rollback["nonfinite"] == where
+    assert f"no step with a finite gradient (a replay of the last batch: {where})" in capsys.readouterr().out
+    assert all(p.grad is None for p in module.parameters())  # the replay's gradients are not left behind
 
 
 def spiky_train(out, epochs, spike_at=(30,), crash_at=None, resume=False, **overrides):

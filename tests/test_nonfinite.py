@@ -1,0 +1,64 @@
+"""engine.nonfinite: where a replayed training step first stops being finite."""
+
+import torch
+from torch import nn
+
+from engine.nonfinite import locate_nonfinite
+
+
+class Chain(nn.Module):
+    """``entry -> first -> middle -> last``, the loss their mean output; ``hole`` puts a NaN into its own code
+    between ``first`` and ``middle``."""
+
+    def __init__(self, middle: nn.Module, hole: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.entry, self.first, self.middle = nn.Linear(4, 4), nn.Linear(4, 4), middle
+        self.last, self.hole = nn.Linear(4, 1), hole
+
+    def forward(self, x):
+        h = self.first(self.entry(x))
+        if self.hole:
+            h = h * float("nan")
+        return self.last(self.middle(h)).mean()
+
+
+class Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)  # NaN wherever the input is negative
+
+
+class SqrtAtZero(nn.Module):
+    """The identity in the forward, with an infinite derivative: ``sqrt(x - x)`` is 0, its slope 1 / (2 * 0)."""
+
+    def forward(self, x):
+        return torch.sqrt(x - x.detach()) + x
+
+
+def locate(model, x=None, scale=1.0):
+    batch = {"x": torch.randn(8, 4, generator=torch.Generator().manual_seed(1)) if x is None else x}
+    return locate_nonfinite(model, batch, lambda b: model(b["x"]) * scale)
+
+
+def test_each_place_a_value_stops_being_finite_is_named():
+    assert locate(Chain(nn.Identity())) == ("finite throughout (the skipped steps depended on their own batches or "
+                                            "noise)")
+    assert locate(Chain(Log())) == "first non-finite in the forward, at the output of middle"
+    assert locate(Chain(nn.Identity(), hole=True)) == ("first non-finite in the forward, in the code just before "
+                                                       "middle (its input was not finite)")
+    assert locate(Chain(nn.Identity()), scale=float("inf")) == "a non-finite loss from finite outputs"
+    # entry's and first's gradients are both non-finite: the later of the two is named
+    assert locate(Chain(SqrtAtZero())) == ("first non-finite gradients in the backward, at or just after first (the "
+                                           "last module in forward order whose weights' gradients are not finite)")
+    poisoned = Chain(nn.Identity())
+    with torch.no_grad():
+        poisoned.last.weight[0, 0] = float("nan")
+    assert locate(poisoned) == "non-finite weights (last.weight)"
+    assert locate(Chain(nn.Identity()), x=torch.full((8, 4), float("inf"))) == "a non-finite batch (x)"
+
+
+def test_the_hooks_are_removed_and_a_finite_replay_leaves_its_gradients():
+    for model in (Chain(Log()), Chain(nn.Identity())):  # a replay that stops in the forward, and one that does not
+        locate(model)
+        assert all(not sub._forward_hooks for sub in model.modules())
+    assert model.first.weight.grad is not None and torch.isfinite(model.first.weight.grad).all()  # caller zeroes

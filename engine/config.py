@@ -81,6 +81,10 @@ class TrainConfig:
     # deterministic backward; an op with no deterministic kernel stops the run with torch's error naming it. CPU
     # training is deterministic either way.
     deterministic: bool = False
+    # let SDPA pick cuDNN's fused attention, torch's default on Hopper GPUs (the fastest there:
+    # docs/results/bench/attention_backends.json); false keeps to the flash and memory-efficient kernels, the
+    # remedy when cuDNN's attention backward turns finite inputs into NaN gradients (engine.nonfinite says so)
+    cudnn_attention: bool = True
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix."""
@@ -157,7 +161,7 @@ def validate_config(cfg: Any) -> Any:
 # only in these is the same training (a --concurrent study, for one, trains its variants eagerly). The spike
 # rollback is a policy for a run gone wrong: a run that never spikes learns the same with or without it.
 HOW_IT_RUNS = ("compile", "cuda_graph", "log_every", "checkpoint_every_epochs", "checkpoint_every_steps",
-               "spike_rollbacks", "spike_lr_backoff", "deterministic")
+               "spike_rollbacks", "spike_lr_backoff", "deterministic", "cudnn_attention")
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,14 +7,33 @@ output is not finite (or, when its input already was not, the code of its caller
 loss from finite outputs, or the module whose weights' gradients are the last (in forward order) not to be
 finite. Backward runs from the loss towards the input, so the place a gradient first went non-finite is at or
 just after that module.
+
+A gradient that goes non-finite in the backward from a finite forward is the mark of cuDNN's fused attention
+backward, which torch's SDPA picks by default on Hopper GPUs and which has returned NaN gradients for finite
+inputs (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#1072). So such a finding is replayed once more, with the
+same random draws and cuDNN's attention kernels off (``cudnn_attention``; ``TrainConfig.cudnn_attention``), and
+the report says whether that replay was finite.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+
+
+@contextmanager
+def cudnn_attention(enabled: bool) -> Iterator[None]:
+    """While it is open, SDPA may (or may not) pick cuDNN's attention kernels; the previous setting comes back
+    after. Off, it falls back to the flash or memory-efficient kernels (and the math one on the CPU)."""
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
 
 
 def _named_tensors(value: Any, name: str = "") -> Iterator[tuple[str, Tensor]]:
@@ -30,6 +49,14 @@ def _named_tensors(value: Any, name: str = "") -> Iterator[tuple[str, Tensor]]:
             yield from _named_tensors(item, f"{name}.{key}" if name else str(key))
 
 
+def _generators(value: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects inside nested tuples, lists and dicts (a stage's batch carries its own)."""
+    if isinstance(value, torch.Generator):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return [generator for item in items for generator in _generators(item)]
+
+
 def _nonfinite(value: Any) -> list[str]:
     return [name for name, tensor in _named_tensors(value) if not torch.isfinite(tensor).all()]
 
@@ -38,19 +65,14 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def locate_nonfinite(module: nn.Module, batch: Any, loss_of: Callable[[Any], Tensor]) -> str:
-    """Run ``loss_of(batch)`` (the training module's forward on ``batch``, returning the loss) and its backward
-    with hooks on every sub-module of ``module``, and say in one phrase where a value first stopped being finite
-    ("first non-finite in the forward, at the output of down.1.attn", ...).
-
-    Leaves gradients in ``module``'s parameters (the caller zeroes them) and uses the RNG as its forward does (the
-    caller keeps its state).
-    """
+def _replay(module: nn.Module, batch: Any, loss_of: Callable[[Any], Tensor]) -> tuple[str, str]:
+    """One forward and backward with the hooks: ``(kind, phrase)``, kind one of weights, batch, forward, loss,
+    backward, finite."""
     weights = [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
     if weights:
-        return f"non-finite weights ({_listed(weights)})"
+        return "weights", f"non-finite weights ({_listed(weights)})"
     if _nonfinite(batch):
-        return f"a non-finite batch ({_listed(_nonfinite(batch))})"
+        return "batch", f"a non-finite batch ({_listed(_nonfinite(batch))})"
 
     forward_order: list[tuple[str, nn.Module]] = []  # modules with weights of their own, as their forwards ended
     first_output: list[str] = []
@@ -68,9 +90,9 @@ def locate_nonfinite(module: nn.Module, batch: Any, loss_of: Callable[[Any], Ten
     try:
         loss = loss_of(batch)
         if first_output:
-            return f"first non-finite in the forward, {first_output[0]}"
+            return "forward", f"first non-finite in the forward, {first_output[0]}"
         if not torch.isfinite(loss).all():
-            return "a non-finite loss from finite outputs"
+            return "loss", "a non-finite loss from finite outputs"
         loss.backward()
     finally:
         for handle in handles:
@@ -78,6 +100,33 @@ def locate_nonfinite(module: nn.Module, batch: Any, loss_of: Callable[[Any], Ten
     with_bad_grads = [name for name, sub in forward_order
                       if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in sub.parameters(False))]
     if with_bad_grads:
-        return (f"first non-finite gradients in the backward, at or just after {with_bad_grads[-1]} (the last "
-                "module in forward order whose weights' gradients are not finite)")
-    return "finite throughout (the skipped steps depended on their own batches or noise)"
+        return "backward", (f"first non-finite gradients in the backward, at or just after {with_bad_grads[-1]} (the "
+                            "last module in forward order whose weights' gradients are not finite)")
+    return "finite", "finite throughout (the skipped steps depended on their own batches or noise)"
+
+
+def locate_nonfinite(module: nn.Module, batch: Any, loss_of: Callable[[Any], Tensor]) -> str:
+    """Run ``loss_of(batch)`` (the training module's forward on ``batch``, returning the loss) and its backward
+    with hooks on every sub-module of ``module``, and say in one phrase where a value first stopped being finite
+    ("first non-finite in the forward, at the output of down.1.attn", ...). A backward finding with cuDNN's
+    attention kernels on is replayed with them off, from the same random state (the global streams and any
+    ``torch.Generator`` in ``batch``), and the phrase says whether that was finite.
+
+    Leaves gradients in ``module``'s parameters (the caller zeroes them) and the random streams advanced (the
+    caller restores them if it needs them).
+    """
+    generators = _generators(batch)
+    states = [g.get_state() for g in generators]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # the second replay starts from the first one's random state
+        kind, found = _replay(module, batch, loss_of)
+    if kind != "backward" or not torch.backends.cuda.cudnn_sdp_enabled():
+        return found
+    for generator, state in zip(generators, states):
+        generator.set_state(state)
+    for p in module.parameters():
+        p.grad = None
+    with cudnn_attention(False):
+        again, _ = _replay(module, batch, loss_of)
+    return found + ("; finite with cuDNN's attention kernels off (train with cudnn_attention=false)"
+                    if again == "finite" else "; not finite with cuDNN's attention kernels off either")

@@ -31,7 +31,7 @@ from .config import ConfigError, TrainConfig, config_to_dict, flatten_config, se
 from .ema import EMA
 from .errors import UserError
 from .graphed_training import check_cuda_graph, replay_training_calls
-from .nonfinite import locate_nonfinite
+from .nonfinite import cudnn_attention, locate_nonfinite
 from .precision import set_low_precision_norms
 from .stage import CONFIG_FILE, StageError, StageModel, atomic_write, lineage_differences
 from .tensorboard import TensorBoardLog
@@ -285,7 +285,7 @@ class Trainer:
         and any CUDA graphs of the step are closed at the end."""
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
                         desc=self.out_dir.name, dynamic_ncols=True, smoothing=0.05)
-        with deterministic_algorithms(self.cfg.deterministic):
+        with deterministic_algorithms(self.cfg.deterministic), cudnn_attention(self.cfg.cudnn_attention):
             while not self._run_epochs(make_batch, on_epoch_end, progress):  # False: a spike was rolled back
                 progress.n = self.step
                 progress.refresh()

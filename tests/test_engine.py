@@ -688,6 +688,24 @@ def test_deterministic_training_holds_torch_to_deterministic_kernels_while_it_tr
         torch.use_deterministic_algorithms(False)
 
 
+def test_cudnn_attention_off_holds_sdpa_away_from_cudnn_while_it_trains_and_resumes_a_run_trained_with_it(tmp_path):
+    seen = []
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2,
+                      cudnn_attention=False)
+    trainer = Trainer(ToyModule(), cfg, tmp_path / "off", num_train_items=len(DATA_X), device="cpu")
+
+    def batches(indices, generator):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return make_batch(indices, generator)
+
+    trainer.fit(batches, on_epoch_end=lambda epoch, t: seen.append(torch.backends.cuda.cudnn_sdp_enabled()) or {})
+    assert len(seen) == 2 * 8 + 2 and not any(seen)  # every step and every epoch's callback
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # torch's own default is back for what runs after the stage
+    # how it runs, not what it learns: a run trained with cuDNN's attention resumes with it off (the remedy)
+    train(tmp_path / "a", epochs=1)
+    assert train(tmp_path / "a", epochs=1, resume=True, cudnn_attention=False).resumed
+
+
 def test_truncated_checkpoint_is_named_with_what_to_do(tmp_path):
     trainer = train(tmp_path / "a", epochs=1)
     path = trainer.checkpoint_path

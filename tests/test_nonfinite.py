@@ -47,14 +47,48 @@ def test_each_place_a_value_stops_being_finite_is_named():
     assert locate(Chain(nn.Identity(), hole=True)) == ("first non-finite in the forward, in the code just before "
                                                        "middle (its input was not finite)")
     assert locate(Chain(nn.Identity()), scale=float("inf")) == "a non-finite loss from finite outputs"
-    # entry's and first's gradients are both non-finite: the later of the two is named
+    # entry's and first's gradients are both non-finite: the later of the two is named; a replay with cuDNN's
+    # attention kernels off (the flag is on by default on the CPU too) changes nothing here
     assert locate(Chain(SqrtAtZero())) == ("first non-finite gradients in the backward, at or just after first (the "
-                                           "last module in forward order whose weights' gradients are not finite)")
+                                           "last module in forward order whose weights' gradients are not finite); "
+                                           "not finite with cuDNN's attention kernels off either")
     poisoned = Chain(nn.Identity())
     with torch.no_grad():
         poisoned.last.weight[0, 0] = float("nan")
     assert locate(poisoned) == "non-finite weights (last.weight)"
     assert locate(Chain(nn.Identity()), x=torch.full((8, 4), float("inf"))) == "a non-finite batch (x)"
+
+
+class CudnnOnlyHole(nn.Module):
+    """``SqrtAtZero`` while SDPA may pick cuDNN's attention kernels, the identity otherwise: a stand-in on the CPU
+    for cuDNN's attention backward returning NaN."""
+
+    def forward(self, x):
+        return SqrtAtZero()(x) if torch.backends.cuda.cudnn_sdp_enabled() else x
+
+
+def test_a_backward_finding_is_replayed_with_cudnn_attention_off_from_the_same_random_draws():
+    found = ("first non-finite gradients in the backward, at or just after first (the last module in forward order "
+             "whose weights' gradients are not finite)")
+    assert locate(Chain(CudnnOnlyHole())) == found + ("; finite with cuDNN's attention kernels off (train with "
+                                                      "cudnn_attention=false)")
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the setting comes back
+
+    class NoisyChain(Chain):  # its input gets noise from the batch's generator and from the global stream
+        def __init__(self):
+            super().__init__(CudnnOnlyHole())
+            self.draws = []
+
+        def forward(self, x, generator):
+            noise = torch.randn(x.shape, generator=generator) + torch.randn(x.shape)
+            self.draws.append(noise)
+            return super().forward(x + noise)
+
+    model = NoisyChain()
+    batch = {"x": torch.zeros(8, 4), "generator": torch.Generator().manual_seed(3)}
+    assert locate_nonfinite(model, batch, lambda b: model(b["x"], b["generator"])).endswith("cudnn_attention=false)")
+    first, second = model.draws  # two replays, one random draw
+    assert torch.equal(first, second)
 
 
 def test_the_hooks_are_removed_and_a_finite_replay_leaves_its_gradients():

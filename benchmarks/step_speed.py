@@ -26,6 +26,7 @@ from engine import Trainer, build_config, distributed
 from engine.cli import command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
+from engine.nonfinite import cudnn_attention
 from engine.trainer import deterministic_algorithms
 
 
@@ -37,7 +38,8 @@ def step_indices(trainer: Trainer) -> torch.Tensor:
 def run_steps(trainer: Trainer, make_batch: Callable, steps: int) -> None:
     """``steps`` of the engine's real optimizer step, then wait for the device."""
     indices = step_indices(trainer)
-    with deterministic_algorithms(trainer.cfg.deterministic):  # as Trainer.fit runs its steps
+    # as Trainer.fit runs its steps
+    with deterministic_algorithms(trainer.cfg.deterministic), cudnn_attention(trainer.cfg.cudnn_attention):
         for _ in range(steps):
             trainer._train_step(make_batch, indices)
     if trainer.device.type == "cuda":
@@ -146,7 +148,9 @@ VARIANTS = {
              ("compile_channels_last", {"compile": True, "channels_last": True}),
              ("deterministic", {"deterministic": True}), ("lowres_deterministic", {"deterministic": True, **LOWRES}),
              ("regional_compile", {REGIONAL: True}), ("lowres_regional_compile", {REGIONAL: True, **LOWRES}),
-             ("cuda_graph", {"cuda_graph": True}), ("lowres_cuda_graph", {"cuda_graph": True, **LOWRES})],
+             ("cuda_graph", {"cuda_graph": True}), ("lowres_cuda_graph", {"cuda_graph": True, **LOWRES}),
+             ("no_cudnn_attention", {"cudnn_attention": False}),
+             ("lowres_no_cudnn_attention", {"cudnn_attention": False, **LOWRES})],
 }
 
 

@@ -5,20 +5,21 @@ import torch
 from benchmarks.step_speed import run_steps, unet_trainer
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_timed_steps_run_under_the_configs_deterministic_setting_and_leave_it_as_it_was(tmp_path, deterministic):
-    trainer, make_batch = unet_trainer({"deterministic": deterministic, "precision": "fp32"}, "tiny", tmp_path,
-                                       device="cpu")
+@pytest.mark.parametrize("setting,read", [("deterministic", torch.are_deterministic_algorithms_enabled),
+                                          ("cudnn_attention", torch.backends.cuda.cudnn_sdp_enabled)])
+@pytest.mark.parametrize("value", [True, False])
+def test_timed_steps_run_under_the_configs_kernel_settings_and_leave_them_as_they_were(tmp_path, setting, read, value):
+    trainer, make_batch = unet_trainer({setting: value, "precision": "fp32"}, "tiny", tmp_path, device="cpu")
     seen = []
 
     def recording_batch(indices, generator):
-        seen.append(torch.are_deterministic_algorithms_enabled())
+        seen.append(read())
         return make_batch(indices, generator)
 
-    before = torch.are_deterministic_algorithms_enabled()
+    before = read()
     run_steps(trainer, recording_batch, 2)
-    assert seen and set(seen) == {deterministic}
-    assert torch.are_deterministic_algorithms_enabled() == before
+    assert seen and set(seen) == {value}
+    assert read() == before
 
 
 def test_regional_compilation_compiles_every_block_and_nothing_else(tmp_path, monkeypatch):

@@ -295,8 +295,9 @@ def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, skipped: Spik
               for s in found]
     lines += [f"- **{name}**: a spike at {spike_steps([r])} was rolled back: training went back to step {r['step']} "
               f"and went on with the learning rate x{r['lr_scale']:.3g}."
-              + (f" A replay of its last batch: {r['nonfinite']}." if "nonfinite" in r
-                 else "") for name, found in rolled_back.items() for r in found]
+              + (f" A replay of its last batch: {r['nonfinite']}." if "nonfinite" in r else "")
+              + (" cuDNN's attention was off from there." if r.get("cudnn_attention_off") else "")
+              for name, found in rolled_back.items() for r in found]
     lines += [f"- **{name}**: the mean gradient norm jumped at {spike_steps(found)} against its level before."
               for name, found in spikes.items()]
     if not spikes:

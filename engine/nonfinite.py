@@ -11,17 +11,26 @@ just after that module.
 A gradient that goes non-finite in the backward from a finite forward is the mark of cuDNN's fused attention
 backward, which torch's SDPA picks by default on Hopper GPUs and which has returned NaN gradients for finite
 inputs (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#1072). So such a finding is replayed once more, with the
-same random draws and cuDNN's attention kernels off (``cudnn_attention``; ``TrainConfig.cudnn_attention``), and
-the report says whether that replay was finite.
+same random draws and cuDNN's attention kernels off (``cudnn_attention``), and the finding says whether that
+replay was finite: then cuDNN's attention made it, and the trainer turns it off for the rest of the stage
+(``TrainConfig.cudnn_attention`` turns it off from the start).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+
+class Finding(NamedTuple):
+    """What a replay found: ``where``, one phrase for the trainer's line and log; ``cudnn_attention``, whether
+    the same replay was finite with cuDNN's attention kernels off (so they made it)."""
+
+    where: str
+    cudnn_attention: bool = False
 
 
 @contextmanager
@@ -105,12 +114,12 @@ def _replay(module: nn.Module, batch: Any, loss_of: Callable[[Any], Tensor]) -> 
     return "finite", "finite throughout (the skipped steps depended on their own batches or noise)"
 
 
-def locate_nonfinite(module: nn.Module, batch: Any, loss_of: Callable[[Any], Tensor]) -> str:
+def locate_nonfinite(module: nn.Module, batch: Any, loss_of: Callable[[Any], Tensor]) -> Finding:
     """Run ``loss_of(batch)`` (the training module's forward on ``batch``, returning the loss) and its backward
     with hooks on every sub-module of ``module``, and say in one phrase where a value first stopped being finite
     ("first non-finite in the forward, at the output of down.1.attn", ...). A backward finding with cuDNN's
     attention kernels on is replayed with them off, from the same random state (the global streams and any
-    ``torch.Generator`` in ``batch``), and the phrase says whether that was finite.
+    ``torch.Generator`` in ``batch``), and the finding says whether that was finite.
 
     Leaves gradients in ``module``'s parameters (the caller zeroes them) and the random streams advanced (the
     caller restores them if it needs them).
@@ -121,12 +130,13 @@ def locate_nonfinite(module: nn.Module, batch: Any, loss_of: Callable[[Any], Ten
     with torch.random.fork_rng(devices=devices):  # the second replay starts from the first one's random state
         kind, found = _replay(module, batch, loss_of)
     if kind != "backward" or not torch.backends.cuda.cudnn_sdp_enabled():
-        return found
+        return Finding(found)
     for generator, state in zip(generators, states):
         generator.set_state(state)
     for p in module.parameters():
         p.grad = None
     with cudnn_attention(False):
         again, _ = _replay(module, batch, loss_of)
-    return found + ("; finite with cuDNN's attention kernels off (train with cudnn_attention=false)"
-                    if again == "finite" else "; not finite with cuDNN's attention kernels off either")
+    if again == "finite":
+        return Finding(found + "; finite with cuDNN's attention kernels off", cudnn_attention=True)
+    return Finding(found + "; not finite with cuDNN's attention kernels off either")

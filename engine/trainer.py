@@ -31,7 +31,7 @@ from .config import ConfigError, TrainConfig, config_to_dict, flatten_config, se
 from .ema import EMA
 from .errors import UserError
 from .graphed_training import check_cuda_graph, replay_training_calls
-from .nonfinite import cudnn_attention, locate_nonfinite
+from .nonfinite import Finding, cudnn_attention, locate_nonfinite
 from .precision import set_low_precision_norms
 from .stage import CONFIG_FILE, StageError, StageModel, atomic_write, lineage_differences
 from .tensorboard import TensorBoardLog
@@ -145,6 +145,8 @@ class Trainer:
         self._snapshots: deque[dict[str, Any]] = deque(maxlen=2)
         self.lr_scale = 1.0  # times spike_lr_backoff per rollback
         self.spike_rollbacks_used = 0
+        # off for the rest of the stage once cuDNN's attention made a step's gradient non-finite (_check_spike)
+        self.cudnn_attention = cfg.cudnn_attention
 
         per_step = self.env.world_size * cfg.grad_accum
         if cfg.batch_size % per_step:
@@ -285,7 +287,7 @@ class Trainer:
         and any CUDA graphs of the step are closed at the end."""
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
                         desc=self.out_dir.name, dynamic_ncols=True, smoothing=0.05)
-        with deterministic_algorithms(self.cfg.deterministic), cudnn_attention(self.cfg.cudnn_attention):
+        with deterministic_algorithms(self.cfg.deterministic), cudnn_attention(self.cudnn_attention):
             while not self._run_epochs(make_batch, on_epoch_end, progress):  # False: a spike was rolled back
                 progress.n = self.step
                 progress.refresh()
@@ -405,10 +407,12 @@ class Trainer:
         return record
 
     def _check_spike(self, record: Mapping[str, Any], count: int,
-                     find_nonfinite: Callable[[], str]) -> dict[str, Any] | None:
+                     find_nonfinite: Callable[[], Finding]) -> dict[str, Any] | None:
         """The spike rule on this log interval (every rank reads the same all-reduced norm, so all decide alike):
         the spike as ``runlog.loss_spikes`` reports one, or None. An interval with no finite step also says what a
-        replay of its last batch found (``find_nonfinite``; the spike's ``nonfinite``)."""
+        replay of its last batch found (``find_nonfinite``; the spike's ``nonfinite``). When cuDNN's attention made
+        it (on any rank), that is off from here: the spike rolls back without lowering the learning rate, or with
+        no rollback left stays a warning, training on from the weights the skipped steps left alone."""
         if "train/grad_norm" not in record:
             return None
         skipped = round(record.get("train/skipped_steps", 0))
@@ -423,8 +427,12 @@ class Trainer:
             return None
         spike = {"first_step": self.step - count + 1, "last_step": self.step, "grad_norm": grad_norm, "ratio": ratio}
         if not math.isfinite(grad_norm):
-            spike["nonfinite"] = find_nonfinite()
-            if not self._can_roll_back():
+            finding = find_nonfinite()
+            spike["nonfinite"] = finding.where
+            made_by_cudnn = torch.tensor(float(finding.cudnn_attention), device=self.device)
+            if self.cudnn_attention and distributed.all_reduce_mean(made_by_cudnn).item() > 0:
+                self._turn_off_cudnn_attention(spike)  # then the weights, left alone by the skips, train on
+            elif not self._can_roll_back():
                 raise TrainingDiverged(f"{self.out_dir.name}: every step of steps {spike['first_step']}-{self.step} "
                                        "had a gradient that is not finite (each was skipped), and no rollback is "
                                        f"left (a replay of the last batch: {spike['nonfinite']}); train the stage "
@@ -438,13 +446,23 @@ class Trainer:
                           "train the stage again"))
         return spike
 
-    def _locate_nonfinite(self, make_batch: MakeBatch, step_indices: torch.Tensor) -> str:
+    def _turn_off_cudnn_attention(self, spike: dict[str, Any]) -> None:
+        """From here to the stage's end (a resume too: checkpoints keep it), SDPA leaves cuDNN's attention."""
+        self.cudnn_attention = False
+        torch.backends.cuda.enable_cudnn_sdp(False)  # fit's context restores the caller's setting at the end
+        spike["cudnn_attention_off"] = True
+        if self.env.is_main:
+            tqdm.write(f"{self.out_dir.name}: cuDNN's attention made the gradients of steps {spike['first_step']}-"
+                       f"{spike['last_step']} non-finite (their last batch is finite without it): it is off for the "
+                       "rest of this stage")
+
+    def _locate_nonfinite(self, make_batch: MakeBatch, step_indices: torch.Tensor) -> Finding:
         """Replay the last step's first micro-batch (its own random draws) through the plain module, forward and
         backward, and say where a value first stopped being finite (``engine.nonfinite``); ``make_batch`` is
         called once more. The gradients are zeroed after; the RNG streams it used come back with the rollback that
         follows (or training stops)."""
         if self.cfg.cuda_graph:
-            return "not run: CUDA graphs hide the place (train with cuda_graph=false to find it)"
+            return Finding("not run: CUDA graphs hide the place (train with cuda_graph=false to find it)")
         generator = torch.Generator(self.device).manual_seed(_seed_for(self.cfg.seed, self.step))
 
         def loss_of(batch: Any) -> torch.Tensor:
@@ -455,7 +473,7 @@ class Trainer:
             batch = make_batch(step_indices[0].to(self.device, non_blocking=True), generator)
             return locate_nonfinite(self.module, batch, loss_of)
         except torch.OutOfMemoryError:
-            return "out of memory"
+            return Finding("out of memory")
         finally:
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -484,7 +502,8 @@ class Trainer:
         self._load_training_state(copy.deepcopy(target))  # a copy: the optimizer keeps the tensors it is given
         self._set_rng_state(target["rng"])
         self.spike_rollbacks_used += 1
-        self.lr_scale *= self.cfg.spike_lr_backoff
+        if not spike.get("cudnn_attention_off"):  # a kernel's fault, not the learning rate's
+            self.lr_scale *= self.cfg.spike_lr_backoff
         for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                           self.scheduler.lr_lambdas):
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
@@ -579,6 +598,7 @@ class Trainer:
                 **self._training_state(),
                 "lr_scale": self.lr_scale,
                 "spike_rollbacks_used": self.spike_rollbacks_used,
+                "cudnn_attention": self.cudnn_attention,
                 "rng": rng,
                 "run_config": flatten_config(self.run_config),
                 "trained_on": self.trained_on,
@@ -624,6 +644,7 @@ class Trainer:
         self._load_training_state(state)
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.spike_rollbacks_used = int(state.get("spike_rollbacks_used", 0))
+        self.cudnn_attention = self.cfg.cudnn_attention and bool(state.get("cudnn_attention", True))
         rng = state["rng"]
         if len(rng) == self.env.world_size:
             self._set_rng_state(rng[self.env.rank])

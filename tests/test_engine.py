@@ -688,6 +688,46 @@ def test_deterministic_training_holds_torch_to_deterministic_kernels_while_it_tr
         torch.use_deterministic_algorithms(False)
 
 
+class CudnnTrap(nn.Module):
+    """Once ``sprung``, the identity with an infinite derivative while SDPA may pick cuDNN's attention (a stand-in on
+    the CPU for its backward returning NaN from finite inputs); the plain identity otherwise."""
+
+    sprung = False
+
+    def forward(self, x):
+        return torch.sqrt(x - x.detach()) + x if self.sprung and torch.backends.cuda.cudnn_sdp_enabled() else x
+
+
+@pytest.mark.parametrize("rollbacks_allowed", [1, 0])
+def test_when_cudnn_attention_makes_every_gradient_non_finite_it_is_turned_off_and_training_goes_on(
+        tmp_path, capsys, rollbacks_allowed):
+    module = ToyModule()
+    module.net[1] = CudnnTrap()  # in place of the dropout (no weights either way)
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2,
+                      spike_rollbacks=rollbacks_allowed)
+    trainer = Trainer(module, cfg, tmp_path / "run", num_train_items=len(DATA_X), device="cpu")
+
+    def batches(indices, generator):
+        module.net[1].sprung = trainer.step >= 30
+        return make_batch(indices, generator)
+
+    trainer.fit(batches)  # to the end: no TrainingDiverged
+    assert not trainer.cudnn_attention and torch.backends.cuda.cudnn_sdp_enabled()  # off for the stage only
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert "cuDNN's attention made the gradients of steps 31-32 non-finite" in capsys.readouterr().out
+    log = tmp_path / "run" / "log.jsonl"
+    if rollbacks_allowed:  # the skipped steps trained again without cuDNN's attention, at the same learning rate
+        [rollback] = rollbacks(log)
+        assert rollback["cudnn_attention_off"] and rollback["lr_scale"] == 1.0 and trainer.lr_scale == 1.0
+        assert rollback["nonfinite"].endswith("; finite with cuDNN's attention kernels off")
+        assert skipped_steps(log) == []
+    else:  # the weights the skips left alone train on
+        assert rollbacks(log) == [] and skipped_steps(log) == [{"first_step": 31, "last_step": 32, "skipped": 2}]
+    assert read_checkpoint(trainer.checkpoint_path, "cpu")["cudnn_attention"] is False
+    resumed = Trainer(ToyModule(), cfg, tmp_path / "run", num_train_items=len(DATA_X), resume=True, device="cpu")
+    assert resumed.resumed and not resumed.cudnn_attention  # a resume keeps it off
+
+
 def test_cudnn_attention_off_holds_sdpa_away_from_cudnn_while_it_trains_and_resumes_a_run_trained_with_it(tmp_path):
     seen = []
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2,

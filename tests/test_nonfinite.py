@@ -37,7 +37,7 @@ class SqrtAtZero(nn.Module):
 
 def locate(model, x=None, scale=1.0):
     batch = {"x": torch.randn(8, 4, generator=torch.Generator().manual_seed(1)) if x is None else x}
-    return locate_nonfinite(model, batch, lambda b: model(b["x"]) * scale)
+    return locate_nonfinite(model, batch, lambda b: model(b["x"]) * scale).where
 
 
 def test_each_place_a_value_stops_being_finite_is_named():
@@ -70,9 +70,13 @@ class CudnnOnlyHole(nn.Module):
 def test_a_backward_finding_is_replayed_with_cudnn_attention_off_from_the_same_random_draws():
     found = ("first non-finite gradients in the backward, at or just after first (the last module in forward order "
              "whose weights' gradients are not finite)")
-    assert locate(Chain(CudnnOnlyHole())) == found + ("; finite with cuDNN's attention kernels off (train with "
-                                                      "cudnn_attention=false)")
+    batch = {"x": torch.randn(8, 4, generator=torch.Generator().manual_seed(1))}
+    model = Chain(CudnnOnlyHole())
+    assert locate_nonfinite(model, batch, lambda b: model(b["x"])) == (
+        found + "; finite with cuDNN's attention kernels off", True)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # the setting comes back
+    model = Chain(SqrtAtZero())
+    assert not locate_nonfinite(model, batch, lambda b: model(b["x"])).cudnn_attention  # not cuDNN's doing
 
     class NoisyChain(Chain):  # its input gets noise from the batch's generator and from the global stream
         def __init__(self):
@@ -86,7 +90,7 @@ def test_a_backward_finding_is_replayed_with_cudnn_attention_off_from_the_same_r
 
     model = NoisyChain()
     batch = {"x": torch.zeros(8, 4), "generator": torch.Generator().manual_seed(3)}
-    assert locate_nonfinite(model, batch, lambda b: model(b["x"], b["generator"])).endswith("cudnn_attention=false)")
+    assert locate_nonfinite(model, batch, lambda b: model(b["x"], b["generator"])).cudnn_attention
     first, second = model.draws  # two replays, one random draw
     assert torch.equal(first, second)
 

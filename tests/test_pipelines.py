@@ -856,8 +856,9 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
         {"kind": "train", "step": 50, "train/grad_norm": 0.2, "train/skipped_steps": 0},
         {"kind": "train", "step": 100, "train/grad_norm": 0.2, "train/skipped_steps": 1},
         {"kind": "rollback", "step": 100, "first_step": 151, "last_step": 200, "grad_norm": float("nan"),
-         "ratio": float("inf"), "lr_scale": 0.7,
-         "nonfinite": "first non-finite in the forward, at the output of model.mid"}]))
+         "ratio": float("inf"), "lr_scale": 1.0, "cudnn_attention_off": True,
+         "nonfinite": "first non-finite gradients in the backward, at or just after model.mid (...); finite with "
+                      "cuDNN's attention kernels off"}]))
     spikes, rolled_back = train_all.stage_spikes(stage_dirs)
     skipped = train_all.stage_skipped_steps(stage_dirs)
     assert skipped == {"unet": [{"first_step": 51, "last_step": 100, "skipped": 1}]}
@@ -865,7 +866,8 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     assert ("- **unet**: 1 of steps 51-100 skipped: the gradient was not finite (weights and optimizer state left as "
             "they were).") in report
     assert "- **unet**: a spike at steps 151-200 (no finite gradient) was rolled back" in report
-    assert "x0.7. A replay of its last batch: first non-finite in the forward, at the output of model.mid." in report
+    assert ("x1. A replay of its last batch: first non-finite gradients in the backward, at or just after model.mid "
+            "(...); finite with cuDNN's attention kernels off. cuDNN's attention was off from there.") in report
     assert train_all.spike_lines({}, {}, skipped, stage_dirs, "data/pokemon")[:2] == ["## Loss spikes", ""]
 
 

@@ -25,8 +25,8 @@ import torch
 from engine import Trainer, build_config, distributed
 from engine.cli import command_line
 from engine.errors import UserError, add_debug_flag, run_cli
-from engine.stage import write_json
 from engine.nonfinite import cudnn_attention
+from engine.stage import write_json
 from engine.trainer import deterministic_algorithms
 
 

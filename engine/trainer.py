@@ -426,13 +426,14 @@ class Trainer:
         if ratio is None:
             return None
         spike = {"first_step": self.step - count + 1, "last_step": self.step, "grad_norm": grad_norm, "ratio": ratio}
+        made_by_cudnn = False
         if not math.isfinite(grad_norm):
             finding = find_nonfinite()
             spike["nonfinite"] = finding.where
-            made_by_cudnn = torch.tensor(float(finding.cudnn_attention), device=self.device)
-            if self.cudnn_attention and distributed.all_reduce_mean(made_by_cudnn).item() > 0:
-                self._turn_off_cudnn_attention(spike)  # then the weights, left alone by the skips, train on
-            elif not self._can_roll_back():
+            if self.cudnn_attention:
+                found_on = torch.tensor(float(finding.cudnn_attention), device=self.device)
+                made_by_cudnn = distributed.all_reduce_mean(found_on).item() > 0
+            if not made_by_cudnn and not self._can_roll_back():
                 raise TrainingDiverged(f"{self.out_dir.name}: every step of steps {spike['first_step']}-{self.step} "
                                        "had a gradient that is not finite (each was skipped), and no rollback is "
                                        f"left (a replay of the last batch: {spike['nonfinite']}); train the stage "
@@ -442,8 +443,10 @@ class Trainer:
                        f"{spike['first_step']}-{self.step}, "
                        + (f"{ratio:.1f}x its level before" if math.isfinite(ratio)
                           else f"no step with a finite gradient (a replay of the last batch: {spike['nonfinite']})")
-                       + ("" if self._can_roll_back() else "; if train/loss stays up from here, the run is damaged: "
-                          "train the stage again"))
+                       + ("" if self._can_roll_back() or made_by_cudnn else "; if train/loss stays up from here, the "
+                          "run is damaged: train the stage again"))
+        if made_by_cudnn:  # with no rollback left, the weights the skips left alone train on without it
+            self._turn_off_cudnn_attention(spike)
         return spike
 
     def _turn_off_cudnn_attention(self, spike: dict[str, Any]) -> None:

@@ -1,8 +1,12 @@
 """engine.nonfinite: where a replayed training step first stops being finite."""
 
+import re
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.step_speed import step_indices, unet_trainer
 from engine.nonfinite import locate_nonfinite
 
 
@@ -100,3 +104,19 @@ def test_the_hooks_are_removed_and_a_finite_replay_leaves_its_gradients():
         locate(model)
         assert all(not sub._forward_hooks for sub in model.modules())
     assert model.first.weight.grad is not None and torch.isfinite(model.first.weight.grad).all()  # caller zeroes
+
+
+def test_the_unet_stage_replay_names_the_attention_whose_backward_is_not_finite(tmp_path, monkeypatch):
+    trainer, make_batch = unet_trainer({"precision": "fp32"}, "tiny", tmp_path, device="cpu")
+    sdpa = F.scaled_dot_product_attention
+
+    def cudnn_like(q, k, v, *args, **kwargs):  # every attention's backward NaN while cuDNN's kernels may run
+        out = sdpa(q, k, v, *args, **kwargs)
+        return torch.sqrt(out - out.detach()) + out if torch.backends.cuda.cudnn_sdp_enabled() else out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", cudnn_like)
+    finding = trainer._locate_nonfinite(make_batch, step_indices(trainer))
+    # the projections feeding the last attention in forward order; the one after it (``out``) stays finite
+    assert re.search(r"at or just after model\.\S+\.(self|cross)_attn\.(qkv|q|kv) \(", finding.where), finding.where
+    assert finding.cudnn_attention and finding.where.endswith("finite with cuDNN's attention kernels off")
+    assert all(p.grad is None for p in trainer.module.parameters())  # the replay's gradients are not left behind

@@ -26,11 +26,11 @@ from torch import Tensor, nn
 
 
 class Finding(NamedTuple):
-    """What a replay found: ``where``, one phrase for the trainer's line and log; ``cudnn_attention``, whether
-    the same replay was finite with cuDNN's attention kernels off (so they made it)."""
+    """What a replay found: ``where``, one phrase for the trainer's line and log; ``made_by_cudnn_attention``,
+    whether the same replay was finite with cuDNN's attention kernels off."""
 
     where: str
-    cudnn_attention: bool = False
+    made_by_cudnn_attention: bool = False
 
 
 @contextmanager
@@ -138,5 +138,5 @@ def locate_nonfinite(module: nn.Module, batch: Any, loss_of: Callable[[Any], Ten
     with cudnn_attention(False):
         again, _ = _replay(module, batch, loss_of)
     if again == "finite":
-        return Finding(found + "; finite with cuDNN's attention kernels off", cudnn_attention=True)
+        return Finding(found + "; finite with cuDNN's attention kernels off", made_by_cudnn_attention=True)
     return Finding(found + "; not finite with cuDNN's attention kernels off either")

@@ -431,7 +431,7 @@ class Trainer:
             finding = find_nonfinite()
             spike["nonfinite"] = finding.where
             if self.cudnn_attention:
-                found_on = torch.tensor(float(finding.cudnn_attention), device=self.device)
+                found_on = torch.tensor(float(finding.made_by_cudnn_attention), device=self.device)
                 made_by_cudnn = distributed.all_reduce_mean(found_on).item() > 0
             if not made_by_cudnn and not self._can_roll_back():
                 raise TrainingDiverged(f"{self.out_dir.name}: every step of steps {spike['first_step']}-{self.step} "

@@ -80,7 +80,7 @@ def test_a_backward_finding_is_replayed_with_cudnn_attention_off_from_the_same_r
         found + "; finite with cuDNN's attention kernels off", True)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # the setting comes back
     model = Chain(SqrtAtZero())
-    assert not locate_nonfinite(model, batch, lambda b: model(b["x"])).cudnn_attention  # not cuDNN's doing
+    assert not locate_nonfinite(model, batch, lambda b: model(b["x"])).made_by_cudnn_attention  # not cuDNN's doing
 
     class NoisyChain(Chain):  # its input gets noise from the batch's generator and from the global stream
         def __init__(self):
@@ -94,7 +94,7 @@ def test_a_backward_finding_is_replayed_with_cudnn_attention_off_from_the_same_r
 
     model = NoisyChain()
     batch = {"x": torch.zeros(8, 4), "generator": torch.Generator().manual_seed(3)}
-    assert locate_nonfinite(model, batch, lambda b: model(b["x"], b["generator"])).cudnn_attention
+    assert locate_nonfinite(model, batch, lambda b: model(b["x"], b["generator"])).made_by_cudnn_attention
     first, second = model.draws  # two replays, one random draw
     assert torch.equal(first, second)
 
@@ -118,5 +118,5 @@ def test_the_unet_stage_replay_names_the_attention_whose_backward_is_not_finite(
     finding = trainer._locate_nonfinite(make_batch, step_indices(trainer))
     # the projections feeding the last attention in forward order; the one after it (``out``) stays finite
     assert re.search(r"at or just after model\.\S+\.(self|cross)_attn\.(qkv|q|kv) \(", finding.where), finding.where
-    assert finding.cudnn_attention and finding.where.endswith("finite with cuDNN's attention kernels off")
+    assert finding.made_by_cudnn_attention and finding.where.endswith("finite with cuDNN's attention kernels off")
     assert all(p.grad is None for p in trainer.module.parameters())  # the replay's gradients are not left behind

@@ -45,29 +45,22 @@ def cudnn_attention(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.enable_cudnn_sdp(previous)
 
 
-def _named_tensors(value: Any, name: str = "") -> Iterator[tuple[str, Tensor]]:
-    """The floating-point tensors inside nested tuples, lists and dicts, each with its path (``latents``, ``[1]``)."""
-    if isinstance(value, Tensor):
-        if value.is_floating_point():
-            yield name, value
-    elif isinstance(value, (tuple, list)):
+def _leaves(value: Any, name: str = "") -> Iterator[tuple[str, Any]]:
+    """What nested tuples, lists and dicts hold, each with its path (``latents``, ``[1]``)."""
+    if isinstance(value, (tuple, list)):
         for index, item in enumerate(value):
-            yield from _named_tensors(item, f"{name}[{index}]")
+            yield from _leaves(item, f"{name}[{index}]")
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _named_tensors(item, f"{name}.{key}" if name else str(key))
-
-
-def _generators(value: Any) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects inside nested tuples, lists and dicts (a stage's batch carries its own)."""
-    if isinstance(value, torch.Generator):
-        return [value]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
-    return [generator for item in items for generator in _generators(item)]
+            yield from _leaves(item, f"{name}.{key}" if name else str(key))
+    else:
+        yield name, value
 
 
 def _nonfinite(value: Any) -> list[str]:
-    return [name for name, tensor in _named_tensors(value) if not torch.isfinite(tensor).all()]
+    """The paths of the floating-point tensors in ``value`` that hold a value that is not finite."""
+    return [name for name, leaf in _leaves(value)
+            if isinstance(leaf, Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all()]
 
 
 def _listed(names: list[str]) -> str:
@@ -80,8 +73,8 @@ def _replay(module: nn.Module, batch: Any, loss_of: Callable[[Any], Tensor]) -> 
     weights = [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
     if weights:
         return "weights", f"non-finite weights ({_listed(weights)})"
-    if _nonfinite(batch):
-        return "batch", f"a non-finite batch ({_listed(_nonfinite(batch))})"
+    if bad_batch := _nonfinite(batch):
+        return "batch", f"a non-finite batch ({_listed(bad_batch)})"
 
     forward_order: list[tuple[str, nn.Module]] = []  # modules with weights of their own, as their forwards ended
     first_output: list[str] = []
@@ -124,7 +117,7 @@ def locate_nonfinite(module: nn.Module, batch: Any, loss_of: Callable[[Any], Ten
     Leaves gradients in ``module``'s parameters (the caller zeroes them) and the random streams advanced (the
     caller restores them if it needs them).
     """
-    generators = _generators(batch)
+    generators = [leaf for _, leaf in _leaves(batch) if isinstance(leaf, torch.Generator)]  # the stage's own
     states = [g.get_state() for g in generators]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):  # the second replay starts from the first one's random state

@@ -39,7 +39,7 @@ from engine.config import choose_preset, config_to_dict, parse_overrides, preset
 from engine.errors import add_debug_flag, run_cli
 from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
-from engine.runlog import loss_spikes, rollbacks, skipped_steps
+from engine.runlog import cudnn_attention_off, loss_spikes, rollbacks, skipped_steps
 from engine.stage import CONFIG_FILE, LOCK_FILE, folder_lock, record_preset, remove_empty_folders, write_json
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import JUDGE_PAIRS, evaluate_to_folder, markdown_table
@@ -258,16 +258,22 @@ def training_logs(stage_dirs: dict[str, Path]) -> dict[str, Path]:
     return {name: folder / "log.jsonl" for name, folder in phases.items()}
 
 
-def stage_spikes(stage_dirs: dict[str, Path]) -> tuple[SpikesByPhase, SpikesByPhase]:
-    """The loss spikes left in each stage's training log (by the rule the trainer warns with) and those its trainer
-    rolled back (``engine.runlog.rollbacks``); only phases that have some."""
-    left, rolled_back = {}, {}
+def stage_spikes(stage_dirs: dict[str, Path]) -> tuple[SpikesByPhase, SpikesByPhase, SpikesByPhase]:
+    """Per phase (only those that have some): the loss spikes left in its training log (by the rule the trainer
+    warns with), those its trainer rolled back (``engine.runlog.rollbacks``), and those it trained on from with
+    cuDNN's attention turned off (``engine.runlog.cudnn_attention_off``: skipped steps, weights unharmed, so not
+    among those left)."""
+    left, rolled_back, cudnn_off = {}, {}, {}
     for name, log in training_logs(stage_dirs).items():
-        if found := loss_spikes(log):
+        switched = cudnn_attention_off(log)
+        harmless = {(s["first_step"], s["last_step"]) for s in switched}
+        if found := [s for s in loss_spikes(log) if (s["first_step"], s["last_step"]) not in harmless]:
             left[name] = found
         if found := rollbacks(log):
             rolled_back[name] = found
-    return left, rolled_back
+        if switched:
+            cudnn_off[name] = switched
+    return left, rolled_back, cudnn_off
 
 
 def stage_skipped_steps(stage_dirs: dict[str, Path]) -> SpikesByPhase:
@@ -284,10 +290,12 @@ def spike_steps(spikes: list[dict[str, Any]]) -> str:
 
 
 def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, skipped: SpikesByPhase, stage_dirs: dict[str, Path],
-                data: str) -> list[str]:
-    """The report's section on spikes: steps skipped for a gradient that was not finite, spikes rolled back, and
-    a warning for those left, with the command that trains the UNet again."""
-    if not spikes and not rolled_back and not skipped:
+                data: str, cudnn_off: SpikesByPhase | None = None) -> list[str]:
+    """The report's section on spikes: steps skipped for a gradient that was not finite, spikes rolled back or
+    trained on with cuDNN's attention off, and a warning for those left, with the command that trains the UNet
+    again."""
+    cudnn_off = cudnn_off or {}
+    if not spikes and not rolled_back and not skipped and not cudnn_off:
         return []
     lines = ["## Loss spikes", ""]
     lines += [f"- **{name}**: {s['skipped']} of steps {s['first_step']}-{s['last_step']} skipped: the gradient was "
@@ -298,6 +306,10 @@ def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, skipped: Spik
               + (f" A replay of its last batch: {r['nonfinite']}." if "nonfinite" in r else "")
               + (" cuDNN's attention was off from there." if r.get("cudnn_attention_off") else "")
               for name, found in rolled_back.items() for r in found]
+    lines += [f"- **{name}**: a spike at {spike_steps([r])} came from cuDNN's attention (a replay of its last batch: "
+              f"{r['nonfinite']}). No rollback was left, so it was turned off and training went on from step "
+              f"{r['step']}, from the weights the skipped steps left alone." for name, found in cudnn_off.items()
+              for r in found]
     lines += [f"- **{name}**: the mean gradient norm jumped at {spike_steps(found)} against its level before."
               for name, found in spikes.items()]
     if not spikes:
@@ -452,10 +464,10 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
         for name in stage_dirs:
             if (stage_dirs[name] / "loss.png").is_file():
                 pictures[f"{name} loss"] = stage_dirs[name] / "loss.png"
-        spikes, rolled_back = stage_spikes(stage_dirs)
+        spikes, rolled_back, cudnn_off = stage_spikes(stage_dirs)
         skipped = stage_skipped_steps(stage_dirs)
         write_report(run, stage_dirs, results, progress, command, pictures, preset,
-                     spike_lines(spikes, rolled_back, skipped, stage_dirs, args.data))
+                     spike_lines(spikes, rolled_back, skipped, stage_dirs, args.data, cudnn_off))
         summary = {"minutes": progress.total_minutes,
                    "stage_minutes": progress.minutes,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -465,15 +477,21 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
                    "stages": {k: str(v) for k, v in stage_dirs.items()},
                    "loss_spikes": spikes,
                    "spike_rollbacks": rolled_back,
+                   "cudnn_attention_off": cudnn_off,
                    "skipped_steps": skipped}
         if results is not None:
             summary["evaluation"] = {k: results[k] for k in ("vae", "clip", "generation")}
         write_json(run / "summary.json", summary)
         if spikes:
             print(f"\nwarning: loss spikes in {', '.join(spikes)}: see the report's 'Loss spikes'", flush=True)
-        if rolled_back:
-            print(f"\nnote: loss spikes rolled back in {', '.join(rolled_back)} (trained on at a lower learning rate): "
+        slowed = [name for name, found in rolled_back.items() if any(not r.get("cudnn_attention_off") for r in found)]
+        if slowed:
+            print(f"\nnote: loss spikes rolled back in {', '.join(slowed)} (trained on at a lower learning rate): "
                   "see the report's 'Loss spikes'", flush=True)
+        if switched := sorted({*cudnn_off, *(name for name, found in rolled_back.items()
+                                             if any(r.get("cudnn_attention_off") for r in found))}):
+            print(f"\nnote: cuDNN's attention made non-finite gradients in {', '.join(switched)}; it was turned off "
+                  "there and training went on at the same learning rate: see the report's 'Loss spikes'", flush=True)
         print(f"\nDone in {progress.total_minutes:.1f} min: {run / 'report.md'}", flush=True)
     return {"minutes": progress.total_minutes, "results": results}
 

@@ -109,6 +109,14 @@ def rollbacks(log_path: str | Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "kind"} for r in read_records(log_path) if r.get("kind") == "rollback"]
 
 
+def cudnn_attention_off(log_path: str | Path) -> list[dict[str, Any]]:
+    """The spikes with no finite step that cuDNN's attention made when no rollback was left: the trainer turned it
+    off and trained on from the weights the skipped steps left alone. The spike's keys (``rollbacks``), with
+    ``"step"`` the step training went on from."""
+    return [{k: v for k, v in r.items() if k != "kind"} for r in read_records(log_path)
+            if r.get("kind") == "cudnn_attention_off"]
+
+
 def train_intervals(log_path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Each ``train`` record of a stage's log with the first step of the log interval it averages."""
     last_step = 0

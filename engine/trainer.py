@@ -328,6 +328,8 @@ class Trainer:
                         make_batch, indices[step_in_epoch]))
                     if spike is not None and self._roll_back(spike):
                         return False
+                    if spike is not None and spike.get("cudnn_attention_off"):  # no rollback was left
+                        self._record_cudnn_attention_off(spike)
                     if not last_in_epoch:  # at an epoch's end the snapshot is taken after the epoch's work
                         self._snapshot()
                     sums, grad_peak, count, t_last = {}, None, 0, now
@@ -458,6 +460,12 @@ class Trainer:
             tqdm.write(f"{self.out_dir.name}: cuDNN's attention made the gradients of steps {spike['first_step']}-"
                        f"{spike['last_step']} non-finite (their last batch is finite without it): it is off for the "
                        "rest of this stage")
+
+    def _record_cudnn_attention_off(self, spike: Mapping[str, Any]) -> None:
+        """With no rollback left, the log says why the spike's interval stays in it (``runlog.cudnn_attention_off``):
+        its steps were skipped and cuDNN's attention is off from here, so the weights are not damaged."""
+        if self.env.is_main:
+            runlog.append_record(self.log_path, {"kind": "cudnn_attention_off", "step": self.step, **dict(spike)})
 
     def _locate_nonfinite(self, make_batch: MakeBatch, step_indices: torch.Tensor) -> Finding:
         """Replay the last step's first micro-batch (its own random draws) through the plain module, forward and

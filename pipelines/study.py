@@ -623,8 +623,8 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
     heading = "What each variant changed" if reference == BASE else f"What each column changed against {reference}"
     lines += [f"## {heading}", ""] + [f"- {sentences[p.name][0]}" for p in compared] + [""]
     histories = {p.name: train_all.stage_spikes({s: p.stages[s] for s in STUDY_STAGES}) for p in plans}
-    spikes = {name: left for name, (left, _) in histories.items() if left}
-    rolled_back = {name: rolled for name, (_, rolled) in histories.items() if rolled}
+    spikes = {name: left for name, (left, _, _) in histories.items() if left}
+    rolled_back = {name: rolled for name, (_, rolled, _) in histories.items() if rolled}
     if spikes:
         lines += ["## Loss spikes", "", "These columns' training spiked (the trainer's rule: a log interval's mean "
                   f"gradient norm {SPIKE_FACTOR:g}x its level before). A stage that did not recover draws worse "
@@ -635,12 +635,22 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                   for name, phases in spikes.items()]
         lines.append("")
     if rolled_back:
-        lines += ["## Spikes rolled back", "", "These columns' trainers went back past a spike and trained on at a "
-                  "lower learning rate: a difference from the base may come from that lower rate.", ""]
+        lines += ["## Spikes rolled back", "", "These columns' trainers went back past a spike and trained on, at a "
+                  "lower learning rate unless cuDNN's attention made the spike (then without it): a difference from "
+                  "the base may come from that.", ""]
         lines += [f"- **{name}**: " + "; ".join(f"{phase} at {train_all.spike_steps([r])}, back to step {r['step']}, "
-                                                f"learning rate x{r['lr_scale']:.3g} after" for phase, found in
-                                                phases.items() for r in found)
+                                                f"learning rate x{r['lr_scale']:.3g} after"
+                                                + (", cuDNN's attention off" if r.get("cudnn_attention_off") else "")
+                                                for phase, found in phases.items() for r in found)
                   for name, phases in rolled_back.items()]
+        lines.append("")
+    cudnn_off = {name: off for name, (_, _, off) in histories.items() if off}
+    if cudnn_off:
+        lines += ["## cuDNN's attention turned off", "", "These columns' trainers met non-finite gradients from "
+                  "cuDNN's attention with no rollback left: the steps were skipped and the rest of the stage trained "
+                  "without it.", ""]
+        lines += [f"- **{name}**: " + "; ".join(f"{phase} at {train_all.spike_steps(found)}"
+                                                for phase, found in phases.items()) for name, phases in cudnn_off.items()]
         lines.append("")
     lines += ["## Columns", "", "| column | variant | vae | clip | unet |", "|---|---|---|---|---|"]
     for plan in plans:
@@ -666,6 +676,7 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                "reference": reference,
                "compare_png": str(compare), "headline": "; ".join(sentences[p.name][1] for p in compared) + ".",
                "command": command, "settings": settings, "loss_spikes": spikes, "spike_rollbacks": rolled_back,
+               "cudnn_attention_off": cudnn_off,
                "evaluations": {name: {k: evaluations[name].get(k) for k in SUMMARY_KEYS} for name in evaluations}}
     write_json(out / "study.json", summary)
     return summary

@@ -17,7 +17,8 @@ from data import DataError
 from engine.cli import command_line, run_stage_cli, stage_parser
 from engine.config import config_from_dict, config_to_dict, parse_overrides, validate_config
 from engine.ema import EMA, power_profile_exponent, power_profile_std
-from engine.runlog import loss_spikes, read_records, rollbacks, skipped_steps, spike_ratio, truncate_after
+from engine.runlog import (cudnn_attention_off, loss_spikes, read_records, rollbacks, skipped_steps, spike_ratio,
+                           truncate_after)
 from engine.stage import StageError, folder_lock, is_complete, load_weights
 from engine.trainer import TrainingDiverged, checkpoint_path, lr_factor, read_checkpoint
 from unet.config import UNetConfig
@@ -722,9 +723,12 @@ def test_when_cudnn_attention_makes_every_gradient_non_finite_it_is_turned_off_a
         [rollback] = rollbacks(log)
         assert rollback["cudnn_attention_off"] and rollback["lr_scale"] == 1.0 and trainer.lr_scale == 1.0
         assert rollback["nonfinite"].endswith("; finite with cuDNN's attention kernels off")
-        assert skipped_steps(log) == []
-    else:  # the weights the skips left alone train on
+        assert skipped_steps(log) == [] and cudnn_attention_off(log) == []
+    else:  # the weights the skips left alone train on, and the log says why the spike stays in it
         assert rollbacks(log) == [] and skipped_steps(log) == [{"first_step": 31, "last_step": 32, "skipped": 2}]
+        [switch] = cudnn_attention_off(log)
+        assert (switch["first_step"], switch["last_step"], switch["step"]) == (31, 32, 32)
+        assert switch["nonfinite"].endswith("; finite with cuDNN's attention kernels off")
     assert read_checkpoint(trainer.checkpoint_path, "cpu")["cudnn_attention"] is False
     resumed = Trainer(ToyModule(), cfg, tmp_path / "run", num_train_items=len(DATA_X), resume=True, device="cpu")
     assert resumed.resumed and not resumed.cudnn_attention  # a resume keeps it off

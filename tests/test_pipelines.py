@@ -821,7 +821,8 @@ def test_sampling_options_choose_the_guidance_interval():
 
 def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains_it_again(run_a, tmp_path):
     summary = json.loads((run_a / "summary.json").read_text())
-    assert summary["loss_spikes"] == {} == summary["spike_rollbacks"] == summary["skipped_steps"]  # a smooth run
+    assert (summary["loss_spikes"] == {} == summary["spike_rollbacks"] == summary["skipped_steps"]
+            == summary["cudnn_attention_off"])  # a smooth run
     assert "## Loss spikes" not in (run_a / "report.md").read_text(encoding="utf-8")
     stage_dirs = {name: tmp_path / name for name in ("vae", "clip", "judge", "unet")}
     lowres = tmp_path / "unet" / "lowres"
@@ -829,7 +830,7 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     norms = [0.2, 0.18, 0.17, 0.16, 0.6, 0.15]  # the fifth interval (steps 41-50): 0.6 / 0.18 (the median) = 3.3x
     (lowres / "log.jsonl").write_text("".join(
         json.dumps({"kind": "train", "step": 10 * (i + 1), "train/grad_norm": g}) + "\n" for i, g in enumerate(norms)))
-    spikes, rolled_back = train_all.stage_spikes(stage_dirs)
+    spikes, rolled_back, cudnn_off = train_all.stage_spikes(stage_dirs)
     assert rolled_back == {}
     assert list(spikes) == ["unet/lowres"]
     [spike] = spikes["unet/lowres"]
@@ -844,7 +845,7 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
         {"kind": "train", "step": 10, "train/grad_norm": 0.2},
         {"kind": "rollback", "step": 10, "first_step": 21, "last_step": 30, "grad_norm": 0.6, "ratio": 3.0,
          "lr_scale": 0.7}]))
-    spikes, rolled_back = train_all.stage_spikes(stage_dirs)
+    spikes, rolled_back, cudnn_off = train_all.stage_spikes(stage_dirs)
     assert spikes == {}
     assert [r["step"] for r in rolled_back["unet/lowres"]] == [10]
     report = "\n".join(train_all.spike_lines({}, rolled_back, {}, stage_dirs, "data/pokemon"))
@@ -859,7 +860,7 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
          "ratio": float("inf"), "lr_scale": 1.0, "cudnn_attention_off": True,
          "nonfinite": "first non-finite gradients in the backward, at or just after model.mid (...); finite with "
                       "cuDNN's attention kernels off"}]))
-    spikes, rolled_back = train_all.stage_spikes(stage_dirs)
+    spikes, rolled_back, cudnn_off = train_all.stage_spikes(stage_dirs)
     skipped = train_all.stage_skipped_steps(stage_dirs)
     assert skipped == {"unet": [{"first_step": 51, "last_step": 100, "skipped": 1}]}
     report = "\n".join(train_all.spike_lines(spikes, rolled_back, skipped, stage_dirs, "data/pokemon"))
@@ -869,6 +870,21 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     assert ("x1. A replay of its last batch: first non-finite gradients in the backward, at or just after model.mid "
             "(...); finite with cuDNN's attention kernels off. cuDNN's attention was off from there.") in report
     assert train_all.spike_lines({}, {}, skipped, stage_dirs, "data/pokemon")[:2] == ["## Loss spikes", ""]
+    # with no rollback left, the trainer turned cuDNN's attention off and trained on: reported, not warned of
+    (stage_dirs["unet"] / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "train", "step": 50, "train/grad_norm": 0.2, "train/skipped_steps": 0},
+        {"kind": "train", "step": 100, "train/grad_norm": float("nan"), "train/skipped_steps": 50},
+        {"kind": "cudnn_attention_off", "step": 100, "first_step": 51, "last_step": 100, "grad_norm": float("nan"),
+         "ratio": float("inf"), "cudnn_attention_off": True, "nonfinite": "first non-finite gradients in the "
+         "backward, at or just after model.mid (...); finite with cuDNN's attention kernels off"},
+        {"kind": "train", "step": 150, "train/grad_norm": 0.2, "train/skipped_steps": 0}]))
+    spikes, rolled_back, cudnn_off = train_all.stage_spikes(stage_dirs)
+    assert "unet" not in spikes and [r["first_step"] for r in cudnn_off["unet"]] == [51]
+    report = "\n".join(train_all.spike_lines(spikes, rolled_back, {}, stage_dirs, "data/pokemon", cudnn_off))
+    assert ("- **unet**: a spike at steps 51-100 (no finite gradient) came from cuDNN's attention (a replay of its "
+            "last batch: first non-finite gradients") in report
+    assert ("No rollback was left, so it was turned off and training went on from step 100, from the weights the "
+            "skipped steps left alone.") in report and "damaged" not in report
 
 
 def test_spike_screen_stops_each_probe_at_its_step_and_tabulates_every_setting(run_a, tmp_path):

@@ -212,6 +212,16 @@ def test_a_column_whose_training_spiked_is_named_in_the_report(done, tmp_path):
     assert "## Loss spikes" not in report and "## Spikes rolled back" in report
     assert "- **no_terms**: unet/lowres at steps 21-30 (3.0x), back to step 10, learning rate x0.7 after" in report
     assert list(result["summary"]["spike_rollbacks"]) == ["no_terms"]
+    (copy / "no_terms" / "unet" / "lowres" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "train", "step": 10, "train/grad_norm": 0.2}, {"kind": "train", "step": 20, "train/grad_norm": 0.2},
+        {"kind": "train", "step": 30, "train/grad_norm": float("nan")},
+        {"kind": "cudnn_attention_off", "step": 30, "first_step": 21, "last_step": 30, "grad_norm": float("nan"),
+         "ratio": float("inf"), "cudnn_attention_off": True, "nonfinite": "(...)"}]))
+    result = study(args)  # cuDNN's attention turned off with no rollback left: said so, not a spike left
+    report = (copy / "report.md").read_text(encoding="utf-8")
+    assert "## Loss spikes" not in report and "## cuDNN's attention turned off" in report
+    assert "- **no_terms**: unet/lowres at steps 21-30 (no finite gradient)" in report
+    assert list(result["summary"]["cudnn_attention_off"]) == ["no_terms"] and result["summary"]["loss_spikes"] == {}
 
 
 def test_a_given_guidance_is_every_columns_and_is_recorded(base, done, tmp_path, monkeypatch):

@@ -283,10 +283,14 @@ def stage_skipped_steps(stage_dirs: dict[str, Path]) -> SpikesByPhase:
 
 
 def spike_steps(spikes: list[dict[str, Any]]) -> str:
-    """``steps 175-200 (2.8x)``, for each spike of one phase (``no finite gradient`` where none was)."""
-    return ", ".join(f"steps {s['first_step']}-{s['last_step']} "
-                     + (f"({s['ratio']:.1f}x)" if math.isfinite(s["ratio"]) else "(no finite gradient)")
-                     for s in spikes)
+    """``steps 175-200 (2.8x)``, for each spike of one phase (``no finite gradient`` where none was, ``46 of 50
+    steps skipped`` where most were, by cuDNN's attention)."""
+    def what(s: dict[str, Any]) -> str:
+        if "skipped" in s:
+            return f"{s['skipped']} of {s['last_step'] - s['first_step'] + 1} steps skipped"
+        return f"{s['ratio']:.1f}x" if math.isfinite(s["ratio"]) else "no finite gradient"
+
+    return ", ".join(f"steps {s['first_step']}-{s['last_step']} ({what(s)})" for s in spikes)
 
 
 def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, skipped: SpikesByPhase, stage_dirs: dict[str, Path],

@@ -104,8 +104,10 @@ def spike_ratio(previous: Sequence[float], grad_norm: float) -> float | None:
 def rollbacks(log_path: str | Path) -> list[dict[str, Any]]:
     """The spikes the trainer rolled back (``TrainConfig.spike_rollbacks``): ``{"step"`` (where training went
     back to), ``"first_step", "last_step", "grad_norm", "ratio"`` (the spike), ``"lr_scale"}`` (from then on),
-    and for an interval with no finite step ``"nonfinite"``: what a replay of its last batch found, with
-    ``"cudnn_attention_off": true`` when that was cuDNN's attention, turned off from there."""
+    and for an interval with no finite step or most steps skipped ``"nonfinite"``: what a replay of its last
+    skipped step's batch found, with ``"cudnn_attention_off": true`` when that was cuDNN's attention, turned off
+    from there (and ``"skipped"``, how many, when some step was taken; ``"ratio"`` is then None unless the
+    gradient norm spiked too)."""
     return [{k: v for k, v in r.items() if k != "kind"} for r in read_records(log_path) if r.get("kind") == "rollback"]
 
 

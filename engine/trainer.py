@@ -18,7 +18,7 @@ import time
 from collections import deque
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -94,6 +94,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# Above this share of a log interval's steps skipped for a non-finite gradient, a replay looks for the cause (one bad
+# batch now and then costs its step; most of them, most of the training).
+MOSTLY_SKIPPED = 0.5
 
 
 def _seed_for(*parts: int) -> int:
@@ -304,6 +309,7 @@ class Trainer:
         skip_steps = self.step - start_epoch * self.steps_per_epoch  # > 0 after a mid-epoch checkpoint or rollback
         sums: dict[str, torch.Tensor] = {}
         grad_peak: torch.Tensor | None = None  # the largest gradient norm of the log interval, kept on the device
+        skip_flags: list[torch.Tensor] = []  # the interval's steps, 1 where one was skipped (read only to replay)
         count = 0
         t_last = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
@@ -317,6 +323,7 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value
                 if "grad_norm" in logs:
                     grad_peak = logs["grad_norm"] if grad_peak is None else torch.maximum(grad_peak, logs["grad_norm"])
+                    skip_flags.append(logs["skipped_steps"])
                 count += 1
                 progress.update(1)
                 last_in_epoch = step_in_epoch == self.steps_per_epoch - 1
@@ -325,14 +332,14 @@ class Trainer:
                     record = self._log_train(sums, count, now - t_last, grad_peak)
                     progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['lr']:.2e}")
                     spike = self._check_spike(record, count, lambda: self._locate_nonfinite(
-                        make_batch, indices[step_in_epoch]))
+                        make_batch, indices, step_in_epoch, skip_flags))
                     if spike is not None and self._roll_back(spike):
                         return False
                     if spike is not None and spike.get("cudnn_attention_off"):  # no rollback was left
                         self._record_cudnn_attention_off(spike)
                     if not last_in_epoch:  # at an epoch's end the snapshot is taken after the epoch's work
                         self._snapshot()
-                    sums, grad_peak, count, t_last = {}, None, 0, now
+                    sums, grad_peak, skip_flags, count, t_last = {}, None, [], 0, now
                 if self._step_checkpoint_due() and not last_in_epoch:  # at an epoch's end: after its work
                     self.save_checkpoint()
             skip_steps = 0
@@ -410,40 +417,53 @@ class Trainer:
 
     def _check_spike(self, record: Mapping[str, Any], count: int,
                      find_nonfinite: Callable[[], Finding]) -> dict[str, Any] | None:
-        """The spike rule on this log interval (every rank reads the same all-reduced norm, so all decide alike):
-        the spike as ``runlog.loss_spikes`` reports one, or None. An interval with no finite step also says what a
-        replay of its last batch found (``find_nonfinite``; the spike's ``nonfinite``). When cuDNN's attention made
-        it (on any rank), that is off from here: the spike rolls back without lowering the learning rate, or with
-        no rollback left stays a warning, training on from the weights the skipped steps left alone."""
+        """The spike rule on this log interval (every rank reads the same all-reduced figures, so all decide alike):
+        the spike as ``runlog.loss_spikes`` reports one, or None. An interval with no finite step, or with more
+        than ``MOSTLY_SKIPPED`` of its steps skipped, also says what a replay of its last skipped step's batch
+        found (``find_nonfinite``; the spike's ``nonfinite``). When cuDNN's attention made it (on any rank), that
+        is off from here and the interval is a spike (``skipped``: how many, when some step was taken): it rolls
+        back without lowering the learning rate, or with no rollback left training goes on from the weights the
+        skipped steps left alone. A mostly skipped interval that cuDNN did not make is only reported: the steps
+        taken were sound."""
         if "train/grad_norm" not in record:
             return None
+        first, name = self.step - count + 1, self.out_dir.name
         skipped = round(record.get("train/skipped_steps", 0))
         if skipped and self.env.is_main:
-            tqdm.write(f"{self.out_dir.name}: {skipped} of steps {self.step - count + 1}-{self.step} skipped: "
-                       "the gradient was not finite")
+            tqdm.write(f"{name}: {skipped} of steps {first}-{self.step} skipped: the gradient was not finite")
         grad_norm = record["train/grad_norm"]
         ratio = runlog.spike_ratio(self._grad_norm_levels, grad_norm)
         if math.isfinite(grad_norm):  # a NaN would spoil the level the next intervals are measured against
             self._grad_norm_levels = (self._grad_norm_levels + [grad_norm])[-runlog.SPIKE_HISTORY:]
-        if ratio is None:
+        none_taken = not math.isfinite(grad_norm)
+        mostly_skipped = not none_taken and skipped > MOSTLY_SKIPPED * count
+        if ratio is None and not mostly_skipped:
             return None
-        spike = {"first_step": self.step - count + 1, "last_step": self.step, "grad_norm": grad_norm, "ratio": ratio}
+        spike = {"first_step": first, "last_step": self.step, "grad_norm": grad_norm, "ratio": ratio}
         made_by_cudnn = False
-        if not math.isfinite(grad_norm):
+        if none_taken or mostly_skipped:
             finding = find_nonfinite()
             spike["nonfinite"] = finding.where
             if self.cudnn_attention:
                 found_on = torch.tensor(float(finding.made_by_cudnn_attention), device=self.device)
                 made_by_cudnn = distributed.all_reduce_mean(found_on).item() > 0
-            if not made_by_cudnn and not self._can_roll_back():
-                raise TrainingDiverged(f"{self.out_dir.name}: every step of steps {spike['first_step']}-{self.step} "
-                                       "had a gradient that is not finite (each was skipped), and no rollback is "
-                                       f"left (a replay of the last batch: {spike['nonfinite']}); train the stage "
-                                       "again at a lower learning rate (--lr)")
-        if self.env.is_main:
-            tqdm.write(f"{self.out_dir.name}: loss spike? the gradient norm averaged {grad_norm:.3g} over steps "
-                       f"{spike['first_step']}-{self.step}, "
-                       + (f"{ratio:.1f}x its level before" if math.isfinite(ratio)
+            if none_taken and not made_by_cudnn and not self._can_roll_back():
+                raise TrainingDiverged(f"{name}: every step of steps {first}-{self.step} had a gradient that is not "
+                                       "finite (each was skipped), and no rollback is left (a replay of the last "
+                                       f"batch: {finding.where}); train the stage again at a lower learning rate "
+                                       "(--lr)")
+        if mostly_skipped and self.env.is_main:
+            tqdm.write(f"{name}: a replay of the last skipped step's batch: {finding.where}")
+        if mostly_skipped and not made_by_cudnn:
+            if ratio is None:
+                return None
+            del spike["nonfinite"]  # a spike by its gradient norm; the replay was about the skips
+        if mostly_skipped and made_by_cudnn:
+            spike["skipped"] = skipped
+        if self.env.is_main and ratio is not None:
+            averaged = f"the gradient norm averaged {grad_norm:.3g} over steps {first}-{self.step}"
+            tqdm.write(f"{name}: loss spike? {averaged}, "
+                       + (f"{ratio:.1f}x its level before" if not none_taken
                           else f"no step with a finite gradient (a replay of the last batch: {spike['nonfinite']})")
                        + ("" if self._can_roll_back() or made_by_cudnn else "; if train/loss stays up from here, the "
                           "run is damaged: train the stage again"))
@@ -458,8 +478,8 @@ class Trainer:
         spike["cudnn_attention_off"] = True
         if self.env.is_main:
             tqdm.write(f"{self.out_dir.name}: cuDNN's attention made the gradients of steps {spike['first_step']}-"
-                       f"{spike['last_step']} non-finite (their last batch is finite without it): it is off for the "
-                       "rest of this stage")
+                       f"{spike['last_step']} non-finite (the last skipped step's batch is finite without it): it "
+                       "is off for the rest of this stage")
 
     def _record_cudnn_attention_off(self, spike: Mapping[str, Any]) -> None:
         """With no rollback left, the log says why the spike's interval stays in it (``runlog.cudnn_attention_off``):
@@ -467,22 +487,29 @@ class Trainer:
         if self.env.is_main:
             runlog.append_record(self.log_path, {"kind": "cudnn_attention_off", "step": self.step, **dict(spike)})
 
-    def _locate_nonfinite(self, make_batch: MakeBatch, step_indices: torch.Tensor) -> Finding:
-        """Replay the last step's first micro-batch (its own random draws) through the plain module, forward and
-        backward, and say where a value first stopped being finite (``engine.nonfinite``); ``make_batch`` is
-        called once more. The gradients are zeroed after; the RNG streams it used come back with the rollback that
-        follows (or training stops)."""
+    def _locate_nonfinite(self, make_batch: MakeBatch, indices: torch.Tensor, step_in_epoch: int,
+                          skip_flags: Sequence[torch.Tensor]) -> Finding:
+        """Replay the first micro-batch of the log interval's last skipped step (``skip_flags``: one per step of
+        the interval, which ends at ``step_in_epoch`` of the epoch ``indices`` orders), with its own random draws,
+        through the plain module, forward and backward, and say where a value first stopped being finite
+        (``engine.nonfinite``); ``make_batch`` is called once more. The gradients are zeroed after, and the
+        trainer's random streams are left as they were, since training may go on from here."""
         if self.cfg.cuda_graph:
             return Finding("not run: CUDA graphs hide the place (train with cuda_graph=false to find it)")
-        generator = torch.Generator(self.device).manual_seed(_seed_for(self.cfg.seed, self.step))
+        flags = torch.stack(list(skip_flags)).flatten().nonzero().flatten().tolist()
+        back = len(skip_flags) - 1 - flags[-1] if flags else 0
+        step = self.step - back
+        generator = torch.Generator(self.device).manual_seed(_seed_for(self.cfg.seed, step))
 
         def loss_of(batch: Any) -> torch.Tensor:
             with self.autocast():
-                return self.module(batch, step=self.step)[0]
+                return self.module(batch, step=step - 1)[0]  # the step count that step trained with
 
+        devices = [self.device] if self.device.type == "cuda" else []  # the streams training draws from
         try:
-            batch = make_batch(step_indices[0].to(self.device, non_blocking=True), generator)
-            return locate_nonfinite(self.module, batch, loss_of)
+            with torch.random.fork_rng(devices=devices):
+                batch = make_batch(indices[step_in_epoch - back][0].to(self.device, non_blocking=True), generator)
+                return locate_nonfinite(self.module, batch, loss_of)
         except torch.OutOfMemoryError:
             return Finding("out of memory")
         finally:

@@ -650,7 +650,8 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                   "cuDNN's attention with no rollback left: the steps were skipped and the rest of the stage trained "
                   "without it.", ""]
         lines += [f"- **{name}**: " + "; ".join(f"{phase} at {train_all.spike_steps(found)}"
-                                                for phase, found in phases.items()) for name, phases in cudnn_off.items()]
+                                                for phase, found in phases.items())
+                  for name, phases in cudnn_off.items()]
         lines.append("")
     lines += ["## Columns", "", "| column | variant | vae | clip | unet |", "|---|---|---|---|---|"]
     for plan in plans:

@@ -12,6 +12,7 @@ from torch import nn
 
 from clip.config import CLIPConfig
 from diffusion.config import UNetTrainConfig
+import engine.trainer
 from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
 from data import DataError
 from engine.cli import command_line, run_stage_cli, stage_parser
@@ -699,6 +700,13 @@ class CudnnTrap(nn.Module):
         return torch.sqrt(x - x.detach()) + x if self.sprung and torch.backends.cuda.cudnn_sdp_enabled() else x
 
 
+class NonFiniteTrap(CudnnTrap):
+    """Once ``sprung``, the identity with an infinite derivative whatever the attention back-end."""
+
+    def forward(self, x):
+        return torch.sqrt(x - x.detach()) + x if self.sprung else x
+
+
 @pytest.mark.parametrize("rollbacks_allowed", [1, 0])
 def test_when_cudnn_attention_makes_every_gradient_non_finite_it_is_turned_off_and_training_goes_on(
         tmp_path, capsys, rollbacks_allowed):
@@ -732,6 +740,50 @@ def test_when_cudnn_attention_makes_every_gradient_non_finite_it_is_turned_off_a
     assert read_checkpoint(trainer.checkpoint_path, "cpu")["cudnn_attention"] is False
     resumed = Trainer(ToyModule(), cfg, tmp_path / "run", num_train_items=len(DATA_X), resume=True, device="cpu")
     assert resumed.resumed and not resumed.cudnn_attention  # a resume keeps it off
+
+
+@pytest.mark.parametrize("made_by_cudnn", [True, False])
+def test_an_interval_with_most_steps_skipped_replays_its_last_skipped_step_and_turns_cudnn_attention_off_if_it_made_them(
+        tmp_path, capsys, monkeypatch, made_by_cudnn):
+    def run(out):
+        module = ToyModule()
+        module.net[1] = CudnnTrap() if made_by_cudnn else NonFiniteTrap()
+        cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=4,
+                          spike_rollbacks=1)
+        trainer = Trainer(module, cfg, out, num_train_items=len(DATA_X), device="cpu")
+        calls = []
+
+        def batches(indices, generator):  # from step 25 on, 3 of each 4 steps' gradients are not finite
+            module.net[1].sprung = trainer.step >= 24 and trainer.step % 4 != 3
+            calls.append((trainer.step, indices.clone(), generator is not trainer.generator))  # a replay: its own
+            return make_batch(indices, generator)
+
+        trainer.fit(batches)
+        return trainer, module, calls
+
+    trainer, module, calls = run(tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "3 of steps 25-28 skipped: the gradient was not finite" in out
+    assert "run: a replay of the last skipped step's batch: first non-finite gradients in the backward" in out
+    assert "loss spike?" not in out  # the steps taken were sound: no spike by the gradient norm
+    replay = next(n for n, (_, _, replay) in enumerate(calls) if replay)
+    assert calls[replay - 1][0] == 27  # after step 28 (step count 27): steps 25-27 skipped, 28 taken
+    assert torch.equal(calls[replay][1], calls[replay - 2][1])  # step 27's batch (step count 26)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    log = tmp_path / "run" / "log.jsonl"
+    if made_by_cudnn:  # off from here, and the skipped steps trained again at the same learning rate
+        assert "cuDNN's attention made the gradients of steps 25-28 non-finite" in out and not trainer.cudnn_attention
+        [rollback] = rollbacks(log)
+        assert rollback["skipped"] == 3 and rollback["ratio"] is None and rollback["lr_scale"] == 1.0
+        assert rollback["nonfinite"].endswith("; finite with cuDNN's attention kernels off")
+        assert skipped_steps(log) == []
+    else:  # reported at each such interval, and training goes on: three of four steps skipped to the end
+        assert "not finite with cuDNN's attention kernels off either" in out and trainer.cudnn_attention
+        assert rollbacks(log) == [] and len(skipped_steps(log)) == sum(replay for *_, replay in calls) == 6
+        monkeypatch.setattr(engine.trainer, "MOSTLY_SKIPPED", 1.0)  # no replay: training went on as without one
+        unreplayed, _, calls = run(tmp_path / "unreplayed")
+        assert not any(replay for *_, replay in calls)
+        _same_state(trainer, unreplayed)
 
 
 def test_cudnn_attention_off_holds_sdpa_away_from_cudnn_while_it_trains_and_resumes_a_run_trained_with_it(tmp_path):

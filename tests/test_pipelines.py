@@ -870,6 +870,8 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     assert ("x1. A replay of its last batch: first non-finite gradients in the backward, at or just after model.mid "
             "(...); finite with cuDNN's attention kernels off. cuDNN's attention was off from there.") in report
     assert train_all.spike_lines({}, {}, skipped, stage_dirs, "data/pokemon")[:2] == ["## Loss spikes", ""]
+    assert train_all.spike_steps([{"first_step": 25, "last_step": 28, "ratio": None, "skipped": 3}, {
+        "first_step": 41, "last_step": 50, "ratio": 3.04}]) == "steps 25-28 (3 of 4 steps skipped), steps 41-50 (3.0x)"
     # with no rollback left, the trainer turned cuDNN's attention off and trained on: reported, not warned of
     (stage_dirs["unet"] / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"kind": "train", "step": 50, "train/grad_norm": 0.2, "train/skipped_steps": 0},

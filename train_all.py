@@ -307,11 +307,11 @@ def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, skipped: Spik
               for s in found]
     lines += [f"- **{name}**: a spike at {spike_steps([r])} was rolled back: training went back to step {r['step']} "
               f"and went on with the learning rate x{r['lr_scale']:.3g}."
-              + (f" A replay of its last batch: {r['nonfinite']}." if "nonfinite" in r else "")
+              + (f" A replay of its last skipped step's batch: {r['nonfinite']}." if "nonfinite" in r else "")
               + (" cuDNN's attention was off from there." if r.get("cudnn_attention_off") else "")
               for name, found in rolled_back.items() for r in found]
-    lines += [f"- **{name}**: a spike at {spike_steps([r])} came from cuDNN's attention (a replay of its last batch: "
-              f"{r['nonfinite']}). No rollback was left, so it was turned off and training went on from step "
+    lines += [f"- **{name}**: a spike at {spike_steps([r])} came from cuDNN's attention (a replay of its last "
+              f"skipped step's batch: {r['nonfinite']}). No rollback was left, so it was turned off and training went on from step "
               f"{r['step']}, from the weights the skipped steps left alone." for name, found in cudnn_off.items()
               for r in found]
     lines += [f"- **{name}**: the mean gradient norm jumped at {spike_steps(found)} against its level before."

@@ -112,9 +112,9 @@ def rollbacks(log_path: str | Path) -> list[dict[str, Any]]:
 
 
 def cudnn_attention_off(log_path: str | Path) -> list[dict[str, Any]]:
-    """The spikes with no finite step that cuDNN's attention made when no rollback was left: the trainer turned it
-    off and trained on from the weights the skipped steps left alone. The spike's keys (``rollbacks``), with
-    ``"step"`` the step training went on from."""
+    """The intervals whose non-finite gradients cuDNN's attention made (no finite step, or most skipped) when no
+    rollback was left: the trainer turned it off and trained on from the weights the skipped steps left alone. The
+    spike's keys (``rollbacks``), with ``"step"`` the step training went on from."""
     return [{k: v for k, v in r.items() if k != "kind"} for r in read_records(log_path)
             if r.get("kind") == "cudnn_attention_off"]
 

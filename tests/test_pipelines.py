@@ -867,8 +867,9 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     assert ("- **unet**: 1 of steps 51-100 skipped: the gradient was not finite (weights and optimizer state left as "
             "they were).") in report
     assert "- **unet**: a spike at steps 151-200 (no finite gradient) was rolled back" in report
-    assert ("x1. A replay of its last batch: first non-finite gradients in the backward, at or just after model.mid "
-            "(...); finite with cuDNN's attention kernels off. cuDNN's attention was off from there.") in report
+    assert ("x1. A replay of its last skipped step's batch: first non-finite gradients in the backward, at or just "
+            "after model.mid (...); finite with cuDNN's attention kernels off. cuDNN's attention was off from "
+            "there.") in report
     assert train_all.spike_lines({}, {}, skipped, stage_dirs, "data/pokemon")[:2] == ["## Loss spikes", ""]
     assert train_all.spike_steps([{"first_step": 25, "last_step": 28, "ratio": None, "skipped": 3}, {
         "first_step": 41, "last_step": 50, "ratio": 3.04}]) == "steps 25-28 (3 of 4 steps skipped), steps 41-50 (3.0x)"
@@ -884,7 +885,7 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     assert "unet" not in spikes and [r["first_step"] for r in cudnn_off["unet"]] == [51]
     report = "\n".join(train_all.spike_lines(spikes, rolled_back, {}, stage_dirs, "data/pokemon", cudnn_off))
     assert ("- **unet**: a spike at steps 51-100 (no finite gradient) came from cuDNN's attention (a replay of its "
-            "last batch: first non-finite gradients") in report
+            "last skipped step's batch: first non-finite gradients") in report
     assert ("No rollback was left, so it was turned off and training went on from step 100, from the weights the "
             "skipped steps left alone.") in report and "damaged" not in report
 

@@ -24,7 +24,7 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -262,24 +262,20 @@ def stage_spikes(stage_dirs: dict[str, Path]) -> tuple[SpikesByPhase, SpikesByPh
     """Per phase (only those that have some): the loss spikes left in its training log (by the rule the trainer
     warns with), those its trainer rolled back (``engine.runlog.rollbacks``), and those it trained on from with
     cuDNN's attention turned off (``engine.runlog.cudnn_attention_off``: skipped steps, weights unharmed, so not
-    among those left)."""
-    left, rolled_back, cudnn_off = {}, {}, {}
-    for name, log in training_logs(stage_dirs).items():
-        switched = cudnn_attention_off(log)
-        harmless = {(s["first_step"], s["last_step"]) for s in switched}
-        if found := [s for s in loss_spikes(log) if (s["first_step"], s["last_step"]) not in harmless]:
-            left[name] = found
-        if found := rollbacks(log):
-            rolled_back[name] = found
-        if switched:
-            cudnn_off[name] = switched
-    return left, rolled_back, cudnn_off
+    among those left: ``engine.runlog.loss_spikes``)."""
+    return (by_phase(stage_dirs, loss_spikes), by_phase(stage_dirs, rollbacks),
+            by_phase(stage_dirs, cudnn_attention_off))
 
 
 def stage_skipped_steps(stage_dirs: dict[str, Path]) -> SpikesByPhase:
     """The log intervals in which each phase's trainer skipped steps of a gradient that was not finite
     (``engine.runlog.skipped_steps``); only phases that have some."""
-    return {name: found for name, log in training_logs(stage_dirs).items() if (found := skipped_steps(log))}
+    return by_phase(stage_dirs, skipped_steps)
+
+
+def by_phase(stage_dirs: dict[str, Path], read: Callable[[Path], list[dict[str, Any]]]) -> SpikesByPhase:
+    """What ``read`` finds in each training phase's log, for the phases where it finds something."""
+    return {name: found for name, log in training_logs(stage_dirs).items() if (found := read(log))}
 
 
 def spike_steps(spikes: list[dict[str, Any]]) -> str:
@@ -294,11 +290,10 @@ def spike_steps(spikes: list[dict[str, Any]]) -> str:
 
 
 def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, skipped: SpikesByPhase, stage_dirs: dict[str, Path],
-                data: str, cudnn_off: SpikesByPhase | None = None) -> list[str]:
+                data: str, cudnn_off: SpikesByPhase) -> list[str]:
     """The report's section on spikes: steps skipped for a gradient that was not finite, spikes rolled back or
     trained on with cuDNN's attention off, and a warning for those left, with the command that trains the UNet
     again."""
-    cudnn_off = cudnn_off or {}
     if not spikes and not rolled_back and not skipped and not cudnn_off:
         return []
     lines = ["## Loss spikes", ""]
@@ -311,9 +306,9 @@ def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, skipped: Spik
               + (" cuDNN's attention was off from there." if r.get("cudnn_attention_off") else "")
               for name, found in rolled_back.items() for r in found]
     lines += [f"- **{name}**: a spike at {spike_steps([r])} came from cuDNN's attention (a replay of its last "
-              f"skipped step's batch: {r['nonfinite']}). No rollback was left, so it was turned off and training went on from step "
-              f"{r['step']}, from the weights the skipped steps left alone." for name, found in cudnn_off.items()
-              for r in found]
+              f"skipped step's batch: {r['nonfinite']}). No rollback was left, so it was turned off and training "
+              f"went on from step {r['step']}, from the weights the skipped steps left alone."
+              for name, found in cudnn_off.items() for r in found]
     lines += [f"- **{name}**: the mean gradient norm jumped at {spike_steps(found)} against its level before."
               for name, found in spikes.items()]
     if not spikes:

@@ -1,5 +1,6 @@
-"""Where a training step first turns non-finite: the trainer's diagnosis of a log interval in which no step had a
-finite gradient, so that its message names a place to look, not only a learning rate to lower.
+"""Where a training step first turns non-finite: the trainer's diagnosis of a log interval in which no step, or
+fewer than half, had a finite gradient, so that its message names a place to look, not only a learning rate to
+lower.
 
 ``locate_nonfinite`` replays one batch through the training module, forward and backward, with a hook on every
 sub-module, and reports the first of: non-finite weights, a non-finite batch, the first sub-module whose forward

@@ -137,14 +137,17 @@ def skipped_steps(log_path: str | Path) -> list[dict[str, Any]]:
 
 def loss_spikes(log_path: str | Path) -> list[dict[str, Any]]:
     """The log intervals of a stage's log that look like loss spikes, by the rule the trainer warns with:
-    ``{"first_step", "last_step", "grad_norm", "ratio"}`` each."""
+    ``{"first_step", "last_step", "grad_norm", "ratio"}`` each; not those the trainer trained on from with cuDNN's
+    attention turned off (``cudnn_attention_off``: their steps were skipped, the weights left alone)."""
+    harmless = {(r["first_step"], r["last_step"]) for r in cudnn_attention_off(log_path)}
     spikes, norms = [], []
     for first, record in train_intervals(log_path):
         if "train/grad_norm" not in record:
             continue
         ratio = spike_ratio(norms, record["train/grad_norm"])
-        if ratio is not None:
+        if ratio is not None and (first, record["step"]) not in harmless:
             spikes.append({"first_step": first, "last_step": record["step"],
                            "grad_norm": record["train/grad_norm"], "ratio": ratio})
-        norms.append(record["train/grad_norm"])
+        if math.isfinite(record["train/grad_norm"]):  # as the trainer: a NaN would spoil the level
+            norms.append(record["train/grad_norm"])
     return spikes

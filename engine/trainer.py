@@ -452,14 +452,13 @@ class Trainer:
                                        "finite (each was skipped), and no rollback is left (a replay of the last "
                                        f"batch: {finding.where}); train the stage again at a lower learning rate "
                                        "(--lr)")
-        if mostly_skipped and self.env.is_main:
-            tqdm.write(f"{name}: a replay of the last skipped step's batch: {finding.where}")
-        if mostly_skipped and not made_by_cudnn:
-            if ratio is None:
+        if mostly_skipped:
+            if self.env.is_main:
+                tqdm.write(f"{name}: a replay of the last skipped step's batch: {finding.where}")
+            if made_by_cudnn:
+                spike["skipped"] = skipped
+            elif ratio is None:  # the steps taken were sound: reported, not a spike
                 return None
-            del spike["nonfinite"]  # a spike by its gradient norm; the replay was about the skips
-        if mostly_skipped and made_by_cudnn:
-            spike["skipped"] = skipped
         if self.env.is_main and ratio is not None:
             averaged = f"the gradient norm averaged {grad_norm:.3g} over steps {first}-{self.step}"
             tqdm.write(f"{name}: loss spike? {averaged}, "
@@ -496,8 +495,7 @@ class Trainer:
         trainer's random streams are left as they were, since training may go on from here."""
         if self.cfg.cuda_graph:
             return Finding("not run: CUDA graphs hide the place (train with cuda_graph=false to find it)")
-        flags = torch.stack(list(skip_flags)).flatten().nonzero().flatten().tolist()
-        back = len(skip_flags) - 1 - flags[-1] if flags else 0
+        back = int(torch.stack(list(skip_flags)).flip(0).argmax())  # steps after the last skipped one (argmax: first)
         step = self.step - back
         generator = torch.Generator(self.device).manual_seed(_seed_for(self.cfg.seed, step))
 

@@ -42,7 +42,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -623,36 +623,31 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
     heading = "What each variant changed" if reference == BASE else f"What each column changed against {reference}"
     lines += [f"## {heading}", ""] + [f"- {sentences[p.name][0]}" for p in compared] + [""]
     histories = {p.name: train_all.stage_spikes({s: p.stages[s] for s in STUDY_STAGES}) for p in plans}
-    spikes = {name: left for name, (left, _, _) in histories.items() if left}
-    rolled_back = {name: rolled for name, (_, rolled, _) in histories.items() if rolled}
-    if spikes:
-        lines += ["## Loss spikes", "", "These columns' training spiked (the trainer's rule: a log interval's mean "
-                  f"gradient norm {SPIKE_FACTOR:g}x its level before). A stage that did not recover draws worse "
-                  "than a clean run of the same settings, so its difference from the base may be the spike's, not "
-                  "the variant's.", ""]
-        lines += [f"- **{name}**: " + "; ".join(f"{phase} at {train_all.spike_steps(found)}"
-                                                for phase, found in phases.items())
-                  for name, phases in spikes.items()]
-        lines.append("")
-    if rolled_back:
-        lines += ["## Spikes rolled back", "", "These columns' trainers went back past a spike and trained on, at a "
-                  "lower learning rate unless cuDNN's attention made the spike (then without it): a difference from "
-                  "the base may come from that.", ""]
-        lines += [f"- **{name}**: " + "; ".join(f"{phase} at {train_all.spike_steps([r])}, back to step {r['step']}, "
-                                                f"learning rate x{r['lr_scale']:.3g} after"
-                                                + (", cuDNN's attention off" if r.get("cudnn_attention_off") else "")
-                                                for phase, found in phases.items() for r in found)
-                  for name, phases in rolled_back.items()]
-        lines.append("")
-    cudnn_off = {name: off for name, (_, _, off) in histories.items() if off}
-    if cudnn_off:
-        lines += ["## cuDNN's attention turned off", "", "These columns' trainers met non-finite gradients from "
-                  "cuDNN's attention with no rollback left: the steps were skipped and the rest of the stage trained "
-                  "without it.", ""]
-        lines += [f"- **{name}**: " + "; ".join(f"{phase} at {train_all.spike_steps(found)}"
-                                                for phase, found in phases.items())
-                  for name, phases in cudnn_off.items()]
-        lines.append("")
+    spikes, rolled_back, cudnn_off = ({name: kinds[i] for name, kinds in histories.items() if kinds[i]}
+                                      for i in range(3))
+
+    def section(title: str, intro: str, by_column: dict[str, train_all.SpikesByPhase],
+                describe: Callable[[str, list[dict[str, Any]]], str]) -> list[str]:
+        """A heading, its sentence and a line per column, ``describe(phase, spikes)`` for each of its phases."""
+        if not by_column:
+            return []
+        return [f"## {title}", "", intro, ""] + [
+            f"- **{name}**: " + "; ".join(describe(phase, found) for phase, found in phases.items())
+            for name, phases in by_column.items()] + [""]
+
+    lines += section("Loss spikes", "These columns' training spiked (the trainer's rule: a log interval's mean "
+                     f"gradient norm {SPIKE_FACTOR:g}x its level before). A stage that did not recover draws worse "
+                     "than a clean run of the same settings, so its difference from the base may be the spike's, not "
+                     "the variant's.", spikes, lambda phase, found: f"{phase} at {train_all.spike_steps(found)}")
+    lines += section("Spikes rolled back", "These columns' trainers went back past a spike and trained on, at a "
+                     "lower learning rate unless cuDNN's attention made the spike (then without it): a difference "
+                     "from the base may come from that.", rolled_back, lambda phase, found: "; ".join(
+                         f"{phase} at {train_all.spike_steps([r])}, back to step {r['step']}, learning rate "
+                         f"x{r['lr_scale']:.3g} after" + (", cuDNN's attention off" if r.get("cudnn_attention_off")
+                                                          else "") for r in found))
+    lines += section("cuDNN's attention turned off", "These columns' trainers met non-finite gradients from cuDNN's "
+                     "attention with no rollback left: the steps were skipped and the rest of the stage trained "
+                     "without it.", cudnn_off, lambda phase, found: f"{phase} at {train_all.spike_steps(found)}")
     lines += ["## Columns", "", "| column | variant | vae | clip | unet |", "|---|---|---|---|---|"]
     for plan in plans:
         cells = [f"trained ({plan.stages[s].name})" if plan.sources[s] == "trained" else

@@ -1,5 +1,6 @@
 import copy
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -289,6 +290,11 @@ def test_each_log_interval_records_its_largest_gradient_norm_and_a_spike_is_repo
     [spike] = loss_spikes(tmp_path / "spiky" / "log.jsonl")
     assert (spike["first_step"], spike["last_step"]) == (31, 32) and spike["ratio"] > 2.5
     assert loss_spikes(tmp_path / "smooth" / "log.jsonl") == []
+    # a NaN interval counts as a spike but, as in the trainer, not in the level later intervals are measured by
+    log = tmp_path / "nan.jsonl"
+    log.write_text("".join(json.dumps({"kind": "train", "step": 10 * (i + 1), "train/grad_norm": g}) + "\n"
+                           for i, g in enumerate([0.2, 0.2, float("nan"), 0.2, 0.2, 0.6])))
+    assert [(s["last_step"], s["ratio"]) for s in loss_spikes(log)] == [(30, math.inf), (60, pytest.approx(3.0))]
 
 
 def test_spike_ratio_against_the_median_of_the_intervals_before():

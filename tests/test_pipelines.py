@@ -835,11 +835,11 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     assert list(spikes) == ["unet/lowres"]
     [spike] = spikes["unet/lowres"]
     assert (spike["first_step"], spike["last_step"]) == (41, 50) and spike["ratio"] == pytest.approx(0.6 / 0.18)
-    report = "\n".join(train_all.spike_lines(spikes, {}, {}, stage_dirs, "data/pokemon"))
+    report = "\n".join(train_all.spike_lines(spikes, {}, {}, stage_dirs, "data/pokemon", {}))
     assert "**unet/lowres**" in report and "steps 41-50 (3.3x)" in report
     assert (f"python train_all.py --data data/pokemon --run NEW_RUN --reuse vae={stage_dirs['vae']} "
             f"--reuse clip={stage_dirs['clip']} --judge {stage_dirs['judge']}") in report
-    assert train_all.spike_lines({}, {}, {}, stage_dirs, "data/pokemon") == []
+    assert train_all.spike_lines({}, {}, {}, stage_dirs, "data/pokemon", {}) == []
     # a spike the trainer rolled back (its log keeps the record, not the spiked steps) is reported, not warned of
     (lowres / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"kind": "train", "step": 10, "train/grad_norm": 0.2},
@@ -848,7 +848,7 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     spikes, rolled_back, cudnn_off = train_all.stage_spikes(stage_dirs)
     assert spikes == {}
     assert [r["step"] for r in rolled_back["unet/lowres"]] == [10]
-    report = "\n".join(train_all.spike_lines({}, rolled_back, {}, stage_dirs, "data/pokemon"))
+    report = "\n".join(train_all.spike_lines({}, rolled_back, {}, stage_dirs, "data/pokemon", {}))
     assert ("- **unet/lowres**: a spike at steps 21-30 (3.0x) was rolled back: training went back to step 10 and went "
             "on with the learning rate x0.7.") in report
     assert "NEW_RUN" not in report and "damaged" not in report
@@ -863,14 +863,14 @@ def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains
     spikes, rolled_back, cudnn_off = train_all.stage_spikes(stage_dirs)
     skipped = train_all.stage_skipped_steps(stage_dirs)
     assert skipped == {"unet": [{"first_step": 51, "last_step": 100, "skipped": 1}]}
-    report = "\n".join(train_all.spike_lines(spikes, rolled_back, skipped, stage_dirs, "data/pokemon"))
+    report = "\n".join(train_all.spike_lines(spikes, rolled_back, skipped, stage_dirs, "data/pokemon", {}))
     assert ("- **unet**: 1 of steps 51-100 skipped: the gradient was not finite (weights and optimizer state left as "
             "they were).") in report
     assert "- **unet**: a spike at steps 151-200 (no finite gradient) was rolled back" in report
     assert ("x1. A replay of its last skipped step's batch: first non-finite gradients in the backward, at or just "
             "after model.mid (...); finite with cuDNN's attention kernels off. cuDNN's attention was off from "
             "there.") in report
-    assert train_all.spike_lines({}, {}, skipped, stage_dirs, "data/pokemon")[:2] == ["## Loss spikes", ""]
+    assert train_all.spike_lines({}, {}, skipped, stage_dirs, "data/pokemon", {})[:2] == ["## Loss spikes", ""]
     assert train_all.spike_steps([{"first_step": 25, "last_step": 28, "ratio": None, "skipped": 3}, {
         "first_step": 41, "last_step": 50, "ratio": 3.04}]) == "steps 25-28 (3 of 4 steps skipped), steps 41-50 (3.0x)"
     # with no rollback left, the trainer turned cuDNN's attention off and trained on: reported, not warned of

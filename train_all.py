@@ -31,7 +31,7 @@ import torch
 from data import load_captions
 from diffusion.colour_sentences import derived_inputs
 from diffusion.fit import check_fit
-from diffusion.train import check_init_architecture, lowres_folder, stage_checkpoints
+from diffusion.train import TRAIN_IMAGES_KEY, check_init_architecture, lowres_folder, stage_checkpoints
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
 from engine.cli import command_line
@@ -39,7 +39,7 @@ from engine.config import choose_preset, config_to_dict, parse_overrides, preset
 from engine.errors import add_debug_flag, run_cli
 from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
-from engine.runlog import cudnn_attention_off, loss_spikes, rollbacks, skipped_steps
+from engine.runlog import cudnn_attention_off, epoch_values, loss_spikes, rollbacks, skipped_steps
 from engine.stage import CONFIG_FILE, LOCK_FILE, folder_lock, record_preset, remove_empty_folders, write_json
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import JUDGE_PAIRS, evaluate_to_folder, markdown_table
@@ -324,10 +324,39 @@ def spike_lines(spikes: SpikesByPhase, rolled_back: SpikesByPhase, skipped: Spik
     return lines + [""]
 
 
+def fit_lines(stage_dirs: dict[str, Path]) -> list[str]:
+    """The report's section on the UNet's fit: each phase's validation loss at every evaluation beside the same
+    ruler on as many training images (``diffusion.train.fit_probe_rows``), and how far it ended above its lowest."""
+    if "unet" not in stage_dirs:
+        return []
+    logs = training_logs({"unet": stage_dirs["unet"]})
+    curves = {name: (epoch_values(logs[name], "val/loss"), epoch_values(logs[name], TRAIN_IMAGES_KEY))
+              for name in ("unet/lowres", "unet")}
+    curves = {name: curve for name, curve in curves.items() if curve[0]}
+    if not curves:
+        return []
+    lines = ["## The UNet's fit", "",
+             "The validation loss (fixed noise and timesteps, EMA weights) beside the same measure on as many "
+             "training images. A validation loss that rises while the training images' falls is the model fitting "
+             "its training images rather than their distribution.", "",
+             "| phase | epoch | validation loss | training images |", "|---|---|---|---|"]
+    for name, (val, fit) in curves.items():
+        lines += [f"| {name} | {epoch} | {loss:.4f} | {f'{fit[epoch]:.4f}' if epoch in fit else '—'} |"
+                  for epoch, loss in val.items()]
+    lines.append("")
+    for name, (val, _) in curves.items():
+        best = min(val, key=val.get)
+        last = max(val)
+        rise = f" ({100 * (val[last] / val[best] - 1):+.1f} %)" if last != best else " (its lowest)"
+        lines.append(f"- **{name}**: lowest validation loss {val[best]:.4f} at epoch {best}; {val[last]:.4f} at "
+                     f"the end{rise}.")
+    return lines + [""]
+
+
 def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any] | None, progress: RunProgress,
-                 command: str, pictures: dict[str, Path], preset: dict[str, str], warnings: list[str]) -> None:
-    """``report.md``: what ran, ``warnings`` (markdown lines), the metrics table and the pictures, with paths
-    relative to the run."""
+                 command: str, pictures: dict[str, Path], preset: dict[str, str], sections: list[str]) -> None:
+    """``report.md``: what ran, ``sections`` (markdown lines: spikes, the UNet's fit), the metrics table and the
+    pictures, with paths relative to the run."""
 
     def rel(path: Path) -> str:
         try:
@@ -346,7 +375,7 @@ def write_report(run: Path, stage_dirs: dict[str, Path], results: dict[str, Any]
         folder = rel(stage_dirs[step]) if step in stage_dirs else "—"
         lines.append(f"| {step} | {folder} | {progress.minutes.get(step, 0.0):.2f} |")
     lines += [f"| **total** | | {progress.total_minutes:.2f} |", ""]
-    lines += warnings
+    lines += sections
     if results is not None:
         lines += ["## Metrics", "", markdown_table(results), ""]
     lines += ["## Pictures", ""]
@@ -466,7 +495,8 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
         spikes, rolled_back, cudnn_off = stage_spikes(stage_dirs)
         skipped = stage_skipped_steps(stage_dirs)
         write_report(run, stage_dirs, results, progress, command, pictures, preset,
-                     spike_lines(spikes, rolled_back, skipped, stage_dirs, args.data, cudnn_off))
+                     spike_lines(spikes, rolled_back, skipped, stage_dirs, args.data, cudnn_off)
+                     + fit_lines(stage_dirs))
         summary = {"minutes": progress.total_minutes,
                    "stage_minutes": progress.minutes,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -51,6 +51,7 @@ from vae.model import AutoencoderKL
 LOWRES_FOLDER = "lowres"
 GRID_VAL_CAPTIONS = 2  # English and Chinese captions of this many validation images
 GRID_TILE = 128  # px per epoch-grid sample (larger samples are shrunk; benchmarks.grid_measure reads them back)
+TRAIN_IMAGES_KEY = "val/loss_train_images"  # the validation loss's ruler on training images (fit_probe_rows)
 # UNet config fields a fine-tune may change: they shape how the weights train, not what the weights compute
 TRAINING_ONLY_FIELDS = ("dropout", "gradient_checkpointing")
 
@@ -104,7 +105,9 @@ class LatentBatchMaker:
 
 class ValidationLoss:
     """Unweighted denoising MSE of the validation latents (posterior means, English captions) at fixed
-    evenly spaced timesteps and fixed noise, so every evaluation of every run sees the same problem."""
+    evenly spaced timesteps and fixed noise, so every evaluation of every run sees the same problem. Built on as
+    many training images (``fit_probe_rows``) it is the same ruler held to what the model trains on: the gap
+    between the two is how far it fits those images rather than their distribution."""
 
     def __init__(self, model: UNet, schedule: NoiseSchedule, prediction_type: str, latents: Tensor, context: Tensor,
                  num_timesteps: int, batch_size: int) -> None:
@@ -161,15 +164,17 @@ class SampleGrid:
 
 
 class EpochReport:
-    """Per-epoch callback: every ``sample_every_epochs`` (and at the end) the EMA weights' validation loss
-    and sample grid, and the validation loss of each probe EMA (``train.ema_probe_stds``)."""
+    """Per-epoch callback: every ``sample_every_epochs`` (and at the end) the EMA weights' validation loss, the
+    same loss on training images, and sample grid, and the validation loss of each probe EMA
+    (``train.ema_probe_stds``)."""
 
     def __init__(self, cfg: UNetTrainConfig, model: UNet, vae: AutoencoderKL, validation: ValidationLoss,
-                 grid: SampleGrid, out_dir: Path) -> None:
+                 training_images: ValidationLoss, grid: SampleGrid, out_dir: Path) -> None:
         self.cfg = cfg
         self.model = model
         self.vae = vae
         self.validation = validation
+        self.training_images = training_images
         self.grid = grid
         self.samples_dir = out_dir / "samples"
 
@@ -180,18 +185,26 @@ class EpochReport:
         started = time.perf_counter()
         with trainer.ema_weights():
             with trainer.autocast():
-                val_loss = self.validation()
+                val_loss, fit_loss = self.validation(), self.training_images()
             self.grid(self.model, self.vae, trainer, self.samples_dir / f"epoch_{epoch:04d}.png")
         probes = {}
         for std in trainer.ema_probes:
             with trainer.ema_weights(probe=std), trainer.autocast():
                 probes[std] = self.validation()
         seconds = time.perf_counter() - started
-        tqdm.write(f"epoch {epoch}/{cfg.train.epochs}: val loss {val_loss:.4f} (EMA weights), "
+        tqdm.write(f"epoch {epoch}/{cfg.train.epochs}: val loss {val_loss:.4f}, training images {fit_loss:.4f} "
+                   "(EMA weights), "
                    + "".join(f"{std:g}-wide EMA {loss:.4f}, " for std, loss in probes.items())
                    + f"grid + validation {seconds:.1f} s")
-        return {"val/loss": val_loss, **{probe_key(std): loss for std, loss in probes.items()},
-                "sample_seconds": seconds}
+        return {"val/loss": val_loss, TRAIN_IMAGES_KEY: fit_loss,
+                **{probe_key(std): loss for std, loss in probes.items()}, "sample_seconds": seconds}
+
+
+def fit_probe_rows(num_train: int, num_val: int) -> Tensor:
+    """The training images whose loss is measured beside the validation loss: as many as the validation images
+    (so both figures average alike, and draw the same fixed noise), evenly spaced through the training set."""
+    count = min(num_train, num_val)
+    return torch.arange(count) * num_train // count
 
 
 def probe_key(std: float) -> str:
@@ -319,6 +332,8 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
                    f"longer than the text encoder's {clip.tokenizer.context_length - 2} tokens; their ends are cut off")
     texts = TextStateCache.build(clip, en, zh, cfg.caption_variants, cfg.clause_keep_prob, seed=cfg.train.seed)
     val_context = encode_prompts(clip, val_set.en)
+    fit_rows = fit_probe_rows(len(train_set), len(val_set))
+    fit_context = encode_prompts(clip, [train_set.en[i] for i in fit_rows.tolist()])  # plain, as the validation's
     prompt_states = encode_prompts(clip, grid_prompts(val_set))
     tokenizer_fingerprint = clip.tokenizer.fingerprint
     del clip
@@ -350,6 +365,8 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
         val_cache = LatentCache.load(val_path, env.device)
         recoloured = LatentCache.load(recoloured_path, env.device) if recoloured_path is not None else None
     val_latents = val_cache.scaled_mean()
+    # the plain rows come first in the cache: these are the images themselves, not mirrors or augmented copies
+    fit_latents = train_latents.scaling_factor * train_latents.mean[fit_rows.to(train_latents.mean.device)]
 
     torch.manual_seed(cfg.train.seed)  # the initial weights follow the seed too, not the caller's RNG state
     schedule = NoiseSchedule(cfg.schedule)
@@ -372,14 +389,17 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
                                   trainer.memory_format, recoloured, cfg.recolour.prob)
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,
                                 cfg.val_batch_size)
+    training_images = ValidationLoss(model, schedule, cfg.prediction_type, fit_latents, fit_context,
+                                     cfg.val_timesteps, cfg.val_batch_size)
     grid = SampleGrid(cfg, schedule, prompt_states, texts.null, tuple(val_latents.shape[1:]))
-    trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, vae, validation, grid, out_dir))
+    trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, vae, validation, training_images, grid, out_dir))
 
     def final_metrics() -> dict[str, Any]:
         on_cuda = trainer.device.type == "cuda"
         last = trainer.last_epoch_metrics()
         return {
             "val_loss": last["val/loss"],  # the last epoch always scores the EMA weights
+            "train_images_loss": last[TRAIN_IMAGES_KEY],
             **{probe_key(std).replace("/", "_"): last[probe_key(std)] for std in trainer.ema_probes},
             "train_samples_per_s": _training_throughput(out_dir / "log.jsonl"),
             "peak_mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9 if on_cuda else None,

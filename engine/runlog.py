@@ -44,6 +44,12 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def epoch_values(path: str | Path, key: str) -> dict[int, float]:
+    """``{epoch: value}`` of ``key`` in the log's end-of-epoch records that have it (a rollback truncates the log,
+    so an epoch trained again appears once)."""
+    return {r["epoch"]: r[key] for r in read_records(path) if r.get("kind") == "epoch" and key in r}
+
+
 def truncate_after(path: str | Path, step: int) -> None:
     """Drop records past ``step``: a resumed run re-logs the steps it replays."""
     records = [r for r in read_records(path) if r.get("step", 0) <= step]
@@ -53,32 +59,35 @@ def truncate_after(path: str | Path, step: int) -> None:
 
 
 def plot_losses(log_path: str | Path, png_path: str | Path, title: str = "") -> None:
-    """Plot every ``train/*`` series of the log against the step, one panel each, plus ``val/*`` points; a dotted
-    line where a loss spike was rolled back to."""
+    """Plot every ``train/*`` series of the log against the step, one panel each, and the ``val/*`` points in one
+    panel (one ruler: the validation loss beside the training images' and the probe EMAs'); a dotted line where a
+    loss spike was rolled back to."""
     records = read_records(log_path)
     rollback_steps = [r["step"] for r in records if r.get("kind") == "rollback"]
     train_keys = sorted({k for r in records if r.get("kind") == "train" for k in r if k.startswith("train/")})
     val_keys = sorted({k for r in records if r.get("kind") == "epoch" for k in r
                        if k.startswith("val/") and isinstance(r[k], (int, float))})
-    keys = train_keys + val_keys
-    if not keys:
+    panels = [(key, [key]) for key in train_keys] + ([("val", val_keys)] if val_keys else [])
+    if not panels:
         return
-    cols = min(3, len(keys))
-    rows = (len(keys) + cols - 1) // cols
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        kind = "train" if key in train_keys else "epoch"
-        points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r]
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="o" if kind == "epoch" else None, markersize=3, linewidth=1)
+    for ax, (name, keys) in zip(axes.flat, panels):
+        kind = "epoch" if name == "val" else "train"
+        for key in keys:
+            steps, values = zip(*[(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r])
+            ax.plot(steps, values, marker="o" if kind == "epoch" else None, markersize=3, linewidth=1, label=key)
         for step in rollback_steps:
             ax.axvline(step, color="tab:red", linestyle=":", linewidth=1)
-        ax.set_title(key, fontsize=9)
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-        if key.startswith("train/") and min(values) > 0 and max(values) / max(min(values), 1e-12) > 20:
+        if len(keys) > 1:
+            ax.legend(fontsize=6)
+        if kind == "train" and min(values) > 0 and max(values) / max(min(values), 1e-12) > 20:
             ax.set_yscale("log")
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if title:
         fig.suptitle(title)

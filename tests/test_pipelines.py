@@ -819,6 +819,25 @@ def test_sampling_options_choose_the_guidance_interval():
         sampling_settings(parser.parse_args(["--condition-noise", "0.25", "15", "3"]))
 
 
+def test_the_report_sets_each_unet_phase_s_validation_loss_beside_the_training_images(run_a, tmp_path):
+    report = (run_a / "report.md").read_text(encoding="utf-8")
+    assert "## The UNet's fit" in report and "- **unet/lowres**: lowest validation loss" in report
+    assert "- **unet**: lowest validation loss" in report
+    # closed form on a log of our own: lowest at epoch 2, the end 20 % above it, an epoch without the probe
+    lowres = tmp_path / "unet" / "lowres"
+    lowres.mkdir(parents=True)
+    (lowres / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "epoch", "step": 10, "epoch": 1, "val/loss": 0.3, "val/loss_train_images": 0.28},
+        {"kind": "train", "step": 15, "train/loss": 0.1},
+        {"kind": "epoch", "step": 20, "epoch": 2, "val/loss": 0.25, "val/loss_train_images": 0.2},
+        {"kind": "epoch", "step": 30, "epoch": 3, "val/loss": 0.3}]))
+    lines = train_all.fit_lines({"unet": tmp_path / "unet"})
+    assert "| unet/lowres | 2 | 0.2500 | 0.2000 |" in lines and "| unet/lowres | 3 | 0.3000 | — |" in lines
+    assert "- **unet/lowres**: lowest validation loss 0.2500 at epoch 2; 0.3000 at the end (+20.0 %)." in lines
+    assert not any("| unet |" in line or "**unet**" in line for line in lines)  # that phase has no log yet
+    assert train_all.fit_lines({"vae": tmp_path / "vae"}) == []
+
+
 def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains_it_again(run_a, tmp_path):
     summary = json.loads((run_a / "summary.json").read_text())
     assert (summary["loss_spikes"] == {} == summary["spike_rollbacks"] == summary["skipped_steps"]

@@ -27,9 +27,9 @@ guidance rescale, at every noise level unless ``--guidance-interval`` is given (
 model alone leaves the GPU idle. Re-running skips finished columns. The report measures every column against the
 base; ``--reference NAME`` measures them against a variant instead (say, terms off against the regime they act
 in), and a finished study run again with it is re-read without training. Writes ``OUT/report.md`` (sentences, plan,
-metrics table with differences, grid, loss curves, bar chart), ``OUT/compare.png``, ``OUT/losses.png``,
-``OUT/metrics.png``, ``OUT/study.json``, and per column ``OUT/NAME/`` (its trained stages, ``stages.json``,
-``evaluation.json``).
+metrics table with differences, each column's UNet fit, grid, loss curves, bar chart), ``OUT/compare.png``,
+``OUT/losses.png``, ``OUT/metrics.png``, ``OUT/study.json``, and per column ``OUT/NAME/`` (its trained stages,
+``stages.json``, ``evaluation.json``).
 """
 
 from __future__ import annotations
@@ -648,6 +648,15 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
     lines += section("cuDNN's attention turned off", "These columns' trainers met non-finite gradients from cuDNN's "
                      "attention with no rollback left: the steps were skipped and the rest of the stage trained "
                      "without it.", cudnn_off, lambda phase, found: f"{phase} at {train_all.spike_steps(found)}")
+    fits = {p.name: train_all.unet_fit(p.stages["unet"]) for p in plans}
+    if any(fits.values()):
+        lines += ["## The UNet's fit", "", "Each column's validation loss (fixed noise and timesteps, EMA weights) "
+                  "per UNet phase, with the same measure on as many training images at the end: a validation loss "
+                  "that ended above its lowest while the training images' fell is a UNet fitting its training "
+                  "images rather than their distribution.", ""]
+        lines += [f"- **{name}**: " + "; ".join(f"{phase}: {train_all.fit_sentence(found)}"
+                                                for phase, found in fit.items()) for name, fit in fits.items() if fit]
+        lines.append("")
     lines += ["## Columns", "", "| column | variant | vae | clip | unet |", "|---|---|---|---|---|"]
     for plan in plans:
         cells = [f"trained ({plan.stages[s].name})" if plan.sources[s] == "trained" else
@@ -673,6 +682,11 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                "compare_png": str(compare), "headline": "; ".join(sentences[p.name][1] for p in compared) + ".",
                "command": command, "settings": settings, "loss_spikes": spikes, "spike_rollbacks": rolled_back,
                "cudnn_attention_off": cudnn_off,
+               "unet_fit": {name: {phase: {"lowest_epoch": found["lowest_epoch"],
+                                           "lowest_val_loss": found["val_loss"][found["lowest_epoch"]],
+                                           "val_loss": found["val_loss"][found["last_epoch"]],
+                                           "train_images_loss": found["train_images_loss"].get(found["last_epoch"])}
+                                   for phase, found in fit.items()} for name, fit in fits.items()},
                "evaluations": {name: {k: evaluations[name].get(k) for k in SUMMARY_KEYS} for name in evaluations}}
     write_json(out / "study.json", summary)
     return summary

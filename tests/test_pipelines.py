@@ -835,6 +835,10 @@ def test_the_report_sets_each_unet_phase_s_validation_loss_beside_the_training_i
     assert "| unet/lowres | 2 | 0.2500 | 0.2000 |" in lines and "| unet/lowres | 3 | 0.3000 | — |" in lines
     assert "- **unet/lowres**: lowest validation loss 0.2500 at epoch 2; 0.3000 at the end (+20.0 %)." in lines
     assert not any("| unet |" in line or "**unet**" in line for line in lines)  # that phase has no log yet
+    phase = train_all.unet_fit(tmp_path / "unet")["unet/lowres"]
+    assert (phase["lowest_epoch"], phase["last_epoch"]) == (2, 3)
+    phase["train_images_loss"][3] = 0.15
+    assert train_all.fit_sentence(phase).endswith("0.3000 at the end (+20.0 %), training images 0.1500")
     assert train_all.fit_lines({"vae": tmp_path / "vae"}) == []
 
 

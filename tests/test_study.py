@@ -123,6 +123,13 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
         assert (out / picture).is_file() and f"]({picture})" in report
     summary = json.loads((out / "study.json").read_text())
     assert set(summary["variants"]) == {"no_terms", "strong_kl"} and summary["stage"] == "unet, vae"
+    # each column's UNet fit, read from its own logs (the base column's from the base run's UNet)
+    assert "## The UNet's fit" in report
+    for name, unet in (("base", base / "unet"), ("no_terms", unet)):
+        last = json.loads((unet / "metrics.json").read_text())
+        fit = summary["unet_fit"][name]["unet"]
+        assert (fit["val_loss"], fit["train_images_loss"]) == (last["val_loss"], last["train_images_loss"])
+        assert f"- **{name}**: unet/lowres: lowest validation loss" in report
     assert summary["command"].startswith("python -m pipelines.study") and summary["compare_png"].endswith("compare.png")
 
 

@@ -337,6 +337,15 @@ def unet_fit(unet_dir: Path) -> dict[str, dict[str, Any]]:
     return fit
 
 
+def fit_summary(fit: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``unet_fit``'s phases in a summary's few numbers: the lowest validation loss and its epoch, the last, and
+    the training images' last (None in logs from before that measure)."""
+    return {name: {"lowest_epoch": phase["lowest_epoch"], "lowest_val_loss": phase["val_loss"][phase["lowest_epoch"]],
+                   "val_loss": phase["val_loss"][phase["last_epoch"]],
+                   "train_images_loss": phase["train_images_loss"].get(phase["last_epoch"])}
+            for name, phase in fit.items()}
+
+
 def fit_sentence(phase: dict[str, Any]) -> str:
     """``lowest validation loss 0.1987 at epoch 20; 0.2341 at the end (+17.8 %), training images 0.1203``."""
     val, best, last = phase["val_loss"], phase["lowest_epoch"], phase["last_epoch"]
@@ -518,7 +527,8 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
                    "loss_spikes": spikes,
                    "spike_rollbacks": rolled_back,
                    "cudnn_attention_off": cudnn_off,
-                   "skipped_steps": skipped}
+                   "skipped_steps": skipped,
+                   "unet_fit": fit_summary(unet_fit(stage_dirs["unet"])) if "unet" in stage_dirs else {}}
         if results is not None:
             summary["evaluation"] = {k: results[k] for k in ("vae", "clip", "generation")}
         write_json(run / "summary.json", summary)

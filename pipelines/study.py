@@ -682,11 +682,7 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
                "compare_png": str(compare), "headline": "; ".join(sentences[p.name][1] for p in compared) + ".",
                "command": command, "settings": settings, "loss_spikes": spikes, "spike_rollbacks": rolled_back,
                "cudnn_attention_off": cudnn_off,
-               "unet_fit": {name: {phase: {"lowest_epoch": found["lowest_epoch"],
-                                           "lowest_val_loss": found["val_loss"][found["lowest_epoch"]],
-                                           "val_loss": found["val_loss"][found["last_epoch"]],
-                                           "train_images_loss": found["train_images_loss"].get(found["last_epoch"])}
-                                   for phase, found in fit.items()} for name, fit in fits.items()},
+               "unet_fit": {name: train_all.fit_summary(fit) for name, fit in fits.items()},
                "evaluations": {name: {k: evaluations[name].get(k) for k in SUMMARY_KEYS} for name in evaluations}}
     write_json(out / "study.json", summary)
     return summary

@@ -823,6 +823,11 @@ def test_the_report_sets_each_unet_phase_s_validation_loss_beside_the_training_i
     report = (run_a / "report.md").read_text(encoding="utf-8")
     assert "## The UNet's fit" in report and "- **unet/lowres**: lowest validation loss" in report
     assert "- **unet**: lowest validation loss" in report
+    fit = json.loads((run_a / "summary.json").read_text())["unet_fit"]
+    for phase, folder in (("unet/lowres", run_a / "unet" / "lowres"), ("unet", run_a / "unet")):
+        last = json.loads((folder / "metrics.json").read_text())
+        assert (fit[phase]["val_loss"], fit[phase]["train_images_loss"]) == (last["val_loss"], last["train_images_loss"])
+        assert fit[phase]["lowest_val_loss"] <= fit[phase]["val_loss"]
     # closed form on a log of our own: lowest at epoch 2, the end 20 % above it, an epoch without the probe
     lowres = tmp_path / "unet" / "lowres"
     lowres.mkdir(parents=True)

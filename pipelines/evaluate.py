@@ -38,6 +38,7 @@ from vae.metrics import evaluate_reconstruction
 from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition, composition_means,
                       composition_per_image, cosine_nearest, first_named_colours, frechet_distance, held_out_copies,
                       hue_blind_thumbnails, kernel_distance, near_copies, nearest_indices, seed_diversity,
+                      silhouette_thumbnails,
                       share_by_colour, sharpness, thumbnails, unit_pixels)
 from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
@@ -97,6 +98,8 @@ class RealReference:
     bank_thumbs: torch.Tensor  # thumbnails(bank)
     val_hue_blind: torch.Tensor  # hue_blind_thumbnails(val_small)
     bank_hue_blind: torch.Tensor  # hue_blind_thumbnails(bank)
+    val_silhouettes: torch.Tensor  # silhouette_thumbnails(val_small)
+    bank_silhouettes: torch.Tensor  # silhouette_thumbnails(bank)
     figures: dict[str, float]
 
 
@@ -124,7 +127,8 @@ def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: i
     figures["kid_real"] = kernel_distance(val_features, peers, gamma=JUDGE_KID_GAMMA)
     bank, judge_bank = torch.cat([train_small, mirror_small]), torch.cat([train_features, mirror_features])
     reference = RealReference(val_features, val_small, bank, judge_bank, thumbnails(val_small), thumbnails(bank),
-                              hue_blind_thumbnails(val_small), hue_blind_thumbnails(bank), figures)
+                              hue_blind_thumbnails(val_small), hue_blind_thumbnails(bank),
+                              silhouette_thumbnails(val_small), silhouette_thumbnails(bank), figures)
     # the near-copy shares unseen images score: each training image against the others (a 5 % quantile of a few
     # validation images' distances lets through more or less than 5 % of unseen images)
     pixel = held_out_copies(reference.bank_thumbs, reference.val_thumbs, relative_to=COPY_NEIGHBOURS)
@@ -133,6 +137,8 @@ def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: i
     figures["near_copy_share_judge_real"] = held_out_copies(judge_bank, val_features, cosine=True)["share"]
     figures["near_copy_share_pixel_hue_blind_real"] = held_out_copies(reference.bank_hue_blind,
                                                                       reference.val_hue_blind)["share"]
+    figures["near_copy_share_silhouette_real"] = held_out_copies(reference.bank_silhouettes,
+                                                                 reference.val_silhouettes)["share"]
     return reference
 
 
@@ -194,11 +200,14 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     pixel = near_copies(sample_thumbs, reference.bank_thumbs, reference.val_thumbs, relative_to=COPY_NEIGHBOURS)
     in_judge = near_copies(every_feature, reference.judge_bank, real_feats, cosine=True)
     hue_blind = near_copies(hue_blind_thumbnails(every_sample), reference.bank_hue_blind, reference.val_hue_blind)
+    silhouette = near_copies(silhouette_thumbnails(every_sample), reference.bank_silhouettes,
+                             reference.val_silhouettes)
     out.update({"near_copy_share_pixel": pixel["share"], "near_copy_share_pixel_relative": pixel["share_relative"],
                 "nn_dist_samples": pixel["sample_nn"],
                 "nn_dist_real_val": pixel["val_nn"], "near_copy_share_judge": in_judge["share"],
                 "nn_judge_dist_samples": in_judge["sample_nn"], "nn_judge_dist_real_val": in_judge["val_nn"],
-                "near_copy_share_pixel_hue_blind": hue_blind["share"]})
+                "near_copy_share_pixel_hue_blind": hue_blind["share"],
+                "near_copy_share_silhouette": silhouette["share"]})
     sources = {"captions_en": len(feats[0]), "captions_zh": len(feats[1]), "colour_prompts": len(feats[2])}
     out.update(judge_copies_by_source(in_judge["copied"], sources))
     first_colour = len(every_sample) - len(colour_samples)  # the colour prompts come last
@@ -214,10 +223,11 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         drawn_seeds = seeds + seeds + colour_seed_list
         colour_hit = [None] * first_colour + hits.bool().tolist()
         records.extend({**what, "seed": seed + seed_offset, "parts": int(parts), "frame_filling": bool(filling),
-                        "copied_pixel": bool(by_pixel), "copied_judge": bool(by_judge), "colour_hit": hit}
-                       for what, seed, parts, filling, by_pixel, by_judge, hit
+                        "copied_pixel": bool(by_pixel), "copied_judge": bool(by_judge),
+                        "copied_silhouette": bool(by_outline), "colour_hit": hit}
+                       for what, seed, parts, filling, by_pixel, by_judge, by_outline, hit
                        in zip(drawn, drawn_seeds, each["parts"], each["frame_filling"], pixel["copied"],
-                              in_judge["copied"], colour_hit, strict=True))
+                              in_judge["copied"], silhouette["copied"], colour_hit, strict=True))
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]
@@ -370,6 +380,8 @@ QUALITY_ROWS = (
      "(blends pass; very pale pictures still count)", "(context)"),
     ("near_copy_share_pixel_hue_blind", "near-copies, pixel space without hue (value and chroma: a recoloured copy "
      "can count)", "(context)"),
+    ("near_copy_share_silhouette", "near-copies of a training image's silhouette (foreground mask at 64 px: a "
+     "body plan redrawn in other colours and patterns counts)", "(context)"),
     ("colour_adherence", "named colour among the two dominant foreground hues (each ≥ 5 % of the foreground)",
      "≥ 0.75"),
 )
@@ -382,7 +394,7 @@ REAL_KEYS = {"fd_en": "fd_real", "kid_en": "kid_real"}
 # Each share among generation_metrics' figures and the count of samples it is taken over (their error bars).
 SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samples",
                 "near_copy_share_judge": "samples", "near_copy_share_pixel_relative": "samples",
-                "near_copy_share_pixel_hue_blind": "samples",
+                "near_copy_share_pixel_hue_blind": "samples", "near_copy_share_silhouette": "samples",
                 "colour_adherence": "colour_samples", "colour_adherence_en": "colour_samples_en",
                 "colour_adherence_zh": "colour_samples_zh",
                 **{f"colour_adherence_{colour}": f"colour_samples_{colour}" for colour in PROMPT_COLOURS}}

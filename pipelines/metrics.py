@@ -60,6 +60,13 @@ def hue_blind_thumbnails(images: torch.Tensor, size: int = 64) -> torch.Tensor:
     return F.interpolate(torch.stack([value, chroma], dim=1), size=(size, size), mode="area").flatten(1)
 
 
+def silhouette_thumbnails(images: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """[-1, 1] images -> flattened ``size`` x ``size`` thumbnails of their foreground masks (``foreground_mask``,
+    area filter): the body plan alone, blind to colour, fill and line. A training creature's outline redrawn in
+    other colours and patterns (a butterfly's wings for a blue prompt) lies where that creature does."""
+    return F.interpolate(foreground_mask(images)[:, None].float(), size=(size, size), mode="area").flatten(1)
+
+
 def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 256,
                       left_out: torch.Tensor | None = None) -> torch.Tensor:
     """Root-mean-square pixel distances ``[Q, k]`` from each query row to its ``k`` nearest rows of ``bank``,

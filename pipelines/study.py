@@ -91,6 +91,7 @@ KEY_METRICS = (
     ("generation", "near_copy_share_judge", "near-copies (judge)", True),
     ("generation", "near_copy_share_pixel_relative", "near-copies (pixel, relative)", True),
     ("generation", "near_copy_share_pixel_hue_blind", "near-copies (pixel, hue-blind)", True),
+    ("generation", "near_copy_share_silhouette", "near-copies (silhouette)", True),
     ("generation", "fg_share", "foreground share", True),
     ("generation", "border_fg", "border occupancy", True),
     ("generation", "frame_filling_share", "frame-filling samples", True),
@@ -653,9 +654,10 @@ def write_report(out: Path, plans: Sequence[ColumnPlan], evaluations: dict[str, 
         lines += ["## The UNet's fit", "", "Each column's validation loss (fixed noise and timesteps, EMA weights) "
                   "per UNet phase, with the same measure on as many training images at the end: a validation loss "
                   "that ended above its lowest while the training images' fell is a UNet fitting its training "
-                  "images rather than their distribution.", ""]
-        lines += [f"- **{name}**: " + "; ".join(f"{phase}: {train_all.fit_sentence(found)}"
-                                                for phase, found in fit.items()) for name, fit in fits.items() if fit]
+                  "images rather than their distribution.", "",
+                  "| column | phase | validation loss |", "|---|---|---|"]
+        lines += [f"| {name} | {phase} | {train_all.fit_sentence(found)} |"
+                  for name, fit in fits.items() for phase, found in fit.items()]
         lines.append("")
     lines += ["## Columns", "", "| column | variant | vae | clip | unet |", "|---|---|---|---|---|"]
     for plan in plans:

@@ -67,7 +67,7 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     assert f"| {generation['fd_real']:.3f} |" in (run_a / "evaluation.md").read_text(encoding="utf-8")
     for key in ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
                 "near_copy_share_judge", "near_copy_share_pixel_relative", "near_copy_share_pixel_hue_blind",
-                "colour_adherence"):
+                "near_copy_share_silhouette", "colour_adherence"):
         assert key in generation and f"{key}_real" in generation  # each beside what the real images score
     for key in ("near_copy_share_judge_captions_en", "near_copy_share_judge_captions_zh",
                 "near_copy_share_judge_colour_prompts"):
@@ -78,6 +78,7 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     share = lambda flag: statistics.fmean(r[flag] for r in records if r[flag] is not None)  # noqa: E731
     assert share("copied_pixel") == pytest.approx(generation["near_copy_share_pixel"])
     assert share("copied_judge") == pytest.approx(generation["near_copy_share_judge"])
+    assert share("copied_silhouette") == pytest.approx(generation["near_copy_share_silhouette"])
     assert share("colour_hit") == pytest.approx(generation["colour_adherence"])
     assert share("frame_filling") == pytest.approx(generation["frame_filling_share"])
     assert share("parts") == pytest.approx(generation["parts_mean"])

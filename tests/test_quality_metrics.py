@@ -189,6 +189,36 @@ def test_a_recoloured_copy_is_a_near_copy_only_without_the_hue():
         "share"] <= 0.3
 
 
+def test_a_body_plan_redrawn_in_other_colours_and_patterns_is_a_silhouette_copy_only():
+    from pipelines.metrics import silhouette_thumbnails
+
+    g = torch.Generator().manual_seed(0)
+
+    def creatures(count: int) -> torch.Tensor:  # one dark-red body each: a disc with a smaller disc on it
+        images = canvas(count)
+        for i in range(count):
+            (cx, cy) = (torch.rand(2, generator=g) * 0.3 + 0.35).tolist()
+            radius = 0.12 + 0.1 * float(torch.rand(1, generator=g))
+            paint_disc(images[i:i + 1], cx, cy, radius, rgb=(0.6, -0.8, -0.8))
+            paint_disc(images[i:i + 1], cx + radius, cy - radius, radius / 2, rgb=(0.6, -0.8, -0.8))
+        return images
+
+    train, val = creatures(40), creatures(20)
+    bank = torch.cat([train, train.flip(-1)])
+    redrawn = train[:8].clone()  # the same outlines, blue, with pale stripes across the body
+    body = redrawn.amin(dim=1) < 0.9
+    stripes = ((torch.arange(SIZE) // 4) % 2 == 0)[:, None].expand(SIZE, SIZE)
+    for c, (dark, pale) in enumerate(((-0.8, 0.3), (-0.4, 0.5), (0.7, 0.8))):
+        redrawn[:, c][body] = torch.where(stripes, torch.tensor(pale), torch.tensor(dark)).expand_as(body)[body]
+    assert silhouette_thumbnails(train[:1]).shape == (1, 64 * 64)
+    assert near_copies(thumbnails(redrawn), thumbnails(bank), thumbnails(val))["share"] == 0  # pixels: all pass
+    outline = near_copies(silhouette_thumbnails(redrawn), silhouette_thumbnails(bank), silhouette_thumbnails(val))
+    assert outline["share"] == 1 and outline["sample_nn"] < 0.01
+    fresh = creatures(10)
+    assert near_copies(silhouette_thumbnails(fresh), silhouette_thumbnails(bank), silhouette_thumbnails(val))[
+        "share"] <= 0.3
+
+
 def pale_drawings(cells: range) -> torch.Tensor:
     """White pages, each with one light-grey 8x8 square in its own cell of an 8x8 grid (no two overlap)."""
     images = torch.ones(len(cells), 3, 64, 64)
@@ -252,6 +282,22 @@ def test_copy_rule_check_counts_every_exact_copy_under_both_rules(tmp_path):
     assert set(rows) == {"unseen images", "exact copies", "washed-out copies", "shifted copies", "blends of 5 drawings"}
     assert rows["exact copies"]["absolute"] == 1 and rows["exact copies"]["relative"] == 1
     assert out.is_file() and result["command"].startswith("python -m benchmarks.copy_rule_check")
+
+
+def test_silhouette_check_flags_training_outlines_in_a_grid_and_not_blank_pages(tmp_path):
+    from benchmarks.silhouette_check import main as silhouette_check
+    from benchmarks.silhouette_check import shrunk
+    from data import load_captions
+    from engine.images import save_grid
+
+    train = load_captions("shapes:60").subset("train")  # at 512 px, shrunk as the evaluation does
+    tiles = torch.cat([shrunk(train.images[:4]), torch.ones(4, 3, 128, 128)])  # 2 prompts x 4 seeds
+    grid = save_grid(tiles, tmp_path / "final_samples.png", nrow=4)
+    result = silhouette_check(["--data", "shapes:60", "--grid", str(grid), "--out", str(tmp_path / "rule.json")])
+    found = result["grids"][str(grid)]
+    assert [f["tile"] for f in found["flagged"]] == [0, 1, 2, 3] and found["silhouette_share"] == 0.5
+    assert all(f["distance_rms"] < 0.01 and f["prompt_row"] == 0 for f in found["flagged"])
+    assert 0 <= result["real_held_out_share"] <= 1 and (tmp_path / "rule.json").is_file()
 
 
 def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tmp_path):
@@ -383,7 +429,7 @@ def test_real_reference_measures_the_real_images_column_without_a_run(tmp_path):
     result = real_reference(["--data", "shapes:40", "--judge", str(judge), "--size", "64",
                              "--out", str(tmp_path / "real.json")])
     figures = result["figures"]
-    for rule in ("pixel", "pixel_relative", "pixel_hue_blind", "judge"):
+    for rule in ("pixel", "pixel_relative", "pixel_hue_blind", "silhouette", "judge"):
         # what unseen images score: 36 held-out training images, each a multiple of 1/36
         share = figures[f"near_copy_share_{rule}_real"]
         assert 0 <= share <= 1 and round(share * 36, 6) == round(share * 36)

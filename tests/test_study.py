@@ -129,7 +129,7 @@ def test_every_column_is_judged_alike_and_the_report_names_every_variant(base, d
         last = json.loads((unet / "metrics.json").read_text())
         fit = summary["unet_fit"][name]["unet"]
         assert (fit["val_loss"], fit["train_images_loss"]) == (last["val_loss"], last["train_images_loss"])
-        assert f"- **{name}**: unet/lowres: lowest validation loss" in report
+        assert f"| {name} | unet/lowres | lowest validation loss" in report
     assert summary["command"].startswith("python -m pipelines.study") and summary["compare_png"].endswith("compare.png")
 
 

@@ -1,0 +1,80 @@
+"""What the silhouette near-copy rule of ``pipelines.evaluate`` flags in committed sample grids (a run's
+``final_samples.png``: prompts x seeds, 128-px tiles), beside the pixel rule, and what unseen real images score
+under it. For each flagged tile: its nearest training silhouette, and whether that image's English caption names
+a butterfly, moth or wings (a yes or no only: no caption leaves the data). CPU, seconds; no learned weights.
+
+    python -m benchmarks.silhouette_check --data ../shared/pokemon --out docs/results/quality/silhouette_rule.json \\
+        --grid docs/results/quality/default_run5/final_samples.png --grid docs/results/quality/default_run6/...
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from data import load_captions
+from data.augment import to_float
+from engine.cli import command_line
+from engine.images import read_grid
+from engine.stage import write_json
+from pipelines.metrics import (MEASURE_SIZE, held_out_copies, near_copies, nearest_distances, nearest_indices,
+                               silhouette_thumbnails, thumbnails)
+
+WINGED = ("butterfl", "moth", "wing")  # caption words of the set's winged body plan
+
+
+def shrunk(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as [-1, 1] at ``MEASURE_SIZE``, the evaluation's measuring size (area filter)."""
+    return torch.cat([F.interpolate(to_float(chunk), size=(MEASURE_SIZE, MEASURE_SIZE), mode="area")
+                      for chunk in images.split(64)])
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.silhouette_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--grid", type=Path, action="append", default=[], help="a run's final_samples.png (repeat)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    data = load_captions(args.data)
+    train_set = data.subset("train")
+    train, val = shrunk(train_set.images), shrunk(data.subset("val").images)
+    bank = torch.cat([train, train.flip(-1)])
+    outlines, unseen = silhouette_thumbnails(bank), silhouette_thumbnails(val)
+    pixels, unseen_pixels = thumbnails(bank), thumbnails(val)
+    threshold = float(torch.quantile(nearest_distances(unseen, outlines)[:, 0], 0.05))
+    result = {"data": args.data, "train_images": len(train), "unseen_images": len(val),
+              "threshold_rms": threshold, "real_held_out_share": held_out_copies(outlines, unseen)["share"],
+              "grids": {}}
+    print(f"unseen real images flagged (held out): {result['real_held_out_share']:.3f}; threshold {threshold:.3f}")
+    for path in args.grid:
+        tiles = read_grid(path, MEASURE_SIZE)
+        rows, seeds = tiles.shape[:2]
+        samples = tiles.flatten(0, 1)
+        shape = silhouette_thumbnails(samples)
+        flags = near_copies(shape, outlines, unseen)["copied"]
+        pixel_flags = near_copies(thumbnails(samples), pixels, unseen_pixels)["copied"]
+        distance = nearest_distances(shape, outlines)[:, 0]
+        nearest = nearest_indices(shape, outlines) % len(train)
+        winged = [any(word in train_set.en[i].lower() for word in WINGED) for i in nearest.tolist()]
+        result["grids"][str(path)] = {
+            "tiles": len(samples), "layout": f"{rows} prompts (rows) x {seeds} seeds (columns), row-major",
+            "silhouette_share": float(flags.double().mean()), "pixel_share": float(pixel_flags.double().mean()),
+            "flagged": [{"tile": i, "prompt_row": i // seeds, "seed_column": i % seeds,
+                         "distance_rms": float(distance[i]), "nearest_training_image_winged": winged[i]}
+                        for i in flags.nonzero().flatten().tolist()],
+            "tiles_nearest_a_winged_image": [i for i, w in enumerate(winged) if w]}
+        grid = result["grids"][str(path)]
+        print(f"{path}: silhouette {grid['silhouette_share']:.3f} (tiles {[f['tile'] for f in grid['flagged']]}), "
+              f"pixel {grid['pixel_share']:.3f}; nearest a winged image: {grid['tiles_nearest_a_winged_image']}")
+    result["command"] = command_line("python -m benchmarks.silhouette_check", argv)
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -38,8 +38,7 @@ from vae.metrics import evaluate_reconstruction
 from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition, composition_means,
                       composition_per_image, cosine_nearest, first_named_colours, frechet_distance, held_out_copies,
                       hue_blind_thumbnails, kernel_distance, near_copies, nearest_indices, seed_diversity,
-                      silhouette_thumbnails,
-                      share_by_colour, sharpness, thumbnails, unit_pixels)
+                      share_by_colour, sharpness, silhouette_thumbnails, thumbnails, unit_pixels)
 from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 

@@ -14,7 +14,8 @@ one stage's config (``--vae.epochs=3``, ``--unet.lr=2e-4``). Everything lands in
 ``vae/``, ``clip/``, ``judge/`` (a second CLIP stage with its own seed: the evaluation's ruler, never used for
 guidance; ``--judge FOLDER`` takes one from elsewhere) and ``unet/`` stage folders (each with its log, loss plot
 and sample grids; the UNet's low-resolution phase in ``unet/lowres/``), ``evaluation.json``,
-``final_samples.png``, ``nearest_pairs.png``, ``judge_pairs.png``, ``report.md`` and ``summary.json``.
+``final_samples.png``, ``nearest_pairs.png``, ``judge_pairs.png``, ``silhouette_pairs.png``, ``report.md`` and
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -505,7 +506,9 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
                          "Colour-prompt samples (odd rows) and their nearest training images (even rows)":
                              run / "nearest_pairs.png",
                          f"The {JUDGE_PAIRS} samples nearest a training image in the judge's space, nearest first "
-                         "(odd rows), and those images (even rows)": run / "judge_pairs.png"})
+                         "(odd rows), and those images (even rows)": run / "judge_pairs.png",
+                         f"The {JUDGE_PAIRS} samples nearest a training image's silhouette (foreground mask), nearest "
+                         "first (odd rows), and those images (even rows)": run / "silhouette_pairs.png"})
         progress.end("evaluate")
     distributed.barrier()
     if env.is_main:

@@ -37,8 +37,8 @@ from vae.metrics import evaluate_reconstruction
 
 from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition, composition_means,
                       composition_per_image, cosine_nearest, first_named_colours, frechet_distance, held_out_copies,
-                      hue_blind_thumbnails, kernel_distance, near_copies, nearest_indices, seed_diversity,
-                      share_by_colour, sharpness, silhouette_thumbnails, thumbnails, unit_pixels)
+                      hue_blind_thumbnails, kernel_distance, near_copies, nearest_distances, nearest_indices,
+                      seed_diversity, share_by_colour, sharpness, silhouette_thumbnails, thumbnails, unit_pixels)
 from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
@@ -199,8 +199,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     pixel = near_copies(sample_thumbs, reference.bank_thumbs, reference.val_thumbs, relative_to=COPY_NEIGHBOURS)
     in_judge = near_copies(every_feature, reference.judge_bank, real_feats, cosine=True)
     hue_blind = near_copies(hue_blind_thumbnails(every_sample), reference.bank_hue_blind, reference.val_hue_blind)
-    silhouette = near_copies(silhouette_thumbnails(every_sample), reference.bank_silhouettes,
-                             reference.val_silhouettes)
+    sample_outlines = silhouette_thumbnails(every_sample)
+    silhouette = near_copies(sample_outlines, reference.bank_silhouettes, reference.val_silhouettes)
     out.update({"near_copy_share_pixel": pixel["share"], "near_copy_share_pixel_relative": pixel["share_relative"],
                 "nn_dist_samples": pixel["sample_nn"],
                 "nn_dist_real_val": pixel["val_nn"], "near_copy_share_judge": in_judge["share"],
@@ -241,6 +241,10 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         distance, nearest = cosine_nearest(every_feature, reference.judge_bank)
         closest = distance.argsort()[:JUDGE_PAIRS]
         save_pairs(every_sample[closest], bank[nearest[closest]], out_dir / "judge_pairs.png")
+        outline_distance = nearest_distances(sample_outlines, reference.bank_silhouettes)[:, 0]
+        closest = outline_distance.argsort()[:JUDGE_PAIRS]
+        save_pairs(every_sample[closest], bank[nearest_indices(sample_outlines[closest], reference.bank_silhouettes)],
+                   out_dir / "silhouette_pairs.png")
     return {**out, **reference.figures}
 
 
@@ -277,15 +281,16 @@ def judge_copies_by_source(copied: torch.Tensor, sources: dict[str, int]) -> dic
 
 
 PAIRS_COLUMNS, PAIRS_TILE = 12, 96  # pair pictures: samples per row, and their size (≤ 128 px: they show the data)
-JUDGE_PAIRS = 24  # judge_pairs.png: the samples the judge finds closest to a training image
+JUDGE_PAIRS = 24  # judge_pairs.png / silhouette_pairs.png: the samples closest to a training image
 
 
 def save_pairs(samples: torch.Tensor, partners: torch.Tensor, path: Path, columns: int = PAIRS_COLUMNS,
                tile: int = PAIRS_TILE) -> None:
     """Rows of samples, each row followed by the row of their ``partners`` (the training images or mirrors
     nearest to them), at ``tile`` px: the pictures that show whether samples copy the data
-    (``nearest_pairs.png``: every colour-prompt sample and its nearest in pixels; ``judge_pairs.png``: the
-    ``JUDGE_PAIRS`` samples nearest a training image in judge space, nearest first)."""
+    (``nearest_pairs.png``: every colour-prompt sample and its nearest in pixels; ``judge_pairs.png`` and
+    ``silhouette_pairs.png``: the ``JUDGE_PAIRS`` samples nearest a training image in judge space and by
+    silhouette, nearest first)."""
     rows = []
     for start in range(0, len(samples), columns):
         rows += [samples[start:start + columns], partners[start:start + columns]]

@@ -98,7 +98,8 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     per_colour = [generation[f"near_copy_share_judge_{colour}_prompts"] for colour in PROMPT_COLOURS]
     assert sum(per_colour) / len(per_colour) == pytest.approx(generation["near_copy_share_judge_colour_prompts"])
     assert "foreground share" in report and "nearest_pairs.png" in report and "judge_pairs.png" in report
-    assert (run_a / "judge_pairs.png").is_file()
+    assert (run_a / "judge_pairs.png").is_file() and (run_a / "silhouette_pairs.png").is_file()
+    assert "silhouette_pairs.png" in report
     evaluation_md = (run_a / "evaluation.md").read_text(encoding="utf-8")
     sampled = GenerationSettings(size=64).describe()  # the tiny preset's size, at the generation defaults
     assert evaluation_md.startswith(f"Sampled with {sampled}; judged by {run_a / 'judge'} (")

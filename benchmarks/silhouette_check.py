@@ -4,7 +4,10 @@ under it. For each flagged tile: its nearest training silhouette, and whether th
 a butterfly, moth or wings (a yes or no only: no caption leaves the data). CPU, seconds; no learned weights.
 
     python -m benchmarks.silhouette_check --data ../shared/pokemon --out docs/results/quality/silhouette_rule.json \\
-        --grid docs/results/quality/default_run5/final_samples.png --grid docs/results/quality/default_run6/...
+        --grid docs/results/quality/default_run5/final_samples.png --grid docs/results/quality/default_run6/... \\
+        --pairs docs/results/quality/silhouette_pairs.png
+
+``--pairs``: every flagged tile (grids in order) over its nearest training image or mirror, at 96 px.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from data.augment import to_float
 from engine.cli import command_line
 from engine.images import read_grid
 from engine.stage import write_json
+from pipelines.evaluate import save_pairs
 from pipelines.metrics import (MEASURE_SIZE, held_out_copies, near_copies, nearest_distances, nearest_indices,
                                silhouette_thumbnails, thumbnails)
 
@@ -38,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--data", required=True)
     parser.add_argument("--grid", type=Path, action="append", default=[], help="a run's final_samples.png (repeat)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--pairs", type=Path, help="a picture of the flagged tiles over their nearest training images")
     args = parser.parse_args(argv)
     data = load_captions(args.data)
     train_set = data.subset("train")
@@ -49,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = {"data": args.data, "train_images": len(train), "unseen_images": len(val),
               "threshold_rms": threshold, "real_held_out_share": held_out_copies(outlines, unseen)["share"],
               "grids": {}}
+    flagged_tiles, partners = [], []
     print(f"unseen real images flagged (held out): {result['real_held_out_share']:.3f}; threshold {threshold:.3f}")
     for path in args.grid:
         tiles = read_grid(path, MEASURE_SIZE)
@@ -60,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         distance = nearest_distances(shape, outlines)[:, 0]
         nearest = nearest_indices(shape, outlines) % len(train)
         winged = [any(word in train_set.en[i].lower() for word in WINGED) for i in nearest.tolist()]
+        flagged_tiles.append(samples[flags])
+        partners.append(bank[nearest_indices(shape[flags], outlines)])
         result["grids"][str(path)] = {
             "tiles": len(samples), "layout": f"{rows} prompts (rows) x {seeds} seeds (columns), row-major",
             "silhouette_share": float(flags.double().mean()), "pixel_share": float(pixel_flags.double().mean()),
@@ -70,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         grid = result["grids"][str(path)]
         print(f"{path}: silhouette {grid['silhouette_share']:.3f} (tiles {[f['tile'] for f in grid['flagged']]}), "
               f"pixel {grid['pixel_share']:.3f}; nearest a winged image: {grid['tiles_nearest_a_winged_image']}")
+    if args.pairs and any(len(tiles) for tiles in flagged_tiles):
+        save_pairs(torch.cat(flagged_tiles), torch.cat(partners), args.pairs)
     result["command"] = command_line("python -m benchmarks.silhouette_check", argv)
     if args.out:
         write_json(args.out, result)

@@ -291,9 +291,12 @@ def save_pairs(samples: torch.Tensor, partners: torch.Tensor, path: Path, column
     (``nearest_pairs.png``: every colour-prompt sample and its nearest in pixels; ``judge_pairs.png`` and
     ``silhouette_pairs.png``: the ``JUDGE_PAIRS`` samples nearest a training image in judge space and by
     silhouette, nearest first)."""
+    columns = min(columns, len(samples))
+    blank = torch.ones_like(samples[:1])  # fills a last, shorter row, so each sample stays over its partner
     rows = []
     for start in range(0, len(samples), columns):
-        rows += [samples[start:start + columns], partners[start:start + columns]]
+        short = blank.expand(max(0, start + columns - len(samples)), *samples.shape[1:])
+        rows += [samples[start:start + columns], short, partners[start:start + columns], short]
     save_grid(torch.cat(rows), path, nrow=columns, max_side=tile)
 
 

@@ -293,11 +293,29 @@ def test_silhouette_check_flags_training_outlines_in_a_grid_and_not_blank_pages(
     train = load_captions("shapes:60").subset("train")  # at 512 px, shrunk as the evaluation does
     tiles = torch.cat([shrunk(train.images[:4]), torch.ones(4, 3, 128, 128)])  # 2 prompts x 4 seeds
     grid = save_grid(tiles, tmp_path / "final_samples.png", nrow=4)
-    result = silhouette_check(["--data", "shapes:60", "--grid", str(grid), "--out", str(tmp_path / "rule.json")])
+    result = silhouette_check(["--data", "shapes:60", "--grid", str(grid), "--out", str(tmp_path / "rule.json"),
+                               "--pairs", str(tmp_path / "pairs.png")])
     found = result["grids"][str(grid)]
     assert [f["tile"] for f in found["flagged"]] == [0, 1, 2, 3] and found["silhouette_share"] == 0.5
     assert all(f["distance_rms"] < 0.01 and f["prompt_row"] == 0 for f in found["flagged"])
     assert 0 <= result["real_held_out_share"] <= 1 and (tmp_path / "rule.json").is_file()
+    from PIL import Image
+    assert Image.open(tmp_path / "pairs.png").size == (4 * 96 + 5 * 2, 2 * 96 + 3 * 2)  # 4 tiles over 4 partners
+
+
+def test_pair_pictures_keep_each_sample_over_its_partner_in_a_short_last_row(tmp_path):
+    from engine.images import read_grid
+    from pipelines.evaluate import save_pairs
+
+    samples = torch.linspace(-0.9, 0.5, 14)[:, None, None, None].expand(14, 3, 96, 96).clone()  # one grey each
+    save_pairs(samples, -samples, tmp_path / "pairs.png")
+    tiles = read_grid(tmp_path / "pairs.png", 96)[..., 40, 40].mean(-1)  # [rows, columns] grey levels
+    assert tiles.shape == (4, 12)
+    assert torch.allclose(tiles[2, :2], samples[12:, 0, 0, 0], atol=0.01)  # the last two, over their partners
+    assert torch.allclose(tiles[3, :2], -samples[12:, 0, 0, 0], atol=0.01)
+    assert torch.all(tiles[2:, 2:] == 1)  # the rest of the short rows blank
+    save_pairs(samples[:3], -samples[:3], tmp_path / "three.png")
+    assert read_grid(tmp_path / "three.png", 96).shape[:2] == (2, 3)
 
 
 def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tmp_path):

@@ -1,7 +1,8 @@
 """What the silhouette near-copy rule of ``pipelines.evaluate`` flags in committed sample grids (a run's
 ``final_samples.png``: prompts x seeds, 128-px tiles), beside the pixel rule, and what unseen real images score
 under it. For each flagged tile: its nearest training silhouette, and whether that image's English caption names
-a butterfly, moth or wings (a yes or no only: no caption leaves the data). CPU, seconds; no learned weights.
+a butterfly, moth or wings (a yes or no only: no caption leaves the data); and the groups of training images that
+share one silhouette under the same threshold (the body plans the set repeats). CPU, seconds; no learned weights.
 
     python -m benchmarks.silhouette_check --data ../shared/pokemon --out docs/results/quality/silhouette_rule.json \\
         --grid docs/results/quality/default_run5/final_samples.png --grid docs/results/quality/default_run6/... \\
@@ -37,6 +38,30 @@ def shrunk(images: torch.Tensor) -> torch.Tensor:
                       for chunk in images.split(64)])
 
 
+def twin_groups(outlines: torch.Tensor, threshold: float) -> list[list[int]]:
+    """Groups of training images (rows of ``outlines``: the images' silhouette thumbnails, then their mirrors') whose
+    silhouettes, or their mirrors', lie within ``threshold`` of each other, chained; largest first, single images
+    left out: the body plans the training set repeats."""
+    count = len(outlines) // 2
+    near = torch.cdist(outlines[:count].double(), outlines.double()) / outlines.shape[1] ** 0.5 < threshold
+    near = near[:, :count] | near[:, count:]
+    near = (near | near.T).fill_diagonal_(False)  # a twin either way round
+    groups, seen = [], set()
+    for first in range(count):
+        if first in seen:
+            continue
+        group, stack = [], [first]
+        while stack:
+            row = stack.pop()
+            if row not in seen:
+                seen.add(row)
+                group.append(row)
+                stack += near[row].nonzero().flatten().tolist()
+        if len(group) > 1:
+            groups.append(sorted(group))
+    return sorted(groups, key=len, reverse=True)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.silhouette_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
@@ -54,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = {"data": args.data, "train_images": len(train), "unseen_images": len(val),
               "threshold_rms": threshold, "real_held_out_share": held_out_copies(outlines, unseen)["share"],
               "grids": {}}
+    groups = twin_groups(outlines, threshold)
+    result["training_twin_groups"] = [{"images": len(group), "winged": sum(
+        any(word in train_set.en[i].lower() for word in WINGED) for i in group)} for group in groups]
+    print(f"training images sharing a silhouette: {sum(len(g) for g in groups)} in {len(groups)} groups "
+          f"{[g['images'] for g in result['training_twin_groups']]}")
     flagged_tiles, partners = [], []
     print(f"unseen real images flagged (held out): {result['real_held_out_share']:.3f}; threshold {threshold:.3f}")
     for path in args.grid:

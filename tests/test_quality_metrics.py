@@ -299,6 +299,12 @@ def test_silhouette_check_flags_training_outlines_in_a_grid_and_not_blank_pages(
     assert [f["tile"] for f in found["flagged"]] == [0, 1, 2, 3] and found["silhouette_share"] == 0.5
     assert all(f["distance_rms"] < 0.01 and f["prompt_row"] == 0 for f in found["flagged"])
     assert 0 <= result["real_held_out_share"] <= 1 and (tmp_path / "rule.json").is_file()
+    from benchmarks.silhouette_check import twin_groups
+    outlines = torch.cat([torch.eye(6).repeat_interleave(4, 1)] * 2)  # six images, then their mirrors
+    outlines[1] = outlines[0]
+    outlines[2] = outlines[1] + 0.01  # 0, 1 and 2 chain into one plan
+    outlines[6 + 4] = outlines[5]  # the mirror of 4 is 5's silhouette
+    assert twin_groups(outlines, threshold=0.05) == [[0, 1, 2], [4, 5]]
     from PIL import Image
     assert Image.open(tmp_path / "pairs.png").size == (4 * 96 + 5 * 2, 2 * 96 + 3 * 2)  # 4 tiles over 4 partners
 

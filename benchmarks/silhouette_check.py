@@ -26,8 +26,8 @@ from engine.cli import command_line
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import save_pairs
-from pipelines.metrics import (MEASURE_SIZE, held_out_copies, near_copies, nearest_distances, nearest_indices,
-                               silhouette_thumbnails, thumbnails)
+from pipelines.metrics import (COPY_QUANTILE, MEASURE_SIZE, held_out_copies, near_copies, nearest_distances,
+                               nearest_indices, silhouette_thumbnails, thumbnails)
 
 WINGED = ("butterfl", "moth", "wing")  # caption words of the set's winged body plan
 
@@ -75,13 +75,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bank = torch.cat([train, train.flip(-1)])
     outlines, unseen = silhouette_thumbnails(bank), silhouette_thumbnails(val)
     pixels, unseen_pixels = thumbnails(bank), thumbnails(val)
-    threshold = float(torch.quantile(nearest_distances(unseen, outlines)[:, 0], 0.05))
+    threshold = float(torch.quantile(nearest_distances(unseen, outlines)[:, 0], COPY_QUANTILE))  # near_copies' own
     result = {"data": args.data, "train_images": len(train), "unseen_images": len(val),
               "threshold_rms": threshold, "real_held_out_share": held_out_copies(outlines, unseen)["share"],
               "grids": {}}
+    def winged(image: int) -> bool:
+        return any(word in train_set.en[image].lower() for word in WINGED)
+
     groups = twin_groups(outlines, threshold)
-    result["training_twin_groups"] = [{"images": len(group), "winged": sum(
-        any(word in train_set.en[i].lower() for word in WINGED) for i in group)} for group in groups]
+    result["training_twin_groups"] = [{"images": len(group), "winged": sum(map(winged, group))} for group in groups]
     print(f"training images sharing a silhouette: {sum(len(g) for g in groups)} in {len(groups)} groups "
           f"{[g['images'] for g in result['training_twin_groups']]}")
     flagged_tiles, partners = [], []
@@ -94,17 +96,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         flags = near_copies(shape, outlines, unseen)["copied"]
         pixel_flags = near_copies(thumbnails(samples), pixels, unseen_pixels)["copied"]
         distance = nearest_distances(shape, outlines)[:, 0]
-        nearest = nearest_indices(shape, outlines) % len(train)
-        winged = [any(word in train_set.en[i].lower() for word in WINGED) for i in nearest.tolist()]
+        nearest = nearest_indices(shape, outlines)  # a training image or a mirror
+        nearest_winged = [winged(i % len(train)) for i in nearest.tolist()]
         flagged_tiles.append(samples[flags])
-        partners.append(bank[nearest_indices(shape[flags], outlines)])
+        partners.append(bank[nearest[flags]])
         result["grids"][str(path)] = {
             "tiles": len(samples), "layout": f"{rows} prompts (rows) x {seeds} seeds (columns), row-major",
             "silhouette_share": float(flags.double().mean()), "pixel_share": float(pixel_flags.double().mean()),
             "flagged": [{"tile": i, "prompt_row": i // seeds, "seed_column": i % seeds,
-                         "distance_rms": float(distance[i]), "nearest_training_image_winged": winged[i]}
+                         "distance_rms": float(distance[i]), "nearest_training_image_winged": nearest_winged[i]}
                         for i in flags.nonzero().flatten().tolist()],
-            "tiles_nearest_a_winged_image": [i for i, w in enumerate(winged) if w]}
+            "tiles_nearest_a_winged_image": [i for i, w in enumerate(nearest_winged) if w]}
         grid = result["grids"][str(path)]
         print(f"{path}: silhouette {grid['silhouette_share']:.3f} (tiles {[f['tile'] for f in grid['flagged']]}), "
               f"pixel {grid['pixel_share']:.3f}; nearest a winged image: {grid['tiles_nearest_a_winged_image']}")

@@ -356,10 +356,9 @@ def fit_sentence(phase: dict[str, Any]) -> str:
             + (f", training images {fitted:.4f}" if fitted is not None else ""))
 
 
-def fit_lines(stage_dirs: dict[str, Path]) -> list[str]:
+def fit_lines(fit: dict[str, dict[str, Any]]) -> list[str]:
     """The report's section on the UNet's fit (``unet_fit``): each phase's validation loss at every evaluation beside
     the training images', and how far it ended above its lowest."""
-    fit = unet_fit(stage_dirs["unet"]) if "unet" in stage_dirs else {}
     if not fit:
         return []
     lines = ["## The UNet's fit", "",
@@ -517,9 +516,9 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
                 pictures[f"{name} loss"] = stage_dirs[name] / "loss.png"
         spikes, rolled_back, cudnn_off = stage_spikes(stage_dirs)
         skipped = stage_skipped_steps(stage_dirs)
+        fit = unet_fit(stage_dirs["unet"]) if "unet" in stage_dirs else {}
         write_report(run, stage_dirs, results, progress, command, pictures, preset,
-                     spike_lines(spikes, rolled_back, skipped, stage_dirs, args.data, cudnn_off)
-                     + fit_lines(stage_dirs))
+                     spike_lines(spikes, rolled_back, skipped, stage_dirs, args.data, cudnn_off) + fit_lines(fit))
         summary = {"minutes": progress.total_minutes,
                    "stage_minutes": progress.minutes,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -531,7 +530,7 @@ def _train_and_report(args: argparse.Namespace, run: Path, configs: dict[str, An
                    "spike_rollbacks": rolled_back,
                    "cudnn_attention_off": cudnn_off,
                    "skipped_steps": skipped,
-                   "unet_fit": fit_summary(unet_fit(stage_dirs["unet"])) if "unet" in stage_dirs else {}}
+                   "unet_fit": fit_summary(fit)}
         if results is not None:
             summary["evaluation"] = {k: results[k] for k in ("vae", "clip", "generation")}
         write_json(run / "summary.json", summary)

@@ -93,9 +93,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rows, seeds = tiles.shape[:2]
         samples = tiles.flatten(0, 1)
         shape = silhouette_thumbnails(samples)
-        flags = near_copies(shape, outlines, unseen)["copied"]
+        found = near_copies(shape, outlines, unseen)
+        flags, distance = found["copied"], found["distance"]
         pixel_flags = near_copies(thumbnails(samples), pixels, unseen_pixels)["copied"]
-        distance = nearest_distances(shape, outlines)[:, 0]
         nearest = nearest_indices(shape, outlines)  # a training image or a mirror
         nearest_winged = [winged(i % len(train)) for i in nearest.tolist()]
         flagged_tiles.append(samples[flags])

@@ -12,6 +12,7 @@ The UNet starts from random weights, or from another UNet stage's with ``--init_
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 import warnings
@@ -120,6 +121,15 @@ class ValidationLoss:
         g = torch.Generator().manual_seed(0)
         self.noise = torch.randn((num_timesteps, *latents.shape), generator=g).to(latents.device)
 
+    def on(self, latents: Tensor, context: Tensor) -> ValidationLoss:
+        """The same ruler (timesteps, and the first rows of the same fixed noise) on other latents, at most as
+        many as these: the training images' loss beside the validation loss."""
+        if len(latents) > len(self.latents):
+            raise ValueError(f"{len(latents)} latents; this ruler's fixed noise covers {len(self.latents)}")
+        other = copy.copy(self)
+        other.latents, other.context, other.noise = latents, context, self.noise[:, :len(latents)]
+        return other
+
     @torch.no_grad()
     def __call__(self) -> float:
         total = torch.zeros((), device=self.latents.device)
@@ -201,8 +211,9 @@ class EpochReport:
 
 
 def fit_probe_rows(num_train: int, num_val: int) -> Tensor:
-    """The training images whose loss is measured beside the validation loss: as many as the validation images
-    (so both figures average alike, and draw the same fixed noise), evenly spaced through the training set."""
+    """The training images whose loss is measured beside the validation loss (``ValidationLoss.on``): as many as
+    the validation images (so both figures average alike over the same fixed noise), evenly spaced through the
+    training set."""
     count = min(num_train, num_val)
     return torch.arange(count) * num_train // count
 
@@ -389,8 +400,7 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
                                   trainer.memory_format, recoloured, cfg.recolour.prob)
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,
                                 cfg.val_batch_size)
-    training_images = ValidationLoss(model, schedule, cfg.prediction_type, fit_latents, fit_context,
-                                     cfg.val_timesteps, cfg.val_batch_size)
+    training_images = validation.on(fit_latents, fit_context)
     grid = SampleGrid(cfg, schedule, prompt_states, texts.null, tuple(val_latents.shape[1:]))
     trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, vae, validation, training_images, grid, out_dir))
 

@@ -37,7 +37,7 @@ from vae.metrics import evaluate_reconstruction
 
 from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition, composition_means,
                       composition_per_image, cosine_nearest, first_named_colours, frechet_distance, held_out_copies,
-                      hue_blind_thumbnails, kernel_distance, near_copies, nearest_distances, nearest_indices,
+                      hue_blind_thumbnails, kernel_distance, near_copies, nearest_indices,
                       seed_diversity, share_by_colour, sharpness, silhouette_thumbnails, thumbnails, unit_pixels)
 from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
@@ -241,8 +241,7 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         distance, nearest = cosine_nearest(every_feature, reference.judge_bank)
         closest = distance.argsort()[:JUDGE_PAIRS]
         save_pairs(every_sample[closest], bank[nearest[closest]], out_dir / "judge_pairs.png")
-        outline_distance = nearest_distances(sample_outlines, reference.bank_silhouettes)[:, 0]
-        closest = outline_distance.argsort()[:JUDGE_PAIRS]
+        closest = silhouette["distance"].argsort()[:JUDGE_PAIRS]
         save_pairs(every_sample[closest], bank[nearest_indices(sample_outlines[closest], reference.bank_silhouettes)],
                    out_dir / "silhouette_pairs.png")
     return {**out, **reference.figures}

@@ -297,7 +297,7 @@ COPY_QUANTILE = 0.05
 def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val_features: torch.Tensor,
                 cosine: bool = False, relative_to: int = 0, left_out: torch.Tensor | None = None) -> dict[str, Any]:
     """Share of samples closer to their nearest training item than 95 % of validation images are to theirs
-    (``share``; ``copied``, a bool per sample, says which).
+    (``share``; ``copied``, a bool per sample, says which; ``distance``, each sample's to its nearest).
 
     Features are pixel thumbnails (RMS distance) or judge embeddings (``cosine``: 1 - cosine similarity). Put
     the training images' mirrors in ``train_features``: a mirrored copy is still a copy. ``left_out`` ``[S, L]``:
@@ -324,8 +324,8 @@ def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val
         sample_k = nearest_distances(sample_features, train_features, max(1, relative_to), left_out=left_out)
         val_k = nearest_distances(val_features, train_features, max(1, relative_to))
     flags = copied(sample_k[:, 0], val_k[:, 0])
-    out = {"share": float(flags.double().mean()), "copied": flags, "sample_nn": float(sample_k[:, 0].mean()),
-           "val_nn": float(val_k[:, 0].mean())}
+    out = {"share": float(flags.double().mean()), "copied": flags, "distance": sample_k[:, 0],
+           "sample_nn": float(sample_k[:, 0].mean()), "val_nn": float(val_k[:, 0].mean())}
     if relative_to:
         ratio = lambda d: d[:, 0] / d.mean(dim=1).clamp_min(1e-12)  # noqa: E731
         out["share_relative"] = float(copied(ratio(sample_k), ratio(val_k)).double().mean())

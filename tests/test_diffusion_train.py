@@ -445,9 +445,13 @@ def test_the_training_images_ruler_is_the_validation_one_and_tells_fitted_images
     g = torch.Generator().manual_seed(1)
     fitted, unseen = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     context = torch.randn(4, 5, 12, generator=g)
-    ruler = {name: ValidationLoss(model, schedule, "epsilon", latents, context, num_timesteps=4, batch_size=4)
-             for name, latents in (("fitted", fitted), ("unseen", unseen))}
+    unseen_ruler = ValidationLoss(model, schedule, "epsilon", unseen, context, num_timesteps=4, batch_size=4)
+    ruler = {"fitted": unseen_ruler.on(fitted, context), "unseen": unseen_ruler}
     assert torch.equal(ruler["fitted"].noise, ruler["unseen"].noise)  # one fixed noise: only the images differ
+    assert ruler["fitted"].timesteps == unseen_ruler.timesteps and ruler["fitted"].latents is fitted
+    assert unseen_ruler.on(fitted[:2], context[:2]).noise.shape[1] == 2  # fewer images: the first noise rows
+    with pytest.raises(ValueError, match="fixed noise covers 4"):
+        unseen_ruler.on(torch.cat([fitted, fitted]), torch.cat([context, context]))
     untrained = {name: measure() for name, measure in ruler.items()}
     module = DiffusionTrainingModule(model, schedule, "epsilon", DiffusionLossConfig(min_snr_gamma=0.0))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)

@@ -838,7 +838,7 @@ def test_the_report_sets_each_unet_phase_s_validation_loss_beside_the_training_i
         {"kind": "train", "step": 15, "train/loss": 0.1},
         {"kind": "epoch", "step": 20, "epoch": 2, "val/loss": 0.25, "val/loss_train_images": 0.2},
         {"kind": "epoch", "step": 30, "epoch": 3, "val/loss": 0.3}]))
-    lines = train_all.fit_lines({"unet": tmp_path / "unet"})
+    lines = train_all.fit_lines(train_all.unet_fit(tmp_path / "unet"))
     assert "| unet/lowres | 2 | 0.2500 | 0.2000 |" in lines and "| unet/lowres | 3 | 0.3000 | — |" in lines
     assert "- **unet/lowres**: lowest validation loss 0.2500 at epoch 2; 0.3000 at the end (+20.0 %)." in lines
     assert not any("| unet |" in line or "**unet**" in line for line in lines)  # that phase has no log yet
@@ -846,7 +846,7 @@ def test_the_report_sets_each_unet_phase_s_validation_loss_beside_the_training_i
     assert (phase["lowest_epoch"], phase["last_epoch"]) == (2, 3)
     phase["train_images_loss"][3] = 0.15
     assert train_all.fit_sentence(phase).endswith("0.3000 at the end (+20.0 %), training images 0.1500")
-    assert train_all.fit_lines({"vae": tmp_path / "vae"}) == []
+    assert train_all.fit_lines(train_all.unet_fit(tmp_path / "vae")) == []  # no UNet log there
 
 
 def test_a_spiked_unet_phase_is_named_in_the_report_with_the_command_that_trains_it_again(run_a, tmp_path):

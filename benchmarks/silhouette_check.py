@@ -18,48 +18,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from data import load_captions
-from data.augment import to_float
 from engine.cli import command_line
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import save_pairs
-from pipelines.metrics import (COPY_QUANTILE, MEASURE_SIZE, held_out_copies, near_copies, nearest_distances,
-                               nearest_indices, silhouette_thumbnails, thumbnails)
+from pipelines.metrics import (MEASURE_SIZE, copy_threshold, held_out_copies, near_copies, nearest_indices, shrunk,
+                               silhouette_thumbnails, thumbnails, twin_groups)
 
 WINGED = ("butterfl", "moth", "wing")  # caption words of the set's winged body plan
-
-
-def shrunk(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images as [-1, 1] at ``MEASURE_SIZE``, the evaluation's measuring size (area filter)."""
-    return torch.cat([F.interpolate(to_float(chunk), size=(MEASURE_SIZE, MEASURE_SIZE), mode="area")
-                      for chunk in images.split(64)])
-
-
-def twin_groups(outlines: torch.Tensor, threshold: float) -> list[list[int]]:
-    """Groups of training images (rows of ``outlines``: the images' silhouette thumbnails, then their mirrors') whose
-    silhouettes, or their mirrors', lie within ``threshold`` of each other, chained; largest first, single images
-    left out: the body plans the training set repeats."""
-    count = len(outlines) // 2
-    near = torch.cdist(outlines[:count].double(), outlines.double()) / outlines.shape[1] ** 0.5 < threshold
-    near = near[:, :count] | near[:, count:]
-    near = (near | near.T).fill_diagonal_(False)  # a twin either way round
-    groups, seen = [], set()
-    for first in range(count):
-        if first in seen:
-            continue
-        group, stack = [], [first]
-        while stack:
-            row = stack.pop()
-            if row not in seen:
-                seen.add(row)
-                group.append(row)
-                stack += near[row].nonzero().flatten().tolist()
-        if len(group) > 1:
-            groups.append(sorted(group))
-    return sorted(groups, key=len, reverse=True)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -75,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bank = torch.cat([train, train.flip(-1)])
     outlines, unseen = silhouette_thumbnails(bank), silhouette_thumbnails(val)
     pixels, unseen_pixels = thumbnails(bank), thumbnails(val)
-    threshold = float(torch.quantile(nearest_distances(unseen, outlines)[:, 0], COPY_QUANTILE))  # near_copies' own
+    threshold = copy_threshold(outlines, unseen)
     result = {"data": args.data, "train_images": len(train), "unseen_images": len(val),
               "threshold_rms": threshold, "real_held_out_share": held_out_copies(outlines, unseen)["share"],
               "grids": {}}

@@ -43,6 +43,7 @@ from engine.images import save_grid
 from engine.runlog import read_records
 from engine.stage import StageInfo, load_weights
 from engine.trainer import checkpoint_path
+from pipelines.metrics import copy_threshold, shrunk, silhouette_thumbnails, twin_groups, twin_weights
 from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import LineageWarning, finished_stage_differences
 from unet.config import UNetConfig
@@ -267,6 +268,14 @@ def init_stage(init_from: str | Path | None, model: UNetConfig, vae_info: StageI
     return info
 
 
+def silhouette_twins(data: CaptionSet) -> list[list[int]]:
+    """``data``'s training images that share a silhouette (``pipelines.metrics.twin_groups``), under the threshold
+    of the evaluation's silhouette near-copy rule (from its validation images), measured at its size."""
+    train = shrunk(data.subset("train").images)
+    outlines = silhouette_thumbnails(torch.cat([train, train.flip(-1)]))
+    return twin_groups(outlines, copy_threshold(outlines, silhouette_thumbnails(shrunk(data.subset("val").images))))
+
+
 def lowres_folder(out_dir: str | Path) -> Path:
     """Where a progressive run keeps its low-resolution phase: a UNet stage folder inside the stage's own."""
     return Path(out_dir) / LOWRES_FOLDER
@@ -293,6 +302,11 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     read_stage(clip_dir, "clip")
     data = load_captions(data_source, resolution=cfg.resolution)
     captions = training_captions(cfg, data.subset("train"), clip_dir)
+    twins = silhouette_twins(data) if cfg.balance_twins else None  # once, at the stage's resolution: both phases'
+    if twins is not None and env.is_main:
+        tqdm.write(f"balance_twins: {sum(map(len, twins))} of {len(data.subset('train'))} training images share a "
+                   f"silhouette in {len(twins)} groups (largest {max(map(len, twins), default=0)}); each is drawn "
+                   "with weight 1 / its group's size")
     init_from = cfg.init_from
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
@@ -300,9 +314,9 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
             _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir, captions.fingerprint)
         else:
             _train_phase(phase, load_captions(data_source, resolution=phase.resolution), vae_dir, clip_dir, folder,
-                         resume, device, cfg.init_from, captions)
+                         resume, device, cfg.init_from, captions, twins)
         init_from = folder
-    return _train_phase(cfg, data, vae_dir, clip_dir, Path(out_dir), resume, device, init_from, captions)
+    return _train_phase(cfg, data, vae_dir, clip_dir, Path(out_dir), resume, device, init_from, captions, twins)
 
 
 def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str, vae_dir: str | Path,
@@ -320,9 +334,10 @@ def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str
 
 def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, clip_dir: str | Path, out_dir: Path,
                  resume: bool, device: str | torch.device | None, init_from: str | Path | None,
-                 captions: TrainingCaptions) -> Path:
+                 captions: TrainingCaptions, twins: list[list[int]] | None = None) -> Path:
     """One phase on ``data``'s images (loaded at ``cfg.resolution``) with the stage's ``training_captions``
-    (its recoloured copies made again from the phase's images)."""
+    (its recoloured copies made again from the phase's images); with ``twins`` (``silhouette_twins``, with
+    ``balance_twins``), each image of a group drawn with weight 1 / its size."""
     started = time.perf_counter()
     env = distributed.setup(device)
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
@@ -393,9 +408,14 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
                   "clip": clip_info.fingerprint, "tokenizer": tokenizer_fingerprint}
     if init is not None:
         trained_on["init"] = init.fingerprint
+    item_weights = None
+    if twins is not None:  # a mirror row (image i's at i + N) draws as its image does
+        num_images = len(train_set)
+        item_weights = twin_weights(twins, num_images).repeat(train_latents.num_plain_rows // num_images)
+        trained_on["twin_group_sizes"] = ",".join(str(len(group)) for group in twins) or "none"
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=train_latents.num_plain_rows,
                       ema_of=model, cuda_graph_of=model, resume=resume, device=env.device,
-                      run_config=config_to_dict(cfg), trained_on=trained_on)
+                      run_config=config_to_dict(cfg), trained_on=trained_on, item_weights=item_weights)
     make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob, cfg.augment.prob,
                                   trainer.memory_format, recoloured, cfg.recolour.prob)
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,

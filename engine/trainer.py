@@ -88,6 +88,20 @@ def resume_differences(state: Mapping[str, Any], settings: Mapping[str, Any],
             + lineage_differences(state.get("trained_on", {}), inputs))
 
 
+def check_item_weights(weights: torch.Tensor | None, num_items: int) -> None:
+    """``ConfigError`` naming what is wrong with a trainer's ``item_weights`` (one finite weight >= 0 per training
+    item, not all zero) and the fix; None (uniform draws) passes."""
+    if weights is None:
+        return
+    if weights.shape != (num_items,):
+        raise ConfigError(f"item_weights has shape {tuple(weights.shape)} for {num_items} training items; give one "
+                          "weight per item")
+    if not bool(torch.isfinite(weights).all() and (weights >= 0).all()):
+        raise ConfigError("item_weights holds a negative or non-finite weight; give every item a finite weight >= 0")
+    if not weights.sum() > 0:
+        raise ConfigError("item_weights are all zero; give at least one item a positive weight")
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
     if step < warmup_steps:
@@ -129,6 +143,9 @@ class Trainer:
             resuming with other settings of what it learns is an error.
         trained_on: the fingerprints of what the stage learns from (``{"data": ..., "vae": ...}``), kept in
             checkpoints (resuming on other inputs is an error) and in the finished stage's lineage.
+        item_weights: optional ``[num_train_items]`` non-negative draw weights: each pass then draws its
+            ``num_train_items`` indices with replacement in proportion to them instead of permuting the items
+            (a resume needs the same weights: the stage records what they come from in ``trained_on``).
     """
 
     def __init__(self, module: nn.Module, cfg: TrainConfig, out_dir: str | Path, *, num_train_items: int,
@@ -136,8 +153,10 @@ class Trainer:
                  param_groups: list[dict[str, Any]] | None = None,
                  find_unused_parameters: bool = False, resume: bool = False,
                  device: str | torch.device | None = None, run_config: Mapping[str, Any] | None = None,
-                 trained_on: Mapping[str, str] | None = None) -> None:
+                 trained_on: Mapping[str, str] | None = None, item_weights: torch.Tensor | None = None) -> None:
         cfg.validate()
+        check_item_weights(item_weights, num_train_items)
+        self.item_weights = item_weights.detach().double().cpu() if item_weights is not None else None
         self.cfg = cfg
         self.env = distributed.setup(device)
         self.device = self.env.device
@@ -269,14 +288,21 @@ class Trainer:
     def _epoch_indices(self, epoch: int) -> torch.Tensor:
         """This rank's batch indices for ``epoch``: ``[steps, grad_accum, micro_batch]``.
 
-        Like ``DistributedSampler``: one permutation per pass (from the seed and epoch), split so that every
-        rank sees its own shard of each global batch.
+        Like ``DistributedSampler``: one permutation per pass (from the seed and epoch), or with ``item_weights``
+        as many draws with replacement in proportion to them, split so that every rank sees its own shard of
+        each global batch.
         """
         g = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch))
-        passes = [torch.randperm(self.num_train_items, generator=g) for _ in range(self.cfg.passes_per_epoch)]
-        perm = torch.cat(passes)[: self.steps_per_epoch * self.cfg.batch_size]
-        perm = perm.view(self.steps_per_epoch, self.cfg.grad_accum, self.env.world_size, self.micro_batch)
-        return perm[:, :, self.env.rank]
+
+        def one_pass() -> torch.Tensor:
+            if self.item_weights is None:
+                return torch.randperm(self.num_train_items, generator=g)
+            return torch.multinomial(self.item_weights, self.num_train_items, replacement=True, generator=g)
+
+        order = torch.cat([one_pass() for _ in range(self.cfg.passes_per_epoch)])
+        order = order[: self.steps_per_epoch * self.cfg.batch_size]
+        order = order.view(self.steps_per_epoch, self.cfg.grad_accum, self.env.world_size, self.micro_batch)
+        return order[:, :, self.env.rank]
 
     def _reseed(self, epoch: int, *step: int) -> None:
         """Every epoch starts from RNG states fixed by (seed, epoch, rank), so resuming at an epoch boundary

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from data.augment import hsv_hue
+from data.augment import hsv_hue, to_float
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -108,6 +108,13 @@ def unit_pixels(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
     if images.shape[-1] != size:
         images = F.interpolate(images.float(), size=(size, size), mode="area")
     return (images.float() + 1) / 2
+
+
+def shrunk(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as [-1, 1] at ``MEASURE_SIZE``, the evaluation's measuring size (area filter), 64 at a time:
+    full-size float copies of a whole set (gigabytes at 512 px) never pile up."""
+    return torch.cat([F.interpolate(to_float(chunk), size=(MEASURE_SIZE, MEASURE_SIZE), mode="area")
+                      for chunk in images.split(64)])
 
 
 def foreground_mask(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
@@ -343,6 +350,47 @@ def held_out_copies(bank: torch.Tensor, val_features: torch.Tensor, cosine: bool
     items = torch.arange(len(bank) // 2)
     return near_copies(bank[:len(items)], bank, val_features, cosine=cosine, relative_to=relative_to,
                        left_out=torch.stack([items, items + len(items)], dim=1))
+
+
+def copy_threshold(bank: torch.Tensor, val_features: torch.Tensor) -> float:
+    """The RMS distance under which ``near_copies`` (absolute rule) calls a sample a copy of a ``bank`` row: the
+    ``COPY_QUANTILE`` quantile of the validation images' nearest distances to the bank."""
+    return float(torch.quantile(nearest_distances(val_features, bank)[:, 0], COPY_QUANTILE))
+
+
+def twin_groups(outlines: torch.Tensor, threshold: float) -> list[list[int]]:
+    """Groups of training images (rows of ``outlines``: the images' silhouette thumbnails, then their mirrors') whose
+    silhouettes, or their mirrors', lie within ``threshold`` of each other, chained; largest first, single images
+    left out: the body plans the training set repeats."""
+    if len(outlines) % 2:
+        raise ValueError(f"outlines has {len(outlines)} rows: expected the images' silhouettes, then as many mirrors'")
+    count = len(outlines) // 2
+    near = torch.cdist(outlines[:count].double(), outlines.double()) / outlines.shape[1] ** 0.5 < threshold
+    near = near[:, :count] | near[:, count:]
+    near = (near | near.T).fill_diagonal_(False)  # a twin either way round
+    groups, seen = [], set()
+    for first in range(count):
+        if first in seen:
+            continue
+        group, stack = [], [first]
+        while stack:
+            row = stack.pop()
+            if row not in seen:
+                seen.add(row)
+                group.append(row)
+                stack += near[row].nonzero().flatten().tolist()
+        if len(group) > 1:
+            groups.append(sorted(group))
+    return sorted(groups, key=len, reverse=True)
+
+
+def twin_weights(groups: Sequence[Sequence[int]], count: int) -> torch.Tensor:
+    """Float64 ``[count]`` draw weights of ``count`` images: 1 / (group size) for each member of a ``twin_groups``
+    group, 1 elsewhere, so a body plan the set repeats weighs as much as one image."""
+    weights = torch.ones(count, dtype=torch.float64)
+    for group in groups:
+        weights[list(group)] = 1 / len(group)
+    return weights
 
 
 def cosine_nearest(queries: torch.Tensor, bank: torch.Tensor,

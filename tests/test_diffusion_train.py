@@ -16,10 +16,10 @@ from diffusion.recolour import recoloured_images
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffusion.train import (TRAIN_IMAGES_KEY, LatentBatchMaker, ValidationLoss, fit_probe_rows, main,
-                             stage_checkpoints, train)
-from engine import ConfigError, StageError, build_config, is_complete, read_stage
+                             silhouette_twins, stage_checkpoints, train)
+from engine import ConfigError, StageError, Trainer, build_config, is_complete, read_stage
 from engine.stage import CONFIG_FILE, WEIGHTS_FILE
-from pipelines.metrics import COLOUR_FAMILIES, FAMILY_NAMES
+from pipelines.metrics import COLOUR_FAMILIES, FAMILY_NAMES, twin_weights
 from pipelines.stages import LineageWarning
 from unet import UNet, UNetConfig
 from vae import AutoencoderKL, VAEConfig
@@ -402,6 +402,37 @@ def test_recoloured_copies_train_with_renamed_captions_and_are_recorded(stages, 
             expected = vae.encode(to_float(torch.cat([copies, copies.flip(-1)]))).mean
         assert torch.allclose(maker.recoloured.mean, expected, atol=1e-5)
         assert len(list((folder / "latents").glob("recoloured-*.safetensors"))) == 1
+
+
+def test_balance_twins_draws_silhouette_twins_at_one_over_their_group_size_in_both_phases_and_records_them(
+        stages, tmp_path, monkeypatch, capsys):
+    weights = []
+
+    class SpyTrainer(Trainer):
+        def __init__(self, *args, item_weights=None, **kwargs):
+            weights.append(item_weights)
+            super().__init__(*args, item_weights=item_weights, **kwargs)
+
+    monkeypatch.setattr("diffusion.train.Trainer", SpyTrainer)
+    cfg = tiny_config(epochs=1, lowres_epochs=1, balance_twins=True)
+    out = tmp_path / "unet"
+    train(cfg, DATA, stages / "vae", stages / "clip", out, device="cpu")
+    data = load_captions(DATA, resolution=cfg.resolution)  # measured once, at the stage's resolution
+    twins = silhouette_twins(data)
+    assert twins  # one shape at about one size and place, in another colour, has its silhouette
+    sizes = ",".join(str(len(group)) for group in twins)
+    assert read_stage(out).trained_on["twin_group_sizes"] == read_stage(out / "lowres").trained_on[
+        "twin_group_sizes"] == sizes
+    expected = twin_weights(twins, len(data.subset("train"))).repeat(2)  # the images' rows, then their mirrors'
+    assert len(weights) == 2 and all(torch.equal(phase, expected) for phase in weights)
+    assert expected.min() == 1 / max(map(len, twins)) and (expected == 1).any()
+    assert f"share a silhouette in {len(twins)} groups" in capsys.readouterr().out
+    for name in (CONFIG_FILE, WEIGHTS_FILE):  # stopped after the low-resolution phase
+        (out / name).unlink()
+    with pytest.raises(StageError, match="lowres holds a finished low-resolution phase .*balance_twins was True, now "
+                                         "False"):
+        train(tiny_config(epochs=1, lowres_epochs=1), DATA, stages / "vae", stages / "clip", out, resume=True,
+              device="cpu")
 
 
 def test_recolouring_needs_colour_sentences():

@@ -4,7 +4,7 @@ import math
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -233,10 +233,10 @@ def make_batch(indices, generator):
     return DATA_X.to(indices.device)[indices] * sign, DATA_Y.to(indices.device)[indices] * sign
 
 
-def train(out, epochs, resume=False, crash_at=None, device="cpu", trained_on=None, **overrides):
+def train(out, epochs, resume=False, crash_at=None, device="cpu", trained_on=None, item_weights=None, **overrides):
     cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, **overrides)
     trainer = Trainer(ToyModule(), cfg, out, num_train_items=len(DATA_X), resume=resume, device=device,
-                      trained_on=trained_on)
+                      trained_on=trained_on, item_weights=item_weights)
 
     def batches(indices, generator):
         if crash_at is not None and trainer.step == crash_at:
@@ -542,6 +542,65 @@ def test_killed_run_resumes_mid_epoch_exactly(tmp_path):
     assert not torch.equal(*(straight.ema_probes[std].shadow["net.0.weight"] for std in probes))
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # replayed steps were not logged twice
+
+
+def test_a_weighted_run_resumes_exactly_from_an_epochs_end_and_from_inside_an_epoch(tmp_path):
+    weights = (torch.arange(len(DATA_X)) % 3).double()  # a third of the items never drawn, the rest 1:2
+    straight = train(tmp_path / "a", epochs=3, checkpoint_every_steps=4, item_weights=weights)
+    with pytest.raises(KeyboardInterrupt):  # 8 steps an epoch: killed after step 8's checkpoint, the first's end
+        train(tmp_path / "b", epochs=3, checkpoint_every_steps=4, crash_at=10, item_weights=weights)
+    assert read_checkpoint(checkpoint_path(tmp_path / "b"))["step"] == 8
+    with pytest.raises(KeyboardInterrupt):  # resumed there, killed again after step 12's, inside the second epoch
+        train(tmp_path / "b", epochs=3, checkpoint_every_steps=4, crash_at=13, resume=True, item_weights=weights)
+    assert read_checkpoint(checkpoint_path(tmp_path / "b"))["step"] == 12
+    resumed = train(tmp_path / "b", epochs=3, checkpoint_every_steps=4, resume=True, item_weights=weights)
+    assert resumed.resumed
+    _same_state(straight, resumed)
+
+
+def drawing_trainer(tmp_path, item_weights, **overrides) -> Trainer:
+    cfg = TrainConfig(epochs=2, batch_size=8, **{"passes_per_epoch": 2, **overrides})
+    return Trainer(ToyModule(), cfg, tmp_path, num_train_items=len(DATA_X), device="cpu", item_weights=item_weights)
+
+
+def test_item_weights_draw_only_weighted_items_the_same_for_a_seed_and_epoch_and_every_rank_its_shard(tmp_path):
+    two = torch.zeros(len(DATA_X))
+    two[[3, 17]] = torch.tensor([1.0, 3.0])
+    drawn = drawing_trainer(tmp_path, two)._epoch_indices(0)
+    assert drawn.shape == (16, 1, 8) and set(drawn.unique().tolist()) == {3, 17}  # 2 passes of 64 draws
+    assert 0.6 < (drawn == 17).double().mean() < 0.9  # in proportion to the weights: 3 / 4
+    weights = torch.linspace(0.1, 1.0, len(DATA_X))
+    trainer = drawing_trainer(tmp_path, weights)
+    assert torch.equal(trainer._epoch_indices(1), drawing_trainer(tmp_path, weights)._epoch_indices(1))
+    assert not torch.equal(trainer._epoch_indices(0), trainer._epoch_indices(1))
+    assert not torch.equal(trainer._epoch_indices(1), drawing_trainer(tmp_path, weights, seed=1)._epoch_indices(1))
+    # two processes (as DDP sets them up: half the micro-batch each) split each global batch of the same draws
+    shards = []
+    for rank in (0, 1):
+        trainer.env, trainer.micro_batch = replace(trainer.env, rank=rank, world_size=2), 4
+        shards.append(trainer._epoch_indices(1))
+    assert torch.equal(torch.cat(shards, dim=-1), drawing_trainer(tmp_path, weights)._epoch_indices(1))
+
+
+def test_without_item_weights_the_draws_are_one_seeded_permutation_per_pass_as_before(tmp_path):
+    trainer = drawing_trainer(tmp_path, None, grad_accum=2)
+    for epoch in (0, 3):
+        g = torch.Generator().manual_seed(engine.trainer._seed_for(trainer.cfg.seed, epoch))
+        passes = torch.cat([torch.randperm(len(DATA_X), generator=g) for _ in range(2)])
+        assert torch.equal(trainer._epoch_indices(epoch), passes.view(16, 2, 4))
+
+
+@pytest.mark.parametrize("weights, problem", [
+    (torch.ones(63), r"item_weights has shape \(63,\) for 64 training items; give one weight per item"),
+    (torch.ones(64, 1), r"item_weights has shape \(64, 1\)"),
+    (torch.ones(64).index_fill(0, torch.tensor([5]), -1.0), "negative or non-finite weight; give every item"),
+    (torch.ones(64).index_fill(0, torch.tensor([5]), float("nan")), "negative or non-finite weight"),
+    (torch.zeros(64), "item_weights are all zero; give at least one item a positive weight"),
+])
+def test_bad_item_weights_are_refused_at_construction_naming_the_fix(tmp_path, weights, problem):
+    with pytest.raises(ConfigError, match=problem):
+        drawing_trainer(tmp_path / "run", weights)
+    assert not (tmp_path / "run").exists()  # refused before any work
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the checkpoint is loaded onto it")

@@ -286,7 +286,7 @@ def test_copy_rule_check_counts_every_exact_copy_under_both_rules(tmp_path):
 
 def test_silhouette_check_flags_training_outlines_in_a_grid_and_not_blank_pages(tmp_path):
     from benchmarks.silhouette_check import main as silhouette_check
-    from benchmarks.silhouette_check import shrunk
+    from pipelines.metrics import shrunk
     from data import load_captions
     from engine.images import save_grid
 
@@ -299,7 +299,7 @@ def test_silhouette_check_flags_training_outlines_in_a_grid_and_not_blank_pages(
     assert [f["tile"] for f in found["flagged"]] == [0, 1, 2, 3] and found["silhouette_share"] == 0.5
     assert all(f["distance_rms"] < 0.01 and f["prompt_row"] == 0 for f in found["flagged"])
     assert 0 <= result["real_held_out_share"] <= 1 and (tmp_path / "rule.json").is_file()
-    from benchmarks.silhouette_check import twin_groups
+    from pipelines.metrics import twin_groups
     outlines = torch.cat([torch.eye(6).repeat_interleave(4, 1)] * 2)  # six images, then their mirrors
     outlines[1] = outlines[0]
     outlines[2] = outlines[1] + 0.01  # 0, 1 and 2 chain into one plan
@@ -307,6 +307,25 @@ def test_silhouette_check_flags_training_outlines_in_a_grid_and_not_blank_pages(
     assert twin_groups(outlines, threshold=0.05) == [[0, 1, 2], [4, 5]]
     from PIL import Image
     assert Image.open(tmp_path / "pairs.png").size == (4 * 96 + 5 * 2, 2 * 96 + 3 * 2)  # 4 tiles over 4 partners
+
+
+def test_twin_weights_draw_a_repeated_silhouette_as_one_image_under_the_near_copy_threshold():
+    from pipelines.metrics import copy_threshold, twin_groups, twin_weights
+    plans = torch.eye(3).repeat_interleave(4, 1)  # three body plans, 12 px each
+    outlines = plans[[0, 0, 0, 1, 1, 2]]  # 3 identical + 2 identical + 1 unique
+    outlines = torch.cat([outlines, outlines])  # then their mirrors: symmetric bodies
+    unseen = plans[[0, 1, 2]] + 0.1  # every unseen image lies 0.1 from a plan: the threshold
+    threshold = copy_threshold(outlines, unseen)
+    assert threshold == pytest.approx(0.1)
+    found = near_copies(plans + torch.tensor([[0.05], [0.2], [0.3]]), outlines, unseen)  # near_copies' own rule
+    assert found["copied"].tolist() == (found["distance"] < threshold).tolist() == [True, False, False]
+    groups = twin_groups(outlines, threshold)
+    assert groups == [[0, 1, 2], [3, 4]]
+    assert torch.allclose(twin_weights(groups, 6), torch.tensor([1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2, 1.0],
+                                                                dtype=torch.float64))
+    assert twin_weights([], 2).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="outlines has 5 rows: expected the images' silhouettes, then as many"):
+        twin_groups(outlines[:5], threshold)
 
 
 def test_pair_pictures_keep_each_sample_over_its_partner_in_a_short_last_row(tmp_path):

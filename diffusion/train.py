@@ -13,6 +13,7 @@ The UNet starts from random weights, or from another UNet stage's with ``--init_
 from __future__ import annotations
 
 import copy
+import hashlib
 import statistics
 import time
 import warnings
@@ -276,6 +277,12 @@ def silhouette_twins(data: CaptionSet) -> list[list[int]]:
     return twin_groups(outlines, copy_threshold(outlines, silhouette_thumbnails(shrunk(data.subset("val").images))))
 
 
+def twins_record(twins: list[list[int]]) -> str:
+    """How a stage records its ``silhouette_twins``: the group sizes, readable, and a hash of who is in them."""
+    members = hashlib.sha256(repr(twins).encode()).hexdigest()[:12]
+    return f"{','.join(str(len(group)) for group in twins) or 'none'} (members {members})"
+
+
 def lowres_folder(out_dir: str | Path) -> Path:
     """Where a progressive run keeps its low-resolution phase: a UNet stage folder inside the stage's own."""
     return Path(out_dir) / LOWRES_FOLDER
@@ -412,7 +419,7 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     if twins is not None:  # a mirror row (image i's at i + N) draws as its image does
         num_images = len(train_set)
         item_weights = twin_weights(twins, num_images).repeat(train_latents.num_plain_rows // num_images)
-        trained_on["twin_group_sizes"] = ",".join(str(len(group)) for group in twins) or "none"
+        trained_on["twin_groups"] = twins_record(twins)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=train_latents.num_plain_rows,
                       ema_of=model, cuda_graph_of=model, resume=resume, device=env.device,
                       run_config=config_to_dict(cfg), trained_on=trained_on, item_weights=item_weights)

@@ -109,12 +109,12 @@ def save_stage(folder: str | Path, *, kind: str, model_config: Mapping[str, Any]
 
 # how a lineage record's inputs read in a difference: the data (its images), its captions, the captions as the
 # stage trained on them (the UNet's, with colour sentences), a tokenizer, the weights a stage started from, the
-# UNet's silhouette twin groups (their sizes: what balance_twins weighted), otherwise an upstream stage ("vae", "clip")
+# UNet's silhouette twin groups (what balance_twins weighted), otherwise an upstream stage ("vae", "clip")
 _INPUT_NAMES = {"data": "other data", "captions": "other captions",
                 "trained_captions": "other training captions (their colour sentences, trimming or recoloured "
                                     "copies differ)",
                 "tokenizer": "another tokenizer", "init": "other starting weights",
-                "twin_group_sizes": "other silhouette twin groups (balance_twins' draw weights)"}
+                "twin_groups": "other silhouette twin groups (balance_twins' draw weights)"}
 
 
 def lineage_differences(recorded: Mapping[str, str], asked: Mapping[str, tuple[str | None, str]]) -> list[str]:

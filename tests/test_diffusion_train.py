@@ -16,7 +16,7 @@ from diffusion.recolour import recoloured_images
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffusion.train import (TRAIN_IMAGES_KEY, LatentBatchMaker, ValidationLoss, fit_probe_rows, main,
-                             silhouette_twins, stage_checkpoints, train)
+                             silhouette_twins, stage_checkpoints, train, twins_record)
 from engine import ConfigError, StageError, Trainer, build_config, is_complete, read_stage
 from engine.stage import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.metrics import COLOUR_FAMILIES, FAMILY_NAMES, twin_weights
@@ -420,9 +420,10 @@ def test_balance_twins_draws_silhouette_twins_at_one_over_their_group_size_in_bo
     data = load_captions(DATA, resolution=cfg.resolution)  # measured once, at the stage's resolution
     twins = silhouette_twins(data)
     assert twins  # one shape at about one size and place, in another colour, has its silhouette
-    sizes = ",".join(str(len(group)) for group in twins)
-    assert read_stage(out).trained_on["twin_group_sizes"] == read_stage(out / "lowres").trained_on[
-        "twin_group_sizes"] == sizes
+    recorded = {read_stage(out).trained_on["twin_groups"], read_stage(out / "lowres").trained_on["twin_groups"]}
+    assert recorded == {twins_record(twins)}
+    assert twins_record(twins).startswith(",".join(str(len(group)) for group in twins) + " (members ")
+    assert twins_record([[0, 1], [2, 3]]) != twins_record([[0, 2], [1, 3]])  # same sizes, other members
     expected = twin_weights(twins, len(data.subset("train"))).repeat(2)  # the images' rows, then their mirrors'
     assert len(weights) == 2 and all(torch.equal(phase, expected) for phase in weights)
     assert expected.min() == 1 / max(map(len, twins)) and (expected == 1).any()

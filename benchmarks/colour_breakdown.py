@@ -35,8 +35,9 @@ from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE, paired_differences, paired_table
-from pipelines.metrics import (FAMILY_NAMES, PROMPT_COLOURS, colour_hits, colour_hits_from_counts, colour_prompts,
-                               composition_per_image, first_named_colours, hue_family_counts, share_by_colour)
+from pipelines.metrics import (FAMILY_NAMES, PROMPT_COLOURS, at_prompt_mix, colour_hits, colour_hits_from_counts,
+                               colour_prompts, composition_per_image, first_named_colours, hue_family_counts,
+                               share_by_colour)
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
 # What an English colour word describes, from the word after it ("red eyes" vs "red body"): a rough reading of
@@ -134,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     first_named = first_named_colours(train.en + val.en)
     real_named = [name for _, name in first_named]
     result["real"] = summary(images[[i for i, _ in first_named]], real_named)
+    # the samples' mix: the colour prompts name each colour alike, the captions mostly blue
+    result["real"]["at_prompt_mix"] = at_prompt_mix(result["real"]["by_colour"], named)
     result["caption_use"] = colour_word_use(train.en + val.en)
     # what the UNet learns each colour from: training images whose body colour sentence names it
     result["training_bodies"] = body_counts(train.images)
@@ -149,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["command"] = command_line("python -m benchmarks.colour_breakdown", argv)
     for who in ("samples", "real"):
         figures = result[who]
-        print(f"{who:8s} overall {figures['overall']:.3f} ({figures['count']})  " +
+        at_mix = f" ({figures['at_prompt_mix']:.3f} at the prompts' colour mix)" if figures.get("at_prompt_mix") else ""
+        print(f"{who:8s} overall {figures['overall']:.3f}{at_mix} ({figures['count']})  " +
               "  ".join(f"{c} {v:.2f}" for c, v in figures["by_colour"].items()), flush=True)
         for colour, shares in figures["hue_shares"].items():
             print(f"  '{colour}': " + "  ".join(f"{family} {share:.2f}" for family, share in shares.items()))

@@ -35,9 +35,9 @@ from engine.images import save_grid
 from engine.stage import WEIGHTS_FILE, file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, colour_hits, colour_prompts, composition, composition_means,
-                      composition_per_image, cosine_nearest, first_named_colours, frechet_distance, held_out_copies,
-                      hue_blind_thumbnails, kernel_distance, near_copies, nearest_indices,
+from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, at_prompt_mix, colour_hits, colour_prompts, composition,
+                      composition_means, composition_per_image, cosine_nearest, first_named_colours, frechet_distance,
+                      held_out_copies, hue_blind_thumbnails, kernel_distance, near_copies, nearest_indices,
                       seed_diversity, share_by_colour, sharpness, silhouette_thumbnails, thumbnails, unit_pixels)
 from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
@@ -115,8 +115,11 @@ def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: i
         real_named = [n for _, n in named_real]
         real_hits = colour_hits(real_all[index], real_named)
         figures["colour_adherence_real"] = float(real_hits.float().mean())
-        figures.update({f"colour_adherence_{colour}_real": share
-                        for colour, share in share_by_colour(real_hits, real_named).items()})
+        by_colour = share_by_colour(real_hits, real_named)
+        figures.update({f"colour_adherence_{colour}_real": share for colour, share in by_colour.items()})
+        prompt_mix = at_prompt_mix(by_colour, colour_prompts(1)[2])
+        if prompt_mix is not None:
+            figures["colour_adherence_real_prompt_mix"] = prompt_mix
     figures.update({f"{key}_real": value for key, value in composition(real_all).items()})
     figures["sharpness_real"] = sharpness(real_all)
     # FD and KID of as many training images as one language has samples (spread over the set) against the
@@ -393,8 +396,14 @@ QUALITY_ROWS = (
 )
 
 
-# the real images' value of a figure not named key + "_real": FD and KID have one floor for both languages
-REAL_KEYS = {"fd_en": "fd_real", "kid_en": "kid_real"}
+# the real images' value of a figure not named key + "_real": FD and KID have one floor for both languages; the
+# colour prompts name six colours alike, so the real images' adherence is theirs per colour at that mix
+REAL_KEYS = {"fd_en": "fd_real", "kid_en": "kid_real", "colour_adherence": "colour_adherence_real_prompt_mix"}
+
+
+def real_key(key: str) -> str:
+    """The key of the real images' value of a generation figure."""
+    return REAL_KEYS.get(key, f"{key}_real")
 
 
 # Each share among generation_metrics' figures and the count of samples it is taken over (their error bars).
@@ -509,7 +518,7 @@ def quality_table(generation: dict[str, Any]) -> str:
     for key, description, target in QUALITY_ROWS:
         if key not in generation:
             continue
-        real = generation.get(REAL_KEYS.get(key, f"{key}_real"))
+        real = generation.get(real_key(key))
         real_text = "—" if real is None else f"{real:.3f}"
         sample_text, error = f"{generation[key]:.3f}", share_error(generation, key)
         if error is not None:

@@ -60,8 +60,8 @@ from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, folder_lock, is_complete, read_stage, record_preset, \
     write_json
 from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, check_evaluation_data, describe_judge, evaluate_run,
-                                generation_metrics, over_seed_sets, paired_against, paired_table, real_reference,
-                                share_error)
+                                generation_metrics, over_seed_sets, paired_against, paired_table, real_key,
+                                real_reference, share_error)
 from pipelines.metrics import PROMPT_COLOURS
 from pipelines.stages import (finished_stage_differences, generation_size, judge_path, load_stack, sampling_size,
                               stage_kind, stage_paths, stage_settings, write_stages_record)
@@ -476,7 +476,7 @@ def metrics_markdown(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[st
     for section, key, label, share in KEY_METRICS:
         if all(metric_value(evaluations[n], section, key) is None for n in names):
             continue
-        real = metric_value(base, section, f"{key}_real")
+        real = metric_value(base, section, real_key(key))
         cells = [format_value(real, share) if real is not None else "—"]
         for name in names:
             value = metric_value(evaluations[name], section, key)
@@ -563,7 +563,7 @@ def plot_metrics(plans: Sequence[ColumnPlan], evaluations: dict[str, dict[str, A
         spreads = [metric_spread(evaluations[n], section, key) or 0.0 for n in names]
         ax.bar(range(len(names)), [math.nan if v is None else v for v in values],
                color=[f"C{i}" for i in range(len(names))], yerr=spreads if any(spreads) else None, capsize=3)
-        real = metric_value(evaluations[BASE], section, f"{key}_real")
+        real = metric_value(evaluations[BASE], section, real_key(key))
         if real is not None:
             ax.axhline(real, linestyle="--", color="black", linewidth=1)
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)

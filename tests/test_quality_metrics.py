@@ -258,6 +258,17 @@ def test_quality_table_shows_the_real_value_beside_each_figure():
     assert "standard error" not in table  # no sample count given: no error bar
 
 
+def test_real_colour_adherence_is_read_at_the_colour_prompts_mix():
+    from pipelines.metrics import at_prompt_mix
+    by_colour = {"blue": 0.9, "purple": 0.3, "red": 0.6}
+    assert at_prompt_mix(by_colour, ["blue", "purple", "red", "red"]) == pytest.approx((0.9 + 0.3 + 1.2) / 4)
+    assert at_prompt_mix(by_colour, ["blue", "pink"]) is None  # no real pink creature: no such reading
+    # beside the samples' adherence the table puts this reading, not the captions' own mix (mostly blue here)
+    table = quality_table({"colour_adherence": 0.7, "colour_adherence_real": 0.85,
+                           "colour_adherence_real_prompt_mix": 0.6})
+    assert "| 0.700 | 0.600 | ≥ 0.75 |" in table
+
+
 def test_quality_table_gives_each_share_its_binomial_standard_error():
     table = quality_table({"fg_share": 0.5, "near_copy_share_judge": 0.1, "colour_adherence": 0.8, "samples": 100,
                            "colour_samples": 25, "near_copy_share_judge_real": 0.07})
@@ -391,6 +402,7 @@ def test_colour_breakdown_counts_the_bodies_recoloured_copies_add(tmp_path):
     assert copies["recoloured"] == 2 * train_images and copies["kept_as_they_are"] == 0
     assert sum(copies["bodies"].values()) == 2 * train_images and copies["bodies"]["pink"] > 0  # no pink shapes
     assert result["training_bodies"]["pink"] == 0 and "recoloured_copies" not in colour_breakdown(args)
+    assert result["real"]["at_prompt_mix"] is None  # no pink shape: no reading at the prompts' six colours
     with pytest.raises(ConfigError, match=r"recolour\.copies must be in \[0, 6\]"):
         colour_breakdown(args + ["--recolour-copies", "7"])
 

@@ -260,8 +260,8 @@ def test_quality_table_shows_the_real_value_beside_each_figure():
 
 def test_real_colour_adherence_is_read_at_the_colour_prompts_mix():
     from pipelines.metrics import at_prompt_mix
-    by_colour = {"blue": 0.9, "purple": 0.3, "red": 0.6}
-    assert at_prompt_mix(by_colour, ["blue", "purple", "red", "red"]) == pytest.approx((0.9 + 0.3 + 1.2) / 4)
+    by_colour = {"blue": 0.9, "purple": 0.3, "red": 0.5}
+    assert at_prompt_mix(by_colour, ["blue", "purple", "red", "red"]) == pytest.approx((0.9 + 0.3 + 1.0) / 4)
     assert at_prompt_mix(by_colour, ["blue", "pink"]) is None  # no real pink creature: no such reading
     # beside the samples' adherence the table puts this reading, not the captions' own mix (mostly blue here)
     table = quality_table({"colour_adherence": 0.7, "colour_adherence_real": 0.85,

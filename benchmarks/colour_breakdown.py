@@ -78,12 +78,13 @@ def summary(images: torch.Tensor, named: list[str], chinese: torch.Tensor | None
 def colour_prompt_records(images: torch.Tensor, texts: Sequence[str], seeds: Sequence[int],
                           named: list[str]) -> list[dict]:
     """Sample records (``pipelines.evaluate.generation_metrics``' kind) of colour-prompt samples read back from a
-    picture: each one's colour hit, parts and frame filling, without copy flags (a picture holds no threshold)."""
+    picture: each one's colour hit, parts, foreground share and frame filling, without copy flags (a picture holds
+    no threshold)."""
     hits, each = colour_hits(images, named).tolist(), composition_per_image(images)
     return [{"source": "colour_prompts", "prompt": text, "seed": seed, "parts": int(parts),
-             "frame_filling": bool(filling), "colour_hit": hit}
-            for text, seed, hit, parts, filling in zip(texts, seeds, hits, each["parts"], each["frame_filling"],
-                                                       strict=True)]
+             "fg_share": float(fg), "frame_filling": bool(filling), "colour_hit": hit}
+            for text, seed, hit, parts, fg, filling in zip(texts, seeds, hits, each["parts"], each["fg_share"],
+                                                           each["frame_filling"], strict=True)]
 
 
 def body_counts(images: torch.Tensor) -> dict[str, int]:

@@ -224,12 +224,12 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         drawn += [{"source": "colour_prompts", "prompt": prompt} for prompt in colour_texts]
         drawn_seeds = seeds + seeds + colour_seed_list
         colour_hit = [None] * first_colour + hits.bool().tolist()
-        records.extend({**what, "seed": seed + seed_offset, "parts": int(parts), "frame_filling": bool(filling),
-                        "copied_pixel": bool(by_pixel), "copied_judge": bool(by_judge),
+        records.extend({**what, "seed": seed + seed_offset, "parts": int(parts), "fg_share": round(float(fg), 4),
+                        "frame_filling": bool(filling), "copied_pixel": bool(by_pixel), "copied_judge": bool(by_judge),
                         "copied_silhouette": bool(by_outline), "colour_hit": hit}
-                       for what, seed, parts, filling, by_pixel, by_judge, by_outline, hit
-                       in zip(drawn, drawn_seeds, each["parts"], each["frame_filling"], pixel["copied"],
-                              in_judge["copied"], silhouette["copied"], colour_hit, strict=True))
+                       for what, seed, parts, fg, filling, by_pixel, by_judge, by_outline, hit
+                       in zip(drawn, drawn_seeds, each["parts"], each["fg_share"], each["frame_filling"],
+                              pixel["copied"], in_judge["copied"], silhouette["copied"], colour_hit, strict=True))
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]
@@ -426,6 +426,8 @@ def share_error(generation: dict[str, Any], key: str) -> float | None:
 PAIRED_FLAGS = {"copied_pixel": "near-copies, pixel space", "copied_judge": "near-copies, judge space",
                 "colour_hit": "named colour among the two dominant hues",
                 "frame_filling": "samples that fill the frame"}
+# Per-sample figures of the records that pair as means (a paired difference with its standard error).
+PAIRED_MEANS = {"parts": "foreground regions per sample", "fg_share": "foreground share"}
 
 
 def mcnemar_p(only_before: int, only_after: int) -> float:
@@ -439,7 +441,7 @@ def mcnemar_p(only_before: int, only_after: int) -> float:
 def paired_differences(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``after`` against ``before``, sample for sample: over the samples both drew (one source, prompt or caption
     row, and seed; records of ``generation_metrics(records=...)``), each flag's share before and after, the pairs
-    where only one side has it and McNemar's exact p-value, and the parts per sample's mean paired difference;
+    where only one side has it and McNemar's exact p-value, and each ``PAIRED_MEANS`` figure's mean paired difference;
     each difference with its standard error beside the one the two means would have unpaired. A seed decides
     much of its sample whatever the setting or model, so the paired error is the smaller, and a difference too
     small to see in two means can show here."""
@@ -464,15 +466,18 @@ def paired_differences(before: Sequence[dict[str, Any]], after: Sequence[dict[st
                      "error_paired": (only_before + only_after - moved ** 2 / n) ** 0.5 / n,
                      "error_unpaired": ((share_before * (1 - share_before) + share_after * (1 - share_after))
                                         / n) ** 0.5}
-    parts_before = [a["parts"] for a, _ in pairs]
-    parts_after = [b["parts"] for _, b in pairs]
-    differences = [b - a for a, b in zip(parts_before, parts_after)]
-    count = len(pairs)
-    out["parts"] = {"pairs": count, "before": statistics.fmean(parts_before), "after": statistics.fmean(parts_after),
-                    "difference": statistics.fmean(differences),
-                    "error_paired": statistics.stdev(differences) / count ** 0.5,
-                    "error_unpaired": ((statistics.variance(parts_before) + statistics.variance(parts_after))
-                                       / count) ** 0.5}
+    for figure in PAIRED_MEANS:
+        both = [(a[figure], b[figure]) for a, b in pairs if a.get(figure) is not None and b.get(figure) is not None]
+        if len(both) < 2:  # records written before the figure was (an older evaluation's)
+            continue
+        before_values, after_values = zip(*both)
+        differences = [b - a for a, b in both]
+        count = len(both)
+        out[figure] = {"pairs": count, "before": statistics.fmean(before_values),
+                       "after": statistics.fmean(after_values), "difference": statistics.fmean(differences),
+                       "error_paired": statistics.stdev(differences) / count ** 0.5,
+                       "error_unpaired": ((statistics.variance(before_values) + statistics.variance(after_values))
+                                          / count) ** 0.5}
     return out
 
 
@@ -503,10 +508,11 @@ def paired_table(columns: dict[str, dict[str, Any]]) -> str:
                          f"{row['only_before']} / {row['only_after']} pairs only before / after, "
                          f"p {row['p_value']:.2g})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    cells = [f"{p['parts']['before']:.3f} → {p['parts']['after']:.3f} ({p['parts']['difference']:+.3f} ± "
-             f"{p['parts']['error_paired']:.3f} paired, ± {p['parts']['error_unpaired']:.3f} unpaired)"
-             for p in columns.values()]
-    lines.append("| foreground regions per sample | " + " | ".join(cells) + " |")
+    for key, label in PAIRED_MEANS.items():
+        cells = ["—" if (row := paired.get(key)) is None else
+                 f"{row['before']:.3f} → {row['after']:.3f} ({row['difference']:+.3f} ± {row['error_paired']:.3f} "
+                 f"paired, ± {row['error_unpaired']:.3f} unpaired)" for paired in columns.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -385,6 +385,7 @@ def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tm
     assert paired["pairs"] == 96 and "copied_judge" not in paired  # a picture holds no copy threshold
     assert (paired["colour_hit"]["only_before"], paired["colour_hit"]["only_after"]) == (0, named.count("red"))
     assert paired["parts"]["difference"] == 0  # one disc each, either way
+    assert paired["fg_share"]["difference"] == pytest.approx(0, abs=1e-6)  # the same disc, recoloured
 
 
 def test_colour_breakdown_counts_the_bodies_recoloured_copies_add(tmp_path):
@@ -537,3 +538,9 @@ def test_paired_differences_pair_samples_by_prompt_and_seed():
     assert paired_differences(by_row, by_row[::-1])["pairs"] == 3
     with pytest.raises(ValueError, match="only 0 sample"):
         paired_differences(by_row, [{**sample, "row": sample["row"] + 1} for sample in by_row])  # other rows
+    # records that carry each sample's foreground share pair it as a mean too; older records (none) leave it out
+    assert "fg_share" not in paired and "| foreground share | — |" in table
+    grown = paired_differences([{**r, "fg_share": 0.3 + r["seed"] / 100} for r in before],
+                               [{**r, "fg_share": 0.35 + r["seed"] / 100} for r in after])["fg_share"]
+    assert grown["difference"] == pytest.approx(0.05) and grown["error_paired"] == pytest.approx(0, abs=1e-12)
+    assert grown["pairs"] == 40 and grown["error_unpaired"] > 0.01  # the seeds' spread, shared by both sides

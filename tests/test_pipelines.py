@@ -82,6 +82,7 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     assert share("colour_hit") == pytest.approx(generation["colour_adherence"])
     assert share("frame_filling") == pytest.approx(generation["frame_filling_share"])
     assert share("parts") == pytest.approx(generation["parts_mean"])
+    assert share("fg_share") == pytest.approx(generation["fg_share"], abs=1e-4)  # kept to 4 decimals
     assert all((r["colour_hit"] is None) == (r["source"] != "colour_prompts") for r in records)
     # a caption sample names its validation row, so the file can be shared without the data's captions
     val = load_captions(DATA, resolution=64).subset("val")

@@ -82,7 +82,7 @@ def colour_prompt_records(images: torch.Tensor, texts: Sequence[str], seeds: Seq
     no threshold)."""
     hits, each = colour_hits(images, named).tolist(), composition_per_image(images)
     return [{"source": "colour_prompts", "prompt": text, "seed": seed, "parts": int(parts),
-             "fg_share": float(fg), "frame_filling": bool(filling), "colour_hit": hit}
+             "fg_share": round(float(fg), 4), "frame_filling": bool(filling), "colour_hit": hit}
             for text, seed, hit, parts, fg, filling in zip(texts, seeds, hits, each["parts"], each["fg_share"],
                                                            each["frame_filling"], strict=True)]
 
@@ -153,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["command"] = command_line("python -m benchmarks.colour_breakdown", argv)
     for who in ("samples", "real"):
         figures = result[who]
-        at_mix = f" ({figures['at_prompt_mix']:.3f} at the prompts' colour mix)" if figures.get("at_prompt_mix") else ""
+        mix = figures.get("at_prompt_mix")
+        at_mix = "" if mix is None else f" ({mix:.3f} at the prompts' colour mix)"
         print(f"{who:8s} overall {figures['overall']:.3f}{at_mix} ({figures['count']})  " +
               "  ".join(f"{c} {v:.2f}" for c, v in figures["by_colour"].items()), flush=True)
         for colour, shares in figures["hue_shares"].items():

@@ -24,6 +24,7 @@ from data.captions import clause_prefixes, texts_fingerprint
 from diffusion.config import UNetTrainConfig
 from diffusion.recolour import (RecolourAugment, family_map, hue_family, hue_turns, recoloured_images, recolourable,
                                rename_colours)
+from diffusion.twins import silhouette_twins, twins_record
 from engine.stage import read_stage
 from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares, in_hue_family, pixel_hues
 
@@ -138,9 +139,13 @@ def derived_inputs(cfg: UNetTrainConfig, data_source: str, upstream: Mapping[str
                    ) -> dict[str, str]:
     """The inputs a UNet stage trained now records that its settings and ``upstream`` folders ("vae", "clip") do
     not name, for ``pipelines.stages.finished_stage_differences``' ``derived``: ``trained_captions``, the
-    fingerprint of its ``training_captions`` (a rule change, not only a data change, changes it). ``{}`` while
-    an upstream stage (None) is about to be trained again: the UNet trains again with it, so nothing is measured."""
+    fingerprint of its ``training_captions``, and with ``balance_twins`` its ``twin_groups`` (a rule change, not
+    only a data change, changes either). ``{}`` while an upstream stage (None) is about to be trained again: the
+    UNet trains again with it, so nothing is measured."""
     if None in upstream.values():
         return {}
-    train_set = load_captions(data_source, resolution=cfg.resolution).subset("train")
-    return {"trained_captions": training_captions(cfg, train_set, upstream["clip"]).fingerprint}
+    data = load_captions(data_source, resolution=cfg.resolution)
+    derived = {"trained_captions": training_captions(cfg, data.subset("train"), upstream["clip"]).fingerprint}
+    if cfg.balance_twins:
+        derived["twin_groups"] = twins_record(silhouette_twins(data))
+    return derived

@@ -58,9 +58,10 @@ class UNetTrainConfig:
     # recoloured copies whose captions name the new colours (diffusion.recolour): off by default, since at half
     # length they drew more loose parts for a colour gain within noise (docs/results/quality/recolour_screen)
     recolour: RecolourAugment = field(default_factory=RecolourAugment)
-    # draw each image of a group sharing one silhouette (pipelines.metrics.twin_groups: 33 of the 750 in 6 groups,
-    # 17 of them winged) with weight 1 / (group size), since samples repeat that butterfly layout too often; a
-    # repeated body plan then counts as one image. Off by default: not yet measured on a GPU
+    # draw each image of a group sharing one silhouette (diffusion.twins; on the Pokémon set the largest group is
+    # 17 winged creatures) with weight 1 / (group size), since samples repeat that butterfly layout too often; a
+    # repeated body plan then counts as one image. Every item is then drawn with replacement. Off by default: not
+    # yet measured on a GPU
     balance_twins: bool = False
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
     # Progressive resolution: the stage first trains lowres_epochs at resolution / lowres_factor (into out/lowres/,

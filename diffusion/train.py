@@ -13,7 +13,6 @@ The UNet starts from random weights, or from another UNet stage's with ``--init_
 from __future__ import annotations
 
 import copy
-import hashlib
 import statistics
 import time
 import warnings
@@ -35,6 +34,7 @@ from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.noise import PerSampleNoise
 from diffusion.recolour import RECOLOUR_VERSION, recoloured_images
 from diffusion.schedule import NoiseSchedule
+from diffusion.twins import silhouette_twins, twins_record
 from engine import StageError, Trainer, distributed, is_complete, read_stage
 from engine.cli import run_stage_cli, stage_parser
 from engine.config import ConfigError, config_to_dict, flatten_config, setting_differences, validate_config
@@ -44,7 +44,7 @@ from engine.images import save_grid
 from engine.runlog import read_records
 from engine.stage import StageInfo, load_weights
 from engine.trainer import checkpoint_path
-from pipelines.metrics import copy_threshold, shrunk, silhouette_thumbnails, twin_groups, twin_weights
+from pipelines.metrics import twin_weights
 from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import LineageWarning, finished_stage_differences
 from unet.config import UNetConfig
@@ -269,20 +269,6 @@ def init_stage(init_from: str | Path | None, model: UNetConfig, vae_info: StageI
     return info
 
 
-def silhouette_twins(data: CaptionSet) -> list[list[int]]:
-    """``data``'s training images that share a silhouette (``pipelines.metrics.twin_groups``), under the threshold
-    of the evaluation's silhouette near-copy rule (from its validation images), measured at its size."""
-    train = shrunk(data.subset("train").images)
-    outlines = silhouette_thumbnails(torch.cat([train, train.flip(-1)]))
-    return twin_groups(outlines, copy_threshold(outlines, silhouette_thumbnails(shrunk(data.subset("val").images))))
-
-
-def twins_record(twins: list[list[int]]) -> str:
-    """How a stage records its ``silhouette_twins``: the group sizes, readable, and a hash of who is in them."""
-    members = hashlib.sha256(repr(twins).encode()).hexdigest()[:12]
-    return f"{','.join(str(len(group)) for group in twins) or 'none'} (members {members})"
-
-
 def lowres_folder(out_dir: str | Path) -> Path:
     """Where a progressive run keeps its low-resolution phase: a UNet stage folder inside the stage's own."""
     return Path(out_dir) / LOWRES_FOLDER
@@ -318,7 +304,10 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
         if is_complete(folder):
-            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir, captions.fingerprint)
+            derived = {"trained_captions": captions.fingerprint}
+            if twins is not None:
+                derived["twin_groups"] = twins_record(twins)
+            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir, derived)
         else:
             _train_phase(phase, load_captions(data_source, resolution=phase.resolution), vae_dir, clip_dir, folder,
                          resume, device, cfg.init_from, captions, twins)
@@ -327,12 +316,12 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
 
 
 def _check_finished_phase(folder: Path, phase: UNetTrainConfig, data_source: str, vae_dir: str | Path,
-                          clip_dir: str | Path, trained_captions: str) -> None:
+                          clip_dir: str | Path, derived: Mapping[str, str]) -> None:
     """A finished low-resolution phase is reused only when it is what is asked: same settings, data, VAE, CLIP,
-    and the same training captions (``trained_captions``: their fingerprint with the colour sentences)."""
+    and the same ``derived`` inputs (``derived_inputs``' kind: the training captions' fingerprint with the colour
+    sentences, the silhouette twin groups with ``balance_twins``)."""
     differences = finished_stage_differences("unet", folder, phase, data_source,
-                                             {"vae": Path(vae_dir), "clip": Path(clip_dir)},
-                                             {"trained_captions": trained_captions})
+                                             {"vae": Path(vae_dir), "clip": Path(clip_dir)}, derived)
     if differences:
         raise StageError(f"{folder} holds a finished low-resolution phase that differs from what is asked "
                          f"({'; '.join(differences[:4])}); remove that folder to train the phase again, or ask "

@@ -11,6 +11,7 @@ pictures and metrics, and a rollback of loss spikes when asked for (``TrainConfi
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 import random
@@ -102,6 +103,13 @@ def check_item_weights(weights: torch.Tensor | None, num_items: int) -> None:
         raise ConfigError("item_weights are all zero; give at least one item a positive weight")
 
 
+def weights_fingerprint(weights: torch.Tensor | None) -> str | None:
+    """Identifies a trainer's ``item_weights`` (None: uniform draws), so a resume draws as the run it continues."""
+    if weights is None:
+        return None
+    return hashlib.sha256(weights.detach().double().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
     if step < warmup_steps:
@@ -145,7 +153,7 @@ class Trainer:
             checkpoints (resuming on other inputs is an error) and in the finished stage's lineage.
         item_weights: optional ``[num_train_items]`` non-negative draw weights: each pass then draws its
             ``num_train_items`` indices with replacement in proportion to them instead of permuting the items
-            (a resume needs the same weights: the stage records what they come from in ``trained_on``).
+            (a checkpoint records their fingerprint: a resume with other weights, or none, is refused).
     """
 
     def __init__(self, module: nn.Module, cfg: TrainConfig, out_dir: str | Path, *, num_train_items: int,
@@ -664,6 +672,7 @@ class Trainer:
                 "rng": rng,
                 "run_config": flatten_config(self.run_config),
                 "trained_on": self.trained_on,
+                "item_weights": weights_fingerprint(self.item_weights),
                 "world_size": self.env.world_size,
             }
             atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
@@ -699,6 +708,8 @@ class Trainer:
         # is neither the run that was started nor the one asked for (how it runs, e.g. compiled or not, may change)
         differences = resume_differences(state, flatten_config(self.run_config),
                                          {name: (value, "") for name, value in self.trained_on.items()})
+        if state.get("item_weights") != weights_fingerprint(self.item_weights):  # older checkpoints: uniform draws
+            differences.append("it drew its training items with other item_weights")
         if differences:
             raise ConfigError(f"cannot resume {self.checkpoint_path}: it differs from what is asked "
                               f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); ask for "

@@ -117,7 +117,7 @@ def real_reference(judge: CLIPModel, train: CaptionSet, val: CaptionSet, size: i
         figures["colour_adherence_real"] = float(real_hits.float().mean())
         by_colour = share_by_colour(real_hits, real_named)
         figures.update({f"colour_adherence_{colour}_real": share for colour, share in by_colour.items()})
-        prompt_mix = at_prompt_mix(by_colour, colour_prompts(1)[2])
+        prompt_mix = at_prompt_mix(by_colour, PROMPT_COLOURS)  # the colour prompts name each alike
         if prompt_mix is not None:
             figures["colour_adherence_real_prompt_mix"] = prompt_mix
     figures.update({f"{key}_real": value for key, value in composition(real_all).items()})

@@ -283,8 +283,8 @@ def share_by_colour(flags: torch.Tensor, named: list[str]) -> dict[str, float]:
 def at_prompt_mix(by_colour: dict[str, float], named: Sequence[str]) -> float | None:
     """A per-colour share (``share_by_colour``'s) averaged as ``named`` (one colour per sample) mixes the colours:
     the real images' colour adherence as the colour prompts ask for it (six colours alike), where the captions'
-    own mix leans on the colours the ruler reads well. None when a named colour has no share."""
-    if any(colour not in by_colour for colour in named):
+    own mix leans on the colours the ruler reads well. None when a named colour has no share, or none is named."""
+    if not named or any(colour not in by_colour for colour in named):
         return None
     return sum(by_colour[colour] for colour in named) / len(named)
 

@@ -16,7 +16,8 @@ from diffusion.recolour import recoloured_images
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffusion.train import (TRAIN_IMAGES_KEY, LatentBatchMaker, ValidationLoss, fit_probe_rows, main,
-                             silhouette_twins, stage_checkpoints, train, twins_record)
+                             stage_checkpoints, train)
+from diffusion.twins import silhouette_twins, twins_record
 from engine import ConfigError, StageError, Trainer, build_config, is_complete, read_stage
 from engine.stage import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.metrics import COLOUR_FAMILIES, FAMILY_NAMES, twin_weights
@@ -434,6 +435,15 @@ def test_balance_twins_draws_silhouette_twins_at_one_over_their_group_size_in_bo
                                          "False"):
         train(tiny_config(epochs=1, lowres_epochs=1), DATA, stages / "vae", stages / "clip", out, resume=True,
               device="cpu")
+    # the groups are an input the stage derives: train_all's and a study's checks see them, and another grouping
+    # of the same data (a rule change) does not reuse the finished phase
+    upstream = {"vae": stages / "vae", "clip": stages / "clip"}
+    assert derived_inputs(cfg, DATA, upstream)["twin_groups"] == twins_record(twins)
+    assert "twin_groups" not in derived_inputs(tiny_config(epochs=1, lowres_epochs=1), DATA, upstream)
+    regrouped = [sorted(group[:-1] + [group[-1] + 1]) for group in twins]  # same sizes, other members
+    monkeypatch.setattr("diffusion.train.silhouette_twins", lambda data: regrouped)
+    with pytest.raises(StageError, match="lowres holds a finished low-resolution phase .*other silhouette twin groups"):
+        train(cfg, DATA, stages / "vae", stages / "clip", out, resume=True, device="cpu")
 
 
 def test_recolouring_needs_colour_sentences():

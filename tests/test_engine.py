@@ -553,6 +553,9 @@ def test_a_weighted_run_resumes_exactly_from_an_epochs_end_and_from_inside_an_ep
     with pytest.raises(KeyboardInterrupt):  # resumed there, killed again after step 12's, inside the second epoch
         train(tmp_path / "b", epochs=3, checkpoint_every_steps=4, crash_at=13, resume=True, item_weights=weights)
     assert read_checkpoint(checkpoint_path(tmp_path / "b"))["step"] == 12
+    for other in (weights.flip(0), None):  # other draws than the run it continues: refused, the checkpoint kept
+        with pytest.raises(ConfigError, match="it drew its training items with other item_weights"):
+            train(tmp_path / "b", epochs=3, checkpoint_every_steps=4, resume=True, item_weights=other)
     resumed = train(tmp_path / "b", epochs=3, checkpoint_every_steps=4, resume=True, item_weights=weights)
     assert resumed.resumed
     _same_state(straight, resumed)

@@ -263,6 +263,7 @@ def test_real_colour_adherence_is_read_at_the_colour_prompts_mix():
     by_colour = {"blue": 0.9, "purple": 0.3, "red": 0.5}
     assert at_prompt_mix(by_colour, ["blue", "purple", "red", "red"]) == pytest.approx((0.9 + 0.3 + 1.0) / 4)
     assert at_prompt_mix(by_colour, ["blue", "pink"]) is None  # no real pink creature: no such reading
+    assert at_prompt_mix(by_colour, []) is None
     # beside the samples' adherence the table puts this reading, not the captions' own mix (mostly blue here)
     table = quality_table({"colour_adherence": 0.7, "colour_adherence_real": 0.85,
                            "colour_adherence_real_prompt_mix": 0.6})
@@ -544,3 +545,5 @@ def test_paired_differences_pair_samples_by_prompt_and_seed():
                                [{**r, "fg_share": 0.35 + r["seed"] / 100} for r in after])["fg_share"]
     assert grown["difference"] == pytest.approx(0.05) and grown["error_paired"] == pytest.approx(0, abs=1e-12)
     assert grown["pairs"] == 40 and grown["error_unpaired"] > 0.01  # the seeds' spread, shared by both sides
+    assert "| foreground share | 0.495 → 0.545 (+0.050 ± 0.000 paired, ± 0.026 unpaired) |" in paired_table(
+        {"B against A": {"pairs": 40, "fg_share": grown}})

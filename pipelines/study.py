@@ -83,6 +83,7 @@ KEY_METRICS = (
     ("generation", "fd_zh", "FD (zh)", False),
     ("generation", "clip_score_en", "CLIP score (en)", False),
     ("generation", "clip_score_zh", "CLIP score (zh)", False),
+    ("generation", "colour_adherence", "colour adherence", True),  # real column: the prompts' colour mix
     ("generation", "colour_adherence_en", "colour adherence (en)", True),
     ("generation", "colour_adherence_zh", "colour adherence (zh)", True),
     # per named colour (16 samples each): which colours a variant fixes or breaks

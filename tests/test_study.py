@@ -199,6 +199,11 @@ def test_with_one_seed_set_a_share_is_tested_against_its_binomial_noise():
     table = study_module.metrics_markdown([base_column, variant], {"base": base, "terms_off": results(0.10)})
     assert "| near-copies (pixel) | — | 6 % ± 1 pts | 10 % ± 2 pts (+4 pts) |" in table
     assert "| FD (en) | — | 0.16 | 0.2 (+0.04) |" in table  # no error bar where no noise is known
+    # the real-images column reads each figure's real key: FD's floor, colour at the prompts' colour mix
+    real = {"generation": {**base["generation"], "colour_adherence": 0.7, "colour_adherence_real": 0.66,
+                           "colour_adherence_real_prompt_mix": 0.6, "fd_real": 0.04}}
+    table = study_module.metrics_markdown([base_column], {"base": real})
+    assert "| colour adherence | 60 % | 70 % |" in table and "| FD (en) | 0.04 | 0.16 |" in table
 
 
 def test_a_column_whose_training_spiked_is_named_in_the_report(done, tmp_path):

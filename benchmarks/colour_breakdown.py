@@ -36,8 +36,8 @@ from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE, paired_differences, paired_table
 from pipelines.metrics import (FAMILY_NAMES, PROMPT_COLOURS, at_prompt_mix, colour_hits, colour_hits_from_counts,
-                               colour_prompts, composition_per_image, first_named_colours, hue_family_counts,
-                               share_by_colour)
+                               colour_prompts, composition_per_image, composition_records, first_named_colours,
+                               hue_family_counts, share_by_colour)
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
 # What an English colour word describes, from the word after it ("red eyes" vs "red body"): a rough reading of
@@ -80,11 +80,9 @@ def colour_prompt_records(images: torch.Tensor, texts: Sequence[str], seeds: Seq
     """Sample records (``pipelines.evaluate.generation_metrics``' kind) of colour-prompt samples read back from a
     picture: each one's colour hit, parts, foreground share and frame filling, without copy flags (a picture holds
     no threshold)."""
-    hits, each = colour_hits(images, named).tolist(), composition_per_image(images)
-    return [{"source": "colour_prompts", "prompt": text, "seed": seed, "parts": int(parts),
-             "fg_share": round(float(fg), 4), "frame_filling": bool(filling), "colour_hit": hit}
-            for text, seed, hit, parts, fg, filling in zip(texts, seeds, hits, each["parts"], each["fg_share"],
-                                                           each["frame_filling"], strict=True)]
+    hits, composed = colour_hits(images, named).tolist(), composition_records(composition_per_image(images))
+    return [{"source": "colour_prompts", "prompt": text, "seed": seed, **figures, "colour_hit": hit}
+            for text, seed, hit, figures in zip(texts, seeds, hits, composed, strict=True)]
 
 
 def body_counts(images: torch.Tensor) -> dict[str, int]:

@@ -145,7 +145,16 @@ def derived_inputs(cfg: UNetTrainConfig, data_source: str, upstream: Mapping[str
     if None in upstream.values():
         return {}
     data = load_captions(data_source, resolution=cfg.resolution)
-    derived = {"trained_captions": training_captions(cfg, data.subset("train"), upstream["clip"]).fingerprint}
-    if cfg.balance_twins:
-        derived["twin_groups"] = twins_record(silhouette_twins(data))
-    return derived
+    return derived_record(training_captions(cfg, data.subset("train"), upstream["clip"]),
+                          silhouette_twins(data) if cfg.balance_twins else None)
+
+
+def derived_record(captions: TrainingCaptions, twins: list[list[int]] | None) -> dict[str, str]:
+    """The derived inputs as a UNet stage records them in ``trained_on`` (and ``derived_inputs`` asks for them):
+    ``trained_captions``, what its text states were built from (a resume onto captions whose colour sentences or
+    trimming changed, a code change and not a data change, is refused like one onto other data), and with
+    ``twins`` (``balance_twins``) its ``twin_groups``."""
+    record = {"trained_captions": captions.fingerprint}
+    if twins is not None:
+        record["twin_groups"] = twins_record(twins)
+    return record

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
-from diffusion.colour_sentences import TrainingCaptions, training_captions
+from diffusion.colour_sentences import TrainingCaptions, derived_record, training_captions
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
 from diffusion.guidance import guided_sample_and_decode
@@ -34,7 +34,7 @@ from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.noise import PerSampleNoise
 from diffusion.recolour import RECOLOUR_VERSION, recoloured_images
 from diffusion.schedule import NoiseSchedule
-from diffusion.twins import silhouette_twins, twins_record
+from diffusion.twins import silhouette_twins
 from engine import StageError, Trainer, distributed, is_complete, read_stage
 from engine.cli import run_stage_cli, stage_parser
 from engine.config import ConfigError, config_to_dict, flatten_config, setting_differences, validate_config
@@ -304,10 +304,7 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     if cfg.lowres_epochs > 0:
         phase, folder = cfg.lowres_phase(), lowres_folder(out_dir)
         if is_complete(folder):
-            derived = {"trained_captions": captions.fingerprint}
-            if twins is not None:
-                derived["twin_groups"] = twins_record(twins)
-            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir, derived)
+            _check_finished_phase(folder, phase, data_source, vae_dir, clip_dir, derived_record(captions, twins))
         else:
             _train_phase(phase, load_captions(data_source, resolution=phase.resolution), vae_dir, clip_dir, folder,
                          resume, device, cfg.init_from, captions, twins)
@@ -397,18 +394,14 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     if init is not None:  # before the trainer: its EMA starts from these weights too (a resume overrides both)
         model.load_state_dict(load_weights(init.path))
     module = DiffusionTrainingModule(model, schedule, cfg.prediction_type, cfg.loss)
-    # "trained_captions": what the text states were built from; a resume onto captions whose colour sentences
-    # or trimming changed (a code change, not a data change) is refused like one onto other data
-    trained_on = {"data": data.fingerprint, "captions": data.captions_fingerprint,
-                  "trained_captions": captions.fingerprint, "vae": vae_info.fingerprint,
-                  "clip": clip_info.fingerprint, "tokenizer": tokenizer_fingerprint}
+    trained_on = {"data": data.fingerprint, "captions": data.captions_fingerprint, **derived_record(captions, twins),
+                  "vae": vae_info.fingerprint, "clip": clip_info.fingerprint, "tokenizer": tokenizer_fingerprint}
     if init is not None:
         trained_on["init"] = init.fingerprint
     item_weights = None
     if twins is not None:  # a mirror row (image i's at i + N) draws as its image does
         num_images = len(train_set)
         item_weights = twin_weights(twins, num_images).repeat(train_latents.num_plain_rows // num_images)
-        trained_on["twin_groups"] = twins_record(twins)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=train_latents.num_plain_rows,
                       ema_of=model, cuda_graph_of=model, resume=resume, device=env.device,
                       run_config=config_to_dict(cfg), trained_on=trained_on, item_weights=item_weights)

@@ -36,9 +36,10 @@ from engine.stage import WEIGHTS_FILE, file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
 from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, at_prompt_mix, colour_hits, colour_prompts, composition,
-                      composition_means, composition_per_image, cosine_nearest, first_named_colours, frechet_distance,
-                      held_out_copies, hue_blind_thumbnails, kernel_distance, near_copies, nearest_indices,
-                      seed_diversity, share_by_colour, sharpness, silhouette_thumbnails, thumbnails, unit_pixels)
+                      composition_means, composition_per_image, composition_records, cosine_nearest,
+                      first_named_colours, frechet_distance, held_out_copies, hue_blind_thumbnails, kernel_distance,
+                      near_copies, nearest_indices, seed_diversity, share_by_colour, sharpness, shrunk,
+                      silhouette_thumbnails, thumbnails)
 from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
@@ -68,8 +69,8 @@ def clip_score(judge: CLIPModel, features: torch.Tensor, prompts: Sequence[str])
 def judged_and_shrunk(judge: CLIPModel, images: torch.Tensor, size: int, batch_size: int = 64,
                       mirror: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Judge features of images (uint8, or [-1, 1] float; ``mirror``: of their mirror images) at ``size`` px, and
-    [-1, 1] copies at ``MEASURE_SIZE``, the size every pixel measure and picture works at. A batch at a time, so
-    full-size float copies of a whole set (gigabytes at 512 px) never pile up on the host."""
+    [-1, 1] copies at ``MEASURE_SIZE`` (``shrunk``), the size every pixel measure and picture works at. A batch at a
+    time, so full-size float copies of a whole set (gigabytes at 512 px) never pile up on the host."""
     features, small = [], []
     for chunk in images.split(batch_size):
         chunk = to_float(chunk) if chunk.dtype == torch.uint8 else chunk.float()
@@ -78,7 +79,7 @@ def judged_and_shrunk(judge: CLIPModel, images: torch.Tensor, size: int, batch_s
         if chunk.shape[-1] != size:
             chunk = F.interpolate(chunk, size=(size, size), mode="area")
         features.append(judge_features(judge, chunk))
-        small.append(unit_pixels(chunk) * 2 - 1)
+        small.append(shrunk(chunk))
     return torch.cat(features), torch.cat(small)
 
 
@@ -224,12 +225,11 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
         drawn += [{"source": "colour_prompts", "prompt": prompt} for prompt in colour_texts]
         drawn_seeds = seeds + seeds + colour_seed_list
         colour_hit = [None] * first_colour + hits.bool().tolist()
-        records.extend({**what, "seed": seed + seed_offset, "parts": int(parts), "fg_share": round(float(fg), 4),
-                        "frame_filling": bool(filling), "copied_pixel": bool(by_pixel), "copied_judge": bool(by_judge),
-                        "copied_silhouette": bool(by_outline), "colour_hit": hit}
-                       for what, seed, parts, fg, filling, by_pixel, by_judge, by_outline, hit
-                       in zip(drawn, drawn_seeds, each["parts"], each["fg_share"], each["frame_filling"],
-                              pixel["copied"], in_judge["copied"], silhouette["copied"], colour_hit, strict=True))
+        records.extend({**what, "seed": seed + seed_offset, **composed, "copied_pixel": bool(by_pixel),
+                        "copied_judge": bool(by_judge), "copied_silhouette": bool(by_outline), "colour_hit": hit}
+                       for what, seed, composed, by_pixel, by_judge, by_outline, hit
+                       in zip(drawn, drawn_seeds, composition_records(each), pixel["copied"], in_judge["copied"],
+                              silhouette["copied"], colour_hit, strict=True))
 
     count = min(diversity_prompts, len(val))
     prompts = [p for p in val.en[:count] for _ in range(diversity_seeds)]

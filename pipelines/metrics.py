@@ -110,11 +110,12 @@ def unit_pixels(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
     return (images.float() + 1) / 2
 
 
-def shrunk(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images as [-1, 1] at ``MEASURE_SIZE``, the evaluation's measuring size (area filter), 64 at a time:
-    full-size float copies of a whole set (gigabytes at 512 px) never pile up."""
-    return torch.cat([F.interpolate(to_float(chunk), size=(MEASURE_SIZE, MEASURE_SIZE), mode="area")
-                      for chunk in images.split(64)])
+def shrunk(images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Images (uint8, or [-1, 1] float) as [-1, 1] at ``MEASURE_SIZE``, the size every pixel measure and picture
+    works at (area filter), a batch at a time: full-size float copies of a whole set (gigabytes at 512 px) never
+    pile up."""
+    return torch.cat([unit_pixels(to_float(chunk) if chunk.dtype == torch.uint8 else chunk) * 2 - 1
+                      for chunk in images.split(batch_size)])
 
 
 def foreground_mask(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
@@ -165,6 +166,13 @@ def composition_per_image(images: torch.Tensor) -> dict[str, torch.Tensor]:
     border = mask[:, ring].float().mean(dim=1)
     return {"fg_share": mask.flatten(1).float().mean(dim=1), "border_fg": border,
             "frame_filling": border > FRAME_FILLING_BORDER, "parts": count_parts(mask)}
+
+
+def composition_records(each: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """``composition_per_image``'s figures as one record per sample (the part of a sample record, with its copy
+    and colour flags, that paired comparisons read): parts, foreground share (4 decimals), frame filling."""
+    return [{"parts": int(parts), "fg_share": round(float(fg), 4), "frame_filling": bool(filling)}
+            for parts, fg, filling in zip(each["parts"], each["fg_share"], each["frame_filling"], strict=True)]
 
 
 def composition(images: torch.Tensor) -> dict[str, float]:

@@ -4,6 +4,7 @@ device time split by op class, beside the step's model FLOPs and MFU.
     python -m benchmarks.step_breakdown --out docs/results/bench/step_breakdown.json
     python -m benchmarks.step_breakdown --set compile=false --set resolution=256   # another configuration
     python -m benchmarks.step_breakdown --preset tiny --steps 2                    # CPU: seconds (the test)
+    python -m benchmarks.step_breakdown --top 40                                   # the 40 busiest kernels
 
 Classes: convolutions, attention, other matmuls (the linear layers), normalisation (with what a compiled kernel
 fuses into it), pointwise and other ops, optimizer/EMA/clipping, copies (layout, dtype, memory). On CUDA they
@@ -80,9 +81,19 @@ def split_by_class(events: Sequence[tuple[str, float]]) -> dict[str, float]:
     return totals
 
 
-def profiled_step_times(trainer: Trainer, make_batch: Callable, warmup: int, steps: int
-                        ) -> tuple[float, dict[str, float]]:
-    """Seconds per step (unprofiled) and the per-class busy seconds per step (profiled, as many steps again)."""
+def top_ops(events: Sequence[tuple[str, float, int]], steps: int, count: int) -> list[dict[str, Any]]:
+    """The ``count`` kernels or ops with the most time, per step, from ``(name, microseconds, calls)`` rows over
+    ``steps`` steps: where a fusion or a fewer-kernels change would have to act."""
+    rows = sorted(((name, micros, calls) for name, micros, calls in events if not NOT_OPS.match(name)),
+                  key=lambda row: -row[1])
+    return [{"name": name, "class": op_class(name), "ms_per_step": micros / 1e3 / steps,
+             "calls_per_step": calls / steps} for name, micros, calls in rows[:count]]
+
+
+def profiled_step_times(trainer: Trainer, make_batch: Callable, warmup: int, steps: int, top: int = 0
+                        ) -> tuple[float, dict[str, float], dict[str, Any]]:
+    """Seconds per step (unprofiled), the per-class busy seconds per step (profiled, as many steps again), and
+    the launches per step with the ``top`` busiest kernels (or ops off CUDA)."""
     on_cuda = trainer.device.type == "cuda"
     seconds = trainer.cfg.batch_size / timed_steps(trainer, make_batch, warmup, steps)[0]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
@@ -93,15 +104,19 @@ def profiled_step_times(trainer: Trainer, make_batch: Callable, warmup: int, ste
         if on_cuda:
             micros = event.self_device_time_total
             if micros > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
-                rows.append((event.key, micros))
+                rows.append((event.key, micros, event.count))
         elif event.self_cpu_time_total > 0:
-            rows.append((event.key, event.self_cpu_time_total))
-    return seconds, {label: micros / 1e6 / steps for label, micros in split_by_class(rows).items()}
+            rows.append((event.key, event.self_cpu_time_total, event.count))
+    launches = {"launches_per_step": sum(calls for name, _, calls in rows if not NOT_OPS.match(name)) / steps,
+                "top_kernels": top_ops(rows, steps, top)}
+    busy = split_by_class([(name, micros) for name, micros, _ in rows])
+    return seconds, {label: micros / 1e6 / steps for label, micros in busy.items()}, launches
 
 
 def breakdown(overrides: dict[str, Any], preset: str, warmup: int, steps: int, peak_tflops: float | None,
-              device: str | None = None) -> dict[str, Any]:
-    """The step's time per op class, its FLOPs and MFU (``peak_tflops``: the device's dense bf16 peak)."""
+              device: str | None = None, top: int = 0) -> dict[str, Any]:
+    """The step's time per op class, its FLOPs and MFU (``peak_tflops``: the device's dense bf16 peak), its
+    launches per step and its ``top`` busiest kernels."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer, make_batch = unet_trainer(overrides, preset, tmp, device=device)
 
@@ -110,7 +125,7 @@ def breakdown(overrides: dict[str, Any], preset: str, warmup: int, steps: int, p
                 trainer.module(make_batch(step_indices(trainer)[0], trainer.generator), step=trainer.step)
 
         flops = training_flops(forward) * trainer.cfg.grad_accum
-        seconds, busy = profiled_step_times(trainer, make_batch, warmup, steps)
+        seconds, busy, launches = profiled_step_times(trainer, make_batch, warmup, steps, top)
         cfg = trainer.cfg
     busy_total = sum(busy.values())
     classes = {label: {"ms": 1e3 * s, "share_of_step": s / seconds} for label, s in busy.items()}
@@ -120,7 +135,7 @@ def breakdown(overrides: dict[str, Any], preset: str, warmup: int, steps: int, p
     return {"overrides": overrides, "preset": preset, "batch_size": cfg.batch_size, "compile": cfg.compile,
             "step_ms": 1e3 * seconds, "samples_per_s": cfg.batch_size / seconds, "flops_per_step": flops,
             "gflop_per_sample": flops / cfg.batch_size / 1e9, "achieved_tflops": achieved,
-            "mfu": achieved / peak_tflops if peak_tflops else None, "classes": classes,
+            "mfu": achieved / peak_tflops if peak_tflops else None, "classes": classes, **launches,
             "time_source": "CUDA kernels' device time" if str(trainer.device).startswith("cuda") else
             "aten ops' CPU self time"}
 
@@ -132,6 +147,12 @@ def format_table(result: dict[str, Any]) -> str:
              "| op class | ms per step | share of the step |", "|---|---|---|"]
     for label, row in result["classes"].items():
         lines.append(f"| {label} | {row['ms']:.2f} | {100 * row['share_of_step']:.1f} % |")
+    if result["top_kernels"]:
+        unit = "kernels" if result["time_source"].startswith("CUDA") else "aten ops"
+        lines += [f"{result['launches_per_step']:.0f} {unit} per step; the busiest:",
+                  "| kernel | class | ms per step | calls per step |", "|---|---|---|---|"]
+        lines += [f"| {row['name'][:90]} | {row['class']} | {row['ms_per_step']:.2f} | {row['calls_per_step']:.0f} |"
+                  for row in result["top_kernels"]]
     return "\n".join(lines)
 
 
@@ -144,13 +165,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="dense bf16 peak for MFU (989: H100/H200 SXM); ignored off CUDA")
+    parser.add_argument("--top", type=int, default=20, help="list this many busiest kernels (0: none)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     overrides = parse_overrides([f"--{item}" for item in args.set])
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     result = breakdown(overrides, args.preset, args.warmup, args.steps, args.peak_tflops if on_cuda else None,
-                       args.device)
+                       args.device, args.top)
     result.update({"gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "torch": torch.__version__,
                    "peak_tflops": args.peak_tflops if on_cuda else None,
                    "command": command_line("python -m benchmarks.step_breakdown", argv)})

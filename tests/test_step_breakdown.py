@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.step_breakdown import OTHER, main, op_class, split_by_class
+from benchmarks.step_breakdown import OTHER, main, op_class, split_by_class, top_ops
 
 COPIES, OPTIMIZER = "copies (layout, dtype, memory)", "optimizer, EMA and clipping"
 
@@ -46,10 +46,24 @@ def test_bookkeeping_rows_are_not_counted_and_every_class_is_reported():
                            "copies (layout, dtype, memory)"}
 
 
+def test_the_busiest_kernels_come_first_per_step_without_bookkeeping_rows():
+    rows = [("aten::mm", 30.0, 4), ("ProfilerStep#1", 900.0, 2), ("triton_poi_fused_add_0", 50.0, 8),
+            ("aten::native_group_norm", 10.0, 2)]
+    top = top_ops(rows, steps=2, count=2)
+    assert [row["name"] for row in top] == ["triton_poi_fused_add_0", "aten::mm"]
+    assert top[0] == {"name": "triton_poi_fused_add_0", "class": OTHER, "ms_per_step": 0.025, "calls_per_step": 4}
+    assert top[1]["class"] == "matmul" and top_ops(rows, steps=2, count=0) == []
+
+
 def test_the_tiny_step_is_profiled_into_classes_that_add_up_to_the_step(tmp_path):
     out = tmp_path / "breakdown.json"
-    result = main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)])
+    result = main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu", "--top", "5",
+                   "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    top = result["top_kernels"]
+    assert len(top) == 5 and [row["ms_per_step"] for row in top] == sorted((row["ms_per_step"] for row in top),
+                                                                           reverse=True)
+    assert result["launches_per_step"] >= sum(row["calls_per_step"] for row in top) > 0
     classes = result["classes"]
     for label in ("convolution", "attention", "matmul", "normalisation", OTHER, "optimizer, EMA and clipping"):
         assert classes[label]["ms"] > 0, label

@@ -1,8 +1,9 @@
 """Choose the sampling defaults from measurements: one trained run, the picture-quality ruler of
-``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval, steps and
-step noise (eta, for the ddim and dpmpp_2m samplers, at every step or below a noise level), condition noise
-(CADS: the prompt annealed with noise at the high noise levels) and autoguidance (``--guide-unet``, a weaker UNet
-on the run's VAE and CLIP, at each ``--autoguidance`` scale, beside classifier-free guidance).
+``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval, steps, their
+spacing (``--timestep-spacing trailing karras``), step noise (eta, for the ddim and dpmpp_2m samplers, at every
+step or below a noise level), condition noise (CADS: the prompt annealed with noise at the high noise levels)
+and autoguidance (``--guide-unet``, a weaker UNet on the run's VAE and CLIP, at each ``--autoguidance`` scale,
+beside classifier-free guidance).
 
     python -m benchmarks.sampling_sweep --run runs/pokemon --data ../shared/pokemon --out runs/sweep.json \\
         --guidance 2 3 4 --rescale 0.7 --steps 25 --interval none 0.28,7.5 --eta 0 0.5 --eta-sigma-max none 2 \\
@@ -31,6 +32,7 @@ import torch
 from clip.model import CLIPModel
 from data import load_captions
 from diffusion.guidance import is_guided
+from diffusion.schedule import TIMESTEP_SPACINGS
 from engine.cli import command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
@@ -101,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="dpmpp_2m: extrapolate across the guidance interval's edges (off) or step first order "
                              "there (on)")
     parser.add_argument("--sampler", default=GenerationSettings.sampler)
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, nargs="+",
+                        default=[GenerationSettings.timestep_spacing])
     parser.add_argument("--eta", type=float, nargs="+", default=[DEFAULT_STEP_NOISE[0]],
                         help="step noise: 0 deterministic, 1 as much as ancestral ddpm (ddim and dpmpp_2m)")
     parser.add_argument("--eta-sigma-max", type=parse_sigma_max, nargs="+", default=[DEFAULT_STEP_NOISE[1]],
@@ -127,11 +131,13 @@ def main(argv: Sequence[str] | None = None) -> None:
               for auto in (args.autoguidance if guide is not None else [GenerationSettings.autoguidance_scale])]
     settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
                                         first_order_at_guidance_edges=edges == "on", steps=steps,
+                                        timestep_spacing=spacing,
                                         sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
                                         condition_noise=condition_noise, guide_unet=guide, autoguidance_scale=auto)
-                     for scale, rescale, interval, edges, steps, (eta, sigma_max), condition_noise, (guide, auto)
+                     for scale, rescale, interval, edges, steps, spacing, (eta, sigma_max), condition_noise,
+                     (guide, auto)
                      in itertools.product(args.guidance, args.rescale, args.interval,
-                                          args.first_order_at_guidance_edges, args.steps,
+                                          args.first_order_at_guidance_edges, args.steps, args.timestep_spacing,
                                           noise_settings(args.eta, args.eta_sigma_max), args.condition_noise,
                                           guides)
                      # the first-order edge step changes nothing where no multistep sampler crosses a guidance edge
@@ -144,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
     records, first_drawn = [], []
-    print("| guidance | rescale | interval | first order at edges | steps | eta | eta sigma max | condition noise | "
+    print("| guidance | rescale | interval | first order at edges | steps | spacing | eta | eta sigma max | "
+          "condition noise | "
           "guide UNet | autoguidance | " + " | ".join(SHOWN) + " |", flush=True)
     showcase = []
     for index, settings in enumerate(settings_grid):
@@ -157,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             first_drawn = drawn
         metrics = summary["mean"]
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
-                                                          "first_order_at_guidance_edges", "steps", "eta",
+                                                          "first_order_at_guidance_edges", "steps",
+                                                          "timestep_spacing", "eta",
                                                           "eta_sigma_max", "condition_noise", "guide_unet")}
         record["autoguidance_scale"] = None if settings.guide_unet is None else settings.autoguidance_scale
         pictures = {}

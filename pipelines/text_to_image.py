@@ -17,6 +17,7 @@ from diffusion.guidance import (DEFAULT_AUTOGUIDANCE_SCALE, check_condition_nois
                                 guided_sample_and_decode)
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import SAMPLERS, check_eta
+from diffusion.schedule import TIMESTEP_SPACINGS
 from engine.errors import UserError
 from engine.images import save_grid
 from engine.precision import inference_autocast
@@ -53,6 +54,9 @@ class GenerationSettings:
     first_order_at_guidance_edges: bool = False
     steps: int = 25
     sampler: str = "dpmpp_2m"  # "ddim" | "ddpm" | "dpmpp_2m"
+    # How the steps spread over the noise levels: "trailing" (Lin et al. 2024) or "karras" (Karras et al. 2022,
+    # down to the least noisy level; diffusion.schedule.NoiseSchedule.sampling_timesteps)
+    timestep_spacing: str = "trailing"
     # Step noise of ddim and dpmpp_2m (0: deterministic; 1: as much as ancestral ddpm, which refuses eta > 0), only
     # at the steps that start at sigma <= eta_sigma_max (None: every step). eta None is the recommended noise:
     # DEFAULT_STEP_NOISE for ddim and dpmpp_2m, none for ddpm (ancestral already).
@@ -78,6 +82,9 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{self.sampler}'; choose one of {sorted(SAMPLERS)}")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise UserError(f"unknown timestep spacing '{self.timestep_spacing}'; choose one of "
+                            f"{list(TIMESTEP_SPACINGS)}")
         if self.eta is None and self.sampler == "ddpm":
             self.eta = 0.0
         elif self.eta is None:  # the recommended noise, below the given limit or the recommended one
@@ -122,8 +129,9 @@ class GenerationSettings:
             ", condition noise {:g} from sigma {:g} (all noise from {:g})".format(*self.condition_noise)
         autoguided = "" if self.guide_unet is None else \
             f" and autoguidance {self.autoguidance_scale:g} away from the UNet at {self.guide_unet}"
-        return (f"{self.sampler}, {self.steps} steps, guidance {self.guidance_scale:g}{autoguided} {levels} (rescale "
-                f"{self.guidance_rescale:g}), {noise}{annealed}, {self.size} px")
+        spacing = "" if self.timestep_spacing == "trailing" else f" ({self.timestep_spacing} spacing)"
+        return (f"{self.sampler}, {self.steps} steps{spacing}, guidance {self.guidance_scale:g}{autoguided} {levels} "
+                f"(rescale {self.guidance_rescale:g}), {noise}{annealed}, {self.size} px")
 
 
 # --size of every command that samples; each adds its default (pipelines.stages.sampling_size checks it)
@@ -135,6 +143,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GenerationSettings()
     parser.add_argument("--sampler", default=defaults.sampler, choices=sorted(SAMPLERS))
     parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--timestep-spacing", default=defaults.timestep_spacing, choices=TIMESTEP_SPACINGS,
+                        help="trailing: evenly in timestep, the last step from sigma ~0.2; karras: evenly in "
+                             "sigma^(1/7) down to the least noisy level (default: %(default)s)")
     parser.add_argument("--eta", type=float,
                         help="step noise of ddim and dpmpp_2m: 0 deterministic, 1 as much as ancestral ddpm "
                              f"(default: {DEFAULT_STEP_NOISE[0]:g} below sigma {DEFAULT_STEP_NOISE[1]:g}; "
@@ -179,7 +190,8 @@ def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettin
         raise UserError("--autoguidance sets the push away from --guide-unet's UNet; add --guide-unet FOLDER or "
                         "drop --autoguidance")
     autoguidance = GenerationSettings.autoguidance_scale if args.autoguidance is None else args.autoguidance
-    return GenerationSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, eta_sigma_max=args.eta_sigma_max,
+    return GenerationSettings(sampler=args.sampler, steps=args.steps, timestep_spacing=args.timestep_spacing,
+                              eta=args.eta, eta_sigma_max=args.eta_sigma_max,
                               guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                               guidance_interval=args.guidance_interval,
                               first_order_at_guidance_edges=args.first_order_at_guidance_edges,
@@ -215,7 +227,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
         strength = 1.0
     # A weak img2img strength leaves fewer schedule levels than steps: never take more steps than levels.
     steps = max(1, min(settings.steps, round(strength * stack.schedule.num_steps)))
-    timesteps = stack.schedule.sampling_timesteps(steps, strength)
+    timesteps = stack.schedule.sampling_timesteps(steps, strength, settings.timestep_spacing)
     autocast = inference_autocast(device)
     model = stack.unet_call(settings.cuda_graph, settings.compile_unet)
     guide = None if settings.guide_unet is None else stack.guide_call(settings.guide_unet, settings.cuda_graph)

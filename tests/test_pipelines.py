@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -1133,3 +1134,27 @@ def test_sampling_sweep_crosses_each_guide_with_each_autoguidance_scale(run_a, g
     assert [(r["guide_unet"], r["autoguidance_scale"]) for r in records] == [
         (None, None), (str(guide_a), 1.5), (str(guide_a), 3.0)]
     assert records[1]["metrics"] != records[2]["metrics"]
+
+
+def test_karras_spacing_reaches_generation_from_the_command_line(run_a, monkeypatch):
+    import pipelines.text_to_image as text_to_image
+
+    stack = load_stack(run_a, device="cpu")
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    trailing = sampling_settings(parser.parse_args(["--steps", "5", "--eta", "0"]))
+    karras = sampling_settings(parser.parse_args(["--steps", "5", "--eta", "0", "--timestep-spacing", "karras"]))
+    assert trailing.timestep_spacing == "trailing" and "spacing" not in trailing.describe()
+    assert "5 steps (karras spacing)" in karras.describe()
+    sampled = []
+    real_sampler = text_to_image.guided_sample_and_decode
+    monkeypatch.setattr(text_to_image, "guided_sample_and_decode",
+                        lambda *args, **kwargs: sampled.append(args[8].tolist()) or real_sampler(*args, **kwargs))
+    images = {settings.timestep_spacing: generate(stack, ["a red circle"], [0], replace(settings, size=64))
+              for settings in (trailing, karras)}
+    assert sampled == [stack.schedule.sampling_timesteps(5).tolist(),
+                       stack.schedule.sampling_timesteps(5, spacing="karras").tolist()]
+    assert sampled[1][-1] == 0 and not torch.allclose(images["trailing"], images["karras"], atol=1e-3)
+    with pytest.raises(UserError, match="unknown timestep spacing 'leading'; choose one of"):
+        GenerationSettings(timestep_spacing="leading")
+

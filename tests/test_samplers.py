@@ -68,6 +68,27 @@ def schedule(request) -> NoiseSchedule:
     return NoiseSchedule(ScheduleConfig(zero_terminal_snr=request.param))
 
 
+@pytest.mark.parametrize("sampler", [sample_ddim, sample_dpmpp_2m])
+def test_karras_spacing_keeps_the_weak_components_that_trailings_last_denoise_shrinks(sampler):
+    # zero-mean data whose components have std 1, 0.2 and 0.05 (a latent's strong and weak, detailed parts), the
+    # exact denoiser: trailing's last step returns the posterior mean at sigma 0.2, which keeps a quarter of the
+    # weakest component's spread; karras's starts at sigma 0.03
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    std = torch.tensor([1.0, 0.2, 0.05], dtype=torch.float64)
+
+    def denoise(x_t: torch.Tensor, t: int) -> torch.Tensor:
+        ab = schedule.alphas_cumprod[t]
+        return ab.sqrt() * std ** 2 / (ab * std ** 2 + 1 - ab) * x_t
+
+    x = torch.randn(NUM_SAMPLES, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = (x - x.mean(0)) / x.std(0)  # pure noise: the zero-terminal-SNR start
+    kept = {spacing: sampler(denoise, schedule, x, schedule.sampling_timesteps(25, spacing=spacing)).std(0) / std
+            for spacing in ("trailing", "karras")}
+    assert kept["trailing"][2] < 0.3 and kept["karras"][2] > 0.75
+    assert kept["trailing"][1] < 0.75 and kept["karras"][1] > 0.85
+    assert (kept["karras"][0] - 1).abs() < 0.1 and (kept["trailing"][0] - 1).abs() < 0.1
+
+
 def test_ddim_deterministic_reproduces_the_gaussian(schedule):
     # first order: ~2.5% variance error at 100 steps, ~10% at 20
     mean_error, var_error = run_sampler(schedule, sample_ddim, 100, eta=0.0)

@@ -208,6 +208,28 @@ def test_sampling_timesteps_trailing_spacing():
     assert uneven[0].item() == T - 1 and (uneven.diff() < 0).all()
 
 
+@pytest.mark.parametrize("zero_terminal_snr", [True, False])
+def test_karras_spacing_keeps_trailings_start_and_runs_evenly_in_sigma_root_to_the_least_noisy_level(
+        zero_terminal_snr):
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=zero_terminal_snr))
+    for steps, strength in ((25, 1.0), (10, 1.0), (25, 0.6), (T, 1.0)):
+        trailing = schedule.sampling_timesteps(steps, strength)
+        karras = schedule.sampling_timesteps(steps, strength, spacing="karras")
+        assert karras.dtype == torch.long and karras.shape == (steps,)
+        assert karras[:2].tolist() == trailing[:2].tolist() and karras[-1].item() == 0
+        assert (karras.diff() < 0).all()  # distinct, descending
+    # below the first two levels sigma^(1/7) falls by an even amount per step, up to the rounding to a timestep
+    levels = schedule.sampling_timesteps(25, spacing="karras")
+    roots = schedule.sigmas[levels[1:]] ** (1 / 7)
+    even = torch.linspace(float(roots[0]), float(roots[-1]), 24, dtype=torch.float64)
+    assert (roots - even).abs().max() < 0.2 * (roots[0] - roots[-1]) / 23  # a fifth of the even step
+    # one or two steps have no levels to spread: the same as trailing
+    for steps in (1, 2):
+        assert torch.equal(schedule.sampling_timesteps(steps, spacing="karras"), schedule.sampling_timesteps(steps))
+    with pytest.raises(ValueError, match="unknown timestep spacing 'leading'; choose one of"):
+        schedule.sampling_timesteps(10, spacing="leading")
+
+
 def test_sampling_timesteps_with_strength_start_lower():
     schedule = NoiseSchedule(ScheduleConfig())
     steps = schedule.sampling_timesteps(10, strength=0.5)

@@ -13,7 +13,8 @@ has no text encoder. Encode the prompts here and hand the states to it::
     images = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=25,
                   guidance_scale=5.0).images
 
-The states are the ones ``pipelines.generate`` conditions on (same autocast rule), as float32.
+The states are the ones ``pipelines.generate`` conditions on: float32, encoded without autocast, as training
+caches them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch
 from torch import Tensor
 
 from clip.model import CLIPModel
-from engine.precision import inference_autocast
 
 
 @torch.no_grad()
@@ -33,8 +33,7 @@ def prompt_embeds(clip: CLIPModel, prompts: Sequence[str], negative_prompt: str 
     on the encoder's device; the one negative prompt (empty: the unconditional state) serves every prompt."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings; wrap a single prompt as [prompt]")
-    device = clip.logit_scale.device
-    with inference_autocast(device):
-        cond = clip.text_states(list(prompts)).float()
-        uncond = clip.text_states([negative_prompt]).float()
+    # fp32, as pipelines.text_to_image encodes them (and training's cache holds them)
+    cond = clip.text_states(list(prompts)).float()
+    uncond = clip.text_states([negative_prompt]).float()
     return cond, uncond.expand_as(cond).contiguous()

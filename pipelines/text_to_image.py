@@ -231,15 +231,15 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
     autocast = inference_autocast(device)
     model = stack.unet_call(settings.cuda_graph, settings.compile_unet)
     guide = None if settings.guide_unet is None else stack.guide_call(settings.guide_unet, settings.cuda_graph)
-    with autocast:  # one negative prompt for every sample: encoded once, broadcast by the guidance
-        uncond = stack.clip.text_states([settings.negative_prompt]).float()
+    # Text states in fp32, as training's cache holds them (diffusion.latents), not under the autocast: the UNet is
+    # conditioned on the states it learned from. One negative prompt for every sample, broadcast by the guidance.
+    uncond = stack.clip.text_states([settings.negative_prompt]).float()
 
     outputs, all_latents = [], []
     for start in range(0, len(prompts), settings.batch_size):
         batch_prompts = list(prompts[start:start + settings.batch_size])
         batch_seeds = list(seeds[start:start + settings.batch_size])
-        with autocast:
-            cond = stack.clip.text_states(batch_prompts)
+        cond = stack.clip.text_states(batch_prompts)
         # One generator per seed for the starting and the step noise: an image depends on its own seed only.
         per_sample = PerSampleNoise(batch_seeds)
         noise = per_sample.initial(shape, device)

@@ -1158,3 +1158,15 @@ def test_karras_spacing_reaches_generation_from_the_command_line(run_a, monkeypa
     with pytest.raises(UserError, match="unknown timestep spacing 'leading'; choose one of"):
         GenerationSettings(timestep_spacing="leading")
 
+
+def test_generation_encodes_prompts_in_fp32_as_training_cached_them(run_a, monkeypatch):
+    import pipelines.text_to_image as text_to_image
+
+    stack = load_stack(run_a, device="cpu")
+    # the CPU's inference autocast is off: turn a bf16 one on, as CUDA's is, to see the text states stay outside it
+    monkeypatch.setattr(text_to_image, "inference_autocast", lambda device: torch.autocast("cpu", torch.bfloat16))
+    under_autocast, encode = [], stack.clip.text_states
+    monkeypatch.setattr(stack.clip, "text_states",
+                        lambda prompts: under_autocast.append(torch.is_autocast_enabled("cpu")) or encode(prompts))
+    generate(stack, ["a red circle", "a blue square"], [0, 1], GenerationSettings(size=64, steps=2, eta=0.0))
+    assert under_autocast == [False, False]  # the negative prompt, then the one batch of prompts

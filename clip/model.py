@@ -195,13 +195,16 @@ class CLIPModel(StageModel):
 
     @torch.no_grad()
     def text_states(self, prompts: list[str]) -> Tensor:
-        """Per-token states [B, context_length, text_width] of prompts ("" is the null prompt), without gradients.
+        """Per-token states [B, context_length, text_width] of prompts ("" is the null prompt), without gradients:
+        what the UNet is conditioned on, in float32 whatever autocast surrounds the call, so the states the UNet
+        trains on (its cache) and those it samples with (generation under CUDA's bf16 autocast) are the same.
 
         Uses the current train/eval mode; `CLIPModel.load` returns the model in eval mode, where the
         states are deterministic.
         """
-        tokens = self.tokenizer.encode(prompts).to(self.logit_scale.device)
-        return self.encode_text(tokens)[0]
+        device = self.logit_scale.device
+        with torch.autocast(device.type, enabled=False):
+            return self.encode_text(self.tokenizer.encode(prompts).to(device))[0].float()
 
     def save(self, folder: str | Path, training: Mapping[str, Any] | None = None,
              trained_on: Mapping[str, str] | None = None, metrics: Mapping[str, Any] | None = None) -> str:

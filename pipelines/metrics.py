@@ -337,7 +337,7 @@ def near_copies(sample_features: torch.Tensor, train_features: torch.Tensor, val
     count it.
     """
     def copied(sample_d: torch.Tensor, val_d: torch.Tensor) -> torch.Tensor:
-        return sample_d < torch.quantile(val_d, COPY_QUANTILE)
+        return sample_d < copy_cutoff(val_d)
 
     if cosine:
         if relative_to:
@@ -369,10 +369,15 @@ def held_out_copies(bank: torch.Tensor, val_features: torch.Tensor, cosine: bool
                        left_out=torch.stack([items, items + len(items)], dim=1))
 
 
+def copy_cutoff(val_distances: torch.Tensor) -> torch.Tensor:
+    """The near-copy rule's cutoff: the ``COPY_QUANTILE`` quantile of the validation images' distances (nearest
+    distances, or their ratios under the relative rule)."""
+    return torch.quantile(val_distances, COPY_QUANTILE)
+
+
 def copy_threshold(bank: torch.Tensor, val_features: torch.Tensor) -> float:
-    """The RMS distance under which ``near_copies`` (absolute rule) calls a sample a copy of a ``bank`` row: the
-    ``COPY_QUANTILE`` quantile of the validation images' nearest distances to the bank."""
-    return float(torch.quantile(nearest_distances(val_features, bank)[:, 0], COPY_QUANTILE))
+    """The RMS distance under which ``near_copies`` (absolute rule) calls a sample a copy of a ``bank`` row."""
+    return float(copy_cutoff(nearest_distances(val_features, bank)[:, 0]))
 
 
 def twin_groups(outlines: torch.Tensor, threshold: float) -> list[list[int]]:

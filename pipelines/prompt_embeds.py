@@ -33,7 +33,5 @@ def prompt_embeds(clip: CLIPModel, prompts: Sequence[str], negative_prompt: str 
     on the encoder's device; the one negative prompt (empty: the unconditional state) serves every prompt."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings; wrap a single prompt as [prompt]")
-    # fp32, as pipelines.text_to_image encodes them (and training's cache holds them)
-    cond = clip.text_states(list(prompts)).float()
-    uncond = clip.text_states([negative_prompt]).float()
+    cond, uncond = clip.text_states(list(prompts)), clip.text_states([negative_prompt])  # float32 (text_states)
     return cond, uncond.expand_as(cond).contiguous()

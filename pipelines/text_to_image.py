@@ -231,9 +231,8 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
     autocast = inference_autocast(device)
     model = stack.unet_call(settings.cuda_graph, settings.compile_unet)
     guide = None if settings.guide_unet is None else stack.guide_call(settings.guide_unet, settings.cuda_graph)
-    # Text states in fp32, as training's cache holds them (diffusion.latents), not under the autocast: the UNet is
-    # conditioned on the states it learned from. One negative prompt for every sample, broadcast by the guidance.
-    uncond = stack.clip.text_states([settings.negative_prompt]).float()
+    # one negative prompt for every sample: encoded once (in fp32, as training's cache), broadcast by the guidance
+    uncond = stack.clip.text_states([settings.negative_prompt])
 
     outputs, all_latents = [], []
     for start in range(0, len(prompts), settings.batch_size):
@@ -253,7 +252,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
             x = stack.schedule.add_noise(latents, noise, t0)
 
         images, latents = guided_sample_and_decode(
-            model, stack.vae, stack.schedule, stack.prediction_type, cond.float(), uncond, settings.guidance_scale, x,
+            model, stack.vae, stack.schedule, stack.prediction_type, cond, uncond, settings.guidance_scale, x,
             timesteps, settings.sampler, per_sample, settings.eta, settings.eta_sigma_max, decode_context=autocast,
             guidance_rescale=settings.guidance_rescale, guidance_interval=settings.guidance_interval,
             condition_noise=settings.condition_noise, guide_model=guide,

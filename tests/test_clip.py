@@ -62,6 +62,15 @@ def test_bad_inputs_are_explained(model):
         model.encode_text(torch.zeros(2, 10, dtype=torch.long))
 
 
+def test_text_states_are_float32_whatever_autocast_surrounds_them(model):
+    # the UNet trains on cached states and samples under CUDA's bf16 autocast: both must see the same states
+    plain = model.text_states(["a red lizard", ""])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = model.text_states(["a red lizard", ""])
+    assert plain.dtype == under_autocast.dtype == torch.float32
+    assert torch.equal(plain, under_autocast)
+
+
 def test_null_prompt_state_is_deterministic_and_batch_independent(model):
     alone = model.text_states([""])[0]
     assert torch.equal(alone, model.text_states([""])[0])

@@ -59,10 +59,10 @@ class UNetTrainConfig:
     # length they drew more loose parts for a colour gain within noise (docs/results/quality/recolour_screen)
     recolour: RecolourAugment = field(default_factory=RecolourAugment)
     # draw each image of a group sharing one silhouette (diffusion.twins; on the Pokémon set the largest group is
-    # 17 winged creatures) with weight 1 / (group size), since samples repeat that butterfly layout too often; a
-    # repeated body plan then counts as one image. Every item is then drawn with replacement. Off by default: not
-    # yet measured on a GPU
-    balance_twins: bool = False
+    # 17 winged creatures) with weight 1 / (group size), since samples repeated that butterfly layout in the
+    # prompts' colours; a repeated body plan then counts as one image. Every item is then drawn with replacement.
+    # On by default since a run paired with one without it (docs/results/quality/balance_twins_run)
+    balance_twins: bool = True
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
     # Progressive resolution: the stage first trains lowres_epochs at resolution / lowres_factor (into out/lowres/,
     # a UNet stage folder of its own), then continues from those weights at `resolution` for train.epochs. At a

@@ -156,7 +156,9 @@ def test_tiny_end_to_end_run(stages, tmp_path):
                                "vae": read_stage(stages / "vae").fingerprint,
                                "clip": read_stage(stages / "clip").fingerprint,
                                "tokenizer": CLIPModel.load(stages / "clip").tokenizer.fingerprint,
-                               "init": lowres.fingerprint}
+                               "init": lowres.fingerprint,
+                               # silhouette twins drawn at 1 / their group's size, by default
+                               "twin_groups": twins_record(silhouette_twins(load_captions(DATA, resolution=32)))}
     assert info.training["lowres_epochs"] == 1 and info.training["init_from"] is None
     assert info.training["prediction_type"] == "v_prediction" and info.training["schedule"]["zero_terminal_snr"]
     # the shift is the full-resolution phase's; the low-resolution phase trains on the unshifted schedule
@@ -433,13 +435,14 @@ def test_balance_twins_draws_silhouette_twins_at_one_over_their_group_size_in_bo
         (out / name).unlink()
     with pytest.raises(StageError, match="lowres holds a finished low-resolution phase .*balance_twins was True, now "
                                          "False"):
-        train(tiny_config(epochs=1, lowres_epochs=1), DATA, stages / "vae", stages / "clip", out, resume=True,
-              device="cpu")
+        train(tiny_config(epochs=1, lowres_epochs=1, balance_twins=False), DATA, stages / "vae", stages / "clip", out,
+              resume=True, device="cpu")
     # the groups are an input the stage derives: train_all's and a study's checks see them, and another grouping
     # of the same data (a rule change) does not reuse the finished phase
     upstream = {"vae": stages / "vae", "clip": stages / "clip"}
     assert derived_inputs(cfg, DATA, upstream)["twin_groups"] == twins_record(twins)
-    assert "twin_groups" not in derived_inputs(tiny_config(epochs=1, lowres_epochs=1), DATA, upstream)
+    assert "twin_groups" not in derived_inputs(tiny_config(epochs=1, lowres_epochs=1, balance_twins=False), DATA,
+                                               upstream)
     regrouped = [sorted(group[:-1] + [group[-1] + 1]) for group in twins]  # same sizes, other members
     monkeypatch.setattr("diffusion.train.silhouette_twins", lambda data: regrouped)
     with pytest.raises(StageError, match="lowres holds a finished low-resolution phase .*other silhouette twin groups"):

@@ -38,15 +38,18 @@ NORM = r"norm(?!al)|moments|welford"
 # SDPA kernels are named like its convolutions (..._sdpa_..._flash_fprop_...), and convolution before matmul
 # because Hopper's cuDNN convolutions are GEMM kernels too (sm90_xmma_fprop/dgrad/wgrad_implicit_gemm). A
 # compiled (Triton) kernel is one fused pass named after its ops: normalisation when a norm is among them,
-# else pointwise, even when it also casts (``_to_copy``).
+# else pointwise, even when it also casts (``_to_copy``). cuDNN's SDPA backward has two helper kernels of its own
+# (the dot of dO and O, dQ's cast to 16 bits: "convert" must not read as a convolution), and cuDNN turns each
+# NCHW convolution's input into NHWC and its output back in kernels named after the layouts: copies.
 OP_CLASSES = (
     ("optimizer, EMA and clipping", r"adam|multi_tensor|foreach|lerp"),
-    ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product"),
-    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd|im2col|col2im"),
+    ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product|compute_dot_do_o|convert_dq_to"),
+    ("convolution", r"conv(?!ert)|fprop|dgrad|wgrad|implicit_gemm|winograd|im2col|col2im"),
     ("matmul", r"gemm|matmul|cutlass|nvjet|cublas|aten::(mm|addmm|bmm|baddbmm|linear)\b|xmma"),
     ("normalisation", NORM),
     (OTHER, r"^triton_"),
-    ("copies (layout, dtype, memory)", r"copy|memcpy|memset|cat_|catarray|aten::cat\b|aten::to\b|contiguous|clone"),
+    ("copies (layout, dtype, memory)", r"copy|memcpy|memset|cat_|catarray|aten::cat\b|aten::to\b|contiguous|clone|"
+                                       r"nchwtonhwc|nhwctonchw"),
 )
 # CPU profiles list composite ops (aten::linear over aten::addmm ...); self time counts each instant once, but
 # the profiler's bookkeeping rows are not ops.

@@ -28,6 +28,12 @@ COPIES, OPTIMIZER = "copies (layout, dtype, memory)", "optimizer, EMA and clippi
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", OTHER),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", OPTIMIZER),
     ("Memcpy DtoD (Device -> Device)", COPIES),
+    # cuDNN's layout turns around an NCHW convolution, and its SDPA backward's helpers (named on an H100)
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true, "
+     "(cudnnKernelDataType_t)2>", COPIES),
+    ("void cudnn::engines_precompiled::nhwcToNchwKernel<__nv_bfloat16, __nv_bfloat16, float, true, false>", COPIES),
+    ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, void const*, void*)", "attention"),
+    ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int)", "attention"),
     ("aten::normal_", OTHER),
     ("aten::convolution_backward", "convolution"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),

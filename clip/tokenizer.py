@@ -100,8 +100,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, context_length: int = CON
 
     ``normalize`` lowercases and strips accents before anything else (as CLIP's and BERT-uncased's tokenizers
     do), so "A Pokémon" and "a pokemon" are the same tokens, and folds full-width and other compatibility forms
-    to their plain ones (NFKC's folding), so a Chinese prompt typed with "," reads as the captions' "，" ("。"
-    and "、" have no plain form and stay); Chinese characters are unchanged. The tokenizer.json keeps the
+    to their plain ones (NFKC's folding), so the captions' "，" and a Chinese prompt typed with "," are both ","
+    ("。" and "、" have no plain form and stay); Chinese characters are unchanged. The tokenizer.json keeps the
     setting: a saved tokenizer normalises (or not) as it was trained."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size={vocab_size} is below {MIN_VOCAB_SIZE} (all bytes + special tokens); raise it")

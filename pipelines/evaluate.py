@@ -40,7 +40,8 @@ from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, at_prompt_mix, colour_hit
                       first_named_colours, frechet_distance, held_out_copies, hue_blind_thumbnails, kernel_distance,
                       near_copies, nearest_indices, seed_diversity, share_by_colour, sharpness, shrunk,
                       silhouette_thumbnails, thumbnails)
-from .stages import StageStack, add_stage_arguments, judge_path, load_stack, sampling_size, stage_paths
+from .stages import (StageStack, add_stage_arguments, generation_size, judge_path, load_stack, sampling_size,
+                     stack_infos, stage_paths)
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
 
@@ -391,7 +392,7 @@ QUALITY_ROWS = (
      "can count)", "(context)"),
     ("near_copy_share_silhouette", "near-copies of a training image's silhouette (foreground mask at 64 px: a "
      "body plan redrawn in other colours and patterns counts)", "(context)"),
-    ("colour_adherence", "named colour among the two dominant foreground hues (each ≥ 5 % of the foreground)",
+    ("colour_adherence", "named colour among the two dominant foreground hues (and ≥ 5 % of the foreground)",
      "≥ 0.75"),
 )
 
@@ -594,9 +595,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if out.resolve() == default_out.resolve() and (out / "evaluation.json").is_file() and not args.overwrite:
         raise UserError(f"{out / 'evaluation.json'} exists (the run's own evaluation); write this one "
                         "elsewhere with --out DIR, or pass --overwrite to replace it")
+    infos = stack_infos(args.run, vae=args.vae, clip=args.clip, unet=args.unet)  # config files: checked before weights
+    settings = sampling_settings(args, size=sampling_size(args.size, infos["vae"].model, infos["unet"].model,
+                                                          generation_size(infos)))
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
-    settings = sampling_settings(args, size=sampling_size(args.size, stack.infos["vae"].model,
-                                                          stack.infos["unet"].model, stack.image_size))
     judge = args.judge or default_judge(stack, args.run)
     results = evaluate_to_folder(stack, args.data, out, judge, settings)
     print(json.dumps({k: results[k] for k in ("vae", "clip", "generation")}, indent=2))

@@ -7,7 +7,10 @@ writes a ``StableDiffusionPipeline`` folder that diffusers' ``from_pretrained`` 
 - ``vae/``: ``AutoencoderKL`` (config with our measured ``scaling_factor``, fp32 safetensors);
 - ``unet/``: ``UNet2DConditionModel``;
 - ``scheduler/``: ``DDIMScheduler`` on our noise schedule (kind, betas, zero terminal SNR, prediction type,
-  trailing timesteps); with eta 0 and the same timesteps its update is ours (``diffusion.samplers.sample_ddim``);
+  trailing timesteps); with eta 0 and the same timesteps its update is ours (``diffusion.samplers.sample_ddim``).
+  The timesteps are the same only when the step count divides the schedule's length (25 or 50 of 1,000): diffusers
+  rounds the trailing levels where we floor, and its DDIM steps by a fixed stride; our default sampler
+  (DPM-Solver++(2M) with interval guidance, step noise and condition noise) has no diffusers twin;
 - ``model_index.json`` with no text encoder and no tokenizer: our bilingual CLIP and BPE tokenizer have no
   diffusers twin. Their folder is copied to ``scratch_clip/``; :mod:`pipelines.prompt_embeds` turns prompts
   into the ``prompt_embeds`` / ``negative_prompt_embeds`` the pipeline takes.

@@ -19,7 +19,7 @@ from data.captions import to_rgb
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid, to_pil
 
-from .stages import add_stage_arguments, load_stack, sampling_size
+from .stages import add_stage_arguments, generation_size, load_stack, sampling_size, stack_infos
 from .text_to_image import (SIZE_HELP, add_sampling_arguments, generate, pil_to_tensor, sampling_settings,
                             save_images, saved_images)
 
@@ -103,11 +103,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     init_image = read_init_image(args.init_image, args.strength)
     earlier = earlier_outputs(args.out)
 
-    stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
-    check_prompts(args.prompt, stack.clip.tokenizer, args.negative_prompt)
-    size = sampling_size(args.size, stack.infos["vae"].model, stack.infos["unet"].model, stack.image_size)
+    infos = stack_infos(args.run, vae=args.vae, clip=args.clip, unet=args.unet)  # config files: checked before weights
+    size = sampling_size(args.size, infos["vae"].model, infos["unet"].model, generation_size(infos))
     settings = sampling_settings(args, size=size, negative_prompt=args.negative_prompt,
                                  cuda_graph=args.cuda_graph, compile_unet=args.compile_unet)
+    stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
+    check_prompts(args.prompt, stack.clip.tokenizer, args.negative_prompt)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(prompts))]
     init, strength = None, 1.0

@@ -305,7 +305,9 @@ def colours_named(caption: str) -> list[str]:
         if name not in PROMPT_COLOURS:
             continue
         english = re.search(rf"\b{en}\b", lowered)
-        positions = [p for p in (english.start() if english else -1, caption.find(zh[0] + "色")) if p >= 0]
+        # 粉红色 is pink (粉色 too), not red
+        chinese = re.search("粉红?色" if zh[0] == "粉" else rf"(?<!粉){zh[0]}色", caption)
+        positions = [p for p in (english.start() if english else -1, chinese.start() if chinese else -1) if p >= 0]
         if positions:
             found.append((min(positions), name))
     return [name for _, name in sorted(found)]

@@ -11,7 +11,9 @@ has no text encoder. Encode the prompts here and hand the states to it::
     clip = CLIPModel.load("exported/NAME/scratch_clip")
     cond, uncond = prompt_embeds(clip, ["a red dragon pokemon", "一只蓝色的鸟宝可梦"])
     images = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=25,
-                  guidance_scale=5.0).images
+                  guidance_scale=4.0, guidance_rescale=0.7).images
+
+(DDIM guided at every level: a relation of ``pipelines.generate``'s default, not the same sampling.)
 
 The states are the ones ``pipelines.generate`` conditions on: float32, encoded without autocast, as training
 caches them.

@@ -219,6 +219,9 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     if init_images is not None and not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if init_images is not None and len(init_images) != len(prompts):
+        raise ValueError(f"got {len(init_images)} init images for {len(prompts)} prompts; give one per prompt "
+                         "(expand a single image to every prompt)")
     sampling_size(settings.size, stack.infos["vae"].model, stack.infos["unet"].model, stack.image_size, "size")
     device = stack.device
     latent_size = settings.size // stack.vae.downsample_factor

@@ -566,6 +566,22 @@ def drawing_trainer(tmp_path, item_weights, **overrides) -> Trainer:
     return Trainer(ToyModule(), cfg, tmp_path, num_train_items=len(DATA_X), device="cpu", item_weights=item_weights)
 
 
+def test_an_ema_of_a_model_with_batchnorm_is_refused_naming_the_setting(tmp_path):
+    class WithBatchNorm(ToyModule):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(4)
+
+    for setting in ({"ema_decay": 0.99}, {"ema_std": 0.1}, {"ema_probe_stds": (0.05,)}):
+        with pytest.raises(ConfigError, match=f"{next(iter(setting))} ask for an EMA of a model with BatchNorm"):
+            Trainer(WithBatchNorm(), TrainConfig(epochs=1, batch_size=8, **setting), tmp_path,
+                    num_train_items=len(DATA_X), device="cpu")
+    Trainer(WithBatchNorm(), TrainConfig(epochs=1, batch_size=8, ema_decay=0.0), tmp_path,  # no EMA: allowed
+            num_train_items=len(DATA_X), device="cpu")
+    Trainer(ToyModule(), TrainConfig(epochs=1, batch_size=8, ema_decay=0.99), tmp_path, num_train_items=len(DATA_X),
+            device="cpu")  # an EMA without BatchNorm: allowed
+
+
 def test_item_weights_draw_only_weighted_items_the_same_for_a_seed_and_epoch_and_every_rank_its_shard(tmp_path):
     two = torch.zeros(len(DATA_X))
     two[[3, 17]] = torch.tensor([1.0, 3.0])

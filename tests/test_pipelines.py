@@ -322,6 +322,21 @@ def test_generate_refuses_no_images_before_loading_anything(run_a, tmp_path, mon
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("extra, message", [(["--steps", "0"], "steps must be at least 1, got 0"),
+                                            (["--guidance", "-1"], "guidance scale must be >= 0"),
+                                            (["--size", "30"], "--size 30 does not fit the stages")])
+def test_generate_and_evaluate_refuse_bad_sampling_options_before_loading_weights(run_a, tmp_path, monkeypatch,
+                                                                                   extra, message):
+    from pipelines import evaluate, generate as generate_module
+
+    for module in (generate_module, evaluate):
+        monkeypatch.setattr(module, "load_stack", lambda *a, **k: pytest.fail("loaded the weights first"))
+    with pytest.raises(UserError, match=message):
+        generate_module.main(["--run", str(run_a), "--prompt", "a red circle", "--out", str(tmp_path / "o"), *extra])
+    with pytest.raises(UserError, match=message):
+        evaluate.main(["--run", str(run_a), "--data", DATA, "--out", str(tmp_path / "e"), *extra])
+
+
 @pytest.mark.parametrize("size, nearest", [("0", "try 16"), ("-16", "try 16"), ("8", "try 16"),
                                            ("72", "try 64 or 80")])
 def test_every_sampling_command_refuses_a_size_the_stages_cannot_draw_before_sampling(run_a, tmp_path, monkeypatch,
@@ -585,6 +600,8 @@ def test_img2img_with_tiny_strength_returns_the_input(run_a):
     assert (redrawn - recon).abs().mean() > 10 * near
     with pytest.raises(ValueError, match="strength"):
         generate(stack, ["x"], [0], settings, init_images=init[:1], strength=0.0)
+    with pytest.raises(ValueError, match="got 1 init images for 2 prompts; give one per prompt"):
+        generate(stack, ["a red circle", "a blue square"], [0, 1], settings, init_images=init[:1], strength=0.5)
 
 
 @pytest.mark.parametrize("sampler, eta", [("dpmpp_2m", 0.0), ("dpmpp_2m", 0.5), ("ddim", 0.0), ("ddim", 1.0),

@@ -93,6 +93,8 @@ def test_colour_prompts_and_named_colours():
     assert colours_named("A Red bird with blue wings") == ["red", "blue"]
     assert colours_named("a blue pokemon with red eyes") == ["blue", "red"]  # the order the caption names them
     assert colours_named("一只绿色的小鸟") == ["green"]
+    assert colours_named("一只粉红色的宝可梦") == colours_named("一只粉色的宝可梦") == ["pink"]  # not red
+    assert colours_named("红色和粉红色") == ["red", "pink"]
     assert colours_named("a reddish, bluey thing") == []
 
 

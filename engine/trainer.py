@@ -211,8 +211,8 @@ class Trainer:
         averages = [name for name in ("ema_decay", "ema_std", "ema_probe_stds") if getattr(cfg, name)]
         if averages and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in averaged.modules()):
             # the EMA averages parameters only: BatchNorm's running statistics would be the live weights'
-            raise ConfigError(f"{' and '.join(averages)} ask for an EMA of a model with BatchNorm (CLIP's image "
-                              "encoder), whose running statistics the EMA cannot average; set them to 0")
+            raise ConfigError("an EMA cannot average the running statistics of a model with BatchNorm (CLIP's "
+                              f"image encoder); set {' and '.join(averages)} to 0")
         self.ema = EMA(averaged, cfg.ema_decay, std=cfg.ema_std) if cfg.ema_decay > 0 or cfg.ema_std > 0 else None
         self.ema_probes = {std: EMA(averaged, std=std) for std in cfg.ema_probe_stds}
         self.optimizer = self._make_optimizer(param_groups)

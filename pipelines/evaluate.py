@@ -417,10 +417,15 @@ SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samp
 
 
 def share_error(generation: dict[str, Any], key: str) -> float | None:
-    """The binomial standard error sqrt(p (1 - p) / n) of a share taken over a known number of samples n (the
-    noise of the seeds drawn, had without drawing more); None for a figure that is no such share."""
+    """The binomial standard error of a share p taken over a known number of samples n (the noise of the seeds
+    drawn, had without drawing more), in Agresti and Coull's form: sqrt(q (1 - q) / (n + 4)) with q = (p n + 2) /
+    (n + 4), two hits and two misses added, so a share of 0 or 1 does not read as exact (the plain sqrt(p (1 - p)
+    / n) is 0 there); None for a figure that is no such share."""
     value, count = generation.get(key), generation.get(SHARE_COUNTS.get(key, ""))
-    return None if value is None or not count else (value * (1 - value) / count) ** 0.5
+    if value is None or not count:
+        return None
+    q = (value * count + 2) / (count + 4)
+    return (q * (1 - q) / (count + 4)) ** 0.5
 
 
 # Per-sample flags of generation_metrics' sample records (one bar's rule each) and the paired tables' names.
@@ -519,7 +524,7 @@ def paired_table(columns: dict[str, dict[str, Any]]) -> str:
 
 def quality_table(generation: dict[str, Any]) -> str:
     """Markdown table of the picture-quality metrics: samples, real images, target. A share taken over a known
-    number of samples n carries its binomial standard error, sqrt(p (1 - p) / n): the noise of the seeds drawn."""
+    number of samples n carries its binomial standard error (``share_error``): the noise of the seeds drawn."""
     lines = ["| metric | samples | real images | target |", "|---|---|---|---|"]
     with_error = False
     for key, description, target in QUALITY_ROWS:

@@ -275,10 +275,13 @@ def test_real_colour_adherence_is_read_at_the_colour_prompts_mix():
 def test_quality_table_gives_each_share_its_binomial_standard_error():
     table = quality_table({"fg_share": 0.5, "near_copy_share_judge": 0.1, "colour_adherence": 0.8, "samples": 100,
                            "colour_samples": 25, "near_copy_share_judge_real": 0.07})
-    assert "| 0.100 ± 0.030 | 0.070 | ≤ 0.05 |" in table  # sqrt(0.1 * 0.9 / 100)
-    assert "| 0.800 ± 0.080 | — | ≥ 0.75 |" in table  # over the colour prompts' 25: sqrt(0.8 * 0.2 / 25)
+    # Agresti-Coull: q = (p n + 2) / (n + 4), sqrt(q (1 - q) / (n + 4))
+    assert "| 0.100 ± 0.031 | 0.070 | ≤ 0.05 |" in table  # q = 12 / 104
+    assert "| 0.800 ± 0.079 | — | ≥ 0.75 |" in table  # over the colour prompts' 25: q = 22 / 29
     assert "| 0.500 | — |" in table  # a mean, not a share: no binomial error
     assert "one binomial standard error" in table
+    none_of = quality_table({"near_copy_share_judge": 0.0, "samples": 262})  # no copy in 262: not an exact 0
+    assert "| 0.000 ± 0.005 |" in none_of  # q = 2 / 266
 
 
 def test_sharpness_drops_when_an_image_is_blurred():

@@ -102,15 +102,13 @@ def profiled_step_times(trainer: Trainer, make_batch: Callable, warmup: int, ste
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         run_steps(trainer, make_batch, steps)
-    rows = []
+    rows = []  # (name, microseconds, calls) of the ops alone: the profiler's bookkeeping rows left out once
     for event in prof.key_averages():
-        if on_cuda:
-            micros = event.self_device_time_total
-            if micros > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
-                rows.append((event.key, micros, event.count))
-        elif event.self_cpu_time_total > 0:
-            rows.append((event.key, event.self_cpu_time_total, event.count))
-    launches = {"launches_per_step": sum(calls for name, _, calls in rows if not NOT_OPS.match(name)) / steps,
+        micros = event.self_device_time_total if on_cuda else event.self_cpu_time_total
+        on_device = not on_cuda or event.device_type == torch.autograd.DeviceType.CUDA
+        if micros > 0 and on_device and not NOT_OPS.match(event.key):
+            rows.append((event.key, micros, event.count))
+    launches = {"launches_per_step": sum(calls for _, _, calls in rows) / steps,
                 "top_kernels": top_ops(rows, steps, top)}
     busy = split_by_class([(name, micros) for name, micros, _ in rows])
     return seconds, {label: micros / 1e6 / steps for label, micros in busy.items()}, launches

@@ -25,12 +25,13 @@ class UNetTrainConfig:
     the UNet (base 128, channel_mult (1, 2, 3, 4), 2 res blocks, a transformer at every level; 137 M
     parameters with 256-wide text states) costs 147 GFLOP per 64x64 forward (torch's FLOP counter; ~30 %
     of it is the 4096-token self-attention of the top level), ~465 GFLOP per training sample with the
-    backward, ~85 at 256 px. An epoch walks the 1,500 cached latents (750 training images and their mirrors;
-    with ``augment.copies`` > 0 each draw is swapped for one of the image's augmented encodings with
-    ``augment.prob``) ``passes_per_epoch`` = 10 times: 15 k samples. The stage trains ``lowres_epochs`` = 36 at
-    256 px in batches of 256 (2,088 steps), then 6 at 512 px in batches of 64 (1,404 steps). Both phases run
-    eager: compiling costs minutes per resolution, about what it saves in phases this short (docs/BENCHMARKS.md;
-    ``train.compile`` for longer runs; ``train.cuda_graph`` replays the eager step from CUDA graphs, opt-in).
+    backward, ~85 at 256 px. An epoch walks the 1,500 cached latents (750 training images and their mirrors; a
+    draw takes one of the image's two recoloured encodings with ``recolour.prob``, and with ``augment.copies`` > 0
+    one of its augmented encodings with ``augment.prob``) ``passes_per_epoch`` = 10 times: 15 k samples. The
+    stage trains ``lowres_epochs`` = 36 at 256 px in batches of 256 (2,088 steps), then 6 at 512 px in batches
+    of 64 (1,404 steps). Both phases run eager: compiling costs minutes per resolution, about what it saves in
+    phases this short (docs/BENCHMARKS.md; ``train.compile`` for longer runs; ``train.cuda_graph`` replays the
+    eager step from CUDA graphs, opt-in).
     Latent caching takes seconds per phase; a sample grid plus the validation loss ~3 s each.
     Activations are ~0.35 GiB per sample at 512 px in bf16, so batch 64 (or 256 at 256 px) needs ~25 GiB with
     the weights, EMA and AdamW state, and ~4.4 GiB more for the two snapshots a spike rolls back to.
@@ -55,9 +56,10 @@ class UNetTrainConfig:
     # pixel-space geometric augmentation with its label as UNet conditioning (EDM's recipe): off by default
     # (it did not pay at this run length; docs/results/quality); --unet.augment.copies=N turns it on
     augment: GeometryAugment = field(default_factory=GeometryAugment)
-    # recoloured copies whose captions name the new colours (diffusion.recolour): off by default, since at half
-    # length they drew more loose parts for a colour gain within noise (docs/results/quality/recolour_screen)
-    recolour: RecolourAugment = field(default_factory=RecolourAugment)
+    # two recoloured copies of each image whose captions name the new colours (diffusion.recolour), a draw taking
+    # one with recolour.prob: on by default since a full-length run paired with one without them
+    # (docs/results/quality/recolour_run); --unet.recolour.copies=0 turns them off
+    recolour: RecolourAugment = field(default_factory=lambda: RecolourAugment(copies=2))
     # draw each image of a group sharing one silhouette (diffusion.twins; on the Pokémon set the largest group is
     # 17 winged creatures) with weight 1 / (group size), since samples repeated that butterfly layout in the
     # prompts' colours; a repeated body plan then counts as one image. Every item is then drawn with replacement.

@@ -169,7 +169,9 @@ def test_tiny_end_to_end_run(stages, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_loss"] > 0 and metrics["peak_mem_gb"] is None and metrics["train_samples_per_s"] > 0
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["epoch_0001.png", "epoch_0002.png"]
-    assert len(list((out / "latents").glob("*.safetensors"))) == 2
+    caches = sorted(p.name.split("-")[0] for p in (out / "latents").glob("*.safetensors"))
+    # the training cache (with its augmented copies), the validation cache and, by default, the recoloured copies
+    assert caches == ["recoloured", "train", "val"], caches
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     train_keys = {k for r in records if r["kind"] == "train" for k in r}
     assert {"train/loss", "train/mse", "train/diversity", "train/consistency"} <= train_keys
@@ -320,8 +322,9 @@ def spy_text_states(monkeypatch) -> list[tuple[list[str], list[str]]]:
 def test_colour_sentences_reach_the_text_states_only_when_asked(stages, tmp_path, monkeypatch):
     seen = spy_text_states(monkeypatch)
     for flag in (False, True):
-        train(tiny_config(epochs=1, lowres_epochs=0, colour_sentences=flag), DATA, stages / "vae", stages / "clip",
-              tmp_path / f"unet_{flag}", device="cpu")
+        # recolouring needs colour sentences, and its copies' captions would reach the spy too
+        train(tiny_config(epochs=1, lowres_epochs=0, colour_sentences=flag, **{"recolour.copies": 0}), DATA,
+              stages / "vae", stages / "clip", tmp_path / f"unet_{flag}", device="cpu")
     plain, coloured = (en for en, _ in seen)
     assert not any("Its body is mostly" in caption for caption in plain)
     assert sum("Its body is mostly" in caption for caption in coloured) > len(coloured) // 2

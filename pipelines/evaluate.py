@@ -26,17 +26,18 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from clip.metrics import retrieval_metrics
+from clip.metrics import cosine_similarities, retrieval_metrics
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from data.augment import to_float
+from diffusion.colour_sentences import body_colours
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 from engine.stage import WEIGHTS_FILE, file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, PROMPT_COLOURS, at_prompt_mix, colour_hits, colour_prompts, composition,
-                      composition_means, composition_per_image, composition_records, cosine_nearest,
+from .metrics import (COPY_NEIGHBOURS, FAMILY_NAMES, PROMPT_COLOURS, at_prompt_mix, colour_hits, colour_prompts,
+                      composition, composition_means, composition_per_image, composition_records, cosine_nearest,
                       first_named_colours, frechet_distance, held_out_copies, hue_blind_thumbnails, kernel_distance,
                       near_copies, nearest_indices, seed_diversity, share_by_colour, sharpness, shrunk,
                       silhouette_thumbnails, thumbnails)
@@ -55,6 +56,58 @@ def judge_features(judge: CLIPModel, images: torch.Tensor, batch_size: int = 64)
     device = next(judge.parameters()).device
     feats = [judge.encode_image(chunk.to(device).float()).float() for chunk in images.split(batch_size)]
     return F.normalize(torch.cat(feats), dim=-1).cpu()
+
+
+@torch.no_grad()
+def colour_guesses(clip: CLIPModel, images: torch.Tensor, batch_size: int = 64
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(labels, {language: guesses})`` over the images (uint8) whose body colour
+    (``diffusion.colour_sentences.body_colours``, what their colour sentence names) is a prompt colour: each one's
+    index in ``PROMPT_COLOURS``, and the colour prompt ("a red pokemon", ...; "一只红色的宝可梦", ...) its CLIP
+    embedding is nearest in cosine, per language. The model is evaluated in eval mode and its mode restored."""
+    bodies = body_colours(images)
+    wanted = [i for i, body in enumerate(bodies) if body is not None and FAMILY_NAMES[body] in PROMPT_COLOURS]
+    labels = torch.tensor([PROMPT_COLOURS.index(FAMILY_NAMES[bodies[i]]) for i in wanted], dtype=torch.long)
+    if not wanted:
+        return labels, {"en": labels, "zh": labels}
+    device, size = next(clip.parameters()).device, clip.config.image_size
+    was_training = clip.training
+    clip.eval()
+    try:
+        image_embed = torch.cat([
+            clip.encode_image(F.interpolate(to_float(images[wanted[start:start + batch_size]]), size=(size, size),
+                                            mode="area").to(device))
+            for start in range(0, len(wanted), batch_size)])
+        prompts, _, _ = colour_prompts(seeds=1)  # per colour of PROMPT_COLOURS: English, then Chinese
+        guesses = {}
+        for language, texts in (("en", prompts[0::2]), ("zh", prompts[1::2])):
+            text_embed = clip.encode_text(clip.tokenizer.encode(texts).to(device))[1]
+            guesses[language] = cosine_similarities(image_embed, text_embed).argmax(dim=1).cpu()
+        return labels, guesses
+    finally:
+        clip.train(was_training)
+
+
+def colour_zero_shot(clip: CLIPModel, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
+    """How well a CLIP stage's text side grounds the colour words the UNet is conditioned on: the share of the
+    prompt-coloured bodies among ``images`` (uint8) that ``colour_guesses`` takes for their own colour, per
+    language (``colour_zero_shot_en``, ``_zh``; chance 1 / 6) and per body colour over both languages
+    (``colour_zero_shot_red``, ...; for the colours some image has), over ``colour_zero_shot_images`` images."""
+    return zero_shot_shares(*colour_guesses(clip, images, batch_size))
+
+
+def zero_shot_shares(labels: torch.Tensor, guesses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``colour_zero_shot``'s figures from ``colour_guesses``' labels and guesses."""
+    results: dict[str, float] = {"colour_zero_shot_images": len(labels)}
+    if not len(labels):
+        return results
+    hits = {language: guess == labels for language, guess in guesses.items()}
+    results.update({f"colour_zero_shot_{language}": hit.float().mean().item() for language, hit in hits.items()})
+    both = torch.stack(list(hits.values())).float()
+    for index, colour in enumerate(PROMPT_COLOURS):
+        if (labels == index).any():
+            results[f"colour_zero_shot_{colour}"] = both[:, labels == index].mean().item()
+    return results
 
 
 @torch.no_grad()
@@ -346,7 +399,8 @@ def evaluate_run(stack: StageStack, data: CaptionSet, judge: CLIPModel, settings
     results["vae"] = {"val_psnr": recon["psnr"], "val_ssim": recon["ssim"], "image_size": val.images.shape[-1]}
     clip_size = stack.clip.config.image_size
     val_small = F.interpolate(to_float(val.images), size=(clip_size, clip_size), mode="area").to(device)
-    results["clip"] = retrieval_metrics(stack.clip, val_small, {"en": val.en, "zh": val.zh})
+    results["clip"] = {**retrieval_metrics(stack.clip, val_small, {"en": val.en, "zh": val.zh}),
+                       **colour_zero_shot(stack.clip, train.images)}  # the bodies the UNet learnt colours from
     records: list[dict[str, Any]] = []
     results["generation"] = generation_metrics(stack, judge, train, val, settings, out_dir=out_dir,
                                                reference=reference, records=records)

@@ -1,16 +1,18 @@
 """The picture-quality ruler on synthetic images with known answers: composition, parts, colour, near-copies."""
 
+import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.evaluate import (judge_copies_by_source, mcnemar_p, over_seed_sets, paired_differences,
-                                paired_table, quality_table)
-from pipelines.metrics import (colour_hits, colour_prompts, colours_named, composition, count_parts, foreground_mask,
-                               frechet_distance, held_out_copies, hue_family_shares, kernel_distance, near_copies,
-                               share_by_colour, sharpness, thumbnails)
+from pipelines.evaluate import (colour_zero_shot, judge_copies_by_source, mcnemar_p, over_seed_sets,
+                                paired_differences, paired_table, quality_table)
+from pipelines.metrics import (COLOUR_FAMILIES, colour_hits, colour_prompts, colours_named, composition, count_parts,
+                               foreground_mask, frechet_distance, held_out_copies, hue_family_shares,
+                               kernel_distance, near_copies, share_by_colour, sharpness, thumbnails)
 
 SIZE = 128
 
@@ -83,6 +85,76 @@ def test_colour_families_and_adherence():
     assert colour_hits(torch.cat([eyed, patched]), ["red", "red"]).tolist() == [False, True]
     hits = colour_hits(torch.cat([red, blue, red]), ["red", "red", "blue"])
     assert share_by_colour(hits, ["red", "red", "blue"]) == {"red": 0.5, "blue": 0.0}
+
+
+class HueClip(torch.nn.Module):
+    """A stand-in CLIP stage: an image's embedding is its hue-family shares, a prompt's the one-hot family of the
+    colour it names, moved ``en_shift`` or ``zh_shift`` families on (0: the language's colour words grounded, 1:
+    every one wrong)."""
+
+    def __init__(self, en_shift: int, zh_shift: int) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where the caller finds the device
+        self.config = SimpleNamespace(image_size=SIZE)
+        self.tokenizer = SimpleNamespace(encode=lambda texts: torch.tensor(  # [N, 2]: (family named, Chinese?)
+            [next((i, zh in text) for i, (_, en, zh, _) in enumerate(COLOUR_FAMILIES) if en in text or zh in text)
+             for text in texts]))
+        self.shifts = torch.tensor([en_shift, zh_shift])
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return hue_family_shares(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> tuple[None, torch.Tensor]:
+        family = (tokens[:, 0] + self.shifts[tokens[:, 1]]) % len(COLOUR_FAMILIES)
+        return None, F.one_hot(family, len(COLOUR_FAMILIES)).float()
+
+
+def test_colour_zero_shot_classifies_the_prompt_coloured_bodies_by_the_colour_prompts():
+    bodies = {"red": (0.9, -0.9, -0.9), "blue": (-0.9, -0.6, 0.9), "green": (-0.9, 0.8, -0.9),
+              "yellow": (0.9, 0.8, -0.9), "purple": (0.0, -1.0, 1.0), "pink": (1.0, -1.0, 1 / 3),
+              "orange": (1.0, 0.0, -1.0), "grey": (0.0, 0.0, 0.0)}  # no orange prompt; grey has no body colour
+    images = torch.cat([paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=rgb) for rgb in bodies.values()])
+    images = ((images + 1) * 127.5).round().to(torch.uint8)
+    english_only = HueClip(en_shift=0, zh_shift=1).train()
+    per_colour = {f"colour_zero_shot_{colour}": 0.5 for colour in ("red", "blue", "green", "yellow", "purple", "pink")}
+    assert colour_zero_shot(english_only, images, batch_size=3) == {
+        "colour_zero_shot_images": 6, "colour_zero_shot_en": 1.0, "colour_zero_shot_zh": 0.0, **per_colour}
+    assert english_only.training  # its mode restored
+    assert colour_zero_shot(HueClip(en_shift=1, zh_shift=0), images) == {
+        "colour_zero_shot_images": 6, "colour_zero_shot_en": 0.0, "colour_zero_shot_zh": 1.0, **per_colour}
+    # a body colour is scored over its own images only: two red bodies and a blue one, both languages grounded
+    assert colour_zero_shot(HueClip(en_shift=0, zh_shift=0), images[[0, 0, 1]]) == {
+        "colour_zero_shot_images": 3, "colour_zero_shot_en": 1.0, "colour_zero_shot_zh": 1.0,
+        "colour_zero_shot_red": 1.0, "colour_zero_shot_blue": 1.0}
+    assert colour_zero_shot(english_only, images[-2:]) == {"colour_zero_shot_images": 0}  # orange and grey only
+
+
+def test_clip_colours_writes_each_split_s_shares_and_confusion_matrices(tmp_path, capsys):
+    from benchmarks.clip_colours import main
+    from clip.model import CLIPConfig, CLIPModel
+    from clip.tokenizer import train_tokenizer
+    from data import load_captions
+
+    data = load_captions("shapes:40", resolution=32)
+    tokenizer = train_tokenizer(data.en + data.zh, vocab_size=300)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(vocab_size=tokenizer.vocab_size, text_width=32, text_layers=1, text_heads=2, image_size=16,
+                         image_channels=(8, 16), embed_dim=16), tokenizer).save(tmp_path / "clip",
+                                                                                trained_on={"data": "shapes"})
+    out = tmp_path / "colours.json"
+    result = main(["--clip", str(tmp_path / "clip"), "--data", "shapes:40", "--size", "32", "--device", "cpu",
+                   "--out", str(out)])
+    assert json.loads(out.read_text()) == result and result["command"].startswith("python -m benchmarks.clip_colours")
+    for split in ("train", "val"):
+        shares = result[split]
+        assert shares["colour_zero_shot_images"] > 0  # the shapes come in the prompt colours (and orange)
+        for language in ("en", "zh"):
+            counts = torch.tensor(shares["confusion"][language])
+            assert counts.sum() == shares["colour_zero_shot_images"]
+            assert shares[f"colour_zero_shot_{language}"] == pytest.approx((counts.trace() / counts.sum()).item())
+    with pytest.raises(SystemExit):  # a folder without a CLIP stage: one line, no traceback
+        main(["--clip", str(tmp_path / "nothing"), "--data", "shapes:40"])
+    assert "error:" in capsys.readouterr().err
 
 
 def test_colour_prompts_and_named_colours():

@@ -47,9 +47,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     info = read_stage(args.clip, "clip")  # a clear error for a folder that holds no finished CLIP stage
+    data = load_captions(args.data, resolution=args.size)  # checks the folder and size before decoding
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     clip = CLIPModel.load(args.clip, device=device).eval()
-    data = load_captions(args.data, resolution=args.size)
     result: dict[str, Any] = {"clip": str(args.clip), "fingerprint": info.fingerprint, "data": args.data,
                               "size": args.size, "colours": list(PROMPT_COLOURS)}
     for split in ("train", "val"):

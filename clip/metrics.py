@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,6 +13,18 @@ from clip.loss import duplicate_mask
 from clip.model import CLIPModel
 
 RECALL_AT = (1, 5, 10)
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode while the block runs, its own mode back after (a measurement between training
+    steps leaves dropout as it found it)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def recall_at_k(similarity: Tensor, equivalent: Tensor | None = None, ks: tuple[int, ...] = RECALL_AT) -> dict[int, float]:
@@ -42,9 +57,7 @@ def retrieval_metrics(model: CLIPModel, images: Tensor, captions: dict[str, list
     Keys look like "t2i_r5_en", "i2t_r1_zh". Images whose captions are identical count as right for each
     other. The model is evaluated in eval mode and its mode restored.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         image_embed = torch.cat([model.encode_image(chunk) for chunk in images.split(batch_size)])
         metrics: dict[str, float] = {}
         for language, texts in captions.items():
@@ -59,5 +72,3 @@ def retrieval_metrics(model: CLIPModel, images: Tensor, captions: dict[str, list
                     metrics[f"{direction}_r{k}_{language}"] = value
         metrics["logit_scale"] = model.temperature_scale().item()
         return metrics
-    finally:
-        model.train(was_training)

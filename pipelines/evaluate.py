@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from clip.metrics import cosine_similarities, retrieval_metrics
+from clip.metrics import cosine_similarities, evaluating, retrieval_metrics
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from data.augment import to_float
@@ -71,9 +71,7 @@ def colour_guesses(clip: CLIPModel, images: torch.Tensor, batch_size: int = 64
     if not wanted:
         return labels, {"en": labels, "zh": labels}
     device, size = next(clip.parameters()).device, clip.config.image_size
-    was_training = clip.training
-    clip.eval()
-    try:
+    with evaluating(clip):
         image_embed = torch.cat([
             clip.encode_image(F.interpolate(to_float(images[wanted[start:start + batch_size]]), size=(size, size),
                                             mode="area").to(device))
@@ -83,9 +81,7 @@ def colour_guesses(clip: CLIPModel, images: torch.Tensor, batch_size: int = 64
         for language, texts in (("en", prompts[0::2]), ("zh", prompts[1::2])):
             text_embed = clip.encode_text(clip.tokenizer.encode(texts).to(device))[1]
             guesses[language] = cosine_similarities(image_embed, text_embed).argmax(dim=1).cpu()
-        return labels, guesses
-    finally:
-        clip.train(was_training)
+    return labels, guesses
 
 
 def colour_zero_shot(clip: CLIPModel, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:

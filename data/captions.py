@@ -265,9 +265,11 @@ def clause_prefixes(caption: str) -> list[str]:
     return [caption[:cut].rstrip() + stop for cut in reversed(cuts)]
 
 
-def clause_variants(caption: str, count: int, keep_prob: float, generator: torch.Generator) -> list[str]:
+def clause_variants(caption: str, count: int, keep_prob: float, generator: torch.Generator,
+                    keep_last: bool = False) -> list[str]:
     """``count`` shortened variants of a caption: each keeps every clause with probability ``keep_prob`` (at
-    least one), in the original order.
+    least one), in the original order; with ``keep_last``, the last clause is in every variant (a sentence the
+    stage appended, such as the colour sentence of ``diffusion.colour_sentences``).
 
     The long captions name the Pokémon and many details, so each is nearly unique to its image: a unique
     caption acts like a class label for one picture, which is what a small set gets memorised by. Dropping
@@ -278,6 +280,8 @@ def clause_variants(caption: str, count: int, keep_prob: float, generator: torch
     variants = []
     for _ in range(count):
         keep = torch.rand(len(clauses), generator=generator) < keep_prob
+        if keep_last and len(clauses):
+            keep[-1] = True
         if len(clauses) and not bool(keep.any()):
             keep[int(torch.randint(len(clauses), (1,), generator=generator))] = True
         variants.append(joiner.join(c for c, k in zip(clauses, keep.tolist()) if k) or caption)

@@ -40,10 +40,21 @@ def with_colour_sentences(images: Tensor, en: list[str], zh: list[str],
     en_out, zh_out = list(en), list(zh)
     for i, index in enumerate(body_colours(images)):
         if index is not None:
-            _, en_word, zh_word, _ = COLOUR_FAMILIES[index]
-            en_out[i] = _with_sentence(en[i], f" Its body is mostly {en_word}.", fits)
-            zh_out[i] = _with_sentence(zh[i], f"它的身体主要是{zh_word}。", fits)
+            en_out[i] = _with_sentence(en[i], " " + colour_sentence(index, "en"), fits)
+            zh_out[i] = _with_sentence(zh[i], colour_sentence(index, "zh"), fits)
     return en_out, zh_out
+
+
+def colour_sentence(family: int, language: str) -> str:
+    """The sentence naming the body colour ``COLOUR_FAMILIES[family]`` in ``language`` ("en" or "zh")."""
+    _, en_word, zh_word, _ = COLOUR_FAMILIES[family]
+    return f"Its body is mostly {en_word}." if language == "en" else f"它的身体主要是{zh_word}。"
+
+
+def ends_with_colour_sentence(caption: str) -> bool:
+    """Whether ``caption`` ends with a colour sentence (``with_colour_sentences``), in either language."""
+    return caption.endswith(tuple(colour_sentence(i, language) for i in range(len(COLOUR_FAMILIES))
+                                  for language in ("en", "zh")))
 
 
 def body_colours(images: Tensor) -> list[int | None]:

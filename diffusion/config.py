@@ -85,6 +85,9 @@ class UNetTrainConfig:
     # append "Its body is mostly <colour>." (measured from the pixels) to a caption when one hue family dominates
     # the image: in these captions colour words mostly name details ("red eyes"); docs/results/quality measures it
     colour_sentences: bool = True
+    # every clause-dropped variant keeps the colour sentence (else it drops like any clause, with probability
+    # 1 - clause_keep_prob, and a recoloured copy's draw may name no colour at all); off until a run measures it
+    keep_colour_sentence: bool = False
     encode_batch_size: int = 32  # VAE encoding batch for the latent cache
     val_timesteps: int = 10  # the validation loss averages over this many fixed, evenly spaced timesteps
     val_batch_size: int = 64
@@ -133,6 +136,9 @@ class UNetTrainConfig:
             raise ConfigError("recolour.copies > 0 needs colour_sentences=true: a recoloured copy whose caption names "
                               "no colour would train on its original caption; set colour_sentences=true or "
                               "recolour.copies=0")
+        if self.keep_colour_sentence and not self.colour_sentences:
+            raise ConfigError("keep_colour_sentence=true keeps the colour sentence in every caption variant: it needs "
+                              "colour_sentences=true; set it, or keep_colour_sentence=false")
         if self.caption_variants < 0:
             raise ConfigError(f"caption_variants must be >= 0, got {self.caption_variants}")
         require_positive(self, "encode_batch_size", "val_timesteps", "val_batch_size", "sample_every_epochs",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -200,13 +200,17 @@ class TextStateCache:
 
     @classmethod
     def build(cls, clip: torch.nn.Module, en: list[str], zh: list[str], variants: int = 0,
-              clause_keep_prob: float = 0.6, seed: int = 0) -> "TextStateCache":
+              clause_keep_prob: float = 0.6, seed: int = 0,
+              keep_last: Callable[[str], bool] = lambda caption: False) -> "TextStateCache":
+        """Encode ``en`` and ``zh`` with ``variants`` clause-dropped variants each; a caption for which
+        ``keep_last`` holds keeps its last clause in all of them."""
         if len(en) != len(zh):
             raise ValueError(f"got {len(en)} English but {len(zh)} Chinese captions; give one of each per image")
         g = torch.Generator().manual_seed(seed)
 
         def states(captions: list[str]) -> Tensor:
-            texts = [t for c in captions for t in [c, *clause_variants(c, variants, clause_keep_prob, g)]]
+            texts = [t for c in captions
+                     for t in [c, *clause_variants(c, variants, clause_keep_prob, g, keep_last(c))]]
             encoded = encode_prompts(clip, texts)
             return encoded.view(len(captions), variants + 1, *encoded.shape[1:])
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
-from diffusion.colour_sentences import TrainingCaptions, derived_record, training_captions
+from diffusion.colour_sentences import TrainingCaptions, derived_record, ends_with_colour_sentence, training_captions
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
 from diffusion.guidance import guided_sample_and_decode
@@ -349,7 +349,8 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     if any(cut.values()) and env.is_main:  # a colour sentence is kept: with_colour_sentences trims the caption
         tqdm.write(f"note: {cut['English']} English and {cut['Chinese']} Chinese training captions of {len(en)} are "
                    f"longer than the text encoder's {clip.tokenizer.context_length - 2} tokens; their ends are cut off")
-    texts = TextStateCache.build(clip, en, zh, cfg.caption_variants, cfg.clause_keep_prob, seed=cfg.train.seed)
+    texts = TextStateCache.build(clip, en, zh, cfg.caption_variants, cfg.clause_keep_prob, seed=cfg.train.seed,
+                                 keep_last=ends_with_colour_sentence if cfg.keep_colour_sentence else lambda c: False)
     val_context = encode_prompts(clip, val_set.en)
     fit_rows = fit_probe_rows(len(train_set), len(val_set))
     fit_context = encode_prompts(clip, [train_set.en[i] for i in fit_rows.tolist()])  # plain, as the validation's

@@ -9,7 +9,8 @@ from clip import CLIPConfig, CLIPModel, train_tokenizer
 from data import load_captions
 from data.augment import AUGMENT_DIM, to_float
 from data.captions import clause_prefixes, clause_variants, split_clauses, texts_fingerprint
-from diffusion.colour_sentences import body_colours, derived_inputs, training_captions, with_colour_sentences
+from diffusion.colour_sentences import (body_colours, colour_sentence, derived_inputs, ends_with_colour_sentence,
+                                       training_captions, with_colour_sentences)
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
 from diffusion.recolour import recoloured_images
@@ -452,9 +453,50 @@ def test_balance_twins_draws_silhouette_twins_at_one_over_their_group_size_in_bo
         train(cfg, DATA, stages / "vae", stages / "clip", out, resume=True, device="cpu")
 
 
-def test_recolouring_needs_colour_sentences():
+def test_recolouring_and_kept_colour_sentences_need_colour_sentences():
     with pytest.raises(ConfigError, match="recolour.copies > 0 needs colour_sentences=true"):
         tiny_config(colour_sentences=False, **{"recolour.copies": 1})
+    with pytest.raises(ConfigError, match="keep_colour_sentence=true .* needs colour_sentences=true"):
+        tiny_config(colour_sentences=False, keep_colour_sentence=True, **{"recolour.copies": 0})
+
+
+def test_a_kept_colour_sentence_is_in_every_caption_variant_and_the_other_clauses_drop_as_before():
+    en = "A cat, with red ears, and a long tail. " + colour_sentence(FAMILY_NAMES.index("red"), "en")
+    zh = "一只猫，红耳朵，长尾巴。" + colour_sentence(FAMILY_NAMES.index("red"), "zh")
+    assert ends_with_colour_sentence(en) and ends_with_colour_sentence(zh) and not ends_with_colour_sentence("A cat.")
+    plain = clause_variants(en, 40, 0.5, torch.Generator().manual_seed(0))
+    kept = clause_variants(en, 40, 0.5, torch.Generator().manual_seed(0), keep_last=True)
+    assert not all(v.endswith("Its body is mostly red") for v in plain)
+    assert all(v.endswith("Its body is mostly red") for v in kept)
+    clauses = split_clauses(en)
+    for v in kept:  # in-order subsets of the clauses, the others still dropped at random
+        assert v.split(", ") == sorted(v.split(", "), key=clauses.index) and set(v.split(", ")) <= set(clauses)
+    assert len({v.count(", ") for v in kept}) >= 3
+    assert all(v.endswith("它的身体主要是红色") for v in
+               clause_variants(zh, 20, 0.5, torch.Generator().manual_seed(1), keep_last=True))
+
+    clip = tiny_clip()
+    sentence_only = clip.text_states(["Its body is mostly red"])[0]
+    kept = TextStateCache.build(clip, [en], [zh], variants=3, clause_keep_prob=0.0, keep_last=ends_with_colour_sentence)
+    assert all(torch.equal(kept.en[0, v], sentence_only) for v in range(1, 4))  # every other clause dropped
+    plain = TextStateCache.build(clip, [en], [zh], variants=3, clause_keep_prob=0.0)  # one random clause each
+    assert not all(torch.equal(plain.en[0, v], sentence_only) for v in range(1, 4))
+
+
+def test_the_stage_keeps_the_colour_sentence_in_every_variant_only_when_asked(stages, tmp_path, monkeypatch):
+    seen, variants = [], clause_variants
+
+    def spy(caption, count, keep_prob, generator, keep_last=False):
+        seen.append((caption, keep_last))
+        return variants(caption, count, keep_prob, generator, keep_last)
+
+    monkeypatch.setattr("diffusion.latents.clause_variants", spy)
+    for flag in (False, True):
+        seen.clear()
+        train(tiny_config(epochs=1, lowres_epochs=0, keep_colour_sentence=flag, **{"recolour.copies": 0}), DATA,
+              stages / "vae", stages / "clip", tmp_path / f"unet_{flag}", device="cpu")
+        assert sum(ends_with_colour_sentence(caption) for caption, _ in seen) > len(seen) // 2
+        assert all(keep == (flag and ends_with_colour_sentence(caption)) for caption, keep in seen)
 
 
 def test_probe_emas_are_scored_beside_the_stages_own(stages, tmp_path):

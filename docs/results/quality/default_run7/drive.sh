@@ -1,0 +1,35 @@
+#!/bin/bash
+# The next hold (planned in session 39), by the GPU kind the hold is given:
+# - an H200: the plain default command (balance_twins since session 38, two recoloured copies since 39): does
+#   colour come back on the GPU kind (and its CLIP) of the five earlier default runs (judge e9c69396b33f0b62)?
+# - an H100 (session 40): the default with --unet.keep_colour_sentence=true: every clause-dropped caption variant
+#   keeps the colour sentence; VAE, CLIP and judge repeat recolour_run's bit for bit, so the pair differs in the
+#   UNet's caption variants alone.
+# Then its sweep: the generation default, two seed sets.
+# Everything lands in /tmp/r/out.
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD
+R=/tmp/r; mkdir -p $R/out; LOG=$R/out/drive.log
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+pip install -q --no-index --find-links .whl tqdm >>$LOG 2>&1
+( while true; do echo "MEM $(date +%T) $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits | tr -d ' ')" >>$LOG; sleep 60; done ) &
+if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+  echo "KIND H200: default" >>$LOG
+  python train_all.py --data .data/pokemon --run runs/A > $R/out/A.log 2>&1
+else
+  echo "KIND H100: keep colour sentence" >>$LOG
+  python train_all.py --data .data/pokemon --run runs/A --unet.keep_colour_sentence=true > $R/out/A.log 2>&1
+fi
+echo "A_DONE rc=$? $(el) s" >>$LOG
+# the sweep (skip with NO_SWEEP=1 when the budget is short): the generation default, two seed sets
+[ -z "$NO_SWEEP" ] && python -m benchmarks.sampling_sweep --run runs/A --data .data/pokemon --out $R/out/sweep_A.json \
+  --guidance 4 --rescale 0.7 --interval 0.28,7.5 --steps 25 --seed-sets 2 \
+  --showcase $R/out/showcase_A > $R/out/sweep_A.log 2>&1
+echo "SWEEP_A_DONE rc=$? $(el) s" >>$LOG
+[ -z "$NO_SWEEP" ] && python -m benchmarks.sampling_sweep --run runs/A --data .data/pokemon --out $R/out/sweep_A55.json \
+  --guidance 5.5 --rescale 0.7 --interval 0.28,7.5 --steps 25 --seed-sets 2 > $R/out/sweep_A55.log 2>&1
+echo "SWEEP_A55_DONE rc=$? $(el) s" >>$LOG
+# the run's CLIP and judge scored for colour alone, with their confusion matrices (seconds)
+python -m benchmarks.clip_colours --clip runs/A/clip --data .data/pokemon --out $R/out/clip_colours_A.json > $R/out/cc.log 2>&1
+python -m benchmarks.clip_colours --clip runs/A/judge --data .data/pokemon --out $R/out/clip_colours_A_judge.json >> $R/out/cc.log 2>&1
+echo "FINISHED $(el) s" >>$LOG

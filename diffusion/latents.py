@@ -201,16 +201,16 @@ class TextStateCache:
     @classmethod
     def build(cls, clip: torch.nn.Module, en: list[str], zh: list[str], variants: int = 0,
               clause_keep_prob: float = 0.6, seed: int = 0,
-              keep_last: Callable[[str], bool] = lambda caption: False) -> "TextStateCache":
+              keep_last: Callable[[str], bool] | None = None) -> "TextStateCache":
         """Encode ``en`` and ``zh`` with ``variants`` clause-dropped variants each; a caption for which
-        ``keep_last`` holds keeps its last clause in all of them."""
+        ``keep_last`` (when given) holds keeps its last clause in all of them."""
         if len(en) != len(zh):
             raise ValueError(f"got {len(en)} English but {len(zh)} Chinese captions; give one of each per image")
         g = torch.Generator().manual_seed(seed)
 
         def states(captions: list[str]) -> Tensor:
             texts = [t for c in captions
-                     for t in [c, *clause_variants(c, variants, clause_keep_prob, g, keep_last(c))]]
+                     for t in [c, *clause_variants(c, variants, clause_keep_prob, g, bool(keep_last and keep_last(c)))]]
             encoded = encode_prompts(clip, texts)
             return encoded.view(len(captions), variants + 1, *encoded.shape[1:])
 

@@ -350,7 +350,7 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
         tqdm.write(f"note: {cut['English']} English and {cut['Chinese']} Chinese training captions of {len(en)} are "
                    f"longer than the text encoder's {clip.tokenizer.context_length - 2} tokens; their ends are cut off")
     texts = TextStateCache.build(clip, en, zh, cfg.caption_variants, cfg.clause_keep_prob, seed=cfg.train.seed,
-                                 keep_last=ends_with_colour_sentence if cfg.keep_colour_sentence else lambda c: False)
+                                 keep_last=ends_with_colour_sentence if cfg.keep_colour_sentence else None)
     val_context = encode_prompts(clip, val_set.en)
     fit_rows = fit_probe_rows(len(train_set), len(val_set))
     fit_context = encode_prompts(clip, [train_set.en[i] for i in fit_rows.tolist()])  # plain, as the validation's

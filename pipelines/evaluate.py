@@ -52,7 +52,7 @@ JUDGE_KID_GAMMA = 1.0
 
 @torch.no_grad()
 def judge_features(judge: CLIPModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Normalised judge image embeddings of [-1, 1] images."""
+    """Normalised image embeddings of [-1, 1] images under a CLIP stage (the judge's, or a run's own CLIP)."""
     device = next(judge.parameters()).device
     feats = [judge.encode_image(chunk.to(device).float()).float() for chunk in images.split(batch_size)]
     return F.normalize(torch.cat(feats), dim=-1).cpu()
@@ -72,15 +72,14 @@ def colour_guesses(clip: CLIPModel, images: torch.Tensor, batch_size: int = 64
         return labels, {"en": labels, "zh": labels}
     device, size = next(clip.parameters()).device, clip.config.image_size
     with evaluating(clip):
-        image_embed = torch.cat([
-            clip.encode_image(F.interpolate(to_float(images[wanted[start:start + batch_size]]), size=(size, size),
-                                            mode="area").to(device))
-            for start in range(0, len(wanted), batch_size)])
+        image_embed = torch.cat([  # indexed a batch at a time: no full-size copy of every wanted image
+            judge_features(clip, F.interpolate(to_float(images[batch]), size=(size, size), mode="area"))
+            for batch in torch.tensor(wanted).split(batch_size)])
         prompts, _, _ = colour_prompts(seeds=1)  # per colour of PROMPT_COLOURS: English, then Chinese
         guesses = {}
         for language, texts in (("en", prompts[0::2]), ("zh", prompts[1::2])):
-            text_embed = clip.encode_text(clip.tokenizer.encode(texts).to(device))[1]
-            guesses[language] = cosine_similarities(image_embed, text_embed).argmax(dim=1).cpu()
+            text_embed = clip.encode_text(clip.tokenizer.encode(texts).to(device))[1].float().cpu()
+            guesses[language] = cosine_similarities(image_embed, text_embed).argmax(dim=1)
     return labels, guesses
 
 

@@ -51,10 +51,13 @@ def colour_sentence(family: int, language: str) -> str:
     return f"Its body is mostly {en_word}." if language == "en" else f"它的身体主要是{zh_word}。"
 
 
+_COLOUR_SENTENCES = tuple(colour_sentence(family, language) for family in range(len(COLOUR_FAMILIES))
+                          for language in ("en", "zh"))
+
+
 def ends_with_colour_sentence(caption: str) -> bool:
     """Whether ``caption`` ends with a colour sentence (``with_colour_sentences``), in either language."""
-    return caption.endswith(tuple(colour_sentence(i, language) for i in range(len(COLOUR_FAMILIES))
-                                  for language in ("en", "zh")))
+    return caption.endswith(_COLOUR_SENTENCES)
 
 
 def body_colours(images: Tensor) -> list[int | None]:

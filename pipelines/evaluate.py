@@ -59,6 +59,13 @@ def judge_features(judge: CLIPModel, images: torch.Tensor, batch_size: int = 64)
 
 
 @torch.no_grad()
+def text_features(clip: CLIPModel, texts: Sequence[str]) -> torch.Tensor:
+    """Normalised text embeddings of ``texts`` under a CLIP stage (the judge's, or a run's own CLIP)."""
+    _, text = clip.encode_text(clip.tokenizer.encode(list(texts)).to(next(clip.parameters()).device))
+    return F.normalize(text.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
 def colour_guesses(clip: CLIPModel, images: torch.Tensor, batch_size: int = 64
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(labels, {language: guesses})`` over the images (uint8) whose body colour
@@ -70,7 +77,7 @@ def colour_guesses(clip: CLIPModel, images: torch.Tensor, batch_size: int = 64
     labels = torch.tensor([PROMPT_COLOURS.index(FAMILY_NAMES[bodies[i]]) for i in wanted], dtype=torch.long)
     if not wanted:
         return labels, {"en": labels, "zh": labels}
-    device, size = next(clip.parameters()).device, clip.config.image_size
+    size = clip.config.image_size
     with evaluating(clip):
         image_embed = torch.cat([  # indexed a batch at a time: no full-size copy of every wanted image
             judge_features(clip, F.interpolate(to_float(images[batch]), size=(size, size), mode="area"))
@@ -78,8 +85,7 @@ def colour_guesses(clip: CLIPModel, images: torch.Tensor, batch_size: int = 64
         prompts, _, _ = colour_prompts(seeds=1)  # per colour of PROMPT_COLOURS: English, then Chinese
         guesses = {}
         for language, texts in (("en", prompts[0::2]), ("zh", prompts[1::2])):
-            text_embed = clip.encode_text(clip.tokenizer.encode(texts).to(device))[1].float().cpu()
-            guesses[language] = cosine_similarities(image_embed, text_embed).argmax(dim=1)
+            guesses[language] = cosine_similarities(image_embed, text_features(clip, texts)).argmax(dim=1)
     return labels, guesses
 
 
@@ -108,10 +114,7 @@ def zero_shot_shares(labels: torch.Tensor, guesses: dict[str, torch.Tensor]) -> 
 @torch.no_grad()
 def clip_score(judge: CLIPModel, features: torch.Tensor, prompts: Sequence[str]) -> float:
     """100 x mean cosine between each image's judge embedding and its prompt's judge text embedding."""
-    device = next(judge.parameters()).device
-    _, text = judge.encode_text(judge.tokenizer.encode(list(prompts)).to(device))
-    text = F.normalize(text.float(), dim=-1).cpu()
-    return float(100 * (features * text).sum(-1).mean())
+    return float(100 * (features * text_features(judge, prompts)).sum(-1).mean())
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from engine.stage import read_stage
 from vae.config import PRESETS, VAEConfig, VAETrainConfig
 from vae.discriminator import PatchDiscriminator
 from vae.loss import VAELossConfig, VAETrainingModule, adaptive_gan_weight, ssim
-from vae.metrics import compute_scaling_factor, evaluate_reconstruction, psnr
+from vae.metrics import compute_scaling_factor, evaluate_reconstruction, latent_moments, psnr
 from vae.model import AutoencoderKL, DiagonalGaussian
 from vae import train as vae_train
 from vae.train import main
@@ -252,6 +252,11 @@ def test_training_writes_a_complete_stage_and_resumes_exactly(tmp_path, capsys, 
     metrics = json.loads((folder / "metrics.json").read_text())
     assert {"val_psnr", "val_ssim", "latent_std_scaled", "scaling_factor", "minutes"} <= set(metrics)
     assert abs(metrics["latent_std_scaled"] - 1.0) < 0.1
+    channel_means, channel_stds = metrics["latent_channel_means_scaled"], metrics["latent_channel_stds_scaled"]
+    assert len(channel_means) == len(channel_stds) == 4
+    # The channels' second moments average to the whole set's (equal counts per channel).
+    second = sum(m * m + s * s for m, s in zip(channel_means, channel_stds)) / 4
+    assert second - (sum(channel_means) / 4) ** 2 == pytest.approx(metrics["latent_std_scaled"] ** 2, rel=1e-6)
     vae = AutoencoderKL.load(folder)
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
     epochs = [r for r in read_records(folder / "log.jsonl") if r["kind"] == "epoch"]
@@ -280,3 +285,19 @@ def test_channels_last_gives_the_same_outputs() -> None:
         vae.to(memory_format=torch.channels_last)
         nhwc = vae.decode(vae.encode(x.contiguous(memory_format=torch.channels_last)).mode())
     torch.testing.assert_close(nhwc, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_latent_moments_per_channel_match_the_whole_set() -> None:
+    """Streamed over uneven batches, the moments equal those of all posterior samples at once, per channel too."""
+    vae = tiny_vae().eval()
+    uint8 = ((images(5, 32, seed=4) + 1) * 127.5).round().to(torch.uint8)
+    moments = latent_moments(vae, uint8, batch_size=2, device="cpu", seed=7)
+    with torch.no_grad():
+        latents = vae.encode(uint8.float() / 127.5 - 1).sample(torch.Generator().manual_seed(7)).double()
+    per_channel = latents.transpose(0, 1).flatten(1)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(as_tensor(moments.channel_means), per_channel.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(as_tensor(moments.channel_stds), per_channel.std(1, correction=0), rtol=1e-4, atol=1e-6)
+    assert moments.mean == pytest.approx(latents.mean().item(), abs=1e-6)
+    assert moments.std == pytest.approx(latents.std(correction=0).item(), rel=1e-4)
+    assert len(moments.channel_means) == vae.config.latent_channels

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -17,36 +19,60 @@ def psnr(recon: Tensor, target: Tensor) -> Tensor:
     return -10.0 * torch.log10(mse.clamp_min(1e-10))
 
 
-class _RunningMoments:
-    """Sum and sum of squares in float64 on the device: a streaming mean/std without per-batch host syncs."""
+class LatentMoments(NamedTuple):
+    """Mean and std over every latent element, and per latent channel."""
+    mean: float
+    std: float
+    channel_means: list[float]
+    channel_stds: list[float]
 
-    def __init__(self, device: torch.device) -> None:
-        self.count = 0
-        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+
+class _RunningMoments:
+    """Sums and sums of squares in float64 on the device, over every element and per channel: a streaming
+    mean/std without per-batch host syncs."""
+
+    def __init__(self) -> None:
+        self.count = 0  # elements per channel
+        # The sums over every element are kept apart from the channels' (not summed from them) so the scaling
+        # factor repeats earlier runs' to the bit.
+        self.sums: Tensor | None = None  # [2]
+        self.channel_sums: Tensor | None = None  # [2, C]
 
     def add(self, values: Tensor) -> None:
         v = values.detach().double()
-        self.count += v.numel()
-        self.sums += torch.stack([v.sum(), v.square().sum()])
+        sums = torch.stack([v.sum(), v.square().sum()])
+        per_channel = v.transpose(0, 1).flatten(1)  # [C, elements]
+        channel_sums = torch.stack([per_channel.sum(1), per_channel.square().sum(1)])
+        first = self.sums is None
+        self.sums = sums if first else self.sums + sums
+        self.channel_sums = channel_sums if first else self.channel_sums + channel_sums
+        self.count += per_channel.shape[1]
 
-    def mean_std(self) -> tuple[float, float]:
+    def moments(self) -> LatentMoments:
+        if self.sums is None or self.channel_sums is None:
+            raise ValueError("no latents were added: give at least one image")
+        channels = self.channel_sums.shape[1]
         total, squares = self.sums.tolist()
-        mean = total / self.count
-        return mean, max(squares / self.count - mean * mean, 0.0) ** 0.5
+        means, channel_squares = (self.channel_sums / self.count).tolist()
+        spread = lambda mean, square: max(square - mean * mean, 0.0) ** 0.5  # noqa: E731
+        mean = total / (self.count * channels)
+        return LatentMoments(mean, spread(mean, squares / (self.count * channels)), means,
+                             [spread(m, q) for m, q in zip(means, channel_squares)])
 
 
 @torch.no_grad()
 def latent_moments(vae: AutoencoderKL, images_uint8: Tensor, batch_size: int, device: str | torch.device,
-                   seed: int = 0) -> tuple[float, float]:
-    """Mean and std over every element of posterior samples (unscaled) of ``images_uint8`` [N, C, H, W]."""
+                   seed: int = 0) -> LatentMoments:
+    """Moments of posterior samples (unscaled) of ``images_uint8`` [N, C, H, W]: over every element and per
+    latent channel."""
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    moments = _RunningMoments(device)
+    moments = _RunningMoments()
     for batch in float_batches(images_uint8, batch_size, device):
         with inference_autocast(device):
             posterior = vae.encode(batch)
         moments.add(posterior.sample(generator))
-    return moments.mean_std()
+    return moments.moments()
 
 
 def compute_scaling_factor(vae: AutoencoderKL, images_uint8: Tensor, batch_size: int,
@@ -55,7 +81,7 @@ def compute_scaling_factor(vae: AutoencoderKL, images_uint8: Tensor, batch_size:
 
     Measured on our own autoencoder, as the LDM recipe prescribes; the SD constant 0.18215 belongs to another model.
     """
-    _, std = latent_moments(vae, images_uint8, batch_size, device)
+    std = latent_moments(vae, images_uint8, batch_size, device).std
     if not std > 0:
         raise ValueError("latents have zero spread; the autoencoder is degenerate (was it trained?)")
     return 1.0 / std
@@ -70,7 +96,7 @@ def evaluate_reconstruction(vae: AutoencoderKL, images_uint8: Tensor, batch_size
     """
     device = torch.device(device)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # psnr, ssim, kl summed over images
-    latents = _RunningMoments(device)
+    latents = _RunningMoments()
     for batch in float_batches(images_uint8, batch_size, device):
         with inference_autocast(device):
             posterior = vae.encode(batch)
@@ -80,7 +106,7 @@ def evaluate_reconstruction(vae: AutoencoderKL, images_uint8: Tensor, batch_size
         totals += torch.stack([psnr(recon, batch).sum(), ssim(recon, batch).sum(), kl_per_element.sum()]).double()
         latents.add(posterior.mode())
     psnr_sum, ssim_sum, kl_sum = totals.tolist()
-    mean, std = latents.mean_std()
+    moments = latents.moments()
     count = len(images_uint8)
     return {"psnr": psnr_sum / count, "ssim": ssim_sum / count, "kl": kl_sum / count,
-            "latent_mean": mean, "latent_std": std}
+            "latent_mean": moments.mean, "latent_std": moments.std}

@@ -134,13 +134,18 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
                                                              trainer.device)
         # Another draw of the training posteriors (seed 1) repeats the factor's unit variance only to within the
         # posterior noise, which is tiny at this KL weight; the validation images' scaled std is the real check.
-        _, train_std = latent_moments(model, train_set.images, cfg.val_batch_size, trainer.device, seed=1)
-        _, val_std = latent_moments(model, val_set.images, cfg.val_batch_size, trainer.device)
+        # The per-channel moments are recorded because the UNet sees them: a channel far from zero mean or unit
+        # spread is one the diffusion's noise does not match.
+        train = latent_moments(model, train_set.images, cfg.val_batch_size, trainer.device, seed=1)
+        val_std = latent_moments(model, val_set.images, cfg.val_batch_size, trainer.device).std
+        factor = model.config.scaling_factor
         return {
             "val_psnr": final["val/psnr"], "val_ssim": final["val/ssim"], "val_kl": final["val/kl"],
-            "scaling_factor": model.config.scaling_factor,
-            "latent_std_scaled": train_std * model.config.scaling_factor,
-            "val_latent_std_scaled": val_std * model.config.scaling_factor,
+            "scaling_factor": factor,
+            "latent_std_scaled": train.std * factor,
+            "val_latent_std_scaled": val_std * factor,
+            "latent_channel_means_scaled": [mean * factor for mean in train.channel_means],
+            "latent_channel_stds_scaled": [std * factor for std in train.channel_stds],
         }
 
     def describe(metrics: dict[str, Any]) -> str:

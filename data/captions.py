@@ -252,14 +252,15 @@ def split_clauses(caption: str) -> list[str]:
     return [c.strip(" .。") for c in _CLAUSE_SPLIT.split(caption.strip()) if c.strip(" .。")]
 
 
-def _is_chinese(caption: str) -> bool:
-    return any("\u4e00" <= ch <= "\u9fff" for ch in caption)
+def is_chinese(text: str) -> bool:
+    """Whether ``text`` has a CJK ideograph: the captions' Chinese side (an English one may have "é")."""
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
 def clause_prefixes(caption: str) -> list[str]:
     """The caption cut short at each clause boundary, longest first, each ended as a sentence ("." or "。").
     A boundary is also a comma between adjectives, so a prefix may end on one ("its large.")."""
-    stop = "。" if _is_chinese(caption) else "."
+    stop = "。" if is_chinese(caption) else "."
     cuts = [m.start() for m in _CLAUSE_SPLIT.finditer(caption)
             if caption[:m.start()].strip(" .。") and caption[m.end():].strip(" .。")]  # a clause on each side
     return [caption[:cut].rstrip() + stop for cut in reversed(cuts)]
@@ -276,7 +277,7 @@ def clause_variants(caption: str, count: int, keep_prob: float, generator: torch
     clauses makes several images share shorter descriptions and ties words, not whole captions, to pictures.
     """
     clauses = split_clauses(caption)
-    joiner = "，" if _is_chinese(caption) else ", "
+    joiner = "，" if is_chinese(caption) else ", "
     variants = []
     for _ in range(count):
         keep = torch.rand(len(clauses), generator=generator) < keep_prob

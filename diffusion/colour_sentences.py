@@ -20,13 +20,13 @@ from clip.model import TOKENIZER_FILE
 from clip.tokenizer import BPETokenizer
 from data import CaptionSet, load_captions
 from data.augment import to_float
-from data.captions import clause_prefixes, texts_fingerprint
+from data.captions import clause_prefixes, is_chinese, texts_fingerprint
 from diffusion.config import UNetTrainConfig
 from diffusion.recolour import (RecolourAugment, family_map, hue_family, hue_turns, recoloured_images, recolourable,
                                rename_colours)
 from diffusion.twins import silhouette_twins, twins_record
 from engine.stage import read_stage
-from pipelines.metrics import COLOUR_FAMILIES, hue_family_shares, in_hue_family, pixel_hues
+from pipelines.metrics import COLOUR_FAMILIES, FAMILY_NAMES, hue_family_shares, in_hue_family, pixel_hues
 
 COLOUR_SENTENCE_MIN_SHARE = 0.5  # of a training image's coloured pixels in one hue family, to name its body colour
 
@@ -49,6 +49,22 @@ def colour_sentence(family: int, language: str) -> str:
     """The sentence naming the body colour ``COLOUR_FAMILIES[family]`` in ``language`` ("en" or "zh")."""
     _, en_word, zh_word, _ = COLOUR_FAMILIES[family]
     return f"Its body is mostly {en_word}." if language == "en" else f"它的身体主要是{zh_word}。"
+
+
+def with_body_colour(prompt: str, colour: str) -> str:
+    """``prompt`` followed by the colour sentence that names ``colour`` (a hue family of ``COLOUR_FAMILIES``) as
+    the body's, in the prompt's language, as the UNet stage's training captions end. A colour word inside a prompt
+    may go to a detail, as it mostly does in this data ("red eyes"); the sentence names the body's."""
+    if colour not in FAMILY_NAMES:
+        raise ValueError(f"unknown body colour {colour!r}: use one of {', '.join(FAMILY_NAMES)}")
+    chinese = is_chinese(prompt)
+    sentence = colour_sentence(FAMILY_NAMES.index(colour), "zh" if chinese else "en")
+    body = prompt.strip()
+    if not body:
+        return sentence
+    if not body.endswith((".", "。", "!", "！", "?", "？")):
+        body += "。" if chinese else "."
+    return body + sentence if chinese else f"{body} {sentence}"
 
 
 _COLOUR_SENTENCES = tuple(colour_sentence(family, language) for family in range(len(COLOUR_FAMILIES))

@@ -30,7 +30,7 @@ from clip.metrics import cosine_similarities, evaluating, retrieval_metrics
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from data.augment import to_float
-from diffusion.colour_sentences import body_colours
+from diffusion.colour_sentences import body_colours, with_body_colour
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 from engine.stage import WEIGHTS_FILE, file_fingerprint, write_json
@@ -208,7 +208,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     prompts of ``pipelines.metrics.colour_prompts`` (``colour_seeds`` seeds each). FD / KID / CLIP score
     per language in the judge's space; composition (foreground share, border occupancy, frame-filling share,
     parts), sharpness and near-copies (pixel space at 64 px and judge space, training mirrors in the bank)
-    over all samples; colour adherence on the colour prompts (overall and per language); seed diversity. See
+    over all samples; colour adherence on the colour prompts (overall and per language), and on the same prompts
+    and seeds with the body's colour sentence (``colour_adherence_body_sentence``); seed diversity. See
     pipelines/metrics.py. ``seed_offset`` shifts every sampling seed: another draw of the same evaluation, for
     the spread over seeds. ``reference``: the ``real_reference`` of this judge, data and size, when the caller
     measures several settings or seeds against it (built here otherwise). ``records``: a list that gets one record
@@ -242,6 +243,14 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out["colour_samples_en"], out["colour_samples_zh"] = int((~chinese).sum()), int(chinese.sum())
     out.update({f"colour_adherence_{colour}": share for colour, share in share_by_colour(hits, named).items()})
     out.update({f"colour_samples_{colour}": named.count(colour) for colour in dict.fromkeys(named)})
+    # The same prompts and seeds with the body's colour sentence, as the training captions end (what a user's
+    # --body-colour asks): does the UNet follow the sentence it was trained on where the bare word misses?
+    _, sentenced = sample([with_body_colour(text, colour) for text, colour in zip(colour_texts, named)],
+                          colour_seed_list)
+    sentenced_hits = colour_hits(sentenced, named).float()
+    out["colour_adherence_body_sentence"] = float(sentenced_hits.mean())
+    out.update({f"colour_adherence_body_sentence_{colour}": share
+                for colour, share in share_by_colour(sentenced_hits, named).items()})
     samples.append(colour_samples)
     feats.append(colour_feats)
     every_sample, every_feature = torch.cat(samples), torch.cat(feats)

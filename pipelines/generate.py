@@ -2,6 +2,7 @@
 
     python -m pipelines.generate --run runs/NAME --prompt "a red dragon" --prompt "一只蓝色的鸟"
     python -m pipelines.generate --run runs/NAME --prompt "a blue version" --init-image in.png --strength 0.6
+    python -m pipelines.generate --run runs/NAME --prompt "a pokemon with wings" --body-colour red
     python -m pipelines.generate --run runs/B --clip runs/A/clip --prompt "..."   # swap one stage
 """
 
@@ -16,9 +17,11 @@ from PIL import Image, UnidentifiedImageError
 
 from clip.tokenizer import BPETokenizer
 from data.captions import to_rgb
+from diffusion.colour_sentences import with_body_colour
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid, to_pil
 
+from .metrics import FAMILY_NAMES
 from .stages import add_stage_arguments, generation_size, load_stack, sampling_size, stack_infos
 from .text_to_image import (SIZE_HELP, add_sampling_arguments, generate, pil_to_tensor, sampling_settings,
                             save_images, saved_images)
@@ -81,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     add_stage_arguments(parser)
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--body-colour", choices=FAMILY_NAMES,
+                        help="end every prompt with the sentence naming its body's colour, as the UNet's training "
+                             "captions end (\"Its body is mostly red.\" / \"它的身体主要是红色。\"), in the prompt's "
+                             "language")
     parser.add_argument("--num-images", type=int, default=1,
                         help="images per prompt; the images take seeds --seed, --seed + 1, ... in order, across "
                              "the prompts")
@@ -108,8 +115,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     settings = sampling_settings(args, size=size, negative_prompt=args.negative_prompt,
                                  cuda_graph=args.cuda_graph, compile_unet=args.compile_unet)
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
-    check_prompts(args.prompt, stack.clip.tokenizer, args.negative_prompt)
-    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    asked = [with_body_colour(p, args.body_colour) if args.body_colour else p for p in args.prompt]
+    check_prompts(asked, stack.clip.tokenizer, args.negative_prompt)
+    prompts = [p for p in asked for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(prompts))]
     init, strength = None, 1.0
     if init_image is not None:

@@ -10,7 +10,7 @@ from data import load_captions
 from data.augment import AUGMENT_DIM, to_float
 from data.captions import clause_prefixes, clause_variants, split_clauses, texts_fingerprint
 from diffusion.colour_sentences import (body_colours, colour_sentence, derived_inputs, ends_with_colour_sentence,
-                                       training_captions, with_colour_sentences)
+                                       training_captions, with_body_colour, with_colour_sentences)
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.latents import TextStateCache, build_latent_cache
 from diffusion.recolour import recoloured_images
@@ -306,6 +306,21 @@ def test_colour_sentences_name_the_body_colour_measured_from_the_pixels():
     assert en == ["A cat, with red ears. Its body is mostly red."] and zh == ["一只猫，红耳朵，长尾巴它的身体主要是红色。"]
     en, _ = with_colour_sentences(images[:1], ["A cat with red ears"], ["一只猫"], fits=lambda text: len(text) <= 30)
     assert en == ["A cat with red ears Its body is mostly red."]  # no clause to drop: cut by the encoder instead
+
+
+def test_a_body_colour_ends_a_prompt_as_the_colour_sentence_ends_a_training_caption():
+    assert with_body_colour("a pokemon with wings", "red") == "a pokemon with wings. Its body is mostly red."
+    assert with_body_colour("A Pokémon with wings. ", "blue") == "A Pokémon with wings. Its body is mostly blue."
+    assert with_body_colour("一只有翅膀的宝可梦", "green") == "一只有翅膀的宝可梦。它的身体主要是绿色。"
+    assert with_body_colour("", "pink") == "Its body is mostly pink."
+    assert ends_with_colour_sentence(with_body_colour("一只鸟！", "purple"))
+    # the same text as a training caption of a red body gets
+    images = torch.full((1, 3, 64, 64), 255, dtype=torch.uint8)
+    images[:, 0, 16:48, 16:48], images[:, 1:, 16:48, 16:48] = 230, 20
+    en, zh = with_colour_sentences(images, ["A cat."], ["一只猫。"])
+    assert (en[0], zh[0]) == (with_body_colour("A cat", "red"), with_body_colour("一只猫", "red"))
+    with pytest.raises(ValueError, match="unknown body colour 'teal': use one of red, orange, yellow"):
+        with_body_colour("a cat", "teal")
 
 
 def spy_text_states(monkeypatch) -> list[tuple[list[str], list[str]]]:

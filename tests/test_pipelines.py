@@ -73,6 +73,9 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     for key in ("near_copy_share_judge_captions_en", "near_copy_share_judge_captions_zh",
                 "near_copy_share_judge_colour_prompts"):
         assert key in generation
+    # the colour prompts again with the body's colour sentence: overall, and per colour averaging to it
+    sentenced = [generation[f"colour_adherence_body_sentence_{colour}"] for colour in PROMPT_COLOURS]
+    assert statistics.fmean(sentenced) == pytest.approx(generation["colour_adherence_body_sentence"])
     # one record per sample, whose flags add up to the figures (for comparisons sample for sample)
     records = json.loads((run_a / "evaluation.json").read_text())["samples"]
     assert len(records) == generation["samples"]
@@ -309,6 +312,25 @@ def test_generate_checks_its_inputs(run_a, tmp_path, capsys):
     assert "empty --prompt samples unconditionally" in capsys.readouterr().out
     generate_cli([*base, "--prompt", "", "--negative-prompt", "a blue square", "--out", str(tmp_path / "away")])
     assert "empty --prompt is guided only away from the --negative-prompt" in capsys.readouterr().out
+
+
+def test_generate_ends_every_prompt_with_the_body_colour_asked(run_a, tmp_path, monkeypatch, capsys):
+    from pipelines import generate as generate_module
+
+    asked, real_generate = [], generate_module.generate
+
+    def spy(stack, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return real_generate(stack, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate", spy)
+    generate_module.main(["--run", str(run_a), "--device", "cpu", "--steps", "1", "--size", "32", "--num-images", "2",
+                          "--prompt", "a circle", "--prompt", "一个圆", "--body-colour", "red",
+                          "--out", str(tmp_path / "o")])
+    assert asked == ["a circle. Its body is mostly red."] * 2 + ["一个圆。它的身体主要是红色。"] * 2
+    with pytest.raises(SystemExit):
+        generate_module.main(["--run", str(run_a), "--prompt", "a circle", "--body-colour", "teal"])
+    assert "invalid choice: 'teal'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("count", ["0", "-2"])

@@ -51,9 +51,11 @@ def colour_sentence(family: int, language: str) -> str:
     return f"Its body is mostly {en_word}." if language == "en" else f"它的身体主要是{zh_word}。"
 
 
-def with_body_colour(prompt: str, colour: str) -> str:
+def with_body_colour(prompt: str, colour: str, fits: Callable[[str], bool] = lambda text: True) -> str:
     """``prompt`` followed by the colour sentence that names ``colour`` (a hue family of ``COLOUR_FAMILIES``) as
-    the body's, in the prompt's language, as the UNet stage's training captions end. A colour word inside a prompt
+    the body's, in the prompt's language (Chinese when it has a CJK ideograph), as ``with_colour_sentences`` ends
+    a training caption: after a full stop (the Pokémon captions all end with one; a prompt without gets one), and
+    a prompt too long to ``fit`` with it loses its last clauses, not the sentence. A colour word inside a prompt
     may go to a detail, as it mostly does in this data ("red eyes"); the sentence names the body's."""
     if colour not in FAMILY_NAMES:
         raise ValueError(f"unknown body colour {colour!r}: use one of {', '.join(FAMILY_NAMES)}")
@@ -64,7 +66,7 @@ def with_body_colour(prompt: str, colour: str) -> str:
         return sentence
     if not body.endswith((".", "。", "!", "！", "?", "？")):
         body += "。" if chinese else "."
-    return body + sentence if chinese else f"{body} {sentence}"
+    return _with_sentence(body, sentence if chinese else " " + sentence, fits)
 
 
 _COLOUR_SENTENCES = tuple(colour_sentence(family, language) for family in range(len(COLOUR_FAMILIES))

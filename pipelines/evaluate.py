@@ -244,7 +244,8 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
     out.update({f"colour_adherence_{colour}": share for colour, share in share_by_colour(hits, named).items()})
     out.update({f"colour_samples_{colour}": named.count(colour) for colour in dict.fromkeys(named)})
     # The same prompts and seeds with the body's colour sentence, as the training captions end (what a user's
-    # --body-colour asks): does the UNet follow the sentence it was trained on where the bare word misses?
+    # --body-colour asks): does the UNet follow the sentence it was trained on where the bare word misses? Kept
+    # out of the records and the other figures, which stay comparable with earlier evaluations.
     _, sentenced = sample([with_body_colour(text, colour) for text, colour in zip(colour_texts, named)],
                           colour_seed_list)
     sentenced_hits = colour_hits(sentenced, named).float()
@@ -473,8 +474,9 @@ SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samp
                 "near_copy_share_judge": "samples", "near_copy_share_pixel_relative": "samples",
                 "near_copy_share_pixel_hue_blind": "samples", "near_copy_share_silhouette": "samples",
                 "colour_adherence": "colour_samples", "colour_adherence_en": "colour_samples_en",
-                "colour_adherence_zh": "colour_samples_zh",
-                **{f"colour_adherence_{colour}": f"colour_samples_{colour}" for colour in PROMPT_COLOURS}}
+                "colour_adherence_zh": "colour_samples_zh", "colour_adherence_body_sentence": "colour_samples",
+                **{f"colour_adherence_{colour}": f"colour_samples_{colour}" for colour in PROMPT_COLOURS},
+                **{f"colour_adherence_body_sentence_{colour}": f"colour_samples_{colour}" for colour in PROMPT_COLOURS}}
 
 
 def share_error(generation: dict[str, Any], key: str) -> float | None:

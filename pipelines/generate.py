@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--body-colour", choices=FAMILY_NAMES,
                         help="end every prompt with the sentence naming its body's colour, as the UNet's training "
                              "captions end (\"Its body is mostly red.\" / \"它的身体主要是红色。\"), in the prompt's "
-                             "language")
+                             "language; a prompt too long for the text encoder with it loses its last clauses")
     parser.add_argument("--num-images", type=int, default=1,
                         help="images per prompt; the images take seeds --seed, --seed + 1, ... in order, across "
                              "the prompts")
@@ -115,8 +115,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     settings = sampling_settings(args, size=size, negative_prompt=args.negative_prompt,
                                  cuda_graph=args.cuda_graph, compile_unet=args.compile_unet)
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
-    asked = [with_body_colour(p, args.body_colour) if args.body_colour else p for p in args.prompt]
-    check_prompts(asked, stack.clip.tokenizer, args.negative_prompt)
+    tokenizer = stack.clip.tokenizer
+    asked = [with_body_colour(p, args.body_colour, fits=lambda text: tokenizer.dropped_tokens(text) == 0)
+             if args.body_colour else p for p in args.prompt]
+    check_prompts(asked, tokenizer, args.negative_prompt)
     prompts = [p for p in asked for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(prompts))]
     init, strength = None, 1.0

@@ -319,6 +319,10 @@ def test_a_body_colour_ends_a_prompt_as_the_colour_sentence_ends_a_training_capt
     images[:, 0, 16:48, 16:48], images[:, 1:, 16:48, 16:48] = 230, 20
     en, zh = with_colour_sentences(images, ["A cat."], ["一只猫。"])
     assert (en[0], zh[0]) == (with_body_colour("A cat", "red"), with_body_colour("一只猫", "red"))
+    # a prompt too long for the text encoder with the sentence loses its last clauses, as a training caption does
+    long, fits = "A cat, with red ears, and a long tail", lambda text: len(text) <= 48
+    trained = with_colour_sentences(images, [long + "."], ["一只猫。"], fits=fits)[0][0]
+    assert with_body_colour(long, "red", fits=fits) == trained == "A cat, with red ears. Its body is mostly red."
     with pytest.raises(ValueError, match="unknown body colour 'teal': use one of red, orange, yellow"):
         with_body_colour("a cat", "teal")
 

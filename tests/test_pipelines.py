@@ -26,6 +26,7 @@ from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
 from engine.stage import file_fingerprint, folder_lock, load_weights
 from engine.trainer import checkpoint_path
+from pipelines.evaluate import share_error
 from pipelines.metrics import PROMPT_COLOURS
 from pipelines.stages import (LineageWarning, judge_path, load_stack, recorded_stage, stage_paths,
                               write_stages_record)
@@ -76,6 +77,7 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     # the colour prompts again with the body's colour sentence: overall, and per colour averaging to it
     sentenced = [generation[f"colour_adherence_body_sentence_{colour}"] for colour in PROMPT_COLOURS]
     assert statistics.fmean(sentenced) == pytest.approx(generation["colour_adherence_body_sentence"])
+    assert share_error(generation, "colour_adherence_body_sentence") is not None  # over the colour samples
     # one record per sample, whose flags add up to the figures (for comparisons sample for sample)
     records = json.loads((run_a / "evaluation.json").read_text())["samples"]
     assert len(records) == generation["samples"]

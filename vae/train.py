@@ -136,16 +136,16 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
         # posterior noise, which is tiny at this KL weight; the validation images' scaled std is the real check.
         # The per-channel moments are recorded because the UNet sees them: a channel far from zero mean or unit
         # spread is one the diffusion's noise does not match.
-        train = latent_moments(model, train_set.images, cfg.val_batch_size, trainer.device, seed=1)
+        train_moments = latent_moments(model, train_set.images, cfg.val_batch_size, trainer.device, seed=1)
         val_std = latent_moments(model, val_set.images, cfg.val_batch_size, trainer.device).std
         factor = model.config.scaling_factor
         return {
             "val_psnr": final["val/psnr"], "val_ssim": final["val/ssim"], "val_kl": final["val/kl"],
             "scaling_factor": factor,
-            "latent_std_scaled": train.std * factor,
+            "latent_std_scaled": train_moments.std * factor,
             "val_latent_std_scaled": val_std * factor,
-            "latent_channel_means_scaled": [mean * factor for mean in train.channel_means],
-            "latent_channel_stds_scaled": [std * factor for std in train.channel_stds],
+            "latent_channel_means_scaled": [mean * factor for mean in train_moments.channel_means],
+            "latent_channel_stds_scaled": [std * factor for std in train_moments.channel_stds],
         }
 
     def describe(metrics: dict[str, Any]) -> str:

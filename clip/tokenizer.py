@@ -73,6 +73,10 @@ class BPETokenizer:
         body = [i for i in encoding.ids if i not in self._special_ids]
         return max(0, len(body) - (self.context_length - 2))
 
+    def fits(self, text: str) -> bool:
+        """Whether ``encode`` keeps every token of ``text``."""
+        return self.dropped_tokens(text) == 0
+
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         """Text of one sequence of ids; special tokens are dropped."""
         if isinstance(ids, torch.Tensor):

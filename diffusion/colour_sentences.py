@@ -40,8 +40,8 @@ def with_colour_sentences(images: Tensor, en: list[str], zh: list[str],
     en_out, zh_out = list(en), list(zh)
     for i, index in enumerate(body_colours(images)):
         if index is not None:
-            en_out[i] = _with_sentence(en[i], " " + colour_sentence(index, "en"), fits)
-            zh_out[i] = _with_sentence(zh[i], colour_sentence(index, "zh"), fits)
+            en_out[i] = _with_sentence(en[i], index, "en", fits)
+            zh_out[i] = _with_sentence(zh[i], index, "zh", fits)
     return en_out, zh_out
 
 
@@ -60,13 +60,13 @@ def with_body_colour(prompt: str, colour: str, fits: Callable[[str], bool] = lam
     if colour not in FAMILY_NAMES:
         raise ValueError(f"unknown body colour {colour!r}: use one of {', '.join(FAMILY_NAMES)}")
     chinese = is_chinese(prompt)
-    sentence = colour_sentence(FAMILY_NAMES.index(colour), "zh" if chinese else "en")
+    family, language = FAMILY_NAMES.index(colour), "zh" if chinese else "en"
     body = prompt.strip()
     if not body:
-        return sentence
+        return colour_sentence(family, language)
     if not body.endswith((".", "。", "!", "！", "?", "？")):
         body += "。" if chinese else "."
-    return _with_sentence(body, sentence if chinese else " " + sentence, fits)
+    return _with_sentence(body, family, language, fits)
 
 
 _COLOUR_SENTENCES = tuple(colour_sentence(family, language) for family in range(len(COLOUR_FAMILIES))
@@ -101,9 +101,11 @@ def body_hues(images: Tensor, bodies: list[int | None]) -> list[float | None]:
     return hues
 
 
-def _with_sentence(caption: str, sentence: str, fits: Callable[[str], bool]) -> str:
-    """``caption`` + ``sentence``, or the longest clause prefix of ``caption`` that fits with it (the whole
-    caption when none does: the sentence alone would drop the caption's every word)."""
+def _with_sentence(caption: str, family: int, language: str, fits: Callable[[str], bool]) -> str:
+    """``caption`` + the colour sentence of ``family`` in ``language`` (after a space in English), or the longest
+    clause prefix of ``caption`` that fits with it (the whole caption when none does: the sentence alone would drop
+    the caption's every word)."""
+    sentence = (" " if language == "en" else "") + colour_sentence(family, language)
     for body in (caption.rstrip(), *clause_prefixes(caption)):
         if fits(body + sentence):
             return body + sentence
@@ -138,7 +140,7 @@ def training_captions(cfg: UNetTrainConfig, train_set: CaptionSet, clip_dir: str
     if cfg.colour_sentences:
         context = read_stage(clip_dir, "clip").model["context_length"]
         tokenizer = BPETokenizer.load(Path(clip_dir) / TOKENIZER_FILE, context)
-        en, zh = with_colour_sentences(images, en, zh, fits=lambda text: tokenizer.dropped_tokens(text) == 0)
+        en, zh = with_colour_sentences(images, en, zh, fits=tokenizer.fits)
     return TrainingCaptions(en, zh, turns)
 
 

@@ -475,8 +475,8 @@ SHARE_COUNTS = {"frame_filling_share": "samples", "near_copy_share_pixel": "samp
                 "near_copy_share_pixel_hue_blind": "samples", "near_copy_share_silhouette": "samples",
                 "colour_adherence": "colour_samples", "colour_adherence_en": "colour_samples_en",
                 "colour_adherence_zh": "colour_samples_zh", "colour_adherence_body_sentence": "colour_samples",
-                **{f"colour_adherence_{colour}": f"colour_samples_{colour}" for colour in PROMPT_COLOURS},
-                **{f"colour_adherence_body_sentence_{colour}": f"colour_samples_{colour}" for colour in PROMPT_COLOURS}}
+                **{f"colour_adherence_{kind}{colour}": f"colour_samples_{colour}"
+                   for kind in ("", "body_sentence_") for colour in PROMPT_COLOURS}}
 
 
 def share_error(generation: dict[str, Any], key: str) -> float | None:

@@ -116,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                                  cuda_graph=args.cuda_graph, compile_unet=args.compile_unet)
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
     tokenizer = stack.clip.tokenizer
-    asked = [with_body_colour(p, args.body_colour, fits=lambda text: tokenizer.dropped_tokens(text) == 0)
-             if args.body_colour else p for p in args.prompt]
+    asked = [with_body_colour(p, args.body_colour, fits=tokenizer.fits) if args.body_colour else p
+             for p in args.prompt]
     check_prompts(asked, tokenizer, args.negative_prompt)
     prompts = [p for p in asked for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(prompts))]

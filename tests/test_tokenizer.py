@@ -60,6 +60,8 @@ def test_truncation_keeps_bos_and_eos(tokenizer):
     assert (ids[:, 0] == tokenizer.bos_id).all() and (ids[:, -1] == tokenizer.eos_id).all()
     assert not (ids == tokenizer.pad_id).any()
     assert long_en.startswith(tokenizer.decode(ids[0])[:50])
+    assert tokenizer.dropped_tokens(long_en) > 0 and not tokenizer.fits(long_en) and not tokenizer.fits(long_zh)
+    assert tokenizer.dropped_tokens("a red fire creature") == 0 and tokenizer.fits("a red fire creature")
 
 
 def test_special_token_text_cannot_end_a_prompt_early(tokenizer):

@@ -28,36 +28,33 @@ class LatentMoments(NamedTuple):
 
 
 class _RunningMoments:
-    """Sums and sums of squares in float64 on the device, over every element and per channel: a streaming
+    """Sums and sums of squares in float64 on the device, per channel and over every element: a streaming
     mean/std without per-batch host syncs."""
 
     def __init__(self) -> None:
         self.count = 0  # elements per channel
-        # The sums over every element are kept apart from the channels' (not summed from them) so the scaling
-        # factor repeats earlier runs' to the bit.
-        self.sums: Tensor | None = None  # [2]
-        self.channel_sums: Tensor | None = None  # [2, C]
+        self.sums: Tensor | None = None  # [2, C + 1]: each channel's, then every element's
 
     def add(self, values: Tensor) -> None:
         v = values.detach().double()
-        sums = torch.stack([v.sum(), v.square().sum()])
         per_channel = v.transpose(0, 1).flatten(1)  # [C, elements]
-        channel_sums = torch.stack([per_channel.sum(1), per_channel.square().sum(1)])
-        first = self.sums is None
-        self.sums = sums if first else self.sums + sums
-        self.channel_sums = channel_sums if first else self.channel_sums + channel_sums
+        # Every element's sums are taken whole, not added up from the channels', so the scaling factor repeats
+        # earlier runs' to the bit.
+        sums = torch.stack([torch.cat([per_channel.sum(1), v.sum()[None]]),
+                            torch.cat([per_channel.square().sum(1), v.square().sum()[None]])])
+        self.sums = sums if self.sums is None else self.sums + sums
         self.count += per_channel.shape[1]
 
     def moments(self) -> LatentMoments:
-        if self.sums is None or self.channel_sums is None:
+        if self.sums is None:
             raise ValueError("no latents were added: give at least one image")
-        channels = self.channel_sums.shape[1]
-        total, squares = self.sums.tolist()
-        means, channel_squares = (self.channel_sums / self.count).tolist()
+        (*channel_totals, total), (*channel_squares, squares) = self.sums.tolist()
         spread = lambda mean, square: max(square - mean * mean, 0.0) ** 0.5  # noqa: E731
-        mean = total / (self.count * channels)
-        return LatentMoments(mean, spread(mean, squares / (self.count * channels)), means,
-                             [spread(m, q) for m, q in zip(means, channel_squares)])
+        elements = self.count * len(channel_totals)
+        means = [t / self.count for t in channel_totals]
+        mean = total / elements
+        return LatentMoments(mean, spread(mean, squares / elements), means,
+                             [spread(m, q / self.count) for m, q in zip(means, channel_squares)])
 
 
 @torch.no_grad()

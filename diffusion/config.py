@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from data.augment import AUGMENT_DIM
-from diffusion.latents import GeometryAugment
+from diffusion.latents import LATENT_NORMALISATIONS, GeometryAugment
 from diffusion.losses import DiffusionLossConfig
 from diffusion.recolour import RecolourAugment
 from diffusion.samplers import SAMPLERS
@@ -66,6 +66,9 @@ class UNetTrainConfig:
     # On by default since a run paired with one without it (docs/results/quality/balance_twins_run)
     balance_twins: bool = True
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
+    # the UNet's latents from the VAE's (diffusion.latents.LatentNormalisation): "global", the LDM recipe's one
+    # factor, or "per_channel", EDM2's zero mean and unit variance for each channel (the VAE's measured moments)
+    latent_normalisation: str = "global"
     # Progressive resolution: the stage first trains lowres_epochs at resolution / lowres_factor (into out/lowres/,
     # a UNet stage folder of its own), then continues from those weights at `resolution` for train.epochs. At a
     # quarter of the pixels a sample trains ~4x as fast, so most samples learn layout and text there (as in SD's
@@ -125,6 +128,9 @@ class UNetTrainConfig:
         if self.loss.min_snr_plus_one and (self.prediction_type != "v_prediction" or self.loss.min_snr_gamma <= 0):
             raise ConfigError("loss.min_snr_plus_one caps the v-loss's Min-SNR weight: it needs "
                               "prediction_type=v_prediction and loss.min_snr_gamma > 0; set it to false")
+        if self.latent_normalisation not in LATENT_NORMALISATIONS:
+            raise ConfigError(f"latent_normalisation '{self.latent_normalisation}' is unknown; choose one of "
+                              f"{list(LATENT_NORMALISATIONS)}")
         if self.sample_sampler not in SAMPLERS:
             raise ConfigError(f"sample_sampler '{self.sample_sampler}' is unknown; choose one of {sorted(SAMPLERS)}")
         for name in ("cfg_drop_prob", "zh_prob", "clause_keep_prob"):

@@ -223,7 +223,8 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
 
 
 @torch.no_grad()
-def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str,
+def guided_sample_and_decode(model: Model, decode: Callable[[Tensor], Tensor], schedule: NoiseSchedule,
+                             prediction_type: str,
                              cond: Tensor, uncond: Tensor, guidance_scale: float, x: Tensor, timesteps: Tensor,
                              sampler: str, noise: PerSampleNoise, eta: float = 0.0,
                              eta_sigma_max: float | None = None, decode_batch: int | None = None,
@@ -234,10 +235,11 @@ def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: Noise
                              guide_model: Model | None = None,
                              autoguidance_scale: float = DEFAULT_AUTOGUIDANCE_SCALE,
                              first_order_at_guidance_edges: bool = False) -> tuple[Tensor, Tensor]:
-    """Sample ``x`` (noisy scaled latents at ``timesteps[0]``) with guidance, then decode with the VAE.
+    """Sample ``x`` (the UNet's noisy latents at ``timesteps[0]``) with guidance, then ``decode`` them to images
+    (the VAE's decoder after ``LatentNormalisation.denormalise``).
 
     The one sampling path of ``pipelines.generate`` and the UNet stage's per-epoch grid. Returns the float32
-    images (not clamped) and the scaled latents. ``decode_batch`` bounds the VAE batch; ``decode_context``
+    images (not clamped) and the UNet's latents. ``decode_batch`` bounds the VAE batch; ``decode_context``
     (e.g. an autocast) wraps the decoding only. ``noise`` also draws the condition noise, and ``guide_model`` is
     autoguidance's weaker model, at ``autoguidance_scale`` (all: ``cfg_denoiser``).
     ``first_order_at_guidance_edges`` steps first order where the guidance interval begins or ends
@@ -250,6 +252,5 @@ def guided_sample_and_decode(model: Model, vae: torch.nn.Module, schedule: Noise
     latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max,
                                 first_order_at=frozenset(edges))
     with decode_context or nullcontext():
-        images = torch.cat([vae.decode(z / vae.config.scaling_factor).float()
-                            for z in latents.split(decode_batch or len(latents))])
+        images = torch.cat([decode(z).float() for z in latents.split(decode_batch or len(latents))])
     return images, latents

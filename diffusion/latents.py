@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -28,6 +28,62 @@ from data.captions import clause_variants
 from engine.config import ConfigError
 from engine.precision import inference_autocast
 from engine.stage import atomic_write
+
+
+LATENT_NORMALISATIONS = ("global", "per_channel")
+
+
+@dataclass(frozen=True)
+class LatentNormalisation:
+    """The map between the VAE's raw latents and the UNet's: ``(raw - shift) * scale``, per channel where the
+    tuples have one entry per channel, else one factor for all.
+
+    "global" is the LDM recipe: one factor, the VAE's ``scaling_factor``, gives every latent unit variance
+    together, and each channel keeps its own mean and spread. "per_channel" (EDM2's) shifts each channel to zero
+    mean and scales it to unit variance (the VAE's ``latents_mean`` / ``latents_std``), so every channel meets
+    the diffusion's unit noise at the same signal-to-noise ratio.
+    """
+
+    scale: tuple[float, ...]
+    shift: tuple[float, ...] | None = None
+
+    @classmethod
+    def of_vae(cls, vae_config: Any, mode: str = "global") -> "LatentNormalisation":
+        """The normalisation ``mode`` (one of ``LATENT_NORMALISATIONS``) from a VAE config's measured moments."""
+        if mode not in LATENT_NORMALISATIONS:
+            raise ValueError(f"unknown latent normalisation {mode!r}; choose one of {LATENT_NORMALISATIONS}")
+        if vae_config.scaling_factor is None:
+            raise ValueError("the VAE stage has no scaling_factor (it is measured at the end of VAE training); "
+                             "finish the VAE stage or pass a finished one")
+        if mode == "global":
+            return cls((float(vae_config.scaling_factor),))
+        if vae_config.latents_mean is None or vae_config.latents_std is None:
+            raise ValueError("the VAE stage has no per-channel latent moments (latents_mean / latents_std, measured "
+                             "at the end of VAE training since 2026-12-06): retrain the VAE stage, or train the "
+                             "UNet with --unet.latent_normalisation=global")
+        if not min(vae_config.latents_std) > 0:
+            raise ValueError(f"a latent channel of the VAE stage has no spread (latents_std "
+                             f"{list(vae_config.latents_std)}), so it cannot be scaled to unit variance; train the "
+                             "UNet with --unet.latent_normalisation=global")
+        return cls(tuple(1.0 / std for std in vae_config.latents_std), tuple(vae_config.latents_mean))
+
+    def _per_channel(self, values: tuple[float, ...], like: Tensor) -> float | Tensor:
+        if len(values) == 1:  # a Python float multiplies as the LDM recipe always has, bit for bit
+            return values[0]
+        if len(values) != like.shape[1]:
+            raise ValueError(f"a {len(values)}-channel latent normalisation met {like.shape[1]}-channel latents")
+        return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None, None]
+
+    def normalise(self, raw: Tensor) -> Tensor:
+        """The UNet's latents ``[B, C, h, w]`` of raw VAE latents."""
+        if self.shift is not None:
+            raw = raw - self._per_channel(self.shift, raw)
+        return raw * self._per_channel(self.scale, raw)
+
+    def denormalise(self, latents: Tensor) -> Tensor:
+        """Raw VAE latents (what its decoder takes) of the UNet's latents."""
+        raw = latents / self._per_channel(self.scale, latents)
+        return raw if self.shift is None else raw + self._per_channel(self.shift, latents)
 
 
 def cache_key(*fingerprints: str) -> str:
@@ -54,13 +110,14 @@ class LatentCache:
     Row ``i + m * N`` has source image ``i``: ``m = 0`` is the image, ``m = 1`` its mirror (absent when built
     without mirrors), each following block of ``N`` one augmented copy of every image. ``mean`` and ``logvar``
     are ``[R, C, h, w]``; ``labels [R, AUGMENT_DIM]`` are the augmentation labels (zero for the plain rows,
-    ``None`` when no copy is augmented). ``scaling_factor`` is the VAE's, so latents have about unit variance.
+    ``None`` when no copy is augmented). Samples are the UNet's latents: raw ones through ``normalisation``
+    (the cache file holds the raw moments, whatever the normalisation).
     """
 
     mean: Tensor
     logvar: Tensor
     num_images: int
-    scaling_factor: float
+    normalisation: LatentNormalisation
     labels: Tensor | None = None
     num_plain_rows: int | None = None  # the un-augmented rows (images and mirrors) come first
 
@@ -85,30 +142,31 @@ class LatentCache:
         return rows % self.num_images
 
     def sample(self, rows: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Scaled latents ``scaling_factor * (mean + exp(logvar / 2) * noise)`` of ``rows``."""
+        """The UNet's latents ``normalise(mean + exp(logvar / 2) * noise)`` of ``rows``."""
         mean, logvar = self.mean[rows], self.logvar[rows]
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self.scaling_factor * (mean + torch.exp(0.5 * logvar) * noise)
+        return self.normalisation.normalise(mean + torch.exp(0.5 * logvar) * noise)
 
-    def scaled_mean(self) -> Tensor:
-        """Scaled posterior means of every row (the deterministic latents used for validation)."""
-        return self.scaling_factor * self.mean
+    def normalised_mean(self, rows: Tensor | None = None) -> Tensor:
+        """The UNet's latents of the posterior means of ``rows`` (default: every row; the deterministic latents
+        used for validation)."""
+        return self.normalisation.normalise(self.mean if rows is None else self.mean[rows])
 
     def save(self, path: str | Path) -> None:
         tensors = {"mean": self.mean.cpu().contiguous(), "logvar": self.logvar.cpu().contiguous()}
         if self.labels is not None:
             tensors["labels"] = self.labels.cpu().contiguous()
-        metadata = {"num_images": str(self.num_images), "scaling_factor": repr(self.scaling_factor),
-                    "num_plain_rows": str(self.num_plain_rows)}
+        metadata = {"num_images": str(self.num_images), "num_plain_rows": str(self.num_plain_rows)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "LatentCache":
+    def load(cls, path: str | Path, normalisation: LatentNormalisation,
+             device: str | torch.device = "cpu") -> "LatentCache":
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata()
         tensors = load_file(str(path), device=str(device))
         plain = metadata.get("num_plain_rows")
-        return cls(tensors["mean"], tensors["logvar"], int(metadata["num_images"]), float(metadata["scaling_factor"]),
+        return cls(tensors["mean"], tensors["logvar"], int(metadata["num_images"]), normalisation,
                    tensors.get("labels"), int(plain) if plain is not None else None)
 
 
@@ -145,16 +203,12 @@ class GeometryAugment:
 
 
 def build_latent_cache(vae: torch.nn.Module, images_uint8: Tensor, path: str | Path, batch_size: int,
-                       device: torch.device, mirror: bool = True,
+                       device: torch.device, normalisation: LatentNormalisation, mirror: bool = True,
                        augment: GeometryAugment | None = None) -> LatentCache:
     """Load the cache at ``path`` or encode ``images_uint8`` (their mirrors, their augmented copies) and save it."""
     path = Path(path)
     if path.is_file():
-        return LatentCache.load(path, device)
-    scaling_factor = vae.config.scaling_factor
-    if scaling_factor is None:
-        raise ValueError("the VAE stage has no scaling_factor (it is measured at the end of VAE training); "
-                         "finish the VAE stage or pass a finished one")
+        return LatentCache.load(path, normalisation, device)
     num_images = len(images_uint8)
     with_mirrors = torch.cat([images_uint8, images_uint8.flip(-1)]) if mirror or augment is not None else None
     plain = with_mirrors if mirror else images_uint8
@@ -177,7 +231,7 @@ def build_latent_cache(vae: torch.nn.Module, images_uint8: Tensor, path: str | P
         aug_mean, aug_logvar = encode_moments(vae, augmented_batches(), device)
         labels = torch.cat([torch.zeros(len(mean), AUGMENT_DIM), aug_labels]).to(device)
         mean, logvar = torch.cat([mean, aug_mean]), torch.cat([logvar, aug_logvar])
-    cache = LatentCache(mean, logvar, num_images, float(scaling_factor), labels, num_plain_rows=len(plain))
+    cache = LatentCache(mean, logvar, num_images, normalisation, labels, num_plain_rows=len(plain))
     cache.save(path)
     return cache
 

@@ -29,7 +29,8 @@ from diffusion.colour_sentences import TrainingCaptions, derived_record, ends_wi
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.fit import check_fit
 from diffusion.guidance import guided_sample_and_decode
-from diffusion.latents import LatentCache, TextStateCache, build_latent_cache, cache_key, encode_prompts
+from diffusion.latents import (LatentCache, LatentNormalisation, TextStateCache, build_latent_cache, cache_key,
+                               encode_prompts)
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.noise import PerSampleNoise
 from diffusion.recolour import RECOLOUR_VERSION, recoloured_images
@@ -153,9 +154,10 @@ class SampleGrid:
     """
 
     def __init__(self, cfg: UNetTrainConfig, schedule: NoiseSchedule, prompt_states: Tensor, null_state: Tensor,
-                 latent_shape: tuple[int, int, int]) -> None:
+                 latent_shape: tuple[int, int, int], normalisation: LatentNormalisation) -> None:
         self.cfg = cfg
         self.schedule = schedule
+        self.normalisation = normalisation
         self.num_prompts = len(prompt_states)
         self.cond = prompt_states.repeat(cfg.sample_seeds, 1, 1)
         self.uncond = null_state[None]
@@ -167,9 +169,10 @@ class SampleGrid:
         cfg = self.cfg
         noise = PerSampleNoise(self.seeds)  # the same noise every epoch, so the grids compare
         timesteps = self.schedule.sampling_timesteps(cfg.sample_steps)
+        decode = lambda latents: vae.decode(self.normalisation.denormalise(latents))  # noqa: E731
         with trainer.autocast():
             images, _ = guided_sample_and_decode(
-                model, vae, self.schedule, cfg.prediction_type, self.cond, self.uncond, cfg.guidance_scale,
+                model, decode, self.schedule, cfg.prediction_type, self.cond, self.uncond, cfg.guidance_scale,
                 noise.initial(self.latent_shape, self.cond.device), timesteps, cfg.sample_sampler, noise,
                 decode_batch=cfg.val_batch_size, guidance_rescale=cfg.guidance_rescale)
         trainer.log_image("samples", save_grid(images, path, nrow=self.num_prompts, max_side=GRID_TILE))
@@ -253,11 +256,11 @@ def check_init_architecture(init_from: str, model: Mapping[str, Any]) -> StageIn
     return info
 
 
-def init_stage(init_from: str | Path | None, model: UNetConfig, vae_info: StageInfo, clip_info: StageInfo
-               ) -> StageInfo | None:
+def init_stage(init_from: str | Path | None, model: UNetConfig, vae_info: StageInfo, clip_info: StageInfo,
+               latent_normalisation: str = "global") -> StageInfo | None:
     """The finished UNet stage ``init_from`` that training starts from, checked before anything loads
-    (``check_init_architecture``). One trained on another VAE or CLIP than this run's loads with a
-    ``LineageWarning``: its weights learnt other latents or text states."""
+    (``check_init_architecture``). One trained on another VAE or CLIP than this run's, or on latents normalised
+    otherwise, loads with a ``LineageWarning``: its weights learnt other latents or text states."""
     if init_from is None:
         return None
     info = check_init_architecture(str(init_from), config_to_dict(model))
@@ -266,6 +269,11 @@ def init_stage(init_from: str | Path | None, model: UNetConfig, vae_info: StageI
             warnings.warn(f"init_from={init_from} was trained on another {name.upper()} stage than "
                           f"{upstream.path}; it starts from weights that learnt other inputs", LineageWarning,
                           stacklevel=2)
+    trained_with = info.training.get("latent_normalisation", "global")  # older stages: the VAE's one factor
+    if trained_with != latent_normalisation:
+        warnings.warn(f"init_from={init_from} was trained on latents normalised '{trained_with}', this run "
+                      f"normalises them '{latent_normalisation}'; it starts from weights that learnt other inputs",
+                      LineageWarning, stacklevel=2)
     return info
 
 
@@ -335,11 +343,15 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     env = distributed.setup(device)
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
     vae = AutoencoderKL.load(vae_dir, env.device).requires_grad_(False)
+    try:
+        normalisation = LatentNormalisation.of_vae(vae.config, cfg.latent_normalisation)
+    except ValueError as err:
+        raise StageError(f"the VAE at {vae_dir}: {err}") from None
     clip = CLIPModel.load(clip_dir, env.device).requires_grad_(False)
     cfg.model = cfg.filled_model(clip.context_dim)
     check_fit(vae_info.model, clip_info.model, config_to_dict(cfg.model),
               {"vae": f"at {vae_dir}", "clip": f"at {clip_dir}", "unet": "being trained"}, cfg.resolution)
-    init = init_stage(init_from, cfg.model, vae_info, clip_info)
+    init = init_stage(init_from, cfg.model, vae_info, clip_info, cfg.latent_normalisation)
     train_set, val_set = data.subset("train"), data.subset("val")
 
     # Text states once (the text encoder is frozen); then CLIP leaves the GPU.
@@ -373,20 +385,23 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     recoloured = None
     if env.is_main:  # the cache it builds (or finds) is the one it trains on: no second read of the file
         train_latents = build_latent_cache(vae, train_set.images, train_path, cfg.encode_batch_size, env.device,
-                                           augment=augment)
-        val_cache = build_latent_cache(vae, val_set.images, val_path, cfg.encode_batch_size, env.device, mirror=False)
+                                           normalisation, augment=augment)
+        val_cache = build_latent_cache(vae, val_set.images, val_path, cfg.encode_batch_size, env.device,
+                                       normalisation, mirror=False)
         if recoloured_path is not None:  # the copies are turned only when they are not cached yet
-            recoloured = (LatentCache.load(recoloured_path, env.device) if recoloured_path.is_file() else
-                          build_latent_cache(vae, recoloured_images(train_set.images, captions.hue_turns, env.device),
-                                             recoloured_path, cfg.encode_batch_size, env.device))
+            recoloured = (LatentCache.load(recoloured_path, normalisation, env.device) if recoloured_path.is_file()
+                          else build_latent_cache(vae, recoloured_images(train_set.images, captions.hue_turns,
+                                                                         env.device),
+                                                  recoloured_path, cfg.encode_batch_size, env.device, normalisation))
     distributed.barrier()
     if not env.is_main:
-        train_latents = LatentCache.load(train_path, env.device)
-        val_cache = LatentCache.load(val_path, env.device)
-        recoloured = LatentCache.load(recoloured_path, env.device) if recoloured_path is not None else None
-    val_latents = val_cache.scaled_mean()
+        train_latents = LatentCache.load(train_path, normalisation, env.device)
+        val_cache = LatentCache.load(val_path, normalisation, env.device)
+        recoloured = (LatentCache.load(recoloured_path, normalisation, env.device) if recoloured_path is not None
+                      else None)
+    val_latents = val_cache.normalised_mean()
     # the plain rows come first in the cache: these are the images themselves, not mirrors or augmented copies
-    fit_latents = train_latents.scaling_factor * train_latents.mean[fit_rows.to(train_latents.mean.device)]
+    fit_latents = train_latents.normalised_mean(fit_rows.to(train_latents.mean.device))
 
     torch.manual_seed(cfg.train.seed)  # the initial weights follow the seed too, not the caller's RNG state
     schedule = NoiseSchedule(cfg.schedule)
@@ -411,7 +426,7 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,
                                 cfg.val_batch_size)
     training_images = validation.on(fit_latents, fit_context)
-    grid = SampleGrid(cfg, schedule, prompt_states, texts.null, tuple(val_latents.shape[1:]))
+    grid = SampleGrid(cfg, schedule, prompt_states, texts.null, tuple(val_latents.shape[1:]), normalisation)
     trainer.fit(make_batch, on_epoch_end=EpochReport(cfg, model, vae, validation, training_images, grid, out_dir))
 
     def final_metrics() -> dict[str, Any]:

@@ -367,6 +367,11 @@ def _write_export(stack: StageStack, out: Path) -> list[str]:
     vae_config, unet_config = stack.vae.config, stack.unet.config
     if vae_config.scaling_factor is None:
         raise ExportError(f"the VAE at {stack.infos['vae'].path} has no scaling_factor; export a finished VAE stage")
+    if stack.latent_normalisation.shift is not None:
+        raise ExportError(f"the UNet at {stack.infos['unet'].path} was trained on latents normalised per channel "
+                          "(latent_normalisation=per_channel), which diffusers' StableDiffusionPipeline does not undo "
+                          "(it divides by one scaling_factor); export a UNet trained with "
+                          "--unet.latent_normalisation=global")
     if vae_config.downsample_padding != "bottom_right":
         notes.append("VAE encoder: diffusers' AutoencoderKL pads its stride-2 convs one row and column after the "
                      f"image, this VAE's padding is {vae_config.downsample_padding!r}: decode (text-to-image) is "

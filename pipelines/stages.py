@@ -22,6 +22,7 @@ from data import load_captions
 from diffusion.config import FILLED_BY_TRAINING as UNET_FILLED_BY_TRAINING
 from diffusion.cuda_graph import CudaGraphCall
 from diffusion.fit import check_fit, downsample_factor
+from diffusion.latents import LatentNormalisation
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from engine.config import config_from_dict, flatten_config, setting_differences
 from engine.errors import UserError
@@ -33,8 +34,8 @@ from vae.model import AutoencoderKL
 
 
 # Config values a stage sets while it trains (measured or taken from its inputs): not part of what was asked.
-FILLED_BY_TRAINING = {"vae": {"model.scaling_factor"}, "clip": {"model.vocab_size"}, "judge": {"model.vocab_size"},
-                      "unet": set(UNET_FILLED_BY_TRAINING)}
+FILLED_BY_TRAINING = {"vae": {"model.scaling_factor", "model.latents_mean", "model.latents_std"},
+                      "clip": {"model.vocab_size"}, "judge": {"model.vocab_size"}, "unet": set(UNET_FILLED_BY_TRAINING)}
 
 
 class LineageWarning(UserWarning):
@@ -100,6 +101,7 @@ class StageStack:
     unet: UNet
     schedule: NoiseSchedule
     prediction_type: str
+    latent_normalisation: LatentNormalisation  # the UNet's latents from the VAE's, as the UNet was trained
     infos: dict[str, StageInfo]
     device: torch.device
     # the UNet's CUDA-graph call and what it was captured from (see unet_call)
@@ -160,10 +162,6 @@ class StageStack:
                 return forward(x_t, t, context).float()
 
         return eager
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
 
     @property
     def image_size(self) -> int:
@@ -353,10 +351,17 @@ def load_stack(run: str | Path | None = None, *, vae: str | Path | None = None, 
               "unet": UNet.load(paths["unet"], device=device).eval()}
     for name, model in models.items():
         norms_as_trained(model, infos[name])
+    try:  # UNet stages from before the setting trained on the VAE's one factor
+        normalisation = LatentNormalisation.of_vae(models["vae"].config,
+                                                   training.get("latent_normalisation", "global"))
+    except ValueError as err:
+        raise UserError(f"the UNet at {paths['unet']} cannot be sampled with the VAE at {paths['vae']}: {err}"
+                        ) from None
     return StageStack(
         **models,
         schedule=schedule,
         prediction_type=training["prediction_type"],
+        latent_normalisation=normalisation,
         infos=infos,
         device=device,
     )

@@ -236,6 +236,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
     guide = None if settings.guide_unet is None else stack.guide_call(settings.guide_unet, settings.cuda_graph)
     # one negative prompt for every sample: encoded once (in fp32, as training's cache), broadcast by the guidance
     uncond = stack.clip.text_states([settings.negative_prompt])
+    decode = lambda latents: stack.vae.decode(stack.latent_normalisation.denormalise(latents))  # noqa: E731
 
     outputs, all_latents = [], []
     for start in range(0, len(prompts), settings.batch_size):
@@ -250,12 +251,12 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
         else:
             init = resize(init_images[start:start + settings.batch_size].to(device).float(), settings.size)
             with autocast:
-                latents = stack.vae.encode(init).mode().float() * stack.scaling_factor
+                latents = stack.latent_normalisation.normalise(stack.vae.encode(init).mode().float())
             t0 = timesteps[:1].expand(len(batch_prompts)).to(device)
             x = stack.schedule.add_noise(latents, noise, t0)
 
         images, latents = guided_sample_and_decode(
-            model, stack.vae, stack.schedule, stack.prediction_type, cond, uncond, settings.guidance_scale, x,
+            model, decode, stack.schedule, stack.prediction_type, cond, uncond, settings.guidance_scale, x,
             timesteps, settings.sampler, per_sample, settings.eta, settings.eta_sigma_max, decode_context=autocast,
             guidance_rescale=settings.guidance_rescale, guidance_interval=settings.guidance_interval,
             condition_noise=settings.condition_noise, guide_model=guide,

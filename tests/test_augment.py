@@ -4,7 +4,7 @@ training, and the zero label at sampling."""
 import torch
 
 from data.augment import AUGMENT_DIM, apply_geometry, random_geometry
-from diffusion.latents import GeometryAugment, LatentCache, TextStateCache, build_latent_cache
+from diffusion.latents import GeometryAugment, LatentCache, LatentNormalisation, TextStateCache, build_latent_cache
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffusion.train import LatentBatchMaker
@@ -61,7 +61,7 @@ def tiny_cache(tmp_path, copies: int = 3) -> LatentCache:
     images = (disc_image(16).add(1).mul(127.5)).to(torch.uint8).repeat(5, 1, 1, 1)
     images[:, 0] = torch.arange(5, dtype=torch.uint8)[:, None, None] * 40  # five distinct images
     return build_latent_cache(vae, images, tmp_path / "c.safetensors", 4, torch.device("cpu"),
-                              augment=GeometryAugment(copies=copies))
+                              LatentNormalisation.of_vae(vae.config), augment=GeometryAugment(copies=copies))
 
 
 def test_augmented_cache_layout_and_round_trip(tmp_path):
@@ -72,7 +72,7 @@ def test_augmented_cache_layout_and_round_trip(tmp_path):
     rows = cache.augmented_rows(torch.arange(10).repeat(50), torch.Generator().manual_seed(0))
     assert bool((rows >= 10).all()) and torch.equal(cache.image_ids(rows), torch.arange(10).repeat(50) % 5)
     assert set(rows.tolist()) == set(range(10, 25))  # every copy gets used
-    loaded = LatentCache.load(tmp_path / "c.safetensors")
+    loaded = LatentCache.load(tmp_path / "c.safetensors", cache.normalisation)
     assert torch.equal(loaded.labels, cache.labels) and loaded.num_plain_rows == 10
 
 

@@ -12,7 +12,7 @@ from data.captions import clause_prefixes, clause_variants, split_clauses, texts
 from diffusion.colour_sentences import (body_colours, colour_sentence, derived_inputs, ends_with_colour_sentence,
                                        training_captions, with_body_colour, with_colour_sentences)
 from diffusion.config import PRESETS, UNetTrainConfig
-from diffusion.latents import TextStateCache, build_latent_cache
+from diffusion.latents import LatentNormalisation, TextStateCache, build_latent_cache
 from diffusion.recolour import recoloured_images
 from diffusion.losses import DiffusionLossConfig, DiffusionTrainingModule
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -29,10 +29,10 @@ from vae import AutoencoderKL, VAEConfig
 DATA = "shapes:40"
 
 
-def tiny_vae(scaling_factor: float | None = 0.7) -> AutoencoderKL:
+def tiny_vae(scaling_factor: float | None = 0.7, **moments: tuple[float, ...]) -> AutoencoderKL:
     torch.manual_seed(0)
     return AutoencoderKL(VAEConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4,
-                                   scaling_factor=scaling_factor)).eval()
+                                   scaling_factor=scaling_factor, **moments)).eval()
 
 
 def tiny_clip(width: int = 32) -> CLIPModel:
@@ -56,7 +56,9 @@ def test_latent_cache_round_trip_and_mirrors(tmp_path):
     vae = tiny_vae()
     images = load_captions(DATA, resolution=32).images[:5]
     path = tmp_path / "latents.safetensors"
-    cache = build_latent_cache(vae, images, path, batch_size=2, device=torch.device("cpu"))
+    normalisation = LatentNormalisation.of_vae(vae.config)
+    cache = build_latent_cache(vae, images, path, batch_size=2, device=torch.device("cpu"),
+                               normalisation=normalisation)
     assert len(cache) == 10 and cache.num_images == 5
     assert cache.mean.shape == (10, 4, 8, 8)
     with torch.no_grad():
@@ -66,9 +68,10 @@ def test_latent_cache_round_trip_and_mirrors(tmp_path):
     assert torch.allclose(cache.logvar[8], mirrored.logvar[0], atol=1e-5)
     assert cache.image_ids(torch.tensor([3, 8])).tolist() == [3, 3]
 
-    loaded = build_latent_cache(None, images, path, batch_size=2, device=torch.device("cpu"))  # no VAE needed
+    loaded = build_latent_cache(None, images, path, 2, torch.device("cpu"), normalisation)  # no VAE needed
     assert torch.equal(loaded.mean, cache.mean) and torch.equal(loaded.logvar, cache.logvar)
-    assert loaded.scaling_factor == pytest.approx(0.7)
+    # the global normalisation is the LDM recipe's factor times the raw latents, to the bit
+    assert torch.equal(loaded.normalised_mean(), 0.7 * cache.mean)
 
     # Samples are scaling_factor * (mean + std * noise): check mean and spread over many draws.
     rows = torch.full((4000,), 2)
@@ -77,10 +80,36 @@ def test_latent_cache_round_trip_and_mirrors(tmp_path):
     assert torch.allclose(z.std(0), 0.7 * torch.exp(0.5 * cache.logvar[2]), rtol=0.1)
 
 
-def test_latent_cache_needs_a_measured_scaling_factor(tmp_path):
-    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+def test_latent_normalisation_needs_the_measured_moments():
     with pytest.raises(ValueError, match="scaling_factor"):
-        build_latent_cache(tiny_vae(scaling_factor=None), images, tmp_path / "x.safetensors", 2, torch.device("cpu"))
+        LatentNormalisation.of_vae(tiny_vae(scaling_factor=None).config)
+    with pytest.raises(ValueError, match="latents_mean / latents_std.*latent_normalisation=global"):
+        LatentNormalisation.of_vae(tiny_vae().config, "per_channel")  # a VAE stage from before the moments
+    with pytest.raises(ValueError, match="no spread"):
+        LatentNormalisation.of_vae(tiny_vae(latents_mean=(0.0,) * 4, latents_std=(1.0, 0.0, 1.0, 1.0)).config,
+                                   "per_channel")
+    with pytest.raises(ValueError, match="unknown latent normalisation 'channel'"):
+        LatentNormalisation.of_vae(tiny_vae().config, "channel")
+    with pytest.raises(ConfigError, match="latent_normalisation 'channel' is unknown"):
+        build_config(UNetTrainConfig, PRESETS, "tiny", {"latent_normalisation": "channel"})
+
+
+def test_per_channel_normalisation_centres_and_scales_each_channel_and_round_trips():
+    generator = torch.Generator().manual_seed(0)
+    offsets, spreads = torch.tensor([3.0, -1.0, 0.5, 0.0]), torch.tensor([0.5, 4.0, 1.0, 2.0])
+    raw = torch.randn(64, 4, 8, 8, generator=generator) * spreads[:, None, None] + offsets[:, None, None]
+    per_channel = raw.transpose(0, 1).flatten(1)
+    vae = tiny_vae(latents_mean=tuple(per_channel.mean(1).tolist()),
+                   latents_std=tuple(per_channel.std(1, correction=0).tolist()))
+    normalisation = LatentNormalisation.of_vae(vae.config, "per_channel")
+    z = normalisation.normalise(raw).transpose(0, 1).flatten(1)
+    torch.testing.assert_close(z.mean(1), torch.zeros(4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(z.std(1, correction=0), torch.ones(4), rtol=1e-5, atol=0)
+    torch.testing.assert_close(normalisation.denormalise(normalisation.normalise(raw)), raw, rtol=1e-5, atol=1e-5)
+    glob = LatentNormalisation.of_vae(vae.config)  # one factor: each channel keeps its mean and relative spread
+    assert torch.equal(glob.normalise(raw), 0.7 * raw) and torch.equal(glob.denormalise(raw), raw / 0.7)
+    with pytest.raises(ValueError, match="4-channel latent normalisation met 3-channel"):
+        normalisation.normalise(raw[:, :3])
 
 
 def test_text_states_language_variant_choice_and_caption_dropout_rate():

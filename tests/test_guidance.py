@@ -1,7 +1,6 @@
 """Classifier-free guidance with a toy linear model whose output depends on x, t and the context."""
 
 import argparse
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -250,11 +249,9 @@ def test_guided_sampling_steps_first_order_at_the_interval_edges_only_when_guide
     uncond = torch.randn(1, LENGTH, WIDTH, generator=generator) - 1.0
     schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
     timesteps, interval = schedule.sampling_timesteps(12), (0.6, 7.5)  # guided from sigma 5.4 to 0.73
-    vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0), decode=lambda z: z)  # latents come back
-
-    def sample(scale, first_order):
-        return guided_sample_and_decode(ToyModel(), vae, schedule, "v_prediction", cond, uncond, scale, x, timesteps,
-                                        "dpmpp_2m", PerSampleNoise([0, 1, 2]), guidance_interval=interval,
+    def sample(scale, first_order):  # decoding hands the latents back
+        return guided_sample_and_decode(ToyModel(), lambda z: z, schedule, "v_prediction", cond, uncond, scale, x,
+                                        timesteps, "dpmpp_2m", PerSampleNoise([0, 1, 2]), guidance_interval=interval,
                                         first_order_at_guidance_edges=first_order)[1]
 
     edges = guidance_edges(schedule, interval, timesteps)

@@ -27,6 +27,7 @@ from engine.precision import LOW_PRECISION_NORMS, set_low_precision_norms
 from engine.stage import file_fingerprint, folder_lock, load_weights
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import share_error
+from pipelines.export import ExportError, export_diffusers
 from pipelines.metrics import PROMPT_COLOURS
 from pipelines.stages import (LineageWarning, judge_path, load_stack, recorded_stage, stage_paths,
                               write_stages_record)
@@ -507,6 +508,37 @@ def test_reuse_trains_only_the_missing_stage(run_a, tmp_path):
         warnings.simplefilter("error", LineageWarning)  # reused stages are the UNet's own lineage
         stack = load_stack(run, device="cpu")
     assert stack.infos["unet"].training["loss"]["div_weight"] == 0
+
+
+def test_a_unet_on_per_channel_latents_samples_through_its_own_normalisation(run_a, tmp_path):
+    run = tmp_path / "C"
+    common = ["--data", DATA, "--preset", "tiny", "--device", "cpu", "--skip-eval", "--reuse", f"clip={run_a / 'clip'}",
+              "--unet.latent_normalisation=per_channel", "--unet.lowres_epochs=0"]
+    # a VAE stage from before the per-channel moments were recorded: refused before the UNet trains
+    old_vae = tmp_path / "old_vae"
+    shutil.copytree(run_a / "vae", old_vae)
+    config = json.loads((old_vae / "config.json").read_text())
+    del config["model"]["latents_mean"], config["model"]["latents_std"]
+    (old_vae / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StageError, match="no per-channel latent moments.*latent_normalisation=global"):
+        train_all.main(common + ["--run", str(tmp_path / "D"), "--reuse", f"vae={old_vae}"])
+    assert not (tmp_path / "D" / "unet" / "config.json").exists()
+
+    train_all.main(common + ["--run", str(run), "--reuse", f"vae={run_a / 'vae'}"])
+    stack = load_stack(run, device="cpu")
+    vae_config = stack.vae.config
+    assert stack.latent_normalisation.shift == vae_config.latents_mean
+    assert stack.latent_normalisation.scale == tuple(1 / std for std in vae_config.latents_std)
+    # image-to-image at a vanishing strength hands back the VAE's reconstruction: the UNet's latents are mapped
+    # to the VAE's and back as it trained
+    init = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        recon = stack.vae.decode(stack.vae.encode(init).mode()).clamp(-1, 1)
+    kept = generate(stack, ["a red circle", "a blue square"], [0, 1], GenerationSettings(size=64, steps=10),
+                    init_images=init, strength=0.001)
+    assert (kept - recon).abs().mean() < 0.02
+    with pytest.raises(ExportError, match="normalised per channel.*latent_normalisation=global"):
+        export_diffusers(run, tmp_path / "export")
 
 
 def test_swapped_stage_warns_and_misfit_is_an_error(run_a, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data.augment import rotate_hue
-from diffusion.latents import LatentCache, TextStateCache
+from diffusion.latents import LatentCache, LatentNormalisation, TextStateCache
 from diffusion.colour_sentences import body_colours, body_hues, recoloured_copies
 from diffusion.recolour import (FAMILY_CENTRES, FAMILY_HALF_WIDTHS, TARGET_SPREAD, RecolourAugment, family_map,
                                 hue_family, hue_turns, recoloured_images, recolourable, rename_colours)
@@ -179,7 +179,7 @@ def test_recolour_settings_are_checked():
 def marked_cache(rows: int, num_images: int, offset: float) -> LatentCache:
     """A cache whose every sample is its row's index + ``offset`` (no posterior noise)."""
     mean = (torch.arange(rows, dtype=torch.float32) + offset)[:, None, None, None].expand(rows, 1, 2, 2).clone()
-    return LatentCache(mean, torch.full_like(mean, -200.0), num_images, 1.0)
+    return LatentCache(mean, torch.full_like(mean, -200.0), num_images, LatentNormalisation((1.0,)))
 
 
 def test_batches_swap_in_recoloured_copies_with_their_captions_and_mirrors():

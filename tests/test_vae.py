@@ -259,6 +259,12 @@ def test_training_writes_a_complete_stage_and_resumes_exactly(tmp_path, capsys, 
     assert second - (sum(channel_means) / 4) ** 2 == pytest.approx(metrics["latent_std_scaled"] ** 2, rel=1e-6)
     vae = AutoencoderKL.load(folder)
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    # The per-channel moments recorded for a per-channel latent normalisation are the factor's own draw: they
+    # combine to the whole set's spread, 1 / scaling_factor.
+    means, stds = vae.config.latents_mean, vae.config.latents_std
+    assert isinstance(means, tuple) and len(means) == len(stds) == 4
+    second = sum(m * m + s * s for m, s in zip(means, stds)) / 4
+    assert second - (sum(means) / 4) ** 2 == pytest.approx(vae.config.scaling_factor ** -2, rel=1e-6)
     epochs = [r for r in read_records(folder / "log.jsonl") if r["kind"] == "epoch"]
     assert [r["disc_on"] for r in epochs] == [False, True] and all("val/psnr" in r for r in epochs)
     for name in ("recon_epoch_0002.png", "random_epoch_0002.png"):

@@ -26,9 +26,16 @@ class VAEConfig:
     downsample_padding: str = "symmetric"
     # 1 / std of the unscaled training latents; measured after training, never copied from another model.
     scaling_factor: float | None = None
+    # each channel's mean and std of the unscaled training latents, measured with the factor (diffusers'
+    # AutoencoderKL names): what a UNet trained with latent_normalisation=per_channel shifts and scales by
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)  # JSON hands back a list
+        for name in ("latents_mean", "latents_std"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix (called when a model is built)."""

@@ -74,14 +74,18 @@ def latent_moments(vae: AutoencoderKL, images_uint8: Tensor, batch_size: int, de
 
 def compute_scaling_factor(vae: AutoencoderKL, images_uint8: Tensor, batch_size: int,
                            device: str | torch.device) -> float:
-    """1 / std of unscaled posterior samples of the given (training) images: scaled latents get unit variance.
+    """1 / std of unscaled posterior samples of the given (training) images: scaled latents get unit variance."""
+    return scaling_factor_of(latent_moments(vae, images_uint8, batch_size, device))
+
+
+def scaling_factor_of(moments: LatentMoments) -> float:
+    """1 / the latents' std over every element, from their ``latent_moments``.
 
     Measured on our own autoencoder, as the LDM recipe prescribes; the SD constant 0.18215 belongs to another model.
     """
-    std = latent_moments(vae, images_uint8, batch_size, device).std
-    if not std > 0:
+    if not moments.std > 0:
         raise ValueError("latents have zero spread; the autoencoder is degenerate (was it trained?)")
-    return 1.0 / std
+    return 1.0 / moments.std
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from engine.images import save_grid
 from vae.config import PRESETS, VAETrainConfig
 from vae.discriminator import PatchDiscriminator
 from vae.loss import VAELossConfig, VAETrainingModule
-from vae.metrics import compute_scaling_factor, evaluate_reconstruction, latent_moments
+from vae.metrics import evaluate_reconstruction, latent_moments, scaling_factor_of
 from vae.model import AutoencoderKL
 
 
@@ -130,8 +130,11 @@ def train(cfg: VAETrainConfig, data_source: str, out_dir: str | Path, resume: bo
 
     def final_metrics() -> dict[str, Any]:
         final = trainer.last_epoch_metrics()  # the last epoch evaluated these same EMA weights
-        model.config.scaling_factor = compute_scaling_factor(model, train_set.images, cfg.val_batch_size,
-                                                             trainer.device)
+        # One draw of the training posteriors (seed 0) gives the factor and each channel's moments, which a UNet
+        # trained with latent_normalisation=per_channel normalises by.
+        fit = latent_moments(model, train_set.images, cfg.val_batch_size, trainer.device)
+        model.config.scaling_factor = scaling_factor_of(fit)
+        model.config.latents_mean, model.config.latents_std = tuple(fit.channel_means), tuple(fit.channel_stds)
         # Another draw of the training posteriors (seed 1) repeats the factor's unit variance only to within the
         # posterior noise, which is tiny at this KL weight; the validation images' scaled std is the real check.
         # The per-channel moments are recorded because the UNet sees them: a channel far from zero mean or unit

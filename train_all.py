@@ -32,7 +32,8 @@ import torch
 from data import load_captions
 from diffusion.colour_sentences import derived_inputs
 from diffusion.fit import check_fit
-from diffusion.train import TRAIN_IMAGES_KEY, check_init_architecture, lowres_folder, stage_checkpoints
+from diffusion.train import (TRAIN_IMAGES_KEY, check_init_architecture, latent_normalisation_of, lowres_folder,
+                             stage_checkpoints)
 from engine import ConfigError, StageError, build_config, is_complete, read_stage
 from engine import distributed
 from engine.cli import command_line
@@ -139,7 +140,8 @@ def train_stage(name: str, cfg: Any, run: Path, data: str, stage_dirs: dict[str,
 def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: dict[str, str]) -> None:
     """The shape check of ``load_stack`` on what a run will hold, before anything trains: the configs of the
     stages to be trained, the recorded models of the others (``folders``); ``where`` names each for the error.
-    A UNet that starts from another (``--unet.init_from``) must have its architecture."""
+    A UNet that starts from another (``--unet.init_from``) must have its architecture, and a VAE the run keeps must
+    have recorded what the UNet's latent normalisation needs."""
     models = {name: config_to_dict(configs[name].model) if name in configs else read_stage(folders[name], name).model
               for name in ("vae", "clip")}
     unet_cfg = configs.get("unet")
@@ -150,6 +152,8 @@ def check_planned_fit(configs: dict[str, Any], folders: dict[str, Path], where: 
         check_fit(models["vae"], models["clip"], unet, where, unet_cfg.lowres_resolution)
     if unet_cfg is not None and unet_cfg.init_from is not None:  # before the VAE and CLIP train, not after
         check_init_architecture(unet_cfg.init_from, unet)
+    if unet_cfg is not None and "vae" not in configs:  # a VAE trained now records what any normalisation needs
+        latent_normalisation_of(read_stage(folders["vae"], "vae"), unet_cfg.latent_normalisation)
 
 
 def check_batches_fit(configs: dict[str, Any], data: str) -> None:

@@ -1,17 +1,20 @@
-"""How a VAE stage's latent channels carry the images, as the UNet sees them (scaled by the stage's factor): each
-channel's mean and spread over the training latents, its value on the white page, and how far apart the body
-colours sit in it. Two VAE draws (or two GPU kinds) that the UNet turns into different colours can be set side by
-side here, before any UNet trains on them.
+"""How a VAE stage's latent channels carry the images: each channel's mean and spread over the training latents,
+its value on the white page, and how far apart the body colours sit in it. Two VAE draws (or two GPU kinds) that
+the UNet turns into different colours can be set side by side here, before any UNet trains on them.
 
-Per channel, on the posterior means of the training images at the stage's size:
-- ``mean`` / ``std``: over every latent element (the whole-latent ``std`` is what the scaling factor makes 1);
+On the posterior means of the training images encoded at ``--size`` (512 by default, the UNet stage's), scaled by
+the stage's ``scaling_factor`` (as the default, global latent normalisation gives them to the UNet), per channel:
+- ``mean`` / ``std``: over every latent element; ``std_all`` over all channels together (about 1: the factor is
+  measured on posterior samples, these are their means);
 - ``page``: the mean over latent cells whose 8x8 pixels are all near-white (the background the UNet must draw);
-- ``body_mean`` per body colour (``diffusion.colour_sentences.body_colours``: the hue family the colour sentence
-  names): the mean over each image's foreground cells, averaged over the images of that colour;
+- ``by_colour``, per body colour (``diffusion.colour_sentences.body_colours``: the hue family the colour sentence
+  names): ``body_mean``, the mean over each image's foreground cells, averaged over the images of that colour;
 - ``colour_separation``: the variance of those per-colour means over the colours, divided by the mean variance of
   the images' foreground means within a colour (a Fisher ratio: the larger, the more the channel tells the
-  colours apart), and ``colour_separation_in_noise_units``: the per-colour means' spread divided by the channel's
-  ``std``, the part of the channel's signal that the diffusion's unit noise has to uncover.
+  colours apart);
+- ``colour_spread_global``: the per-colour means' spread (their standard deviation over the colours), in the
+  units of the diffusion's unit noise under the global normalisation, and ``colour_spread_per_channel``: the same
+  divided by the channel's ``std``, its units under ``--unet.latent_normalisation=per_channel``.
 
     python -m benchmarks.latent_channels --vae runs/pokemon/vae --data ../shared/pokemon --out latent_channels.json
 """
@@ -47,7 +50,7 @@ def foreground_cells(images_uint8: torch.Tensor, factor: int) -> tuple[torch.Ten
 
 def channel_statistics(latents: torch.Tensor, foreground: torch.Tensor, page: torch.Tensor,
                        bodies: list[int | None]) -> dict[str, Any]:
-    """The per-channel figures of the module docstring for scaled latents ``[N, C, h, w]`` with their cell masks
+    """The per-channel figures of the module docstring for latents ``[N, C, h, w]`` with their cell masks
     ``[N, h, w]`` and each image's body colour (an index in ``FAMILY_NAMES``, or None)."""
     channels = latents.shape[1]
     flat = latents.double().transpose(0, 1).flatten(1)  # [C, N*h*w]
@@ -73,7 +76,8 @@ def channel_statistics(latents: torch.Tensor, foreground: torch.Tensor, page: to
         colour_means = torch.tensor([entry["body_mean"] for entry in by_colour.values()], dtype=torch.float64)
         between = colour_means.var(dim=0, unbiased=False)
         result["colour_separation"] = (between / torch.stack(within).mean(dim=0)).tolist()
-        result["colour_separation_in_noise_units"] = (between.sqrt() / std).tolist()
+        result["colour_spread_global"] = between.sqrt().tolist()
+        result["colour_spread_per_channel"] = (between.sqrt() / std).tolist()
     return result
 
 

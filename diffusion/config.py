@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 from data.augment import AUGMENT_DIM
 from diffusion.latents import LATENT_NORMALISATIONS, GeometryAugment
@@ -10,7 +11,7 @@ from diffusion.losses import DiffusionLossConfig
 from diffusion.recolour import RecolourAugment
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import ScheduleConfig, check_prediction_type
-from engine.config import ConfigError, TrainConfig, require_positive
+from engine.config import UNRECORDED, ConfigError, TrainConfig, require_positive, unrecorded_values
 from unet.config import UNetConfig
 
 # Recorded config values that training fills in from its inputs (``UNetTrainConfig.filled_model``): not asked for.
@@ -68,7 +69,7 @@ class UNetTrainConfig:
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
     # the UNet's latents from the VAE's (diffusion.latents.LatentNormalisation): "global", the LDM recipe's one
     # factor, or "per_channel", EDM2's zero mean and unit variance for each channel (the VAE's measured moments)
-    latent_normalisation: str = "global"
+    latent_normalisation: str = field(default="global", metadata={UNRECORDED: "global"})
     # Progressive resolution: the stage first trains lowres_epochs at resolution / lowres_factor (into out/lowres/,
     # a UNet stage folder of its own), then continues from those weights at `resolution` for train.epochs. At a
     # quarter of the pixels a sample trains ~4x as fast, so most samples learn layout and text there (as in SD's
@@ -90,7 +91,7 @@ class UNetTrainConfig:
     colour_sentences: bool = True
     # every clause-dropped variant keeps the colour sentence (else it drops like any clause, with probability
     # 1 - clause_keep_prob, and a recoloured copy's draw may name no colour at all); off until a run measures it
-    keep_colour_sentence: bool = False
+    keep_colour_sentence: bool = field(default=False, metadata={UNRECORDED: False})  # older stages: as off
     encode_batch_size: int = 32  # VAE encoding batch for the latent cache
     val_timesteps: int = 10  # the validation loss averages over this many fixed, evenly spaced timesteps
     val_batch_size: int = 64
@@ -162,6 +163,11 @@ class UNetTrainConfig:
         if self.sample_steps > self.schedule.num_steps:
             raise ConfigError(f"sample_steps={self.sample_steps} exceeds the schedule's "
                               f"{self.schedule.num_steps} steps; lower sample_steps")
+
+
+def trained_latent_normalisation(training: Mapping[str, Any]) -> str:
+    """The latent normalisation a UNet stage trained with, from its recorded config (``StageInfo.training``)."""
+    return training.get("latent_normalisation", unrecorded_values(UNetTrainConfig)["latent_normalisation"])
 
 
 PRESETS: dict[str, dict[str, object]] = {

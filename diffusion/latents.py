@@ -12,6 +12,7 @@ classifier-free guidance.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,23 +49,21 @@ class LatentNormalisation:
     shift: tuple[float, ...] | None = None
 
     @classmethod
-    def of_vae(cls, vae_config: Any, mode: str = "global") -> "LatentNormalisation":
-        """The normalisation ``mode`` (one of ``LATENT_NORMALISATIONS``) from a VAE config's measured moments."""
+    def of_vae(cls, vae_config: Any, mode: str = "global", where: str = "the VAE stage") -> "LatentNormalisation":
+        """The normalisation ``mode`` (one of ``LATENT_NORMALISATIONS``) from a VAE config's measured moments;
+        a ``ValueError`` saying what ``where`` (the VAE, for the message) lacks for it; the caller adds the fix."""
         if mode not in LATENT_NORMALISATIONS:
-            raise ValueError(f"unknown latent normalisation {mode!r}; choose one of {LATENT_NORMALISATIONS}")
+            raise ValueError(f"unknown latent normalisation {mode!r}; choose one of {list(LATENT_NORMALISATIONS)}")
         if vae_config.scaling_factor is None:
-            raise ValueError("the VAE stage has no scaling_factor (it is measured at the end of VAE training); "
-                             "finish the VAE stage or pass a finished one")
+            raise ValueError(f"{where} has no scaling_factor (measured at the end of VAE training)")
         if mode == "global":
             return cls((float(vae_config.scaling_factor),))
         if vae_config.latents_mean is None or vae_config.latents_std is None:
-            raise ValueError("the VAE stage has no per-channel latent moments (latents_mean / latents_std, measured "
-                             "at the end of VAE training since 2026-12-06): retrain the VAE stage, or train the "
-                             "UNet with --unet.latent_normalisation=global")
+            raise ValueError(f"{where} has no per-channel latent moments (latents_mean / latents_std, which VAE "
+                             "training records at its end since the per-channel normalisation exists)")
         if not min(vae_config.latents_std) > 0:
-            raise ValueError(f"a latent channel of the VAE stage has no spread (latents_std "
-                             f"{list(vae_config.latents_std)}), so it cannot be scaled to unit variance; train the "
-                             "UNet with --unet.latent_normalisation=global")
+            raise ValueError(f"{where} has a latent channel without spread (latents_std "
+                             f"{list(vae_config.latents_std)}), which cannot be scaled to unit variance")
         return cls(tuple(1.0 / std for std in vae_config.latents_std), tuple(vae_config.latents_mean))
 
     def _per_channel(self, values: tuple[float, ...], like: Tensor) -> float | Tensor:
@@ -72,7 +71,7 @@ class LatentNormalisation:
             return values[0]
         if len(values) != like.shape[1]:
             raise ValueError(f"a {len(values)}-channel latent normalisation met {like.shape[1]}-channel latents")
-        return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None, None]
+        return _channel_constants(values, like.device, like.dtype)
 
     def normalise(self, raw: Tensor) -> Tensor:
         """The UNet's latents ``[B, C, h, w]`` of raw VAE latents."""
@@ -84,6 +83,13 @@ class LatentNormalisation:
         """Raw VAE latents (what its decoder takes) of the UNet's latents."""
         raw = latents / self._per_channel(self.scale, latents)
         return raw if self.shift is None else raw + self._per_channel(self.shift, latents)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_constants(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``values`` as a ``[C, 1, 1]`` tensor, made once per device and dtype: a host-to-GPU copy per training step
+    would wait for the GPU to drain."""
+    return torch.tensor(values, dtype=dtype).to(device)[:, None, None]
 
 
 def cache_key(*fingerprints: str) -> str:

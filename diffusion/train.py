@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from diffusion.colour_sentences import TrainingCaptions, derived_record, ends_with_colour_sentence, training_captions
-from diffusion.config import PRESETS, UNetTrainConfig
+from diffusion.config import PRESETS, UNetTrainConfig, trained_latent_normalisation
 from diffusion.fit import check_fit
 from diffusion.guidance import guided_sample_and_decode
 from diffusion.latents import (LatentCache, LatentNormalisation, TextStateCache, build_latent_cache, cache_key,
@@ -38,7 +38,8 @@ from diffusion.schedule import NoiseSchedule
 from diffusion.twins import silhouette_twins
 from engine import StageError, Trainer, distributed, is_complete, read_stage
 from engine.cli import run_stage_cli, stage_parser
-from engine.config import ConfigError, config_to_dict, flatten_config, setting_differences, validate_config
+from engine.config import (ConfigError, config_from_dict, config_to_dict, flatten_config, setting_differences,
+                           validate_config)
 from engine.errors import run_cli
 from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
@@ -50,6 +51,7 @@ from pipelines.prompts import GRID_PROMPTS
 from pipelines.stages import LineageWarning, finished_stage_differences
 from unet.config import UNetConfig
 from unet.model import UNet
+from vae.config import VAEConfig
 from vae.model import AutoencoderKL
 
 LOWRES_FOLDER = "lowres"
@@ -256,8 +258,19 @@ def check_init_architecture(init_from: str, model: Mapping[str, Any]) -> StageIn
     return info
 
 
+def latent_normalisation_of(vae_info: StageInfo, mode: str) -> LatentNormalisation:
+    """The UNet's latent normalisation ``mode`` from the VAE stage's recorded config, or a ``StageError`` that
+    names what the stage lacks and the fix."""
+    try:
+        return LatentNormalisation.of_vae(config_from_dict(VAEConfig, vae_info.model), mode,
+                                          where=f"the VAE stage at {vae_info.path}")
+    except ValueError as err:
+        raise StageError(f"{err}; retrain the VAE stage (a finished one records what is missing), or train the "
+                         "UNet with --unet.latent_normalisation=global") from None
+
+
 def init_stage(init_from: str | Path | None, model: UNetConfig, vae_info: StageInfo, clip_info: StageInfo,
-               latent_normalisation: str = "global") -> StageInfo | None:
+               latent_normalisation: str) -> StageInfo | None:
     """The finished UNet stage ``init_from`` that training starts from, checked before anything loads
     (``check_init_architecture``). One trained on another VAE or CLIP than this run's, or on latents normalised
     otherwise, loads with a ``LineageWarning``: its weights learnt other latents or text states."""
@@ -269,7 +282,7 @@ def init_stage(init_from: str | Path | None, model: UNetConfig, vae_info: StageI
             warnings.warn(f"init_from={init_from} was trained on another {name.upper()} stage than "
                           f"{upstream.path}; it starts from weights that learnt other inputs", LineageWarning,
                           stacklevel=2)
-    trained_with = info.training.get("latent_normalisation", "global")  # older stages: the VAE's one factor
+    trained_with = trained_latent_normalisation(info.training)
     if trained_with != latent_normalisation:
         warnings.warn(f"init_from={init_from} was trained on latents normalised '{trained_with}', this run "
                       f"normalises them '{latent_normalisation}'; it starts from weights that learnt other inputs",
@@ -299,7 +312,8 @@ def train(cfg: UNetTrainConfig, data_source: str, vae_dir: str | Path, clip_dir:
     validate_config(cfg)
     env = distributed.setup(device)
     check_cuda_graph(cfg.train, env.device, env.world_size)
-    read_stage(vae_dir, "vae")  # a missing or unfinished stage is named before the data loads
+    # a missing or unfinished stage, or one without what the latent normalisation needs, before the data loads
+    latent_normalisation_of(read_stage(vae_dir, "vae"), cfg.latent_normalisation)
     read_stage(clip_dir, "clip")
     data = load_captions(data_source, resolution=cfg.resolution)
     captions = training_captions(cfg, data.subset("train"), clip_dir)
@@ -342,11 +356,8 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
     started = time.perf_counter()
     env = distributed.setup(device)
     vae_info, clip_info = read_stage(vae_dir, "vae"), read_stage(clip_dir, "clip")
+    normalisation = latent_normalisation_of(vae_info, cfg.latent_normalisation)
     vae = AutoencoderKL.load(vae_dir, env.device).requires_grad_(False)
-    try:
-        normalisation = LatentNormalisation.of_vae(vae.config, cfg.latent_normalisation)
-    except ValueError as err:
-        raise StageError(f"the VAE at {vae_dir}: {err}") from None
     clip = CLIPModel.load(clip_dir, env.device).requires_grad_(False)
     cfg.model = cfg.filled_model(clip.context_dim)
     check_fit(vae_info.model, clip_info.model, config_to_dict(cfg.model),
@@ -420,7 +431,7 @@ def _train_phase(cfg: UNetTrainConfig, data: CaptionSet, vae_dir: str | Path, cl
         item_weights = twin_weights(twins, num_images).repeat(train_latents.num_plain_rows // num_images)
     trainer = Trainer(module, cfg.train, out_dir, num_train_items=train_latents.num_plain_rows,
                       ema_of=model, cuda_graph_of=model, resume=resume, device=env.device,
-                      run_config=config_to_dict(cfg), trained_on=trained_on, item_weights=item_weights)
+                      run_config=cfg, trained_on=trained_on, item_weights=item_weights)
     make_batch = LatentBatchMaker(train_latents, texts, cfg.zh_prob, cfg.cfg_drop_prob, cfg.augment.prob,
                                   trainer.memory_format, recoloured, cfg.recolour.prob)
     validation = ValidationLoss(model, schedule, cfg.prediction_type, val_latents, val_context, cfg.val_timesteps,

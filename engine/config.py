@@ -178,10 +178,28 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return out
 
 
-def setting_differences(asked: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
-    """Flattened settings that differ in what the training learns (``HOW_IT_RUNS`` aside), one line each."""
-    return [f"{key} was {recorded.get(key)!r}, now {value!r}" for key, value in asked.items()
-            if key.rsplit(".", 1)[-1] not in HOW_IT_RUNS and recorded.get(key) != value]
+UNRECORDED = "unrecorded"  # dataclass field metadata key: see unrecorded_values
+
+
+def unrecorded_values(cfg: Any) -> dict[str, Any]:
+    """``dotted.path -> value`` of the fields of config ``cfg`` (an instance or a class) declared with
+    ``metadata={UNRECORDED: value}``: settings added after stages were first recorded, with the value a record
+    that lacks them was trained with, so older stages and checkpoints still compare equal to what they did."""
+    out: dict[str, Any] = {}
+    for path, (_, f, _) in _leaves(cfg() if isinstance(cfg, type) else cfg).items():
+        if UNRECORDED in f.metadata:
+            out[path] = f.metadata[UNRECORDED]
+    return out
+
+
+def setting_differences(asked: Mapping[str, Any], recorded: Mapping[str, Any],
+                        unrecorded: Mapping[str, Any] | None = None) -> list[str]:
+    """Flattened settings that differ in what the training learns (``HOW_IT_RUNS`` aside), one line each; a key
+    the record lacks reads as its ``unrecorded`` value (``unrecorded_values``), else as None."""
+    unrecorded = unrecorded or {}
+    was = lambda key: recorded.get(key, unrecorded.get(key))  # noqa: E731
+    return [f"{key} was {was(key)!r}, now {value!r}" for key, value in asked.items()
+            if key.rsplit(".", 1)[-1] not in HOW_IT_RUNS and was(key) != value]
 
 
 def choose_preset(preset: str | None) -> str:
@@ -329,4 +347,5 @@ def build_config(cls: type, presets: Mapping[str, Mapping[str, Any]], preset: st
 __all__ = [
     "ConfigError", "TrainConfig", "validate_config", "choose_preset", "preset_reason", "apply_overrides", "config_to_dict", "config_from_dict",
     "parse_overrides", "build_config", "HOW_IT_RUNS", "flatten_config", "setting_differences",
+    "unrecorded_values",
 ]

@@ -18,6 +18,7 @@ import random
 import time
 from collections import deque
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -28,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed, runlog
-from .config import ConfigError, TrainConfig, config_to_dict, flatten_config, setting_differences
+from .config import (ConfigError, TrainConfig, config_to_dict, flatten_config, setting_differences,
+                     unrecorded_values)
 from .ema import EMA
 from .errors import UserError
 from .graphed_training import check_cuda_graph, replay_training_calls
@@ -80,12 +82,14 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu", mmap: bool =
 
 
 def resume_differences(state: Mapping[str, Any], settings: Mapping[str, Any],
-                       inputs: Mapping[str, tuple[str | None, str]]) -> list[str]:
+                       inputs: Mapping[str, tuple[str | None, str]],
+                       unrecorded: Mapping[str, Any] | None = None) -> list[str]:
     """How a checkpoint's ``state`` differs from a run asked with ``settings`` (a flattened config: only these
-    keys are compared) on ``inputs`` (``engine.stage.lineage_differences``), one line each."""
+    keys are compared; ``unrecorded`` as ``setting_differences`` takes it) on ``inputs``
+    (``engine.stage.lineage_differences``), one line each."""
     if "run_config" not in state:
         return ["it was written before checkpoints recorded their settings"]
-    return (setting_differences(settings, state["run_config"])
+    return (setting_differences(settings, state["run_config"], unrecorded)
             + lineage_differences(state.get("trained_on", {}), inputs))
 
 
@@ -148,7 +152,8 @@ class Trainer:
         resume: continue from ``out_dir/checkpoints/latest.pt`` when it exists.
         device: default: this process's GPU, else the CPU.
         run_config: the stage's whole config (default: ``cfg``), shown in TensorBoard and kept in checkpoints:
-            resuming with other settings of what it learns is an error.
+            resuming with other settings of what it learns is an error. A config object (not its dict) also
+            tells which settings older checkpoints lack (``engine.config.unrecorded_values``).
         trained_on: the fingerprints of what the stage learns from (``{"data": ..., "vae": ...}``), kept in
             checkpoints (resuming on other inputs is an error) and in the finished stage's lineage.
         item_weights: optional ``[num_train_items]`` non-negative draw weights: each pass then draws its
@@ -160,7 +165,7 @@ class Trainer:
                  ema_of: nn.Module | None = None, cuda_graph_of: nn.Module | None = None,
                  param_groups: list[dict[str, Any]] | None = None,
                  find_unused_parameters: bool = False, resume: bool = False,
-                 device: str | torch.device | None = None, run_config: Mapping[str, Any] | None = None,
+                 device: str | torch.device | None = None, run_config: Any = None,
                  trained_on: Mapping[str, str] | None = None, item_weights: torch.Tensor | None = None) -> None:
         cfg.validate()
         check_item_weights(item_weights, num_train_items)
@@ -220,7 +225,9 @@ class Trainer:
             self.optimizer,
             lambda s: self.lr_scale * lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
 
-        self.run_config = dict(run_config) if run_config is not None else config_to_dict(cfg)
+        run_config = cfg if run_config is None else run_config
+        self.run_config = config_to_dict(run_config) if is_dataclass(run_config) else dict(run_config)
+        self.unrecorded = unrecorded_values(run_config) if is_dataclass(run_config) else {}
         self.trained_on = dict(trained_on or {})
         self.step = 0
         self.epoch = 0  # epochs completed
@@ -712,7 +719,8 @@ class Trainer:
         # the whole stage config, not only the engine's: a resumed run that learns with other settings or inputs
         # is neither the run that was started nor the one asked for (how it runs, e.g. compiled or not, may change)
         differences = resume_differences(state, flatten_config(self.run_config),
-                                         {name: (value, "") for name, value in self.trained_on.items()})
+                                         {name: (value, "") for name, value in self.trained_on.items()},
+                                         self.unrecorded)
         if state.get("item_weights") != weights_fingerprint(self.item_weights):  # older checkpoints: uniform draws
             differences.append("it drew its training items with other item_weights")
         if differences:

@@ -20,16 +20,18 @@ import torch
 from clip.model import TOKENIZER_FILE, CLIPModel
 from data import load_captions
 from diffusion.config import FILLED_BY_TRAINING as UNET_FILLED_BY_TRAINING
+from diffusion.config import trained_latent_normalisation
 from diffusion.cuda_graph import CudaGraphCall
 from diffusion.fit import check_fit, downsample_factor
 from diffusion.latents import LatentNormalisation
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
-from engine.config import config_from_dict, flatten_config, setting_differences
+from engine.config import config_from_dict, flatten_config, setting_differences, unrecorded_values
 from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, inference_autocast, set_low_precision_norms
 from engine.stage import StageError, StageInfo, file_fingerprint, lineage_differences, read_stage, write_json
 from engine.trainer import checkpoint_path, read_checkpoint, resume_differences
 from unet.model import UNet
+from vae.config import VAEConfig
 from vae.model import AutoencoderKL
 
 
@@ -65,7 +67,8 @@ def finished_stage_differences(name: str, folder: Path, cfg: Any, data: str, ups
     (the UNet's ``trained_captions``: ``diffusion.colour_sentences.derived_inputs``; ``{}`` for the others).
     ``upstream[stage]`` is ``None`` when that stage is about to be trained."""
     info = read_stage(folder, stage_kind(name))
-    return (setting_differences(stage_settings(name, cfg), stage_settings(name, info.training))
+    return (setting_differences(stage_settings(name, cfg), stage_settings(name, info.training),
+                                unrecorded_values(cfg))
             + lineage_differences(info.trained_on, asked_inputs(name, cfg, data, upstream, derived)))
 
 
@@ -74,7 +77,8 @@ def checkpoint_differences(name: str, folder: Path, cfg: Any, data: str, upstrea
     """How the checkpoint of an interrupted stage in ``folder`` differs from what is asked now (settings and
     inputs, as ``finished_stage_differences`` compares a finished one): resuming it would learn something else."""
     state = read_checkpoint(checkpoint_path(folder), mmap=True)
-    return resume_differences(state, stage_settings(name, cfg), asked_inputs(name, cfg, data, upstream, derived))
+    return resume_differences(state, stage_settings(name, cfg), asked_inputs(name, cfg, data, upstream, derived),
+                              unrecorded_values(cfg))
 
 
 def asked_inputs(name: str, cfg: Any, data: str, upstream: Mapping[str, Path | None], derived: Mapping[str, str]
@@ -297,15 +301,18 @@ def lineage_mismatches(vae_info: StageInfo, clip_info: StageInfo, unet_info: Sta
 
 def check_guide(folder: str | Path, unet_info: StageInfo) -> StageInfo:
     """The stage info of an autoguidance UNet at ``folder``, after checking that it can guide the UNet of
-    ``unet_info``: a UNet stage trained on the same VAE and CLIP (the same latents and text states), with the
-    same noise schedule and prediction type (its prediction at a timestep means what the UNet's does), at the same
-    resolution. A guide of another resolution is not a weaker version of the UNet at its size: the run's 256-px
-    phase guiding its 512-px UNet drew one picture per seed whatever the prompt (docs/results/quality)."""
+    ``unet_info``: a UNet stage trained on the same VAE and CLIP (the same latents and text states, normalised
+    alike), with the same noise schedule and prediction type (its prediction at a timestep means what the UNet's
+    does), at the same resolution. A guide of another resolution is not a weaker version of the UNet at its size:
+    the run's 256-px phase guiding its 512-px UNet drew one picture per seed whatever the prompt
+    (docs/results/quality)."""
     info = read_stage(folder, "unet")
     problems = [f"it was trained on another {stage.upper()}" for stage in ("vae", "clip")
                 if info.trained_on.get(stage) != unet_info.trained_on.get(stage)]
     problems += [f"its {key.replace('_', ' ')} differs" for key in ("schedule", "prediction_type")
                  if info.training.get(key) != unet_info.training.get(key)]
+    if trained_latent_normalisation(info.training) != trained_latent_normalisation(unet_info.training):
+        problems.append("its latent normalisation differs")
     guide_px, unet_px = info.training.get("resolution"), unet_info.training.get("resolution")
     if guide_px != unet_px:
         problems.append(f"it was trained at {guide_px} px, the UNet at {unet_px} px")
@@ -346,17 +353,18 @@ def load_stack(run: str | Path | None = None, *, vae: str | Path | None = None, 
             "loads, but expect different images.", LineageWarning, stacklevel=2)
     training = infos["unet"].training
     schedule = NoiseSchedule(config_from_dict(ScheduleConfig, training["schedule"]))
+    mode = trained_latent_normalisation(training)
+    try:  # before any weights load
+        normalisation = LatentNormalisation.of_vae(config_from_dict(VAEConfig, infos["vae"].model), mode,
+                                                   where=f"the VAE stage at {paths['vae']}")
+    except ValueError as err:
+        raise StageError(f"{err}, which the UNet at {paths['unet']} needs (it trained on '{mode}' normalised "
+                         "latents); pass the VAE stage the UNet was trained on") from None
     models = {"vae": AutoencoderKL.load(paths["vae"], device=device).eval(),
               "clip": CLIPModel.load(paths["clip"], device=device).eval(),
               "unet": UNet.load(paths["unet"], device=device).eval()}
     for name, model in models.items():
         norms_as_trained(model, infos[name])
-    try:  # UNet stages from before the setting trained on the VAE's one factor
-        normalisation = LatentNormalisation.of_vae(models["vae"].config,
-                                                   training.get("latent_normalisation", "global"))
-    except ValueError as err:
-        raise UserError(f"the UNet at {paths['unet']} cannot be sampled with the VAE at {paths['vae']}: {err}"
-                        ) from None
     return StageStack(
         **models,
         schedule=schedule,

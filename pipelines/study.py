@@ -54,7 +54,7 @@ from diffusion.colour_sentences import derived_inputs
 from diffusion.train import lowres_folder
 from engine import distributed
 from engine.cli import command_line
-from engine.config import choose_preset, config_to_dict, setting_differences
+from engine.config import choose_preset, config_to_dict, setting_differences, unrecorded_values
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.runlog import SPIKE_FACTOR, read_records
 from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, folder_lock, is_complete, read_stage, record_preset, \
@@ -239,7 +239,8 @@ def plan_column(variant: Variant, base: dict[str, Path], out: Path, concurrent: 
             continue
         recorded, preset = _recorded(base[stage], stage)
         cfg = train_all.stage_config(stage, preset, {**recorded, **variant.overrides[stage]})
-        if variant.overrides[stage] and not setting_differences(stage_settings(stage, cfg), recorded):
+        if variant.overrides[stage] and not setting_differences(stage_settings(stage, cfg), recorded,
+                                                                unrecorded_values(cfg)):
             raise UserError(f"variant {variant.name}: its --{stage}.* overrides are the base's own {stage} settings "
                             "or only change how training runs, so nothing it learns would differ; change a value, or "
                             "drop them")

@@ -213,7 +213,8 @@ def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], se
 def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int],
                           settings: GenerationSettings | None = None, init_images: torch.Tensor | None = None,
                           strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`generate`, also returning the sampled (scaled) latents ``[len(prompts), C, size/f, size/f]``."""
+    """:func:`generate`, also returning the sampled latents ``[len(prompts), C, size/f, size/f]`` (the UNet's,
+    before ``LatentNormalisation.denormalise``)."""
     settings = settings or GenerationSettings()
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")

@@ -73,7 +73,7 @@ def test_latent_cache_round_trip_and_mirrors(tmp_path):
     # the global normalisation is the LDM recipe's factor times the raw latents, to the bit
     assert torch.equal(loaded.normalised_mean(), 0.7 * cache.mean)
 
-    # Samples are scaling_factor * (mean + std * noise): check mean and spread over many draws.
+    # Samples are normalised draws, here scaling_factor * (mean + std * noise): check mean and spread over many.
     rows = torch.full((4000,), 2)
     z = loaded.sample(rows, torch.Generator().manual_seed(0))
     assert torch.allclose(z.mean(0), 0.7 * cache.mean[2], atol=0.1)
@@ -81,11 +81,11 @@ def test_latent_cache_round_trip_and_mirrors(tmp_path):
 
 
 def test_latent_normalisation_needs_the_measured_moments():
-    with pytest.raises(ValueError, match="scaling_factor"):
+    with pytest.raises(ValueError, match="the VAE stage has no scaling_factor"):
         LatentNormalisation.of_vae(tiny_vae(scaling_factor=None).config)
-    with pytest.raises(ValueError, match="latents_mean / latents_std.*latent_normalisation=global"):
-        LatentNormalisation.of_vae(tiny_vae().config, "per_channel")  # a VAE stage from before the moments
-    with pytest.raises(ValueError, match="no spread"):
+    with pytest.raises(ValueError, match="the VAE at X has no per-channel latent moments"):  # from before them
+        LatentNormalisation.of_vae(tiny_vae().config, "per_channel", where="the VAE at X")
+    with pytest.raises(ValueError, match="a latent channel without spread"):
         LatentNormalisation.of_vae(tiny_vae(latents_mean=(0.0,) * 4, latents_std=(1.0, 0.0, 1.0, 1.0)).config,
                                    "per_channel")
     with pytest.raises(ValueError, match="unknown latent normalisation 'channel'"):

@@ -938,3 +938,16 @@ def test_a_recorded_command_splits_back_into_the_arguments_it_was_given(monkeypa
     monkeypatch.setattr(sys, "argv", ["study.py", "--steps", "3"])  # no argv given: the process's own
     assert command_line("python -m pipelines.study") == "python -m pipelines.study --steps 3"
     assert command_line("python train_all.py", []) == "python train_all.py"
+
+
+def test_a_setting_a_record_lacks_reads_as_the_value_older_records_trained_with():
+    from diffusion.config import UNetTrainConfig
+    from engine.config import setting_differences, unrecorded_values
+
+    assert unrecorded_values(UNetTrainConfig) == {"keep_colour_sentence": False, "latent_normalisation": "global"}
+    asked = {"lr": 1e-3, "latent_normalisation": "global"}
+    assert setting_differences(asked, {"lr": 1e-3}) == ["latent_normalisation was None, now 'global'"]
+    assert setting_differences(asked, {"lr": 1e-3}, {"latent_normalisation": "global"}) == []
+    assert setting_differences({**asked, "latent_normalisation": "per_channel"}, {"lr": 1e-3},
+                               {"latent_normalisation": "global"}) == [
+        "latent_normalisation was 'global', now 'per_channel'"]

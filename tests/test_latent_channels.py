@@ -29,7 +29,8 @@ def test_channel_statistics_of_latents_with_a_known_answer():
     every = latents.transpose(0, 1).flatten(1)
     assert stats["mean"] == pytest.approx(every.mean(1).tolist())
     assert stats["std"] == pytest.approx(every.std(1, correction=0).tolist())
-    assert stats["colour_separation_in_noise_units"][0] == pytest.approx(1.1 / stats["std"][0])
+    assert stats["colour_spread_global"] == pytest.approx([1.1, 0.0])
+    assert stats["colour_spread_per_channel"][0] == pytest.approx(1.1 / stats["std"][0])
 
 
 def test_foreground_and_page_cells_of_an_image():

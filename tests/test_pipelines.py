@@ -512,19 +512,24 @@ def test_reuse_trains_only_the_missing_stage(run_a, tmp_path):
 
 def test_a_unet_on_per_channel_latents_samples_through_its_own_normalisation(run_a, tmp_path):
     run = tmp_path / "C"
-    common = ["--data", DATA, "--preset", "tiny", "--device", "cpu", "--skip-eval", "--reuse", f"clip={run_a / 'clip'}",
+    common = ["--data", DATA, "--preset", "tiny", "--device", "cpu", "--skip-eval",
               "--unet.latent_normalisation=per_channel", "--unet.lowres_epochs=0"]
-    # a VAE stage from before the per-channel moments were recorded: refused before the UNet trains
+    # a VAE stage from before the per-channel moments were recorded: refused before anything trains
     old_vae = tmp_path / "old_vae"
     shutil.copytree(run_a / "vae", old_vae)
     config = json.loads((old_vae / "config.json").read_text())
     del config["model"]["latents_mean"], config["model"]["latents_std"]
     (old_vae / "config.json").write_text(json.dumps(config))
-    with pytest.raises(StageError, match="no per-channel latent moments.*latent_normalisation=global"):
+    with pytest.raises(StageError, match="VAE stage at .* has no per-channel latent moments.*retrain the VAE stage"
+                                         ".*latent_normalisation=global"):
         train_all.main(common + ["--run", str(tmp_path / "D"), "--reuse", f"vae={old_vae}"])
-    assert not (tmp_path / "D" / "unet" / "config.json").exists()
+    assert not (tmp_path / "D").exists()  # the CLIP did not train either
 
-    train_all.main(common + ["--run", str(run), "--reuse", f"vae={run_a / 'vae'}"])
+    train_all.main(common + ["--run", str(run), "--reuse", f"vae={run_a / 'vae'}", "--reuse", f"clip={run_a / 'clip'}"])
+    # at generation, a VAE without the moments is named with the fix before any weights load
+    with pytest.raises(StageError, match="has no per-channel latent moments .*, which the UNet at .* needs .*; pass "
+                                         "the VAE stage the UNet was trained on"):
+        load_stack(run, vae=old_vae, device="cpu")
     stack = load_stack(run, device="cpu")
     vae_config = stack.vae.config
     assert stack.latent_normalisation.shift == vae_config.latents_mean
@@ -539,6 +544,22 @@ def test_a_unet_on_per_channel_latents_samples_through_its_own_normalisation(run
     assert (kept - recon).abs().mean() < 0.02
     with pytest.raises(ExportError, match="normalised per channel.*latent_normalisation=global"):
         export_diffusers(run, tmp_path / "export")
+
+
+def test_stages_recorded_before_a_setting_existed_are_what_its_old_value_asks(run_a, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(run_a, run)
+    for folder in (run / "unet", run / "unet" / "lowres"):  # as written before these two settings existed
+        config = json.loads((folder / "config.json").read_text())
+        del config["training"]["latent_normalisation"], config["training"]["keep_colour_sentence"]
+        (folder / "config.json").write_text(json.dumps(config))
+    fingerprint = read_stage(run / "unet").fingerprint
+    train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval"])
+    assert read_stage(run / "unet").fingerprint == fingerprint  # every stage kept, nothing trained again
+    assert load_stack(run, device="cpu").latent_normalisation.shift is None
+    with pytest.raises(StageError, match="latent_normalisation was 'global', now 'per_channel'"):
+        train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval",
+                        "--unet.latent_normalisation=per_channel"])
 
 
 def test_swapped_stage_warns_and_misfit_is_an_error(run_a, tmp_path):
@@ -767,6 +788,11 @@ def test_autoguidance_reaches_generation_and_a_guide_that_cannot_guide_is_refuse
     config["trained_on"]["vae"] = "0" * 16
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(StageError, match="cannot guide the UNet at .*: it was trained on another VAE; guide with"):
+        images(guide_unet=str(other))
+    config["trained_on"]["vae"] = read_stage(guide_a).trained_on["vae"]
+    config["training"]["latent_normalisation"] = "per_channel"  # the same VAE's latents, mapped otherwise
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StageError, match="cannot guide the UNet at .*: its latent normalisation differs; guide"):
         images(guide_unet=str(other))
     # the run's low-resolution phase: same VAE, CLIP and schedule, but its predictions are for 32-px images
     with pytest.raises(StageError, match="cannot guide the UNet at .*: it was trained at 32 px, the UNet at 64 px; "

@@ -162,7 +162,8 @@ class AutoencoderKL(StageModel):
     """encode(x in [-1, 1], [B, 3, H, W]) -> DiagonalGaussian over [B, 4, H/8, W/8]; decode(z) -> x in [-1, 1].
 
     ``decode`` is not clamped (clamping would stop gradients); clamp before display or metrics. Latents are
-    unscaled here: multiply by ``config.scaling_factor`` before diffusion and divide before ``decode``.
+    unscaled here: the UNet stage maps them to its own and back (``diffusion.latents.LatentNormalisation``: by
+    ``config.scaling_factor``, or per channel by ``config.latents_mean`` / ``latents_std``).
     """
 
     STAGE_KIND = "vae"

@@ -39,22 +39,23 @@ from pipelines.metrics import FAMILY_NAMES, WHITE_LEVEL
 from vae.model import AutoencoderKL
 
 
-def foreground_cells(images_uint8: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool ``[N, h, w]`` masks of latent cells (``factor`` x ``factor`` pixels): those holding any foreground
-    pixel (not near-white), and those holding none (the page)."""
-    near_white = (images_uint8.float() / 255).amin(dim=1, keepdim=True) >= WHITE_LEVEL
-    page = F.avg_pool2d(near_white.float(), factor)[:, 0] == 1.0
-    foreground = F.max_pool2d((~near_white).float(), factor)[:, 0] > 0
-    return foreground, page
+def foreground_cells(images_uint8: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bool ``[N, h, w]`` mask of the latent cells (``factor`` x ``factor`` pixels) holding any foreground pixel
+    (not near-white); the others are the page. A batch at a time: a float copy of a whole set is gigabytes."""
+    masks = []
+    for chunk in images_uint8.split(64):
+        foreground = (chunk.float() / 255).amin(dim=1, keepdim=True) < WHITE_LEVEL
+        masks.append(F.max_pool2d(foreground.float(), factor)[:, 0] > 0)
+    return torch.cat(masks)
 
 
-def channel_statistics(latents: torch.Tensor, foreground: torch.Tensor, page: torch.Tensor,
-                       bodies: list[int | None]) -> dict[str, Any]:
-    """The per-channel figures of the module docstring for latents ``[N, C, h, w]`` with their cell masks
-    ``[N, h, w]`` and each image's body colour (an index in ``FAMILY_NAMES``, or None)."""
+def channel_statistics(latents: torch.Tensor, foreground: torch.Tensor, bodies: list[int | None]) -> dict[str, Any]:
+    """The per-channel figures of the module docstring for latents ``[N, C, h, w]`` with their foreground cells
+    ``[N, h, w]`` (``foreground_cells``) and each image's body colour (an index in ``FAMILY_NAMES``, or None)."""
     channels = latents.shape[1]
     flat = latents.double().transpose(0, 1).flatten(1)  # [C, N*h*w]
     std = flat.std(dim=1, unbiased=False)
+    page = ~foreground
     page_cells = latents.double().permute(1, 0, 2, 3)[:, page]  # [C, page cells]
     fg = foreground[:, None].double()
     image_means = (latents.double() * fg).sum(dim=(2, 3)) / fg.sum(dim=(2, 3)).clamp_min(1)  # [N, C]
@@ -106,10 +107,10 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
     images = data.subset("train").images
     mean, _ = encode_moments(vae, float_batches(images, args.batch_size, device), device)
     latents = (mean * factor).cpu()
-    foreground, page = foreground_cells(images, images.shape[-1] // latents.shape[-1])
+    foreground = foreground_cells(images, images.shape[-1] // latents.shape[-1])
     result = {"vae": str(args.vae), "fingerprint": info.fingerprint, "data": args.data, "size": args.size,
               "scaling_factor": factor, "images": len(images),
-              **channel_statistics(latents, foreground, page, body_colours(images)),
+              **channel_statistics(latents, foreground, body_colours(images)),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "command": command_line("benchmarks.latent_channels", argv)}
     if args.out:

@@ -20,7 +20,7 @@ def test_channel_statistics_of_latents_with_a_known_answer():
     latents[:, 0, 0] = torch.tensor([1.0, 1.2, -1.0, -1.2])[:, None]  # channel 0 tells red from blue
     latents[:, 1, 0] = torch.tensor([0.0, 0.2, 0.0, 0.2])[:, None]  # channel 1 does not
     latents[:, :, 1] = torch.tensor([0.5, -0.25])[:, None]  # the page's value in each channel
-    stats = channel_statistics(latents, foreground, ~foreground, [RED, RED, BLUE, BLUE])
+    stats = channel_statistics(latents, foreground, [RED, RED, BLUE, BLUE])
     assert stats["page"] == pytest.approx([0.5, -0.25]) and stats["page_cells"] == 8
     assert stats["by_colour"]["red"] == {"images": 2, "body_mean": pytest.approx([1.1, 0.1])}
     assert stats["by_colour"]["blue"]["body_mean"] == pytest.approx([-1.1, 0.1])
@@ -36,7 +36,8 @@ def test_channel_statistics_of_latents_with_a_known_answer():
 def test_foreground_and_page_cells_of_an_image():
     image = torch.full((1, 3, 16, 16), 255, dtype=torch.uint8)
     image[:, :, 2, 3] = 0  # one dark pixel in the top-left 8x8 cell
-    foreground, page = foreground_cells(image, 8)
+    foreground = foreground_cells(image, 8)
+    page = ~foreground
     assert foreground[0].tolist() == [[True, False], [False, False]]
     assert page[0].tolist() == [[False, True], [True, True]]
 

@@ -35,9 +35,9 @@ from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE, paired_differences, paired_table
-from pipelines.metrics import (FAMILY_NAMES, PROMPT_COLOURS, at_prompt_mix, colour_hits, colour_hits_from_counts,
-                               colour_prompts, composition_per_image, composition_records, first_named_colours,
-                               hue_family_counts, share_by_colour)
+from pipelines.metrics import (FAMILY_NAMES, PROMPT_COLOURS, at_prompt_mix, chromatic_shares, colour_hits,
+                               colour_hits_from_counts, colour_prompts, composition_per_image, composition_records,
+                               first_named_colours, hue_family_counts, share_by_colour)
 
 COLOUR_SEEDS = 8  # pipelines.evaluate's default: 6 colours x 2 languages x 8 seeds = 96 colour-prompt samples
 # What an English colour word describes, from the word after it ("red eyes" vs "red body"): a rough reading of
@@ -62,14 +62,14 @@ def pair_samples(path: str | Path, count: int, columns: int = PAIRS_COLUMNS, til
 def summary(images: torch.Tensor, named: list[str], chinese: torch.Tensor | None = None) -> dict:
     """Adherence overall, per named colour (and per language, given which prompts are Chinese), and per named
     colour the mean share of the foreground's chromatic pixels in each hue family (what the pictures show
-    instead, where they miss)."""
+    instead, where they miss), and the mean ``chromatic_shares`` (pale or grey pictures, whatever their hue)."""
     counts, foreground = hue_family_counts(images)
     shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     hits = colour_hits_from_counts(counts, foreground, named).float()
     rows = {colour: [i for i, n in enumerate(named) if n == colour] for colour in dict.fromkeys(named)}
     hue_shares = {colour: dict(zip(FAMILY_NAMES, shares[index].mean(0).tolist())) for colour, index in rows.items()}
     figures = {"count": len(named), "overall": float(hits.mean()), "by_colour": share_by_colour(hits, named),
-               "hue_shares": hue_shares}
+               "chromatic_share": float(chromatic_shares(images).mean()), "hue_shares": hue_shares}
     if chinese is not None:
         figures["en"], figures["zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
     return figures
@@ -78,8 +78,8 @@ def summary(images: torch.Tensor, named: list[str], chinese: torch.Tensor | None
 def colour_prompt_records(images: torch.Tensor, texts: Sequence[str], seeds: Sequence[int],
                           named: list[str]) -> list[dict]:
     """Sample records (``pipelines.evaluate.generation_metrics``' kind) of colour-prompt samples read back from a
-    picture: each one's colour hit, parts, foreground share and frame filling, without copy flags (a picture holds
-    no threshold)."""
+    picture: each one's colour hit, parts, foreground share, chromatic share and frame filling, without copy flags (a
+    picture holds no threshold)."""
     hits, composed = colour_hits(images, named).tolist(), composition_records(composition_per_image(images))
     return [{"source": "colour_prompts", "prompt": text, "seed": seed, **figures, "colour_hit": hit}
             for text, seed, hit, figures in zip(texts, seeds, hits, composed, strict=True)]
@@ -154,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         mix = figures.get("at_prompt_mix")
         at_mix = "" if mix is None else f" ({mix:.3f} at the prompts' colour mix)"
         print(f"{who:8s} overall {figures['overall']:.3f}{at_mix} ({figures['count']})  " +
-              "  ".join(f"{c} {v:.2f}" for c, v in figures["by_colour"].items()), flush=True)
+              "  ".join(f"{c} {v:.2f}" for c, v in figures["by_colour"].items()) +
+              f"  chromatic share of the foreground {figures['chromatic_share']:.3f}", flush=True)
         for colour, shares in figures["hue_shares"].items():
             print(f"  '{colour}': " + "  ".join(f"{family} {share:.2f}" for family, share in shares.items()))
     print(f"training bodies (of {len(train)}): " +

@@ -36,11 +36,11 @@ from engine.images import save_grid
 from engine.stage import WEIGHTS_FILE, file_fingerprint, write_json
 from vae.metrics import evaluate_reconstruction
 
-from .metrics import (COPY_NEIGHBOURS, FAMILY_NAMES, PROMPT_COLOURS, at_prompt_mix, colour_hits, colour_prompts,
-                      composition, composition_means, composition_per_image, composition_records, cosine_nearest,
-                      first_named_colours, frechet_distance, held_out_copies, hue_blind_thumbnails, kernel_distance,
-                      near_copies, nearest_indices, seed_diversity, share_by_colour, sharpness, shrunk,
-                      silhouette_thumbnails, thumbnails)
+from .metrics import (CHROMA_MIN, COPY_NEIGHBOURS, FAMILY_NAMES, PROMPT_COLOURS, at_prompt_mix, colour_hits,
+                      colour_prompts, composition, composition_means, composition_per_image, composition_records,
+                      cosine_nearest, first_named_colours, frechet_distance, held_out_copies, hue_blind_thumbnails,
+                      kernel_distance, near_copies, nearest_indices, seed_diversity, share_by_colour, sharpness,
+                      shrunk, silhouette_thumbnails, thumbnails)
 from .stages import (StageStack, add_stage_arguments, generation_size, judge_path, load_stack, sampling_size,
                      stack_infos, stage_paths)
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
@@ -204,16 +204,16 @@ def generation_metrics(stack: StageStack, judge: CLIPModel, train: CaptionSet, v
                        records: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Generation against the real images, each figure with its real-image reference (``*_real``).
 
-    Samples: every validation caption in English and in Chinese (one fixed seed per row) and the colour
-    prompts of ``pipelines.metrics.colour_prompts`` (``colour_seeds`` seeds each). FD / KID / CLIP score
-    per language in the judge's space; composition (foreground share, border occupancy, frame-filling share,
-    parts), sharpness and near-copies (pixel space at 64 px and judge space, training mirrors in the bank)
-    over all samples; colour adherence on the colour prompts (overall and per language), and on the same prompts
-    and seeds with the body's colour sentence (``colour_adherence_body_sentence``); seed diversity. See
-    pipelines/metrics.py. ``seed_offset`` shifts every sampling seed: another draw of the same evaluation, for
-    the spread over seeds. ``reference``: the ``real_reference`` of this judge, data and size, when the caller
-    measures several settings or seeds against it (built here otherwise). ``records``: a list that gets one record
-    per sample (what it was drawn from, and what each bar's rule said of it) for ``paired_differences``.
+    Samples: every validation caption in English and in Chinese (one fixed seed per row) and the colour prompts of
+    ``pipelines.metrics.colour_prompts`` (``colour_seeds`` seeds each). FD / KID / CLIP score per language in the
+    judge's space; composition (foreground share, border occupancy, frame-filling share, parts, the foreground's
+    chromatic share), sharpness and near-copies (pixel space at 64 px and judge space, training mirrors in the bank)
+    over all samples; colour adherence on the colour prompts (overall and per language), and on the same prompts and
+    seeds with the body's colour sentence (``colour_adherence_body_sentence``); seed diversity. See
+    pipelines/metrics.py. ``seed_offset`` shifts every sampling seed: another draw of the same evaluation, for the
+    spread over seeds. ``reference``: the ``real_reference`` of this judge, data and size, when the caller measures
+    several settings or seeds against it (built here otherwise). ``records``: a list that gets one record per sample
+    (what it was drawn from, and what each bar's rule said of it) for ``paired_differences``.
     """
     size = settings.size
     reference = reference or real_reference(judge, train, val, size)
@@ -446,6 +446,8 @@ QUALITY_ROWS = (
     ("border_fg", "border occupancy (foreground share of the outer ring)", "≤ 0.06"),
     ("frame_filling_share", "samples that fill the frame (border occupancy > 0.25)", "≤ 0.03"),
     ("parts_mean", "foreground regions > 1 % of the image, per sample", "≤ 1.15"),
+    ("chromatic_share", f"share of the foreground with a hue (chroma ≥ {CHROMA_MIN:g}, not dark): low for pale or "
+     "grey pictures", "(context)"),
     ("near_copy_share_pixel", "near-copies of a training image, pixel space (64 px, mirrors in the bank)", "≤ 0.05"),
     ("near_copy_share_judge", "near-copies of a training image, judge space", "≤ 0.05"),
     ("near_copy_share_pixel_relative", f"near-copies, pixel space, relative to the {COPY_NEIGHBOURS} nearest "
@@ -496,7 +498,8 @@ PAIRED_FLAGS = {"copied_pixel": "near-copies, pixel space", "copied_judge": "nea
                 "colour_hit": "named colour among the two dominant hues",
                 "frame_filling": "samples that fill the frame"}
 # Per-sample figures of the records that pair as means (a paired difference with its standard error).
-PAIRED_MEANS = {"parts": "foreground regions per sample", "fg_share": "foreground share"}
+PAIRED_MEANS = {"parts": "foreground regions per sample", "fg_share": "foreground share",
+                "chromatic_share": "share of the foreground with a hue"}
 
 
 def mcnemar_p(only_before: int, only_after: int) -> float:

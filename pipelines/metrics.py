@@ -157,7 +157,8 @@ def count_parts(mask: torch.Tensor, min_area: float = PART_MIN_AREA) -> torch.Te
 
 
 def composition_per_image(images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each image's foreground share, border occupancy, whether it fills the frame, and its foreground parts."""
+    """Each image's foreground share, border occupancy, whether it fills the frame, its foreground parts, and the
+    share of its foreground with a hue (``chromatic_shares``)."""
     mask = foreground_mask(images)
     size = mask.shape[-1]
     ring = torch.ones(size, size, dtype=torch.bool)
@@ -165,18 +166,23 @@ def composition_per_image(images: torch.Tensor) -> dict[str, torch.Tensor]:
     ring[width:-width, width:-width] = False
     border = mask[:, ring].float().mean(dim=1)
     return {"fg_share": mask.flatten(1).float().mean(dim=1), "border_fg": border,
-            "frame_filling": border > FRAME_FILLING_BORDER, "parts": count_parts(mask)}
+            "frame_filling": border > FRAME_FILLING_BORDER, "parts": count_parts(mask),
+            "chromatic_share": chromatic_shares(images)}
 
 
 def composition_records(each: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
     """``composition_per_image``'s figures as one record per sample (the part of a sample record, with its copy
-    and colour flags, that paired comparisons read): parts, foreground share (4 decimals), frame filling."""
-    return [{"parts": int(parts), "fg_share": round(float(fg), 4), "frame_filling": bool(filling)}
-            for parts, fg, filling in zip(each["parts"], each["fg_share"], each["frame_filling"], strict=True)]
+    and colour flags, that paired comparisons read): parts, foreground share and chromatic share (4 decimals),
+    frame filling."""
+    return [{"parts": int(parts), "fg_share": round(float(fg), 4), "chromatic_share": round(float(chromatic), 4),
+             "frame_filling": bool(filling)}
+            for parts, fg, chromatic, filling in zip(each["parts"], each["fg_share"], each["chromatic_share"],
+                                                     each["frame_filling"], strict=True)]
 
 
 def composition(images: torch.Tensor) -> dict[str, float]:
-    """Foreground share, border occupancy, share of frame-filling images and foreground parts per image."""
+    """Foreground share, border occupancy, share of frame-filling images, foreground parts per image and the
+    foreground's chromatic share."""
     return composition_means(composition_per_image(images))
 
 
@@ -184,7 +190,8 @@ def composition_means(each: dict[str, torch.Tensor]) -> dict[str, float]:
     """``composition`` from the images' ``composition_per_image``."""
     return {"fg_share": float(each["fg_share"].mean()), "border_fg": float(each["border_fg"].mean()),
             "frame_filling_share": float(each["frame_filling"].float().mean()),
-            "parts_mean": float(each["parts"].float().mean())}
+            "parts_mean": float(each["parts"].float().mean()),
+            "chromatic_share": float(each["chromatic_share"].mean())}
 
 
 def sharpness(images: torch.Tensor, size: int = MEASURE_SIZE) -> float:
@@ -251,6 +258,13 @@ def hue_family_counts(images: torch.Tensor, size: int = MEASURE_SIZE) -> tuple[t
     counts = [(in_hue_family(hue, family) & chromatic).flatten(1).float().sum(1)
               for family in range(len(COLOUR_FAMILIES))]
     return torch.stack(counts, dim=1), foreground.flatten(1).float().sum(1)
+
+
+def chromatic_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
+    """``[B]``: the share of each image's foreground pixels that have a reliable hue (``pixel_hues``): low where a
+    picture is pale or grey, whatever its hue; 0 for a blank page (no foreground)."""
+    _, chromatic, foreground = pixel_hues(images, size)
+    return chromatic.flatten(1).float().sum(1) / foreground.flatten(1).float().sum(1).clamp_min(1)
 
 
 def hue_family_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:

@@ -94,6 +94,7 @@ KEY_METRICS = (
     ("generation", "near_copy_share_pixel_hue_blind", "near-copies (pixel, hue-blind)", True),
     ("generation", "near_copy_share_silhouette", "near-copies (silhouette)", True),
     ("generation", "fg_share", "foreground share", True),
+    ("generation", "chromatic_share", "foreground with a hue", True),
     ("generation", "border_fg", "border occupancy", True),
     ("generation", "frame_filling_share", "frame-filling samples", True),
     ("generation", "parts_mean", "parts per sample", False),

@@ -70,7 +70,7 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     assert f"| {generation['fd_real']:.3f} |" in (run_a / "evaluation.md").read_text(encoding="utf-8")
     for key in ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
                 "near_copy_share_judge", "near_copy_share_pixel_relative", "near_copy_share_pixel_hue_blind",
-                "near_copy_share_silhouette", "colour_adherence"):
+                "near_copy_share_silhouette", "colour_adherence", "chromatic_share"):
         assert key in generation and f"{key}_real" in generation  # each beside what the real images score
     for key in ("near_copy_share_judge_captions_en", "near_copy_share_judge_captions_zh",
                 "near_copy_share_judge_colour_prompts"):
@@ -90,6 +90,7 @@ def test_train_all_writes_every_stage_and_a_report(run_a):
     assert share("frame_filling") == pytest.approx(generation["frame_filling_share"])
     assert share("parts") == pytest.approx(generation["parts_mean"])
     assert share("fg_share") == pytest.approx(generation["fg_share"], abs=1e-4)  # kept to 4 decimals
+    assert share("chromatic_share") == pytest.approx(generation["chromatic_share"], abs=1e-4)
     assert all((r["colour_hit"] is None) == (r["source"] != "colour_prompts") for r in records)
     # a caption sample names its validation row, so the file can be shared without the data's captions
     val = load_captions(DATA, resolution=64).subset("val")

@@ -35,6 +35,12 @@ def test_one_disc_on_white():
     result = composition(images)
     assert result["fg_share"] == pytest.approx(math.pi * 0.3 ** 2, abs=0.01)
     assert result["border_fg"] == 0 and result["frame_filling_share"] == 0 and result["parts_mean"] == 1
+    assert result["chromatic_share"] == 0  # black: no hue
+    red = composition(paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=(0.9, -0.9, -0.9)))
+    assert red["chromatic_share"] == pytest.approx(1, abs=0.02) and red["fg_share"] == result["fg_share"]
+    dark_red = composition(paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=(-0.55, -1.0, -1.0)))  # a hue, too dark to read
+    pastel = composition(paint_disc(canvas(), 0.5, 0.5, 0.3, rgb=(1.0, 0.7, 0.7)))  # pale pink: chroma 0.15
+    assert dark_red["chromatic_share"] == pastel["chromatic_share"] == 0 and pastel["fg_share"] > 0.2
 
 
 def test_a_frame_filling_image_and_a_blank_page():
@@ -42,7 +48,7 @@ def test_a_frame_filling_image_and_a_blank_page():
     result = composition(full)
     assert result["fg_share"] == 1 and result["border_fg"] == 1 and result["frame_filling_share"] == 1
     blank = composition(canvas())
-    assert blank["fg_share"] == 0 and blank["parts_mean"] == 0
+    assert blank["fg_share"] == 0 and blank["parts_mean"] == 0 and blank["chromatic_share"] == 0
 
 
 def test_parts_count_regions_and_ignore_specks():
@@ -448,6 +454,13 @@ def test_colour_breakdown_reads_the_samples_back_from_a_nearest_pairs_picture(tm
     assert tiles.shape == (96, 3, 96, 96)
     assert share_by_colour(colour_hits(tiles, named), named) == {
         "red": 0.0, "blue": 1.0, "green": 1.0, "yellow": 1.0, "purple": 1.0, "pink": 1.0}
+    from benchmarks.colour_breakdown import summary
+
+    assert summary(tiles, named)["chromatic_share"] == pytest.approx(1.0, abs=0.02)  # saturated discs on white
+    grey = paint_disc(canvas(2), 0.5, 0.5, 0.3, rgb=(0.0, 0.0, 0.0))
+    half = paint_disc(grey.clone(), 0.5, 0.5, 0.3 / 2 ** 0.5, rgb=rgb["blue"])  # a blue disc of half the area
+    assert summary(grey, ["blue", "blue"])["chromatic_share"] == 0  # a grey body has no hue
+    assert summary(half, ["blue", "blue"])["chromatic_share"] == pytest.approx(0.5, abs=0.03)  # half its area
     with pytest.raises(UserError, match="too small for 200 samples"):
         pair_samples(path, 200)
     with pytest.raises(UserError, match="no picture at .*nearest_pairs.png an evaluation wrote"):
@@ -618,6 +631,7 @@ def test_paired_differences_pair_samples_by_prompt_and_seed():
         paired_differences(by_row, [{**sample, "row": sample["row"] + 1} for sample in by_row])  # other rows
     # records that carry each sample's foreground share pair it as a mean too; older records (none) leave it out
     assert "fg_share" not in paired and "| foreground share | — |" in table
+    assert "| share of the foreground with a hue | — |" in table
     grown = paired_differences([{**r, "fg_share": 0.3 + r["seed"] / 100} for r in before],
                                [{**r, "fg_share": 0.35 + r["seed"] / 100} for r in after])["fg_share"]
     assert grown["difference"] == pytest.approx(0.05) and grown["error_paired"] == pytest.approx(0, abs=1e-12)

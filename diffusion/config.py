@@ -68,7 +68,9 @@ class UNetTrainConfig:
     balance_twins: bool = True
     resolution: int = 512  # images are encoded at this size; latents are resolution / 8
     # the UNet's latents from the VAE's (diffusion.latents.LatentNormalisation): "global", the LDM recipe's one
-    # factor, or "per_channel", EDM2's zero mean and unit variance for each channel (the VAE's measured moments)
+    # factor, or "per_channel", EDM2's zero mean and unit variance for each channel (the VAE's measured moments).
+    # "global" stays the default: a per_channel run paired with a global one drew paler pictures and missed the
+    # prompt's colour more often (docs/results/quality/per_channel_run)
     latent_normalisation: str = field(default="global", metadata={UNRECORDED: "global"})
     # Progressive resolution: the stage first trains lowres_epochs at resolution / lowres_factor (into out/lowres/,
     # a UNet stage folder of its own), then continues from those weights at `resolution` for train.epochs. At a

@@ -45,7 +45,7 @@ from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE
 SHOWN = ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
          "near_copy_share_pixel_relative", "near_copy_share_pixel_hue_blind", "near_copy_share_silhouette",
          "near_copy_share_judge", "near_copy_share_judge_colour_prompts", "colour_adherence",
-         "colour_adherence_body_sentence", "fd_en", "fd_zh", "diversity_feature")
+         "colour_adherence_body_sentence", "chromatic_share", "fd_en", "fd_zh", "diversity_feature")
 
 
 def parse_interval(text: str) -> tuple[float, float] | None:

@@ -16,7 +16,10 @@ the first sample for sample (``paired_with_first``: ``pipelines.evaluate.paired_
 smaller difference from noise than two means do. Writes one JSON record per setting and prints a table;
 ``--showcase DIR`` also draws each setting's picture, the showcase prompts x 4 seeds as in a run's
 ``final_samples.png`` (``DIR/setting_NN.png``, listed with their settings in ``DIR/showcase.md``), so that a
-setting is judged by eye as well as by its figures.
+setting is judged by eye as well as by its figures. A setting whose noise-level bounds (guidance interval, step
+noise limit) select the same sampling steps as an earlier one draws the same samples, so it is not drawn again:
+its record repeats the earlier one's figures with ``same_samples_as``, and the sweep prints the steps' noise levels
+first, to choose bounds between them.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import torch
 
 from clip.model import CLIPModel
 from data import load_captions
-from diffusion.guidance import is_guided
-from diffusion.schedule import TIMESTEP_SPACINGS
+from diffusion.guidance import guided_steps, is_guided
+from diffusion.samplers import step_etas
+from diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
 from engine.cli import command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
@@ -85,6 +89,19 @@ def noise_settings(etas: Sequence[float], sigma_maxes: Sequence[float | None]) -
     """Every (eta, eta_sigma_max) pair, with eta 0 once (it has no step noise to limit)."""
     return list(dict.fromkeys((eta, sigma_max if eta > 0 else None)
                               for eta, sigma_max in itertools.product(etas, sigma_maxes)))
+
+
+def drawn_alike(settings: GenerationSettings, schedule: NoiseSchedule) -> tuple:
+    """What decides a setting's samples: its fields, with the guidance interval and the step-noise limit read as
+    the sampling steps they select. Settings with equal keys draw the same samples from the same seeds."""
+    timesteps = schedule.sampling_timesteps(settings.steps, spacing=settings.timestep_spacing)
+    guide_scale = None if settings.guide_unet is None else settings.autoguidance_scale
+    guided = tuple(guided_steps(schedule, settings.guidance_interval, timesteps)) \
+        if is_guided(settings.guidance_scale, guide_scale) else None
+    noisy = tuple(step_etas(schedule, timesteps.tolist(), settings.eta, settings.eta_sigma_max))
+    fields = dataclasses.asdict(settings)
+    return tuple((name, fields[name]) for name in sorted(fields) if name not in (
+        "guidance_interval", "eta", "eta_sigma_max")) + (("guided_steps", guided), ("step_etas", noisy))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -150,37 +167,49 @@ def main(argv: Sequence[str] | None = None) -> None:
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
     records, first_drawn = [], []
+    sampled_levels = {(settings.steps, settings.timestep_spacing) for settings in settings_grid}
+    for steps, spacing in sorted(sampled_levels):
+        sigmas = stack.schedule.sigmas[stack.schedule.sampling_timesteps(steps, spacing=spacing)].tolist()
+        print(f"{steps} steps ({spacing}) start at sigma " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
+    keys = [drawn_alike(settings, stack.schedule) for settings in settings_grid]
     print("| guidance | rescale | interval | first order at edges | steps | spacing | eta | eta sigma max | "
           "condition noise | "
           "guide UNet | autoguidance | " + " | ".join(SHOWN) + " |", flush=True)
     showcase = []
     for index, settings in enumerate(settings_grid):
         settings = dataclasses.replace(settings, size=stack.image_size)
-        drawn: list[dict] = []  # every sample's record, over the seed sets: paired with the first setting's
-        summary = over_seed_sets([generation_metrics(stack, judge, train, val, settings, reference=reference,
-                                                     seed_offset=k * SEED_SET_STRIDE, records=drawn)
-                                  for k in range(args.seed_sets)])
-        if index == 0:
-            first_drawn = drawn
-        metrics = summary["mean"]
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
                                                           "first_order_at_guidance_edges", "steps",
                                                           "timestep_spacing", "eta",
                                                           "eta_sigma_max", "condition_noise", "guide_unet")}
         record["autoguidance_scale"] = None if settings.guide_unet is None else settings.autoguidance_scale
-        pictures = {}
-        if args.showcase:
-            picture = draw_showcase(stack, settings, args.showcase / f"setting_{index:02d}.png")
-            pictures = {"showcase": str(picture)}
-            showcase += [f"## setting {index:02d}: {settings.describe()}", "",
-                         f"![setting {index:02d}]({picture.name})", ""]
-        paired = {"paired_with_first": paired_differences(first_drawn, drawn)} if index else {}
-        records.append({**record, "metrics": metrics, **({"metrics_sd": summary["sd"]} if "sd" in summary else {}),
-                        **paired, **pictures})
-        spread = summary.get("sd", {})
+        earlier = keys.index(keys[index])
+        if earlier < index:  # its bounds select the steps an earlier setting's did: the same samples, not redrawn
+            records.append({**record, **{key: value for key, value in records[earlier].items() if key not in record},
+                            "same_samples_as": earlier})
+            if args.showcase:
+                showcase += [f"## setting {index:02d}: {settings.describe()}", "",
+                             f"The same samples as setting {earlier:02d}.", ""]
+        else:
+            drawn: list[dict] = []  # every sample's record, over the seed sets: paired with the first setting's
+            summary = over_seed_sets([generation_metrics(stack, judge, train, val, settings, reference=reference,
+                                                         seed_offset=k * SEED_SET_STRIDE, records=drawn)
+                                      for k in range(args.seed_sets)])
+            if index == 0:
+                first_drawn = drawn
+            pictures = {}
+            if args.showcase:
+                picture = draw_showcase(stack, settings, args.showcase / f"setting_{index:02d}.png")
+                pictures = {"showcase": str(picture)}
+                showcase += [f"## setting {index:02d}: {settings.describe()}", "",
+                             f"![setting {index:02d}]({picture.name})", ""]
+            paired = {"paired_with_first": paired_differences(first_drawn, drawn)} if index else {}
+            records.append({**record, "metrics": summary["mean"],
+                            **({"metrics_sd": summary["sd"]} if "sd" in summary else {}), **paired, **pictures})
+        metrics, spread = records[-1]["metrics"], records[-1].get("metrics_sd", {})
         print("| " + " | ".join(str(value) for value in record.values()) + " | "
-              + " | ".join(f"{metrics[k]:.3f}" + (f" ± {spread[k]:.3f}" if spread else "") for k in SHOWN) + " |",
-              flush=True)
+              + " | ".join(f"{metrics[k]:.3f}" + (f" ± {spread[k]:.3f}" if spread else "") for k in SHOWN) + " |"
+              + (f" same samples as setting {earlier:02d}" if earlier < index else ""), flush=True)
         # after every setting, so a sweep cut short (a machine taken back) keeps what it measured
         write_json(args.out, {"run": str(args.run), "sampler": args.sampler, "seed_sets": args.seed_sets,
                               "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",

@@ -63,12 +63,18 @@ def is_guided(guidance_scale: float, autoguidance_scale: float | None = None) ->
     return guidance_scale != 1 or (autoguidance_scale is not None and autoguidance_scale != 1)
 
 
+def guided_steps(schedule: NoiseSchedule, interval: tuple[float, float] | None, timesteps: Tensor) -> list[bool]:
+    """Whether each sampling step (``timesteps``, descending) lies in the guidance interval. Two intervals that
+    guide the same steps draw the same samples: a bound between two of the steps' noise levels moves nothing."""
+    return _guided_levels(schedule, interval)[timesteps.cpu().long()].tolist()
+
+
 def guidance_edges(schedule: NoiseSchedule, interval: tuple[float, float] | None, timesteps: Tensor) -> list[int]:
     """The sampling timesteps (descending) at which a guidance interval switches guidance on or off: the guided
     denoiser there is another function than at the step before, so a multistep solver should not extrapolate
     across it (the samplers' ``first_order_at``). DPM-Solver++(2M) would otherwise push the first guided step
     towards the prompt by ``1 + (1 + w)(scale - 1)`` rather than ``scale``, ``w`` its extrapolation weight."""
-    guided = _guided_levels(schedule, interval)[timesteps.cpu().long()].tolist()
+    guided = guided_steps(schedule, interval, timesteps)
     steps = timesteps.tolist()
     return [t for t, before, now in zip(steps[1:], guided, guided[1:]) if before != now]
 

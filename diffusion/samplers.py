@@ -102,7 +102,7 @@ def sample_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, timestep
     check_eta("ddim", eta, eta_sigma_max)
     ts, levels = _levels(schedule, timesteps)
     steps = [_ddim_step(a, b, step_eta) for a, b, step_eta in zip(levels[:-1], levels[1:],
-                                                                   _step_etas(schedule, ts, eta, eta_sigma_max))]
+                                                                   step_etas(schedule, ts, eta, eta_sigma_max))]
     return _run_steps(denoiser, x, ts, steps, noise, callback)
 
 
@@ -133,7 +133,7 @@ def check_eta(sampler: str, eta: float, eta_sigma_max: float | None = None) -> N
                              "give eta > 0 with it, or leave it unset")
 
 
-def _step_etas(schedule: NoiseSchedule, timesteps: list[int], eta: float, eta_sigma_max: float | None) -> list[float]:
+def step_etas(schedule: NoiseSchedule, timesteps: list[int], eta: float, eta_sigma_max: float | None) -> list[float]:
     """``eta`` at each step that starts at a noise level sigma <= ``eta_sigma_max``, 0 before (EDM's S_tmax): the
     deterministic high-noise steps set the layout, the stochastic low-noise ones can still repair details."""
     limit = math.inf if eta_sigma_max is None else eta_sigma_max
@@ -183,7 +183,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, time
     weights = [0.0] + [h[i] / (2 * h[i - 1]) if math.isfinite(h[i]) and math.isfinite(h[i - 1])
                        and ts[i] not in first_order_at else 0.0 for i in range(1, len(h))]
     steps = [_dpmpp_sde_step(a, b, step_eta) for a, b, step_eta in zip(levels[:-1], levels[1:],
-                                                                        _step_etas(schedule, ts, eta, eta_sigma_max))]
+                                                                        step_etas(schedule, ts, eta, eta_sigma_max))]
 
     noise = noise or generator_noise()
     previous_x0: Tensor | None = None

@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -1213,6 +1214,30 @@ def test_sampling_sweep_keeps_each_measured_setting_when_cut_short(run_a, tmp_pa
     written = json.loads(out.read_text())
     assert written["settings"] == 2 and [r["first_order_at_guidance_edges"] for r in written["records"]] == [False]
     assert [settings.first_order_at_guidance_edges for settings in calls] == [False, True]
+
+
+def test_sampling_sweep_draws_a_setting_once_when_its_bounds_select_the_same_steps(run_a, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from benchmarks import sampling_sweep
+
+    measure, calls = sampling_sweep.generation_metrics, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[4])
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(sampling_sweep, "generation_metrics", counted)
+    out = tmp_path / "sweep.json"
+    # (0, inf] guides every step as 'none' does; (0.28, 7.5] leaves the first, pure-noise step unguided
+    sampling_sweep.main(["--run", str(run_a), "--data", DATA, "--out", str(out), "--steps", "2", "--eta", "0",
+                         "--guidance", "4", "--rescale", "0", "--interval", "none", "0,inf", "0.28,7.5"])
+    records = json.loads(out.read_text())["records"]
+    assert [record["guidance_interval"] for record in records] == [None, [0.0, math.inf], [0.28, 7.5]]
+    assert [settings.guidance_interval for settings in calls] == [None, (0.28, 7.5)]
+    assert records[1]["same_samples_as"] == 0 and records[1]["metrics"] == records[0]["metrics"]
+    assert "same_samples_as" not in records[2] and records[2]["metrics"] != records[0]["metrics"]
+    printed = capsys.readouterr().out
+    assert "2 steps (trailing) start at sigma inf, " in printed and "same samples as setting 00" in printed
 
 
 def test_first_order_at_guidance_edges_reaches_the_sampler(run_a):

@@ -18,8 +18,8 @@ smaller difference from noise than two means do. Writes one JSON record per sett
 ``final_samples.png`` (``DIR/setting_NN.png``, listed with their settings in ``DIR/showcase.md``), so that a
 setting is judged by eye as well as by its figures. A setting whose noise-level bounds (guidance interval, step
 noise limit) select the same sampling steps as an earlier one draws the same samples, so it is not drawn again:
-its record repeats the earlier one's figures with ``same_samples_as``, and the sweep prints the steps' noise levels
-first, to choose bounds between them.
+its record repeats the earlier one's figures (and ``paired_with_first``, absent for a repeat of the first setting)
+with ``same_samples_as``, and the sweep prints the steps' noise levels first, to choose bounds between them.
 """
 
 from __future__ import annotations
@@ -91,10 +91,15 @@ def noise_settings(etas: Sequence[float], sigma_maxes: Sequence[float | None]) -
                               for eta, sigma_max in itertools.product(etas, sigma_maxes)))
 
 
+def sampled_timesteps(schedule: NoiseSchedule, steps: int, spacing: str) -> torch.Tensor:
+    """The timesteps a text-to-image draw at ``steps`` takes (``generate`` caps them at the schedule's levels)."""
+    return schedule.sampling_timesteps(min(steps, schedule.num_steps), spacing=spacing)
+
+
 def drawn_alike(settings: GenerationSettings, schedule: NoiseSchedule) -> tuple:
     """What decides a setting's samples: its fields, with the guidance interval and the step-noise limit read as
     the sampling steps they select. Settings with equal keys draw the same samples from the same seeds."""
-    timesteps = schedule.sampling_timesteps(settings.steps, spacing=settings.timestep_spacing)
+    timesteps = sampled_timesteps(schedule, settings.steps, settings.timestep_spacing)
     guide_scale = None if settings.guide_unet is None else settings.autoguidance_scale
     guided = tuple(guided_steps(schedule, settings.guidance_interval, timesteps)) \
         if is_guided(settings.guidance_scale, guide_scale) else None
@@ -169,8 +174,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     records, first_drawn = [], []
     sampled_levels = {(settings.steps, settings.timestep_spacing) for settings in settings_grid}
     for steps, spacing in sorted(sampled_levels):
-        sigmas = stack.schedule.sigmas[stack.schedule.sampling_timesteps(steps, spacing=spacing)].tolist()
-        print(f"{steps} steps ({spacing}) start at sigma " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
+        sigmas = stack.schedule.sigmas[sampled_timesteps(stack.schedule, steps, spacing)].tolist()
+        # four digits: a bound of 10 falls below the step printed 10.02 at 25 steps, which .3g would print 10
+        print(f"{steps} steps ({spacing}) start at sigma " + ", ".join(f"{sigma:.4g}" for sigma in sigmas))
     keys = [drawn_alike(settings, stack.schedule) for settings in settings_grid]
     print("| guidance | rescale | interval | first order at edges | steps | spacing | eta | eta sigma max | "
           "condition noise | "

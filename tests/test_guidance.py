@@ -293,6 +293,24 @@ def test_sampling_sweep_reads_step_noise_limits():
     assert noise_settings([0.0, 1.0], [None, 2.5]) == [(0.0, None), (1.0, None), (1.0, 2.5)]
 
 
+def test_sampling_sweep_keys_settings_by_the_steps_their_bounds_select():
+    from benchmarks.sampling_sweep import drawn_alike
+    from pipelines.text_to_image import GenerationSettings
+
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    key = lambda **changes: drawn_alike(GenerationSettings(steps=25, **changes), schedule)  # noqa: E731
+    sigmas = schedule.sigmas[schedule.sampling_timesteps(25)].tolist()
+    between = (sigmas[4] + sigmas[5]) / 2, (sigmas[5] + sigmas[6]) / 2  # each bound between two steps' levels
+    assert key(guidance_interval=(0.28, between[0])) == key(guidance_interval=(0.28, sigmas[5]))
+    assert key(guidance_interval=(0.28, between[0])) != key(guidance_interval=(0.28, between[1]))
+    assert key(eta=1.0, eta_sigma_max=between[1]) == key(eta=1.0, eta_sigma_max=sigmas[6])
+    assert key(eta=1.0, eta_sigma_max=between[1]) != key(eta=1.0, eta_sigma_max=between[0])
+    assert key(eta=1.0, eta_sigma_max=sigmas[-1] / 2) == key(eta=0.0)  # a limit below every step: no step noise
+    # unguided (scale 1): the interval selects nothing that matters; anything else still does
+    assert key(guidance_scale=1.0, guidance_interval=None) == key(guidance_scale=1.0, guidance_interval=(0.28, 7.5))
+    assert key(guidance_rescale=0.0) != key(guidance_rescale=0.7)
+
+
 class ContextModel:
     """pred = 0.9 x + (the first token's first feature, per sample): unlike ToyModel's context mean, which the
     condition noise's rescale keeps, this sees the noise. Records every call's context."""

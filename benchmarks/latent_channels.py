@@ -16,12 +16,18 @@ the stage's ``scaling_factor`` (as the default, global latent normalisation give
   units of the diffusion's unit noise under the global normalisation, and ``colour_spread_per_channel``: the same
   divided by the channel's ``std``, its units under ``--unet.latent_normalisation=per_channel``.
 
+And whether the decoder gives the colours back (``reconstructed_colours``, the posterior means decoded), per body
+colour of the originals: the share of images whose reconstruction has the same body colour, what the others
+became, and the hue shift of the body's pixels, pixel for pixel (a VAE that draws red bodies orange shows here,
+whatever a UNet later makes of its latents).
+
     python -m benchmarks.latent_channels --vae runs/pokemon/vae --data ../shared/pokemon --out latent_channels.json
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,13 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from data import load_captions
-from data.augment import float_batches
+from data.augment import float_batches, to_float
 from diffusion.colour_sentences import body_colours
 from diffusion.latents import encode_moments
 from engine.cli import command_line
 from engine.errors import add_debug_flag, run_cli
+from engine.images import to_uint8
+from engine.precision import inference_autocast
 from engine.stage import StageError, read_stage, write_json
-from pipelines.metrics import FAMILY_NAMES, WHITE_LEVEL
+from pipelines.metrics import FAMILY_NAMES, WHITE_LEVEL, in_hue_family, pixel_hues
 from vae.model import AutoencoderKL
 
 
@@ -82,6 +90,44 @@ def channel_statistics(latents: torch.Tensor, foreground: torch.Tensor, bodies: 
     return result
 
 
+def reconstructed_colours(originals: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """Per body colour of ``originals`` (uint8 ``[N, 3, H, W]``; ``body_colours``), how ``reconstructions`` (the
+    same images through the VAE, aligned) keep it: ``images``; ``kept``, the share whose reconstruction has the same
+    body colour; ``became``, the others' body colours (``none``: no hue family holds the body share); ``hue_shift``,
+    the circular mean, over the body's pixels (chromatic in the original and in its family, chromatic in the
+    reconstruction), of the reconstruction's hue minus the original's, in degrees (+: along red, orange, yellow);
+    ``chromatic_share``, the share of the foreground with a hue, in the originals and in the reconstructions."""
+    bodies, rebuilt = body_colours(originals), body_colours(reconstructions)
+    turns, pixels, chromatic, foreground = [], [], [], []  # per image
+    for start in range(0, len(originals), 64):
+        hue, reliable, fg = pixel_hues(to_float(originals[start:start + 64]))
+        hue_back, reliable_back, fg_back = pixel_hues(to_float(reconstructions[start:start + 64]))
+        for i, family in enumerate(bodies[start:start + 64]):
+            body = reliable[i] & reliable_back[i] & (in_hue_family(hue[i], family) if family is not None else False)
+            shift = torch.deg2rad(hue_back[i][body] - hue[i][body])
+            turns.append((float(shift.sin().sum()), float(shift.cos().sum())))
+            pixels.append(int(body.sum()))
+            chromatic.append((int(reliable[i].sum()), int(reliable_back[i].sum())))
+            foreground.append((int(fg[i].sum()), int(fg_back[i].sum())))
+    result = {}
+    for family, name in enumerate(FAMILY_NAMES):
+        rows = [i for i, body in enumerate(bodies) if body == family]
+        if not rows:
+            continue
+        became: dict[str, int] = {}
+        for i in rows:
+            if rebuilt[i] != family:
+                other = "none" if rebuilt[i] is None else FAMILY_NAMES[rebuilt[i]]
+                became[other] = became.get(other, 0) + 1
+        sin, cos = (sum(turns[i][k] for i in rows) for k in (0, 1))
+        share = lambda k: sum(chromatic[i][k] for i in rows) / max(sum(foreground[i][k] for i in rows), 1)  # noqa: E731
+        result[name] = {"images": len(rows), "kept": sum(rebuilt[i] == family for i in rows) / len(rows),
+                        "became": dict(sorted(became.items(), key=lambda item: -item[1])),
+                        "hue_shift": math.degrees(math.atan2(sin, cos)) if sum(pixels[i] for i in rows) else None,
+                        "chromatic_share": [share(0), share(1)]}
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latent_channels",
                                      description=__doc__.split("\n\n")[0])
@@ -108,9 +154,12 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
     mean, _ = encode_moments(vae, float_batches(images, args.batch_size, device), device)
     latents = (mean * factor).cpu()
     foreground = foreground_cells(images, images.shape[-1] // latents.shape[-1])
+    with torch.no_grad(), inference_autocast(device):
+        reconstructions = torch.cat([to_uint8(vae.decode(batch)) for batch in mean.split(args.batch_size)])
     result = {"vae": str(args.vae), "fingerprint": info.fingerprint, "data": args.data, "size": args.size,
               "scaling_factor": factor, "images": len(images),
               **channel_statistics(latents, foreground, body_colours(images)),
+              "reconstructed_colours": reconstructed_colours(images, reconstructions),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "command": command_line("benchmarks.latent_channels", argv)}
     if args.out:
@@ -120,6 +169,10 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
         separation = result.get("colour_separation", [float("nan")] * result["channels"])[c]
         print(f"  channel {c}: mean {result['mean'][c]:+.3f}  std {result['std'][c]:.3f}  page "
               f"{result['page'][c]:+.3f}  colour separation {separation:.2f}")
+    print("reconstructed (body colour kept; what the others became; hue shift of the body's pixels):")
+    for name, entry in result["reconstructed_colours"].items():
+        shift = "n/a" if entry["hue_shift"] is None else f"{entry['hue_shift']:+.1f} deg"
+        print(f"  {name}: {entry['kept']:.0%} of {entry['images']}; {entry['became'] or '-'}; {shift}")
     return result
 
 

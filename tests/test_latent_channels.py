@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks import latent_channels
-from benchmarks.latent_channels import channel_statistics, foreground_cells
+from benchmarks.latent_channels import channel_statistics, foreground_cells, reconstructed_colours
 from pipelines.metrics import FAMILY_NAMES
 from vae import AutoencoderKL, VAEConfig
 
@@ -42,6 +42,28 @@ def test_foreground_and_page_cells_of_an_image():
     assert page[0].tolist() == [[False, True], [True, True]]
 
 
+def body_on_white(rgb: tuple[int, int, int], count: int) -> torch.Tensor:
+    """``count`` white 32 px images (uint8) with one 16 px square of colour ``rgb``."""
+    images = torch.full((count, 3, 32, 32), 255, dtype=torch.uint8)
+    images[:, :, 8:24, 8:24] = torch.tensor(rgb, dtype=torch.uint8)[:, None, None]
+    return images
+
+
+def test_reconstructed_colours_name_a_shifted_and_a_faded_body():
+    red, blue = body_on_white((255, 0, 0), 3), body_on_white((0, 0, 255), 2)
+    originals = torch.cat([red, blue])
+    kept = reconstructed_colours(originals, originals.clone())
+    assert kept["red"] == {"images": 3, "kept": 1.0, "became": {}, "hue_shift": pytest.approx(0.0, abs=1e-6),
+                           "chromatic_share": [1.0, 1.0]}
+    # red drawn orange (hue 0 -> 60 * 100 / 255 = 23.5 degrees), blue faded to grey-blue (chroma 0.1 < 0.2)
+    back = torch.cat([body_on_white((255, 100, 0), 3), body_on_white((200, 200, 225), 2)])
+    shifted = reconstructed_colours(originals, back)
+    assert shifted["red"]["kept"] == 0.0 and shifted["red"]["became"] == {"orange": 3}
+    assert shifted["red"]["hue_shift"] == pytest.approx(60 * 100 / 255, abs=0.5)
+    assert shifted["blue"]["became"] == {"none": 2} and shifted["blue"]["hue_shift"] is None
+    assert shifted["blue"]["chromatic_share"] == [1.0, 0.0]
+
+
 def test_the_command_reads_a_vae_stage(tmp_path, capsys):
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig(base_channels=8, channel_mult=(1, 2), norm_groups=4, scaling_factor=0.7))
@@ -51,6 +73,10 @@ def test_the_command_reads_a_vae_stage(tmp_path, capsys):
                                    "--device", "cpu", "--out", str(out)])
     assert json.loads(out.read_text())["std"] == pytest.approx(result["std"])
     assert result["channels"] == 4 and result["scaling_factor"] == 0.7 and result["images"] > 0
+    colours = result["reconstructed_colours"]  # the shapes' body colours, through an untrained decoder
+    assert sum(entry["images"] for entry in colours.values()) == sum(
+        entry["images"] for entry in result["by_colour"].values())
+    assert min(entry["kept"] for entry in colours.values()) < 1  # random weights do not give the colours back
     AutoencoderKL(VAEConfig(base_channels=8, channel_mult=(1, 2), norm_groups=4)).save(
         tmp_path / "raw", trained_on={"data": "shapes"})
     with pytest.raises(SystemExit):  # an unfinished VAE stage: one line naming the fix

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -90,41 +91,45 @@ def channel_statistics(latents: torch.Tensor, foreground: torch.Tensor, bodies: 
     return result
 
 
-def reconstructed_colours(originals: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, dict[str, Any]]:
-    """Per body colour of ``originals`` (uint8 ``[N, 3, H, W]``; ``body_colours``), how ``reconstructions`` (the
-    same images through the VAE, aligned) keep it: ``images``; ``kept``, the share whose reconstruction has the same
-    body colour; ``became``, the others' body colours (``none``: no hue family holds the body share); ``hue_shift``,
-    the circular mean, over the body's pixels (chromatic in the original and in its family, chromatic in the
-    reconstruction), of the reconstruction's hue minus the original's, in degrees (+: along red, orange, yellow);
-    ``chromatic_share``, the share of the foreground with a hue, in the originals and in the reconstructions."""
-    bodies, rebuilt = body_colours(originals), body_colours(reconstructions)
-    turns, pixels, chromatic, foreground = [], [], [], []  # per image
+def reconstructed_colours(originals: torch.Tensor, reconstructions: torch.Tensor,
+                          bodies: list[int | None]) -> dict[str, dict[str, Any]]:
+    """Per body colour ``bodies`` of ``originals`` (uint8 ``[N, 3, H, W]``; ``body_colours``), how
+    ``reconstructions`` (the same images through the VAE, aligned) keep it: ``images``; ``kept``, the share whose
+    reconstruction has the same body colour (its hue family still holds most of the coloured pixels: read it with
+    ``chromatic_share``, as a body that fades to grey keeps its few coloured pixels' family); ``became``, the
+    others' body colours (``none``: no family holds the body share); ``hue_shift``, the circular mean, over the
+    body's pixels (chromatic in the original and in its family, chromatic in the reconstruction), of the
+    reconstruction's hue minus the original's, in degrees (+: along red, orange, yellow); ``chromatic_share``, the
+    share of the foreground with a hue, in the originals and in the reconstructions. Both pool the pixels of the
+    colour's images, so a large body counts more than a small one."""
+    rebuilt = body_colours(reconstructions)
+    unit_sums, body_pixels, chromatic, foreground = {}, {}, {}, {}  # per image with a body colour
     for start in range(0, len(originals), 64):
         hue, reliable, fg = pixel_hues(to_float(originals[start:start + 64]))
         hue_back, reliable_back, fg_back = pixel_hues(to_float(reconstructions[start:start + 64]))
-        for i, family in enumerate(bodies[start:start + 64]):
-            body = reliable[i] & reliable_back[i] & (in_hue_family(hue[i], family) if family is not None else False)
-            shift = torch.deg2rad(hue_back[i][body] - hue[i][body])
-            turns.append((float(shift.sin().sum()), float(shift.cos().sum())))
-            pixels.append(int(body.sum()))
-            chromatic.append((int(reliable[i].sum()), int(reliable_back[i].sum())))
-            foreground.append((int(fg[i].sum()), int(fg_back[i].sum())))
+        for offset, family in enumerate(bodies[start:start + 64]):
+            if family is None:
+                continue
+            i = start + offset
+            body = reliable[offset] & reliable_back[offset] & in_hue_family(hue[offset], family)
+            shift = torch.deg2rad(hue_back[offset][body] - hue[offset][body])
+            unit_sums[i] = (float(shift.sin().sum()), float(shift.cos().sum()))
+            body_pixels[i] = int(body.sum())
+            chromatic[i] = (int(reliable[offset].sum()), int(reliable_back[offset].sum()))
+            foreground[i] = (int(fg[offset].sum()), int(fg_back[offset].sum()))
     result = {}
     for family, name in enumerate(FAMILY_NAMES):
         rows = [i for i, body in enumerate(bodies) if body == family]
         if not rows:
             continue
-        became: dict[str, int] = {}
-        for i in rows:
-            if rebuilt[i] != family:
-                other = "none" if rebuilt[i] is None else FAMILY_NAMES[rebuilt[i]]
-                became[other] = became.get(other, 0) + 1
-        sin, cos = (sum(turns[i][k] for i in rows) for k in (0, 1))
-        share = lambda k: sum(chromatic[i][k] for i in rows) / max(sum(foreground[i][k] for i in rows), 1)  # noqa: E731
+        became = Counter("none" if rebuilt[i] is None else FAMILY_NAMES[rebuilt[i]]
+                         for i in rows if rebuilt[i] != family)
+        sin, cos = (sum(unit_sums[i][k] for i in rows) for k in (0, 1))
+        coloured, drawn = ([sum(pixels[i][k] for i in rows) for k in (0, 1)] for pixels in (chromatic, foreground))
         result[name] = {"images": len(rows), "kept": sum(rebuilt[i] == family for i in rows) / len(rows),
-                        "became": dict(sorted(became.items(), key=lambda item: -item[1])),
-                        "hue_shift": math.degrees(math.atan2(sin, cos)) if sum(pixels[i] for i in rows) else None,
-                        "chromatic_share": [share(0), share(1)]}
+                        "became": dict(became.most_common()),
+                        "hue_shift": math.degrees(math.atan2(sin, cos)) if sum(body_pixels[i] for i in rows) else None,
+                        "chromatic_share": [c / max(d, 1) for c, d in zip(coloured, drawn)]}
     return result
 
 
@@ -156,10 +161,10 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
     foreground = foreground_cells(images, images.shape[-1] // latents.shape[-1])
     with torch.no_grad(), inference_autocast(device):
         reconstructions = torch.cat([to_uint8(vae.decode(batch)) for batch in mean.split(args.batch_size)])
+    bodies = body_colours(images)
     result = {"vae": str(args.vae), "fingerprint": info.fingerprint, "data": args.data, "size": args.size,
-              "scaling_factor": factor, "images": len(images),
-              **channel_statistics(latents, foreground, body_colours(images)),
-              "reconstructed_colours": reconstructed_colours(images, reconstructions),
+              "scaling_factor": factor, "images": len(images), **channel_statistics(latents, foreground, bodies),
+              "reconstructed_colours": reconstructed_colours(images, reconstructions, bodies),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "command": command_line("benchmarks.latent_channels", argv)}
     if args.out:

@@ -7,6 +7,7 @@ import torch
 
 from benchmarks import latent_channels
 from benchmarks.latent_channels import channel_statistics, foreground_cells, reconstructed_colours
+from diffusion.colour_sentences import body_colours
 from pipelines.metrics import FAMILY_NAMES
 from vae import AutoencoderKL, VAEConfig
 
@@ -51,17 +52,28 @@ def body_on_white(rgb: tuple[int, int, int], count: int) -> torch.Tensor:
 
 def test_reconstructed_colours_name_a_shifted_and_a_faded_body():
     red, blue = body_on_white((255, 0, 0), 3), body_on_white((0, 0, 255), 2)
-    originals = torch.cat([red, blue])
-    kept = reconstructed_colours(originals, originals.clone())
+    originals = torch.cat([red, blue, body_on_white((128, 128, 128), 1)])  # a grey body has no body colour
+    bodies = body_colours(originals)
+    kept = reconstructed_colours(originals, originals.clone(), bodies)
+    assert set(kept) == {"red", "blue"}
     assert kept["red"] == {"images": 3, "kept": 1.0, "became": {}, "hue_shift": pytest.approx(0.0, abs=1e-6),
                            "chromatic_share": [1.0, 1.0]}
     # red drawn orange (hue 0 -> 60 * 100 / 255 = 23.5 degrees), blue faded to grey-blue (chroma 0.1 < 0.2)
-    back = torch.cat([body_on_white((255, 100, 0), 3), body_on_white((200, 200, 225), 2)])
-    shifted = reconstructed_colours(originals, back)
+    back = torch.cat([body_on_white((255, 100, 0), 3), body_on_white((200, 200, 225), 2), originals[-1:]])
+    shifted = reconstructed_colours(originals, back, bodies)
     assert shifted["red"]["kept"] == 0.0 and shifted["red"]["became"] == {"orange": 3}
     assert shifted["red"]["hue_shift"] == pytest.approx(60 * 100 / 255, abs=0.5)
     assert shifted["blue"]["became"] == {"none": 2} and shifted["blue"]["hue_shift"] is None
     assert shifted["blue"]["chromatic_share"] == [1.0, 0.0]
+
+
+def test_reconstructed_hue_shift_is_circular_across_red():
+    # hue 360 - 60 * 40 / 255 = 350.6 (red, just below 0) back at 9.4: 18.8 degrees towards orange, not -341
+    originals, back = body_on_white((255, 0, 40), 2), body_on_white((255, 40, 0), 2)
+    assert reconstructed_colours(originals, back, body_colours(originals))["red"]["hue_shift"] == pytest.approx(
+        2 * 60 * 40 / 255, abs=0.5)
+    assert reconstructed_colours(back, originals, body_colours(back))["red"]["hue_shift"] == pytest.approx(
+        -2 * 60 * 40 / 255, abs=0.5)
 
 
 def test_the_command_reads_a_vae_stage(tmp_path, capsys):
@@ -74,8 +86,8 @@ def test_the_command_reads_a_vae_stage(tmp_path, capsys):
     assert json.loads(out.read_text())["std"] == pytest.approx(result["std"])
     assert result["channels"] == 4 and result["scaling_factor"] == 0.7 and result["images"] > 0
     colours = result["reconstructed_colours"]  # the shapes' body colours, through an untrained decoder
-    assert sum(entry["images"] for entry in colours.values()) == sum(
-        entry["images"] for entry in result["by_colour"].values())
+    assert {name: colours[name]["images"] for name in result["by_colour"]} == {
+        name: entry["images"] for name, entry in result["by_colour"].items()}
     assert min(entry["kept"] for entry in colours.values()) < 1  # random weights do not give the colours back
     AutoencoderKL(VAEConfig(base_channels=8, channel_mult=(1, 2), norm_groups=4)).save(
         tmp_path / "raw", trained_on={"data": "shapes"})

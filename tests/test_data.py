@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,12 @@ def test_bad_input_names_the_problem(tmp_path, breakage, message):
 def test_offline_hub_id_says_to_pass_a_local_folder(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The libraries read those variables once, on import: a suite that imported them already would otherwise try
+    # the network, five retries and 24 s on a machine without one, before the same error.
+    for module, name in (("datasets.config", "HF_DATASETS_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                         ("huggingface_hub.constants", "HF_HUB_OFFLINE")):
+        if module in sys.modules:
+            monkeypatch.setattr(sys.modules[module], name, True, raising=False)
     with pytest.raises(DataError, match="pass a local folder"):
         load_captions("nobody-here/no-such-dataset-xyz", 16)
 

@@ -35,7 +35,7 @@ from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import PAIRS_COLUMNS, PAIRS_TILE, paired_differences, paired_table
-from pipelines.metrics import (FAMILY_NAMES, PROMPT_COLOURS, at_prompt_mix, chromatic_shares, colour_hits,
+from pipelines.metrics import (FAMILY_NAMES, PROMPT_COLOURS, at_prompt_mix, colour_hits,
                                colour_hits_from_counts, colour_prompts, composition_per_image, composition_records,
                                first_named_colours, hue_family_counts, share_by_colour)
 
@@ -62,14 +62,16 @@ def pair_samples(path: str | Path, count: int, columns: int = PAIRS_COLUMNS, til
 def summary(images: torch.Tensor, named: list[str], chinese: torch.Tensor | None = None) -> dict:
     """Adherence overall, per named colour (and per language, given which prompts are Chinese), and per named
     colour the mean share of the foreground's chromatic pixels in each hue family (what the pictures show
-    instead, where they miss), and the mean ``chromatic_shares`` (pale or grey pictures, whatever their hue)."""
+    instead, where they miss), and the mean share of the foreground with a hue (low for pale or grey pictures)."""
     counts, foreground = hue_family_counts(images)
     shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     hits = colour_hits_from_counts(counts, foreground, named).float()
     rows = {colour: [i for i, n in enumerate(named) if n == colour] for colour in dict.fromkeys(named)}
     hue_shares = {colour: dict(zip(FAMILY_NAMES, shares[index].mean(0).tolist())) for colour, index in rows.items()}
     figures = {"count": len(named), "overall": float(hits.mean()), "by_colour": share_by_colour(hits, named),
-               "chromatic_share": float(chromatic_shares(images).mean()), "hue_shares": hue_shares}
+               # the hue families cover every hue: their counts add up to the chromatic pixels
+               "chromatic_share": float((counts.sum(dim=1) / foreground.clamp_min(1)).mean()),
+               "hue_shares": hue_shares}
     if chinese is not None:
         figures["en"], figures["zh"] = float(hits[~chinese].mean()), float(hits[chinese].mean())
     return figures

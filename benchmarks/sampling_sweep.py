@@ -91,15 +91,10 @@ def noise_settings(etas: Sequence[float], sigma_maxes: Sequence[float | None]) -
                               for eta, sigma_max in itertools.product(etas, sigma_maxes)))
 
 
-def sampled_timesteps(schedule: NoiseSchedule, steps: int, spacing: str) -> torch.Tensor:
-    """The timesteps a text-to-image draw at ``steps`` takes (``generate`` caps them at the schedule's levels)."""
-    return schedule.sampling_timesteps(min(steps, schedule.num_steps), spacing=spacing)
-
-
 def drawn_alike(settings: GenerationSettings, schedule: NoiseSchedule) -> tuple:
     """What decides a setting's samples: its fields, with the guidance interval and the step-noise limit read as
     the sampling steps they select. Settings with equal keys draw the same samples from the same seeds."""
-    timesteps = sampled_timesteps(schedule, settings.steps, settings.timestep_spacing)
+    timesteps = settings.timesteps(schedule)
     guide_scale = None if settings.guide_unet is None else settings.autoguidance_scale
     guided = tuple(guided_steps(schedule, settings.guidance_interval, timesteps)) \
         if is_guided(settings.guidance_scale, guide_scale) else None
@@ -172,9 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
     records, first_drawn = [], []
-    sampled_levels = {(settings.steps, settings.timestep_spacing) for settings in settings_grid}
-    for steps, spacing in sorted(sampled_levels):
-        sigmas = stack.schedule.sigmas[sampled_timesteps(stack.schedule, steps, spacing)].tolist()
+    one_per_schedule = {(settings.steps, settings.timestep_spacing): settings for settings in settings_grid}
+    for (steps, spacing), settings in sorted(one_per_schedule.items()):
+        sigmas = stack.schedule.sigmas[settings.timesteps(stack.schedule)].tolist()
         # four digits: a bound of 10 falls below the step printed 10.02 at 25 steps, which .3g would print 10
         print(f"{steps} steps ({spacing}) start at sigma " + ", ".join(f"{sigma:.4g}" for sigma in sigmas))
     keys = [drawn_alike(settings, stack.schedule) for settings in settings_grid]

@@ -158,7 +158,8 @@ def count_parts(mask: torch.Tensor, min_area: float = PART_MIN_AREA) -> torch.Te
 
 def composition_per_image(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each image's foreground share, border occupancy, whether it fills the frame, its foreground parts, and the
-    share of its foreground with a hue (``chromatic_shares``)."""
+    share of its foreground with a reliable hue (``pixel_hues``): low where a picture is pale or grey, whatever its
+    hue; 0 for a blank page."""
     _, chromatic, mask = pixel_hues(images)  # its foreground is foreground_mask's: one resize serves both
     size = mask.shape[-1]
     ring = torch.ones(size, size, dtype=torch.bool)
@@ -167,7 +168,7 @@ def composition_per_image(images: torch.Tensor) -> dict[str, torch.Tensor]:
     border = mask[:, ring].float().mean(dim=1)
     return {"fg_share": mask.flatten(1).float().mean(dim=1), "border_fg": border,
             "frame_filling": border > FRAME_FILLING_BORDER, "parts": count_parts(mask),
-            "chromatic_share": _chromatic_share(chromatic, mask)}
+            "chromatic_share": chromatic.flatten(1).float().sum(1) / mask.flatten(1).float().sum(1).clamp_min(1)}
 
 
 def composition_records(each: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -258,17 +259,6 @@ def hue_family_counts(images: torch.Tensor, size: int = MEASURE_SIZE) -> tuple[t
     counts = [(in_hue_family(hue, family) & chromatic).flatten(1).float().sum(1)
               for family in range(len(COLOUR_FAMILIES))]
     return torch.stack(counts, dim=1), foreground.flatten(1).float().sum(1)
-
-
-def chromatic_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:
-    """``[B]``: the share of each image's foreground pixels that have a reliable hue (``pixel_hues``): low where a
-    picture is pale or grey, whatever its hue; 0 for a blank page (no foreground)."""
-    _, chromatic, foreground = pixel_hues(images, size)
-    return _chromatic_share(chromatic, foreground)
-
-
-def _chromatic_share(chromatic: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
-    return chromatic.flatten(1).float().sum(1) / foreground.flatten(1).float().sum(1).clamp_min(1)
 
 
 def hue_family_shares(images: torch.Tensor, size: int = MEASURE_SIZE) -> torch.Tensor:

@@ -17,7 +17,7 @@ from diffusion.guidance import (DEFAULT_AUTOGUIDANCE_SCALE, check_condition_nois
                                 guided_sample_and_decode)
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import SAMPLERS, check_eta
-from diffusion.schedule import TIMESTEP_SPACINGS
+from diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
 from engine.errors import UserError
 from engine.images import save_grid
 from engine.precision import inference_autocast
@@ -114,6 +114,12 @@ class GenerationSettings:
             check_condition_noise(self.condition_noise)
         except ValueError as err:
             raise UserError(str(err)) from None
+
+    def timesteps(self, schedule: NoiseSchedule, strength: float = 1.0) -> torch.Tensor:
+        """The timesteps a draw at these settings takes on ``schedule`` (``strength`` < 1: image-to-image)."""
+        # A weak img2img strength leaves fewer schedule levels than steps: never take more steps than levels.
+        steps = max(1, min(self.steps, round(strength * schedule.num_steps)))
+        return schedule.sampling_timesteps(steps, strength, self.timestep_spacing)
 
     def describe(self) -> str:
         """One line for a report: sampler, steps, guidance and its levels, step noise, condition noise, size."""
@@ -229,9 +235,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
     shape = (stack.vae.latent_channels, latent_size, latent_size)
     if init_images is None:
         strength = 1.0
-    # A weak img2img strength leaves fewer schedule levels than steps: never take more steps than levels.
-    steps = max(1, min(settings.steps, round(strength * stack.schedule.num_steps)))
-    timesteps = stack.schedule.sampling_timesteps(steps, strength, settings.timestep_spacing)
+    timesteps = settings.timesteps(stack.schedule, strength)
     autocast = inference_autocast(device)
     model = stack.unet_call(settings.cuda_graph, settings.compile_unet)
     guide = None if settings.guide_unet is None else stack.guide_call(settings.guide_unet, settings.cuda_graph)

@@ -100,6 +100,12 @@ def test_unet_with_normalised_queries_and_keys_is_refused():
                                          context_dim=8, qk_norm=True), 8)
 
 
+def test_unet_with_pooled_context_is_refused():
+    with pytest.raises(ValueError, match="pooled_context"):
+        diffusers_unet_config(UNetConfig(base_channels=16, channel_mult=(1, 2), head_dim=8, norm_groups=8,
+                                         context_dim=8, pooled_context=True), 8)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run folder of random-weight stages: v-prediction on a zero-terminal-SNR cosine schedule."""

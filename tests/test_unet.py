@@ -41,6 +41,7 @@ def inputs(cfg: UNetConfig, batch: int = 2, size: tuple[int, int] = (8, 8), toke
     ({"in_channels": 3, "out_channels": 6, "transformer_depth": 2}, (4, 4)),
     ({"channel_mult": (1,)}, (3, 5)),
     ({"qk_norm": True}, (8, 8)),
+    ({"pooled_context": True}, (8, 8)),
 ])
 def test_output_shape(overrides, size):
     cfg = tiny_config(**overrides)
@@ -172,3 +173,35 @@ def test_qk_norm_round_trips_and_a_folder_saved_before_it_loads_without_it(tmp_p
     config_file.write_text(json.dumps(saved))
     loaded = UNet.load(tmp_path / "old")
     assert not loaded.config.qk_norm and torch.equal(old(x, t, context), loaded(x, t, context))
+
+
+def test_pooled_context_starts_as_the_same_function_and_then_reads_the_whole_prompt():
+    torch.manual_seed(0)
+    plain = UNet(tiny_config())
+    torch.manual_seed(0)
+    pooled = UNet(tiny_config(pooled_context=True))
+    # built last: every other weight is drawn as without it
+    extra = set(pooled.state_dict()) - set(plain.state_dict())
+    assert extra and all(name.startswith("context_embed.") for name in extra)
+    assert all(torch.equal(p, pooled.state_dict()[name]) for name, p in plain.state_dict().items())
+    # and its zero output layer adds nothing, whatever the rest has learnt
+    pooled.load_state_dict(wake_up(plain).state_dict(), strict=False)
+    x, t, context = inputs(tiny_config())
+    assert torch.equal(plain(x, t, context), pooled(x, t, context))
+
+    with torch.no_grad():
+        pooled.context_embed[-1].weight.normal_(0, 0.5)
+    # the mean over the prompt's tokens: the same states in another order give the same bias, shifted ones another
+    shuffled = context[:, torch.randperm(context.shape[1])]
+    assert torch.allclose(pooled.context_embed(context.mean(1)), pooled.context_embed(shuffled.mean(1)))
+    shifted = pooled(x, t, context + 1.0) - plain(x, t, context + 1.0)
+    assert shifted.abs().max() > 1e-3
+
+
+def test_pooled_context_round_trips(tmp_path):
+    cfg = tiny_config(pooled_context=True)
+    model = wake_up(UNet(cfg)).eval()
+    model.save(tmp_path / "pooled", training={}, trained_on={})
+    loaded = UNet.load(tmp_path / "pooled")
+    x, t, context = inputs(cfg)
+    assert loaded.config.pooled_context and torch.equal(model(x, t, context), loaded(x, t, context))

@@ -23,6 +23,10 @@ class UNetConfig:
     head_dim: int = 64  # attention heads per level = channels // head_dim
     # RMS-normalise each head's queries and keys (unet.blocks.HeadRMSNorm) in every attention
     qk_norm: bool = False
+    # add a projection of the text states' mean to the timestep embedding (GLIDE, Imagen and SDXL add a pooled text
+    # embedding there): every ResBlock then gets a per-channel bias from the whole prompt, at every resolution
+    # and noise level, beside the cross-attention's per-position reading
+    pooled_context: bool = False
     transformer_depth: int = 1
     context_dim: int | None = None  # width of the text states; None: the UNet trainer takes the CLIP stage's
     # width of the augmentation label added to the timestep embedding (0: none). Sampling passes zeros.

@@ -101,6 +101,11 @@ class UNet(StageModel):
 
         self.norm_out = GroupNorm(config.norm_groups, channels, eps=1e-6)
         self.conv_out = zero_init(nn.Conv2d(channels, config.out_channels, 3, padding=1))
+        # Built last and ending in zeros, so a UNet with it starts as the same function, from the same initial
+        # weights, as one without it: a run that adds it differs from the default by what it learns.
+        self.context_embed = (nn.Sequential(nn.Linear(config.context_dim, time_dim), nn.SiLU(),
+                                            zero_init(nn.Linear(time_dim, time_dim)))
+                              if config.pooled_context else None)
 
     def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         cfg = self.config
@@ -139,6 +144,8 @@ class UNet(StageModel):
             temb = temb + self.augment_embed(augment.to(temb.dtype))
         elif augment is not None:
             raise ValueError("this UNet was built with augment_dim=0 and takes no augmentation label")
+        if self.context_embed is not None:
+            temb = temb + self.context_embed(context.mean(dim=1))
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:

@@ -39,7 +39,7 @@ from diffusion.twins import silhouette_twins
 from engine import StageError, Trainer, distributed, is_complete, read_stage
 from engine.cli import run_stage_cli, stage_parser
 from engine.config import (ConfigError, config_from_dict, config_to_dict, flatten_config, setting_differences,
-                           validate_config)
+                           unrecorded_values, validate_config)
 from engine.errors import run_cli
 from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
@@ -250,7 +250,8 @@ def check_init_architecture(init_from: str, model: Mapping[str, Any]) -> StageIn
     differences."""
     info = read_stage(init_from, "unet")
     asked = {f"model.{k}": v for k, v in flatten_config(model).items() if k not in TRAINING_ONLY_FIELDS}
-    differences = setting_differences(asked, {f"model.{k}": v for k, v in flatten_config(info.model).items()})
+    differences = setting_differences(asked, {f"model.{k}": v for k, v in flatten_config(info.model).items()},
+                                      {f"model.{k}": v for k, v in unrecorded_values(UNetConfig).items()})
     if differences:
         raise ConfigError(f"init_from={init_from}: that UNet has another architecture than the one asked "
                           f"({'; '.join(differences[:4])}); set the same model.* values (--unet.model.* in "

@@ -109,9 +109,9 @@ def diffusers_unet_config(config: UNetConfig, sample_size: int, augment_as_class
         raise ExportError("the UNet normalises its attention queries and keys (qk_norm=true), which "
                           "UNet2DConditionModel cannot express; only a UNet trained with qk_norm=false exports")
     if config.pooled_context:
-        raise ExportError("the UNet adds its text states' mean to the timestep embedding (pooled_context=true); "
-                          "UNet2DConditionModel's text addition embedding pools by attention, so it cannot "
-                          "express it: only a UNet trained with pooled_context=false exports")
+        raise ExportError("the UNet adds its text states' mean to the timestep embedding (pooled_context=true), "
+                          "which no diffusers pipeline computes or passes to UNet2DConditionModel; only a UNet "
+                          "trained with pooled_context=false exports")
     widths = [config.base_channels * mult for mult in config.channel_mult]
     augment = augment_as_class_embedding and config.augment_dim > 0
     return {

@@ -1,6 +1,7 @@
 """The UNet stage: latent and text-state caches, caption dropout, and a tiny end-to-end training run."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -291,6 +292,17 @@ def test_init_from_another_architecture_or_stage_kind_is_an_error_before_trainin
     # dropout changes how the weights train, not what they compute: a fine-tune may change it
     train(tiny_config(init_from=str(first), epochs=1, **{"model.dropout": 0.3}), DATA, stages / "vae",
           stages / "clip", tmp_path / "dropout", device="cpu")
+    # a stage recorded before the architecture options existed was built without them
+    old = tmp_path / "old"
+    shutil.copytree(first, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["model"]["qk_norm"], config["model"]["pooled_context"]
+    (old / "config.json").write_text(json.dumps(config))
+    train(tiny_config(init_from=str(old), epochs=1), DATA, stages / "vae", stages / "clip", tmp_path / "from_old",
+          device="cpu")
+    with pytest.raises(ConfigError, match="model.pooled_context was False, now True"):
+        train(tiny_config(init_from=str(old), **{"model.pooled_context": True}), DATA, stages / "vae",
+              stages / "clip", tmp_path / "pooled", device="cpu")
 
 
 def test_command_line_and_context_mismatch(stages, tmp_path, capsys):

@@ -551,9 +551,10 @@ def test_a_unet_on_per_channel_latents_samples_through_its_own_normalisation(run
 def test_stages_recorded_before_a_setting_existed_are_what_its_old_value_asks(run_a, tmp_path):
     run = tmp_path / "old"
     shutil.copytree(run_a, run)
-    for folder in (run / "unet", run / "unet" / "lowres"):  # as written before these two settings existed
+    for folder in (run / "unet", run / "unet" / "lowres"):  # as written before these settings existed
         config = json.loads((folder / "config.json").read_text())
         del config["training"]["latent_normalisation"], config["training"]["keep_colour_sentence"]
+        del config["model"]["qk_norm"], config["model"]["pooled_context"]
         (folder / "config.json").write_text(json.dumps(config))
     fingerprint = read_stage(run / "unet").fingerprint
     train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval"])

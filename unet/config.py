@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.config import ConfigError, require_positive
+from engine.config import UNRECORDED, ConfigError, require_positive
 
 
 @dataclass
@@ -22,11 +22,12 @@ class UNetConfig:
     num_res_blocks: int = 2
     head_dim: int = 64  # attention heads per level = channels // head_dim
     # RMS-normalise each head's queries and keys (unet.blocks.HeadRMSNorm) in every attention
-    qk_norm: bool = False
-    # add a projection of the text states' mean to the timestep embedding (GLIDE, Imagen and SDXL add a pooled text
-    # embedding there): every ResBlock then gets a per-channel bias from the whole prompt, at every resolution
-    # and noise level, beside the cross-attention's per-position reading
-    pooled_context: bool = False
+    qk_norm: bool = field(default=False, metadata={UNRECORDED: False})  # older stages: as off
+    # add an MLP of the text states' mean (over all context positions, padding included: each padding state
+    # attends to the prompt) to the timestep embedding, as GLIDE, Imagen and SDXL add a pooled text embedding
+    # there: every ResBlock then gets a per-channel bias from the whole prompt, at every resolution and noise
+    # level, beside the cross-attention's per-position reading
+    pooled_context: bool = field(default=False, metadata={UNRECORDED: False})  # older stages: as off
     transformer_depth: int = 1
     context_dim: int | None = None  # width of the text states; None: the UNet trainer takes the CLIP stage's
     # width of the augmentation label added to the timestep embedding (0: none). Sampling passes zeros.

@@ -8,13 +8,18 @@ the stage's ``scaling_factor`` (as the default, global latent normalisation give
   measured on posterior samples, these are their means);
 - ``page``: the mean over latent cells whose 8x8 pixels are all near-white (the background the UNet must draw);
 - ``by_colour``, per body colour (``diffusion.colour_sentences.body_colours``: the hue family the colour sentence
-  names): ``body_mean``, the mean over each image's foreground cells, averaged over the images of that colour;
+  names): ``body_mean``, the mean over each image's foreground cells, averaged over the images of that colour, and
+  ``body_std``, those image means' spread within the colour;
 - ``colour_separation``: the variance of those per-colour means over the colours, divided by the mean variance of
   the images' foreground means within a colour (a Fisher ratio: the larger, the more the channel tells the
   colours apart);
 - ``colour_spread_global``: the per-colour means' spread (their standard deviation over the colours), in the
   units of the diffusion's unit noise under the global normalisation, and ``colour_spread_per_channel``: the same
-  divided by the channel's ``std``, its units under ``--unet.latent_normalisation=per_channel``.
+  divided by the channel's ``std``, its units under ``--unet.latent_normalisation=per_channel``;
+- ``neighbour_separation``, per pair of neighbouring hue families (``red-orange``, ...): how far apart their
+  ``body_mean`` sit in units of their ``body_std`` (over the channels, each difference divided by the two colours'
+  root-mean-square spread in that channel): how well an image's body latent tells its colour from the neighbour's
+  (the mean distance alone reads alike on two VAEs whose UNets draw red apart from orange or not).
 
 And whether the decoder gives the colours back (``reconstructed_colours``, the posterior means decoded), per body
 colour of the originals: the share of images whose reconstruction has the same body colour, what the others
@@ -75,7 +80,8 @@ def channel_statistics(latents: torch.Tensor, foreground: torch.Tensor, bodies: 
         if rows.sum() < 2:
             continue
         members = image_means[rows]
-        by_colour[name] = {"images": int(rows.sum()), "body_mean": members.mean(dim=0).tolist()}
+        by_colour[name] = {"images": int(rows.sum()), "body_mean": members.mean(dim=0).tolist(),
+                           "body_std": members.std(dim=0, unbiased=False).tolist()}
         within.append(members.var(dim=0, unbiased=False))
     result: dict[str, Any] = {
         "channels": channels, "mean": flat.mean(dim=1).tolist(), "std": std.tolist(),
@@ -88,7 +94,23 @@ def channel_statistics(latents: torch.Tensor, foreground: torch.Tensor, bodies: 
         result["colour_separation"] = (between / torch.stack(within).mean(dim=0)).tolist()
         result["colour_spread_global"] = between.sqrt().tolist()
         result["colour_spread_per_channel"] = (between.sqrt() / std).tolist()
+        result["neighbour_separation"] = neighbour_separation(by_colour)
     return result
+
+
+def neighbour_separation(by_colour: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``"a-b" -> distance`` for each pair of neighbouring hue families (``FAMILY_NAMES`` runs round the hue circle)
+    that ``by_colour`` both holds: the distance between their ``body_mean`` with each channel's difference divided by
+    the two colours' root-mean-square ``body_std`` in that channel."""
+    out = {}
+    for index, name in enumerate(FAMILY_NAMES):
+        neighbour = FAMILY_NAMES[(index + 1) % len(FAMILY_NAMES)]
+        if name in by_colour and neighbour in by_colour:
+            a, b = by_colour[name], by_colour[neighbour]
+            mean_a, mean_b = torch.tensor(a["body_mean"]), torch.tensor(b["body_mean"])
+            spread = ((torch.tensor(a["body_std"]) ** 2 + torch.tensor(b["body_std"]) ** 2) / 2).sqrt()
+            out[f"{name}-{neighbour}"] = float(((mean_a - mean_b) / spread.clamp_min(1e-12)).norm())
+    return out
 
 
 def reconstructed_colours(originals: torch.Tensor, reconstructions: torch.Tensor,
@@ -174,6 +196,8 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
         separation = result.get("colour_separation", [float("nan")] * result["channels"])[c]
         print(f"  channel {c}: mean {result['mean'][c]:+.3f}  std {result['std'][c]:.3f}  page "
               f"{result['page'][c]:+.3f}  colour separation {separation:.2f}")
+    print("neighbouring body colours apart, in their spread within a colour: "
+          + ", ".join(f"{pair} {distance:.2f}" for pair, distance in result.get("neighbour_separation", {}).items()))
     print("reconstructed (body colour kept; what the others became; hue shift of the body's pixels):")
     for name, entry in result["reconstructed_colours"].items():
         shift = "n/a" if entry["hue_shift"] is None else f"{entry['hue_shift']:+.1f} deg"

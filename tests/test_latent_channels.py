@@ -23,7 +23,8 @@ def test_channel_statistics_of_latents_with_a_known_answer():
     latents[:, :, 1] = torch.tensor([0.5, -0.25])[:, None]  # the page's value in each channel
     stats = channel_statistics(latents, foreground, [RED, RED, BLUE, BLUE])
     assert stats["page"] == pytest.approx([0.5, -0.25]) and stats["page_cells"] == 8
-    assert stats["by_colour"]["red"] == {"images": 2, "body_mean": pytest.approx([1.1, 0.1])}
+    assert stats["by_colour"]["red"] == {"images": 2, "body_mean": pytest.approx([1.1, 0.1]),
+                                         "body_std": pytest.approx([0.1, 0.1])}
     assert stats["by_colour"]["blue"]["body_mean"] == pytest.approx([-1.1, 0.1])
     # between-colour variance 1.21 over within-colour variance 0.01 in channel 0; none in channel 1
     assert stats["colour_separation"] == pytest.approx([121.0, 0.0])
@@ -32,6 +33,19 @@ def test_channel_statistics_of_latents_with_a_known_answer():
     assert stats["std"] == pytest.approx(every.std(1, correction=0).tolist())
     assert stats["colour_spread_global"] == pytest.approx([1.1, 0.0])
     assert stats["colour_spread_per_channel"][0] == pytest.approx(1.1 / stats["std"][0])
+    assert stats["neighbour_separation"] == {}  # red's neighbours are orange and pink
+
+
+def test_neighbour_separation_counts_the_spread_within_each_colour():
+    by_colour = {"red": {"body_mean": [1.0, 0.0], "body_std": [0.1, 0.1]},
+                 "orange": {"body_mean": [0.0, 0.0], "body_std": [0.1, 0.1]},
+                 "pink": {"body_mean": [1.0, 0.3], "body_std": [0.5, 0.5]},
+                 "blue": {"body_mean": [-1.0, 0.0], "body_std": [0.1, 0.1]}}
+    separation = latent_channels.neighbour_separation(by_colour)
+    assert separation.keys() == {"red-orange", "pink-red"}  # blue's neighbours are absent
+    assert separation["red-orange"] == pytest.approx(10.0)  # 1.0 apart, spread 0.1 in both
+    # 0.3 apart where the two spreads are 0.5 and 0.1: in units of their root-mean-square spread, sqrt(0.13)
+    assert separation["pink-red"] == pytest.approx(0.3 / 0.13 ** 0.5)
 
 
 def test_foreground_and_page_cells_of_an_image():

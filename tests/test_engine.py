@@ -944,7 +944,8 @@ def test_a_setting_a_record_lacks_reads_as_the_value_older_records_trained_with(
     from diffusion.config import UNetTrainConfig
     from engine.config import setting_differences, unrecorded_values
 
-    assert unrecorded_values(UNetTrainConfig) == {"keep_colour_sentence": False, "latent_normalisation": "global"}
+    assert unrecorded_values(UNetTrainConfig) == {"keep_colour_sentence": False, "latent_normalisation": "global",
+                                                  "model.qk_norm": False, "model.pooled_context": False}
     asked = {"lr": 1e-3, "latent_normalisation": "global"}
     assert setting_differences(asked, {"lr": 1e-3}) == ["latent_normalisation was None, now 'global'"]
     assert setting_differences(asked, {"lr": 1e-3}, {"latent_normalisation": "global"}) == []

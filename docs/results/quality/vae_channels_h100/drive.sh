@@ -1,6 +1,7 @@
 #!/bin/bash
 # Session 43's hold (late: too little device time was left for a full run): the VAE stage alone, seed 0 (the
-# kind's earlier runs' VAE bit for bit) and seed 1, each then read by benchmarks.latent_channels.
+# kind's earlier runs' VAE bit for bit) and seed 1, each then read by benchmarks.latent_channels. Session 46 ran it
+# again, SEEDS=0, when benchmarks.latent_channels had come to decode the training latents too.
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 R=/tmp/r; mkdir -p $R/out; LOG=$R/out/drive.log

@@ -96,6 +96,14 @@ def diffusers_vae_config(config: VAEConfig, sample_size: int) -> dict[str, Any]:
     }
 
 
+# UNetConfig options that UNet2DConditionModel (or the pipelines that call it) cannot express, and why
+UNEXPRESSIBLE_OPTIONS = {
+    "qk_norm": "it normalises its attention queries and keys, which UNet2DConditionModel has no place for",
+    "pooled_context": "it adds its text states' mean to the timestep embedding, which no diffusers pipeline "
+                      "computes or passes to UNet2DConditionModel",
+}
+
+
 def diffusers_unet_config(config: UNetConfig, sample_size: int, augment_as_class_embedding: bool = False
                           ) -> dict[str, Any]:
     """``UNet2DConditionModel`` arguments for our UNet: a cross-attention transformer at every level and in the
@@ -105,13 +113,10 @@ def diffusers_unet_config(config: UNetConfig, sample_size: int, augment_as_class
         raise ExportError(f"UNet channel_mult starts with {config.channel_mult[0]}: diffusers sizes the timestep "
                           "features by the first level's width, ours by base_channels; only channel_mult[0] = 1 "
                           "exports (retrain with channel_mult starting at 1)")
-    if config.qk_norm:
-        raise ExportError("the UNet normalises its attention queries and keys (qk_norm=true), which "
-                          "UNet2DConditionModel cannot express; only a UNet trained with qk_norm=false exports")
-    if config.pooled_context:
-        raise ExportError("the UNet adds its text states' mean to the timestep embedding (pooled_context=true), "
-                          "which no diffusers pipeline computes or passes to UNet2DConditionModel; only a UNet "
-                          "trained with pooled_context=false exports")
+    for option, why in UNEXPRESSIBLE_OPTIONS.items():
+        if getattr(config, option):
+            raise ExportError(f"the UNet was trained with {option}=true: {why}; only a UNet trained with "
+                              f"{option}=false exports")
     widths = [config.base_channels * mult for mult in config.channel_mult]
     augment = augment_as_class_embedding and config.augment_dim > 0
     return {

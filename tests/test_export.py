@@ -94,16 +94,11 @@ def test_unet_whose_first_level_is_wider_than_base_is_refused():
                                          context_dim=8), 8)
 
 
-def test_unet_with_normalised_queries_and_keys_is_refused():
-    with pytest.raises(ValueError, match="qk_norm"):
+@pytest.mark.parametrize("option", ["qk_norm", "pooled_context"])
+def test_unet_with_an_option_diffusers_cannot_express_is_refused_by_name(option):
+    with pytest.raises(ValueError, match=f"{option}=true"):
         diffusers_unet_config(UNetConfig(base_channels=16, channel_mult=(1, 2), head_dim=8, norm_groups=8,
-                                         context_dim=8, qk_norm=True), 8)
-
-
-def test_unet_with_pooled_context_is_refused():
-    with pytest.raises(ValueError, match="pooled_context"):
-        diffusers_unet_config(UNetConfig(base_channels=16, channel_mult=(1, 2), head_dim=8, norm_groups=8,
-                                         context_dim=8, pooled_context=True), 8)
+                                         context_dim=8, **{option: True}), 8)
 
 
 @pytest.fixture(scope="module")

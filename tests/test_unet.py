@@ -153,17 +153,18 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm)
         assert torch.allclose(a, b, atol=1e-5) == qk_norm
 
 
-def test_qk_norm_round_trips(tmp_path):
-    cfg = tiny_config(qk_norm=True)
-    model = wake_up(UNet(cfg)).eval()
-    with torch.no_grad():  # gains away from their initial ones, so loading them is checked
+@pytest.mark.parametrize("option", ["qk_norm", "pooled_context"])
+def test_an_architecture_option_round_trips(tmp_path, option):
+    cfg = tiny_config(**{option: True})
+    model = wake_up(UNet(cfg)).eval()  # the zero-initialised layers (pooled_context's output) made non-zero
+    with torch.no_grad():  # qk_norm's gains away from their initial ones, so loading them is checked
         for name, p in model.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.uniform_(0.5, 2.0)
-    model.save(tmp_path / "qk", training={}, trained_on={})
-    loaded = UNet.load(tmp_path / "qk")
+    model.save(tmp_path / option, training={}, trained_on={})
+    loaded = UNet.load(tmp_path / option)
     x, t, context = inputs(cfg)
-    assert loaded.config.qk_norm and torch.equal(model(x, t, context), loaded(x, t, context))
+    assert getattr(loaded.config, option) and torch.equal(model(x, t, context), loaded(x, t, context))
 
 
 @pytest.mark.parametrize("option", ["qk_norm", "pooled_context"])
@@ -204,12 +205,3 @@ def test_pooled_context_starts_as_the_same_function_and_then_adds_a_bias_from_th
     added = pooled(x, t, context) - plain(x, t, context)
     added_other = pooled(x, t, other) - plain(x, t, other)
     assert added.abs().max() > 1e-3 and not torch.allclose(added, added_other, atol=1e-4)
-
-
-def test_pooled_context_round_trips(tmp_path):
-    cfg = tiny_config(pooled_context=True)
-    model = wake_up(UNet(cfg)).eval()
-    model.save(tmp_path / "pooled", training={}, trained_on={})
-    loaded = UNet.load(tmp_path / "pooled")
-    x, t, context = inputs(cfg)
-    assert loaded.config.pooled_context and torch.equal(model(x, t, context), loaded(x, t, context))

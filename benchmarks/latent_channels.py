@@ -19,7 +19,10 @@ the stage's ``scaling_factor`` (as the default, global latent normalisation give
 - ``neighbour_separation``, per pair of neighbouring hue families (``red-orange``, ...): how far apart their
   ``body_mean`` sit in units of their ``body_std`` (over the channels, each difference divided by the two colours'
   root-mean-square spread in that channel): how well an image's body latent tells its colour from the neighbour's
-  (the mean distance alone reads alike on two VAEs whose UNets draw red apart from orange or not).
+  (the mean distance alone reads alike on two VAEs whose UNets draw red apart from orange or not);
+  ``neighbour_separation_pooled``, the same in units of the colours' pooled spread (``pooled_spread``: per channel,
+  the root of the within-colour variance ``colour_separation`` divides by), which a reading saved before
+  ``body_std`` was recorded gives too: ``--reread`` reads it off saved readings.
 
 And whether the decoder gives the colours back (``reconstructed_colours``, the posterior means decoded), per body
 colour of the originals: the share of images whose reconstruction has the same body colour, what the others
@@ -27,11 +30,13 @@ became, and the hue shift of the body's pixels, pixel for pixel (a VAE that draw
 whatever a UNet later makes of its latents).
 
     python -m benchmarks.latent_channels --vae runs/pokemon/vae --data ../shared/pokemon --out latent_channels.json
+    python -m benchmarks.latent_channels --reread a/latent_channels.json b/latent_channels.json --out separation.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -51,6 +56,8 @@ from engine.precision import inference_autocast
 from engine.stage import StageError, read_stage, write_json
 from pipelines.metrics import FAMILY_NAMES, WHITE_LEVEL, in_hue_family, pixel_hues
 from vae.model import AutoencoderKL
+
+PROGRAM = "python -m benchmarks.latent_channels"
 
 
 def foreground_cells(images_uint8: torch.Tensor, factor: int) -> torch.Tensor:
@@ -95,22 +102,40 @@ def channel_statistics(latents: torch.Tensor, foreground: torch.Tensor, bodies: 
         result["colour_spread_global"] = between.sqrt().tolist()
         result["colour_spread_per_channel"] = (between.sqrt() / std).tolist()
         result["neighbour_separation"] = neighbour_separation(by_colour)
+        result["neighbour_separation_pooled"] = neighbour_separation(by_colour, pooled_spread(result))
     return result
 
 
-def neighbour_separation(by_colour: dict[str, dict[str, Any]]) -> dict[str, float]:
+def neighbour_separation(by_colour: dict[str, dict[str, Any]],
+                         spread: Sequence[float] | None = None) -> dict[str, float]:
     """``"a-b" -> distance`` for each pair of neighbouring hue families (``FAMILY_NAMES`` runs round the hue circle)
     that ``by_colour`` both holds: the distance between their ``body_mean`` with each channel's difference divided by
-    the two colours' root-mean-square ``body_std`` in that channel."""
+    the two colours' root-mean-square ``body_std`` in that channel, or by ``spread`` (per channel) where given."""
     out = {}
     for index, name in enumerate(FAMILY_NAMES):
         neighbour = FAMILY_NAMES[(index + 1) % len(FAMILY_NAMES)]
         if name in by_colour and neighbour in by_colour:
             a, b = by_colour[name], by_colour[neighbour]
             mean_a, mean_b = torch.tensor(a["body_mean"]), torch.tensor(b["body_mean"])
-            spread = ((torch.tensor(a["body_std"]) ** 2 + torch.tensor(b["body_std"]) ** 2) / 2).sqrt()
-            out[f"{name}-{neighbour}"] = float(((mean_a - mean_b) / spread.clamp_min(1e-12)).norm())
+            if spread is None:
+                pair_spread = ((torch.tensor(a["body_std"]) ** 2 + torch.tensor(b["body_std"]) ** 2) / 2).sqrt()
+            else:
+                pair_spread = torch.tensor(spread)
+            out[f"{name}-{neighbour}"] = float(((mean_a - mean_b) / pair_spread.clamp_min(1e-12)).norm())
     return out
+
+
+def pooled_spread(reading: dict[str, Any]) -> list[float]:
+    """Per channel, the root of the colours' mean within-colour variance of the body means (``colour_separation``'s
+    denominator), recovered from ``colour_spread_global`` and ``colour_separation``, which every reading holds."""
+    if "colour_separation" not in reading:
+        raise StageError("this latent_channels reading has no colour_separation (fewer than two body colours); "
+                         "read a VAE on data with more body colours")
+    between = torch.tensor(reading["colour_spread_global"], dtype=torch.float64) ** 2
+    ratio = torch.tensor(reading["colour_separation"], dtype=torch.float64)
+    # a ratio of 0 (the colours' means equal in that channel) keeps no within-colour variance; an infinite spread
+    # makes that channel add nothing to a distance, as its differences are 0
+    return torch.where(ratio > 0, (between / ratio).sqrt(), torch.inf).tolist()
 
 
 def reconstructed_colours(originals: torch.Tensor, reconstructions: torch.Tensor,
@@ -156,20 +181,55 @@ def reconstructed_colours(originals: torch.Tensor, reconstructions: torch.Tensor
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.latent_channels",
+    parser = argparse.ArgumentParser(prog=PROGRAM,
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vae", type=Path, required=True, help="a finished VAE stage folder (a run's vae/)")
-    parser.add_argument("--data", required=True, help="the captions set (image folder, hub id or 'shapes')")
+    parser.add_argument("--vae", type=Path, help="a finished VAE stage folder (a run's vae/)")
+    parser.add_argument("--data", help="the captions set (image folder, hub id or 'shapes')")
+    parser.add_argument("--reread", type=Path, nargs="+", metavar="JSON",
+                        help="instead of reading a VAE, read the neighbouring colours' separation off saved readings")
     parser.add_argument("--size", type=int, default=512, help="the size the images are encoded at (the UNet's: 512)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: GPU when available)")
     parser.add_argument("--out", type=Path, help="write the result here (JSON)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    return run_cli(lambda: measure(args, argv))
+    return run_cli(lambda: reread(args, argv) if args.reread else measure(args, argv))
+
+
+def reread(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The neighbouring colours' separation of saved readings, pooled for all and per colour where recorded."""
+    if args.vae or args.data:
+        raise StageError("--reread reads saved readings; pass it without --vae and --data")
+    loaded = {}
+    for path in args.reread:  # every file checked before any is read out
+        try:
+            loaded[path] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise StageError(f"cannot read {path} as a latent_channels reading ({error}); pass its JSON") from None
+        if not isinstance(loaded[path], dict) or "by_colour" not in loaded[path]:
+            raise StageError(f"{path} is no latent_channels reading (it has no by_colour); pass the JSON "
+                             "python -m benchmarks.latent_channels --out wrote")
+        pooled_spread(loaded[path])  # a clear error for a reading with fewer than two body colours
+    readings = []
+    for path, saved in loaded.items():
+        pooled = neighbour_separation(saved["by_colour"], pooled_spread(saved))
+        readings.append({"reading": str(path), "fingerprint": saved.get("fingerprint"), "device": saved.get("device"),
+                         "neighbour_separation": saved.get("neighbour_separation"),
+                         "neighbour_separation_pooled": pooled})
+        recorded = saved.get("neighbour_separation") or {}
+        print(f"{path} ({saved.get('fingerprint')}, {saved.get('device')}): apart in the pooled spread "
+              + ", ".join(f"{pair} {distance:.2f}" for pair, distance in pooled.items())
+              + ("; in each pair's spread " + ", ".join(f"{pair} {d:.2f}" for pair, d in recorded.items())
+                 if recorded else "; each pair's spread not recorded"))
+    result = {"readings": readings, "command": command_line(PROGRAM, argv)}
+    if args.out:
+        write_json(args.out, result)
+    return result
 
 
 def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    if not (args.vae and args.data):
+        raise StageError("pass --vae (a finished VAE stage) and --data (the captions set), or --reread JSON")
     info = read_stage(args.vae, "vae")  # a clear error for a folder that holds no finished VAE stage
     factor = info.model.get("scaling_factor")
     if factor is None:
@@ -188,7 +248,7 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
               "scaling_factor": factor, "images": len(images), **channel_statistics(latents, foreground, bodies),
               "reconstructed_colours": reconstructed_colours(images, reconstructions, bodies),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "command": command_line("benchmarks.latent_channels", argv)}
+              "command": command_line(PROGRAM, argv)}
     if args.out:
         write_json(args.out, result)
     print(f"{args.vae} ({info.fingerprint}), scaled by {factor:.5f}:")
@@ -196,8 +256,9 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
         separation = result.get("colour_separation", [float("nan")] * result["channels"])[c]
         print(f"  channel {c}: mean {result['mean'][c]:+.3f}  std {result['std'][c]:.3f}  page "
               f"{result['page'][c]:+.3f}  colour separation {separation:.2f}")
-    print("neighbouring body colours apart, in their spread within a colour: "
-          + ", ".join(f"{pair} {distance:.2f}" for pair, distance in result.get("neighbour_separation", {}).items()))
+    for key, spread in (("neighbour_separation", "each pair's"), ("neighbour_separation_pooled", "the pooled")):
+        print(f"neighbouring body colours apart, in {spread} spread within a colour: "
+              + ", ".join(f"{pair} {distance:.2f}" for pair, distance in result.get(key, {}).items()))
     print("reconstructed (body colour kept; what the others became; hue shift of the body's pixels):")
     for name, entry in result["reconstructed_colours"].items():
         shift = "n/a" if entry["hue_shift"] is None else f"{entry['hue_shift']:+.1f} deg"

@@ -33,7 +33,9 @@ def test_channel_statistics_of_latents_with_a_known_answer():
     assert stats["std"] == pytest.approx(every.std(1, correction=0).tolist())
     assert stats["colour_spread_global"] == pytest.approx([1.1, 0.0])
     assert stats["colour_spread_per_channel"][0] == pytest.approx(1.1 / stats["std"][0])
-    assert stats["neighbour_separation"] == {}  # red's neighbours are orange and pink
+    assert stats["neighbour_separation"] == stats["neighbour_separation_pooled"] == {}  # red's are orange and pink
+    # the within-colour variance the ratio divides by, 0.01 in both channels; channel 1 has none between the colours
+    assert latent_channels.pooled_spread(stats) == pytest.approx([0.1, float("inf")])
 
 
 def test_neighbour_separation_counts_the_spread_within_each_colour():
@@ -46,6 +48,60 @@ def test_neighbour_separation_counts_the_spread_within_each_colour():
     assert separation["red-orange"] == pytest.approx(10.0)  # 1.0 apart, spread 0.1 in both
     # 0.3 apart where the two spreads are 0.5 and 0.1: in units of their root-mean-square spread, sqrt(0.13)
     assert separation["pink-red"] == pytest.approx(0.3 / 0.13 ** 0.5)
+
+
+def test_the_pooled_spread_is_the_colours_mean_within_variance_and_reads_off_an_older_reading():
+    torch.manual_seed(0)
+    latents = torch.randn(12, 3, 2, 2)
+    latents[4:8, 0] += 1.0  # orange apart from red in channel 0
+    latents[8:, 1] -= 2.0  # pink apart in channel 1
+    foreground = torch.ones(12, 2, 2, dtype=torch.bool)
+    family = {name: FAMILY_NAMES.index(name) for name in ("red", "orange", "pink")}
+    bodies = [family["red"]] * 4 + [family["orange"]] * 4 + [family["pink"]] * 4
+    stats = channel_statistics(latents, foreground, bodies)
+    stds = torch.tensor([entry["body_std"] for entry in stats["by_colour"].values()])
+    assert latent_channels.pooled_spread(stats) == pytest.approx((stds ** 2).mean(dim=0).sqrt().tolist())
+    # with every colour at the pooled spread the two readings agree; a reading without body_std gives the pooled one
+    even = {name: {**entry, "body_std": latent_channels.pooled_spread(stats)}
+            for name, entry in stats["by_colour"].items()}
+    assert latent_channels.neighbour_separation(even) == pytest.approx(stats["neighbour_separation_pooled"])
+    assert stats["neighbour_separation_pooled"] != pytest.approx(stats["neighbour_separation"])  # spreads differ
+    older = {**stats, "by_colour": {name: {"images": entry["images"], "body_mean": entry["body_mean"]}
+                                    for name, entry in stats["by_colour"].items()}}
+    assert latent_channels.neighbour_separation(older["by_colour"], latent_channels.pooled_spread(older)) == \
+        pytest.approx(stats["neighbour_separation_pooled"])
+
+
+def test_reread_gives_saved_readings_separations_and_refuses_bad_input(tmp_path, capsys):
+    foreground = torch.ones(5, 1, 1, dtype=torch.bool)
+    latents = torch.tensor([1.0, 1.2, -1.0, -1.4, 9.0]).reshape(5, 1, 1, 1)
+    orange = FAMILY_NAMES.index("orange")
+    stats = channel_statistics(latents, foreground, [RED, RED, orange, orange, None])  # no body colour: left out
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    new.write_text(json.dumps({**stats, "fingerprint": "a", "device": "cpu"}))
+    stripped = {name: {"images": e["images"], "body_mean": e["body_mean"]} for name, e in stats["by_colour"].items()}
+    before_body_std = {k: v for k, v in stats.items() if not k.startswith("neighbour_separation")}
+    old.write_text(json.dumps(before_body_std | {"by_colour": stripped}))
+    one = tmp_path / "one.json"  # a reading of data with one body colour
+    one.write_text(json.dumps({"by_colour": {"red": stats["by_colour"]["red"]}}))
+    out = tmp_path / "separation.json"
+    result = latent_channels.main(["--reread", str(new), str(old), "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    first, second = result["readings"]
+    # red 1.1 (spread 0.1), orange -1.2 (spread 0.2): 2.3 apart in the pooled spread sqrt((0.01 + 0.04) / 2)
+    assert first["neighbour_separation_pooled"] == second["neighbour_separation_pooled"] == pytest.approx(
+        {"red-orange": 2.3 / 0.025 ** 0.5})
+    assert first["neighbour_separation"] == stats["neighbour_separation"] and second["neighbour_separation"] is None
+    assert "each pair's spread not recorded" in capsys.readouterr().out
+    for argv, message in ((["--reread", str(new), "--vae", "x"], "pass it without --vae and --data"),
+                          (["--reread", str(tmp_path / "missing.json")], "as a latent_channels reading"),
+                          (["--reread", str(new), str(out)], "is no latent_channels reading (it has no by_colour)"),
+                          (["--reread", str(one)], "has no colour_separation (fewer than two body colours)"),
+                          (["--data", "shapes:40"], "pass --vae (a finished VAE stage) and --data")):
+        with pytest.raises(SystemExit):
+            latent_channels.main(argv)
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == ""  # checked before any reading is read out
 
 
 def test_foreground_and_page_cells_of_an_image():

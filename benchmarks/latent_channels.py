@@ -197,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def reread(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
-    """The neighbouring colours' separation of saved readings, pooled for all and per colour where recorded."""
+    """The neighbouring colours' separation of saved readings: in the colours' pooled spread for every reading, in
+    each pair's own spread where the reading recorded it."""
     if args.vae or args.data:
         raise StageError("--reread reads saved readings; pass it without --vae and --data")
     loaded = {}

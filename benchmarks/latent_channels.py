@@ -98,11 +98,12 @@ def channel_statistics(latents: torch.Tensor, foreground: torch.Tensor, bodies: 
     if len(by_colour) >= 2:
         colour_means = torch.tensor([entry["body_mean"] for entry in by_colour.values()], dtype=torch.float64)
         between = colour_means.var(dim=0, unbiased=False)
-        result["colour_separation"] = (between / torch.stack(within).mean(dim=0)).tolist()
+        pooled_within = torch.stack(within).mean(dim=0)
+        result["colour_separation"] = (between / pooled_within).tolist()
         result["colour_spread_global"] = between.sqrt().tolist()
         result["colour_spread_per_channel"] = (between.sqrt() / std).tolist()
         result["neighbour_separation"] = neighbour_separation(by_colour)
-        result["neighbour_separation_pooled"] = neighbour_separation(by_colour, pooled_spread(result))
+        result["neighbour_separation_pooled"] = neighbour_separation(by_colour, pooled_within.sqrt().tolist())
     return result
 
 
@@ -127,7 +128,8 @@ def neighbour_separation(by_colour: dict[str, dict[str, Any]],
 
 def pooled_spread(reading: dict[str, Any]) -> list[float]:
     """Per channel, the root of the colours' mean within-colour variance of the body means (``colour_separation``'s
-    denominator), recovered from ``colour_spread_global`` and ``colour_separation``, which every reading holds."""
+    denominator), recovered from ``colour_spread_global`` and ``colour_separation``, which every saved reading holds,
+    those made before ``body_std`` was recorded too."""
     if "colour_separation" not in reading:
         raise StageError("this latent_channels reading has no colour_separation (fewer than two body colours); "
                          "read a VAE on data with more body colours")
@@ -201,31 +203,34 @@ def reread(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, An
     each pair's own spread where the reading recorded it."""
     if args.vae or args.data:
         raise StageError("--reread reads saved readings; pass it without --vae and --data")
-    loaded = {}
+    loaded = []
     for path in args.reread:  # every file checked before any is read out
         try:
-            loaded[path] = json.loads(path.read_text())
+            saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise StageError(f"cannot read {path} as a latent_channels reading ({error}); pass its JSON") from None
-        if not isinstance(loaded[path], dict) or "by_colour" not in loaded[path]:
+        if not isinstance(saved, dict) or "by_colour" not in saved:
             raise StageError(f"{path} is no latent_channels reading (it has no by_colour); pass the JSON "
                              "python -m benchmarks.latent_channels --out wrote")
-        pooled_spread(loaded[path])  # a clear error for a reading with fewer than two body colours
+        loaded.append((path, saved, pooled_spread(saved)))  # a clear error for fewer than two body colours
     readings = []
-    for path, saved in loaded.items():
-        pooled = neighbour_separation(saved["by_colour"], pooled_spread(saved))
+    for path, saved, spread in loaded:
+        pooled = neighbour_separation(saved["by_colour"], spread)
         readings.append({"reading": str(path), "fingerprint": saved.get("fingerprint"), "device": saved.get("device"),
                          "neighbour_separation": saved.get("neighbour_separation"),
                          "neighbour_separation_pooled": pooled})
-        recorded = saved.get("neighbour_separation") or {}
+        recorded = saved.get("neighbour_separation")
         print(f"{path} ({saved.get('fingerprint')}, {saved.get('device')}): apart in the pooled spread "
-              + ", ".join(f"{pair} {distance:.2f}" for pair, distance in pooled.items())
-              + ("; in each pair's spread " + ", ".join(f"{pair} {d:.2f}" for pair, d in recorded.items())
-                 if recorded else "; each pair's spread not recorded"))
+              f"{_listed(pooled)}; " + (f"in each pair's spread {_listed(recorded)}" if recorded
+                                        else "each pair's spread not recorded"))
     result = {"readings": readings, "command": command_line(PROGRAM, argv)}
     if args.out:
         write_json(args.out, result)
     return result
+
+
+def _listed(separation: dict[str, float]) -> str:
+    return ", ".join(f"{pair} {distance:.2f}" for pair, distance in separation.items())
 
 
 def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
@@ -258,8 +263,7 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
         print(f"  channel {c}: mean {result['mean'][c]:+.3f}  std {result['std'][c]:.3f}  page "
               f"{result['page'][c]:+.3f}  colour separation {separation:.2f}")
     for key, spread in (("neighbour_separation", "each pair's"), ("neighbour_separation_pooled", "the pooled")):
-        print(f"neighbouring body colours apart, in {spread} spread within a colour: "
-              + ", ".join(f"{pair} {distance:.2f}" for pair, distance in result.get(key, {}).items()))
+        print(f"neighbouring body colours apart, in {spread} spread within a colour: {_listed(result.get(key, {}))}")
     print("reconstructed (body colour kept; what the others became; hue shift of the body's pixels):")
     for name, entry in result["reconstructed_colours"].items():
         shift = "n/a" if entry["hue_shift"] is None else f"{entry['hue_shift']:+.1f} deg"

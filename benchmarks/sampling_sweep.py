@@ -1,5 +1,6 @@
 """Choose the sampling defaults from measurements: one trained run, the picture-quality ruler of
-``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval, steps, their
+``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval, the scale above
+it (``--guidance-above``: the highest noise levels guided less hard than the interval, not left alone), steps, their
 spacing (``--timestep-spacing trailing karras``), step noise (eta, for the ddim and dpmpp_2m samplers, at every
 step or below a noise level), condition noise (CADS: the prompt annealed with noise at the high noise levels)
 and autoguidance (``--guide-unet``, a weaker UNet on the run's VAE and CLIP, at each ``--autoguidance`` scale,
@@ -34,7 +35,7 @@ import torch
 
 from clip.model import CLIPModel
 from data import load_captions
-from diffusion.guidance import guided_steps, is_guided
+from diffusion.guidance import guidance_scale_table, guided_steps, is_guided
 from diffusion.samplers import step_etas
 from diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
 from engine.cli import command_line
@@ -92,16 +93,20 @@ def noise_settings(etas: Sequence[float], sigma_maxes: Sequence[float | None]) -
 
 
 def drawn_alike(settings: GenerationSettings, schedule: NoiseSchedule) -> tuple:
-    """What decides a setting's samples: its fields, with the guidance interval and the step-noise limit read as
-    the sampling steps they select. Settings with equal keys draw the same samples from the same seeds."""
+    """What decides a setting's samples: its fields, with the guidance interval, the scale above it and the
+    step-noise limit read as the sampling steps they select and the scale each step takes. Settings with equal
+    keys draw the same samples from the same seeds."""
     timesteps = settings.timesteps(schedule)
     guide_scale = None if settings.guide_unet is None else settings.autoguidance_scale
     guided = tuple(guided_steps(schedule, settings.guidance_interval, timesteps)) \
         if is_guided(settings.guidance_scale, guide_scale) else None
+    scales = tuple(guidance_scale_table(schedule, settings.guidance_scale, settings.guidance_interval,
+                                        settings.guidance_scale_above)[timesteps.cpu().long()].tolist())
     noisy = tuple(step_etas(schedule, timesteps.tolist(), settings.eta, settings.eta_sigma_max))
     fields = dataclasses.asdict(settings)
     return tuple((name, fields[name]) for name in sorted(fields) if name not in (
-        "guidance_interval", "eta", "eta_sigma_max")) + (("guided_steps", guided), ("step_etas", noisy))
+        "guidance_interval", "guidance_scale_above", "eta", "eta_sigma_max")) + (
+        ("guided_steps", guided), ("step_scales", scales), ("step_etas", noisy))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -116,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--interval", type=parse_interval, nargs="+",
                         default=[None, GenerationSettings.guidance_interval],
                         help="guidance intervals: 'none' (every level) or SIGMA_LO,SIGMA_HI (e.g. 0.28,7.5)")
+    parser.add_argument("--guidance-above", type=float, nargs="+", default=[GenerationSettings.guidance_scale_above],
+                        help="guidance scales above the interval (1: the prompt's prediction alone); drawn with the "
+                             "intervals that have a finite top")
     parser.add_argument("--first-order-at-guidance-edges", choices=("off", "on"), nargs="+", default=["off"],
                         help="dpmpp_2m: extrapolate across the guidance interval's edges (off) or step first order "
                              "there (on)")
@@ -147,19 +155,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     guides = [(guide, auto) for guide in args.guide_unet  # an autoguidance scale without a guide means nothing
               for auto in (args.autoguidance if guide is not None else [GenerationSettings.autoguidance_scale])]
     settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
-                                        first_order_at_guidance_edges=edges == "on", steps=steps,
-                                        timestep_spacing=spacing,
+                                        guidance_scale_above=above, first_order_at_guidance_edges=edges == "on",
+                                        steps=steps, timestep_spacing=spacing,
                                         sampler=args.sampler, eta=eta, eta_sigma_max=sigma_max,
                                         condition_noise=condition_noise, guide_unet=guide, autoguidance_scale=auto)
-                     for scale, rescale, interval, edges, steps, spacing, (eta, sigma_max), condition_noise,
+                     for scale, rescale, interval, above, edges, steps, spacing, (eta, sigma_max), condition_noise,
                      (guide, auto)
-                     in itertools.product(args.guidance, args.rescale, args.interval,
+                     in itertools.product(args.guidance, args.rescale, args.interval, args.guidance_above,
                                           args.first_order_at_guidance_edges, args.steps, args.timestep_spacing,
                                           noise_settings(args.eta, args.eta_sigma_max), args.condition_noise,
                                           guides)
+                     # nothing lies above an interval without a finite top
+                     if (above == 1 or (interval is not None and interval[1] < float("inf")))
                      # the first-order edge step changes nothing where no multistep sampler crosses a guidance edge
-                     if edges == "off" or (args.sampler == "dpmpp_2m" and interval is not None
-                                           and is_guided(scale, None if guide is None else auto))
+                     and (edges == "off" or (args.sampler == "dpmpp_2m" and interval is not None
+                                            and is_guided(scale, None if guide is None else auto)))
                      ]  # checked before loading
     stack = load_stack(args.run)
     judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()
@@ -173,16 +183,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         # four digits: a bound of 10 falls below the step printed 10.02 at 25 steps, which .3g would print 10
         print(f"{steps} steps ({spacing}) start at sigma " + ", ".join(f"{sigma:.4g}" for sigma in sigmas))
     keys = [drawn_alike(settings, stack.schedule) for settings in settings_grid]
-    print("| guidance | rescale | interval | first order at edges | steps | spacing | eta | eta sigma max | "
+    print("| guidance | rescale | interval | above it | first order at edges | steps | spacing | eta | eta sigma max | "
           "condition noise | "
           "guide UNet | autoguidance | " + " | ".join(SHOWN) + " |", flush=True)
     showcase = []
     for index, settings in enumerate(settings_grid):
         settings = dataclasses.replace(settings, size=stack.image_size)
         record = {key: getattr(settings, key) for key in ("guidance_scale", "guidance_rescale", "guidance_interval",
-                                                          "first_order_at_guidance_edges", "steps",
-                                                          "timestep_spacing", "eta",
-                                                          "eta_sigma_max", "condition_noise", "guide_unet")}
+                                                          "guidance_scale_above", "first_order_at_guidance_edges",
+                                                          "steps", "timestep_spacing", "eta", "eta_sigma_max",
+                                                          "condition_noise", "guide_unet")}
         record["autoguidance_scale"] = None if settings.guide_unet is None else settings.autoguidance_scale
         earlier = keys.index(keys[index])
         if earlier < index:  # its bounds select the steps an earlier setting's did: the same samples, not redrawn

@@ -29,32 +29,47 @@ def rescale_guided(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     return rescale * matched + (1 - rescale) * guided
 
 
-def check_guidance_interval(interval: tuple[float, float] | None) -> None:
-    """Raise ``ValueError`` unless ``interval`` is None or ``(sigma_lo, sigma_hi)`` with ``0 <= lo < hi``."""
-    if interval is None:
-        return
-    if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+# What _level_regions calls each noise level
+UNGUIDED, INSIDE, ABOVE = 0, 1, 2
+
+
+def check_guidance_interval(interval: tuple[float, float] | None, scale_above: float = 1.0) -> None:
+    """Raise ``ValueError`` unless ``interval`` is None or ``(sigma_lo, sigma_hi)`` with ``0 <= lo < hi``, and
+    ``scale_above`` (the scale above the interval) is >= 0 and 1 unless the interval has a finite top."""
+    if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1]):
         raise ValueError(f"guidance interval must be (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi "
                          f"(noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar), inf allowed), got {interval}")
+    if scale_above < 0:
+        raise ValueError(f"the guidance scale above the interval must be >= 0 (1: the prompt's prediction alone), "
+                         f"got {scale_above}")
+    if scale_above != 1 and (interval is None or math.isinf(interval[1])):
+        raise ValueError(f"a guidance scale above the interval ({scale_above:g}) needs an interval with a finite top "
+                         f"(sigma_hi), got {interval}: give one, or leave the scale above it at 1")
 
 
 def guidance_scale_table(schedule: NoiseSchedule, guidance_scale: float,
-                         interval: tuple[float, float] | None) -> Tensor:
+                         interval: tuple[float, float] | None, scale_above: float = 1.0) -> Tensor:
     """The guidance scale at every timestep, float32 [T]: ``guidance_scale`` where the noise level
-    ``sigma_t = sqrt((1 - ab_t) / ab_t)`` lies in ``(sigma_lo, sigma_hi]``, 1 (the prompt's prediction alone)
-    elsewhere; ``interval=None`` guides everywhere. Kynkaanniemi et al. 2024: guidance at the highest noise
-    levels pulls the seeds of one prompt onto one layout (less variety, more copies of a training image), and
-    at the lowest it only sharpens what is already there."""
-    return torch.where(_guided_levels(schedule, interval), guidance_scale, 1.0).float()
+    ``sigma_t = sqrt((1 - ab_t) / ab_t)`` lies in ``(sigma_lo, sigma_hi]``, ``scale_above`` above ``sigma_hi``
+    and 1 (the prompt's prediction alone) below ``sigma_lo``; ``interval=None`` guides everywhere. Kynkaanniemi
+    et al. 2024: guidance at the highest noise levels pulls the seeds of one prompt onto one layout (less
+    variety, more copies of a training image), and at the lowest it only sharpens what is already there; a
+    ``scale_above`` between 1 and ``guidance_scale`` pushes the prompt (its colour, set at those levels) less
+    hard there than inside."""
+    regions = _level_regions(schedule, interval, scale_above)
+    return torch.where(regions == INSIDE, guidance_scale, torch.where(regions == ABOVE, scale_above, 1.0)).float()
 
 
-def _guided_levels(schedule: NoiseSchedule, interval: tuple[float, float] | None) -> Tensor:
-    """Whether each timestep's noise level lies in the guidance interval, bool [T] (every level without one)."""
-    check_guidance_interval(interval)
+def _level_regions(schedule: NoiseSchedule, interval: tuple[float, float] | None,
+                   scale_above: float = 1.0) -> Tensor:
+    """Per timestep, int64 [T]: INSIDE the guidance interval (every level without one), ABOVE it where
+    ``scale_above`` guides there, UNGUIDED elsewhere."""
+    check_guidance_interval(interval, scale_above)
     sigma = schedule.sigmas
     if interval is None:
-        return torch.ones_like(sigma, dtype=torch.bool)
-    return (sigma > interval[0]) & (sigma <= interval[1])
+        return torch.full_like(sigma, INSIDE, dtype=torch.long)
+    regions = torch.where((sigma > interval[0]) & (sigma <= interval[1]), INSIDE, UNGUIDED)
+    return torch.where(sigma > interval[1], ABOVE, regions) if scale_above != 1 else regions
 
 
 def is_guided(guidance_scale: float, autoguidance_scale: float | None = None) -> bool:
@@ -66,17 +81,19 @@ def is_guided(guidance_scale: float, autoguidance_scale: float | None = None) ->
 def guided_steps(schedule: NoiseSchedule, interval: tuple[float, float] | None, timesteps: Tensor) -> list[bool]:
     """Whether each sampling step (``timesteps``, descending) lies in the guidance interval. Two intervals that
     guide the same steps draw the same samples: a bound between two of the steps' noise levels moves nothing."""
-    return _guided_levels(schedule, interval)[timesteps.cpu().long()].tolist()
+    return (_level_regions(schedule, interval)[timesteps.cpu().long()] == INSIDE).tolist()
 
 
-def guidance_edges(schedule: NoiseSchedule, interval: tuple[float, float] | None, timesteps: Tensor) -> list[int]:
-    """The sampling timesteps (descending) at which a guidance interval switches guidance on or off: the guided
-    denoiser there is another function than at the step before, so a multistep solver should not extrapolate
-    across it (the samplers' ``first_order_at``). DPM-Solver++(2M) would otherwise push the first guided step
-    towards the prompt by ``1 + (1 + w)(scale - 1)`` rather than ``scale``, ``w`` its extrapolation weight."""
-    guided = guided_steps(schedule, interval, timesteps)
+def guidance_edges(schedule: NoiseSchedule, interval: tuple[float, float] | None, timesteps: Tensor,
+                   scale_above: float = 1.0) -> list[int]:
+    """The sampling timesteps (descending) at which the guidance changes: where the interval begins or ends, or
+    where the scale above it (``scale_above`` other than 1) gives way to the interval's. The guided denoiser there
+    is another function than at the step before, so a multistep solver should not extrapolate across it (the
+    samplers' ``first_order_at``). DPM-Solver++(2M) would otherwise push the first guided step towards the prompt
+    by ``1 + (1 + w)(scale - 1)`` rather than ``scale``, ``w`` its extrapolation weight."""
+    regions = _level_regions(schedule, interval, scale_above)[timesteps.cpu().long()].tolist()
     steps = timesteps.tolist()
-    return [t for t, before, now in zip(steps[1:], guided, guided[1:]) if before != now]
+    return [t for t, before, now in zip(steps[1:], regions, regions[1:]) if before != now]
 
 
 def check_condition_noise(condition_noise: tuple[float, float, float] | None) -> None:
@@ -150,10 +167,12 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
                  guidance_interval: tuple[float, float] | None = None,
                  condition_noise: tuple[float, float, float] | None = None,
                  noise: NoiseSource | None = None, guide_model: Model | None = None,
-                 autoguidance_scale: float = DEFAULT_AUTOGUIDANCE_SCALE) -> Denoiser:
+                 autoguidance_scale: float = DEFAULT_AUTOGUIDANCE_SCALE,
+                 guidance_scale_above: float = 1.0) -> Denoiser:
     """Denoiser returning x0 from the guided prediction ``uncond + scale * (cond - uncond)`` (rescaled by
     :func:`rescale_guided` when ``guidance_rescale > 0``). With ``guidance_interval`` the scale is
-    ``guidance_scale`` only at noise levels inside it and 1 elsewhere (:func:`guidance_scale_table`).
+    ``guidance_scale`` only at noise levels inside it, ``guidance_scale_above`` above it and 1 below it
+    (:func:`guidance_scale_table`).
 
     ``guide_model`` adds autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
     itself"): a second push, ``(autoguidance_scale - 1) * (cond - guide)``, away from ``guide_model`` on the same
@@ -185,7 +204,7 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
     if uncond.shape[1:] != cond.shape[1:] or uncond.shape[0] not in (1, cond.shape[0]):
         raise ValueError(f"uncond has shape {tuple(uncond.shape)} but cond has {tuple(cond.shape)}; encode both "
                          "prompts to the same length and give uncond batch 1 or the batch of cond")
-    scales = guidance_scale_table(schedule, guidance_scale, guidance_interval).tolist()
+    scales = guidance_scale_table(schedule, guidance_scale, guidance_interval, guidance_scale_above).tolist()
     auto_scales = [1.0] * len(scales) if guide_model is None else \
         guidance_scale_table(schedule, autoguidance_scale, guidance_interval).tolist()
     keeps = [1.0] * len(scales) if condition_noise is None else \
@@ -240,21 +259,24 @@ def guided_sample_and_decode(model: Model, decode: Callable[[Tensor], Tensor], s
                              condition_noise: tuple[float, float, float] | None = None,
                              guide_model: Model | None = None,
                              autoguidance_scale: float = DEFAULT_AUTOGUIDANCE_SCALE,
-                             first_order_at_guidance_edges: bool = False) -> tuple[Tensor, Tensor]:
+                             first_order_at_guidance_edges: bool = False,
+                             guidance_scale_above: float = 1.0) -> tuple[Tensor, Tensor]:
     """Sample ``x`` (the UNet's noisy latents at ``timesteps[0]``) with guidance, then ``decode`` them to images
     (the VAE's decoder after ``LatentNormalisation.denormalise``).
 
     The one sampling path of ``pipelines.generate`` and the UNet stage's per-epoch grid. Returns the float32
     images (not clamped) and the UNet's latents. ``decode_batch`` bounds the VAE batch; ``decode_context``
     (e.g. an autocast) wraps the decoding only. ``noise`` also draws the condition noise, and ``guide_model`` is
-    autoguidance's weaker model, at ``autoguidance_scale`` (all: ``cfg_denoiser``).
-    ``first_order_at_guidance_edges`` steps first order where the guidance interval begins or ends
-    (:func:`guidance_edges`), in every row (an empty prompt's row too, whose denoiser does not change there).
+    autoguidance's weaker model, at ``autoguidance_scale``, and ``guidance_scale_above`` the scale above the
+    interval (all: ``cfg_denoiser``). ``first_order_at_guidance_edges`` steps first order where the guidance
+    changes (:func:`guidance_edges`), in every row (an empty prompt's row too, whose denoiser does not change there).
     """
     denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
-                            guidance_interval, condition_noise, noise, guide_model, autoguidance_scale)
-    guided = is_guided(guidance_scale, None if guide_model is None else autoguidance_scale)
-    edges = guidance_edges(schedule, guidance_interval, timesteps) if first_order_at_guidance_edges and guided else []
+                            guidance_interval, condition_noise, noise, guide_model, autoguidance_scale,
+                            guidance_scale_above)
+    guided = is_guided(guidance_scale, None if guide_model is None else autoguidance_scale) or guidance_scale_above != 1
+    edges = guidance_edges(schedule, guidance_interval, timesteps, guidance_scale_above) \
+        if first_order_at_guidance_edges and guided else []
     latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max,
                                 first_order_at=frozenset(edges))
     with decode_context or nullcontext():

@@ -49,6 +49,8 @@ class GenerationSettings:
     # (sigma_lo, sigma_hi): guide only at noise levels in between (diffusion.guidance.guidance_scale_table);
     # None guides at every level
     guidance_interval: tuple[float, float] | None = (0.28, 7.5)
+    # The scale above the interval's top (1: the prompt's prediction alone); needs an interval with a finite top
+    guidance_scale_above: float = 1.0
     # A multistep sampler (dpmpp_2m) steps first order where the interval begins or ends rather than extrapolate
     # from the other side's prediction (diffusion.guidance.guidance_edges)
     first_order_at_guidance_edges: bool = False
@@ -110,7 +112,7 @@ class GenerationSettings:
             read_stage(self.guide_unet, "unet")  # a missing or other folder stops here; check_guide says if it fits
         try:  # the samplers' and the guidance's own rules, before any model is loaded
             check_eta(self.sampler, self.eta, self.eta_sigma_max)
-            check_guidance_interval(self.guidance_interval)
+            check_guidance_interval(self.guidance_interval, self.guidance_scale_above)
             check_condition_noise(self.condition_noise)
         except ValueError as err:
             raise UserError(str(err)) from None
@@ -125,6 +127,7 @@ class GenerationSettings:
         """One line for a report: sampler, steps, guidance and its levels, step noise, condition noise, size."""
         levels = "at every level" if self.guidance_interval is None else \
             "in sigma ({:g}, {:g}]".format(*self.guidance_interval) + (
+                "" if self.guidance_scale_above == 1 else f", {self.guidance_scale_above:g} above it") + (
                 ", first order at its edges" if self.first_order_at_guidance_edges else "")
         if self.sampler == "ddpm":  # ancestral at every step; its eta is not a setting
             noise = "ancestral step noise"
@@ -170,6 +173,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                                "2024), the prompt's prediction alone elsewhere (default: %(default)s)")
     interval.add_argument("--guide-every-level", dest="guidance_interval", action="store_const", const=None,
                           help="plain classifier-free guidance at every noise level (no interval)")
+    parser.add_argument("--guidance-above", type=float, default=defaults.guidance_scale_above, metavar="SCALE",
+                        help="the guidance scale at the noise levels above the interval, where the layout and "
+                             "colour are set (1: the prompt's prediction alone; default: %(default)s)")
     parser.add_argument("--first-order-at-guidance-edges", action="store_true",
                         help="dpmpp_2m: a first-order step where the guidance interval begins or ends, not an "
                              "extrapolation from the unguided prediction")
@@ -200,6 +206,7 @@ def sampling_settings(args: argparse.Namespace, **more: Any) -> GenerationSettin
                               eta=args.eta, eta_sigma_max=args.eta_sigma_max,
                               guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                               guidance_interval=args.guidance_interval,
+                              guidance_scale_above=args.guidance_above,
                               first_order_at_guidance_edges=args.first_order_at_guidance_edges,
                               condition_noise=args.condition_noise,
                               guide_unet=args.guide_unet, autoguidance_scale=autoguidance, **more)
@@ -266,7 +273,8 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
             guidance_rescale=settings.guidance_rescale, guidance_interval=settings.guidance_interval,
             condition_noise=settings.condition_noise, guide_model=guide,
             autoguidance_scale=settings.autoguidance_scale,
-            first_order_at_guidance_edges=settings.first_order_at_guidance_edges)
+            first_order_at_guidance_edges=settings.first_order_at_guidance_edges,
+            guidance_scale_above=settings.guidance_scale_above)
         outputs.append(images.clamp(-1, 1))
         all_latents.append(latents)
     return torch.cat(outputs), torch.cat(all_latents)

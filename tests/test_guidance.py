@@ -194,6 +194,53 @@ def test_bad_guidance_interval_is_refused(interval):
         check_guidance_interval(interval)
 
 
+def test_guidance_scale_table_takes_the_scale_above_the_interval_above_its_top_only():
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    sigma = schedule.sigmas
+    table = guidance_scale_table(schedule, 4.0, (0.5, 5.0), scale_above=2.0)
+    inside, above = (sigma > 0.5) & (sigma <= 5.0), sigma > 5.0
+    assert int(above.sum()) > 0 and table[-1] == 2.0  # pure noise (sigma inf) is above every finite top
+    assert torch.equal(table, torch.where(inside, 4.0, torch.where(above, 2.0, 1.0)).float())
+    assert torch.equal(guidance_scale_table(schedule, 4.0, (0.5, 5.0), scale_above=1.0),
+                       guidance_scale_table(schedule, 4.0, (0.5, 5.0)))
+
+
+@pytest.mark.parametrize("interval, scale_above, message", [
+    (None, 2.0, "needs an interval with a finite top"),
+    ((0.5, float("inf")), 2.0, "needs an interval with a finite top"),
+    ((0.5, 5.0), -1.0, "above the interval must be >= 0")])
+def test_bad_scale_above_the_interval_is_refused(interval, scale_above, message):
+    with pytest.raises(ValueError, match=message):
+        check_guidance_interval(interval, scale_above)
+    check_guidance_interval(interval, 1.0)  # the interval itself is fine
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_levels_above_the_interval_are_guided_at_the_scale_above_it(inputs, prediction_type):
+    x_t, _, cond, uncond = inputs
+    schedule = NoiseSchedule(ScheduleConfig())
+    levels = [10, 500, 990]  # sigma about 0.1, 1.0 and 17 on the scaled-linear schedule
+    sigma = schedule.sigmas[levels]
+    interval = (float(sigma[0]) * 2, float(sigma[1]) * 2)  # the middle level inside, the last above
+    model = ToyModel()
+    denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, 3.0, guidance_interval=interval,
+                            guidance_scale_above=1.5)
+    for t, scale in zip(levels, (1.0, 3.0, 1.5)):
+        torch.testing.assert_close(denoiser(x_t, t), guided_x0(schedule, x_t, t, cond, uncond, scale, prediction_type))
+    assert model.batches == [BATCH, 2 * BATCH, 2 * BATCH]  # below the interval: the conditional batch alone
+
+
+def test_guidance_edges_count_where_the_scale_above_gives_way_to_the_prompt_alone():
+    schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    timesteps = schedule.sampling_timesteps(10)
+    sigma = schedule.sigmas[timesteps]
+    empty = (float(sigma[5]) * 1.01, float(sigma[4]) * 0.99)  # between two steps' levels: guides no step
+    assert guidance_edges(schedule, empty, timesteps) == []
+    assert guidance_edges(schedule, empty, timesteps, scale_above=2.0) == [int(timesteps[5])]
+    interval = (float(sigma[-2] + sigma[-1]) / 2, float(sigma[3] + sigma[2]) / 2)  # steps 3 to 8
+    assert guidance_edges(schedule, interval, timesteps, scale_above=2.0) == [int(timesteps[3]), int(timesteps[9])]
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_interval_guides_the_levels_inside_it_and_leaves_the_rest_conditional(inputs, prediction_type):
     x_t, _, cond, uncond = inputs
@@ -274,6 +321,20 @@ def test_first_order_at_guidance_edges_reaches_the_sampler_from_the_settings():
     assert "first order" not in GenerationSettings().describe()
 
 
+def test_guidance_above_the_interval_reaches_the_settings_and_is_checked_before_any_work():
+    from engine.errors import UserError
+    from pipelines.text_to_image import GenerationSettings, add_sampling_arguments, sampling_settings
+
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    assert sampling_settings(parser.parse_args([])).guidance_scale_above == 1.0
+    assert "above it" not in GenerationSettings().describe()
+    settings = sampling_settings(parser.parse_args(["--guidance-above", "2"]))
+    assert settings.guidance_scale_above == 2.0 and "in sigma (0.28, 7.5], 2 above it" in settings.describe()
+    with pytest.raises(UserError, match="needs an interval with a finite top"):
+        sampling_settings(parser.parse_args(["--guide-every-level", "--guidance-above", "2"]))
+
+
 def test_sampling_sweep_reads_guidance_intervals():
     from benchmarks.sampling_sweep import parse_interval
 
@@ -309,6 +370,12 @@ def test_sampling_sweep_keys_settings_by_the_steps_their_bounds_select():
     # unguided (scale 1): the interval selects nothing that matters; anything else still does
     assert key(guidance_scale=1.0, guidance_interval=None) == key(guidance_scale=1.0, guidance_interval=(0.28, 7.5))
     assert key(guidance_rescale=0.0) != key(guidance_rescale=0.7)
+    # the scale above the interval: a setting of its own, and its bound read as the steps it selects too
+    assert key(guidance_scale_above=2.0) != key() != key(guidance_scale_above=1.5)
+    assert key(guidance_interval=(0.28, between[0]), guidance_scale_above=2.0) == \
+        key(guidance_interval=(0.28, sigmas[5]), guidance_scale_above=2.0)
+    assert key(guidance_interval=(0.28, between[0]), guidance_scale_above=2.0) != \
+        key(guidance_interval=(0.28, between[1]), guidance_scale_above=2.0)
 
 
 class ContextModel:

@@ -1241,6 +1241,28 @@ def test_sampling_sweep_draws_a_setting_once_when_its_bounds_select_the_same_ste
     assert "2 steps (trailing) start at sigma inf, " in printed and "same samples as setting 00" in printed
 
 
+def test_sampling_sweep_draws_the_scale_above_the_interval_only_under_a_finite_top(run_a, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import sampling_sweep
+    from pipelines.text_to_image import draw_showcase
+
+    out, showcase = tmp_path / "sweep.json", tmp_path / "showcase"
+    sampling_sweep.main(["--run", str(run_a), "--data", DATA, "--out", str(out), "--steps", "2", "--eta", "0",
+                         "--condition-noise", "none", "--guidance", "4", "--rescale", "0.7",
+                         "--interval", "none", "0.28,7.5", "--guidance-above", "1", "2", "--showcase", str(showcase)])
+    records = json.loads(out.read_text())["records"]
+    # nothing lies above 'none': three settings, not four
+    assert [(r["guidance_interval"], r["guidance_scale_above"]) for r in records] == [
+        (None, 1.0), ([0.28, 7.5], 1.0), ([0.28, 7.5], 2.0)]
+    assert "same_samples_as" not in records[2] and records[2]["metrics"] != records[1]["metrics"]
+    stack = load_stack(run_a)  # the picture is what generation draws at that setting
+    settings = GenerationSettings(size=64, steps=2, eta=0, condition_noise=None, guidance_scale_above=2.0)
+    assert np.array_equal(np.asarray(Image.open(records[2]["showcase"])),
+                          np.asarray(Image.open(draw_showcase(stack, settings, tmp_path / "own.png"))))
+
+
 def test_first_order_at_guidance_edges_reaches_the_sampler(run_a):
     stack = load_stack(run_a)  # the same seed draws another picture
     drawn = [generate(stack, ["a red pokemon"], [0], GenerationSettings(

@@ -3,7 +3,8 @@
 Each probe is the real UNet stage (``python -m diffusion.train``) on a finished VAE and CLIP, stopped once its
 low-resolution phase has logged ``--steps`` steps. The learning-rate schedule is the whole stage's, so every
 step up to there is the step a full run takes. Probes run ``--concurrent`` at a time on one GPU (the default's
-256-px phase peaks at 28 GB: four fit on an H200). Per probe it reports the spikes by the trainer's own rule
+256-px phase peaks at 28 GB on an H200, where four fit; two took 65.8 GB on an H100, so ``--concurrent 2``
+there). Per probe it reports the spikes by the trainer's own rule
 (``engine.runlog.loss_spikes``), the largest gradient norm and the mean training loss over the last tenth of
 the steps; per setting, how many of its seeds spiked. Probes run with the stage's spike rollback off
 (``--train.spike_rollbacks=0``: the screen measures how often a setting spikes, not how the stage recovers); a

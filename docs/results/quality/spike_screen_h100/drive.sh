@@ -1,8 +1,8 @@
 #!/bin/bash
 # Session 49's hold (one H100, 2026-12-07): the VAE and CLIP stages at their defaults (on an H100 the VAE and
 # CLIP of recolour_run/ to the digit), then the spike screen at the default recipe, plain against QK-norm, two
-# UNet seeds each, the stage's rollback off. A full run did not fit: failed starts had taken 811 of the
-# session's 1,800 device seconds.
+# UNet seeds each, the stage's rollback off. A full run did not fit: four failed starts and six refused calls
+# had taken 811 of the session's 1,800 device seconds.
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 R=/tmp/r; mkdir -p $R/out; LOG=$R/out/drive.log

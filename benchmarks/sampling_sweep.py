@@ -1,8 +1,8 @@
 """Choose the sampling defaults from measurements: one trained run, the picture-quality ruler of
 ``pipelines.evaluate`` at every combination of guidance scale, guidance rescale, guidance interval, the scale above
-it (``--guidance-above``: the highest noise levels guided less hard than the interval, not left alone), steps, their
-spacing (``--timestep-spacing trailing karras``), step noise (eta, for the ddim and dpmpp_2m samplers, at every
-step or below a noise level), condition noise (CADS: the prompt annealed with noise at the high noise levels)
+it (``--guidance-above``: the highest noise levels guided at a scale of their own, not left to the prompt alone),
+steps, their spacing (``--timestep-spacing trailing karras``), step noise (eta, for the ddim and dpmpp_2m samplers,
+at every step or below a noise level), condition noise (CADS: the prompt annealed with noise at the high noise levels)
 and autoguidance (``--guide-unet``, a weaker UNet on the run's VAE and CLIP, at each ``--autoguidance`` scale,
 beside classifier-free guidance).
 

@@ -35,7 +35,7 @@ import torch
 
 from clip.model import CLIPModel
 from data import load_captions
-from diffusion.guidance import guidance_scale_table, guided_steps, is_guided
+from diffusion.guidance import is_guided, step_guidance
 from diffusion.samplers import step_etas
 from diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
 from engine.cli import command_line
@@ -94,19 +94,17 @@ def noise_settings(etas: Sequence[float], sigma_maxes: Sequence[float | None]) -
 
 def drawn_alike(settings: GenerationSettings, schedule: NoiseSchedule) -> tuple:
     """What decides a setting's samples: its fields, with the guidance interval, the scale above it and the
-    step-noise limit read as the sampling steps they select and the scale each step takes. Settings with equal
+    step-noise limit read as the scales each sampling step takes and the steps that get noise. Settings with equal
     keys draw the same samples from the same seeds."""
     timesteps = settings.timesteps(schedule)
     guide_scale = None if settings.guide_unet is None else settings.autoguidance_scale
-    guided = tuple(guided_steps(schedule, settings.guidance_interval, timesteps)) \
-        if is_guided(settings.guidance_scale, guide_scale) else None
-    scales = tuple(guidance_scale_table(schedule, settings.guidance_scale, settings.guidance_interval,
-                                        settings.guidance_scale_above)[timesteps.cpu().long()].tolist())
+    guidance = tuple(step_guidance(schedule, timesteps, settings.guidance_scale, settings.guidance_interval,
+                                   settings.guidance_scale_above, guide_scale))
     noisy = tuple(step_etas(schedule, timesteps.tolist(), settings.eta, settings.eta_sigma_max))
     fields = dataclasses.asdict(settings)
     return tuple((name, fields[name]) for name in sorted(fields) if name not in (
         "guidance_interval", "guidance_scale_above", "eta", "eta_sigma_max")) + (
-        ("guided_steps", guided), ("step_scales", scales), ("step_etas", noisy))
+        ("step_guidance", guidance), ("step_etas", noisy))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

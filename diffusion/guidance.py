@@ -29,10 +29,6 @@ def rescale_guided(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     return rescale * matched + (1 - rescale) * guided
 
 
-# What _level_regions calls each noise level
-UNGUIDED, INSIDE, ABOVE = 0, 1, 2
-
-
 def check_guidance_interval(interval: tuple[float, float] | None, scale_above: float = 1.0) -> None:
     """Raise ``ValueError`` unless ``interval`` is None or ``(sigma_lo, sigma_hi)`` with ``0 <= lo < hi``, and
     ``scale_above`` (the scale above the interval) is >= 0 and 1 unless the interval has a finite top."""
@@ -56,20 +52,12 @@ def guidance_scale_table(schedule: NoiseSchedule, guidance_scale: float,
     variety, more copies of a training image), and at the lowest it only sharpens what is already there; a
     ``scale_above`` between 1 and ``guidance_scale`` pushes the prompt (its colour, set at those levels) less
     hard there than inside."""
-    regions = _level_regions(schedule, interval, scale_above)
-    return torch.where(regions == INSIDE, guidance_scale, torch.where(regions == ABOVE, scale_above, 1.0)).float()
-
-
-def _level_regions(schedule: NoiseSchedule, interval: tuple[float, float] | None,
-                   scale_above: float = 1.0) -> Tensor:
-    """Per timestep, int64 [T]: INSIDE the guidance interval (every level without one), ABOVE it where
-    ``scale_above`` guides there, UNGUIDED elsewhere."""
     check_guidance_interval(interval, scale_above)
     sigma = schedule.sigmas
     if interval is None:
-        return torch.full_like(sigma, INSIDE, dtype=torch.long)
-    regions = torch.where((sigma > interval[0]) & (sigma <= interval[1]), INSIDE, UNGUIDED)
-    return torch.where(sigma > interval[1], ABOVE, regions) if scale_above != 1 else regions
+        return torch.full_like(sigma, guidance_scale, dtype=torch.float32)
+    inside = (sigma > interval[0]) & (sigma <= interval[1])
+    return torch.where(inside, guidance_scale, torch.where(sigma > interval[1], scale_above, 1.0)).float()
 
 
 def is_guided(guidance_scale: float, autoguidance_scale: float | None = None) -> bool:
@@ -78,22 +66,28 @@ def is_guided(guidance_scale: float, autoguidance_scale: float | None = None) ->
     return guidance_scale != 1 or (autoguidance_scale is not None and autoguidance_scale != 1)
 
 
-def guided_steps(schedule: NoiseSchedule, interval: tuple[float, float] | None, timesteps: Tensor) -> list[bool]:
-    """Whether each sampling step (``timesteps``, descending) lies in the guidance interval. Two intervals that
-    guide the same steps draw the same samples: a bound between two of the steps' noise levels moves nothing."""
-    return (_level_regions(schedule, interval)[timesteps.cpu().long()] == INSIDE).tolist()
+def step_guidance(schedule: NoiseSchedule, timesteps: Tensor, guidance_scale: float,
+                  interval: tuple[float, float] | None, scale_above: float = 1.0,
+                  autoguidance_scale: float | None = None) -> list[tuple[float, float]]:
+    """The (classifier-free, autoguidance) scales each sampling step (``timesteps``, descending) takes, as
+    ``cfg_denoiser`` reads them (``autoguidance_scale`` None: no guide model, 1). Steps with equal pairs run the
+    same guided denoiser, so settings whose bounds select the same steps draw the same samples: a bound between two
+    of the steps' noise levels moves nothing."""
+    index = timesteps.cpu().long()
+    scales = guidance_scale_table(schedule, guidance_scale, interval, scale_above)[index].tolist()
+    auto_scales = [1.0] * len(scales) if autoguidance_scale is None else \
+        guidance_scale_table(schedule, autoguidance_scale, interval)[index].tolist()
+    return list(zip(scales, auto_scales))
 
 
-def guidance_edges(schedule: NoiseSchedule, interval: tuple[float, float] | None, timesteps: Tensor,
-                   scale_above: float = 1.0) -> list[int]:
-    """The sampling timesteps (descending) at which the guidance changes: where the interval begins or ends, or
-    where the scale above it (``scale_above`` other than 1) gives way to the interval's. The guided denoiser there
-    is another function than at the step before, so a multistep solver should not extrapolate across it (the
-    samplers' ``first_order_at``). DPM-Solver++(2M) would otherwise push the first guided step towards the prompt
-    by ``1 + (1 + w)(scale - 1)`` rather than ``scale``, ``w`` its extrapolation weight."""
-    regions = _level_regions(schedule, interval, scale_above)[timesteps.cpu().long()].tolist()
+def guidance_edges(guidance: Sequence[tuple[float, float]], timesteps: Tensor) -> list[int]:
+    """The sampling timesteps (descending) at which a step's guidance (``step_guidance``) differs from the step
+    before's: where the interval begins or ends, or where the scale above it gives way to the interval's. The guided
+    denoiser there is another function than at the step before, so a multistep solver should not extrapolate across
+    it (the samplers' ``first_order_at``). DPM-Solver++(2M) would otherwise push the first guided step towards the
+    prompt by ``1 + (1 + w)(scale - 1)`` rather than ``scale``, ``w`` its extrapolation weight."""
     steps = timesteps.tolist()
-    return [t for t, before, now in zip(steps[1:], regions, regions[1:]) if before != now]
+    return [t for t, before, now in zip(steps[1:], guidance, guidance[1:]) if before != now]
 
 
 def check_condition_noise(condition_noise: tuple[float, float, float] | None) -> None:
@@ -204,9 +198,9 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
     if uncond.shape[1:] != cond.shape[1:] or uncond.shape[0] not in (1, cond.shape[0]):
         raise ValueError(f"uncond has shape {tuple(uncond.shape)} but cond has {tuple(cond.shape)}; encode both "
                          "prompts to the same length and give uncond batch 1 or the batch of cond")
-    scales = guidance_scale_table(schedule, guidance_scale, guidance_interval, guidance_scale_above).tolist()
-    auto_scales = [1.0] * len(scales) if guide_model is None else \
-        guidance_scale_table(schedule, autoguidance_scale, guidance_interval).tolist()
+    scales, auto_scales = zip(*step_guidance(schedule, torch.arange(schedule.num_steps), guidance_scale,
+                                             guidance_interval, guidance_scale_above,
+                                             None if guide_model is None else autoguidance_scale))
     keeps = [1.0] * len(scales) if condition_noise is None else \
         condition_noise_table(schedule, *condition_noise[1:]).tolist()
     # [uncond; cond] is built once here, not per step (only an annealed step builds its own)
@@ -274,9 +268,9 @@ def guided_sample_and_decode(model: Model, decode: Callable[[Tensor], Tensor], s
     denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
                             guidance_interval, condition_noise, noise, guide_model, autoguidance_scale,
                             guidance_scale_above)
-    guided = is_guided(guidance_scale, None if guide_model is None else autoguidance_scale) or guidance_scale_above != 1
-    edges = guidance_edges(schedule, guidance_interval, timesteps, guidance_scale_above) \
-        if first_order_at_guidance_edges and guided else []
+    edges = guidance_edges(step_guidance(schedule, timesteps, guidance_scale, guidance_interval, guidance_scale_above,
+                                         None if guide_model is None else autoguidance_scale),
+                           timesteps) if first_order_at_guidance_edges else []
     latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max,
                                 first_order_at=frozenset(edges))
     with decode_context or nullcontext():

@@ -7,7 +7,7 @@ import torch
 
 from diffusion.guidance import (anneal_condition, cfg_denoiser, guided_sample_and_decode, check_condition_noise, check_guidance_interval,
                                 condition_noise_table, guidance_edges, guidance_scale_table, rescale_guided,
-                                unconditional_rows)
+                                step_guidance, unconditional_rows)
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -230,15 +230,19 @@ def test_levels_above_the_interval_are_guided_at_the_scale_above_it(inputs, pred
     assert model.batches == [BATCH, 2 * BATCH, 2 * BATCH]  # below the interval: the conditional batch alone
 
 
-def test_guidance_edges_count_where_the_scale_above_gives_way_to_the_prompt_alone():
+def test_guidance_edges_are_where_a_steps_scales_change():
     schedule = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
     timesteps = schedule.sampling_timesteps(10)
     sigma = schedule.sigmas[timesteps]
     empty = (float(sigma[5]) * 1.01, float(sigma[4]) * 0.99)  # between two steps' levels: guides no step
-    assert guidance_edges(schedule, empty, timesteps) == []
-    assert guidance_edges(schedule, empty, timesteps, scale_above=2.0) == [int(timesteps[5])]
+    edges = lambda interval, **above: guidance_edges(  # noqa: E731
+        step_guidance(schedule, timesteps, 4.0, interval, **above), timesteps)
+    assert edges(empty) == []
+    assert edges(empty, scale_above=2.0) == [int(timesteps[5])]
     interval = (float(sigma[-2] + sigma[-1]) / 2, float(sigma[3] + sigma[2]) / 2)  # steps 3 to 8
-    assert guidance_edges(schedule, interval, timesteps, scale_above=2.0) == [int(timesteps[3]), int(timesteps[9])]
+    assert edges(interval, scale_above=2.0) == [int(timesteps[3]), int(timesteps[9])]
+    # the interval's own scale above it is the interval widened to the top: the same steps, the same one edge
+    assert edges(interval, scale_above=4.0) == edges((interval[0], float("inf"))) == [int(timesteps[9])]
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -285,8 +289,9 @@ def test_steps_outside_the_interval_skip_the_unconditional_pass(prediction_type)
 
     torch.testing.assert_close(out, sample_ddim(reference, schedule, x, timesteps))
     # where guidance switches on and off: the first guided step and the first after the interval
-    assert guidance_edges(schedule, interval, timesteps) == [int(timesteps[3]), int(timesteps[9])]
-    assert guidance_edges(schedule, None, timesteps) == []
+    assert guidance_edges(step_guidance(schedule, timesteps, 3.0, interval), timesteps) == \
+        [int(timesteps[3]), int(timesteps[9])]
+    assert guidance_edges(step_guidance(schedule, timesteps, 3.0, None), timesteps) == []
 
 
 def test_guided_sampling_steps_first_order_at_the_interval_edges_only_when_guided():
@@ -301,7 +306,7 @@ def test_guided_sampling_steps_first_order_at_the_interval_edges_only_when_guide
                                         timesteps, "dpmpp_2m", PerSampleNoise([0, 1, 2]), guidance_interval=interval,
                                         first_order_at_guidance_edges=first_order)[1]
 
-    edges = guidance_edges(schedule, interval, timesteps)
+    edges = guidance_edges(step_guidance(schedule, timesteps, 4.0, interval), timesteps)
     assert len(edges) == 2 and int(timesteps[0]) not in edges  # pure noise is outside, so the first step too
     denoiser = cfg_denoiser(ToyModel(), schedule, "v_prediction", cond, uncond, 4.0, guidance_interval=interval)
     expected = sample_dpmpp_2m(denoiser, schedule, x, timesteps, first_order_at=set(edges))
@@ -376,6 +381,9 @@ def test_sampling_sweep_keys_settings_by_the_steps_their_bounds_select():
         key(guidance_interval=(0.28, sigmas[5]), guidance_scale_above=2.0)
     assert key(guidance_interval=(0.28, between[0]), guidance_scale_above=2.0) != \
         key(guidance_interval=(0.28, between[1]), guidance_scale_above=2.0)
+    # the interval's own scale above it guides as the interval widened to the top, first-order edges included
+    assert key(guidance_interval=(0.28, 7.5), guidance_scale_above=4.0, first_order_at_guidance_edges=True) == \
+        key(guidance_interval=(0.28, float("inf")), first_order_at_guidance_edges=True)
 
 
 class ContextModel:

@@ -39,6 +39,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,11 +119,13 @@ class Variant:
 
 def split_named(text: str, option: str, example: str) -> tuple[str, list[str]]:
     """``NAME: ITEMS`` (an option's value naming a column or setting) -> ``(NAME, [ITEM, ...])``; NAME must be a
-    plain word (it names a folder)."""
+    plain word of letters, digits, ``_``, ``.`` and ``-`` (``lr3e-4``) that does not start with ``.`` or ``-``:
+    it names a folder."""
     name, sep, rest = text.partition(":")
     name = name.strip()
-    if not sep or not (name.isidentifier() and name.isascii()):
-        raise UserError(f"{option} takes 'NAME: ITEMS' with NAME a plain word, e.g. \"{example}\", got {text!r}")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise UserError(f"{option} takes 'NAME: ITEMS' with NAME a plain word (letters, digits, _ . -), e.g. "
+                        f"\"{example}\", got {text!r}")
     return name, rest.split()
 
 

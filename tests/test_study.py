@@ -385,6 +385,8 @@ def test_a_judge_taken_with_train_all_judge_is_the_runs_judge_everywhere(base, l
 @pytest.mark.parametrize("variant, message", [
     ("no_terms --unet.div_weight=0", "takes 'NAME: ITEMS'"),
     ("base: --unet.div_weight=0", "cannot be named 'base'"),
+    ("../up: --unet.div_weight=0", "NAME a plain word"),  # a name is a folder under --out
+    ("-x: --unet.div_weight=0", "NAME a plain word"),
     ("x: --judge.epochs=1", "changes the judge, the study's fixed ruler"),
     ("x: --lr=1", "cannot read '--lr=1'; write --STAGE.key=value"),
     ("x: vea=runs/a/vae", "cannot read 'vea=runs/a/vae'"),
@@ -396,6 +398,11 @@ def test_a_bad_variant_is_one_clear_error(base, tmp_path, variant, message):
     with pytest.raises(UserError, match=message):
         study(["--base", str(base), "--out", str(tmp_path / "o"), *FAST, "--variant", variant])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_name_may_carry_the_value_it_sets():
+    assert study_module.split_named("lr3e-4: --unet.lr=3e-4", "--variant", "x: y") == ("lr3e-4", ["--unet.lr=3e-4"])
+    assert study_module.split_named(" ema_0.99 :", "--variant", "x: y") == ("ema_0.99", [])
 
 
 @pytest.mark.parametrize("size, variant, message", [

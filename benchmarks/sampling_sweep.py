@@ -35,7 +35,7 @@ import torch
 
 from clip.model import CLIPModel
 from data import load_captions
-from diffusion.guidance import is_guided, step_guidance
+from diffusion.guidance import has_levels_above, is_guided, step_guidance
 from diffusion.samplers import step_etas
 from diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
 from engine.cli import command_line
@@ -163,11 +163,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                           args.first_order_at_guidance_edges, args.steps, args.timestep_spacing,
                                           noise_settings(args.eta, args.eta_sigma_max), args.condition_noise,
                                           guides)
-                     # nothing lies above an interval without a finite top
-                     if (above == 1 or (interval is not None and interval[1] < float("inf")))
+                     if (above == 1 or has_levels_above(interval))
                      # the first-order edge step changes nothing where no multistep sampler crosses a guidance edge
                      and (edges == "off" or (args.sampler == "dpmpp_2m" and interval is not None
-                                            and is_guided(scale, None if guide is None else auto)))
+                                            and (is_guided(scale, None if guide is None else auto) or above != 1)))
                      ]  # checked before loading
     stack = load_stack(args.run)
     judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()

@@ -29,6 +29,11 @@ def rescale_guided(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     return rescale * matched + (1 - rescale) * guided
 
 
+def has_levels_above(interval: tuple[float, float] | None) -> bool:
+    """Whether any noise level lies above ``interval``: only below a finite top (pure noise is sigma inf)."""
+    return interval is not None and math.isfinite(interval[1])
+
+
 def check_guidance_interval(interval: tuple[float, float] | None, scale_above: float = 1.0) -> None:
     """Raise ``ValueError`` unless ``interval`` is None or ``(sigma_lo, sigma_hi)`` with ``0 <= lo < hi``, and
     ``scale_above`` (the scale above the interval) is >= 0 and 1 unless the interval has a finite top."""
@@ -38,7 +43,7 @@ def check_guidance_interval(interval: tuple[float, float] | None, scale_above: f
     if scale_above < 0:
         raise ValueError(f"the guidance scale above the interval must be >= 0 (1: the prompt's prediction alone), "
                          f"got {scale_above}")
-    if scale_above != 1 and (interval is None or math.isinf(interval[1])):
+    if scale_above != 1 and not has_levels_above(interval):
         raise ValueError(f"a guidance scale above the interval ({scale_above:g}) needs an interval with a finite top "
                          f"(sigma_hi), got {interval}: give one, or leave the scale above it at 1")
 

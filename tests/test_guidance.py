@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from diffusion.guidance import (anneal_condition, cfg_denoiser, guided_sample_and_decode, check_condition_noise, check_guidance_interval,
-                                condition_noise_table, guidance_edges, guidance_scale_table, rescale_guided,
-                                step_guidance, unconditional_rows)
+                                condition_noise_table, guidance_edges, guidance_scale_table, has_levels_above,
+                                rescale_guided, step_guidance, unconditional_rows)
 from diffusion.noise import PerSampleNoise
 from diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -213,6 +213,11 @@ def test_bad_scale_above_the_interval_is_refused(interval, scale_above, message)
     with pytest.raises(ValueError, match=message):
         check_guidance_interval(interval, scale_above)
     check_guidance_interval(interval, 1.0)  # the interval itself is fine
+
+
+def test_levels_lie_above_an_interval_with_a_finite_top_only():  # the rule the sampling sweep's grid keeps too
+    assert has_levels_above((0.5, 5.0)) and has_levels_above((0.0, 1e9))
+    assert not has_levels_above(None) and not has_levels_above((0.5, float("inf")))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -65,5 +66,8 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
+    """Leave the process group. A garbage collection first: a DDP wrapper still held in a reference cycle would keep
+    gloo's process group until the interpreter's teardown, where freeing its work can abort the process."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -122,6 +122,21 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class ScaledLRFactor:
+    """The scheduler's factor at each step: ``lr_factor`` times ``scale``, which each spike rollback lowers.
+
+    An object, not a lambda over the trainer: that lambda made every trainer a reference cycle, alive with its DDP
+    process group until a garbage collection, at worst the interpreter's teardown, where freeing gloo's work can
+    abort the process."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        self.scale = 1.0
+
+    def __call__(self, step: int) -> float:
+        return self.scale * lr_factor(step, self.warmup_steps, self.total_steps, self.min_ratio)
+
+
 # Above this share of a log interval's steps skipped for a non-finite gradient, a replay looks for the cause (one bad
 # batch now and then costs its step; most of them, most of the training).
 MOSTLY_SKIPPED = 0.5
@@ -180,7 +195,6 @@ class Trainer:
         # the training state at the last two log intervals' ends that passed the spike rule (in memory, on the
         # device): a spike rolls back to the older one
         self._snapshots: deque[dict[str, Any]] = deque(maxlen=2)
-        self.lr_scale = 1.0  # times spike_lr_backoff per rollback
         self.spike_rollbacks_used = 0
         # off for the rest of the stage once cuDNN's attention made a step's gradient non-finite (_check_spike)
         self.cudnn_attention = cfg.cudnn_attention
@@ -221,9 +235,8 @@ class Trainer:
         self.ema = EMA(averaged, cfg.ema_decay, std=cfg.ema_std) if cfg.ema_decay > 0 or cfg.ema_std > 0 else None
         self.ema_probes = {std: EMA(averaged, std=std) for std in cfg.ema_probe_stds}
         self.optimizer = self._make_optimizer(param_groups)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # lr_scale read at each step: a rollback lowers it
-            self.optimizer,
-            lambda s: self.lr_scale * lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
+        self._lr_factor = ScaledLRFactor(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
         run_config = cfg if run_config is None else run_config
         self.run_config = config_to_dict(run_config) if is_dataclass(run_config) else dict(run_config)
@@ -282,6 +295,15 @@ class Trainer:
         # fused on the CPU too: only the fused AdamW skips a step on the device flag _train_step sets
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
                                  weight_decay=self.cfg.weight_decay, fused=True)
+
+    @property
+    def lr_scale(self) -> float:
+        """The learning rate's factor from spike rollbacks: times ``spike_lr_backoff`` per rollback."""
+        return self._lr_factor.scale
+
+    @lr_scale.setter
+    def lr_scale(self, value: float) -> None:
+        self._lr_factor.scale = value
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from engine import Trainer, TrainConfig
+from engine import Trainer, TrainConfig, distributed
 from engine.runlog import rollbacks, skipped_steps
 
 DATA_X = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
@@ -58,9 +58,11 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     assert trainer.micro_batch == 4 and trainer.env.world_size == 2
     if rank == 0:
         torch.save({k: v.clone() for k, v in trainer.module.state_dict().items()}, os.path.join(out, "final.pt"))
+    # the trainer's DDP wrapper holds the process group: gone before the group is, not at the interpreter's teardown
+    del trainer
     # both ranks leave together: a rank that tears gloo down while its peer still writes can abort the peer
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    distributed.cleanup()
 
 
 def _free_port() -> int:

@@ -195,6 +195,9 @@ def cfg_denoiser(model: Model, schedule: NoiseSchedule, prediction_type: str, co
     (:func:`unconditional_rows`: an empty prompt) has no prompt to blur and is never annealed, draws no condition
     noise (its stream stays that of no annealing) and takes the unconditional prediction at every guided step,
     so guidance has no noise to amplify: it samples as at ``guidance_scale=1`` without condition noise.
+    The noise is fresh at every step, so a multistep sampler that extrapolates from the last step's prediction
+    (DPM++ 2M: ``(1 + w) D_i - w D_{i-1}``) passes on ``(1 + w)^2 + w^2`` times one step's share of its variance
+    (2.5x at ``w`` = 0.5); the default scale was chosen on that sampler, so it includes this.
     """
     check_prediction_type(prediction_type)
     check_condition_noise(condition_noise)

@@ -12,12 +12,12 @@ the device of the data, in float32 (float64 when the data is float64), from a pe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from engine.config import ConfigError
+from engine.config import UNRECORDED, ConfigError
 
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -48,7 +48,7 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     zero_terminal_snr: bool = False
-    snr_shift: float = 1.0
+    snr_shift: float = field(default=1.0, metadata={UNRECORDED: 1.0})  # older stages: unshifted
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field and the fix."""

@@ -305,13 +305,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
-    """Rebuild a (nested) dataclass config from ``config_to_dict`` output; unknown keys are an error."""
+    """Rebuild a (nested) dataclass config from ``config_to_dict`` output; unknown keys are an error. A key the
+    data lacks takes its ``UNRECORDED`` value where the field declares one (what records from before it trained
+    with), else the field's default."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown keys {sorted(unknown)} for {cls.__name__} (written by another code version?)")
-    kwargs = {}
+    kwargs = {f.name: f.metadata[UNRECORDED] for f in fields(cls) if f.name not in data and UNRECORDED in f.metadata}
     for name, value in data.items():
         hint = hints[name]
         if is_dataclass(hint) and isinstance(value, Mapping):

@@ -309,8 +309,12 @@ def check_guide(folder: str | Path, unet_info: StageInfo) -> StageInfo:
     info = read_stage(folder, "unet")
     problems = [f"it was trained on another {stage.upper()}" for stage in ("vae", "clip")
                 if info.trained_on.get(stage) != unet_info.trained_on.get(stage)]
-    problems += [f"its {key.replace('_', ' ')} differs" for key in ("schedule", "prediction_type")
-                 if info.training.get(key) != unet_info.training.get(key)]
+    # as configs, not as recorded: a record from before a schedule setting existed trained with its older value
+    if config_from_dict(ScheduleConfig, info.training["schedule"]) != config_from_dict(
+            ScheduleConfig, unet_info.training["schedule"]):
+        problems.append("its schedule differs")
+    if info.training.get("prediction_type") != unet_info.training.get("prediction_type"):
+        problems.append("its prediction type differs")
     if trained_latent_normalisation(info.training) != trained_latent_normalisation(unet_info.training):
         problems.append("its latent normalisation differs")
     guide_px, unet_px = info.training.get("resolution"), unet_info.training.get("resolution")

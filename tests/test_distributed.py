@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) under the engine train like one process with the same global batch."""
 
+import faulthandler
 import os
 import re
 import socket
@@ -50,9 +51,16 @@ def _train(out: str) -> Trainer:
     return trainer
 
 
-def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+def _as_rank(rank: int, world_size: int, port: int) -> None:
+    """The environment torchrun gives a rank; and a traceback of every thread should the process abort (a rank
+    once aborted in CI at exit, after training correctly: the next one says where)."""
+    faulthandler.enable(all_threads=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+    _as_rank(rank, world_size, port)
     torch.set_num_threads(1)
     trainer = _train(out)
     assert trainer.micro_batch == 4 and trainer.env.world_size == 2
@@ -96,7 +104,7 @@ def _embeddings():
 
 def _contrastive_worker(rank: int, world_size: int, port: int, out: str) -> None:
     from clip.loss import contrastive_loss, duplicate_mask, gather_across_ranks
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _as_rank(rank, world_size, port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     image, text, tokens = (t.chunk(world_size)[rank] for t in _embeddings())
     image.requires_grad_(True)
@@ -131,8 +139,7 @@ TRAIN_ALL_ARGS = ["--data", "shapes:60", "--preset", "tiny", "--device", "cpu", 
 
 def _train_all_worker(rank: int, world_size: int, port: int, out: str) -> None:
     import train_all
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _as_rank(rank, world_size, port)
     torch.set_num_threads(1)
     train_all.main(TRAIN_ALL_ARGS + ["--run", out])
 

@@ -958,13 +958,23 @@ def test_a_recorded_command_splits_back_into_the_arguments_it_was_given(monkeypa
 
 def test_a_setting_a_record_lacks_reads_as_the_value_older_records_trained_with():
     from diffusion.config import UNetTrainConfig
-    from engine.config import setting_differences, unrecorded_values
+    from engine.config import UNRECORDED, setting_differences, unrecorded_values
 
     assert unrecorded_values(UNetTrainConfig) == {"keep_colour_sentence": False, "latent_normalisation": "global",
-                                                  "model.qk_norm": False, "model.pooled_context": False}
+                                                  "model.qk_norm": False, "model.pooled_context": False,
+                                                  "schedule.snr_shift": 1.0}
     asked = {"lr": 1e-3, "latent_normalisation": "global"}
     assert setting_differences(asked, {"lr": 1e-3}) == ["latent_normalisation was None, now 'global'"]
     assert setting_differences(asked, {"lr": 1e-3}, {"latent_normalisation": "global"}) == []
     assert setting_differences({**asked, "latent_normalisation": "per_channel"}, {"lr": 1e-3},
                                {"latent_normalisation": "global"}) == [
         "latent_normalisation was 'global', now 'per_channel'"]
+
+    @dataclass
+    class Later:
+        kept: int = 1
+        added: str = field(default="new", metadata={UNRECORDED: "old"})
+
+    # a record written before `added` existed is rebuilt with what it trained with, not the default
+    assert config_from_dict(Later, {"kept": 2}) == Later(kept=2, added="old")
+    assert config_from_dict(Later, {"kept": 2, "added": "new"}) == Later(kept=2)

@@ -554,12 +554,13 @@ def test_stages_recorded_before_a_setting_existed_are_what_its_old_value_asks(ru
     for folder in (run / "unet", run / "unet" / "lowres"):  # as written before these settings existed
         config = json.loads((folder / "config.json").read_text())
         del config["training"]["latent_normalisation"], config["training"]["keep_colour_sentence"]
-        del config["model"]["qk_norm"], config["model"]["pooled_context"]
+        del config["model"]["qk_norm"], config["model"]["pooled_context"], config["training"]["schedule"]["snr_shift"]
         (folder / "config.json").write_text(json.dumps(config))
     fingerprint = read_stage(run / "unet").fingerprint
     train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval"])
     assert read_stage(run / "unet").fingerprint == fingerprint  # every stage kept, nothing trained again
-    assert load_stack(run, device="cpu").latent_normalisation.shift is None
+    stack = load_stack(run, device="cpu")
+    assert stack.latent_normalisation.shift is None and stack.schedule.config.snr_shift == 1.0
     with pytest.raises(StageError, match="latent_normalisation was 'global', now 'per_channel'"):
         train_all.main(["--data", DATA, "--run", str(run), "--preset", "tiny", "--device", "cpu", "--skip-eval",
                         "--unet.latent_normalisation=per_channel"])
@@ -797,6 +798,14 @@ def test_autoguidance_reaches_generation_and_a_guide_that_cannot_guide_is_refuse
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(StageError, match="cannot guide the UNet at .*: its latent normalisation differs; guide"):
         images(guide_unet=str(other))
+    config["training"]["latent_normalisation"] = read_stage(guide_a).training["latent_normalisation"]
+    config["training"]["schedule"]["snr_shift"] = 4.0  # the same latents, noised on another schedule
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StageError, match="cannot guide the UNet at .*: its schedule differs; guide"):
+        images(guide_unet=str(other))
+    del config["training"]["schedule"]["snr_shift"]  # recorded before the setting existed: it trained unshifted
+    (other / "config.json").write_text(json.dumps(config))
+    assert torch.equal(images(guide_unet=str(other)), autoguided)
     # the run's low-resolution phase: same VAE, CLIP and schedule, but its predictions are for 32-px images
     with pytest.raises(StageError, match="cannot guide the UNet at .*: it was trained at 32 px, the UNet at 64 px; "
                                          "guide with .* at the UNet's resolution"):

@@ -125,8 +125,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 class ScaledLRFactor:
     """The scheduler's factor at each step: ``lr_factor`` times ``scale``, which each spike rollback lowers.
 
-    An object, not a lambda over the trainer: that lambda made every trainer a reference cycle, alive with its DDP
-    process group until a garbage collection, at worst the interpreter's teardown, where freeing gloo's work can
+    Its own object, not a lambda over the trainer: that lambda made every trainer a reference cycle, alive with its
+    DDP process group until a garbage collection, at worst the interpreter's teardown, where freeing gloo's work can
     abort the process."""
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
@@ -235,8 +235,10 @@ class Trainer:
         self.ema = EMA(averaged, cfg.ema_decay, std=cfg.ema_std) if cfg.ema_decay > 0 or cfg.ema_std > 0 else None
         self.ema_probes = {std: EMA(averaged, std=std) for std in cfg.ema_probe_stds}
         self.optimizer = self._make_optimizer(param_groups)
-        self._lr_factor = ScaledLRFactor(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self._lr_factor = factor = ScaledLRFactor(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
+        # handed over as a function, which LambdaLR leaves out of its state (an object's attributes it would save):
+        # the trainer checkpoints lr_scale itself, and a rollback's restored scheduler must not bring an older back
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: factor(step))
 
         run_config = cfg if run_config is None else run_config
         self.run_config = config_to_dict(run_config) if is_dataclass(run_config) else dict(run_config)

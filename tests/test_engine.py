@@ -489,6 +489,24 @@ def test_after_a_rollback_the_learning_rate_is_scaled_by_the_backoff_and_a_resum
     assert len(rollbacks(tmp_path / "b" / "log.jsonl")) == 1
 
 
+def test_a_second_rollback_to_the_same_snapshot_lowers_the_rate_again(tmp_path):
+    # a spike in steps 33-34 goes back to step 30's snapshot; the replay spikes again in steps 31-32, before any
+    # newer snapshot: back to the same one, whose scheduler state must not bring the first backoff's rate back
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, spike_rollbacks=2,
+                      spike_lr_backoff=0.5)
+    trainer = Trainer(ToyModule(), cfg, tmp_path / "twice", num_train_items=len(DATA_X), device="cpu")
+    spoiled = {(32, 0), (33, 0), (30, 1), (31, 1)}  # (step, rollbacks used so far)
+
+    def batches(indices, generator):
+        x, y = make_batch(indices, generator)
+        return (x, 100 * y) if (trainer.step, trainer.spike_rollbacks_used) in spoiled else (x, y)
+
+    trainer.fit(batches)
+    assert [(r["step"], r["lr_scale"]) for r in rollbacks(tmp_path / "twice" / "log.jsonl")] == [(30, 0.5),
+                                                                                                 (30, 0.25)]
+    assert trainer.lr_scale == 0.25
+
+
 def test_a_run_resumed_before_a_spike_rolls_it_back_as_the_uninterrupted_run_does(tmp_path):
     straight = spiky_train(tmp_path / "a", epochs=6, spike_at=(32,), spike_rollbacks=1, checkpoint_every_steps=2)
     with pytest.raises(KeyboardInterrupt):  # killed before the spike: the snapshots in memory are lost

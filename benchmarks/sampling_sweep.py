@@ -14,7 +14,10 @@ The judge is the run's (``judge/``, or the one its ``stages.json`` names). ``--s
 times with disjoint seeds (the study's seed sets): a record's ``metrics`` are their mean, ``metrics_sd`` the spread
 over the sets. Every setting draws the same prompts and seeds, so each after the first is also measured against
 the first sample for sample (``paired_with_first``: ``pipelines.evaluate.paired_differences``), which tells a
-smaller difference from noise than two means do. Writes one JSON record per setting and prints a table;
+smaller difference from noise than two means do. Each drawn record keeps its ``samples`` (every sample's prompt or
+validation row, seed and verdicts, as an ``evaluation.json`` does) and the JSON names its judge, so a setting also
+pairs with another run's evaluation or sweep of the same prompts and seeds (``python -m pipelines.paired
+sweep.json:N OTHER``). Writes one JSON record per setting and prints a table;
 ``--showcase DIR`` also draws each setting's picture, the showcase prompts x 4 seeds as in a run's
 ``final_samples.png`` (``DIR/setting_NN.png``, listed with their settings in ``DIR/showcase.md``), so that a
 setting is judged by eye as well as by its figures. A setting whose noise-level bounds (guidance interval, step
@@ -41,8 +44,8 @@ from diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
 from engine.cli import command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
-from pipelines.evaluate import (SEED_SET_STRIDE, generation_metrics, over_seed_sets, paired_differences,
-                                real_reference)
+from pipelines.evaluate import (SEED_SET_STRIDE, describe_judge, generation_metrics, over_seed_sets,
+                                paired_differences, real_reference)
 from pipelines.stages import judge_path, load_stack
 from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase,
                                      showcase_layout)
@@ -170,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      ]  # checked before loading
     stack = load_stack(args.run)
     judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()
+    judge_name = describe_judge(judge_path(args.run))  # its fingerprint: what pipelines.paired pairs copies under
     data = load_captions(args.data, resolution=stack.image_size)
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting
@@ -193,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         record["autoguidance_scale"] = None if settings.guide_unet is None else settings.autoguidance_scale
         earlier = keys.index(keys[index])
         if earlier < index:  # its bounds select the steps an earlier setting's did: the same samples, not redrawn
-            records.append({**record, **{key: value for key, value in records[earlier].items() if key not in record},
-                            "same_samples_as": earlier})
+            records.append({**record, **{key: value for key, value in records[earlier].items()
+                                         if key not in record and key != "samples"}, "same_samples_as": earlier})
             if args.showcase:
                 showcase += [f"## setting {index:02d}: {settings.describe()}", "",
                              f"The same samples as setting {earlier:02d}.", ""]
@@ -213,13 +217,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                              f"![setting {index:02d}]({picture.name})", ""]
             paired = {"paired_with_first": paired_differences(first_drawn, drawn)} if index else {}
             records.append({**record, "metrics": summary["mean"],
-                            **({"metrics_sd": summary["sd"]} if "sd" in summary else {}), **paired, **pictures})
+                            **({"metrics_sd": summary["sd"]} if "sd" in summary else {}), **paired, **pictures,
+                            "samples": drawn})
         metrics, spread = records[-1]["metrics"], records[-1].get("metrics_sd", {})
         print("| " + " | ".join(str(value) for value in record.values()) + " | "
               + " | ".join(f"{metrics[k]:.3f}" + (f" ± {spread[k]:.3f}" if spread else "") for k in SHOWN) + " |"
               + (f" same samples as setting {earlier:02d}" if earlier < index else ""), flush=True)
         # after every setting, so a sweep cut short (a machine taken back) keeps what it measured
-        write_json(args.out, {"run": str(args.run), "sampler": args.sampler, "seed_sets": args.seed_sets,
+        write_json(args.out, {"run": str(args.run), "judge": judge_name, "sampler": args.sampler,
+                              "seed_sets": args.seed_sets,
                               "gpu": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
                               "command": command_line("python -m benchmarks.sampling_sweep", argv),
                               "settings": len(settings_grid), "records": records})

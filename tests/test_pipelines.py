@@ -1199,6 +1199,16 @@ def test_sampling_sweep_draws_each_setting_as_a_run_draws_its_final_samples(run_
     records = json.loads(out.read_text())["records"]
     assert "paired_with_first" not in records[0]  # the second setting against the first, sample for sample
     assert records[1]["paired_with_first"]["pairs"] == records[1]["metrics"]["samples"]
+    # every sample's verdicts are kept, so the file pairs with itself and with the run's evaluation, without drawing
+    from pipelines.paired import paired_sides
+
+    assert [len(record["samples"]) for record in records] == [record["metrics"]["samples"] for record in records]
+    from_file = paired_sides([f"{out}:0", f"{out}:1"])
+    assert from_file["paired"][f"{out}:1"] == records[1]["paired_with_first"]
+    evaluated = json.loads((run_a / "evaluation.json").read_text())["samples"]
+    against_run = paired_sides([str(run_a), f"{out}:0"])  # the evaluation's prompts and seeds are seed set 0's
+    assert against_run["paired"][f"{out}:0"]["pairs"] == len(evaluated)
+    assert against_run["judge_copies_not_paired"] == [] and "copied_judge" in against_run["paired"][f"{out}:0"]
     index = (showcase / "showcase.md").read_text(encoding="utf-8")
     annealed = GenerationSettings(size=64, steps=2, eta=0, condition_noise=(0.25, 2.6, 18))
     assert f"## setting 01: {annealed.describe()}" in index and "(setting_01.png)" in index
@@ -1245,6 +1255,9 @@ def test_sampling_sweep_draws_a_setting_once_when_its_bounds_select_the_same_ste
     assert [record["guidance_interval"] for record in records] == [None, [0.0, math.inf], [0.28, 7.5]]
     assert [settings.guidance_interval for settings in calls] == [None, (0.28, 7.5)]
     assert records[1]["same_samples_as"] == 0 and records[1]["metrics"] == records[0]["metrics"]
+    from pipelines.paired import read_side
+
+    assert "samples" not in records[1] and read_side(f"{out}:1")[0] == records[0]["samples"]  # kept once
     assert "same_samples_as" not in records[2] and records[2]["metrics"] != records[0]["metrics"]
     printed = capsys.readouterr().out
     assert "2 steps (trailing) start at sigma inf, " in printed and "same samples as setting 00" in printed

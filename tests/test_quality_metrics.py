@@ -638,3 +638,53 @@ def test_paired_differences_pair_samples_by_prompt_and_seed():
     assert grown["pairs"] == 40 and grown["error_unpaired"] > 0.01  # the seeds' spread, shared by both sides
     assert "| foreground share | 0.495 → 0.545 (+0.050 ± 0.000 paired, ± 0.026 unpaired) |" in paired_table(
         {"B against A": {"pairs": 40, "fg_share": grown}})
+
+
+def test_paired_reads_runs_evaluations_and_sweep_settings_and_pairs_judge_copies_under_one_judge(tmp_path, capsys):
+    from engine.errors import UserError
+    from pipelines.paired import main, paired_sides
+
+    before = [record("colour_prompts", "a red pokemon", seed, 1, copied_judge=seed < 6, colour_hit=seed < 20)
+              for seed in range(40)]
+    after = [{**sample, "copied_judge": sample["seed"] < 2, "colour_hit": sample["seed"] < 25} for sample in before]
+    judge = "runs/A/judge (0123456789abcdef)"
+    run = tmp_path / "A"
+    run.mkdir()
+    (run / "evaluation.json").write_text(json.dumps({"judge": judge, "samples": before}))
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"judge": judge, "records": [
+        {"samples": after}, {"same_samples_as": 0}, {"samples": before}]}))
+    other_judge = tmp_path / "other.json"
+    other_judge.write_text(json.dumps({"judge": "runs/B/judge (fedcba9876543210)", "samples": after}))
+
+    result = main([str(run), f"{sweep}:1", str(other_judge), "--out", str(tmp_path / "paired.json")])
+    paired = result["paired"][f"{sweep}:1"]  # setting 1 drew nothing of its own: setting 0's samples
+    assert paired["pairs"] == 40
+    assert (paired["copied_judge"]["only_before"], paired["copied_judge"]["only_after"]) == (4, 0)
+    assert (paired["colour_hit"]["only_before"], paired["colour_hit"]["only_after"]) == (0, 5)
+    assert "copied_judge" not in result["paired"][str(other_judge)]  # another judge: its copies are not paired
+    assert result["paired"][str(other_judge)]["colour_hit"] == paired["colour_hit"]  # the rest still pairs
+    assert result["judge_copies_not_paired"] == [str(other_judge)]
+    assert json.loads((tmp_path / "paired.json").read_text())["paired"][f"{sweep}:1"]["pairs"] == 40
+    printed = capsys.readouterr().out
+    assert "| near-copies, judge space | 0.150 → 0.050 (-0.100; 4 / 0 pairs only before / after" in printed
+    assert f"{other_judge}: judge-space copies not paired" in printed
+    # a setting with its own samples pairs as drawn: setting 2 is the evaluation's samples again
+    assert paired_sides([str(run), f"{sweep}:2"])["paired"][f"{sweep}:2"]["copied_judge"]["only_before"] == 0
+
+    old = tmp_path / "old.json"  # a sweep written before sweeps kept their samples
+    old.write_text(json.dumps({"records": [{"metrics": {}}]}))
+    not_json = tmp_path / "notes.json"
+    not_json.write_text("fd 0.04")
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"samples": [{**sample, "seed": sample["seed"] + 100} for sample in before]}))
+    for sides, message in (([str(run)], "at least two sides"),
+                           ([str(run), str(tmp_path / "missing.json")], "missing.json not found"),
+                           ([str(run), str(tmp_path)], f"{tmp_path.name}/evaluation.json not found"),
+                           ([str(run), f"{sweep}:3"], "settings 0-2, not 3"),
+                           ([str(run), f"{other_judge}:1"], "one setting: drop ':1'"),
+                           ([str(run), str(old)], "records no samples"),
+                           ([str(run), str(not_json)], "is not JSON"),
+                           ([str(run), str(elsewhere)], "no side shares two samples")):
+        with pytest.raises(UserError, match=message):
+            paired_sides(sides)

@@ -41,6 +41,8 @@ def read_side(spec: str) -> tuple[list[dict[str, Any]], str | None]:
         measured = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not JSON ({err}): give an {EVALUATION_FILE} or a sampling sweep's JSON") from None
+    if not isinstance(measured, dict) or not ("records" in measured or "generation" in measured):
+        raise UserError(f"{path} is neither an {EVALUATION_FILE} nor a sampling sweep's JSON: give one of those")
     judge = judge_fingerprint(measured)
     if "records" in measured:  # a sampling sweep
         records = measured["records"]

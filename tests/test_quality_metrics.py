@@ -650,12 +650,12 @@ def test_paired_reads_runs_evaluations_and_sweep_settings_and_pairs_judge_copies
     judge = "runs/A/judge (0123456789abcdef)"
     run = tmp_path / "A"
     run.mkdir()
-    (run / "evaluation.json").write_text(json.dumps({"judge": judge, "samples": before}))
+    (run / "evaluation.json").write_text(json.dumps({"judge": judge, "generation": {}, "samples": before}))
     sweep = tmp_path / "sweep.json"
     sweep.write_text(json.dumps({"judge": judge, "records": [
         {"samples": after}, {"same_samples_as": 0}, {"samples": before}]}))
     other_judge = tmp_path / "other.json"
-    other_judge.write_text(json.dumps({"judge": "runs/B/judge (fedcba9876543210)", "samples": after}))
+    other_judge.write_text(json.dumps({"judge": "runs/B/judge (fedcba9876543210)", "generation": {}, "samples": after}))
 
     result = main([str(run), f"{sweep}:1", str(other_judge), "--out", str(tmp_path / "paired.json")])
     paired = result["paired"][f"{sweep}:1"]  # setting 1 drew nothing of its own: setting 0's samples
@@ -677,7 +677,10 @@ def test_paired_reads_runs_evaluations_and_sweep_settings_and_pairs_judge_copies
     not_json = tmp_path / "notes.json"
     not_json.write_text("fd 0.04")
     elsewhere = tmp_path / "elsewhere.json"
-    elsewhere.write_text(json.dumps({"samples": [{**sample, "seed": sample["seed"] + 100} for sample in before]}))
+    elsewhere.write_text(json.dumps({"generation": {}, "samples": [{**sample, "seed": sample["seed"] + 100}
+                                                                   for sample in before]}))
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"minutes": 17.4}))
     for sides, message in (([str(run)], "at least two sides"),
                            ([str(run), str(tmp_path / "missing.json")], "missing.json not found"),
                            ([str(run), str(tmp_path)], f"{tmp_path.name}/evaluation.json not found"),
@@ -685,6 +688,7 @@ def test_paired_reads_runs_evaluations_and_sweep_settings_and_pairs_judge_copies
                            ([str(run), f"{other_judge}:1"], "one setting: drop ':1'"),
                            ([str(run), str(old)], "records no samples"),
                            ([str(run), str(not_json)], "is not JSON"),
+                           ([str(run), str(summary)], "neither an evaluation.json nor a sampling sweep"),
                            ([str(run), str(elsewhere)], "no side shares two samples")):
         with pytest.raises(UserError, match=message):
             paired_sides(sides)

@@ -692,3 +692,42 @@ def test_paired_reads_runs_evaluations_and_sweep_settings_and_pairs_judge_copies
                            ([str(run), str(elsewhere)], "no side shares two samples")):
         with pytest.raises(UserError, match=message):
             paired_sides(sides)
+
+
+def test_copy_recurrence_counts_samples_copied_again_against_independence(tmp_path, capsys):
+    from benchmarks.copy_recurrence import main, poisson_binomial
+    from engine.errors import UserError
+
+    assert poisson_binomial([0.5, 0.5]) == pytest.approx([0.25, 0.5, 0.25])
+    law = poisson_binomial([0.1, 0.2, 0.3])
+    assert sum(law) == pytest.approx(1) and sum(k * p for k, p in enumerate(law)) == pytest.approx(0.6)
+    assert law[3] == pytest.approx(0.1 * 0.2 * 0.3) and law[0] == pytest.approx(0.9 * 0.8 * 0.7)
+
+    judge = "runs/A/judge (0123456789abcdef)"
+    # three runs of 20 samples: seed 0 copied by all three, seed 1 by two, seeds 2-4 by one run each
+    copied = {"A": {0, 1, 2}, "B": {0, 1, 3}, "C": {0, 4}}
+    sides = []
+    for name, seeds in copied.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"judge": judge, "generation": {}, "samples": [
+            record("colour_prompts", "a red pokemon", seed, 1, copied_judge=seed in seeds) for seed in range(20)]}))
+        sides.append(str(path))
+    result = main([*sides, "--recurring", "2", "--out", str(tmp_path / "recurrence.json")])
+    assert result["samples"] == 20 and result["rates"][sides[2]] == 0.1
+    assert {n: row["observed"] for n, row in result["samples_flagged_by"].items()} == {"0": 15, "1": 3, "2": 1, "3": 1}
+    expected = poisson_binomial([0.15, 0.15, 0.1])
+    assert result["samples_flagged_by"]["3"]["expected_if_independent"] == pytest.approx(20 * expected[3])
+    assert [(s["seed"], s["sides"]) for s in result["recurring_samples"]] == [(0, 3), (1, 2)]
+    assert result["share_of_flags_on_recurring_samples"] == pytest.approx(5 / 8)
+    assert json.loads((tmp_path / "recurrence.json").read_text())["judge"] == "0123456789abcdef"
+    assert "2 samples flagged by at least 2" in capsys.readouterr().out
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"judge": "runs/B/judge (fedcba9876543210)", "generation": {},
+                                 "samples": [record("colour_prompts", "a red pokemon", 0, 1, True)] * 2}))
+    with pytest.raises(UserError, match="only under one named judge"):
+        main([sides[0], str(other)])
+    with pytest.raises(UserError, match="share 1 sample"):  # pixel copies compare across judges; one seed in common
+        main([sides[0], str(other), "--flag", "copied_pixel"])
+    with pytest.raises(UserError, match="--recurring between 1 and their number"):
+        main([*sides, "--recurring", "4"])

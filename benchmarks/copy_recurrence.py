@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise UserError("judge-space copies count only under one named judge; these sides name "
                             f"{sorted(map(str, judges))}: give measurements of one judge, or --flag copied_pixel")
     result = recurrence({spec: samples for spec, (samples, _) in read.items()}, args.flag, args.recurring)
-    result["judge"] = read[args.sides[0]][1]
+    result["judges"] = {spec: judge for spec, (_, judge) in read.items()}
     result["command"] = command_line("python -m benchmarks.copy_recurrence", argv)
     for n, row in result["samples_flagged_by"].items():
         print(f"flagged by {n} of {result['sides']}: {row['observed']} samples "

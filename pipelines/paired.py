@@ -95,9 +95,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, help="write the paired figures here as JSON")
     args = parser.parse_args(argv)
     result = paired_sides(args.sides)
-    if result["paired"]:
-        print(paired_table({f"{spec} against {result['first']}": figures
-                            for spec, figures in result["paired"].items()}), end="")
+    print(paired_table({f"{spec} against {result['first']}": figures for spec, figures in result["paired"].items()}),
+          end="")
     for spec in result["judge_copies_not_paired"]:
         print(f"{spec}: judge-space copies not paired (judge {result['judges'][spec] or 'not named'}, "
               f"the first's {result['judges'][result['first']] or 'not named'})")

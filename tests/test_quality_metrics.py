@@ -719,7 +719,7 @@ def test_copy_recurrence_counts_samples_copied_again_against_independence(tmp_pa
     assert result["samples_flagged_by"]["3"]["expected_if_independent"] == pytest.approx(20 * expected[3])
     assert [(s["seed"], s["sides"]) for s in result["recurring_samples"]] == [(0, 3), (1, 2)]
     assert result["share_of_flags_on_recurring_samples"] == pytest.approx(5 / 8)
-    assert json.loads((tmp_path / "recurrence.json").read_text())["judge"] == "0123456789abcdef"
+    assert set(json.loads((tmp_path / "recurrence.json").read_text())["judges"].values()) == {"0123456789abcdef"}
     assert "2 samples flagged by at least 2" in capsys.readouterr().out
 
     other = tmp_path / "other.json"

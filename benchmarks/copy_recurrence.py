@@ -22,13 +22,8 @@ from typing import Any, Sequence
 from engine.cli import command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
-from pipelines.evaluate import PAIRED_FLAGS
+from pipelines.evaluate import PAIRED_FLAGS, sample_key
 from pipelines.paired import read_side
-
-
-def sample_key(record: dict[str, Any]) -> tuple:
-    """What a sample was drawn from: its source, its prompt or validation row, and its seed."""
-    return record["source"], record.get("prompt", record.get("row")), record["seed"]
 
 
 def poisson_binomial(rates: Sequence[float]) -> list[float]:
@@ -44,6 +39,9 @@ def recurrence(sides: dict[str, list[dict[str, Any]]], flag: str, recurring: int
     """Over the samples every side drew: how many sides flag each one, against independence at each side's rate."""
     flagged = {name: {sample_key(r): bool(r[flag]) for r in records if r.get(flag) is not None}
                for name, records in sides.items()}
+    # each sample as its records name it (a colour prompt, or a caption's validation row: no caption text)
+    drawn = {sample_key(r): {k: r[k] for k in ("source", "prompt", "row", "seed") if k in r}
+             for records in sides.values() for r in records}
     common = set.intersection(*(set(flags) for flags in flagged.values()))
     if len(common) < 2:
         raise UserError(f"the sides share {len(common)} sample(s) with a {flag} verdict: give measurements of the "
@@ -59,8 +57,7 @@ def recurrence(sides: dict[str, list[dict[str, Any]]], flag: str, recurring: int
             "samples_flagged_by": {str(n): {"observed": observed.get(n, 0), "expected_if_independent": expected[n]}
                                    for n in range(len(sides) + 1)},
             "recurring": recurring,
-            "recurring_samples": [{"source": k[0], ("prompt" if k[0] == "colour_prompts" else "row"): k[1],
-                                   "seed": k[2], "sides": per_sample[k]} for k in repeat],
+            "recurring_samples": [{**drawn[k], "sides": per_sample[k]} for k in repeat],
             "recurring_expected_if_independent": sum(expected[recurring:]),
             "share_of_flags_on_recurring_samples": sum(per_sample[k] for k in repeat) / max(flags_total, 1),
             "recurring_by_source": dict(Counter(k[0] for k in repeat))}

@@ -172,8 +172,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                             and (is_guided(scale, None if guide is None else auto) or above != 1)))
                      ]  # checked before loading
     stack = load_stack(args.run)
-    judge = CLIPModel.load(judge_path(args.run), device=stack.device).eval()
-    judge_name = describe_judge(judge_path(args.run))  # its fingerprint: what pipelines.paired pairs copies under
+    judge_dir = judge_path(args.run)
+    judge = CLIPModel.load(judge_dir, device=stack.device).eval()
+    judge_name = describe_judge(judge_dir)  # its fingerprint: what pipelines.paired pairs copies under
     data = load_captions(args.data, resolution=stack.image_size)
     train, val = data.subset("train"), data.subset("val")
     reference = real_reference(judge, train, val, stack.image_size)  # the same for every setting

@@ -510,6 +510,12 @@ def mcnemar_p(only_before: int, only_after: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def sample_key(record: dict[str, Any]) -> tuple:
+    """What a sample record was drawn from: its source, its prompt or validation row, and its seed. Two records of
+    one key are the same draw under two settings or models."""
+    return record["source"], record.get("prompt", record.get("row")), record["seed"]
+
+
 def paired_differences(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``after`` against ``before``, sample for sample: over the samples both drew (one source, prompt or caption
     row, and seed; records of ``generation_metrics(records=...)``), each flag's share before and after, the pairs
@@ -517,9 +523,8 @@ def paired_differences(before: Sequence[dict[str, Any]], after: Sequence[dict[st
     each difference with its standard error beside the one the two means would have unpaired. A seed decides
     much of its sample whatever the setting or model, so the paired error is the smaller, and a difference too
     small to see in two means can show here."""
-    key = lambda record: (record["source"], record.get("prompt", record.get("row")), record["seed"])  # noqa: E731
-    earlier = {key(record): record for record in before}
-    pairs = [(earlier[key(record)], record) for record in after if key(record) in earlier]
+    earlier = {sample_key(record): record for record in before}
+    pairs = [(earlier[sample_key(record)], record) for record in after if sample_key(record) in earlier]
     if len(pairs) < 2:
         raise ValueError(f"only {len(pairs)} sample(s) drawn by both sides (same source, prompt or row, and seed): "
                          "compare evaluations made with the same prompts and seeds")

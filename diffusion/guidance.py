@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from diffusion.noise import NoiseSource, PerSampleNoise
-from diffusion.samplers import SAMPLERS, Denoiser
+from diffusion.samplers import SAMPLERS, Denoiser, StepCallback
 from diffusion.schedule import NoiseSchedule, check_prediction_type
 
 Model = Callable[[Tensor, Tensor, Tensor], Tensor]  # model(x_t, t, context) -> raw epsilon or v prediction
@@ -262,7 +262,8 @@ def guided_sample_and_decode(model: Model, decode: Callable[[Tensor], Tensor], s
                              guide_model: Model | None = None,
                              autoguidance_scale: float = DEFAULT_AUTOGUIDANCE_SCALE,
                              first_order_at_guidance_edges: bool = False,
-                             guidance_scale_above: float = 1.0) -> tuple[Tensor, Tensor]:
+                             guidance_scale_above: float = 1.0,
+                             callback: StepCallback | None = None) -> tuple[Tensor, Tensor]:
     """Sample ``x`` (the UNet's noisy latents at ``timesteps[0]``) with guidance, then ``decode`` them to images
     (the VAE's decoder after ``LatentNormalisation.denormalise``).
 
@@ -272,6 +273,7 @@ def guided_sample_and_decode(model: Model, decode: Callable[[Tensor], Tensor], s
     autoguidance's weaker model, at ``autoguidance_scale``, and ``guidance_scale_above`` the scale above the
     interval (all: ``cfg_denoiser``). ``first_order_at_guidance_edges`` steps first order where the guidance
     changes (:func:`guidance_edges`), in every row (an empty prompt's row too, whose denoiser does not change there).
+    ``callback`` is the sampler's (step index, x after the step, the step's guided x0_hat).
     """
     denoiser = cfg_denoiser(model, schedule, prediction_type, cond, uncond, guidance_scale, guidance_rescale,
                             guidance_interval, condition_noise, noise, guide_model, autoguidance_scale,
@@ -280,7 +282,7 @@ def guided_sample_and_decode(model: Model, decode: Callable[[Tensor], Tensor], s
                                          None if guide_model is None else autoguidance_scale),
                            timesteps) if first_order_at_guidance_edges else []
     latents = SAMPLERS[sampler](denoiser, schedule, x, timesteps, noise=noise, eta=eta, eta_sigma_max=eta_sigma_max,
-                                first_order_at=frozenset(edges))
+                                first_order_at=frozenset(edges), callback=callback)
     with decode_context or nullcontext():
         images = torch.cat([decode(z).float() for z in latents.split(decode_batch or len(latents))])
     return images, latents

@@ -16,7 +16,7 @@ from data.captions import square_resize, to_rgb
 from diffusion.guidance import (DEFAULT_AUTOGUIDANCE_SCALE, check_condition_noise, check_guidance_interval,
                                 guided_sample_and_decode)
 from diffusion.noise import PerSampleNoise
-from diffusion.samplers import SAMPLERS, check_eta
+from diffusion.samplers import SAMPLERS, StepCallback, check_eta
 from diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
 from engine.errors import UserError
 from engine.images import save_grid
@@ -225,9 +225,12 @@ def generate(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], se
 @torch.no_grad()
 def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int],
                           settings: GenerationSettings | None = None, init_images: torch.Tensor | None = None,
-                          strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                          strength: float = 1.0, callback: StepCallback | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`generate`, also returning the sampled latents ``[len(prompts), C, size/f, size/f]`` (the UNet's,
-    before ``LatentNormalisation.denormalise``)."""
+    before ``LatentNormalisation.denormalise``). ``callback`` sees every sampling step of each batch of
+    ``settings.batch_size`` prompts, in order: (step index, x after the step, the step's guided x0_hat), the UNet's
+    latents as the sampler holds them (``benchmarks.colour_trajectory`` decodes each x0_hat)."""
     settings = settings or GenerationSettings()
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -274,7 +277,7 @@ def generate_with_latents(stack: StageStack, prompts: Sequence[str], seeds: Sequ
             condition_noise=settings.condition_noise, guide_model=guide,
             autoguidance_scale=settings.autoguidance_scale,
             first_order_at_guidance_edges=settings.first_order_at_guidance_edges,
-            guidance_scale_above=settings.guidance_scale_above)
+            guidance_scale_above=settings.guidance_scale_above, callback=callback)
         outputs.append(images.clamp(-1, 1))
         all_latents.append(latents)
     return torch.cat(outputs), torch.cat(all_latents)

@@ -731,3 +731,52 @@ def test_copy_recurrence_counts_samples_copied_again_against_independence(tmp_pa
         main([sides[0], str(other), "--flag", "copied_pixel"])
     with pytest.raises(UserError, match="--recurring between 1 and their number"):
         main([*sides, "--recurring", "4"])
+
+
+def test_colour_trajectory_finds_the_step_each_sample_settles_at():
+    from benchmarks.colour_trajectory import dominant_families, settled_steps
+
+    families = torch.tensor([[0, 0, 3],    # step 0
+                             [1, 0, 3],    # step 1
+                             [1, 2, 3],    # step 2
+                             [1, 2, 3]])   # step 3 (the last)
+    assert settled_steps(families).tolist() == [1, 2, 0]  # from step 1, from step 2, from the start
+    assert settled_steps(torch.tensor([[5, 1], [4, 1], [5, 2]])).tolist() == [2, 2]  # back to the final is not settled
+    counts = torch.tensor([[0.0, 3.0, 1.0], [0.0, 0.0, 0.0], [2.0, 2.0, 0.0]])
+    assert dominant_families(counts).tolist() == [1, -1, 0]  # no chromatic pixel: no family; a tie: the first
+
+
+def test_colour_trajectory_reads_every_step_and_ends_on_the_evaluations_verdict(tmp_path):
+    from benchmarks.colour_trajectory import main as colour_trajectory
+    from benchmarks.colour_trajectory import trace
+    from benchmarks.untrained_run import main as untrained_run
+    from engine.errors import UserError
+    from pipelines.metrics import hue_family_counts
+    from pipelines.stages import load_stack
+    from pipelines.text_to_image import GenerationSettings, generate
+
+    run = untrained_run(["--out", str(tmp_path / "untrained"), "--preset", "tiny"])
+    stack = load_stack(run, device="cpu")
+    settings = GenerationSettings(steps=5, size=stack.image_size, batch_size=3)  # two batches: 3 and 2 prompts
+    prompts, seeds, _ = colour_prompts(seeds=1)
+    prompts, seeds = prompts[:5], seeds[:5]
+    traced = trace(stack, prompts, seeds, settings, strip_rows=[0, 4])
+    assert traced["counts"].shape == (5, 5, len(COLOUR_FAMILIES)) and traced["foreground"].shape == (5, 5)
+    assert traced["strip"].shape == (2, 5, 3, 64, 64)
+    # the last step's x0 prediction is the sample: its colour counts are the generated images' own
+    final_counts, final_foreground = hue_family_counts(generate(stack, prompts, seeds, settings))
+    assert torch.equal(traced["counts"][-1], final_counts) and torch.equal(traced["foreground"][-1], final_foreground)
+    assert torch.equal(hue_family_counts(traced["final"])[0], final_counts)
+
+    out = tmp_path / "trajectory.json"
+    result = colour_trajectory(["--run", str(run), "--out", str(out), "--seeds", "1", "--steps", "4",
+                                "--plot", str(tmp_path / "t.png"), "--strip", str(tmp_path / "strip.png")])
+    steps, samples, summary = result["steps"], result["samples"], result["summary"]
+    assert len(steps) == 4 and len(samples) == 12 == summary["samples"]
+    assert steps[0]["sigma"] is None and all(a["sigma"] > b["sigma"] for a, b in zip(steps[1:], steps[2:]))
+    assert summary["final_hit_share"] == steps[-1]["hit_share"]
+    assert summary["final_hit_share"] == pytest.approx(sum(s["final_hit"] for s in samples) / 12)
+    assert all(0 <= s["settled_step"] < 4 for s in samples) and steps[-1]["settled_share"] == 1.0
+    assert (tmp_path / "t.png").is_file() and (tmp_path / "strip.png").is_file() and out.is_file()
+    with pytest.raises(UserError, match="--seeds"):
+        colour_trajectory(["--run", str(run), "--out", str(out), "--seeds", "0"])

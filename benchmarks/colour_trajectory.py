@@ -11,9 +11,10 @@ the share of samples whose x0 prediction already shows the named colour among it
 (``hit_share``, the evaluation's verdict; the last step's is the evaluation's own for these prompts and seeds),
 the named family's mean share of the chromatic foreground (``named_pixel_share``), and the share whose dominant
 hue family is already the final one and stays so (``settled_share``). Per sample (``samples``): the step from
-which its dominant family stays the final one (``settled_step``) and that step's sigma (None: from the start). ``summary`` counts how many settle
-at a step above the guidance interval's top, where the default runs on the prompt alone. ``--strip`` saves the
-first seed of each colour's English prompt, x0 prediction by step, 64 px a tile: the colour coming in.
+which its dominant family stays the final one (``settled_step``) and that step's sigma (None: from the start).
+``summary`` counts how many settle at a step above the guidance interval's top, where the default runs on the
+prompt alone. ``--strip`` saves the first seed of each colour's English prompt, x0 prediction by step, 64 px a
+tile: the colour coming in.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 from engine.precision import inference_autocast
 from engine.stage import write_json
+from pipelines.evaluate import SEED_SET_STRIDE
 from pipelines.metrics import (COLOUR_FAMILIES, FAMILY_NAMES, PROMPT_COLOURS, colour_hits_from_counts,
                                colour_prompts, hue_family_counts)
 from pipelines.stages import StageStack, add_stage_arguments, generation_size, load_stack, sampling_size, stack_infos
@@ -202,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, required=True, help="the result (JSON)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per colour prompt (the evaluation's: 8)")
     parser.add_argument("--seed-offset", type=int, default=0,
-                        help="added to every seed (the sampling sweep's seed set k: k * 10000)")
+                        help=f"added to every seed (the sampling sweep's seed set k: k * {SEED_SET_STRIDE})")
     parser.add_argument("--plot", type=Path, help="also draw the shares by step here (PNG)")
     parser.add_argument("--strip", type=Path, help="also save each colour's first English sample by step here (PNG)")
     parser.add_argument("--device")

@@ -36,7 +36,7 @@ from engine.precision import inference_autocast
 from engine.stage import write_json
 from pipelines.evaluate import SEED_SET_STRIDE
 from pipelines.metrics import (COLOUR_FAMILIES, FAMILY_NAMES, PROMPT_COLOURS, colour_hits_from_counts,
-                               colour_prompts, hue_family_counts)
+                               colour_prompts, hue_family_counts, share_by_colour)
 from pipelines.stages import StageStack, add_stage_arguments, generation_size, load_stack, sampling_size, stack_infos
 from pipelines.text_to_image import (GenerationSettings, add_sampling_arguments, generate_with_latents,
                                      sampling_settings)
@@ -60,22 +60,21 @@ def settled_steps(families: Tensor) -> Tensor:
 
 
 def step_sigmas(stack: StageStack, timesteps: Tensor) -> list[float | None]:
-    """Each sampling step's starting noise level sigma = sqrt((1 - alpha_bar) / alpha_bar); None where alpha_bar
-    is 0 (a zero-terminal-SNR schedule's pure-noise start)."""
-    alpha_bars = stack.schedule.alphas_cumprod[timesteps.cpu().long()].double().tolist()
-    return [math.sqrt((1 - a) / a) if a > 0 else None for a in alpha_bars]
+    """Each sampling step's starting noise level (``NoiseSchedule.sigmas``); None for a zero-terminal-SNR
+    schedule's pure-noise start, whose sigma is infinite (JSON has no infinity)."""
+    return [sigma if math.isfinite(sigma) else None for sigma in stack.schedule.sigmas[timesteps.cpu().long()].tolist()]
 
 
 def trace(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], settings: GenerationSettings,
           strip_rows: Sequence[int] = ()) -> dict[str, Any]:
     """Draw ``prompts`` at ``settings``, reading every step's decoded x0 prediction: ``counts`` [steps, B,
-    families] and ``foreground`` [steps, B] (``pipelines.metrics.hue_family_counts``), ``final`` (the images as
-    ``generate`` returns them) and ``strip`` [len(strip_rows), steps, 3, STRIP_TILE, STRIP_TILE] thumbnails."""
+    families] and ``foreground`` [steps, B] (``pipelines.metrics.hue_family_counts``), and ``strip``
+    [len(strip_rows), steps, 3, STRIP_TILE, STRIP_TILE] thumbnails. The last step's x0 prediction is the sample
+    itself, so its counts are the generated images' own."""
     decode_context = inference_autocast(stack.device)
     counts: list[list[Tensor]] = []  # per batch, per step
     foreground: list[list[Tensor]] = []
     strip: dict[int, list[Tensor]] = {row: [] for row in strip_rows}
-    finals = []
     for start in range(0, len(prompts), settings.batch_size):
         rows = range(start, min(start + settings.batch_size, len(prompts)))
         batch_counts: list[Tensor] = []
@@ -93,14 +92,12 @@ def trace(stack: StageStack, prompts: Sequence[str], seeds: Sequence[int], setti
                                                            mode="area")
                     strip[row].append(tile[0].cpu())
 
-        images, _ = generate_with_latents(stack, [prompts[r] for r in rows], [seeds[r] for r in rows], settings,
-                                          callback=read_step)
-        finals.append(images.cpu())
+        generate_with_latents(stack, [prompts[r] for r in rows], [seeds[r] for r in rows], settings,
+                              callback=read_step)
         counts.append(batch_counts)
         foreground.append(batch_foreground)
     return {"counts": torch.cat([torch.stack(c) for c in counts], dim=1),
             "foreground": torch.cat([torch.stack(f) for f in foreground], dim=1),
-            "final": torch.cat(finals),
             "strip": torch.stack([torch.stack(strip[row]) for row in strip_rows]) if strip_rows else None}
 
 
@@ -130,8 +127,7 @@ def trajectory(stack: StageStack, settings: GenerationSettings, seeds: int = 8, 
     steps = [{"step": i, "timestep": int(t), "sigma": sigmas[i], "guidance": guidance[i],
               "hit_share": float(hits[i].float().mean()), "named_pixel_share": float(named_share[i].mean()),
               "settled_share": float(steps_held[i].float().mean()),
-              "hit_share_by_colour": {c: float(hits[i][[j for j, n in enumerate(named) if n == c]].float().mean())
-                                      for c in PROMPT_COLOURS}}
+              "hit_share_by_colour": share_by_colour(hits[i], named)}
              for i, t in enumerate(timesteps.tolist())]
     final_hit = hits[-1]
     samples = [{"prompt": prompts[j], "seed": seed_list[j], "named": named[j],

@@ -137,16 +137,17 @@ def trajectory(stack: StageStack, settings: GenerationSettings, seeds: int = 8, 
                 "hit_step": int(hit_from[j]) if final_hit[j] else None}
                for j in range(len(prompts))]
     top = settings.guidance_interval[1] if settings.guidance_interval else None
-    above_interval = [i for i, s in enumerate(sigmas) if top is not None and (s is None or s > top)]
-    last_above = max(above_interval, default=-1)  # the steps above the window are the first ones
+    above_interval = [] if top is None else [i for i, s in enumerate(sigmas) if s is None or s > top]
+    # the steps above the window are the first ones: a sample settled there settled by the last of them
+    settled_above = settled <= max(above_interval, default=-1)
     summary = {"samples": len(prompts), "final_hit_share": float(final_hit.float().mean()),
                "median_settled_step": statistics.median(settled.tolist()),
                "steps_above_guidance_interval": len(above_interval),
-               "settled_above_guidance_interval": float((settled <= last_above).float().mean()),
-               "settled_above_guidance_interval_hits": _share(settled <= last_above, final_hit),
-               "settled_above_guidance_interval_misses": _share(settled <= last_above, ~final_hit),
+               "settled_above_guidance_interval": float(settled_above.float().mean()),
+               "settled_above_guidance_interval_hits": _share(settled_above, final_hit),
+               "settled_above_guidance_interval_misses": _share(settled_above, ~final_hit),
                "final_hit_share_by_colour": steps[-1]["hit_share_by_colour"]}
-    if strip and traced["strip"] is not None:
+    if strip:
         save_strip(traced["strip"], strip)
     return {"steps": steps, "samples": samples, "summary": summary}
 

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffusion.config import PRESETS, UNetTrainConfig
 from engine.cli import command_line
 from engine.config import build_config
+from engine.errors import add_debug_flag, run_cli
 from engine.stage import write_json
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--device", default=None, help="default: cuda when there is one (bf16), else cpu (float32)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     cfg = build_config(UNetTrainConfig, PRESETS, args.preset, {})
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -121,4 +123,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -33,6 +33,7 @@ from benchmarks.training import train_section, unet_tasks, vae_tasks  # noqa: E4
 from benchmarks.twins import diffusers_unet, diffusers_vae, parameter_count  # noqa: E402
 from clip.model import CLIPModel  # noqa: E402
 from engine.cli import command_line  # noqa: E402
+from engine.errors import UserError, add_debug_flag, run_cli  # noqa: E402
 from engine.stage import read_stage  # noqa: E402
 from pipelines.stages import load_stack, stage_paths  # noqa: E402
 from unet.model import UNet  # noqa: E402
@@ -79,6 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--run", default=None, help="a trained run: measure the fast sampler's quality cost on its stages")
     p.add_argument("--judge", default=None, help="a CLIP stage folder whose image tower judges the quality (FD)")
     p.add_argument("--quality-images", type=int, default=32, help="images per sampler setting for the quality check")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -129,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     on_cuda = device.type == "cuda"
     sections = [s for s in args.sections.split(",") if s]
     if set(sections) - set(SECTIONS):
-        raise SystemExit(f"unknown sections {sorted(set(sections) - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
+        raise UserError(f"unknown --sections {sorted(set(sections) - set(SECTIONS))}; "
+                        f"choose from {', '.join(SECTIONS)}")
     check_stage_folders(args.run, args.judge)
     compile_modes = args.compile_modes or ("none" if args.tiny else "default")
     modes = [m for m in compile_modes.split(",") if m and m != "none"]
@@ -193,4 +196,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

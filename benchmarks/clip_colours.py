@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, help="write the result here (JSON)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    return run_cli(lambda: measure(args, argv))
+    return measure(args, argv)
 
 
 def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
@@ -68,4 +68,4 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

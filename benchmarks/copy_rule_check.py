@@ -16,6 +16,7 @@ import torch
 from data import load_captions
 from data.augment import to_float
 from engine.cli import command_line
+from engine.errors import add_debug_flag, run_cli
 from engine.stage import write_json
 from pipelines.metrics import COPY_NEIGHBOURS, near_copies, thumbnails
 
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.copy_rule_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", type=Path)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     data = load_captions(args.data, resolution=SIZE)
     train, val = to_float(data.subset("train").images), to_float(data.subset("val").images)
@@ -60,4 +62,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

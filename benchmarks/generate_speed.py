@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from engine.cli import command_line
+from engine.errors import add_debug_flag, run_cli
 from engine.precision import inference_autocast, set_low_precision_norms
 from engine.stage import write_json
 from pipelines.prompts import GRID_PROMPTS
@@ -127,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="steps of the default fast sampler (dpmpp_2m)")
     parser.add_argument("--device")
     parser.add_argument("--out", type=Path)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
@@ -161,4 +163,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, help="write the result here (JSON)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    return run_cli(lambda: reread(args, argv) if args.reread else measure(args, argv))
+    return reread(args, argv) if args.reread else measure(args, argv)
 
 
 def reread(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
@@ -272,4 +272,4 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

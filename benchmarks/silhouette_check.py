@@ -21,6 +21,7 @@ import torch
 
 from data import load_captions
 from engine.cli import command_line
+from engine.errors import add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
 from pipelines.evaluate import save_pairs
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--grid", type=Path, action="append", default=[], help="a run's final_samples.png (repeat)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--pairs", type=Path, help="a picture of the flagged tiles over their nearest training images")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     data = load_captions(args.data)
     train_set = data.subset("train")
@@ -87,4 +89,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -30,6 +30,7 @@ from benchmarks.step_speed import run_steps, step_indices, timed_steps, unet_tra
 from engine import Trainer
 from engine.cli import command_line
 from engine.config import parse_overrides
+from engine.errors import add_debug_flag, run_cli
 from engine.stage import write_json
 
 OTHER = "pointwise and other"
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--top", type=int, default=20, help="list this many busiest kernels (0: none)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     overrides = parse_overrides([f"--{item}" for item in args.set])
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -184,4 +186,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

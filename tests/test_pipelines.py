@@ -654,6 +654,14 @@ def test_the_commands_are_found():
             "benchmarks.sampling_sweep"} <= set(COMMANDS)
 
 
+def test_every_module_run_as_a_command_goes_through_run_cli():
+    # one that calls main() itself would print a user error (a wrong stage folder, a bad option) as a traceback
+    runnable = {".".join(path.relative_to(ROOT).with_suffix("").parts)
+                for path in [*ROOT.glob("*.py"), *(p for folder in PACKAGES for p in folder.glob("**/*.py"))]
+                if 'if __name__ == "__main__":' in path.read_text(encoding="utf-8")}
+    assert runnable - set(COMMANDS) == set()
+
+
 @pytest.mark.parametrize("module", COMMANDS)
 def test_every_command_lists_debug_in_its_help(module, capsys):
     # run_cli takes --debug out before main parses it, so only the parser's listing tells a user it exists

@@ -23,7 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffusion.config import PRESETS, UNetTrainConfig
 from engine.cli import command_line
 from engine.config import build_config
-from engine.errors import add_debug_flag, run_cli
+from engine.distributed import resolve_device
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -109,8 +110,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default=None, help="default: cuda when there is one (bf16), else cpu (float32)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.warmup < 1 or args.repeats < 1 or (args.batch is not None and args.batch < 1):
+        raise UserError(f"--warmup, --repeats and --batch must be at least 1, got {args.warmup}, {args.repeats} and "
+                        f"{args.batch}")
     cfg = build_config(UNetTrainConfig, PRESETS, args.preset, {})
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = attention_shapes(cfg, args.batch or cfg.train.batch_size)
     command = command_line("python -m benchmarks.attention_backends", argv)

@@ -32,7 +32,8 @@ from benchmarks.sampling import sample_section  # noqa: E402
 from benchmarks.training import train_section, unet_tasks, vae_tasks  # noqa: E402
 from benchmarks.twins import diffusers_unet, diffusers_vae, parameter_count  # noqa: E402
 from clip.model import CLIPModel  # noqa: E402
-from engine.cli import command_line  # noqa: E402
+from engine.cli import check_output_file, command_line  # noqa: E402
+from engine.distributed import resolve_device  # noqa: E402
 from engine.errors import UserError, add_debug_flag, run_cli  # noqa: E402
 from engine.stage import read_stage  # noqa: E402
 from pipelines.stages import load_stack, stage_paths  # noqa: E402
@@ -60,7 +61,9 @@ def check_parameter_counts(sizes: Sizes) -> dict[str, dict[str, Any]]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="docs/results/bench/summary.json", help="summary JSON (a .md table is written beside it)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/summary.json"),
+                   help="summary JSON (a .md table is written beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace the summary already at --out (default: refuse)")
     p.add_argument("--tiny", action="store_true",
                    help="a CPU smoke run: the tiny presets, batches of 2, a few steps and iterations")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -127,12 +130,13 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     on_cuda = device.type == "cuda"
     sections = [s for s in args.sections.split(",") if s]
     if set(sections) - set(SECTIONS):
         raise UserError(f"unknown --sections {sorted(set(sections) - set(SECTIONS))}; "
                         f"choose from {', '.join(SECTIONS)}")
+    check_output_file(args.out, "--out", args.overwrite)
     check_stage_folders(args.run, args.judge)
     compile_modes = args.compile_modes or ("none" if args.tiny else "default")
     modes = [m for m in compile_modes.split(",") if m and m != "none"]

@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if len(args.sides) < 2 or not 1 <= args.recurring <= len(args.sides):
         raise UserError(f"give at least two sides and --recurring between 1 and their number ({len(args.sides)}), "
                         f"got {len(args.sides)} side(s) and --recurring {args.recurring}")
+    if len(set(args.sides)) < len(args.sides):  # a side named twice would count once
+        raise UserError(f"a side is given twice ({' '.join(args.sides)}); name each measurement once")
     read = {spec: read_side(spec) for spec in args.sides}
     if args.flag == "copied_judge":  # a flag of one judge says nothing under another
         judges = {judge for _, judge in read.values()}

@@ -16,6 +16,7 @@ nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -35,12 +36,15 @@ except ImportError:
     raise SystemExit("the export check needs diffusers and transformers: pip install -e '.[diffusers]'") from None
 
 from diffusion.noise import PerSampleNoise  # noqa: E402
+from diffusion.schedule import ScheduleConfig  # noqa: E402
 from engine.cli import command_line  # noqa: E402
-from engine.errors import add_debug_flag, run_cli  # noqa: E402
+from engine.config import config_from_dict  # noqa: E402
+from engine.distributed import resolve_device  # noqa: E402
+from engine.errors import UserError, add_debug_flag, run_cli  # noqa: E402
 from engine.stage import write_json  # noqa: E402
 from pipelines.export import export_diffusers  # noqa: E402
 from pipelines.prompt_embeds import prompt_embeds  # noqa: E402
-from pipelines.stages import LineageWarning, StageStack, load_stack  # noqa: E402
+from pipelines.stages import LineageWarning, StageStack, load_stack, stack_infos  # noqa: E402
 from pipelines.text_to_image import GenerationSettings, generate_with_latents  # noqa: E402
 from unet.model import UNet  # noqa: E402
 from vae.model import AutoencoderKL  # noqa: E402
@@ -98,8 +102,9 @@ def pipeline_difference(stack: StageStack, export_dir: str | Path, prompts: Sequ
 
 
 def check(run: str | Path, export_dir: str | Path, device: torch.device, pipeline_device: torch.device,
-          steps: int, guidance_scale: float, batch: int = 2) -> dict[str, Any]:
-    """Export ``run`` to ``export_dir``, reload it with diffusers and return the differences."""
+          settings: GenerationSettings, batch: int = 2) -> dict[str, Any]:
+    """Export ``run`` to ``export_dir``, reload it with diffusers and return the differences; the end-to-end
+    comparison samples at ``settings`` (:func:`diffusers_settings`) at the UNet's resolution."""
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
     torch.backends.cudnn.allow_tf32 = False
     with warnings.catch_warnings():
@@ -122,16 +127,27 @@ def check(run: str | Path, export_dir: str | Path, device: torch.device, pipelin
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LineageWarning)
         pipeline_stack = load_stack(run, device=pipeline_device)
-    # diffusers guides at every level and never anneals the prompt
-    settings = GenerationSettings(guidance_scale=guidance_scale, steps=steps, sampler="ddim", eta=0.0, size=size,
-                                  cuda_graph=False, guidance_interval=None, condition_noise=None)
+    settings = dataclasses.replace(settings, size=size)
     pixels = pipeline_difference(pipeline_stack, export_dir, PROMPTS, seed=0, settings=settings)
     return {"vae_max_abs_diff": max(vae_diff.values()), "vae_encode_max_abs_diff": vae_diff["encode"],
             "vae_decode_max_abs_diff": vae_diff["decode"], "unet_max_abs_diff": unet_diff,
             "pipeline_max_abs_diff_pixels": pixels, "notes": notes,
-            "settings": {"image_size": size, "batch": batch, "steps": steps, "guidance_scale": guidance_scale,
+            "settings": {"image_size": size, "batch": batch, "steps": settings.steps,
+                         "guidance_scale": settings.guidance_scale,
                          "sampler": "DDIM eta 0, trailing timesteps", "prompts": list(PROMPTS),
                          "models_device": str(device), "pipeline_device": str(pipeline_device)}}
+
+
+def diffusers_settings(run: str | Path, steps: int, guidance_scale: float) -> GenerationSettings:
+    """What ``StableDiffusionPipeline`` draws with DDIM at eta 0: guidance at every level, the prompt never annealed;
+    checked, with the schedule's steps, before anything is exported."""
+    settings = GenerationSettings(guidance_scale=guidance_scale, steps=steps, sampler="ddim", eta=0.0,
+                                  cuda_graph=False, guidance_interval=None, condition_noise=None)
+    num_steps = config_from_dict(ScheduleConfig, stack_infos(run)["unet"].training["schedule"]).num_steps
+    if num_steps % steps:  # diffusers rounds the trailing timesteps, we floor: they agree only then
+        raise UserError(f"--steps {steps} must divide the schedule's {num_steps} steps for diffusers' trailing "
+                        f"timesteps to be ours, e.g. --steps 25")
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -146,10 +162,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps; must divide the schedule's steps")
     parser.add_argument("--guidance", type=float, default=5.0)
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = diffusers_settings(args.run, args.steps, args.guidance)
+    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        result = check(args.run, args.export_dir or Path(tmp) / "export", device, torch.device(args.pipeline_device),
-                       args.steps, args.guidance)
+        result = check(args.run, args.export_dir or Path(tmp) / "export", device, resolve_device(args.pipeline_device),
+                       settings)
     summary = {**result, "diffusers_version": diffusers.__version__, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "command": command_line("python -m benchmarks.export_check", argv)}

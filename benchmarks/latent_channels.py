@@ -50,6 +50,7 @@ from data.augment import float_batches, to_float
 from diffusion.colour_sentences import body_colours
 from diffusion.latents import encode_moments
 from engine.cli import command_line
+from engine.distributed import resolve_device
 from engine.errors import add_debug_flag, run_cli
 from engine.images import to_uint8
 from engine.precision import inference_autocast
@@ -241,7 +242,7 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, A
     if factor is None:
         raise StageError(f"the VAE stage at {args.vae} has no scaling_factor; pass a finished VAE stage")
     data = load_captions(args.data, resolution=args.size)  # checks the folder and size before decoding
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     vae = AutoencoderKL.load(args.vae, device).requires_grad_(False)
     images = data.subset("train").images
     mean, _ = encode_moments(vae, float_batches(images, args.batch_size, device), device)

@@ -17,11 +17,10 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from clip.model import CLIPModel
 from data import load_captions
 from engine.cli import command_line
+from engine.distributed import resolve_device
 from engine.errors import add_debug_flag, run_cli
 from engine.stage import write_json
 from pipelines.evaluate import check_evaluation_data, describe_judge, real_reference
@@ -37,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", help="where the judge runs (default: GPU when available)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     judge = CLIPModel.load(args.judge, device=device).eval()
     data = load_captions(args.data, resolution=args.size)
     train, val = data.subset("train"), data.subset("val")

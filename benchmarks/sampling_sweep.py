@@ -41,12 +41,12 @@ from data import load_captions
 from diffusion.guidance import has_levels_above, is_guided, step_guidance
 from diffusion.samplers import step_etas
 from diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
-from engine.cli import command_line
+from engine.cli import check_output_file, command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
 from pipelines.evaluate import (SEED_SET_STRIDE, describe_judge, generation_metrics, over_seed_sets,
                                 paired_differences, real_reference)
-from pipelines.stages import judge_path, load_stack
+from pipelines.stages import check_guide, judge_path, load_stack, stack_infos
 from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase,
                                      showcase_layout)
 
@@ -116,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace the sweep already at --out (default: refuse)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[2.0, 3.0, 4.0, 5.0])  # around the default
     parser.add_argument("--rescale", type=float, nargs="+", default=[0.0, 0.7])
     parser.add_argument("--steps", type=int, nargs="+", default=[25])
@@ -153,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.seed_sets < 1:
         raise UserError(f"--seed-sets must be at least 1, got {args.seed_sets}")
+    check_output_file(args.out, "--out", args.overwrite)  # a sweep can take an hour: never over an earlier one
     guides = [(guide, auto) for guide in args.guide_unet  # an autoguidance scale without a guide means nothing
               for auto in (args.autoguidance if guide is not None else [GenerationSettings.autoguidance_scale])]
     settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
@@ -171,6 +173,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                      and (edges == "off" or (args.sampler == "dpmpp_2m" and interval is not None
                                             and (is_guided(scale, None if guide is None else auto) or above != 1)))
                      ]  # checked before loading
+    if not settings_grid:
+        raise UserError("no setting left to draw: a scale above the interval needs an interval with a finite top "
+                        "(not 'none'), and the first-order edge step needs dpmpp_2m, an interval and some guidance")
+    guide_folders = {settings.guide_unet for settings in settings_grid} - {None}
+    if guide_folders:  # each fits the run's UNet: checked before the real images' reference, not at its setting
+        unet_info = stack_infos(args.run)["unet"]
+        for folder in sorted(guide_folders):
+            check_guide(folder, unet_info)
     stack = load_stack(args.run)
     judge_dir = judge_path(args.run)
     judge = CLIPModel.load(judge_dir, device=stack.device).eval()

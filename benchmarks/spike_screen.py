@@ -158,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.steps % PROBE_LOG_EVERY:  # the tail and the peak read logged steps: the last must be step --steps
         raise UserError(f"--steps must be a multiple of the probes' log interval, {PROBE_LOG_EVERY}, got "
                         f"{args.steps}")
+    if len(set(args.seeds)) < len(args.seeds):  # two probes of one setting and seed would train into one folder
+        raise UserError(f"--seeds has a seed twice ({' '.join(map(str, args.seeds))}); give each seed once")
     if args.out.exists():
         raise UserError(f"{args.out} exists; the screen writes a new folder: pass another --out or remove it")
     for folder, kind in ((args.vae, "vae"), (args.clip, "clip")):

@@ -30,7 +30,7 @@ from benchmarks.step_speed import run_steps, step_indices, timed_steps, unet_tra
 from engine import Trainer
 from engine.cli import command_line
 from engine.config import parse_overrides
-from engine.errors import add_debug_flag, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
 
 OTHER = "pointwise and other"
@@ -172,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        raise UserError(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
     overrides = parse_overrides([f"--{item}" for item in args.set])
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     result = breakdown(overrides, args.preset, args.warmup, args.steps, args.peak_tflops if on_cuda else None,

@@ -171,6 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or (wanted and wanted - known):
         raise UserError(f"unknown --stages {sorted(unknown)} or --variants {sorted((wanted or set()) - known)}; the "
                         f"stages are {sorted(VARIANTS)} and their variants {sorted(known) or '(none)'}")
+    if args.warmup < 1 or args.steps < 1:
+        raise UserError(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
+    from diffusion.config import PRESETS as UNET_PRESETS, UNetTrainConfig
+    from vae.config import PRESETS as VAE_PRESETS, VAETrainConfig
+    configs = {"vae": (VAETrainConfig, VAE_PRESETS), "unet": (UNetTrainConfig, UNET_PRESETS)}
+    for stage in stages:  # a misspelt preset stops here, not as every variant's 'failed' record
+        build_config(*configs[stage], args.preset, {})
     env = distributed.setup()
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "world_size": env.world_size,

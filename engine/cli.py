@@ -1,4 +1,5 @@
-"""Command-line handling shared by the stage trainers: fixed flags plus ``--key=value`` overrides."""
+"""Command-line handling shared by the commands: the stage trainers' fixed flags plus ``--key=value`` overrides, the
+command a result records, and the check of a result file before any work."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import distributed
 from .config import build_config, choose_preset, parse_overrides, preset_reason
-from .errors import add_debug_flag
+from .errors import UserError, add_debug_flag
 from .stage import check_training_folder, record_preset, remove_empty_folders
 from .trainer import checkpoint_path
 
@@ -19,6 +20,18 @@ def command_line(program: str, argv: Sequence[str] | None = None) -> str:
     """The command a result was made by, as a shell would take it back: ``program`` and its arguments (``argv``,
     or the process's own), each quoted where it needs it."""
     return " ".join([program, shlex.join(sys.argv[1:] if argv is None else argv)]).rstrip()
+
+
+def check_output_file(path: Path, flag: str, overwrite: bool) -> None:
+    """Refuse, before any work, a result file that cannot be written (a folder, or a file where its folder should
+    be) or that would replace an earlier result without ``overwrite``."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; pass a file path, e.g. {path / 'result.json'}")
+    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"{flag} {path} cannot be written: {blocking} is a file, not a folder")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists (an earlier result); pass another {flag}, or --overwrite to replace it")
 
 
 def stage_parser(prog: str, description: str, stage: str,

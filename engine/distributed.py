@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -22,6 +24,22 @@ class DistEnv:
         return self.rank == 0
 
 
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch device (default: CUDA when there is one, else the CPU); a name torch cannot read, or
+    a GPU this machine does not have, is a user error before any work."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device} is no device torch knows; pass e.g. cuda, cuda:1 or cpu") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if resolved.type == "cuda" and (resolved.index or 0) >= count:
+        raise UserError(f"--device {device}: this machine has {count} CUDA device(s); pass "
+                        + (f"one of cuda:0 to cuda:{count - 1}, or cpu" if count else "cpu"))
+    return resolved
+
+
 def setup(device: str | torch.device | None = None) -> DistEnv:
     """Join the process group that ``torchrun`` describes in the environment (idempotent).
 
@@ -32,7 +50,7 @@ def setup(device: str | torch.device | None = None) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = resolve_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     if device.type == "cuda":

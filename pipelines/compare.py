@@ -69,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--tile", type=int, default=128, help="tile size in the committed grid")
     parser.add_argument("--device")
     args = parser.parse_args(argv)
+    if args.tile < 1:
+        raise UserError(f"--tile must be a positive number of pixels, got {args.tile}")
     settings = sampling_settings(args, size=GenerationSettings.size)  # checked before any run loads
     # one size for every run, checked against each before any samples (their config files, not their weights)
     infos = [stack_infos(run) for run in args.runs]

@@ -41,8 +41,8 @@ from .metrics import (CHROMA_MIN, COPY_NEIGHBOURS, FAMILY_NAMES, PROMPT_COLOURS,
                       cosine_nearest, first_named_colours, frechet_distance, held_out_copies, hue_blind_thumbnails,
                       kernel_distance, near_copies, nearest_indices, seed_diversity, share_by_colour, sharpness,
                       shrunk, silhouette_thumbnails, thumbnails)
-from .stages import (StageStack, add_stage_arguments, generation_size, judge_path, load_stack, sampling_size,
-                     stack_infos, stage_paths)
+from .stages import (StageStack, add_stage_arguments, check_guide, generation_size, judge_path, load_stack,
+                     sampling_size, stack_infos, stage_paths)
 from .text_to_image import SIZE_HELP, GenerationSettings, add_sampling_arguments, generate, sampling_settings
 
 
@@ -660,20 +660,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="CLIP stage folder used as the fixed judge (default: the run's judge/)")
     parser.add_argument("--out", type=Path, help="where evaluation.json/.md go (default: the run folder)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the evaluation already in the run folder (default: refuse; or pass --out)")
+                        help="replace the evaluation already in the output folder (default: refuse; or pass "
+                             "another --out)")
     parser.add_argument("--size", type=int, help=f"{SIZE_HELP} (default: the UNet's training resolution)")
     add_sampling_arguments(parser)
     parser.add_argument("--device")
     args = parser.parse_args(argv)
     default_out = args.run or stage_paths(args.run, args.vae, args.clip, args.unet)["unet"]
     out = args.out or default_out
-    # the run's own evaluation however the folder is named (--out RUN, RUN/., a link): kept unless told
-    if out.resolve() == default_out.resolve() and (out / "evaluation.json").is_file() and not args.overwrite:
-        raise UserError(f"{out / 'evaluation.json'} exists (the run's own evaluation); write this one "
-                        "elsewhere with --out DIR, or pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for evaluation.json/.md and the pictures")
+    # an earlier evaluation (the run's own, however the folder is named, or another's written there) and the
+    # pictures beside it, which paired, compare and study read: kept unless told
+    if (out / "evaluation.json").is_file() and not args.overwrite:
+        whose = "the run's own evaluation" if out.resolve() == default_out.resolve() else "an earlier evaluation"
+        raise UserError(f"{out / 'evaluation.json'} exists ({whose}); write this one elsewhere with --out DIR, "
+                        "or pass --overwrite to replace it")
     infos = stack_infos(args.run, vae=args.vae, clip=args.clip, unet=args.unet)  # config files: checked before weights
     settings = sampling_settings(args, size=sampling_size(args.size, infos["vae"].model, infos["unet"].model,
                                                           generation_size(infos)))
+    if settings.guide_unet is not None:  # before the real images' reference, not at the first draw
+        check_guide(settings.guide_unet, infos["unet"])
     stack = load_stack(args.run, vae=args.vae, clip=args.clip, unet=args.unet, device=args.device)
     judge = args.judge or default_judge(stack, args.run)
     results = evaluate_to_folder(stack, args.data, out, judge, settings)

@@ -69,6 +69,8 @@ def paired_sides(specs: Sequence[str]) -> dict[str, Any]:
     sides name one judge; ``left_out`` says which sides shared too few samples with the first to pair."""
     if len(specs) < 2:
         raise UserError("give at least two sides to pair: the first, and each to measure against it")
+    if len(set(specs)) < len(specs):  # a side named twice would count once, or pair with itself
+        raise UserError(f"a side is given twice ({' '.join(specs)}); name each measurement once")
     sides = {spec: read_side(spec) for spec in specs}
     (first, (reference, first_judge)), *others = sides.items()
     paired = paired_against(reference, {spec: samples for spec, (samples, _) in others})

@@ -26,6 +26,7 @@ from diffusion.fit import check_fit, downsample_factor
 from diffusion.latents import LatentNormalisation
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from engine.config import config_from_dict, flatten_config, setting_differences, unrecorded_values
+from engine.distributed import resolve_device
 from engine.errors import UserError
 from engine.precision import LOW_PRECISION_NORMS, inference_autocast, set_low_precision_norms
 from engine.stage import StageError, StageInfo, file_fingerprint, lineage_differences, read_stage, write_json
@@ -343,7 +344,7 @@ def stack_infos(run: str | Path | None = None, *, vae: str | Path | None = None,
 def load_stack(run: str | Path | None = None, *, vae: str | Path | None = None, clip: str | Path | None = None,
                unet: str | Path | None = None, device: str | torch.device | None = None) -> StageStack:
     """Load the three stages (``run/{vae,clip,unet}`` or the folders given) onto ``device``."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     infos = stack_infos(run, vae=vae, clip=clip, unet=unet)
     paths = {name: info.path for name, info in infos.items()}
     check_fit(infos["vae"].model, infos["clip"].model, infos["unet"].model,

@@ -100,6 +100,9 @@ class GenerationSettings:
         if self.guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0 (1: the prompt's prediction alone, 0: the empty prompt's), "
                             f"got {self.guidance_scale}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise UserError(f"guidance rescale must be in [0, 1] (0: plain classifier-free guidance, 1: the guided "
+                            f"prediction's spread set to the prompt's), got {self.guidance_rescale}")
         if self.autoguidance_scale < 0:
             raise UserError(f"autoguidance scale must be >= 0 (1: no push away from the guide), "
                             f"got {self.autoguidance_scale}")

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks.attention_backends import attention_shapes, main
 from diffusion.config import PRESETS, UNetTrainConfig
 from engine import build_config
@@ -22,3 +24,11 @@ def test_tiny_cpu_run_times_the_backends_that_run_and_names_why_the_others_dont(
     assert {r["backend"] for r in ran} >= {"math"} and all(r["ms"] > 0 for r in ran)
     assert all(r["max_abs_diff_from_math"] < 1e-4 for r in ran)  # float32 on a CPU: the back-ends agree
     assert all(r["unsupported"] for r in records if "ms" not in r)
+
+
+def test_no_repeats_or_batch_is_refused_before_anything_is_timed():
+    from engine.errors import UserError
+
+    for flag in ("--warmup", "--repeats", "--batch"):
+        with pytest.raises(UserError, match="--warmup, --repeats and --batch must be at least 1"):
+            main(["--preset", "tiny", flag, "0", "--device", "cpu"])

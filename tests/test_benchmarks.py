@@ -97,3 +97,14 @@ def test_tiny_benchmark_writes_every_comparison(tmp_path, monkeypatch):
     for row in quality.values():
         assert row["latent_rms_diff"] > 0 and math.isfinite(row["judge_fd"])
     assert "| UNet training, best |" in out.with_suffix(".md").read_text()
+
+
+def test_an_earlier_summary_is_kept_unless_told(tmp_path):
+    from engine.errors import UserError
+
+    out = tmp_path / "summary.json"
+    out.write_text("{}")  # e.g. the committed docs/results/bench/summary.json
+    with pytest.raises(UserError, match=r"summary.json exists \(an earlier result\); pass another --out, or "
+                                         r"--overwrite"):
+        main(["--tiny", "--out", str(out)])
+    assert out.read_text() == "{}"

@@ -5,6 +5,7 @@ import os
 import re
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
@@ -164,3 +165,18 @@ def test_train_all_under_two_processes_writes_the_layout_of_one(tmp_path):
     # both runs recoloured: the same copies' captions recorded, and the copies' latents cached
     single, ddp = (read_stage(tmp_path / run / "unet").trained_on["trained_captions"] for run in ("single", "ddp"))
     assert single == ddp and list((tmp_path / "ddp" / "unet" / "latents").glob("recoloured-*.safetensors"))
+
+
+def test_a_device_name_torch_cannot_read_or_a_gpu_the_machine_lacks_is_a_user_error(tmp_path):
+    from engine.errors import UserError
+    from pipelines.stages import load_stack
+
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    assert distributed.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="--device gpu0 is no device torch knows; pass e.g. cuda, cuda:1 or cpu"):
+        distributed.resolve_device("gpu0")
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 on a machine without one)
+    with pytest.raises(UserError, match=f"--device {missing}: this machine has {torch.cuda.device_count()} CUDA"):
+        distributed.resolve_device(missing)
+    with pytest.raises(UserError, match="--device gpu0 is no device"):  # before the stages are read
+        load_stack(tmp_path / "missing", device="gpu0")

@@ -129,6 +129,20 @@ def test_a_shifted_schedule_exports_as_its_own_betas(zero_terminal_snr):
     assert (ddim.alphas_cumprod[-1].item() == 0.0) == zero_terminal_snr  # not clipped to 2^-24
 
 
+def test_the_export_check_refuses_steps_diffusers_would_round_before_exporting(tiny_run, tmp_path, monkeypatch):
+    pytest.importorskip("transformers", reason="the export check needs transformers: pip install -e '.[diffusers]'")
+    from benchmarks import export_check
+    from engine.errors import UserError
+
+    monkeypatch.setattr(export_check, "check", lambda *a, **k: pytest.fail("exported first"))
+    base = ["--run", str(tiny_run), "--out", str(tmp_path / "check.json")]
+    with pytest.raises(UserError, match=r"--steps 30 must divide the schedule's \d+ steps"):
+        export_check.main(base + ["--steps", "30"])
+    with pytest.raises(UserError, match="guidance scale must be >= 0"):
+        export_check.main(base + ["--guidance", "-1"])
+    assert not (tmp_path / "check.json").exists()
+
+
 def test_export_loads_offline_and_the_pipeline_draws_what_generate_draws(tiny_run, tmp_path, monkeypatch):
     pytest.importorskip("transformers", reason="StableDiffusionPipeline needs transformers: "
                                                "pip install -e '.[diffusers]'")

@@ -541,9 +541,10 @@ def test_condition_noise_needs_a_noise_source(inputs):
                      condition_noise=(0.25, 1.0, 10.0))
 
 
-def test_sampling_sweep_reads_condition_noise(tmp_path):
+def test_sampling_sweep_refuses_bad_input_before_looking_for_the_run(tmp_path):
     from benchmarks.sampling_sweep import main, parse_condition_noise
     from engine.errors import UserError
+    from engine.stage import StageError
 
     assert parse_condition_noise("none") is None
     assert parse_condition_noise("0.25,3,15") == (0.25, 3.0, 15.0)
@@ -554,6 +555,18 @@ def test_sampling_sweep_reads_condition_noise(tmp_path):
         main(sweep + ["--condition-noise", "none", "0.25,15,3"])
     with pytest.raises(UserError, match="--seed-sets must be at least 1, got 0"):
         main(sweep + ["--seed-sets", "0"])
+    with pytest.raises(UserError, match="no setting left to draw"):  # nothing lies above 'none'
+        main(sweep + ["--interval", "none", "--guidance-above", "2"])
+    (tmp_path / "sweep.json").write_text("{}")  # an earlier sweep: kept unless told
+    with pytest.raises(UserError, match=r"sweep.json exists \(an earlier result\); pass another --out, or --overwrite"):
+        main(sweep)
+    assert (tmp_path / "sweep.json").read_text() == "{}"
+    with pytest.raises(StageError, match="missing/vae does not exist"):  # told: on to the run, missing here
+        main(sweep + ["--overwrite"])
+    with pytest.raises(UserError, match="is a folder; pass a file path"):
+        main(sweep[:-1] + [str(tmp_path)])
+    with pytest.raises(UserError, match="sweep.json is a file, not a folder"):
+        main(sweep[:-1] + [str(tmp_path / "sweep.json" / "inner.json")])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")

@@ -293,9 +293,18 @@ def test_evaluate_keeps_the_runs_own_evaluation_unless_told(run_a, tmp_path):
 
     before = (run_a / "evaluation.json").read_bytes()
     for out in ([], ["--out", str(run_a)], ["--out", str(run_a / ".." / run_a.name)]):  # the run folder, however named
-        with pytest.raises(UserError, match="evaluation.json exists.*--out.*--overwrite"):
+        with pytest.raises(UserError, match=r"evaluation.json exists \(the run's own evaluation\).*--out.*--overwrite"):
             evaluate(["--run", str(run_a), "--data", DATA, "--device", "cpu", *out])
     assert (run_a / "evaluation.json").read_bytes() == before
+    elsewhere = tmp_path / "other_run"  # another run's evaluation, which paired and study read, is kept too
+    elsewhere.mkdir()
+    (elsewhere / "evaluation.json").write_bytes(before)
+    with pytest.raises(UserError, match=r"evaluation.json exists \(an earlier evaluation\).*--overwrite"):
+        evaluate(["--run", str(run_a), "--data", DATA, "--device", "cpu", "--out", str(elsewhere)])
+    (tmp_path / "notes.txt").write_text("not a folder")
+    with pytest.raises(UserError, match="notes.txt is a file; pass a folder"):
+        evaluate(["--run", str(run_a), "--data", DATA, "--device", "cpu", "--out", str(tmp_path / "notes.txt")])
+    assert (elsewhere / "evaluation.json").read_bytes() == before
 
 
 def test_generate_checks_its_inputs(run_a, tmp_path, capsys):
@@ -351,6 +360,7 @@ def test_generate_refuses_no_images_before_loading_anything(run_a, tmp_path, mon
 
 @pytest.mark.parametrize("extra, message", [(["--steps", "0"], "steps must be at least 1, got 0"),
                                             (["--guidance", "-1"], "guidance scale must be >= 0"),
+                                            (["--guidance-rescale", "1.5"], r"guidance rescale must be in \[0, 1\]"),
                                             (["--size", "30"], "--size 30 does not fit the stages")])
 def test_generate_and_evaluate_refuse_bad_sampling_options_before_loading_weights(run_a, tmp_path, monkeypatch,
                                                                                    extra, message):
@@ -383,6 +393,15 @@ def test_every_sampling_command_refuses_a_size_the_stages_cannot_draw_before_sam
         evaluate.main(["--run", str(run_a), "--data", DATA, *out])
     with pytest.raises(UserError, match=f"run {run_a}: {message}"):  # every run is checked before any samples
         compare.main([str(run_a), *out])
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_refuses_a_tile_of_no_pixels_before_sampling(run_a, tmp_path, monkeypatch):
+    from pipelines import compare
+
+    monkeypatch.setattr(compare, "generate", lambda *a, **k: pytest.fail("sampled before checking --tile"))
+    with pytest.raises(UserError, match="--tile must be a positive number of pixels, got 0"):
+        compare.main([str(run_a), "--out", str(tmp_path / "o"), "--tile", "0", "--device", "cpu"])
     assert not (tmp_path / "o").exists()
 
 
@@ -820,6 +839,31 @@ def test_autoguidance_reaches_generation_and_a_guide_that_cannot_guide_is_refuse
         images(guide_unet=str(run_a / "unet" / "lowres"))
 
 
+def test_evaluate_and_the_sweep_refuse_a_guide_that_cannot_guide_before_loading_the_stages(run_a, tmp_path,
+                                                                                           monkeypatch):
+    from benchmarks import sampling_sweep
+    from pipelines import evaluate
+
+    for module in (evaluate, sampling_sweep):
+        monkeypatch.setattr(module, "load_stack", lambda *a, **k: pytest.fail("loaded the stages first"))
+    guide = ["--guide-unet", str(run_a / "unet" / "lowres")]  # 32-px predictions for a 64-px UNet
+    message = "cannot guide the UNet at .*: it was trained at 32 px, the UNet at 64 px"
+    with pytest.raises(StageError, match=message):
+        evaluate.main(["--run", str(run_a), "--data", DATA, "--out", str(tmp_path / "e"), *guide])
+    with pytest.raises(StageError, match=message):
+        sampling_sweep.main(["--run", str(run_a), "--data", DATA, "--out", str(tmp_path / "sweep.json"),
+                             "--guidance", "1", "--interval", "none", *guide])
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--repeats", "--fast-steps"])
+def test_generate_speed_refuses_nothing_to_time_before_loading_the_stages(run_a, monkeypatch, flag):
+    from benchmarks import generate_speed
+
+    monkeypatch.setattr(generate_speed, "load_stack", lambda *a, **k: pytest.fail("loaded the stages first"))
+    with pytest.raises(UserError, match="--batch, --repeats and --fast-steps must be at least 1"):
+        generate_speed.main(["--run", str(run_a), flag, "0"])
+
+
 def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
     from benchmarks.generate_speed import generate_speed
 
@@ -1066,6 +1110,14 @@ def test_spike_screen_refuses_steps_off_the_probes_log_grid(run_a, tmp_path):
     with pytest.raises(UserError, match="--steps must be a multiple of the probes' log interval, 10, got 6"):
         spike_screen.main(["--data", DATA, "--vae", str(run_a / "vae"), "--clip", str(run_a / "clip"),
                            "--out", str(tmp_path / "screen"), "--steps", "6", "--preset", "tiny", "--setting", "a:"])
+    assert not (tmp_path / "screen").exists()
+
+
+def test_spike_screen_refuses_a_seed_given_twice(run_a, tmp_path):
+    with pytest.raises(UserError, match=r"--seeds has a seed twice \(1 2 1\); give each seed once"):
+        spike_screen.main(["--data", DATA, "--vae", str(run_a / "vae"), "--clip", str(run_a / "clip"),
+                           "--out", str(tmp_path / "screen"), "--seeds", "1", "2", "1", "--preset", "tiny",
+                           "--setting", "a:"])
     assert not (tmp_path / "screen").exists()
 
 

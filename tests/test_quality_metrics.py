@@ -689,7 +689,8 @@ def test_paired_reads_runs_evaluations_and_sweep_settings_and_pairs_judge_copies
                            ([str(run), str(old)], "records no samples"),
                            ([str(run), str(not_json)], "is not JSON"),
                            ([str(run), str(summary)], "neither an evaluation.json nor a sampling sweep"),
-                           ([str(run), str(elsewhere)], "no side shares two samples")):
+                           ([str(run), str(elsewhere)], "no side shares two samples"),
+                           ([str(run), f"{sweep}:1", f"{sweep}:1"], r"a side is given twice")):
         with pytest.raises(UserError, match=message):
             paired_sides(sides)
 
@@ -731,6 +732,8 @@ def test_copy_recurrence_counts_samples_copied_again_against_independence(tmp_pa
         main([sides[0], str(other), "--flag", "copied_pixel"])
     with pytest.raises(UserError, match="--recurring between 1 and their number"):
         main([*sides, "--recurring", "4"])
+    with pytest.raises(UserError, match="a side is given twice"):  # it would count as one run's flags
+        main([sides[0], sides[1], sides[0]])
 
 
 def test_colour_trajectory_finds_the_step_each_sample_settles_at():

@@ -76,3 +76,11 @@ def test_the_tiny_step_is_profiled_into_classes_that_add_up_to_the_step(tmp_path
     assert result["flops_per_step"] > 0 and result["mfu"] is None  # no MFU off CUDA
     # one tiny step: batch 16 of 8x8 latents through a ~1 M parameter UNet, forward and backward
     assert 1e8 < result["flops_per_step"] < 1e11
+
+
+@pytest.mark.parametrize("flag", ["--warmup", "--steps"])
+def test_no_steps_to_time_is_refused_before_the_model_is_built(flag):
+    from engine.errors import UserError
+
+    with pytest.raises(UserError, match="--warmup and --steps must be at least 1"):
+        main(["--preset", "tiny", flag, "0", "--device", "cpu"])

@@ -67,3 +67,16 @@ def test_an_unknown_variant_or_stage_is_an_error_not_a_silent_skip():
         step_speed.main(["--stages", "unet", "--variants", "default,eager"])
     with pytest.raises(UserError, match=r"unknown --stages \['clip'\]"):
         step_speed.main(["--stages", "clip"])
+
+
+@pytest.mark.parametrize("argv, message", [(["--preset", "ful"], "unknown preset 'ful'; choose one of"),
+                                           (["--steps", "0"], "--warmup and --steps must be at least 1")])
+def test_a_misspelt_preset_or_no_steps_is_refused_before_any_variant_runs(argv, message, monkeypatch):
+    from benchmarks import step_speed
+    from engine.errors import UserError
+
+    never = lambda *a, **k: pytest.fail("timed a variant first")  # noqa: E731
+    monkeypatch.setattr(step_speed, "unet_speed", never)
+    monkeypatch.setattr(step_speed, "vae_speed", never)
+    with pytest.raises(UserError, match=message):
+        step_speed.main([*argv, "--stages", "vae,unet"])

@@ -400,6 +400,14 @@ def test_a_bad_variant_is_one_clear_error(base, tmp_path, variant, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_base_runs_own_folder_is_refused_as_the_study_folder(base):
+    report = (base / "report.md").read_bytes() if (base / "report.md").is_file() else None
+    with pytest.raises(UserError, match="is the base run's folder: the study's report.md would replace the run's"):
+        study(["--base", str(base), "--out", str(base / ".." / base.name), *FAST, "--variant", "x: --unet.epochs=2"])
+    assert not (base / "base").exists() and not (base / "x").exists()  # no column folder written into the run
+    assert report is None or (base / "report.md").read_bytes() == report
+
+
 def test_a_name_may_carry_the_value_it_sets():
     assert study_module.split_named("lr3e-4: --unet.lr=3e-4", "--variant", "x: y") == ("lr3e-4", ["--unet.lr=3e-4"])
     assert study_module.split_named(" ema_0.99 :", "--variant", "x: y") == ("ema_0.99", [])

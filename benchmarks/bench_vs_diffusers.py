@@ -1,6 +1,6 @@
 """Our UNet, VAE and sampler against diffusers' on the same architecture, in one run on one GPU.
 
-    python -m benchmarks.bench_vs_diffusers [--out docs/results/bench/summary.json] [--run runs/NAME --judge DIR]
+    python -m benchmarks.bench_vs_diffusers [--out runs/bench/summary.json] [--run runs/NAME --judge DIR]
     python -m benchmarks.bench_vs_diffusers --tiny     # toy sizes on a CPU, eager only, seconds
 
 Sizes come from the ``full`` presets (``--tiny``: the ``tiny`` presets). Every case gets the same treatment for
@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if set(sections) - set(SECTIONS):
         raise UserError(f"unknown --sections {sorted(set(sections) - set(SECTIONS))}; "
                         f"choose from {', '.join(SECTIONS)}")
-    check_output_file(args.out, "--out", args.overwrite)
+    for path in (args.out, args.out.with_suffix(".md")):  # the summary and its table beside it
+        check_output_file(path, "--out", args.overwrite)
     check_stage_folders(args.run, args.judge)
     compile_modes = args.compile_modes or ("none" if args.tiny else "default")
     modes = [m for m in compile_modes.split(",") if m and m != "none"]
@@ -189,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary.update(headline(summary))
     summary["elapsed_s"] = time.perf_counter() - started
 
-    out = Path(args.out)
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     table = markdown(summary)

@@ -18,6 +18,7 @@ import torch
 from clip.model import CLIPModel
 from data import load_captions
 from engine.cli import command_line
+from engine.distributed import resolve_device
 from engine.errors import add_debug_flag, run_cli
 from engine.stage import read_stage, write_json
 from pipelines.evaluate import colour_guesses, zero_shot_shares
@@ -46,9 +47,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    device = resolve_device(args.device)
     info = read_stage(args.clip, "clip")  # a clear error for a folder that holds no finished CLIP stage
     data = load_captions(args.data, resolution=args.size)  # checks the folder and size before decoding
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     clip = CLIPModel.load(args.clip, device=device).eval()
     result: dict[str, Any] = {"clip": str(args.clip), "fingerprint": info.fingerprint, "data": args.data,
                               "size": args.size, "colours": list(PROMPT_COLOURS)}

@@ -23,7 +23,7 @@ from engine.cli import command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
 from pipelines.evaluate import PAIRED_FLAGS, sample_key
-from pipelines.paired import read_side
+from pipelines.paired import check_distinct_sides, read_side
 
 
 def poisson_binomial(rates: Sequence[float]) -> list[float]:
@@ -76,8 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if len(args.sides) < 2 or not 1 <= args.recurring <= len(args.sides):
         raise UserError(f"give at least two sides and --recurring between 1 and their number ({len(args.sides)}), "
                         f"got {len(args.sides)} side(s) and --recurring {args.recurring}")
-    if len(set(args.sides)) < len(args.sides):  # a side named twice would count once
-        raise UserError(f"a side is given twice ({' '.join(args.sides)}); name each measurement once")
+    check_distinct_sides(args.sides)
     read = {spec: read_side(spec) for spec in args.sides}
     if args.flag == "copied_judge":  # a flag of one judge says nothing under another
         judges = {judge for _, judge in read.values()}

@@ -145,8 +145,9 @@ def diffusers_settings(run: str | Path, steps: int, guidance_scale: float) -> Ge
                                   cuda_graph=False, guidance_interval=None, condition_noise=None)
     num_steps = config_from_dict(ScheduleConfig, stack_infos(run)["unet"].training["schedule"]).num_steps
     if num_steps % steps:  # diffusers rounds the trailing timesteps, we floor: they agree only then
+        nearest = min((d for d in range(1, num_steps + 1) if num_steps % d == 0), key=lambda d: (abs(d - steps), d))
         raise UserError(f"--steps {steps} must divide the schedule's {num_steps} steps for diffusers' trailing "
-                        f"timesteps to be ours, e.g. --steps 25")
+                        f"timesteps to be ours, e.g. --steps {nearest}")
     return settings
 
 
@@ -163,10 +164,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--guidance", type=float, default=5.0)
     args = parser.parse_args(argv)
     settings = diffusers_settings(args.run, args.steps, args.guidance)
-    device = resolve_device(args.device)
+    device, pipeline_device = resolve_device(args.device), resolve_device(args.pipeline_device, "--pipeline-device")
     with tempfile.TemporaryDirectory() as tmp:
-        result = check(args.run, args.export_dir or Path(tmp) / "export", device, resolve_device(args.pipeline_device),
-                       settings)
+        result = check(args.run, args.export_dir or Path(tmp) / "export", device, pipeline_device, settings)
     summary = {**result, "diffusers_version": diffusers.__version__, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "command": command_line("python -m benchmarks.export_check", argv)}

@@ -155,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.seed_sets < 1:
         raise UserError(f"--seed-sets must be at least 1, got {args.seed_sets}")
     check_output_file(args.out, "--out", args.overwrite)  # a sweep can take an hour: never over an earlier one
+    if args.showcase and (args.showcase / "showcase.md").exists() and not args.overwrite:
+        raise UserError(f"{args.showcase} holds an earlier sweep's showcase; pass another --showcase, or --overwrite "
+                        "to replace it")
     guides = [(guide, auto) for guide in args.guide_unet  # an autoguidance scale without a guide means nothing
               for auto in (args.autoguidance if guide is not None else [GenerationSettings.autoguidance_scale])]
     settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,

@@ -32,6 +32,7 @@ from diffusion.train import lowres_folder
 from engine import build_config, read_stage
 from engine.cli import command_line
 from engine.config import parse_overrides
+from engine.distributed import resolve_device
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.runlog import loss_spikes, read_records, rollbacks
 from engine.stage import write_json
@@ -158,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.steps % PROBE_LOG_EVERY:  # the tail and the peak read logged steps: the last must be step --steps
         raise UserError(f"--steps must be a multiple of the probes' log interval, {PROBE_LOG_EVERY}, got "
                         f"{args.steps}")
+    resolve_device(args.device)  # the probes' device: named here, not as every probe's failure
     if len(set(args.seeds)) < len(args.seeds):  # two probes of one setting and seed would train into one folder
         raise UserError(f"--seeds has a seed twice ({' '.join(map(str, args.seeds))}); give each seed once")
     if args.out.exists():

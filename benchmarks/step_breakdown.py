@@ -30,6 +30,7 @@ from benchmarks.step_speed import run_steps, step_indices, timed_steps, unet_tra
 from engine import Trainer
 from engine.cli import command_line
 from engine.config import parse_overrides
+from engine.distributed import resolve_device
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
 
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.warmup < 1 or args.steps < 1:
         raise UserError(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
     overrides = parse_overrides([f"--{item}" for item in args.set])
-    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    on_cuda = resolve_device(args.device).type == "cuda"  # a bad --device stops here, before the UNet is built
     result = breakdown(overrides, args.preset, args.warmup, args.steps, args.peak_tflops if on_cuda else None,
                        args.device, args.top)
     result.update({"gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "torch": torch.__version__,

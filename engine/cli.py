@@ -27,9 +27,10 @@ def check_output_file(path: Path, flag: str, overwrite: bool) -> None:
     be) or that would replace an earlier result without ``overwrite``."""
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; pass a file path, e.g. {path / 'result.json'}")
-    blocking = next((parent for parent in path.parents if parent.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise UserError(f"{flag} {path} cannot be written: {blocking} is a file, not a folder")
+    nearest_existing = next((parent for parent in path.parents if parent.exists()), None)
+    if nearest_existing is not None and not nearest_existing.is_dir():
+        raise UserError(f"{flag} {path} cannot be written: {nearest_existing} is a file, not a folder; pass another "
+                        f"{flag}")
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists (an earlier result); pass another {flag}, or --overwrite to replace it")
 

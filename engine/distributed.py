@@ -24,19 +24,23 @@ class DistEnv:
         return self.rank == 0
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as a torch device (default: CUDA when there is one, else the CPU); a name torch cannot read, or
-    a GPU this machine does not have, is a user error before any work."""
+def resolve_device(device: str | torch.device | None = None, flag: str = "--device") -> torch.device:
+    """``device`` as a torch device (default: CUDA when there is one, else the CPU); a name torch cannot read, a
+    kind other than cpu and cuda (the code paths this project has), or a GPU this machine does not have, is a user
+    error before any work (``flag``: the option that named it)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device} is no device torch knows; pass e.g. cuda, cuda:1 or cpu") from None
+        raise UserError(f"{flag} {device} is no device torch knows; pass e.g. cuda, cuda:1 or cpu") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise UserError(f"{flag} {device}: this project runs on cpu or cuda; pass one of those")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if resolved.type == "cuda" and (resolved.index or 0) >= count:
-        raise UserError(f"--device {device}: this machine has {count} CUDA device(s); pass "
-                        + (f"one of cuda:0 to cuda:{count - 1}, or cpu" if count else "cpu"))
+        gpus = {0: "none", 1: "one, cuda:0"}.get(count, f"cuda:0 to cuda:{count - 1}")
+        raise UserError(f"{flag} {device}: this machine's CUDA devices: {gpus}; pass "
+                        + ("cpu" if not count else "one of them or cpu"))
     return resolved
 
 
@@ -50,9 +54,13 @@ def setup(device: str | torch.device | None = None) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = resolve_device(device)
+    else:
+        device = resolve_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():  # a rank past this machine's GPUs
+        raise UserError(f"process {local_rank} on this machine has no GPU of its own ({torch.cuda.device_count()} "
+                        "visible): start at most one process per GPU (torchrun --nproc-per-node)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

@@ -31,6 +31,7 @@ from clip.model import CLIPModel
 from data import CaptionSet, load_captions
 from data.augment import to_float
 from diffusion.colour_sentences import body_colours, with_body_colour
+from engine.cli import check_output_file
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 from engine.stage import WEIGHTS_FILE, file_fingerprint, write_json
@@ -670,8 +671,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.out or default_out
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for evaluation.json/.md and the pictures")
-    # an earlier evaluation (the run's own, however the folder is named, or another's written there) and the
-    # pictures beside it, which paired, compare and study read: kept unless told
+    check_output_file(out / "evaluation.json", "--out", overwrite=True)  # no file where a folder above should be
+    # an earlier evaluation (the run's own, however the folder is named, or another's written there), which
+    # pipelines.compare, pipelines.paired and benchmarks.copy_recurrence read: kept unless told
     if (out / "evaluation.json").is_file() and not args.overwrite:
         whose = "the run's own evaluation" if out.resolve() == default_out.resolve() else "an earlier evaluation"
         raise UserError(f"{out / 'evaluation.json'} exists ({whose}); write this one elsewhere with --out DIR, "

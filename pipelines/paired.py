@@ -28,12 +28,28 @@ from .evaluate import judge_fingerprint, paired_against, paired_table
 EVALUATION_FILE = "evaluation.json"
 
 
-def read_side(spec: str) -> tuple[list[dict[str, Any]], str | None]:
-    """The sample records and the judge fingerprint of one side: ``RUN``, ``evaluation.json`` or ``SWEEP.json[:N]``."""
+def side_file(spec: str) -> tuple[Path, int | None]:
+    """The file a side reads (a run folder's ``evaluation.json``) and the sweep setting it names, if any."""
     match = re.fullmatch(r"(.+?):(\d+)", spec)
     path, setting = (Path(match.group(1)), int(match.group(2))) if match else (Path(spec), None)
-    if path.is_dir():
-        path = path / EVALUATION_FILE
+    return (path / EVALUATION_FILE if path.is_dir() else path), setting
+
+
+def check_distinct_sides(specs: Sequence[str]) -> None:
+    """Refuse a measurement named twice (``runs/A``, ``runs/A/`` and ``runs/A/evaluation.json`` are one side; a
+    sweep's ``SWEEP.json`` is its ``:0``): it would count once, or pair with itself."""
+    seen: dict[tuple[Path, int], str] = {}
+    for spec in specs:
+        path, setting = side_file(spec)
+        key = (path.resolve(), setting or 0)
+        if key in seen:
+            raise UserError(f"{spec} and {seen[key]} are one measurement; name each side once")
+        seen[key] = spec
+
+
+def read_side(spec: str) -> tuple[list[dict[str, Any]], str | None]:
+    """The sample records and the judge fingerprint of one side: ``RUN``, ``evaluation.json`` or ``SWEEP.json[:N]``."""
+    path, setting = side_file(spec)
     if not path.is_file():
         raise UserError(f"{path} not found: give a run folder holding {EVALUATION_FILE}, an {EVALUATION_FILE} file, "
                         "or a sampling sweep's JSON (SWEEP.json:N for its setting N)")
@@ -69,8 +85,7 @@ def paired_sides(specs: Sequence[str]) -> dict[str, Any]:
     sides name one judge; ``left_out`` says which sides shared too few samples with the first to pair."""
     if len(specs) < 2:
         raise UserError("give at least two sides to pair: the first, and each to measure against it")
-    if len(set(specs)) < len(specs):  # a side named twice would count once, or pair with itself
-        raise UserError(f"a side is given twice ({' '.join(specs)}); name each measurement once")
+    check_distinct_sides(specs)
     sides = {spec: read_side(spec) for spec in specs}
     (first, (reference, first_judge)), *others = sides.items()
     paired = paired_against(reference, {spec: samples for spec, (samples, _) in others})

@@ -108,3 +108,7 @@ def test_an_earlier_summary_is_kept_unless_told(tmp_path):
                                          r"--overwrite"):
         main(["--tiny", "--out", str(out)])
     assert out.read_text() == "{}"
+    out.unlink()
+    out.with_suffix(".md").write_text("| an earlier table |")  # the table beside it is kept too
+    with pytest.raises(UserError, match=r"summary.md exists \(an earlier result\)"):
+        main(["--tiny", "--out", str(out)])

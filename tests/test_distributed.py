@@ -176,7 +176,9 @@ def test_a_device_name_torch_cannot_read_or_a_gpu_the_machine_lacks_is_a_user_er
     with pytest.raises(UserError, match="--device gpu0 is no device torch knows; pass e.g. cuda, cuda:1 or cpu"):
         distributed.resolve_device("gpu0")
     missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 on a machine without one)
-    with pytest.raises(UserError, match=f"--device {missing}: this machine has {torch.cuda.device_count()} CUDA"):
+    with pytest.raises(UserError, match=f"--device {missing}: this machine's CUDA devices: "):
         distributed.resolve_device(missing)
+    with pytest.raises(UserError, match="--pipeline-device mps: this project runs on cpu or cuda"):
+        distributed.resolve_device("mps", "--pipeline-device")
     with pytest.raises(UserError, match="--device gpu0 is no device"):  # before the stages are read
         load_stack(tmp_path / "missing", device="gpu0")

@@ -565,8 +565,12 @@ def test_sampling_sweep_refuses_bad_input_before_looking_for_the_run(tmp_path):
         main(sweep + ["--overwrite"])
     with pytest.raises(UserError, match="is a folder; pass a file path"):
         main(sweep[:-1] + [str(tmp_path)])
-    with pytest.raises(UserError, match="sweep.json is a file, not a folder"):
+    with pytest.raises(UserError, match="sweep.json is a file, not a folder; pass another --out"):
         main(sweep[:-1] + [str(tmp_path / "sweep.json" / "inner.json")])
+    (tmp_path / "showcase").mkdir()
+    (tmp_path / "showcase" / "showcase.md").write_text("an earlier sweep's pictures")
+    with pytest.raises(UserError, match="holds an earlier sweep's showcase; pass another --showcase, or --overwrite"):
+        main([*sweep[:-1], str(tmp_path / "new.json"), "--showcase", str(tmp_path / "showcase")])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")

@@ -690,7 +690,9 @@ def test_paired_reads_runs_evaluations_and_sweep_settings_and_pairs_judge_copies
                            ([str(run), str(not_json)], "is not JSON"),
                            ([str(run), str(summary)], "neither an evaluation.json nor a sampling sweep"),
                            ([str(run), str(elsewhere)], "no side shares two samples"),
-                           ([str(run), f"{sweep}:1", f"{sweep}:1"], r"a side is given twice")):
+                           ([str(run), f"{sweep}:1", f"{sweep}:1"], "are one measurement; name each side once"),
+                           ([str(run), str(sweep), f"{sweep}:0"], "are one measurement"),  # setting 0 either way
+                           ([str(run), f"{sweep}:1", f"{run}/"], f"{run}/ and {run} are one measurement")):
         with pytest.raises(UserError, match=message):
             paired_sides(sides)
 
@@ -732,7 +734,7 @@ def test_copy_recurrence_counts_samples_copied_again_against_independence(tmp_pa
         main([sides[0], str(other), "--flag", "copied_pixel"])
     with pytest.raises(UserError, match="--recurring between 1 and their number"):
         main([*sides, "--recurring", "4"])
-    with pytest.raises(UserError, match="a side is given twice"):  # it would count as one run's flags
+    with pytest.raises(UserError, match="are one measurement"):  # it would count as one run's flags
         main([sides[0], sides[1], sides[0]])
 
 

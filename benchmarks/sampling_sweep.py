@@ -132,11 +132,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sampler", default=GenerationSettings.sampler)
     parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, nargs="+",
                         default=[GenerationSettings.timestep_spacing])
-    parser.add_argument("--eta", type=float, nargs="+", default=[DEFAULT_STEP_NOISE[0]],
-                        help="step noise: 0 deterministic, 1 as much as ancestral ddpm (ddim and dpmpp_2m)")
-    parser.add_argument("--eta-sigma-max", type=parse_sigma_max, nargs="+", default=[DEFAULT_STEP_NOISE[1]],
+    parser.add_argument("--eta", type=float, nargs="+",
+                        help="step noise: 0 deterministic, 1 as much as ancestral ddpm (ddim and dpmpp_2m; default "
+                             f"{DEFAULT_STEP_NOISE[0]:g}, none for ddpm)")
+    parser.add_argument("--eta-sigma-max", type=parse_sigma_max, nargs="+",
                         help="step noise only below these noise levels: 'none' (every step) or SIGMA; applied to "
-                             "the settings with eta > 0")
+                             f"the settings with eta > 0 (default {DEFAULT_STEP_NOISE[1]:g})")
     parser.add_argument("--condition-noise", type=parse_condition_noise, nargs="+",
                         default=[DEFAULT_CONDITION_NOISE],
                         help="prompt annealing (CADS): 'none' or SCALE,SIGMA_LO,SIGMA_HI (default: generation's, "
@@ -158,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.showcase and (args.showcase / "showcase.md").exists() and not args.overwrite:
         raise UserError(f"{args.showcase} holds an earlier sweep's showcase; pass another --showcase, or --overwrite "
                         "to replace it")
+    ddpm = args.sampler == "ddpm"  # ancestral at every step already: no step noise of its own, as in generation
+    etas = args.eta if args.eta is not None else [0.0 if ddpm else DEFAULT_STEP_NOISE[0]]
+    sigma_maxes = args.eta_sigma_max if args.eta_sigma_max is not None else [None if ddpm else DEFAULT_STEP_NOISE[1]]
     guides = [(guide, auto) for guide in args.guide_unet  # an autoguidance scale without a guide means nothing
               for auto in (args.autoguidance if guide is not None else [GenerationSettings.autoguidance_scale])]
     settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
@@ -169,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      (guide, auto)
                      in itertools.product(args.guidance, args.rescale, args.interval, args.guidance_above,
                                           args.first_order_at_guidance_edges, args.steps, args.timestep_spacing,
-                                          noise_settings(args.eta, args.eta_sigma_max), args.condition_noise,
+                                          noise_settings(etas, sigma_maxes), args.condition_noise,
                                           guides)
                      if (above == 1 or has_levels_above(interval))
                      # the first-order edge step changes nothing where no multistep sampler crosses a guidance edge

@@ -760,9 +760,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.concurrent and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--concurrent runs one process per variant on one GPU; under torchrun the variants train "
                         "one after another on every rank: drop --concurrent")
-    if args.out.resolve() == args.base.resolve():
-        raise UserError(f"--out {args.out} is the base run's folder: the study's report.md would replace the run's; "
-                        "pass a folder of the study's own, e.g. runs/study_NAME")
+    if args.out.resolve() == args.base.resolve() or (args.out / "summary.json").is_file():  # train_all's record
+        raise UserError(f"--out {args.out} is a run's folder: the study's report.md would replace the run's; pass a "
+                        "folder of the study's own, e.g. runs/study_NAME")
     base = base_stages(args.base)
     infos = {stage: read_stage(base[stage], stage) for stage in ("vae", "unet")}
     default_size = generation_size(infos)

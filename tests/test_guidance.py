@@ -555,6 +555,10 @@ def test_sampling_sweep_refuses_bad_input_before_looking_for_the_run(tmp_path):
         main(sweep + ["--condition-noise", "none", "0.25,15,3"])
     with pytest.raises(UserError, match="--seed-sets must be at least 1, got 0"):
         main(sweep + ["--seed-sets", "0"])
+    with pytest.raises(StageError, match="missing/vae does not exist"):  # ddpm's settings: no step noise unless given
+        main(sweep + ["--sampler", "ddpm"])
+    with pytest.raises(UserError, match="eta=1.0 applies to the ddim and dpmpp_2m samplers only"):
+        main(sweep + ["--sampler", "ddpm", "--eta", "1"])
     with pytest.raises(UserError, match="no setting left to draw"):  # nothing lies above 'none'
         main(sweep + ["--interval", "none", "--guidance-above", "2"])
     (tmp_path / "sweep.json").write_text("{}")  # an earlier sweep: kept unless told

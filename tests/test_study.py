@@ -400,12 +400,18 @@ def test_a_bad_variant_is_one_clear_error(base, tmp_path, variant, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_the_base_runs_own_folder_is_refused_as_the_study_folder(base):
+def test_a_runs_folder_is_refused_as_the_study_folder(base, tmp_path):
     report = (base / "report.md").read_bytes() if (base / "report.md").is_file() else None
-    with pytest.raises(UserError, match="is the base run's folder: the study's report.md would replace the run's"):
+    with pytest.raises(UserError, match="is a run's folder: the study's report.md would replace the run's"):
         study(["--base", str(base), "--out", str(base / ".." / base.name), *FAST, "--variant", "x: --unet.epochs=2"])
     assert not (base / "base").exists() and not (base / "x").exists()  # no column folder written into the run
     assert report is None or (base / "report.md").read_bytes() == report
+    other_run = tmp_path / "other_run"  # another finished run, recognised by train_all's summary.json
+    other_run.mkdir()
+    (other_run / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="is a run's folder"):
+        study(["--base", str(base), "--out", str(other_run), *FAST, "--variant", "x: --unet.epochs=2"])
+    assert [p.name for p in other_run.iterdir()] == ["summary.json"]
 
 
 def test_a_name_may_carry_the_value_it_sets():

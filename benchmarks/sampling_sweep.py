@@ -47,8 +47,8 @@ from engine.stage import write_json
 from pipelines.evaluate import (SEED_SET_STRIDE, describe_judge, generation_metrics, over_seed_sets,
                                 paired_differences, real_reference)
 from pipelines.stages import check_guide, judge_path, load_stack, stack_infos
-from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings, draw_showcase,
-                                     showcase_layout)
+from pipelines.text_to_image import (DEFAULT_CONDITION_NOISE, DEFAULT_STEP_NOISE, GenerationSettings,
+                                     default_step_noise, draw_showcase, showcase_layout)
 
 SHOWN = ("fg_share", "border_fg", "frame_filling_share", "parts_mean", "near_copy_share_pixel",
          "near_copy_share_pixel_relative", "near_copy_share_pixel_hue_blind", "near_copy_share_silhouette",
@@ -135,9 +135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eta", type=float, nargs="+",
                         help="step noise: 0 deterministic, 1 as much as ancestral ddpm (ddim and dpmpp_2m; default "
                              f"{DEFAULT_STEP_NOISE[0]:g}, none for ddpm)")
-    parser.add_argument("--eta-sigma-max", type=parse_sigma_max, nargs="+",
+    parser.add_argument("--eta-sigma-max", type=parse_sigma_max, nargs="+", default=[DEFAULT_STEP_NOISE[1]],
                         help="step noise only below these noise levels: 'none' (every step) or SIGMA; applied to "
-                             f"the settings with eta > 0 (default {DEFAULT_STEP_NOISE[1]:g})")
+                             "the settings with eta > 0")
     parser.add_argument("--condition-noise", type=parse_condition_noise, nargs="+",
                         default=[DEFAULT_CONDITION_NOISE],
                         help="prompt annealing (CADS): 'none' or SCALE,SIGMA_LO,SIGMA_HI (default: generation's, "
@@ -159,9 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.showcase and (args.showcase / "showcase.md").exists() and not args.overwrite:
         raise UserError(f"{args.showcase} holds an earlier sweep's showcase; pass another --showcase, or --overwrite "
                         "to replace it")
-    ddpm = args.sampler == "ddpm"  # ancestral at every step already: no step noise of its own, as in generation
-    etas = args.eta if args.eta is not None else [0.0 if ddpm else DEFAULT_STEP_NOISE[0]]
-    sigma_maxes = args.eta_sigma_max if args.eta_sigma_max is not None else [None if ddpm else DEFAULT_STEP_NOISE[1]]
+    etas = args.eta or [default_step_noise(args.sampler)[0]]  # ddpm: none of its own, as in generation
     guides = [(guide, auto) for guide in args.guide_unet  # an autoguidance scale without a guide means nothing
               for auto in (args.autoguidance if guide is not None else [GenerationSettings.autoguidance_scale])]
     settings_grid = [GenerationSettings(guidance_scale=scale, guidance_rescale=rescale, guidance_interval=interval,
@@ -173,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      (guide, auto)
                      in itertools.product(args.guidance, args.rescale, args.interval, args.guidance_above,
                                           args.first_order_at_guidance_edges, args.steps, args.timestep_spacing,
-                                          noise_settings(etas, sigma_maxes), args.condition_noise,
+                                          noise_settings(etas, args.eta_sigma_max), args.condition_noise,
                                           guides)
                      if (above == 1 or has_levels_above(interval))
                      # the first-order edge step changes nothing where no multistep sampler crosses a guidance edge

@@ -31,6 +31,14 @@ from .stages import StageStack, sampling_size
 # fresh noise per step as ancestral sampling, which repairs loose fragments with fewer of the copies that noise at
 # the high levels brings (docs/results/quality)
 DEFAULT_STEP_NOISE = (1.0, 3.0)
+
+
+def default_step_noise(sampler: str) -> tuple[float, float | None]:
+    """The (eta, eta_sigma_max) a sampler takes when no eta is given: none for ddpm, ancestral at every step
+    already; DEFAULT_STEP_NOISE for ddim and dpmpp_2m."""
+    return (0.0, None) if sampler == "ddpm" else DEFAULT_STEP_NOISE
+
+
 # (scale, sigma_lo, sigma_hi) of the prompt's annealing (CADS): against none, on the stages of two default runs, it
 # drew fewer pixel-space near-copies and a lower FD in the judge's space every time, the colour kept, parts per
 # sample a hair up and the pictures alike by eye (docs/results/quality)
@@ -87,12 +95,10 @@ class GenerationSettings:
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise UserError(f"unknown timestep spacing '{self.timestep_spacing}'; choose one of "
                             f"{list(TIMESTEP_SPACINGS)}")
-        if self.eta is None and self.sampler == "ddpm":
-            self.eta = 0.0
-        elif self.eta is None:  # the recommended noise, below the given limit or the recommended one
-            self.eta = DEFAULT_STEP_NOISE[0]
+        if self.eta is None:  # the recommended noise, below the given limit or the recommended one
+            self.eta, sigma_max = default_step_noise(self.sampler)
             if self.eta_sigma_max is None:
-                self.eta_sigma_max = DEFAULT_STEP_NOISE[1]
+                self.eta_sigma_max = sigma_max
         if self.size < 1:  # what else fits depends on the stages: pipelines.stages.sampling_size
             raise UserError(f"size must be a positive number of pixels, got {self.size}")
         if self.steps < 1:

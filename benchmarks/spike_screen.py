@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from data import load_captions
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.train import lowres_folder
 from engine import build_config, read_stage
@@ -168,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         read_stage(folder, kind)  # a missing or unfinished stage is named before anything runs
     settings = [split_named(s, "--setting", "adam_099: --beta2=0.99") for s in args.setting]
     probes = plan_probes(settings, args.common.split(), args.seeds, args.out, args.preset)
+    # a bad --data fails here, not in every probe; decoded at the stage's resolution, the probes read it cached
+    load_captions(args.data, resolution=build_config(UNetTrainConfig, PRESETS, args.preset).resolution)
     run_probes(probes, args.data, args.vae, args.clip, args.steps, args.concurrent, args.preset, args.device)
     records = [probe_record(p, args.steps) for p in probes]
     result = {"command": command_line("python -m benchmarks.spike_screen", argv),

@@ -1132,7 +1132,16 @@ def test_spike_screen_refuses_a_seed_given_twice(run_a, tmp_path):
     assert not (tmp_path / "screen").exists()
 
 
-def test_spike_screen_names_the_log_of_a_probe_that_failed(run_a, tmp_path):
+def test_spike_screen_refuses_missing_data_before_any_probe(run_a, tmp_path):
+    with pytest.raises(DataError, match="no_data does not exist"):
+        spike_screen.main(["--data", str(tmp_path / "no_data"), "--vae", str(run_a / "vae"), "--clip",
+                           str(run_a / "clip"), "--out", str(tmp_path / "screen"), "--steps", "10", "--seeds", "1",
+                           "--preset", "tiny", "--setting", "plain:"])
+    assert not (tmp_path / "screen").exists()
+
+
+def test_spike_screen_names_the_log_of_a_probe_that_failed(run_a, tmp_path, monkeypatch):
+    monkeypatch.setattr(spike_screen, "load_captions", lambda *args, **kwargs: None)  # let the probe meet the data
     with pytest.raises(RuntimeError, match=r"probe plain_s1 failed \(exit 2\) before step 10; see .*plain_s1.log"):
         spike_screen.main(["--data", str(tmp_path / "no_data"), "--vae", str(run_a / "vae"), "--clip",
                            str(run_a / "clip"), "--out", str(tmp_path / "screen"), "--steps", "10", "--seeds", "1",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion.config import PRESETS, UNetTrainConfig
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.config import build_config
 from engine.distributed import resolve_device
 from engine.errors import UserError, add_debug_flag, run_cli
@@ -106,10 +105,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=None, help="default: the preset's training batch")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path)
+    add_result_flags(parser)
     parser.add_argument("--device", default=None, help="default: cuda when there is one (bf16), else cpu (float32)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     if args.warmup < 1 or args.repeats < 1 or (args.batch is not None and args.batch < 1):
         raise UserError(f"--warmup, --repeats and --batch must be at least 1, got {args.warmup}, {args.repeats} and "
                         f"{args.batch}")

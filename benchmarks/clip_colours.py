@@ -17,7 +17,7 @@ import torch
 
 from clip.model import CLIPModel
 from data import load_captions
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.distributed import resolve_device
 from engine.errors import add_debug_flag, run_cli
 from engine.stage import read_stage, write_json
@@ -40,9 +40,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="the size the images are loaded at, where their body colours are measured (the "
                              "UNet stage's and the evaluation's: 512)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: GPU when available)")
-    parser.add_argument("--out", type=Path, help="write the result here (JSON)")
+    add_result_flags(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     return measure(args, argv)
 
 

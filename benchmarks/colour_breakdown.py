@@ -29,7 +29,7 @@ from data import load_captions
 from data.augment import to_float
 from diffusion.colour_sentences import body_colours, recoloured_copies
 from diffusion.recolour import RecolourAugment
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.config import validate_config
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import read_grid
@@ -117,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--paired-with", type=Path,
                         help="another evaluation's nearest_pairs.png of the same prompts and seeds (another setting "
                              "or model): its colour-prompt samples against these, sample for sample")
-    parser.add_argument("--out", type=Path)
+    add_result_flags(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     recolour = validate_config(RecolourAugment(copies=args.recolour_copies))  # a bad count fails before any work
     texts, seeds, named = colour_prompts(COLOUR_SEEDS)
     chinese = torch.tensor([not text.isascii() for text in texts])

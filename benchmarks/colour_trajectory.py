@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from diffusion.guidance import step_guidance
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 from engine.precision import inference_autocast
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.colour_trajectory",
                                      description=__doc__.split("\n\n")[0])
     add_stage_arguments(parser)
-    parser.add_argument("--out", type=Path, required=True, help="the result (JSON)")
+    add_result_flags(parser, required=True, help="the result (JSON)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per colour prompt (the evaluation's: 8)")
     parser.add_argument("--seed-offset", type=int, default=0,
                         help=f"added to every seed (the sampling sweep's seed set k: k * {SEED_SET_STRIDE})")
@@ -208,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_sampling_arguments(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out", "--plot", "--strip")
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}")
     infos = stack_infos(args.run, vae=args.vae, clip=args.clip, unet=args.unet)  # config files before weights

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from pathlib import Path
 from typing import Any, Sequence
 
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
 from pipelines.evaluate import PAIRED_FLAGS, sample_key
@@ -71,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--flag", choices=[flag for flag in PAIRED_FLAGS if flag.startswith("copied")],
                         default="copied_judge")
     parser.add_argument("--recurring", type=int, default=2, help="list the samples flagged by at least this many")
-    parser.add_argument("--out", type=Path)
+    add_result_flags(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     if len(args.sides) < 2 or not 1 <= args.recurring <= len(args.sides):
         raise UserError(f"give at least two sides and --recurring between 1 and their number ({len(args.sides)}), "
                         f"got {len(args.sides)} side(s) and --recurring {args.recurring}")

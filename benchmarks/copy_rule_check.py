@@ -8,14 +8,13 @@ drawings (bland pictures that copy none). CPU, about a minute; no learned weight
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from data import load_captions
 from data.augment import to_float
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.errors import add_debug_flag, run_cli
 from engine.stage import write_json
 from pipelines.metrics import COPY_NEIGHBOURS, near_copies, thumbnails
@@ -40,9 +39,10 @@ def probe_sets(train: torch.Tensor, generator: torch.Generator) -> dict[str, tup
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.copy_rule_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
-    parser.add_argument("--out", type=Path)
+    add_result_flags(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     data = load_captions(args.data, resolution=SIZE)
     train, val = to_float(data.subset("train").images), to_float(data.subset("val").images)
     bank, unseen = thumbnails(torch.cat([train, train.flip(-1)])), thumbnails(val)

@@ -37,7 +37,7 @@ except ImportError:
 
 from diffusion.noise import PerSampleNoise  # noqa: E402
 from diffusion.schedule import ScheduleConfig  # noqa: E402
-from engine.cli import command_line  # noqa: E402
+from engine.cli import add_result_flags, check_output_files, command_line  # noqa: E402
 from engine.config import config_from_dict  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
 from engine.errors import UserError, add_debug_flag, run_cli  # noqa: E402
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.export_check", description=__doc__.split("\n\n")[0])
     add_debug_flag(parser)
     parser.add_argument("--run", type=Path, required=True, help="a trained run folder (vae/, clip/, unet/)")
-    parser.add_argument("--out", type=Path, required=True, help="summary JSON to write")
+    add_result_flags(parser, required=True, help="summary JSON to write")
     parser.add_argument("--export-dir", type=Path, help="where to export (default: a temporary folder); an earlier "
                         "export there is replaced")
     parser.add_argument("--device", default=None, help="for the VAE and UNet comparison (default: cuda if available)")
@@ -163,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps; must divide the schedule's steps")
     parser.add_argument("--guidance", type=float, default=5.0)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     settings = diffusers_settings(args.run, args.steps, args.guidance)
     device, pipeline_device = resolve_device(args.device), resolve_device(args.pipeline_device, "--pipeline-device")
     with tempfile.TemporaryDirectory() as tmp:

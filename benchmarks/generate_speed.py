@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.precision import inference_autocast, set_low_precision_norms
 from engine.stage import write_json
@@ -127,9 +127,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fast-steps", type=int, default=GenerationSettings.steps,
                         help="steps of the default fast sampler (dpmpp_2m)")
     parser.add_argument("--device")
-    parser.add_argument("--out", type=Path)
+    add_result_flags(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     if args.batch < 1 or args.repeats < 1 or args.fast_steps < 1:  # before the 50-step case is timed
         raise UserError(f"--batch, --repeats and --fast-steps must be at least 1, got {args.batch}, {args.repeats} "
                         f"and {args.fast_steps}")

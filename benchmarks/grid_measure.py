@@ -21,7 +21,7 @@ import torch
 from data import load_captions
 from data.augment import to_float
 from diffusion.train import GRID_TILE
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.errors import add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
@@ -41,8 +41,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add_debug_flag(parser)
     parser.add_argument("grids", nargs="+", type=Path, help="epoch grid PNGs (unet/samples/epoch_*.png)")
     parser.add_argument("--data", required=True, help="the captions folder the run trained on")
-    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    add_result_flags(parser, help="write the figures here as JSON")
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     tiles = {str(path): read_grid(path, GRID_TILE).flatten(0, 1) for path in args.grids}  # before the data loads
     data = load_captions(args.data, resolution=MEASURE_SIZE)
     train, unseen = to_float(data.subset("train").images), to_float(data.subset("val").images)

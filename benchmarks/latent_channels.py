@@ -49,7 +49,7 @@ from data import load_captions
 from data.augment import float_batches, to_float
 from diffusion.colour_sentences import body_colours
 from diffusion.latents import encode_moments
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.distributed import resolve_device
 from engine.errors import add_debug_flag, run_cli
 from engine.images import to_uint8
@@ -193,9 +193,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int, default=512, help="the size the images are encoded at (the UNet's: 512)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: GPU when available)")
-    parser.add_argument("--out", type=Path, help="write the result here (JSON)")
+    add_result_flags(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     return reread(args, argv) if args.reread else measure(args, argv)
 
 

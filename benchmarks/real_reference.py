@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from clip.model import CLIPModel
 from data import load_captions
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.distributed import resolve_device
 from engine.errors import add_debug_flag, run_cli
 from engine.stage import write_json
@@ -34,8 +34,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--judge", type=Path, required=True, help="the CLIP stage folder that judges")
     parser.add_argument("--size", type=int, default=512, help="the generation size the evaluation measures at")
     parser.add_argument("--device", help="where the judge runs (default: GPU when available)")
-    parser.add_argument("--out", type=Path)
+    add_result_flags(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     device = resolve_device(args.device)
     judge = CLIPModel.load(args.judge, device=device).eval()
     data = load_captions(args.data, resolution=args.size)

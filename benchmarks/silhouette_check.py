@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from data import load_captions
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.errors import add_debug_flag, run_cli
 from engine.images import read_grid
 from engine.stage import write_json
@@ -35,10 +35,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.silhouette_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--grid", type=Path, action="append", default=[], help="a run's final_samples.png (repeat)")
-    parser.add_argument("--out", type=Path)
+    add_result_flags(parser)
     parser.add_argument("--pairs", type=Path, help="a picture of the flagged tiles over their nearest training images")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     data = load_captions(args.data)
     train_set = data.subset("train")
     train, val = shrunk(train_set.images), shrunk(data.subset("val").images)

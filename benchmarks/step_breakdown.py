@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import re
 import tempfile
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -28,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.measure import training_flops
 from benchmarks.step_speed import run_steps, step_indices, timed_steps, unet_trainer
 from engine import Trainer
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.config import parse_overrides
 from engine.distributed import resolve_device
 from engine.errors import UserError, add_debug_flag, run_cli
@@ -170,9 +169,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="dense bf16 peak for MFU (989: H100/H200 SXM); ignored off CUDA")
     parser.add_argument("--top", type=int, default=20, help="list this many busiest kernels (0: none)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--out", type=Path)
+    add_result_flags(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     if args.warmup < 1 or args.steps < 1:
         raise UserError(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
     overrides = parse_overrides([f"--{item}" for item in args.set])

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from engine import Trainer, build_config, distributed
-from engine.cli import command_line
+from engine.cli import add_result_flags, check_output_files, command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.nonfinite import cudnn_attention
 from engine.stage import write_json
@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=None, help="comma list of variant names to run (default: all)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", type=Path)
+    add_result_flags(parser)
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     wanted = set(args.variants.split(",")) if args.variants else None
     stages = args.stages.split(",")
     unknown = set(stages) - set(VARIANTS)

@@ -35,6 +35,29 @@ def check_output_file(path: Path, flag: str, overwrite: bool) -> None:
         raise UserError(f"{path} exists (an earlier result); pass another {flag}, or --overwrite to replace it")
 
 
+def add_result_flags(parser: argparse.ArgumentParser, required: bool = False,
+                     help: str = "write the result here (JSON)") -> None:
+    """``--out FILE`` and ``--overwrite``, the flags of a command that writes one result file; pair with
+    :func:`check_output_files` before any work."""
+    parser.add_argument("--out", type=Path, required=required, help=help)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the result files already there (default: refuse)")
+
+
+def check_output_files(args: argparse.Namespace, *flags: str) -> None:
+    """:func:`check_output_file` for each of ``flags`` (e.g. ``"--out"``, ``"--plot"``) that was given, with
+    ``args.overwrite``; one flag's file may not be another's."""
+    given = {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in flags}
+    given = {flag: Path(path) for flag, path in given.items() if path is not None}
+    for flag, path in given.items():
+        check_output_file(path, flag, args.overwrite)
+    by_file: dict[Path, str] = {}
+    for flag, path in given.items():
+        other = by_file.setdefault(path.resolve(), flag)
+        if other != flag:
+            raise UserError(f"{other} and {flag} are both {path}; pass a different file to each")
+
+
 def stage_parser(prog: str, description: str, stage: str,
                  upstream: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """A parser with the flags every stage takes (``--data``, ``--out``, ``--preset``, ``--resume``,

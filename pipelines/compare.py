@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from engine.cli import check_output_file
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid
 
@@ -61,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_debug_flag(parser)
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for compare.png and compare.md")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier comparison there (default: refuse)")
     parser.add_argument("--prompt", action="append", help="default: a fixed English + Chinese set")
     parser.add_argument("--seed", type=int, default=0)
     add_sampling_arguments(parser)
@@ -69,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--tile", type=int, default=128, help="tile size in the committed grid")
     parser.add_argument("--device")
     args = parser.parse_args(argv)
+    for name in ("compare.png", "compare.md"):
+        check_output_file(args.out / name, "--out", args.overwrite)
     if args.tile < 1:
         raise UserError(f"--tile must be a positive number of pixels, got {args.tile}")
     settings = sampling_settings(args, size=GenerationSettings.size)  # checked before any run loads

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from engine.cli import add_result_flags, check_output_files
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import write_json
 
@@ -109,8 +110,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_debug_flag(parser)
     parser.add_argument("sides", nargs="+", metavar="SIDE",
                         help="RUN, evaluation.json or SWEEP.json[:N]; the others are measured against the first")
-    parser.add_argument("--out", type=Path, help="write the paired figures here as JSON")
+    add_result_flags(parser, help="write the paired figures here as JSON")
     args = parser.parse_args(argv)
+    check_output_files(args, "--out")
     result = paired_sides(args.sides)
     print(paired_table({f"{spec} against {result['first']}": figures for spec, figures in result["paired"].items()}),
           end="")

@@ -692,6 +692,64 @@ def test_every_module_run_as_a_command_goes_through_run_cli():
     assert {module: block for module, block in runnable.items() if block != "run_cli(main)"} == {}
 
 
+# each measuring command with its required arguments, none of which exists (or one bad count where it needs none):
+# the refusal comes before any of them is read
+RESULT_COMMANDS = {
+    "benchmarks.attention_backends": ["--warmup", "0"], "benchmarks.step_breakdown": ["--warmup", "0"],
+    "benchmarks.step_speed": ["--stages", "none"],
+    "benchmarks.generate_speed": ["--run", "missing"], "benchmarks.export_check": ["--run", "missing"],
+    "benchmarks.colour_trajectory": ["--run", "missing"], "benchmarks.clip_colours": ["--clip", "missing", "--data",
+                                                                                      "missing"],
+    "benchmarks.colour_breakdown": ["--pairs", "missing.png", "--data", "missing"],
+    "benchmarks.copy_rule_check": ["--data", "missing"], "benchmarks.silhouette_check": ["--data", "missing"],
+    "benchmarks.grid_measure": ["missing.png", "--data", "missing"],
+    "benchmarks.real_reference": ["--data", "missing", "--judge", "missing"],
+    "benchmarks.latent_channels": ["--vae", "missing", "--data", "missing"],
+    "benchmarks.copy_recurrence": ["a.json", "b.json"], "pipelines.paired": ["a.json", "b.json"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(RESULT_COMMANDS))
+def test_a_measuring_command_keeps_an_earlier_result_unless_told(module, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    command = importlib.import_module(module)
+    Path("result.json").write_text("{}")
+    with pytest.raises(UserError, match=r"result.json exists \(an earlier result\); pass another --out, or "
+                                        r"--overwrite"):
+        command.main([*RESULT_COMMANDS[module], "--out", "result.json"])
+    assert Path("result.json").read_text() == "{}"
+    with pytest.raises(UserError, match="is a folder; pass a file path"):
+        command.main([*RESULT_COMMANDS[module], "--out", "."])
+    with pytest.raises(UserError) as past_the_check:  # now the missing inputs (or the bad count) stop it
+        command.main([*RESULT_COMMANDS[module], "--out", "result.json", "--overwrite"])
+    assert "an earlier result" not in str(past_the_check.value)
+
+
+def test_every_command_that_writes_files_is_checked_for_earlier_results():
+    # the commands with refusals of their own, each tested beside it; a new command must join one of the lists
+    own_refusal = {"benchmarks.sampling_sweep", "benchmarks.bench_vs_diffusers", "benchmarks.spike_screen",
+                   "benchmarks.untrained_run", "pipelines.compare", "pipelines.evaluate", "pipelines.export",
+                   "pipelines.study", "pipelines.generate"}  # the stage trainers' --out comes from engine.cli
+
+    def source(module: str) -> str:
+        return (ROOT / Path(*module.split("."))).with_suffix(".py").read_text(encoding="utf-8")
+
+    writes = {module for module in COMMANDS if '"--out"' in source(module) or "add_result_flags(" in source(module)}
+    assert own_refusal <= writes and writes - own_refusal == set(RESULT_COMMANDS)
+
+
+def test_one_file_is_not_two_results(tmp_path):
+    from benchmarks import colour_trajectory
+
+    with pytest.raises(UserError, match=r"--out and --plot are both .*same.png; pass a different file to each"):
+        colour_trajectory.main(["--run", "missing", "--out", str(tmp_path / "same.png"), "--plot",
+                                str(tmp_path / "same.png")])
+    (tmp_path / "strip.png").write_bytes(b"")
+    with pytest.raises(UserError, match=r"strip.png exists \(an earlier result\); pass another --strip"):
+        colour_trajectory.main(["--run", "missing", "--out", str(tmp_path / "a.json"), "--strip",
+                                str(tmp_path / "strip.png")])
+
+
 @pytest.mark.parametrize("module", COMMANDS)
 def test_every_command_lists_debug_in_its_help(module, capsys):
     # run_cli takes --debug out before main parses it, so only the parser's listing tells a user it exists
@@ -1226,6 +1284,9 @@ def test_compare_draws_every_run_with_the_same_sampling_and_says_which(run_a, tm
     assert "2 steps" in report and "step noise eta 1 below sigma 2" in report and "32 px" in report
     with pytest.raises(UserError, match="eta is 0"):  # a bad sampling option stops it before any run loads
         compare.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--eta", "0", "--eta-sigma-max", "2"])
+    with pytest.raises(UserError, match=r"compare.png exists \(an earlier result\); pass another --out, or "
+                                        r"--overwrite"):
+        compare.main([str(tmp_path / "missing"), "--out", str(tmp_path)])  # before the missing run is read
 
 
 def test_compare_pairs_two_evaluations_of_the_same_samples(run_a, tmp_path):

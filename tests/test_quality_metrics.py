@@ -782,5 +782,7 @@ def test_colour_trajectory_reads_every_step_and_ends_on_the_evaluations_verdict(
     assert summary["final_hit_share"] == pytest.approx(sum(s["final_hit"] for s in samples) / 12)
     assert all(0 <= s["settled_step"] < 4 for s in samples) and steps[-1]["settled_share"] == 1.0
     assert (tmp_path / "t.png").is_file() and (tmp_path / "strip.png").is_file() and out.is_file()
+    with pytest.raises(UserError, match="trajectory.json exists"):  # an earlier result is kept unless told
+        colour_trajectory(["--run", str(run), "--out", str(out), "--seeds", "1", "--steps", "4"])
     with pytest.raises(UserError, match="--seeds"):
-        colour_trajectory(["--run", str(run), "--out", str(out), "--seeds", "0"])
+        colour_trajectory(["--run", str(run), "--out", str(out), "--seeds", "0", "--overwrite"])

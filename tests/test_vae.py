@@ -14,7 +14,7 @@ from engine.stage import read_stage
 from vae.config import PRESETS, VAEConfig, VAETrainConfig
 from vae.discriminator import PatchDiscriminator
 from vae.loss import VAELossConfig, VAETrainingModule, adaptive_gan_weight, ssim
-from vae.metrics import compute_scaling_factor, evaluate_reconstruction, latent_moments, psnr
+from vae.metrics import evaluate_reconstruction, latent_moments, psnr, scaling_factor_of
 from vae.model import AutoencoderKL, DiagonalGaussian
 from vae import train as vae_train
 from vae.train import main
@@ -165,7 +165,7 @@ def test_scaling_factor_gives_unit_std_latents() -> None:
     with torch.no_grad():  # make the raw latents far from unit scale
         vae.encoder.conv_out.weight.mul_(40.0)
     uint8 = ((images(6, 32, seed=3) + 1) * 127.5).round().to(torch.uint8)
-    factor = compute_scaling_factor(vae, uint8, batch_size=4, device="cpu")
+    factor = scaling_factor_of(latent_moments(vae, uint8, batch_size=4, device="cpu"))
     with torch.no_grad():
         latents = vae.encode(uint8.float() / 127.5 - 1).sample(torch.Generator().manual_seed(0))
     torch.testing.assert_close(factor, 1.0 / latents.std().item(), rtol=2e-3, atol=0)

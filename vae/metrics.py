@@ -72,12 +72,6 @@ def latent_moments(vae: AutoencoderKL, images_uint8: Tensor, batch_size: int, de
     return moments.moments()
 
 
-def compute_scaling_factor(vae: AutoencoderKL, images_uint8: Tensor, batch_size: int,
-                           device: str | torch.device) -> float:
-    """1 / std of unscaled posterior samples of the given (training) images: scaled latents get unit variance."""
-    return scaling_factor_of(latent_moments(vae, images_uint8, batch_size, device))
-
-
 def scaling_factor_of(moments: LatentMoments) -> float:
     """1 / the latents' std over every element, from their ``latent_moments``.
 

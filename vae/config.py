@@ -20,9 +20,9 @@ class VAEConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 1  # per encoder level; the decoder uses one more, as in the LDM autoencoder
     norm_groups: int = 32
-    # How the encoder's stride-2 convs pad: "symmetric" (one pixel on every side; every VAE trained so far) or
-    # "bottom_right" (one row and column after the image, as the LDM autoencoder and diffusers' AutoencoderKL,
-    # whose encoder only then exports exactly: pipelines.export).
+    # How the encoder's stride-2 convs pad: "symmetric" (one pixel on every side; every VAE trained before this
+    # field) or "bottom_right" (one row and column after the image, as the LDM autoencoder and diffusers'
+    # AutoencoderKL, whose encoder only then exports exactly: pipelines.export).
     downsample_padding: str = "symmetric"
     # 1 / std of the unscaled training latents; measured after training, never copied from another model.
     scaling_factor: float | None = None

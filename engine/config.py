@@ -46,7 +46,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
-    # max global grad norm; 0 disables clipping, and with it the skip of a step whose gradient is not finite
+    # max global grad norm; 0 disables clipping and the gradient-norm log and spike rule that read the clipped norm
+    # (a step whose gradient is not finite is skipped either way)
     grad_clip: float = 1.0
     # On a loss spike (engine.runlog's rule on each log interval's mean gradient norm): go back to the state of
     # two log intervals before, scale the learning rate by spike_lr_backoff for the rest of the run, and go on;

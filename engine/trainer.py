@@ -393,7 +393,7 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value
                 if "grad_norm" in logs:
                     grad_peak = logs["grad_norm"] if grad_peak is None else torch.maximum(grad_peak, logs["grad_norm"])
-                    skip_flags.append(logs["skipped_steps"])
+                skip_flags.append(logs["skipped_steps"])
                 count += 1
                 progress.update(1)
                 last_in_epoch = step_in_epoch == self.steps_per_epoch - 1
@@ -444,15 +444,18 @@ class Trainer:
                 logs_sum[key] = logs_sum.get(key, 0.0) + value.detach().float() / cfg.grad_accum
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
-            # A step whose gradient is not finite (one bad batch, an overflow) is skipped, as GradScaler skips
-            # one, not written into the weights as NaN: the fused AdamW reads the flag on the device (no sync)
-            # and leaves weights, moments and its step count alone. Its logs count as zero and the interval's
-            # mean is over the steps taken (_log_train); an interval with none taken is a spike (_check_spike).
-            finite = torch.isfinite(grad_norm)
-            self.optimizer.found_inf = (~finite).float()
-            logs_sum = {key: torch.where(finite, value, 0.0) for key, value in logs_sum.items()}
+        else:  # not clipped, nor logged (the spike rule reads clipped norms), but measured for the skip below
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+        # A step whose gradient is not finite (one bad batch, an overflow) is skipped, as GradScaler skips one, not
+        # written into the weights as NaN: the fused AdamW reads the flag on the device (no sync) and leaves
+        # weights, moments and its step count alone. Its logs count as zero and the interval's mean is over the
+        # steps taken (_log_train); an interval with none taken is a spike, or unclipped the stage's end (_check_spike).
+        finite = torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~finite).float()
+        logs_sum = {key: torch.where(finite, value, 0.0) for key, value in logs_sum.items()}
+        if cfg.grad_clip > 0:
             logs_sum["grad_norm"] = torch.where(finite, grad_norm, 0.0)
-            logs_sum["skipped_steps"] = self.optimizer.found_inf
+        logs_sum["skipped_steps"] = self.optimizer.found_inf
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -495,12 +498,16 @@ class Trainer:
         back without lowering the learning rate, or with no rollback left training goes on from the weights the
         skipped steps left alone. A mostly skipped interval that cuDNN did not make is only reported: the steps
         taken were sound."""
-        if "train/grad_norm" not in record:
-            return None
         first, name = self.step - count + 1, self.out_dir.name
         skipped = round(record.get("train/skipped_steps", 0))
         if skipped and self.env.is_main:
             tqdm.write(f"{name}: {skipped} of steps {first}-{self.step} skipped: the gradient was not finite")
+        if "train/grad_norm" not in record:  # not clipped: no norm is logged, so no spike rule and no rollback
+            if skipped == count:
+                raise TrainingDiverged(f"{name}: every step of steps {first}-{self.step} had a gradient that is not "
+                                       "finite (each was skipped); train the stage again at a lower learning rate "
+                                       "(--lr)")
+            return None
         grad_norm = record["train/grad_norm"]
         ratio = runlog.spike_ratio(self._grad_norm_levels, grad_norm)
         if math.isfinite(grad_norm):  # a NaN would spoil the level the next intervals are measured against

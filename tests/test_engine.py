@@ -353,6 +353,30 @@ def test_a_step_whose_gradient_is_not_finite_is_skipped_and_leaves_weights_and_m
     assert "skip: 1 of steps 31-32 skipped: the gradient was not finite" in capsys.readouterr().out
 
 
+def test_without_clipping_a_step_whose_gradient_is_not_finite_is_still_skipped(tmp_path, capsys):
+    # the VAE stage trains with grad_clip=0: its norm is measured for the skip, not clipped or logged
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, log_every=2, grad_clip=0.0)
+    trainer = Trainer(ToyModule(), cfg, tmp_path / "noclip", num_train_items=len(DATA_X), device="cpu")
+    seen = {}
+
+    def batches(indices, generator):  # NaN targets at step 30 only
+        if trainer.step in (30, 31):
+            seen[trainer.step] = [p.detach().clone() for p in trainer.module.parameters()]
+        x, y = make_batch(indices, generator)
+        return (x, y * float("nan")) if trainer.step == 30 else (x, y)
+
+    trainer.fit(batches)
+    assert all(torch.equal(a, b) for a, b in zip(seen[30], seen[31]))
+    assert all(torch.isfinite(p).all() for p in trainer.module.parameters())
+    log = tmp_path / "noclip" / "log.jsonl"
+    assert skipped_steps(log) == [{"first_step": 31, "last_step": 32, "skipped": 1}]
+    assert all("train/grad_norm" not in r for r in read_records(log) if r["kind"] == "train")
+    assert "noclip: 1 of steps 31-32 skipped: the gradient was not finite" in capsys.readouterr().out
+    every = Trainer(ToyModule(), cfg, tmp_path / "allnan", num_train_items=len(DATA_X), device="cpu")
+    with pytest.raises(TrainingDiverged, match=r"every step of steps 1-2 had a gradient that is not finite"):
+        every.fit(lambda indices, generator: tuple(t * float("nan") for t in make_batch(indices, generator)))
+
+
 def test_an_interval_with_no_finite_gradient_is_rolled_back_and_with_no_rollback_left_stops(tmp_path):
     trainers, poisoned = [], set()
 

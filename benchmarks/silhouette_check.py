@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--pairs", type=Path, help="a picture of the flagged tiles over their nearest training images")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    check_output_files(args, "--out")
+    check_output_files(args, "--out", "--pairs")
     data = load_captions(args.data)
     train_set = data.subset("train")
     train, val = shrunk(train_set.images), shrunk(data.subset("val").images)

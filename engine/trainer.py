@@ -442,14 +442,14 @@ class Trainer:
             logs = {"loss": loss, **logs}
             for key, value in logs.items():
                 logs_sum[key] = logs_sum.get(key, 0.0) + value.detach().float() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
-        else:  # not clipped, nor logged (the spike rule reads clipped norms), but measured for the skip below
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+        # grad_clip=0 clips at an infinite norm: the gradients are scaled by exactly 1, and the norm is measured for
+        # the skip below alone (not logged, so the spike rule, which reads clipped norms, stays off)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip or math.inf)
         # A step whose gradient is not finite (one bad batch, an overflow) is skipped, as GradScaler skips one, not
         # written into the weights as NaN: the fused AdamW reads the flag on the device (no sync) and leaves
         # weights, moments and its step count alone. Its logs count as zero and the interval's mean is over the
-        # steps taken (_log_train); an interval with none taken is a spike, or unclipped the stage's end (_check_spike).
+        # steps taken (_log_train); an interval with none taken is a spike, or unclipped the stage's end
+        # (_check_spike).
         finite = torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()
         logs_sum = {key: torch.where(finite, value, 0.0) for key, value in logs_sum.items()}
@@ -497,7 +497,8 @@ class Trainer:
         is off from here and the interval is a spike (``skipped``: how many, when some step was taken): it rolls
         back without lowering the learning rate, or with no rollback left training goes on from the weights the
         skipped steps left alone. A mostly skipped interval that cuDNN did not make is only reported: the steps
-        taken were sound."""
+        taken were sound. Without clipping (no norm logged) the skips are only reported, and an interval with none
+        taken stops the stage."""
         first, name = self.step - count + 1, self.out_dir.name
         skipped = round(record.get("train/skipped_steps", 0))
         if skipped and self.env.is_main:

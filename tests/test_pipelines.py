@@ -748,6 +748,10 @@ def test_one_file_is_not_two_results(tmp_path):
     with pytest.raises(UserError, match=r"strip.png exists \(an earlier result\); pass another --strip"):
         colour_trajectory.main(["--run", "missing", "--out", str(tmp_path / "a.json"), "--strip",
                                 str(tmp_path / "strip.png")])
+    from benchmarks import silhouette_check
+
+    with pytest.raises(UserError, match=r"strip.png exists \(an earlier result\); pass another --pairs"):
+        silhouette_check.main(["--data", "missing", "--pairs", str(tmp_path / "strip.png")])
 
 
 @pytest.mark.parametrize("module", COMMANDS)

@@ -42,7 +42,8 @@ from engine.errors import add_debug_flag, run_cli
 from engine.graphed_training import check_cuda_graph
 from engine.images import save_grid
 from engine.runlog import cudnn_attention_off, epoch_values, loss_spikes, rollbacks, skipped_steps
-from engine.stage import CONFIG_FILE, LOCK_FILE, folder_lock, record_preset, remove_empty_folders, write_json
+from engine.stage import (CONFIG_FILE, LOCK_FILE, check_folder_path, folder_lock, record_preset, remove_empty_folders,
+                          write_json)
 from engine.trainer import checkpoint_path
 from pipelines.evaluate import JUDGE_PAIRS, evaluate_to_folder, markdown_table
 from pipelines.prompts import COLOUR_PROMPTS
@@ -434,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default=None)
     args, rest = parser.parse_known_args(argv)
     # Every mistake in what was asked surfaces here, before anything trains.
+    check_folder_path(args.run, "--run")
     overrides = _stage_overrides(rest)
     reuse = _parse_reuse(args.reuse)
     if args.judge is not None:

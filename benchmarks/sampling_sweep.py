@@ -43,7 +43,7 @@ from diffusion.samplers import step_etas
 from diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
 from engine.cli import check_output_file, command_line
 from engine.errors import UserError, add_debug_flag, run_cli
-from engine.stage import write_json
+from engine.stage import check_folder_path, write_json
 from pipelines.evaluate import (SEED_SET_STRIDE, describe_judge, generation_metrics, over_seed_sets,
                                 paired_differences, real_reference)
 from pipelines.stages import check_guide, judge_path, load_stack, stack_infos
@@ -156,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.seed_sets < 1:
         raise UserError(f"--seed-sets must be at least 1, got {args.seed_sets}")
     check_output_file(args.out, "--out", args.overwrite)  # a sweep can take an hour: never over an earlier one
+    if args.showcase:
+        check_folder_path(args.showcase, "--showcase")
     if args.showcase and (args.showcase / "showcase.md").exists() and not args.overwrite:
         raise UserError(f"{args.showcase} holds an earlier sweep's showcase; pass another --showcase, or --overwrite "
                         "to replace it")

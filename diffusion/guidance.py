@@ -40,9 +40,9 @@ def check_guidance_interval(interval: tuple[float, float] | None, scale_above: f
     if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1]):
         raise ValueError(f"guidance interval must be (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi "
                          f"(noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar), inf allowed), got {interval}")
-    if scale_above < 0:
-        raise ValueError(f"the guidance scale above the interval must be >= 0 (1: the prompt's prediction alone), "
-                         f"got {scale_above}")
+    if not 0 <= scale_above < math.inf:
+        raise ValueError(f"the guidance scale above the interval must be a finite number >= 0 (1: the prompt's "
+                         f"prediction alone), got {scale_above}")
     if scale_above != 1 and not has_levels_above(interval):
         raise ValueError(f"a guidance scale above the interval ({scale_above:g}) needs an interval with a finite top "
                          f"(sigma_hi), got {interval}: give one, or leave the scale above it at 1")
@@ -97,12 +97,12 @@ def guidance_edges(guidance: Sequence[tuple[float, float]], timesteps: Tensor) -
 
 def check_condition_noise(condition_noise: tuple[float, float, float] | None) -> None:
     """Raise ``ValueError`` unless ``condition_noise`` is None or ``(scale, sigma_lo, sigma_hi)`` with
-    ``scale > 0`` and ``0 < sigma_lo < sigma_hi < inf``."""
+    ``0 < scale < inf`` and ``0 < sigma_lo < sigma_hi < inf``."""
     if condition_noise is None:
         return
-    if len(condition_noise) != 3 or not (condition_noise[0] > 0 and 0 < condition_noise[1] < condition_noise[2]
-                                         and math.isfinite(condition_noise[2])):
-        raise ValueError(f"condition noise must be (scale, sigma_lo, sigma_hi) with scale > 0 and 0 < sigma_lo < "
+    if len(condition_noise) != 3 or not (0 < condition_noise[0] < math.inf
+                                         and 0 < condition_noise[1] < condition_noise[2] < math.inf):
+        raise ValueError(f"condition noise must be (scale, sigma_lo, sigma_hi) with 0 < scale < inf and 0 < sigma_lo < "
                          f"sigma_hi < inf (the prompt is whole below sigma_lo, pure noise above sigma_hi), "
                          f"got {condition_noise}")
 

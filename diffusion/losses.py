@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion.schedule import NoiseSchedule, check_prediction_type
+from engine.config import ConfigError
 
 
 @dataclass
@@ -65,6 +66,14 @@ class DiffusionLossConfig:
     cons_weight: float = 0.0  # 0: consistency term off
     cons_warmup_steps: int = 500
     x0_snr_cap: float = 5.0  # SNR at which an x0-space term counts fully
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` for a weight, margin or count below 0 (a negative Min-SNR gamma read as 0, say)."""
+        for name in ("min_snr_gamma", "offset_noise", "div_weight", "div_margin", "cons_weight", "cons_warmup_steps"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.x0_snr_cap > 0:
+            raise ConfigError(f"loss.x0_snr_cap must be > 0, got {self.x0_snr_cap}")
 
 
 def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str, plus_one: bool = False) -> Tensor:

@@ -30,7 +30,9 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(main: Callable[[], ResultT]) -> ResultT:
-    """Run a command-line ``main``; a ``UserError`` prints ``error: MESSAGE`` and exits with code 2.
+    """Run a command-line ``main``; a ``UserError`` prints ``error: MESSAGE`` and exits with code 2. An ``OSError``
+    about a file (a path that cannot be written or read: one given, or the disk) prints one line too, and exits
+    with code 1.
 
     ``--debug`` anywhere on the command line (it is taken out before ``main`` parses it) or
     ``SCRATCH_DIFFUSION_DEBUG=1`` lets the exception through with its traceback.
@@ -44,3 +46,8 @@ def run_cli(main: Callable[[], ResultT]) -> ResultT:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
+    except OSError as err:
+        if debug or err.filename is None:  # one not about a file is a bug's, and keeps its traceback
+            raise
+        print(f"error: {err}; check the paths given and the disk (--debug shows where)", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.utils import make_grid
 
 from .errors import UserError
@@ -45,7 +45,12 @@ def read_grid(path: str | Path, tile: int) -> torch.Tensor:
     (exact up to the PNG's uint8 rounding): a grid's samples read back, to measure them after the run."""
     if not Path(path).is_file():
         raise UserError(f"no picture at {path}; pass a grid a run wrote (unet/samples/epoch_*.png, nearest_pairs.png)")
-    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    try:
+        with Image.open(path) as picture:
+            grid = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not a picture; pass a grid a run wrote (unet/samples/epoch_*.png, "
+                        "nearest_pairs.png)") from None
     step = tile + GRID_PADDING
     rows, columns = (grid.shape[1] - GRID_PADDING) // step, (grid.shape[2] - GRID_PADDING) // step
     if rows < 1 or columns < 1 or (rows * step + GRID_PADDING, columns * step + GRID_PADDING) != tuple(grid.shape[1:]):

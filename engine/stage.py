@@ -138,6 +138,18 @@ def is_complete(folder: str | Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
+def check_folder_path(folder: str | Path, flag: str) -> None:
+    """Refuse, before any work, a folder to write that cannot be one: a file, a path below a file, or one below a
+    folder this process may not write into."""
+    folder = Path(folder)
+    nearest = next(path for path in (folder, *folder.parents) if path.exists() or path == Path(path.anchor))
+    if not nearest.is_dir():
+        below = "" if nearest == folder else f" cannot be made: {nearest}"
+        raise StageError(f"{flag} {folder}{below} is a file, not a folder; pass another {flag}")
+    if nearest != folder and not os.access(nearest, os.W_OK | os.X_OK):
+        raise StageError(f"{flag} {folder} cannot be made: {nearest} is not writable; pass another {flag}")
+
+
 def check_training_folder(folder: str | Path, checkpoints: Sequence[Path], resume: bool, overwrite: bool) -> None:
     """Refuse to train into ``folder`` where that would lose work, unless asked to (``overwrite``): a finished
     stage (replacing it silently would break the lineage of every run that uses it) unless resuming it from its
@@ -148,6 +160,7 @@ def check_training_folder(folder: str | Path, checkpoints: Sequence[Path], resum
     between this check and training (a wrong data path, say) leaves the finished stage as it was.
     """
     folder = Path(folder)
+    check_folder_path(folder, "--out")
     if overwrite:
         return
     if is_complete(folder):

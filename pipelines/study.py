@@ -58,8 +58,8 @@ from engine.cli import command_line
 from engine.config import choose_preset, config_to_dict, setting_differences, unrecorded_values
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.runlog import SPIKE_FACTOR, read_records
-from engine.stage import CONFIG_FILE, METRICS_FILE, StageError, folder_lock, is_complete, read_stage, record_preset, \
-    write_json
+from engine.stage import (CONFIG_FILE, METRICS_FILE, StageError, check_folder_path, folder_lock, is_complete,
+                          read_stage, record_preset, write_json)
 from pipelines.evaluate import (SEED_SET_STRIDE, RealReference, check_evaluation_data, describe_judge, evaluate_run,
                                 generation_metrics, over_seed_sets, paired_against, paired_table, real_key,
                                 real_reference, share_error)
@@ -763,6 +763,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.out.resolve() == args.base.resolve() or (args.out / "summary.json").is_file():  # train_all's record
         raise UserError(f"--out {args.out} is a run's folder: the study's report.md would replace the run's; pass a "
                         "folder of the study's own, e.g. runs/study_NAME")
+    check_folder_path(args.out, "--out")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun each rank's device is set up with its group
+        distributed.resolve_device(args.device)
     base = base_stages(args.base)
     infos = {stage: read_stage(base[stage], stage) for stage in ("vae", "unet")}
     default_size = generation_size(infos)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,14 +104,14 @@ class GenerationSettings:
             raise UserError(f"size must be a positive number of pixels, got {self.size}")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, got {self.steps}")
-        if self.guidance_scale < 0:
-            raise UserError(f"guidance scale must be >= 0 (1: the prompt's prediction alone, 0: the empty prompt's), "
-                            f"got {self.guidance_scale}")
+        if not 0 <= self.guidance_scale < math.inf:  # NaN or inf would draw black pictures without a word
+            raise UserError(f"guidance scale must be a finite number >= 0 (1: the prompt's prediction alone, 0: the "
+                            f"empty prompt's), got {self.guidance_scale}")
         if not 0 <= self.guidance_rescale <= 1:
             raise UserError(f"guidance rescale must be in [0, 1] (0: plain classifier-free guidance, 1: the guided "
                             f"prediction's spread set to the prompt's), got {self.guidance_rescale}")
-        if self.autoguidance_scale < 0:
-            raise UserError(f"autoguidance scale must be >= 0 (1: no push away from the guide), "
+        if not 0 <= self.autoguidance_scale < math.inf:
+            raise UserError(f"autoguidance scale must be a finite number >= 0 (1: no push away from the guide), "
                             f"got {self.autoguidance_scale}")
         if self.guidance_interval is not None:
             self.guidance_interval = tuple(float(v) for v in self.guidance_interval)  # a JSON list reads back

@@ -2,6 +2,7 @@ import copy
 import gc
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from clip.config import CLIPConfig
+from diffusion.config import PRESETS as UNET_PRESETS
 from diffusion.config import UNetTrainConfig
 import engine.trainer
 from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
@@ -351,6 +353,36 @@ def test_a_step_whose_gradient_is_not_finite_is_skipped_and_leaves_weights_and_m
         assert 0.5 * before[key] < interval[key] < 2 * before[key]
     assert all(r["train/skipped_steps"] == 0 for r in read_records(log) if r["kind"] == "train" and r["step"] != 32)
     assert "skip: 1 of steps 31-32 skipped: the gradient was not finite" in capsys.readouterr().out
+
+
+def test_a_folder_to_write_that_cannot_be_one_is_refused(tmp_path):
+    from engine.stage import check_folder_path
+
+    check_folder_path(tmp_path / "new" / "deeper", "--out")  # made later: nothing to refuse
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(StageError, match=r"--out .*afile is a file, not a folder; pass another --out"):
+        check_folder_path(tmp_path / "afile", "--out")
+    with pytest.raises(StageError, match=r"--run .*afile/x cannot be made: .*afile is a file, not a folder"):
+        check_folder_path(tmp_path / "afile" / "x", "--run")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(StageError, match=r"cannot be made: .*locked is not writable"):
+            check_folder_path(locked / "x", "--out")
+
+
+def test_a_file_that_is_not_a_picture_is_a_user_error(tmp_path):
+    from engine.errors import UserError
+    from engine.images import read_grid
+
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(UserError, match="notes.png is not a picture"):
+        read_grid(tmp_path / "notes.png", 64)
+
+
+def test_a_negative_loss_weight_is_refused():
+    with pytest.raises(ConfigError, match="loss.min_snr_gamma must be >= 0, got -1.0"):
+        build_config(UNetTrainConfig, UNET_PRESETS, "tiny", {"loss.min_snr_gamma": "-1"})
 
 
 def test_without_clipping_a_step_whose_gradient_is_not_finite_is_still_skipped(tmp_path, capsys):

@@ -138,7 +138,7 @@ def test_the_export_check_refuses_steps_diffusers_would_round_before_exporting(t
     base = ["--run", str(tiny_run), "--out", str(tmp_path / "check.json")]
     with pytest.raises(UserError, match=r"--steps 30 must divide the schedule's 1000 steps .*, e.g. --steps 25"):
         export_check.main(base + ["--steps", "30"])
-    with pytest.raises(UserError, match="guidance scale must be >= 0"):
+    with pytest.raises(UserError, match="guidance scale must be a finite number >= 0"):
         export_check.main(base + ["--guidance", "-1"])
     assert not (tmp_path / "check.json").exists()
 

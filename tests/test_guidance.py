@@ -208,7 +208,9 @@ def test_guidance_scale_table_takes_the_scale_above_the_interval_above_its_top_o
 @pytest.mark.parametrize("interval, scale_above, message", [
     (None, 2.0, "needs an interval with a finite top"),
     ((0.5, float("inf")), 2.0, "needs an interval with a finite top"),
-    ((0.5, 5.0), -1.0, "above the interval must be >= 0")])
+    ((0.5, 5.0), -1.0, "above the interval must be a finite number >= 0"),
+    ((0.5, 5.0), float("nan"), "above the interval must be a finite number >= 0"),
+    ((0.5, 5.0), float("inf"), "above the interval must be a finite number >= 0")])
 def test_bad_scale_above_the_interval_is_refused(interval, scale_above, message):
     with pytest.raises(ValueError, match=message):
         check_guidance_interval(interval, scale_above)

@@ -280,6 +280,18 @@ def test_failure_before_training_leaves_no_run_folder(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_run_or_stage_folder_that_is_a_file_is_refused_before_anything(tmp_path):
+    from vae import train as vae_train
+
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    with pytest.raises(StageError, match=r"--run .*afile is a file, not a folder; pass another --run"):
+        train_all.main(["--data", DATA, "--run", str(afile), "--preset", "tiny", "--device", "cpu"])
+    with pytest.raises(StageError, match=r"--out .*afile/vae cannot be made: .*afile is a file, not a folder"):
+        vae_train.main(["--data", DATA, "--out", str(afile / "vae"), "--preset", "tiny", "--device", "cpu"])
+    assert afile.read_text() == "notes"
+
+
 def test_preset_is_printed_and_recorded(run_a):
     report = (run_a / "report.md").read_text(encoding="utf-8")
     assert "Preset: **tiny** (named with --preset)" in report and "This is a smoke run" in report
@@ -361,7 +373,7 @@ def test_generate_refuses_no_images_before_loading_anything(run_a, tmp_path, mon
 
 
 @pytest.mark.parametrize("extra, message", [(["--steps", "0"], "steps must be at least 1, got 0"),
-                                            (["--guidance", "-1"], "guidance scale must be >= 0"),
+                                            (["--guidance", "-1"], "guidance scale must be a finite number >= 0"),
                                             (["--guidance-rescale", "1.5"], r"guidance rescale must be in \[0, 1\]"),
                                             (["--size", "30"], "--size 30 does not fit the stages")])
 def test_generate_and_evaluate_refuse_bad_sampling_options_before_loading_weights(run_a, tmp_path, monkeypatch,
@@ -654,6 +666,27 @@ def test_user_error_at_the_command_line_is_one_line_without_traceback(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "head_dim=12" in debug.stderr
 
 
+def test_a_file_that_cannot_be_written_is_one_line_too(capsys, monkeypatch):
+    from engine.errors import run_cli
+
+    def fails():
+        raise FileNotFoundError(2, "No such file or directory", "/proc/x")
+
+    monkeypatch.delenv("SCRATCH_DIFFUSION_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["command"])
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(fails)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: [Errno 2] No such file or directory: '/proc/x'; check the paths given and the disk (--debug shows "
+        "where)"]
+    monkeypatch.setattr(sys, "argv", ["command", "--debug"])
+    with pytest.raises(FileNotFoundError):
+        run_cli(fails)
+    with pytest.raises(OSError):  # one about no file is a bug's: its traceback stays
+        run_cli(lambda: (_ for _ in ()).throw(OSError("device busy")))
+
+
 def test_help_prints_the_description_once(capsys):
     with pytest.raises(SystemExit):
         train_all.main(["--help"])
@@ -798,8 +831,13 @@ def test_generation_is_deterministic_per_seed(run_a, sampler, eta):
     with pytest.raises(UserError, match=r"size 56 does not fit the stages: a size must be a positive multiple of 16 "
                                         r"\(the VAE downsamples by 8, the UNet by 2 more\); try 48 or 64"):
         generate(stack, ["a red circle"], [0], GenerationSettings(size=56, steps=1))  # what the CLIs check up front
-    with pytest.raises(ValueError, match="guidance scale must be >= 0"):
-        GenerationSettings(guidance_scale=-1.0)
+    for scale in (-1.0, float("nan"), float("inf")):  # NaN and inf drew black pictures without a word
+        with pytest.raises(ValueError, match="guidance scale must be a finite number >= 0"):
+            GenerationSettings(guidance_scale=scale)
+        with pytest.raises(ValueError, match="autoguidance scale must be a finite number >= 0"):
+            GenerationSettings(autoguidance_scale=scale)
+    with pytest.raises(ValueError, match="condition noise must be"):
+        GenerationSettings(condition_noise=(float("inf"), 0.5, 5.0))
     for bad, message in (({"eta": 0.5, "sampler": "ddpm"}, "eta=0.5 applies to the ddim and dpmpp_2m samplers only"),
                          ({"eta": 1.5}, "eta must be in \\[0, 1\\]"),
                          ({"eta": -0.1, "sampler": "ddim"}, "eta must be in \\[0, 1\\]")):
@@ -880,7 +918,7 @@ def test_autoguidance_reaches_generation_and_a_guide_that_cannot_guide_is_refuse
     assert sampling_settings(parser.parse_args([])).guide_unet is None  # classifier-free unless asked
     with pytest.raises(UserError, match="--autoguidance sets the push away from --guide-unet's UNet; add"):
         sampling_settings(parser.parse_args(["--autoguidance", "3"]))  # no guide: it would change nothing
-    with pytest.raises(UserError, match="autoguidance scale must be >= 0"):
+    with pytest.raises(UserError, match="autoguidance scale must be a finite number >= 0"):
         GenerationSettings(autoguidance_scale=-1.0)
     with pytest.raises(StageError, match="does not exist"):  # refused before any model loads
         GenerationSettings(guide_unet=str(tmp_path / "missing"))

@@ -262,7 +262,7 @@ def test_a_given_guidance_is_every_columns_and_is_recorded(base, done, tmp_path,
                "--variant", taken])
     with pytest.raises(UserError, match="guidance_interval"):
         study(["--base", str(base), "--out", str(out), *FAST, "--guidance", "3", "--variant", taken])
-    with pytest.raises(UserError, match="guidance scale must be >= 0"):
+    with pytest.raises(UserError, match="guidance scale must be a finite number >= 0"):
         study(["--base", str(base), "--out", str(tmp_path / "bad"), *FAST, "--guidance", "-1", "--variant", taken])
     with pytest.raises(UserError, match="sigma_lo < sigma_hi"):
         study(["--base", str(base), "--out", str(tmp_path / "bad"), *FAST, "--guidance-interval", "8", "0.3",
@@ -439,3 +439,14 @@ def test_data_too_small_to_evaluate_on_is_refused_before_anything_trains(base, t
         study(["--base", str(base), "--out", str(tmp_path / "o"), "--data", "shapes:12", "--steps", "1",
                "--device", "cpu", "--variant", "no_terms: --unet.div_weight=0"])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_device_or_an_out_that_is_a_file_is_refused_before_the_plan(tmp_path, capsys):
+    with pytest.raises(UserError, match="--device"):
+        study(["--base", str(tmp_path / "missing"), "--data", DATA, "--out", str(tmp_path / "s"),
+               "--variant", "v: --unet.lr=1e-4", "--device", "nonsense"])
+    assert not (tmp_path / "s").exists() and capsys.readouterr().out == ""
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(StageError, match=r"--out .*afile is a file, not a folder"):
+        study(["--base", str(tmp_path / "missing"), "--data", DATA, "--out", str(tmp_path / "afile"),
+               "--variant", "v: --unet.lr=1e-4"])

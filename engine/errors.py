@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 # Set to 1 (or pass --debug) to see the traceback of a user error too.
 DEBUG_ENV = "SCRATCH_DIFFUSION_DEBUG"
@@ -29,16 +29,22 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
                         help=f"show the traceback of a user error too (or set {DEBUG_ENV}=1)")
 
 
+def _parser_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    raise UserError(f"{message} (see {parser.prog} --help)")
+
+
 def run_cli(main: Callable[[], ResultT]) -> ResultT:
-    """Run a command-line ``main``; a ``UserError`` prints ``error: MESSAGE`` and exits with code 2. An ``OSError``
-    about a file (a path that cannot be written or read: one given, or the disk) prints one line too, and exits
-    with code 1.
+    """Run a command-line ``main``; a ``UserError`` prints ``error: MESSAGE`` and exits with code 2, and so does a
+    flag the parser refuses (argparse would print its usage block first). An ``OSError`` about a file (a path that
+    cannot be written or read: one given, or the disk) prints one line too, and exits with code 1.
 
     ``--debug`` anywhere on the command line (it is taken out before ``main`` parses it) or
     ``SCRATCH_DIFFUSION_DEBUG=1`` lets the exception through with its traceback.
     """
     debug = "--debug" in sys.argv[1:] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     sys.argv[1:] = [arg for arg in sys.argv[1:] if arg != "--debug"]
+    parser_error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _parser_error  # for this command's parsers only: restored below
     try:
         return main()
     except UserError as err:
@@ -51,3 +57,5 @@ def run_cli(main: Callable[[], ResultT]) -> ResultT:
             raise
         print(f"error: {err}; check the paths given and the disk (--debug shows where)", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    finally:
+        argparse.ArgumentParser.error = parser_error

@@ -666,6 +666,17 @@ def test_user_error_at_the_command_line_is_one_line_without_traceback(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "head_dim=12" in debug.stderr
 
 
+def test_a_flag_the_parser_refuses_is_one_line_too():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("SCRATCH_DIFFUSION_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "pipelines.generate", "--run", "r", "--prompt", "a", "--steps", "abc"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: argument --steps: invalid int value: 'abc' (see python -m pipelines.generate --help)"]
+
+
 def test_a_file_that_cannot_be_written_is_one_line_too(capsys, monkeypatch):
     from engine.errors import run_cli
 

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion.config import PRESETS, UNetTrainConfig
-from engine.cli import add_result_flags, check_output_files, command_line
+from engine.cli import add_result_flags, check_counts, check_output_files, command_line
 from engine.config import build_config
 from engine.distributed import resolve_device
-from engine.errors import UserError, add_debug_flag, run_cli
+from engine.errors import add_debug_flag, run_cli
 from engine.stage import write_json
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     check_output_files(args, "--out")
-    if args.warmup < 1 or args.repeats < 1 or (args.batch is not None and args.batch < 1):
-        raise UserError(f"--warmup, --repeats and --batch must be at least 1, got {args.warmup}, {args.repeats} and "
-                        f"{args.batch}")
+    check_counts(args, "--warmup", "--repeats", "--batch")
     cfg = build_config(UNetTrainConfig, PRESETS, args.preset, {})
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from diffusion.guidance import step_guidance
-from engine.cli import add_result_flags, check_output_files, command_line
-from engine.errors import UserError, add_debug_flag, run_cli
+from engine.cli import add_result_flags, check_counts, check_output_files, command_line
+from engine.errors import add_debug_flag, run_cli
 from engine.images import save_grid
 from engine.precision import inference_autocast
 from engine.stage import write_json
@@ -209,8 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     check_output_files(args, "--out", "--plot", "--strip")
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    check_counts(args, "--seeds")
     infos = stack_infos(args.run, vae=args.vae, clip=args.clip, unet=args.unet)  # config files before weights
     settings = sampling_settings(args, size=sampling_size(None, infos["vae"].model, infos["unet"].model,
                                                           generation_size(infos)))

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
-from engine.cli import add_result_flags, check_output_files, command_line
-from engine.errors import UserError, add_debug_flag, run_cli
+from engine.cli import add_result_flags, check_counts, check_output_files, command_line
+from engine.errors import add_debug_flag, run_cli
 from engine.precision import inference_autocast, set_low_precision_norms
 from engine.stage import write_json
 from pipelines.prompts import GRID_PROMPTS
@@ -131,9 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     check_output_files(args, "--out")
-    if args.batch < 1 or args.repeats < 1 or args.fast_steps < 1:  # before the 50-step case is timed
-        raise UserError(f"--batch, --repeats and --fast-steps must be at least 1, got {args.batch}, {args.repeats} "
-                        f"and {args.fast_steps}")
+    check_counts(args, "--batch", "--repeats", "--fast-steps")  # before the 50-step case is timed
 
     stack = load_stack(args.run, device=args.device)
     torch.backends.cudnn.benchmark = True

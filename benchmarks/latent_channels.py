@@ -49,9 +49,9 @@ from data import load_captions
 from data.augment import float_batches, to_float
 from diffusion.colour_sentences import body_colours
 from diffusion.latents import encode_moments
-from engine.cli import add_result_flags, check_output_files, command_line
+from engine.cli import add_result_flags, check_counts, check_output_files, command_line
 from engine.distributed import resolve_device
-from engine.errors import UserError, add_debug_flag, run_cli
+from engine.errors import add_debug_flag, run_cli
 from engine.images import to_uint8
 from engine.precision import inference_autocast
 from engine.stage import StageError, read_stage, write_json
@@ -197,8 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     check_output_files(args, "--out")
-    if args.batch_size < 1 or args.size < 1:
-        raise UserError(f"--batch-size and --size must be at least 1, got {args.batch_size} and {args.size}")
+    check_counts(args, "--batch-size", "--size")
     return reread(args, argv) if args.reread else measure(args, argv)
 
 

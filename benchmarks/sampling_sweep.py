@@ -41,7 +41,7 @@ from data import load_captions
 from diffusion.guidance import has_levels_above, is_guided, step_guidance
 from diffusion.samplers import step_etas
 from diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
-from engine.cli import check_output_file, command_line
+from engine.cli import check_counts, check_output_file, command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.stage import check_folder_path, write_json
 from pipelines.evaluate import (SEED_SET_STRIDE, describe_judge, generation_metrics, over_seed_sets,
@@ -153,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--showcase", type=Path, metavar="DIR",
                         help="also draw each setting's showcase picture (final_samples.png's prompts and seeds) here")
     args = parser.parse_args(argv)
-    if args.seed_sets < 1:
-        raise UserError(f"--seed-sets must be at least 1, got {args.seed_sets}")
+    check_counts(args, "--seed-sets")
     check_output_file(args.out, "--out", args.overwrite)  # a sweep can take an hour: never over an earlier one
     if args.showcase:
         check_folder_path(args.showcase, "--showcase")

@@ -31,7 +31,7 @@ from data import load_captions
 from diffusion.config import PRESETS, UNetTrainConfig
 from diffusion.train import lowres_folder
 from engine import build_config, read_stage
-from engine.cli import command_line
+from engine.cli import check_counts, command_line
 from engine.config import parse_overrides
 from engine.distributed import resolve_device
 from engine.errors import UserError, add_debug_flag, run_cli
@@ -155,8 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--preset", default=None)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.concurrent < 1:
-        raise UserError(f"--steps and --concurrent must be at least 1, got {args.steps} and {args.concurrent}")
+    check_counts(args, "--steps", "--concurrent")
     if args.steps % PROBE_LOG_EVERY:  # the tail and the peak read logged steps: the last must be step --steps
         raise UserError(f"--steps must be a multiple of the probes' log interval, {PROBE_LOG_EVERY}, got "
                         f"{args.steps}")

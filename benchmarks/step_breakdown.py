@@ -27,10 +27,10 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.measure import training_flops
 from benchmarks.step_speed import run_steps, step_indices, timed_steps, unet_trainer
 from engine import Trainer
-from engine.cli import add_result_flags, check_output_files, command_line
+from engine.cli import add_result_flags, check_counts, check_output_files, command_line
 from engine.config import parse_overrides
 from engine.distributed import resolve_device
-from engine.errors import UserError, add_debug_flag, run_cli
+from engine.errors import add_debug_flag, run_cli
 from engine.stage import write_json
 
 OTHER = "pointwise and other"
@@ -173,8 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     check_output_files(args, "--out")
-    if args.warmup < 1 or args.steps < 1:
-        raise UserError(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
+    check_counts(args, "--warmup", "--steps")
     overrides = parse_overrides([f"--{item}" for item in args.set])
     on_cuda = resolve_device(args.device).type == "cuda"  # a bad --device stops here, before the UNet is built
     result = breakdown(overrides, args.preset, args.warmup, args.steps, args.peak_tflops if on_cuda else None,

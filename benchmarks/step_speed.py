@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from engine import Trainer, build_config, distributed
-from engine.cli import add_result_flags, check_output_files, command_line
+from engine.cli import add_result_flags, check_counts, check_output_files, command_line
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.nonfinite import cudnn_attention
 from engine.stage import write_json
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or (wanted and wanted - known):
         raise UserError(f"unknown --stages {sorted(unknown)} or --variants {sorted((wanted or set()) - known)}; the "
                         f"stages are {sorted(VARIANTS)} and their variants {sorted(known) or '(none)'}")
-    if args.warmup < 1 or args.steps < 1:
-        raise UserError(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
+    check_counts(args, "--warmup", "--steps")
     from diffusion.config import PRESETS as UNET_PRESETS, UNetTrainConfig
     from vae.config import PRESETS as VAE_PRESETS, VAETrainConfig
     configs = {"vae": (VAETrainConfig, VAE_PRESETS), "unet": (UNetTrainConfig, UNET_PRESETS)}

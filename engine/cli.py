@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 from . import distributed
 from .config import build_config, choose_preset, parse_overrides, preset_reason
 from .errors import UserError, add_debug_flag
-from .stage import check_training_folder, record_preset, remove_empty_folders
+from .stage import check_folder_path, check_training_folder, record_preset, remove_empty_folders
 from .trainer import checkpoint_path
 
 
@@ -27,10 +27,7 @@ def check_output_file(path: Path, flag: str, overwrite: bool) -> None:
     be) or that would replace an earlier result without ``overwrite``."""
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; pass a file path, e.g. {path / 'result.json'}")
-    nearest_existing = next((parent for parent in path.parents if parent.exists()), None)
-    if nearest_existing is not None and not nearest_existing.is_dir():
-        raise UserError(f"{flag} {path} cannot be written: {nearest_existing} is a file, not a folder; pass another "
-                        f"{flag}")
+    check_folder_path(path.parent, flag, named=path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists (an earlier result); pass another {flag}, or --overwrite to replace it")
 
@@ -44,10 +41,25 @@ def add_result_flags(parser: argparse.ArgumentParser, required: bool = False,
                         help="replace the result files already there (default: refuse)")
 
 
+def _value(args: argparse.Namespace, flag: str) -> Any:
+    return getattr(args, flag.lstrip("-").replace("-", "_"))
+
+
+def _listed(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def check_counts(args: argparse.Namespace, *flags: str) -> None:
+    """Refuse, before any work, a count below 1 in any of ``flags`` (one left unset, None, keeps its default)."""
+    values = [_value(args, flag) for flag in flags]
+    if any(value is not None and value < 1 for value in values):
+        raise UserError(f"{_listed(flags)} must be at least 1, got {_listed([str(value) for value in values])}")
+
+
 def check_output_files(args: argparse.Namespace, *flags: str) -> None:
     """:func:`check_output_file` for each of ``flags`` (e.g. ``"--out"``, ``"--plot"``) that was given, with
     ``args.overwrite``; one flag's file may not be another's."""
-    given = {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in flags}
+    given = {flag: _value(args, flag) for flag in flags}
     given = {flag: Path(path) for flag, path in given.items() if path is not None}
     for flag, path in given.items():
         check_output_file(path, flag, args.overwrite)

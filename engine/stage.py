@@ -138,16 +138,17 @@ def is_complete(folder: str | Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
-def check_folder_path(folder: str | Path, flag: str) -> None:
-    """Refuse, before any work, a folder to write that cannot be one: a file, a path below a file, or one below a
-    folder this process may not write into."""
+def check_folder_path(folder: str | Path, flag: str, named: str | Path | None = None) -> None:
+    """Refuse, before any work, a folder to write into that cannot be one: a file, a path below a file, or a
+    folder (or the nearest one above it) this process may not write into. ``named``: what ``flag`` gave, when that
+    is a file to write in ``folder``."""
     folder = Path(folder)
+    named = folder if named is None else named
     nearest = next(path for path in (folder, *folder.parents) if path.exists() or path == Path(path.anchor))
     if not nearest.is_dir():
-        below = "" if nearest == folder else f" cannot be made: {nearest}"
-        raise StageError(f"{flag} {folder}{below} is a file, not a folder; pass another {flag}")
-    if nearest != folder and not os.access(nearest, os.W_OK | os.X_OK):
-        raise StageError(f"{flag} {folder} cannot be made: {nearest} is not writable; pass another {flag}")
+        raise StageError(f"{flag} {named} cannot be written: {nearest} is a file, not a folder; pass another {flag}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise StageError(f"{flag} {named} cannot be written: {nearest} is not writable; pass another {flag}")
 
 
 def check_training_folder(folder: str | Path, checkpoints: Sequence[Path], resume: bool, overwrite: bool) -> None:

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from clip.tokenizer import BPETokenizer
 from data.captions import to_rgb
 from diffusion.colour_sentences import with_body_colour
+from engine.cli import check_counts
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.images import save_grid, to_pil
 
@@ -105,8 +106,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--out", type=Path, default=Path("outputs"))
     parser.add_argument("--device")
     args = parser.parse_args(argv)
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    check_counts(args, "--num-images")
     init_image = read_init_image(args.init_image, args.strength)
     earlier = earlier_outputs(args.out)
 

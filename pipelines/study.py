@@ -54,7 +54,7 @@ from data import CaptionSet, load_captions
 from diffusion.colour_sentences import derived_inputs
 from diffusion.train import lowres_folder
 from engine import distributed
-from engine.cli import command_line
+from engine.cli import check_counts, command_line
 from engine.config import choose_preset, config_to_dict, setting_differences, unrecorded_values
 from engine.errors import UserError, add_debug_flag, run_cli
 from engine.runlog import SPIKE_FACTOR, read_records
@@ -755,8 +755,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.reference not in [BASE, *names]:
         raise UserError(f"--reference {args.reference} is no column of this study; pass {BASE} or a variant's name "
                         f"({', '.join(names)})")
-    if args.eval_seeds < 1:
-        raise UserError(f"--eval-seeds must be at least 1, got {args.eval_seeds}")
+    check_counts(args, "--eval-seeds")
     if args.concurrent and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--concurrent runs one process per variant on one GPU; under torchrun the variants train "
                         "one after another on every rank: drop --concurrent")

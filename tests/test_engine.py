@@ -362,12 +362,12 @@ def test_a_folder_to_write_that_cannot_be_one_is_refused(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(StageError, match=r"--out .*afile is a file, not a folder; pass another --out"):
         check_folder_path(tmp_path / "afile", "--out")
-    with pytest.raises(StageError, match=r"--run .*afile/x cannot be made: .*afile is a file, not a folder"):
+    with pytest.raises(StageError, match=r"--run .*afile/x cannot be written: .*afile is a file, not a folder"):
         check_folder_path(tmp_path / "afile" / "x", "--run")
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-        with pytest.raises(StageError, match=r"cannot be made: .*locked is not writable"):
+        with pytest.raises(StageError, match=r"cannot be written: .*locked is not writable"):
             check_folder_path(locked / "x", "--out")
 
 

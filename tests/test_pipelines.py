@@ -287,7 +287,7 @@ def test_a_run_or_stage_folder_that_is_a_file_is_refused_before_anything(tmp_pat
     afile.write_text("notes")
     with pytest.raises(StageError, match=r"--run .*afile is a file, not a folder; pass another --run"):
         train_all.main(["--data", DATA, "--run", str(afile), "--preset", "tiny", "--device", "cpu"])
-    with pytest.raises(StageError, match=r"--out .*afile/vae cannot be made: .*afile is a file, not a folder"):
+    with pytest.raises(StageError, match=r"--out .*afile/vae cannot be written: .*afile is a file, not a folder"):
         vae_train.main(["--data", DATA, "--out", str(afile / "vae"), "--preset", "tiny", "--device", "cpu"])
     assert afile.read_text() == "notes"
 

@@ -59,8 +59,7 @@ def check_counts(args: argparse.Namespace, *flags: str) -> None:
 def check_output_files(args: argparse.Namespace, *flags: str) -> None:
     """:func:`check_output_file` for each of ``flags`` (e.g. ``"--out"``, ``"--plot"``) that was given, with
     ``args.overwrite``; one flag's file may not be another's."""
-    given = {flag: _value(args, flag) for flag in flags}
-    given = {flag: Path(path) for flag, path in given.items() if path is not None}
+    given = {flag: Path(path) for flag in flags if (path := _value(args, flag)) is not None}
     for flag, path in given.items():
         check_output_file(path, flag, args.overwrite)
     by_file: dict[Path, str] = {}

@@ -470,12 +470,10 @@ class Trainer:
         the interval's largest gradient norm; say so when the interval looks like a loss spike."""
         keys = sorted(sums)
         values = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in keys])
-        if "skipped_steps" in sums:  # means over the steps taken (none taken: NaN, a spike); skips as a count
-            skipped = keys.index("skipped_steps")
-            values = values / (count - values[skipped])
-            values[skipped] = sums["skipped_steps"]
-        else:
-            values = values / max(count, 1)
+        # means over the steps taken (none taken: NaN, a spike); skips as a count (every step logs its flag)
+        skipped = keys.index("skipped_steps")
+        values = values / (count - values[skipped])
+        values[skipped] = sums["skipped_steps"]
         if grad_peak is not None:  # every rank clips the same all-reduced gradients: the mean is that peak
             keys, values = keys + ["grad_norm_max"], torch.cat([values, grad_peak.float().view(1)])
         values = distributed.all_reduce_mean(values).tolist()

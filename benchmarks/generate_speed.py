@@ -12,7 +12,15 @@ the two UNet paths are compared too: replay must not change them.
 
 Then the default case three ways, all replayed from the graph: the stack as loaded (norms in the precision each
 model trained them in), the UNet compiled (``--compile``; the first call holds the compile), and every norm in
-autocast's fp32; and where its seconds go (text encoding, sampling loop, VAE decode).
+autocast's fp32; and where its seconds go (text encoding, sampling loop, VAE decode). ``--sections`` picks among
+these three parts (``cases``, ``variants``, ``seconds``).
+
+cuDNN's convolution algorithms come from its heuristics, as in ``pipelines.generate``, unless ``--cudnn-benchmark``
+times the candidates for each shape first (``torch.backends.cudnn.benchmark``). A process keeps the first choice it
+makes for a shape whichever way it was made, so the two are compared in two processes:
+
+    python -m benchmarks.generate_speed --run runs/pokemon --sections cases,seconds --out heuristics.json
+    python -m benchmarks.generate_speed --run runs/pokemon --sections cases,seconds --cudnn-benchmark --out timed.json
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ from typing import Any, Sequence
 
 import torch
 
+from benchmarks.measure import cudnn_benchmark
 from engine.cli import add_result_flags, check_counts, check_output_files, command_line
-from engine.errors import add_debug_flag, run_cli
+from engine.errors import UserError, add_debug_flag, run_cli
 from engine.precision import inference_autocast, set_low_precision_norms
 from engine.stage import write_json
 from pipelines.prompts import GRID_PROMPTS
@@ -117,6 +126,9 @@ def where_the_seconds_go(stack: StageStack, batch: int, repeats: int, guidance_s
     return {"total_s": total, "text_encoding_s": text, "vae_decode_s": decode, "sampling_s": total - text - decode}
 
 
+SECTIONS = ("cases", "variants", "seconds")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.generate_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,23 +138,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--guidance", type=float, default=GenerationSettings.guidance_scale)
     parser.add_argument("--fast-steps", type=int, default=GenerationSettings.steps,
                         help="steps of the default fast sampler (dpmpp_2m)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma list of the parts to time: {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms per shape (default: its heuristics, as "
+                             "pipelines.generate runs)")
     parser.add_argument("--device")
     add_result_flags(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    if not sections or set(sections) - set(SECTIONS):
+        raise UserError(f"--sections {args.sections!r} names none or unknown parts; choose from "
+                        f"{', '.join(SECTIONS)}, comma-separated")
     check_output_files(args, "--out")
     check_counts(args, "--batch", "--repeats", "--fast-steps")  # before the 50-step case is timed
 
     stack = load_stack(args.run, device=args.device)
-    torch.backends.cudnn.benchmark = True
     interval = GenerationSettings.guidance_interval
     cases = [("ddim", 50, interval, None), ("dpmpp_2m", args.fast_steps, interval, None),
              ("dpmpp_2m", args.fast_steps, None, None), ("dpmpp_2m", args.fast_steps, interval, 0.0)]
-    rows = generate_speed(stack, args.batch, args.repeats, cases, args.guidance)
-    variants = default_case_variants(stack, args.batch, args.repeats, args.guidance)
-    split = where_the_seconds_go(stack, args.batch, args.repeats, args.guidance)
+    with cudnn_benchmark(args.cudnn_benchmark):
+        rows = generate_speed(stack, args.batch, args.repeats, cases, args.guidance) if "cases" in sections else []
+        variants = (default_case_variants(stack, args.batch, args.repeats, args.guidance)
+                    if "variants" in sections else [])
+        split = (where_the_seconds_go(stack, args.batch, args.repeats, args.guidance)
+                 if "seconds" in sections else {})
     result = {"cases": rows, "default_case_variants": variants, "default_case_seconds": split, "batch": args.batch,
-              "size": stack.image_size, "guidance_scale": args.guidance,
+              "cudnn_benchmark": args.cudnn_benchmark, "size": stack.image_size, "guidance_scale": args.guidance,
               "device": torch.cuda.get_device_name(stack.device) if stack.device.type == "cuda" else "cpu",
               "torch": torch.__version__, "run": str(args.run),
               "command": command_line("python -m benchmarks.generate_speed", argv)}
@@ -156,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for row in variants:
         print(f"default case, {row['variant']:>10}: {row['images_per_s']:6.2f} img/s (first call "
               f"{row['first_call_s']:.1f} s), max |diff| vs as loaded {row['max_abs_diff_vs_as_loaded']:.3g}")
-    print("default case, seconds per call: " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
+    if split:
+        print("default case, seconds per call: " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
     if args.out:
         write_json(args.out, result)
     return result

@@ -5,8 +5,9 @@ from __future__ import annotations
 import gc
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -22,6 +23,20 @@ class Measurement:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """While it is open, cuDNN times its candidate convolution algorithms for each new shape
+    (``torch.backends.cudnn.benchmark``) instead of taking its heuristics' choice; the previous setting comes back
+    after. A process keeps the first algorithm it picked for a shape either way, so two settings compare in two
+    processes, not one after the other in one."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def release_memory(device: torch.device) -> None:

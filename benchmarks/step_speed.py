@@ -7,6 +7,10 @@ Each variant builds the stage's full-preset training module (with overrides), ru
 times ``--steps`` optimizer steps with CUDA synchronisation at the ends. Synthetic inputs: the point is
 speed, not learning. Used to choose the presets' settings (channels-last, crop size, batch, compile).
 
+cuDNN's convolution algorithms come from its heuristics, as the trainers run, unless ``--cudnn-benchmark`` times
+the candidates for each shape first (``torch.backends.cudnn.benchmark``; the search falls in the warm-up). A process
+keeps the first choice it makes for a shape whichever way it was made, so the two are compared in two processes.
+
 Under torchrun every GPU keeps the preset's batch (the global batch is the preset's times the number of
 processes), so samples/s over all GPUs divided by the one-GPU figure is the scaling factor.
 """
@@ -22,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.measure import cudnn_benchmark
 from engine import Trainer, build_config, distributed
 from engine.cli import add_result_flags, check_counts, check_output_files, command_line
 from engine.errors import UserError, add_debug_flag, run_cli
@@ -154,6 +159,25 @@ VARIANTS = {
 }
 
 
+def timed_variant(stage: str, name: str, overrides: dict[str, Any], args: argparse.Namespace,
+                  env: distributed.DistEnv) -> dict[str, Any]:
+    """One variant's record (its samples/s, warm-up and peak memory, or the error that stopped it), printed."""
+    try:
+        speed, warmup_s = (vae_speed if stage == "vae" else unet_speed)(overrides, args.preset, args.warmup, args.steps)
+        peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+        record = {"samples_per_s": speed, "warmup_s": warmup_s, "peak_mem_gb": peak}
+        shown = f"{speed:.1f} samples/s over {env.world_size} process(es), warm-up {warmup_s:.1f} s  peak {peak}"
+    except Exception as err:  # a variant this preset or device cannot run: reported, the others measured
+        record = {"error": f"{type(err).__name__}: {err}"[:200]}
+        shown = f"failed: {record['error']}"
+    if env.is_main:
+        print(f"{stage:5s} {name:22s} {shown}", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return {**record, "overrides": overrides}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_debug_flag(parser)
@@ -162,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=None, help="comma list of variant names to run (default: all)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms per shape (default: its heuristics, as the "
+                             "trainers run)")
     add_result_flags(parser)
     args = parser.parse_args(argv)
     check_output_files(args, "--out")
@@ -180,29 +207,14 @@ def main(argv: list[str] | None = None) -> None:
         build_config(*configs[stage], args.preset, {})
     env = distributed.setup()
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "torch": torch.__version__, "world_size": env.world_size,
+               "torch": torch.__version__, "world_size": env.world_size, "cudnn_benchmark": args.cudnn_benchmark,
                "command": command_line("python -m benchmarks.step_speed"),
                "batch": "the preset's per GPU" if env.world_size > 1 else "the preset's"}
-    for stage in stages:
-        for name, overrides in VARIANTS[stage]:
-            if wanted is not None and name not in wanted:
-                continue
-            try:
-                speed, warmup_s = (vae_speed if stage == "vae" else unet_speed)(overrides, args.preset, args.warmup,
-                                                                                args.steps)
-                peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
-                record = {"samples_per_s": speed, "warmup_s": warmup_s, "peak_mem_gb": peak}
-                shown = (f"{speed:.1f} samples/s over {env.world_size} process(es), warm-up {warmup_s:.1f} s"
-                         f"  peak {peak}")
-            except Exception as err:  # a variant this preset or device cannot run: reported, the others measured
-                record = {"error": f"{type(err).__name__}: {err}"[:200]}
-                shown = f"failed: {record['error']}"
-            results[f"{stage}/{name}"] = {**record, "overrides": overrides}
-            if env.is_main:
-                print(f"{stage:5s} {name:22s} {shown}", flush=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+    with cudnn_benchmark(args.cudnn_benchmark):
+        for stage in stages:
+            for name, overrides in VARIANTS[stage]:
+                if wanted is None or name in wanted:
+                    results[f"{stage}/{name}"] = timed_variant(stage, name, overrides, args, env)
     distributed.cleanup()
     if args.out and env.is_main:
         write_json(args.out, results)

@@ -986,6 +986,27 @@ def test_generate_speed_refuses_nothing_to_time_before_loading_the_stages(run_a,
         generate_speed.main(["--run", str(run_a), flag, "0"])
 
 
+@pytest.mark.parametrize("sections", ["", "cases,bogus"])
+def test_generate_speed_refuses_unknown_sections_before_loading_the_stages(run_a, monkeypatch, sections):
+    from benchmarks import generate_speed
+
+    monkeypatch.setattr(generate_speed, "load_stack", lambda *a, **k: pytest.fail("loaded the stages first"))
+    with pytest.raises(UserError, match="names none or unknown parts; choose from cases, variants, seconds"):
+        generate_speed.main(["--run", str(run_a), "--sections", sections])
+
+
+def test_generate_speed_times_only_the_sections_asked_for_under_the_cudnn_setting_asked_for(run_a, tmp_path):
+    from benchmarks import generate_speed
+
+    before = torch.backends.cudnn.benchmark
+    result = generate_speed.main(["--run", str(run_a), "--sections", "seconds", "--batch", "2", "--repeats", "1",
+                                  "--cudnn-benchmark", "--device", "cpu", "--out", str(tmp_path / "speed.json")])
+    assert result["cases"] == [] and result["default_case_variants"] == []
+    assert result["default_case_seconds"]["total_s"] > 0 and result["cudnn_benchmark"] is True
+    assert json.loads((tmp_path / "speed.json").read_text())["cudnn_benchmark"] is True
+    assert torch.backends.cudnn.benchmark is before
+
+
 def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):
     from benchmarks.generate_speed import generate_speed
 

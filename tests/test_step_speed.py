@@ -80,3 +80,29 @@ def test_a_misspelt_preset_or_no_steps_is_refused_before_any_variant_runs(argv, 
     monkeypatch.setattr(step_speed, "vae_speed", never)
     with pytest.raises(UserError, match=message):
         step_speed.main([*argv, "--stages", "vae,unet"])
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_cudnn_benchmark_holds_while_open_and_the_previous_setting_comes_back(enabled):
+    from benchmarks.measure import cudnn_benchmark
+
+    before = torch.backends.cudnn.benchmark
+    with cudnn_benchmark(enabled):
+        assert torch.backends.cudnn.benchmark is enabled
+    assert torch.backends.cudnn.benchmark is before
+
+
+def test_the_variants_time_under_the_cudnn_setting_asked_for_and_the_record_names_it(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import step_speed
+
+    seen = []
+    monkeypatch.setattr(step_speed, "unet_speed", lambda *a: seen.append(torch.backends.cudnn.benchmark) or (1.0, 0.0))
+    before = torch.backends.cudnn.benchmark
+    for flag in ([], ["--cudnn-benchmark"]):
+        out = tmp_path / f"speed{len(flag)}.json"
+        step_speed.main(["--preset", "tiny", "--stages", "unet", "--variants", "default,lowres", *flag, "--out",
+                         str(out)])
+        assert json.loads(out.read_text())["cudnn_benchmark"] is bool(flag)
+    assert seen == [False, False, True, True] and torch.backends.cudnn.benchmark is before

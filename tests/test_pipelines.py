@@ -995,16 +995,22 @@ def test_generate_speed_refuses_unknown_sections_before_loading_the_stages(run_a
         generate_speed.main(["--run", str(run_a), "--sections", sections])
 
 
-def test_generate_speed_times_only_the_sections_asked_for_under_the_cudnn_setting_asked_for(run_a, tmp_path):
+@pytest.mark.parametrize("flag", [[], ["--cudnn-benchmark"]])
+def test_generate_speed_times_only_the_sections_asked_for_under_the_cudnn_setting_asked_for(run_a, tmp_path,
+                                                                                             monkeypatch, flag):
     from benchmarks import generate_speed
 
+    seen = []
+    monkeypatch.setattr(generate_speed, "where_the_seconds_go",
+                        lambda *a: seen.append(torch.backends.cudnn.benchmark) or {"total_s": 1.0})
+    for part in ("generate_speed", "default_case_variants"):
+        monkeypatch.setattr(generate_speed, part, lambda *a, part=part: pytest.fail(f"timed {part}, not asked for"))
     before = torch.backends.cudnn.benchmark
-    result = generate_speed.main(["--run", str(run_a), "--sections", "seconds", "--batch", "2", "--repeats", "1",
-                                  "--cudnn-benchmark", "--device", "cpu", "--out", str(tmp_path / "speed.json")])
+    result = generate_speed.main(["--run", str(run_a), "--sections", "seconds", *flag, "--device", "cpu",
+                                  "--out", str(tmp_path / "speed.json")])
+    assert seen == [bool(flag)] and torch.backends.cudnn.benchmark is before
     assert result["cases"] == [] and result["default_case_variants"] == []
-    assert result["default_case_seconds"]["total_s"] > 0 and result["cudnn_benchmark"] is True
-    assert json.loads((tmp_path / "speed.json").read_text())["cudnn_benchmark"] is True
-    assert torch.backends.cudnn.benchmark is before
+    assert json.loads((tmp_path / "speed.json").read_text())["cudnn_benchmark"] is bool(flag)
 
 
 def test_generate_speed_times_each_interval_case_on_both_unet_paths(run_a):

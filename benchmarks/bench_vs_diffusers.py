@@ -32,9 +32,9 @@ from benchmarks.sampling import sample_section  # noqa: E402
 from benchmarks.training import train_section, unet_tasks, vae_tasks  # noqa: E402
 from benchmarks.twins import diffusers_unet, diffusers_vae, parameter_count  # noqa: E402
 from clip.model import CLIPModel  # noqa: E402
-from engine.cli import check_output_file, command_line  # noqa: E402
+from engine.cli import check_output_file, comma_choices, command_line  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
-from engine.errors import UserError, add_debug_flag, run_cli  # noqa: E402
+from engine.errors import add_debug_flag, run_cli  # noqa: E402
 from engine.stage import read_stage  # noqa: E402
 from pipelines.stages import load_stack, stage_paths  # noqa: E402
 from unet.model import UNet  # noqa: E402
@@ -132,10 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     device = resolve_device(args.device)
     on_cuda = device.type == "cuda"
-    sections = [s for s in args.sections.split(",") if s]
-    if set(sections) - set(SECTIONS):
-        raise UserError(f"unknown --sections {sorted(set(sections) - set(SECTIONS))}; "
-                        f"choose from {', '.join(SECTIONS)}")
+    sections = comma_choices(args.sections, "--sections", SECTIONS)
     for path in (args.out, args.out.with_suffix(".md")):  # the summary and its table beside it
         check_output_file(path, "--out", args.overwrite)
     check_stage_folders(args.run, args.judge)

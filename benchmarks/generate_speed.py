@@ -33,8 +33,8 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks.measure import cudnn_benchmark
-from engine.cli import add_result_flags, check_counts, check_output_files, command_line
-from engine.errors import UserError, add_debug_flag, run_cli
+from engine.cli import add_result_flags, check_counts, check_output_files, comma_choices, command_line
+from engine.errors import add_debug_flag, run_cli
 from engine.precision import inference_autocast, set_low_precision_norms
 from engine.stage import write_json
 from pipelines.prompts import GRID_PROMPTS
@@ -147,10 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_result_flags(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    sections = [s for s in args.sections.split(",") if s]
-    if not sections or set(sections) - set(SECTIONS):
-        raise UserError(f"--sections {args.sections!r} names none or unknown parts; choose from "
-                        f"{', '.join(SECTIONS)}, comma-separated")
+    sections = comma_choices(args.sections, "--sections", SECTIONS)
     check_output_files(args, "--out")
     check_counts(args, "--batch", "--repeats", "--fast-steps")  # before the 50-step case is timed
 

@@ -56,6 +56,16 @@ def check_counts(args: argparse.Namespace, *flags: str) -> None:
         raise UserError(f"{_listed(flags)} must be at least 1, got {_listed([str(value) for value in values])}")
 
 
+def comma_choices(text: str, flag: str, choices: Sequence[str]) -> list[str]:
+    """The comma-separated items of ``text`` (what ``flag`` gave), each one of ``choices``; refuses, before any work,
+    a list that names none of them or one that is not among them."""
+    items = [item for item in text.split(",") if item]
+    if not items or set(items) - set(choices):
+        raise UserError(f"{flag} {text!r} names none or unknown parts; choose from {', '.join(choices)}, "
+                        "comma-separated")
+    return items
+
+
 def check_output_files(args: argparse.Namespace, *flags: str) -> None:
     """:func:`check_output_file` for each of ``flags`` (e.g. ``"--out"``, ``"--plot"``) that was given, with
     ``args.overwrite``; one flag's file may not be another's."""

@@ -20,7 +20,7 @@ from diffusion.config import UNetTrainConfig
 import engine.trainer
 from engine import ConfigError, Trainer, TrainConfig, apply_overrides, build_config, read_stage, save_stage
 from data import DataError
-from engine.cli import command_line, run_stage_cli, stage_parser
+from engine.cli import comma_choices, command_line, run_stage_cli, stage_parser
 from engine.config import config_from_dict, config_to_dict, parse_overrides, validate_config
 from engine.ema import EMA, power_profile_exponent, power_profile_std
 from engine.runlog import (cudnn_attention_off, loss_spikes, read_records, rollbacks, skipped_steps, spike_ratio,
@@ -1052,3 +1052,12 @@ def test_a_setting_a_record_lacks_reads_as_the_value_older_records_trained_with(
     # a record written before `added` existed is rebuilt with what it trained with, not the default
     assert config_from_dict(Later, {"kept": 2}) == Later(kept=2, added="old")
     assert config_from_dict(Later, {"kept": 2, "added": "new"}) == Later(kept=2)
+
+
+def test_comma_choices_keeps_the_order_given_and_refuses_none_or_an_unknown_item():
+    from engine.errors import UserError
+
+    assert comma_choices("seconds,cases,", "--sections", ("cases", "variants", "seconds")) == ["seconds", "cases"]
+    for text in ("", ",", "cases,bogus"):
+        with pytest.raises(UserError, match=r"--sections '.*' names none or unknown parts; choose from a, b, "):
+            comma_choices(text, "--sections", ("a", "b"))
